@@ -1,0 +1,202 @@
+"""Model loading: timm names, the project's CIFAR zoo (registered in timm's registry), and user factories.
+
+`load_model` returns an eval-mode `nn.Module` carrying its `Preprocessing` and a `ModelSource`
+record (spec, checkpoint, sha256) that every later stage writes into its outputs.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch.nn as nn
+
+from ..errors import MixqError
+from ..utils import hf_offline, sha256_file
+from . import cifar_resnet, mlperf_resnet8  # noqa: F401  (registers the zoo with timm)
+from .checkpoint import load_state_dict_strict, read_state_dict
+from .preprocessing import ATTR, IMAGENET_MEAN, IMAGENET_STD, Preprocessing, get_preprocessing
+
+ZOO = (
+    "cifar_resnet20",
+    "cifar_resnet32",
+    "cifar_resnet44",
+    "cifar_resnet56",
+    "cifar_resnet110",
+    "mlperf_tiny_resnet8",
+)
+SOURCE_ATTR = "mixq_source"
+
+__all__ = [
+    "ZOO",
+    "ModelSource",
+    "Preprocessing",
+    "get_preprocessing",
+    "load_model",
+    "model_source",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+]
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model came from, enough to rebuild it: recorded in caches and quantized outputs."""
+
+    spec: str
+    checkpoint: str | None
+    checkpoint_sha256: str | None
+    random_init: bool
+    preprocessing: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def model_source(model: nn.Module) -> ModelSource | None:
+    return getattr(model, SOURCE_ATTR, None)
+
+
+def _is_factory_spec(spec: str) -> bool:
+    if spec.startswith(("hf-hub:", "hf_hub:", "timm/")) or ":" not in spec:
+        return False
+    target, _, fn = spec.rpartition(":")
+    return bool(fn.isidentifier() and target)
+
+
+def _load_factory(spec: str) -> Callable[..., nn.Module]:
+    target, _, fn = spec.rpartition(":")
+    if target.endswith(".py") or os.sep in target or "/" in target:
+        path = Path(target)
+        if not path.is_file():
+            raise MixqError(f"model file not found: {path}")
+        name = f"mixq_user_model_{abs(hash(str(path.resolve())))}"
+        module_spec = importlib.util.spec_from_file_location(name, path)
+        if module_spec is None or module_spec.loader is None:
+            raise MixqError(f"cannot import model file {path}")
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[name] = module
+        try:
+            module_spec.loader.exec_module(module)
+        except Exception as e:  # noqa: BLE001
+            raise MixqError(f"importing {path} failed: {type(e).__name__}: {e}") from None
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ImportError as e:
+            raise MixqError(f"cannot import module {target!r}: {e}") from None
+    factory = getattr(module, fn, None)
+    if not callable(factory):
+        raise MixqError(f"{target} has no callable {fn!r}")
+    return factory
+
+
+def _timm_pretrained_in_cache(name: str) -> bool:
+    """True if timm's pretrained weights for `name` are already in the local Hugging Face cache."""
+    try:
+        import timm
+        from huggingface_hub import try_to_load_from_cache
+
+        cfg = timm.models.get_pretrained_cfg(name)
+        hub_id = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+        if not hub_id:
+            return False
+        for fname in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"):
+            hit = try_to_load_from_cache(hub_id, fname)
+            if isinstance(hit, str) and os.path.isfile(hit):
+                return True
+    except Exception:  # noqa: BLE001
+        return False
+    return False
+
+
+def load_model(
+    spec: str,
+    checkpoint: str | os.PathLike | None = None,
+    *,
+    random_init: bool = False,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    input_size: Sequence[int] | int | None = None,
+    num_classes: int | None = None,
+) -> nn.Module:
+    """Build the network named by `spec` and load its weights; raise `MixqError` on anything unusable.
+
+    spec: a timm model name, a zoo name (`cifar_resnet20`, ... `mlperf_tiny_resnet8`), or
+    `path/to/file.py:factory` / `package.module:factory` for any user network.
+    Weights come from `checkpoint`; without one, timm models use pretrained weights from the local
+    Hugging Face cache, and `random_init=True` keeps random weights (tests, smoke runs).
+    """
+    import timm
+
+    kwargs: dict[str, Any] = {}
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    if _is_factory_spec(spec):
+        factory = _load_factory(spec)
+        try:
+            model = factory(**kwargs)
+        except Exception as e:  # noqa: BLE001
+            raise MixqError(f"model factory {spec} failed: {type(e).__name__}: {e}") from None
+        if not isinstance(model, nn.Module):
+            raise MixqError(f"model factory {spec} returned {type(model).__name__}, not a torch.nn.Module")
+    elif timm.is_model(spec) or spec.startswith(("hf-hub:", "hf_hub:")):
+        pretrained = False
+        if checkpoint is None and not random_init:
+            if spec in ZOO:
+                raise MixqError(f"zoo model {spec} has no downloadable weights: pass --checkpoint FILE (or --random-weights)")
+            if not _timm_pretrained_in_cache(spec):
+                raise MixqError(
+                    f"no pretrained weights for timm model {spec} in the local Hugging Face cache: "
+                    "pass --checkpoint FILE (or --random-weights)"
+                )
+            pretrained = True
+        try:
+            if pretrained:
+                old = os.environ.get("HF_HUB_OFFLINE")
+                os.environ["HF_HUB_OFFLINE"] = "1"
+                try:
+                    model = timm.create_model(spec, pretrained=True, **kwargs)
+                finally:
+                    if old is None:
+                        os.environ.pop("HF_HUB_OFFLINE", None)
+                    else:
+                        os.environ["HF_HUB_OFFLINE"] = old
+            else:
+                model = timm.create_model(spec, pretrained=False, **kwargs)
+        except MixqError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise MixqError(f"cannot create timm model {spec}: {type(e).__name__}: {e}") from None
+    else:
+        hint = " (offline: only local files and cached weights work)" if hf_offline() else ""
+        raise MixqError(
+            f"unknown model {spec!r}: use a timm name, one of {', '.join(ZOO)}, or path/to/file.py:factory{hint}"
+        )
+
+    ck_path = None
+    ck_sha = None
+    if checkpoint is not None:
+        ck_path = str(checkpoint)
+        sd = read_state_dict(ck_path)
+        load_state_dict_strict(model, sd, ck_path)
+        ck_sha = sha256_file(ck_path)
+
+    pre = get_preprocessing(model).override(mean=mean, std=std, input_size=input_size)
+    setattr(model, ATTR, pre)
+    setattr(
+        model,
+        SOURCE_ATTR,
+        ModelSource(
+            spec=spec,
+            checkpoint=str(Path(ck_path).resolve()) if ck_path else None,
+            checkpoint_sha256=ck_sha,
+            random_init=checkpoint is None and random_init,
+            preprocessing=pre.to_dict(),
+        ),
+    )
+    return model.eval()

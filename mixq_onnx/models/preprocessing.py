@@ -1,0 +1,108 @@
+"""The preprocessing a model expects, carried with the model so one calibration cache serves many models."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+#: Attribute under which `load_model` stores a model's `Preprocessing`.
+ATTR = "mixq_preprocessing"
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """uint8 RGB pixels -> model input: resize to `input_size`, divide by 255, subtract mean, divide by std.
+
+    A network that takes raw 0..255 values (MLPerf Tiny ResNet-8) uses mean 0 and std 1/255,
+    so every model shares the single convention timm uses.
+    """
+
+    input_size: tuple[int, int, int]
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    interpolation: str = "bilinear"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Preprocessing":
+        return cls(
+            input_size=tuple(int(v) for v in d["input_size"]),
+            mean=tuple(float(v) for v in d["mean"]),
+            std=tuple(float(v) for v in d["std"]),
+            interpolation=str(d.get("interpolation", "bilinear")),
+        )
+
+    def override(
+        self,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        input_size: Sequence[int] | int | None = None,
+    ) -> "Preprocessing":
+        kw: dict[str, Any] = {}
+        if mean is not None:
+            kw["mean"] = tuple(float(v) for v in mean)
+        if std is not None:
+            kw["std"] = tuple(float(v) for v in std)
+        if input_size is not None:
+            if isinstance(input_size, int):
+                input_size = (self.input_size[0], input_size, input_size)
+            elif len(input_size) == 1:
+                input_size = (self.input_size[0], input_size[0], input_size[0])
+            elif len(input_size) == 2:
+                input_size = (self.input_size[0], *input_size)
+            kw["input_size"] = tuple(int(v) for v in input_size)
+        return replace(self, **kw)
+
+    def _stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean = torch.tensor(self.mean, dtype=like.dtype, device=like.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, dtype=like.dtype, device=like.device).view(1, -1, 1, 1)
+        return mean, std
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 NHWC (or NCHW) images -> float NCHW model input."""
+        x = images
+        if x.ndim == 3:
+            x = x.unsqueeze(0)
+        if x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
+            x = x.permute(0, 3, 1, 2)
+        x = x.float() / 255.0
+        if x.shape[1] == 1 and self.input_size[0] == 3:
+            x = x.expand(-1, 3, -1, -1)
+        h, w = self.input_size[1:]
+        if tuple(x.shape[-2:]) != (h, w):
+            mode = "bicubic" if self.interpolation == "bicubic" else "bilinear"
+            x = F.interpolate(x, size=(h, w), mode=mode, align_corners=False, antialias=True).clamp_(0, 1)
+        mean, std = self._stats(x)
+        return (x - mean) / std
+
+    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Model-space float NCHW -> uint8 NHWC pixels (rounded, clamped)."""
+        mean, std = self._stats(x)
+        pix = ((x * std + mean) * 255.0).round().clamp(0, 255)
+        return pix.to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
+def get_preprocessing(model: torch.nn.Module) -> Preprocessing:
+    """The model's own preprocessing: set by `load_model`, else timm's data config."""
+    pre = getattr(model, ATTR, None)
+    if isinstance(pre, Preprocessing):
+        return pre
+    try:
+        from timm.data import resolve_data_config
+
+        cfg = resolve_data_config({}, model=model)
+        return Preprocessing(
+            input_size=tuple(cfg["input_size"]),
+            mean=tuple(cfg["mean"]),
+            std=tuple(cfg["std"]),
+            interpolation=cfg.get("interpolation", "bilinear"),
+        )
+    except Exception:  # pragma: no cover - non-timm model without a config
+        return Preprocessing(input_size=(3, 224, 224))
