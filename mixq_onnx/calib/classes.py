@@ -1,0 +1,75 @@
+"""Class vocabularies: the names prompts are made of and the label indices inversion targets."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import MixqError
+
+CIFAR10 = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+# CIFAR-100 fine labels in their index order (the dataset's own `fine_label_names`).
+CIFAR100 = tuple(
+    """apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus butterfly camel
+    can castle caterpillar cattle chair chimpanzee clock cloud cockroach couch crab crocodile cup dinosaur
+    dolphin elephant flatfish forest fox girl hamster house kangaroo keyboard lamp lawn_mower leopard lion
+    lizard lobster man maple_tree motorcycle mountain mouse mushroom oak_tree orange orchid otter palm_tree
+    pear pickup_truck pine_tree plain plate poppy porcupine possum rabbit raccoon ray road rocket rose sea
+    seal shark shrew skunk skyscraper snail snake spider squirrel streetcar sunflower sweet_pepper table
+    tank telephone television tiger tractor train trout tulip turtle wardrobe whale willow_tree wolf woman
+    worm""".split()
+)
+
+
+@dataclass(frozen=True)
+class ClassVocab:
+    """Ordered class names (index = the model's label index) with optional glosses for disambiguation."""
+
+    source: str
+    names: tuple[str, ...]
+    glosses: tuple[str, ...] = field(default=())
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def display(self, i: int, with_gloss: bool = False) -> str:
+        name = self.names[i]
+        if with_gloss and self.glosses and self.glosses[i]:
+            return f"{name}, {self.glosses[i]}"
+        return name
+
+
+def _imagenet() -> ClassVocab:
+    """ImageNet-1k names and WordNet glosses from timm's bundled metadata (no hand-copied list)."""
+    from timm.data import ImageNetInfo
+
+    info = ImageNetInfo()
+    names, glosses = [], []
+    for i in range(info.num_classes()):
+        desc = info.index_to_description(i)
+        names.append(desc.split(",")[0].strip())
+        detailed = info.index_to_description(i, detailed=True)
+        glosses.append(detailed.split(":", 1)[1].strip() if ":" in detailed else "")
+    return ClassVocab("imagenet", tuple(names), tuple(glosses))
+
+
+def load_classes(spec: str) -> ClassVocab:
+    """`imagenet`, `cifar10`, `cifar100`, or a text file with one class name per line."""
+    key = spec.strip().lower()
+    if key in ("imagenet", "imagenet1k", "imagenet-1k"):
+        return _imagenet()
+    if key == "cifar10":
+        return ClassVocab("cifar10", CIFAR10)
+    if key == "cifar100":
+        return ClassVocab("cifar100", tuple(n.replace("_", " ") for n in CIFAR100))
+    path = Path(spec)
+    if not path.is_file():
+        raise MixqError(f"unknown class vocabulary {spec!r}: use imagenet, cifar10, cifar100 or a text file")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise MixqError(f"cannot read class file {path}: {e}") from None
+    names = tuple(line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#"))
+    if len(names) < 1:
+        raise MixqError(f"class file {path} lists no classes")
+    return ClassVocab(str(path), names)

@@ -1,0 +1,147 @@
+"""Prompt strategies: which classes each synthetic image shows, with which words and weights.
+
+The plan for image `i` depends only on (seed, i), never on `--num` or the process layout, so
+a cache can be resumed or split across ranks and still yield the same images.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from ..errors import MixqError
+from .classes import ClassVocab
+
+STRATEGIES = ("mixup", "single", "mixup-embed", "none")
+
+#: GenQ's adjective list for single-class prompts.
+ADJECTIVES = (
+    "realistic", "close-up", "bright", "dark", "blurry", "detailed", "colorful", "small", "large",
+    "natural", "outdoor", "indoor", "cropped", "centered", "sharp", "cluttered",
+)
+
+DEFAULT_TEMPLATE = "a photo of a {} and a {}"
+SINGLE_TEMPLATE = "a photo of a {adjective} {cls}"
+
+
+@dataclass(frozen=True)
+class PromptConfig:
+    strategy: str = "mixup"
+    k: int = 2
+    template: str | None = None  # None: "a photo of a {} and a {}" generalised for k
+    alpha: float = 1.0  # Dirichlet(alpha) mixing weights (mixup-embed, inversion soft targets)
+    use_gloss: bool = False
+
+    def validate(self, num_classes: int) -> None:
+        if self.strategy not in STRATEGIES:
+            raise MixqError(f"unknown prompt strategy {self.strategy!r}: choose one of {', '.join(STRATEGIES[:3])}")
+        if self.strategy in ("mixup", "mixup-embed"):
+            if self.k < 2:
+                raise MixqError(f"--k must be at least 2 for {self.strategy} prompts, got {self.k}")
+            if self.k > num_classes:
+                raise MixqError(f"--k {self.k} exceeds the number of classes ({num_classes})")
+        if self.alpha <= 0:
+            raise MixqError(f"--alpha must be positive, got {self.alpha}")
+        if self.template is not None and self.strategy == "mixup" and self.template.count("{}") != self.k:
+            raise MixqError(f"--template needs exactly {self.k} '{{}}' placeholders for k={self.k}")
+
+    def mixup_template(self) -> str:
+        if self.template:
+            return self.template
+        if self.k == 2:
+            return DEFAULT_TEMPLATE
+        return "a photo of " + ", ".join(["a {}"] * (self.k - 1)) + " and a {}"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["template"] = self.mixup_template() if self.strategy in ("mixup", "mixup-embed") else (
+            self.template or (SINGLE_TEMPLATE if self.strategy == "single" else None))
+        return d
+
+
+@dataclass(frozen=True)
+class ImagePlan:
+    """What one image should show; recorded verbatim in the manifest."""
+
+    index: int
+    seed: int
+    classes: tuple[int, ...]
+    weights: tuple[float, ...]
+    prompt: str | None
+    sub_prompts: tuple[str, ...] = ()
+
+    def record(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "index": self.index,
+            "seed": self.seed,
+            "classes": list(self.classes),
+            "weights": [round(w, 6) for w in self.weights],
+            "prompt": self.prompt,
+        }
+        if self.sub_prompts:
+            d["sub_prompts"] = list(self.sub_prompts)
+        return d
+
+
+def image_seed(seed: int, index: int) -> int:
+    """Per-image seed: regenerate image `index` alone with this."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint32)[0])
+
+
+def _round_classes(seed: int, rnd: int, n_cls: int) -> np.ndarray:
+    return np.random.default_rng([seed, 0x5EED, rnd]).permutation(n_cls)
+
+
+def _class_stream(seed: int, n_cls: int, start: int, count: int) -> list[int]:
+    """Entries [start, start+count) of an endless stream of per-round class permutations."""
+    out: list[int] = []
+    pos = start
+    while len(out) < count:
+        rnd, off = divmod(pos, n_cls)
+        perm = _round_classes(seed, rnd, n_cls)
+        take = min(n_cls - off, count - len(out))
+        out.extend(int(c) for c in perm[off:off + take])
+        pos += take
+    return out
+
+
+def _mixup_classes(seed: int, n_cls: int, k: int, index: int) -> tuple[int, ...]:
+    """k distinct classes; rounds of floor(n/k) images each draw from one permutation without
+    replacement, so over whole rounds every class appears equally often."""
+    per_round = n_cls // k
+    rnd, slot = divmod(index, per_round)
+    perm = _round_classes(seed, rnd, n_cls)
+    return tuple(int(c) for c in perm[slot * k:(slot + 1) * k])
+
+
+def plan_images(
+    cfg: PromptConfig, vocab: ClassVocab | None, seed: int, start: int, stop: int
+) -> list[ImagePlan]:
+    """Plans for image indices [start, stop)."""
+    plans: list[ImagePlan] = []
+    if cfg.strategy == "none" or vocab is None:
+        return [ImagePlan(i, image_seed(seed, i), (), (), None) for i in range(start, stop)]
+    n = len(vocab)
+    singles = _class_stream(seed, n, start, stop - start) if cfg.strategy == "single" else []
+    for j, i in enumerate(range(start, stop)):
+        s = image_seed(seed, i)
+        rng = np.random.default_rng([seed, 0xA11, i])
+        if cfg.strategy == "single":
+            c = singles[j]
+            adj = ADJECTIVES[int(rng.integers(len(ADJECTIVES)))]
+            tmpl = cfg.template or SINGLE_TEMPLATE
+            prompt = tmpl.format(adjective=adj, cls=vocab.display(c, cfg.use_gloss))
+            plans.append(ImagePlan(i, s, (c,), (1.0,), prompt))
+            continue
+        classes = _mixup_classes(seed, n, cfg.k, i)
+        names = [vocab.display(c, cfg.use_gloss) for c in classes]
+        if cfg.strategy == "mixup":
+            weights = tuple(1.0 / cfg.k for _ in classes)
+            plans.append(ImagePlan(i, s, classes, weights, cfg.mixup_template().format(*names)))
+        else:  # mixup-embed: interpolate single-class prompt embeddings with Dirichlet weights
+            w = rng.dirichlet([cfg.alpha] * cfg.k)
+            subs = tuple(f"a photo of a {nm}" for nm in names)
+            prompt = " | ".join(f"{wi:.3f}*{p!r}" for wi, p in zip(w, subs))
+            plans.append(ImagePlan(i, s, classes, tuple(float(x) for x in w), prompt, subs))
+    return plans

@@ -1,0 +1,321 @@
+"""`make_calibration_cache`: plan, generate, shard, (filter), and seal a calibration cache.
+
+The cache key is a hash of the recipe, so the same command always lands in the same directory and
+resumes it; shard `i` holds images [i*S, (i+1)*S), each a function of (recipe, index) alone, which
+makes runs byte-reproducible and lets `torchrun` ranks split shards round-robin.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from ..errors import MixqError
+from ..utils import atomic_write_json, canonical_json, sha256_bytes, sha256_file
+from . import cache as C
+from .classes import load_classes
+from .generators import GENERATORS, GenContext
+from .prompts import PromptConfig, plan_images
+
+
+@dataclass
+class CalibConfig:
+    """A calibration-cache recipe. Every field that changes the images is part of the cache key."""
+
+    generator: str = "diffusion"
+    num: int = 256
+    seed: int = 0
+    size: int | None = None  # stored side length; None: the generator's default
+    classes: str = "imagenet"
+    prompts: PromptConfig = field(default_factory=PromptConfig)
+    shard_size: int = 64
+    options: dict[str, Any] = field(default_factory=dict)  # generator-specific
+    filter: str | None = None
+    keep: int | None = None
+    # model (needed by inversion and filters; optional for noise)
+    model: str | None = None
+    checkpoint: str | None = None
+    random_weights: bool = False
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    input_size: tuple[int, ...] | None = None
+
+
+def _dist_info() -> tuple[int, int]:
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _lib_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": sys.version.split()[0]}
+    for pkg in ("mixq-onnx", "torch", "numpy", "timm", "diffusers", "transformers", "safetensors"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def _check_writable(root: Path) -> list[Path]:
+    """Create `root` if needed and prove it is writable; return the directories this created."""
+    created: list[Path] = []
+    p = root.resolve()
+    missing = []
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    try:
+        for d in reversed(missing):
+            d.mkdir()
+            created.append(d)
+        probe = root / f".probe.{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        for d in reversed(created):
+            shutil.rmtree(d, ignore_errors=True)
+        raise MixqError(f"cache directory {root} is not writable: {e.strerror or e}") from None
+    return created
+
+
+def build_recipe(cfg: CalibConfig, gen_recipe: dict[str, Any], model: nn.Module | None, vocab, size: int) -> dict:
+    from ..models import model_source
+
+    uses_prompts = GENERATORS[cfg.generator].uses_prompts
+    recipe: dict[str, Any] = {
+        "format": C.FORMAT_VERSION,
+        "generator": gen_recipe,
+        "num": cfg.num,
+        "seed": cfg.seed,
+        "size": size,
+        "shard_size": cfg.shard_size,
+        "prompts": cfg.prompts.to_dict() if uses_prompts else None,
+        "classes": (
+            {"source": vocab.source, "count": len(vocab), "sha256": sha256_bytes("\n".join(vocab.names).encode())}
+            if vocab is not None else None
+        ),
+        "filter": {"method": cfg.filter, "keep": cfg.keep} if cfg.filter else None,
+        "keep": cfg.keep if cfg.filter else None,
+        "model": None,
+    }
+    src = model_source(model) if model is not None else None
+    if src is not None:
+        recipe["model"] = {
+            "spec": src.spec,
+            "checkpoint_sha256": src.checkpoint_sha256,
+            "random_init": src.random_init,
+            "preprocessing": src.preprocessing,
+        }
+    return recipe
+
+
+def recipe_hash(recipe: dict[str, Any]) -> str:
+    return sha256_bytes(canonical_json(recipe).encode())[:16]
+
+
+def make_calibration_cache(
+    cfg: CalibConfig,
+    cache_root: str | os.PathLike | None = None,
+    *,
+    model: nn.Module | None = None,
+    device: str | torch.device | None = None,
+    wait_lock: bool = True,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> Path:
+    """Create (or resume) the cache described by `cfg`; return its directory.
+
+    Raises `MixqError` for bad input before any directory is created.
+    """
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    root = Path(cache_root) if cache_root is not None else C.default_root()
+    # ---- validate everything cheap before touching the disk
+    if cfg.generator not in GENERATORS:
+        raise MixqError(f"unknown generator {cfg.generator!r}: choose one of {', '.join(sorted(GENERATORS))}")
+    gen_cls = GENERATORS[cfg.generator]
+    if cfg.num < 1:
+        raise MixqError(f"--num must be at least 1, got {cfg.num}")
+    if cfg.shard_size < 1:
+        raise MixqError(f"--shard-size must be at least 1, got {cfg.shard_size}")
+    if cfg.size is not None and cfg.size < 8:
+        raise MixqError(f"--size must be at least 8 pixels, got {cfg.size}")
+    vocab = None
+    if gen_cls.uses_prompts and cfg.prompts.strategy != "none":
+        vocab = load_classes(cfg.classes)
+        cfg.prompts.validate(len(vocab))
+    elif cfg.prompts.strategy not in ("mixup", "single", "mixup-embed", "none"):
+        cfg.prompts.validate(10)
+    if cfg.filter:
+        from .filters import FILTERS
+
+        if cfg.filter not in FILTERS:
+            raise MixqError(f"unknown filter {cfg.filter!r}: choose one of {', '.join(FILTERS)}")
+        if cfg.keep is None or not 1 <= cfg.keep <= cfg.num:
+            raise MixqError(f"--filter needs --keep N with 1 <= N <= --num ({cfg.num})")
+    elif cfg.keep is not None:
+        raise MixqError("--keep only makes sense with --filter")
+    if model is None and cfg.model:
+        from ..models import load_model
+
+        model = load_model(
+            cfg.model, cfg.checkpoint, random_init=cfg.random_weights,
+            mean=cfg.mean, std=cfg.std, input_size=cfg.input_size,
+        )
+    if model is None and (gen_cls.needs_model or cfg.filter):
+        what = f"--generator {cfg.generator}" if gen_cls.needs_model else f"--filter {cfg.filter}"
+        raise MixqError(f"{what} needs --model (and --checkpoint)")
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if model is not None:
+        model = model.eval().to(dev)
+    size = cfg.size or gen_cls.default_size(model, cfg.options)
+    ctx = GenContext(
+        num=cfg.num, seed=cfg.seed, size=size, prompts=cfg.prompts, vocab=vocab, model=model,
+        device=dev, options=dict(cfg.options), log=log,
+    )
+    gen = gen_cls(ctx)
+    gen.validate()
+    recipe = build_recipe(cfg, gen.recipe(), model, vocab, size)
+    key = recipe_hash(recipe)
+    cache_dir = root / key
+
+    rank, world = _dist_info()
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("gloo")
+    barrier = (lambda: torch.distributed.barrier()) if world > 1 else (lambda: None)
+
+    if (cache_dir / C.MANIFEST).is_file():
+        log(f"cache already complete: {cache_dir}")
+        return cache_dir
+    with contextlib.ExitStack() as stack:
+        if rank == 0:
+            created = _check_writable(root)
+            try:
+                cache_dir.mkdir(exist_ok=True)
+            except OSError as e:
+                for d in reversed(created):
+                    shutil.rmtree(d, ignore_errors=True)
+                raise MixqError(f"cannot create cache directory {cache_dir}: {e.strerror or e}") from None
+            stack.enter_context(C.cache_lock(cache_dir, wait=wait_lock, log=log))
+            if not (cache_dir / C.MANIFEST).is_file():  # else: finished by the process we waited for
+                for stale in cache_dir.glob(".*.tmp"):  # left by a killed writer
+                    stale.unlink(missing_ok=True)
+                atomic_write_json(cache_dir / C.RECIPE, recipe)
+        barrier()  # other ranks start only once rank 0 holds the lock and has cleaned up
+        if not (cache_dir / C.MANIFEST).is_file():
+            t0 = time.perf_counter()
+            _generate_shards(gen, cfg, cache_dir, rank, world, progress, log)
+            barrier()
+            if rank == 0:
+                _finalize(cfg, gen, recipe, key, cache_dir, model, time.perf_counter() - t0, log)
+        barrier()
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    return cache_dir
+
+
+def _shard_ranges(n: int, ss: int) -> list[tuple[int, int]]:
+    return [(s, min(s + ss, n)) for s in range(0, n, ss)]
+
+
+def _candidate_name(i: int) -> str:
+    return f"cand-{i:05d}.safetensors"
+
+
+def _generate_shards(gen, cfg: CalibConfig, cache_dir: Path, rank: int, world: int, progress: bool, log) -> None:
+    name = _candidate_name if cfg.filter else C.shard_name
+    ranges = _shard_ranges(cfg.num, cfg.shard_size)
+    mine = [(i, r) for i, r in enumerate(ranges) if i % world == rank]
+    todo = [(i, r) for i, r in mine if not C.shard_is_complete(cache_dir / name(i), r[1] - r[0])]
+    done_imgs = sum(r[1] - r[0] for i, r in mine) - sum(r[1] - r[0] for i, r in todo)
+    if not todo:
+        return
+    if done_imgs:
+        log(f"resuming: {len(mine) - len(todo)} of {len(mine)} shards already done")
+    gen.setup()
+    from tqdm.auto import tqdm
+
+    total = sum(r[1] - r[0] for _, r in mine)
+    bar = tqdm(
+        total=total, initial=done_imgs, unit="img", desc=f"calib[{cfg.generator}]" + (f" rank {rank}" if world > 1 else ""),
+        disable=not progress, file=sys.stderr, dynamic_ncols=True,
+    )
+    vocab = gen.ctx.vocab
+    try:
+        for i, (start, stop) in todo:
+            plans = plan_images(cfg.prompts if gen.uses_prompts else PromptConfig("none"), vocab, cfg.seed, start, stop)
+            t = time.perf_counter()
+            out = gen.generate(i, plans)
+            if out.images.shape[0] != stop - start:
+                raise RuntimeError(f"generator {cfg.generator} returned {out.images.shape[0]} images for {stop - start}")
+            records = [{**p.record(), **(out.extra[j] if j < len(out.extra) else {})} for j, p in enumerate(plans)]
+            C.write_shard(cache_dir / name(i), out.images.cpu(), records)
+            stats = {**out.stats, "seconds": round(time.perf_counter() - t, 3)}
+            atomic_write_json(cache_dir / f"{name(i)}.stats.json", stats)
+            bar.update(stop - start)
+    finally:
+        bar.close()
+
+
+def _finalize(cfg, gen, recipe, key, cache_dir: Path, model, seconds: float, log) -> None:
+    ranges = _shard_ranges(cfg.num, cfg.shard_size)
+    name = _candidate_name if cfg.filter else C.shard_name
+    for i, (s, e) in enumerate(ranges):  # every rank's shards must be there before sealing
+        if not C.shard_is_complete(cache_dir / name(i), e - s):
+            raise MixqError(f"shard {name(i)} is missing after generation; re-run to resume")
+    shard_stats = []
+    for i in range(len(ranges)):
+        p = cache_dir / f"{name(i)}.stats.json"
+        shard_stats.append(json.loads(p.read_text()) if p.is_file() else {})
+    if cfg.filter:
+        _apply_filter(cfg, cache_dir, model, ranges, log)
+        ranges = _shard_ranges(cfg.keep, cfg.shard_size)
+    shards, images = [], []
+    for i, (s, e) in enumerate(ranges):
+        f = cache_dir / C.shard_name(i)
+        _, records = C.read_shard(f)
+        shards.append({"file": f.name, "sha256": sha256_file(f), "start": s, "count": e - s})
+        images.extend(records)
+    manifest = {
+        "format": C.FORMAT_VERSION,
+        "hash": key,
+        "recipe": recipe,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "versions": _lib_versions(),
+        "seconds": round(seconds, 2),
+        "shard_stats": shard_stats,
+        "shards": shards,
+        "images": images,
+    }
+    atomic_write_json(cache_dir / C.MANIFEST, manifest)
+    for f in list(cache_dir.glob("cand-*")) + list(cache_dir.glob("*.stats.json")):
+        f.unlink(missing_ok=True)
+
+
+def _apply_filter(cfg: CalibConfig, cache_dir: Path, model, ranges, log) -> None:
+    """Score every candidate with the target model; keep the best `keep` (ties: lower index), in index order."""
+    from .filters import score_images
+
+    imgs, recs = [], []
+    for i in range(len(ranges)):
+        x, r = C.read_shard(cache_dir / _candidate_name(i))
+        imgs.append(x)
+        recs.extend(r)
+    images = torch.cat(imgs)
+    scores = score_images(model, images, cfg.filter).double().cpu()
+    order = sorted(range(len(recs)), key=lambda j: (-float(scores[j]), j))[: cfg.keep]
+    order.sort()
+    log(f"filter {cfg.filter}: kept {len(order)} of {len(recs)} (score >= {float(scores[order].min()):.4g})")
+    kept_imgs = images[order]
+    kept = [{**recs[j], "score": round(float(scores[j]), 6)} for j in order]
+    for i, (s, e) in enumerate(_shard_ranges(cfg.keep, cfg.shard_size)):
+        C.write_shard(cache_dir / C.shard_name(i), kept_imgs[s:e].contiguous(), kept[s:e])

@@ -1,0 +1,261 @@
+"""The `mixq-onnx` command line: each subcommand is a thin layer over one public library function."""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from . import __version__
+from .errors import MixqError
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
+
+
+def _floats(ctx, param, value: str | None) -> tuple[float, ...] | None:
+    if value is None:
+        return None
+    try:
+        return tuple(float(v) for v in value.replace(",", " ").split())
+    except ValueError:
+        raise click.BadParameter(f"expected numbers separated by commas, got {value!r}") from None
+
+
+def _ints(ctx, param, value: str | None) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    try:
+        return tuple(int(v) for v in value.replace(",", " ").replace("x", " ").split())
+    except ValueError:
+        raise click.BadParameter(f"expected integers like 32 or 3,32,32, got {value!r}") from None
+
+
+def model_options(required: bool = False) -> Callable:
+    """--model/--checkpoint/--random-weights/--mean/--std/--input-size, shared by every command."""
+
+    def deco(f: Callable) -> Callable:
+        opts = [
+            click.option("--model", "model", required=required, metavar="SPEC",
+                         help="timm name, zoo name (cifar_resnet20 … cifar_resnet110, mlperf_tiny_resnet8), "
+                              "or path/to/file.py:factory / package.module:factory."),
+            click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
+                         help="Weights (.pt/.pth/.th/.safetensors), loaded with weights_only=True."),
+            click.option("--random-weights", is_flag=True, help="Keep random weights (smoke tests only)."),
+            click.option("--mean", callback=_floats, default=None, metavar="R,G,B", help="Override input mean."),
+            click.option("--std", callback=_floats, default=None, metavar="R,G,B", help="Override input std."),
+            click.option("--input-size", callback=_ints, default=None, metavar="S|C,H,W",
+                         help="Override the model input size."),
+        ]
+        for o in reversed(opts):
+            f = o(f)
+        return f
+
+    return deco
+
+
+def _emit_json(obj: Any) -> None:
+    click.echo(json.dumps(obj, sort_keys=True))
+
+
+class _Group(click.Group):
+    pass
+
+
+@click.group(cls=_Group, context_settings=CONTEXT)
+@click.version_option(__version__, "-V", "--version", prog_name="mixq-onnx")
+def cli() -> None:
+    """mixq-onnx: quantize vision networks to low bit-widths without their training data.
+
+    \b
+    Stages:
+      calib     make a calibration cache (mixup-class diffusion prompts, BN inversion, real, noise)
+      cache     list, inspect, verify or remove calibration caches
+    """
+
+
+# --------------------------------------------------------------------------- calib
+@cli.command(context_settings=CONTEXT)
+@click.option("--generator", type=click.Choice(["diffusion", "inversion", "real", "noise"]), default="diffusion",
+              show_default=True,
+              help="diffusion: text-to-image pipeline on class prompts; inversion: synthesise from the model's "
+                   "BatchNorm statistics (no diffusion weights, offline); real: import --source; noise: Gaussian.")
+@click.option("--num", type=int, default=256, show_default=True, help="Images to generate (candidates with --filter).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Recipe seed; image i uses a seed derived from (seed, i).")
+@click.option("--size", type=int, default=None,
+              help="Stored side length in pixels [default: 512 for diffusion, else the model's input size].")
+@click.option("--shard-size", type=int, default=64, show_default=True, help="Images per shard (the unit of resume).")
+@click.option("--classes", default="auto", show_default=True,
+              help="imagenet | cifar10 | cifar100 | FILE (one class per line); auto: from the model's class count, "
+                   "else imagenet.")
+@click.option("--prompts", "strategy", type=click.Choice(["mixup", "single", "mixup-embed", "none"]), default="mixup",
+              show_default=True,
+              help="mixup: 'a photo of a {A} and a {B}'; single: GenQ 'a photo of a {adjective} {class}'; "
+                   "mixup-embed: Dirichlet-weighted text embeddings; none: no class conditioning.")
+@click.option("--k", type=int, default=2, show_default=True, help="Classes per mixup prompt (2 <= k <= classes).")
+@click.option("--template", default=None, help="Mixup template with k '{}' slots [default: 'a photo of a {} and a {}'].")
+@click.option("--alpha", type=float, default=1.0, show_default=True,
+              help="Dirichlet concentration of mixing weights (mixup-embed; inversion soft targets).")
+@click.option("--gloss", is_flag=True, help="Append WordNet glosses to ImageNet names ('kite, a bird of prey …').")
+@click.option("--pipeline", default="stable-diffusion-v1-5/stable-diffusion-v1-5", show_default=True,
+              help="diffusers pipeline: hub id (from the local HF cache when offline) or a local folder.")
+@click.option("--revision", default=None, help="Hub revision of --pipeline.")
+@click.option("--steps", type=int, default=25, show_default=True, help="Diffusion denoising steps.")
+@click.option("--guidance", type=float, default=7.5, show_default=True, help="Classifier-free guidance scale.")
+@click.option("--scheduler", default=None, help="diffusers scheduler class, e.g. DPMSolverMultistepScheduler.")
+@click.option("--negative-prompt", default=None, help="Negative prompt for every image.")
+@click.option("--batch-size", type=int, default=4, show_default=True, help="Diffusion images per forward pass.")
+@click.option("--iters", type=int, default=None, help="Inversion: optimisation steps per shard.")
+@click.option("--lr", type=float, default=None, help="Inversion: learning rate.")
+@click.option("--source", type=click.Path(), default=None, help="real: an npz (x uint8 NHWC, y) or an image folder.")
+@click.option("--filter", "filter_", type=click.Choice(["energy", "bn", "patch-entropy"]), default=None,
+              help="Over-generate --num candidates, score them with the model, keep the best --keep.")
+@click.option("--keep", type=int, default=None, help="Images kept by --filter.")
+@model_options()
+@click.option("--cache-root", type=click.Path(file_okay=False), default=None,
+              help="Cache root [default: $MIXQ_CACHE_ROOT or ./calib_cache].")
+@click.option("--device", default=None, help="torch device [default: cuda if available, else cpu].")
+@click.option("--no-wait", is_flag=True, help="Fail instead of waiting when another process writes the same cache.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def calib(**o: Any) -> None:
+    """Make (or resume) a calibration cache of synthetic or real images.
+
+    The cache lands in CACHE_ROOT/<recipe-hash>/; re-running the same command resumes it, and the
+    same recipe always gives byte-identical shards (also under `torchrun --nproc-per-node N`).
+    The last line of stdout is the cache path.
+    """
+    from .calib import CalibConfig, PromptConfig, make_calibration_cache
+
+    classes = o["classes"]
+    model = None
+    if o["model"]:
+        from .models import load_model
+
+        model = load_model(o["model"], o["checkpoint"], random_init=o["random_weights"], mean=o["mean"], std=o["std"],
+                           input_size=o["input_size"])
+    if classes == "auto":
+        n = getattr(model, "num_classes", None) if model is not None else None
+        classes = {10: "cifar10", 100: "cifar100"}.get(n, "imagenet")
+    options = {k: o[k] for k in ("pipeline", "revision", "steps", "guidance", "scheduler", "negative_prompt",
+                                 "batch_size", "source") if o[k] is not None}
+    options.update({k: o[k] for k in ("iters", "lr") if o[k] is not None})
+    cfg = CalibConfig(
+        generator=o["generator"], num=o["num"], seed=o["seed"], size=o["size"], classes=classes,
+        prompts=PromptConfig(o["strategy"], k=o["k"], template=o["template"], alpha=o["alpha"], use_gloss=o["gloss"]),
+        shard_size=o["shard_size"], options=options, filter=o["filter_"], keep=o["keep"],
+        model=o["model"], checkpoint=o["checkpoint"], random_weights=o["random_weights"],
+        mean=o["mean"], std=o["std"], input_size=o["input_size"],
+    )
+    path = make_calibration_cache(cfg, o["cache_root"], model=model, device=o["device"], wait_lock=not o["no_wait"],
+                                  progress=not o["quiet"])
+    import os
+
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one line from rank 0
+        click.echo(str(path))
+
+
+# --------------------------------------------------------------------------- cache
+@cli.group(context_settings=CONTEXT)
+def cache() -> None:
+    """List, inspect, verify or remove calibration caches."""
+
+
+_root_opt = click.option("--cache-root", type=click.Path(file_okay=False), default=None,
+                         help="Cache root [default: $MIXQ_CACHE_ROOT or ./calib_cache].")
+
+
+@cache.command("ls", context_settings=CONTEXT)
+@_root_opt
+@click.option("--json", "as_json", is_flag=True, help="One JSON list on stdout.")
+def cache_ls(cache_root: str | None, as_json: bool) -> None:
+    """List the caches under the cache root."""
+    from .calib import list_caches
+
+    rows = [c.summary() for c in list_caches(Path(cache_root) if cache_root else None)]
+    if as_json:
+        _emit_json(rows)
+        return
+    if not rows:
+        click.echo("no caches")
+        return
+    click.echo(f"{'hash':16}  {'status':10}  {'generator':9}  {'prompts':11}  {'images':>7}  {'shards':>7}  {'MB':>8}")
+    for r in rows:
+        click.echo(f"{r['hash']:16}  {r['status']:10}  {str(r['generator']):9}  {str(r['prompts']):11}  "
+                   f"{r['images']:>7}  {r['shards']:>7}  {r['size_mb']:>8}")
+
+
+@cache.command("info", context_settings=CONTEXT)
+@click.argument("ref")
+@_root_opt
+@click.option("--json", "as_json", is_flag=True, help="Print the recipe and summary as JSON.")
+def cache_info(ref: str, cache_root: str | None, as_json: bool) -> None:
+    """Show one cache's recipe and status (REF: path, hash or hash prefix)."""
+    from .calib import info, resolve_cache
+
+    ci = info(resolve_cache(ref, Path(cache_root) if cache_root else None))
+    out = {**ci.summary(), "recipe": ci.recipe}
+    if as_json:
+        _emit_json(out)
+    else:
+        click.echo(json.dumps(out, indent=2, sort_keys=True))
+
+
+@cache.command("verify", context_settings=CONTEXT)
+@click.argument("ref")
+@_root_opt
+@click.option("--json", "as_json", is_flag=True)
+def cache_verify(ref: str, cache_root: str | None, as_json: bool) -> None:
+    """Re-hash every shard against the manifest; exit 1 naming any corrupt or missing shard."""
+    from .calib import resolve_cache, verify
+
+    res = verify(resolve_cache(ref, Path(cache_root) if cache_root else None))
+    if as_json:
+        _emit_json({"path": str(res.path), "ok": res.ok, "images": res.num_images, "problems": res.problems})
+    elif res.ok:
+        click.echo(f"ok: {res.num_images} images, every shard matches its sha256 ({res.path})")
+    else:
+        for p in res.problems:
+            click.echo(f"FAIL: {p}", err=True)
+    if not res.ok:
+        sys.exit(1)
+
+
+@cache.command("rm", context_settings=CONTEXT)
+@click.argument("refs", nargs=-1, required=True)
+@_root_opt
+def cache_rm(refs: tuple[str, ...], cache_root: str | None) -> None:
+    """Remove caches (REF: path, hash or hash prefix)."""
+    from .calib import remove, resolve_cache
+
+    for ref in refs:
+        p = resolve_cache(ref, Path(cache_root) if cache_root else None)
+        remove(p)
+        click.echo(f"removed {p}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: one-line errors, exit code 2 for bad input."""
+    try:
+        rv = cli.main(args=argv, prog_name="mixq-onnx", standalone_mode=False)
+    except MixqError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(e.exit_code)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        msg = " ".join(e.format_message().split())
+        click.echo(f"error: {msg}", err=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    sys.exit(rv if isinstance(rv, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from mixq_onnx.cli import main  # noqa: E402
+from mixq_onnx.utils import shared_root  # noqa: E402
+
+SHARED = shared_root()
+RESNET20 = SHARED / "models" / "resnet20-12fca82f.th"
+RESNET56 = SHARED / "models" / "resnet56-4bfd9763.th"
+RESNET8 = SHARED / "models" / "mlperf-tiny-resnet8_cifar10_state_dict.pt"
+TRAIN_NPZ = SHARED / "data" / "cifar10_train_calib.npz"
+TEST_NPZ = SHARED / "data" / "cifar10_test_dev.npz"
+
+
+def need_shared(*paths: Path):
+    missing = [p for p in paths if not p.exists()]
+    return pytest.mark.skipif(bool(missing), reason=f"../shared not available ({missing[0] if missing else ''})")
+
+
+class CliResult:
+    def __init__(self, code: int, out: str, err: str):
+        self.code, self.out, self.err = code, out, err
+
+    @property
+    def last_line(self) -> str:
+        lines = [ln for ln in self.out.splitlines() if ln.strip()]
+        return lines[-1] if lines else ""
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """Run `mixq-onnx ARGS` in-process; return exit code, stdout, stderr."""
+
+    def _run(*args: str) -> CliResult:
+        capsys.readouterr()
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        cap = capsys.readouterr()
+        return CliResult(code, cap.out, cap.err)
+
+    return _run
+
+
+def cli_subprocess_cmd() -> list[str]:
+    return [sys.executable, "-m", "mixq_onnx.cli"]

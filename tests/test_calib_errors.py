@@ -1,0 +1,78 @@
+"""Bad input: one-line error, exit code 2, and no cache directory left behind."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from mixq_onnx.models import load_model
+from conftest import RESNET20, need_shared
+
+
+def _assert_clean_failure(res, root: Path, needle: str) -> None:
+    assert res.code == 2, (res.code, res.err)
+    lines = [ln for ln in res.err.splitlines() if ln.strip()]
+    assert len(lines) == 1, res.err
+    assert lines[0].startswith("error: ") and needle in lines[0], lines[0]
+    assert not root.exists() or not any(root.iterdir()), list(root.iterdir())
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--generator", "gan"], "'--generator'"),
+    (["--generator", "noise", "--prompts", "triple"], "'--prompts'"),
+    (["--generator", "diffusion", "--classes", "cifar10", "--k", "1"], "--k must be at least 2"),
+    (["--generator", "diffusion", "--classes", "cifar10", "--k", "11"], "exceeds the number of classes (10)"),
+    (["--generator", "inversion"], "needs --model"),
+    (["--generator", "noise", "--num", "0"], "--num must be at least 1"),
+    (["--generator", "real"], "needs --source"),
+    (["--generator", "noise", "--filter", "energy", "--keep", "3", "--num", "2"], "--keep"),
+])
+def test_bad_options(tmp_path, run_cli, args, needle):
+    root = tmp_path / "cache"
+    _assert_clean_failure(run_cli("calib", *args, "--cache-root", root, "-q"), root, needle)
+
+
+def test_k_exceeds_file_vocabulary(tmp_path, run_cli):
+    f = tmp_path / "classes.txt"
+    f.write_text("cat\ndog\n# comment\nemu\n")
+    root = tmp_path / "cache"
+    res = run_cli("calib", "--generator", "diffusion", "--classes", f, "--k", "4", "--cache-root", root)
+    _assert_clean_failure(res, root, "exceeds the number of classes (3)")
+
+
+def test_checkpoint_errors(tmp_path, run_cli):
+    root = tmp_path / "cache"
+    base = ["calib", "--generator", "noise", "--model", "cifar_resnet20", "--cache-root", root, "-q"]
+    _assert_clean_failure(run_cli(*base, "--checkpoint", tmp_path / "missing.th"), root, "checkpoint not found")
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"\x00garbage")
+    _assert_clean_failure(run_cli(*base, "--checkpoint", junk), root, "cannot read checkpoint")
+    wrong = tmp_path / "wrong.pt"
+    torch.save(load_model("mlperf_tiny_resnet8", random_init=True).state_dict(), wrong)
+    _assert_clean_failure(run_cli(*base, "--checkpoint", wrong), root, "does not match the model")
+
+
+def test_unwritable_cache_dir(tmp_path, run_cli):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file, not a directory")
+    root = blocker / "cache"
+    res = run_cli("calib", "--generator", "noise", "--num", "2", "--cache-root", root, "-q")
+    assert res.code == 2 and "is not writable" in res.err and len(res.err.strip().splitlines()) == 1
+    assert blocker.read_text() == "a file, not a directory"
+
+
+def test_unwritable_cache_dir_not_created(tmp_path, run_cli):
+    import os
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    os.chmod(ro, 0o500)
+    try:
+        if os.access(ro, os.W_OK) and os.geteuid() == 0:
+            pytest.skip("root bypasses directory permissions")
+        res = run_cli("calib", "--generator", "noise", "--num", "2", "--cache-root", ro / "deep" / "cache", "-q")
+        assert res.code == 2 and "is not writable" in res.err
+        assert not (ro / "deep").exists()
+    finally:
+        os.chmod(ro, 0o700)
