@@ -54,3 +54,11 @@ def run_cli(capsys):
 
 def cli_subprocess_cmd() -> list[str]:
     return [sys.executable, "-m", "mixq_onnx.cli"]
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory) -> Path:
+    """A tiny random Stable-Diffusion pipeline folder built from diffusers configs (no download)."""
+    from tiny_sd import make_tiny_sd_pipeline
+
+    return make_tiny_sd_pipeline(tmp_path_factory.mktemp("tiny_sd"))

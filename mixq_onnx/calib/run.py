@@ -94,7 +94,7 @@ def build_recipe(cfg: CalibConfig, gen_recipe: dict[str, Any], model: nn.Module 
     uses_prompts = GENERATORS[cfg.generator].uses_prompts
     recipe: dict[str, Any] = {
         "format": C.FORMAT_VERSION,
-        "generator": gen_recipe,
+        "generator": {"name": cfg.generator, **{k: v for k, v in gen_recipe.items() if k not in ("name", "generator")}},
         "num": cfg.num,
         "seed": cfg.seed,
         "size": size,

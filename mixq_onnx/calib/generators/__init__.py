@@ -1,14 +1,6 @@
-"""Generator registry: `GENERATORS[name]`. Importing this package registers every generator."""
+"""Generator registry: `GENERATORS[name]`. Importing this package registers every generator
+(their modules import heavy libraries such as diffusers lazily)."""
 from .base import GENERATORS, GenContext, Generator, ShardOutput, register
-from . import noise, real  # noqa: F401
-
-try:  # these import heavy libraries lazily; their modules are cheap
-    from . import diffusion  # noqa: F401
-except ImportError:  # pragma: no cover
-    pass
-try:
-    from . import inversion  # noqa: F401
-except ImportError:  # pragma: no cover
-    pass
+from . import diffusion, inversion, noise, real  # noqa: F401,E402
 
 __all__ = ["GENERATORS", "GenContext", "Generator", "ShardOutput", "register"]
