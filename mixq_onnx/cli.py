@@ -73,6 +73,8 @@ def cli() -> None:
     Stages:
       calib     make a calibration cache (mixup-class diffusion prompts, BN inversion, real, noise)
       cache     list, inspect, verify or remove calibration caches
+      quantize  learn rounding and step sizes on a cache (rtn, adaround, brecq, qdrop, genie)
+      eval      top-1/top-5 of a float or quantized model, and agreement with the float model
     """
 
 
@@ -233,6 +235,131 @@ def cache_rm(refs: tuple[str, ...], cache_root: str | None) -> None:
         p = resolve_cache(ref, Path(cache_root) if cache_root else None)
         remove(p)
         click.echo(f"removed {p}")
+
+
+# --------------------------------------------------------------------------- quantize
+def _load_user_model(o: dict[str, Any]):
+    from .models import load_model
+
+    if not o.get("model"):
+        raise MixqError("--model is required")
+    return load_model(o["model"], o["checkpoint"], random_init=o["random_weights"], mean=o["mean"], std=o["std"],
+                      input_size=o["input_size"])
+
+
+def load_calibration(ref: str, model, cache_root: str | None = None, limit: int | None = None):
+    """Preprocessed calibration tensor from a cache, with one-line errors for unusable caches."""
+    from .calib import CalibrationSet, resolve_cache
+    from .models import get_preprocessing
+
+    path = resolve_cache(ref, Path(cache_root) if cache_root else None)
+    try:
+        ds = CalibrationSet(path, model)
+    except MixqError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a damaged shard
+        raise MixqError(f"cannot read calibration cache {path}: {type(e).__name__}: {str(e)[:120]}") from None
+    if len(ds) == 0:
+        raise MixqError(f"calibration cache {path} holds no images")
+    pre = get_preprocessing(model)
+    h, w = ds.images.shape[1:3]
+    if ds.images.shape[-1] != 3 or pre.input_size[0] not in (1, 3):
+        raise MixqError(f"cache images have {ds.images.shape[-1]} channels, the model takes {pre.input_size[0]}")
+    if pre.input_size[1] > 4 * h or pre.input_size[2] > 4 * w:
+        raise MixqError(f"cache images are {h}x{w}, too small to resize to the model's input "
+                        f"{pre.input_size[1]}x{pre.input_size[2]} (more than 4x upscaling): make a cache with "
+                        f"--size {pre.input_size[1]}")
+    return ds.tensor(limit), path
+
+
+@cli.command(context_settings=CONTEXT)
+@model_options(required=True)
+@click.option("--calib", "calib_ref", required=True, metavar="CACHE",
+              help="Calibration cache: a path, or a hash (prefix) under --cache-root.")
+@click.option("--method", type=click.Choice(["rtn", "adaround", "brecq", "qdrop", "genie"]), default="qdrop",
+              show_default=True, help="rtn: Lp scale search + round to nearest; adaround: layer-wise learned rounding; "
+                                      "brecq: block-wise rounding then LSQ steps; qdrop: joint, with QDrop; "
+                                      "genie: qdrop + learned weight scales.")
+@click.option("--wbits", type=int, default=4, show_default=True, help="Weight bits (2-8).")
+@click.option("--abits", type=int, default=4, show_default=True, help="Activation bits (2-8; 16 = weight-only).")
+@click.option("--symmetric/--asymmetric", default=True, show_default=True,
+              help="symmetric: TensorRT-deployable (zero point 0); asymmetric: the papers' setting, not deployable.")
+@click.option("--first-last-bits", type=int, default=8, show_default=True,
+              help="Bits of the first and last layer (0: same as the rest).")
+@click.option("--preset", type=click.Choice(["fast", "paper"]), default="fast", show_default=True,
+              help="paper: 20k iterations/unit, the papers' learning rates; fast: far fewer iterations (CPU).")
+@click.option("--iters", type=int, default=None, help="Iterations per unit (overrides the preset).")
+@click.option("--num-samples", type=int, default=None, help="Calibration images used [default: 1024].")
+@click.option("--batch-size", type=int, default=None, help="Reconstruction batch [default: 32].")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--cache-root", type=click.Path(file_okay=False), default=None)
+@click.option("--out", "out", required=True, type=click.Path(), help="Output directory (quant.json, weights.safetensors).")
+@click.option("--device", default=None, help="torch device [default: cuda if available, else cpu].")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
+def quantize(**o: Any) -> None:
+    """Learn rounding and quantizer step sizes on a calibration cache; write quant.json + weights."""
+    import torch
+
+    from .quant import QuantConfig, quantize as run_quantize, save_quantized, summarize
+
+    cfg = QuantConfig(
+        wbits=o["wbits"], abits=o["abits"], method=o["method"], symmetric=o["symmetric"],
+        first_last_bits=o["first_last_bits"] or None, preset=o["preset"], iters=o["iters"],
+        num_samples=o["num_samples"], batch_size=o["batch_size"], seed=o["seed"],
+    ).validate()
+    out = Path(o["out"])
+    if out.exists() and not (out.is_dir() and ((out / "quant.json").is_file() or not any(out.iterdir()))):
+        raise MixqError(f"--out {out} exists and is not a quantized-model directory; choose another path")
+    model = _load_user_model(o)
+    calib, cache_path = load_calibration(o["calib_ref"], model, o["cache_root"], cfg.resolved().num_samples)
+    dev = torch.device(o["device"] or ("cuda" if torch.cuda.is_available() else "cpu"))
+    qmodel = run_quantize(model.to(dev), cfg, calib.to(dev), progress=not o["quiet"])
+    save_quantized(qmodel.cpu(), out, extra={"calibration": {"cache": str(cache_path.resolve()),
+                                                             "hash": cache_path.name, "images": len(calib)}})
+    if not o["quiet"]:
+        click.echo(summarize(qmodel.mixq_report), err=True)
+    click.echo(str(out))
+
+
+# --------------------------------------------------------------------------- eval
+@cli.command("eval", context_settings=CONTEXT)
+@model_options()
+@click.option("--quantized", type=click.Path(file_okay=False), default=None,
+              help="A quantize output directory (the model flags are then optional).")
+@click.option("--data", required=True, type=click.Path(), help="npz (x uint8 NHWC, y) or an image folder per class.")
+@click.option("--limit", type=int, default=None, help="Evaluate the first N images only.")
+@click.option("--batch-size", type=int, default=250, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Last stdout line: one JSON object (top1, top5, n, ...).")
+def eval_cmd(**o: Any) -> None:
+    """Top-1/top-5 accuracy; with --quantized also the float model's and the top-1 agreement."""
+    from .data import load_labelled
+    from .models import get_preprocessing
+    from .quant import evaluate, load_quantized, load_quantized_dir
+
+    if o["quantized"]:
+        if o["model"]:
+            fp = _load_user_model(o)
+            model = load_quantized(fp, o["quantized"])
+        else:
+            model = load_quantized_dir(o["quantized"])
+            from .quant.io import read_quant_json
+            from .models import load_model, Preprocessing
+
+            src = read_quant_json(o["quantized"])["model"]
+            pre = Preprocessing.from_dict(src["preprocessing"])
+            fp = load_model(src["spec"], src.get("checkpoint"), random_init=bool(src.get("random_init")),
+                            mean=pre.mean, std=pre.std, input_size=pre.input_size)
+    else:
+        fp, model = None, _load_user_model(o)
+    images, labels = load_labelled(o["data"], get_preprocessing(model).input_size[1], o["limit"])
+    res = evaluate(model, images, labels, fp_model=fp, batch_size=o["batch_size"])
+    if o["as_json"]:
+        _emit_json(res.to_dict())
+    else:
+        line = f"top1 {res.top1:.2f} %  top5 {res.top5:.2f} %  (n={res.n})"
+        if res.agreement is not None:
+            line += f"  float top1 {res.fp_top1:.2f} %  agreement {res.agreement:.2f} %"
+        click.echo(line)
 
 
 def main(argv: list[str] | None = None) -> None:

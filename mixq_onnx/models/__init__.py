@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import torch
 import torch.nn as nn
 
 from ..errors import MixqError
@@ -129,13 +130,20 @@ def load_model(
     spec: a timm model name, a zoo name (`cifar_resnet20`, ... `mlperf_tiny_resnet8`), or
     `path/to/file.py:factory` / `package.module:factory` for any user network.
     Weights come from `checkpoint`; without one, timm models use pretrained weights from the local
-    Hugging Face cache, and `random_init=True` keeps random weights (tests, smoke runs).
+    Hugging Face cache, and `random_init=True` keeps random weights (seeded: tests, smoke runs).
     """
-    import timm
-
     kwargs: dict[str, Any] = {}
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # random_init weights are reproducible, so quantized dirs can be rebuilt
+        model = _build(spec, checkpoint, random_init, kwargs)
+    return _finish(model, spec, checkpoint, random_init, mean, std, input_size)
+
+
+def _build(spec: str, checkpoint, random_init: bool, kwargs: dict[str, Any]) -> nn.Module:
+    import timm
+
     if _is_factory_spec(spec):
         factory = _load_factory(spec)
         try:
@@ -177,7 +185,10 @@ def load_model(
         raise MixqError(
             f"unknown model {spec!r}: use a timm name, one of {', '.join(ZOO)}, or path/to/file.py:factory{hint}"
         )
+    return model
 
+
+def _finish(model: nn.Module, spec: str, checkpoint, random_init: bool, mean, std, input_size) -> nn.Module:
     ck_path = None
     ck_sha = None
     if checkpoint is not None:

@@ -1,0 +1,329 @@
+"""Post-training quantization that learns rounding and step sizes: RTN, AdaRound, BRECQ, QDrop, Genie-M.
+
+Every method starts from the same initialisation (per-channel Lp weight scales, per-tensor Lp
+activation scales) and then reconstructs unit by unit, in execution order, from the inputs the
+already-quantized prefix produces:
+
+- adaround: every layer alone; learns rounding (rectified sigmoid h(V)) on the layer output.
+- brecq:    blocks; learns rounding on the block output (activations float), then LSQ step sizes.
+- qdrop:    blocks; rounding and LSQ step sizes jointly, QDrop (p) on the block input and inside.
+- genie:    qdrop plus a learned per-channel weight scale on the integer base frozen at init.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from .config import QuantConfig
+from .graph import Unit, prepare, quantizers, set_quant_state, units
+from .modules import QUANT_LAYERS
+from .quantizer import ActQuantizer, WeightQuantizer, search_act_scale, search_weight_scale
+
+
+@dataclass
+class UnitReport:
+    name: str
+    kind: str
+    iters: int
+    loss_before: float
+    loss_after: float
+    holdout_before: float
+    holdout_after: float
+    gen_gap: float  # holdout loss minus optimised-slice loss, after
+    grad_round: dict[str, float] = field(default_factory=dict)
+    grad_wscale: dict[str, float] = field(default_factory=dict)
+    grad_ascale: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+    iters_per_s: float = 0.0
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {}
+    t = torch.tensor(values, dtype=torch.float64)
+    tail = t[int(len(t) * 0.8):]
+    return {"mean": float(t.mean()), "std": float(t.std()) if len(t) > 1 else 0.0, "last20_mean": float(tail.mean())}
+
+
+def _batched(fn: Callable[[torch.Tensor], Any], x: torch.Tensor, bs: int = 256) -> None:
+    for s in range(0, len(x), bs):
+        fn(x[s:s + bs])
+
+
+def _capture(model: nn.Module, module: nn.Module, data: torch.Tensor, bs: int = 256,
+             want_out: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Inputs (and outputs) of `module` when `model` runs on `data`."""
+    ins: list[torch.Tensor] = []
+    outs: list[torch.Tensor] = []
+
+    class _Stop(Exception):
+        pass
+
+    def hook(_m, args, out):
+        ins.append(args[0].detach())
+        if want_out:
+            outs.append(out.detach())
+        raise _Stop
+
+    h = module.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            for s in range(0, len(data), bs):
+                try:
+                    model(data[s:s + bs])
+                except _Stop:
+                    pass
+    finally:
+        h.remove()
+    return torch.cat(ins), (torch.cat(outs) if want_out else None)
+
+
+def _rec_loss(out: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+    """Squared error summed over channels/features, averaged over everything else (BRECQ's lp_loss)."""
+    d = (out - tgt).pow(2)
+    return d.sum(1).mean() if d.ndim > 1 else d.mean()
+
+
+@torch.no_grad()
+def _eval_loss(module: nn.Module, x: torch.Tensor, tgt: torch.Tensor, bs: int = 256) -> float:
+    if len(x) == 0:
+        return float("nan")
+    tot = 0.0
+    for s in range(0, len(x), bs):
+        tot += float(_rec_loss(module(x[s:s + bs]), tgt[s:s + bs])) * len(x[s:s + bs])
+    return tot / len(x)
+
+
+def init_scales(gm: nn.Module, calib: torch.Tensor, cfg: QuantConfig) -> None:
+    """Lp-optimal per-channel weight scales and per-tensor activation scales (the RTN starting point)."""
+    for m in gm.modules():
+        if isinstance(m, QUANT_LAYERS):
+            search_weight_scale(m.weight, m.weight_quantizer, p=cfg.p_norm)
+    acts = [m for m in gm.modules() if isinstance(m, ActQuantizer)]
+    if not acts:
+        return
+    set_quant_state(gm, weights=False, acts=False)
+    for q in acts:
+        q.observing = True
+    try:
+        _batched(lambda b: gm(b), calib[: min(len(calib), 512)], 128)
+    finally:
+        for q in acts:
+            q.observing = False
+    for q in acts:
+        search_act_scale(q, p=cfg.p_norm)
+    set_quant_state(gm, weights=True, acts=True)
+
+
+def _set_units_enabled(all_units: list[Unit], upto: int) -> None:
+    """Quantizers on for units [0, upto), off for the rest."""
+    for i, u in enumerate(all_units):
+        for q in u.weight_quantizers() + u.act_quantizers():
+            q.enabled = i < upto
+
+
+def _finalize_unit(unit: Unit) -> None:
+    for layer in unit.layers():
+        layer.weight_quantizer.finalize(layer.weight)
+    for q in unit.act_quantizers():
+        q.learning = False
+        q.drop_prob = 0.0
+        q.scale.requires_grad_(False)
+
+
+def _grad_norm(params: list[torch.Tensor]) -> float | None:
+    gs = [p.grad for p in params if p.grad is not None]
+    if not gs:
+        return None
+    return float(torch.sqrt(sum((g.double() ** 2).sum() for g in gs)))
+
+
+def _reconstruct(unit: Unit, q_in: torch.Tensor, fp_in: torch.Tensor, fp_out: torch.Tensor, cfg: QuantConfig,
+                 n_train: int, *, learn_round: bool, learn_act: bool, learn_wscale: bool, drop: float,
+                 acts_on: bool, iters: int, gen: torch.Generator) -> dict[str, list[float]]:
+    layers = unit.layers()
+    wqs = [layer.weight_quantizer for layer in layers]
+    aqs = unit.act_quantizers()
+    for q in aqs:
+        q.enabled = acts_on
+    groups: list[dict[str, Any]] = []
+    round_params: list[torch.Tensor] = []
+    if learn_round:
+        for layer in layers:
+            if layer.weight_quantizer.mode != "soft":
+                layer.weight_quantizer.init_adaround(layer.weight)
+            round_params.append(layer.weight_quantizer.alpha)
+        groups.append({"params": round_params, "lr": cfg.lr_round})
+    ws_params: list[torch.Tensor] = []
+    if learn_wscale:
+        for q in wqs:
+            q.scale.requires_grad_(True)
+            ws_params.append(q.scale)
+        groups.append({"params": ws_params, "lr": cfg.lr_wscale})
+    a_params: list[torch.Tensor] = []
+    if learn_act and acts_on:
+        for q in aqs:
+            q.scale.requires_grad_(True)
+            q.learning = True
+            q.drop_prob = drop
+            a_params.append(q.scale)
+    hist: dict[str, list[float]] = {"round": [], "wscale": [], "ascale": []}
+    if not groups and not a_params:
+        return hist
+    opt = torch.optim.Adam(groups) if groups else None
+    a_opt = torch.optim.Adam(a_params, lr=cfg.lr_act) if a_params else None
+    a_sched = torch.optim.lr_scheduler.CosineAnnealingLR(a_opt, T_max=iters, eta_min=0.0) if a_opt else None
+    warm = int(cfg.warmup * iters)
+    b_hi, b_lo = cfg.beta
+    for it in range(iters):
+        idx = torch.randint(0, n_train, (min(cfg.batch_size, n_train),), generator=gen)
+        x = q_in[idx]
+        if drop > 0:
+            x = torch.where(torch.rand(x.shape, generator=gen) < drop, fp_in[idx], x)
+        out = unit.module(x)
+        loss = _rec_loss(out, fp_out[idx])
+        if learn_round and it >= warm:
+            t = (it - warm) / max(1, iters - warm)
+            beta = b_lo + (b_hi - b_lo) * max(0.0, 1.0 - t)
+            loss = loss + cfg.round_weight * sum(q.round_loss(beta) for q in wqs)
+        if opt:
+            opt.zero_grad(set_to_none=True)
+        if a_opt:
+            a_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for key, ps in (("round", round_params), ("wscale", ws_params), ("ascale", a_params)):
+            g = _grad_norm(ps)
+            if g is not None:
+                hist[key].append(g)
+        if opt:
+            opt.step()
+        if a_opt:
+            a_opt.step()
+            a_sched.step()
+        with torch.no_grad():
+            for p in ws_params + a_params:
+                p.clamp_(min=1e-8)
+    for q in aqs:
+        q.learning = False
+        q.drop_prob = 0.0
+        q.scale.requires_grad_(False)
+    for q in wqs:
+        q.scale.requires_grad_(False)
+    return hist
+
+
+def quantize(model: nn.Module, cfg: QuantConfig, calib: torch.Tensor, *, progress: bool = True,
+             log: Callable[[str], None] | None = None) -> nn.Module:
+    """Return a fake-quantized copy of `model` with learned rounding/scales; `calib` is preprocessed input.
+
+    The result carries `mixq_config` and `mixq_report` (per-unit diagnostics).
+    """
+    log = log or (lambda s: print(s, file=sys.stderr))
+    cfg = cfg.validate().resolved()
+    torch.manual_seed(cfg.seed)
+    torch.set_flush_denormal(True)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    calib = calib[: cfg.num_samples]
+    t_start = time.perf_counter()
+    gm = prepare(model, cfg)
+    init_scales(gm, calib, cfg)
+    n_hold = int(len(calib) * cfg.holdout) if len(calib) >= 20 else 0
+    n_train = len(calib) - n_hold
+    reports: list[UnitReport] = []
+    if cfg.method == "rtn":
+        for u in units(gm):
+            _finalize_unit(u)
+    else:
+        all_units = units(gm)
+        if cfg.method == "adaround":  # layer-wise: every layer is its own unit
+            all_units = [Unit(n, m, "layer") for n, m in gm.named_modules() if isinstance(m, QUANT_LAYERS)]
+            from .graph import execution_order, example_input
+
+            order = execution_order(gm, {u.name: u.module for u in all_units}, example_input(gm))
+            all_units = sorted(all_units, key=lambda u: order.index(u.name) if u.name in order else 1 << 30)
+        from tqdm.auto import tqdm
+
+        bar = tqdm(all_units, desc=f"{cfg.method} W{cfg.wbits}A{cfg.abits}", unit="unit", disable=not progress,
+                   file=sys.stderr, dynamic_ncols=True)
+        for i, unit in enumerate(bar):
+            t0 = time.perf_counter()
+            bar.set_postfix_str(unit.name)
+            set_quant_state(gm, weights=False, acts=False)
+            fp_in, fp_out = _capture(gm, unit.module, calib, want_out=True)
+            _set_units_enabled(all_units, i)
+            q_in, _ = _capture(gm, unit.module, calib)
+            for q in unit.weight_quantizers() + unit.act_quantizers():
+                q.enabled = True
+            if cfg.weight_only:
+                for q in unit.act_quantizers():
+                    q.enabled = False
+            tr = slice(0, n_train)
+            ho = slice(n_train, len(calib))
+            before = _eval_loss(unit.module, q_in[tr], fp_out[tr])
+            hold_before = _eval_loss(unit.module, q_in[ho], fp_out[ho])
+            m = cfg.method
+            if m == "adaround":
+                hist = _reconstruct(unit, q_in, fp_in, fp_out, cfg, n_train, learn_round=True, learn_act=False,
+                                    learn_wscale=False, drop=0.0, acts_on=True, iters=cfg.iters, gen=gen)
+            elif m == "brecq":
+                hist = _reconstruct(unit, q_in, fp_in, fp_out, cfg, n_train, learn_round=True, learn_act=False,
+                                    learn_wscale=False, drop=0.0, acts_on=False, iters=cfg.iters, gen=gen)
+                for layer in unit.layers():
+                    layer.weight_quantizer.finalize(layer.weight)
+                if not cfg.weight_only:
+                    h2 = _reconstruct(unit, q_in, fp_in, fp_out, cfg, n_train, learn_round=False, learn_act=True,
+                                      learn_wscale=False, drop=0.0, acts_on=True, iters=max(1, cfg.iters // 2),
+                                      gen=gen)
+                    hist["ascale"] = h2["ascale"]
+            else:  # qdrop, genie
+                hist = _reconstruct(unit, q_in, fp_in, fp_out, cfg, n_train, learn_round=True,
+                                    learn_act=not cfg.weight_only, learn_wscale=(m == "genie"),
+                                    drop=0.0 if cfg.weight_only else cfg.drop_prob, acts_on=not cfg.weight_only,
+                                    iters=cfg.iters, gen=gen)
+            _finalize_unit(unit)
+            after = _eval_loss(unit.module, q_in[tr], fp_out[tr])
+            hold_after = _eval_loss(unit.module, q_in[ho], fp_out[ho])
+            dt = time.perf_counter() - t0
+            iters_done = cfg.iters + (max(1, cfg.iters // 2) if m == "brecq" and not cfg.weight_only else 0)
+            reports.append(UnitReport(
+                name=unit.name, kind=unit.kind, iters=iters_done, loss_before=before, loss_after=after,
+                holdout_before=hold_before, holdout_after=hold_after,
+                gen_gap=(hold_after - after) if n_hold else float("nan"),
+                grad_round=_stats(hist["round"]), grad_wscale=_stats(hist["wscale"]),
+                grad_ascale=_stats(hist["ascale"]), seconds=round(dt, 2), iters_per_s=round(iters_done / dt, 2),
+            ))
+        bar.close()
+    set_quant_state(gm, weights=True, acts=not cfg.weight_only)
+    for q in quantizers(gm).values():
+        if isinstance(q, WeightQuantizer) and q.mode != "int":
+            raise RuntimeError(f"weight quantizer {q.name} was not finalized")
+    gm.mixq_config = cfg  # type: ignore[attr-defined]
+    gm.mixq_report = {  # type: ignore[attr-defined]
+        "method": cfg.method, "wbits": cfg.wbits, "abits": cfg.abits, "num_samples": len(calib),
+        "holdout": n_hold, "seconds": round(time.perf_counter() - t_start, 2),
+        "units": [asdict(r) for r in reports],
+    }
+    return gm.eval()
+
+
+def summarize(report: dict[str, Any]) -> str:
+    lines = [f"{report['method']} W{report['wbits']}A{report['abits']}: {report['num_samples']} samples "
+             f"({report['holdout']} held out), {report['seconds']:.1f} s"]
+    if report["units"]:
+        lines.append(f"{'unit':24} {'loss before':>12} {'after':>10} {'gap':>9} {'|g_round|':>10} {'|g_act|':>9} {'it/s':>7}")
+        for u in report["units"]:
+            gr = u["grad_round"].get("mean", float("nan"))
+            ga = u["grad_ascale"].get("mean", float("nan"))
+            lines.append(f"{u['name'][:24]:24} {u['loss_before']:12.4g} {u['loss_after']:10.4g} {u['gen_gap']:9.3g} "
+                         f"{gr:10.3g} {ga:9.3g} {u['iters_per_s']:7.1f}")
+    return "\n".join(lines)
+
+
+def _isnan(x: float) -> bool:
+    return isinstance(x, float) and math.isnan(x)

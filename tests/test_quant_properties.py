@@ -1,0 +1,91 @@
+"""Property tests of the quantizers: grids, AdaRound initialisation, hard rounding, zero points, reload."""
+from __future__ import annotations
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mixq_onnx.quant.quantizer import ActQuantizer, WeightQuantizer, search_act_scale, search_weight_scale
+
+SETTINGS = settings(max_examples=40, deadline=None)
+
+
+def _weights(seed: int, cout: int, cin: int, scale: float) -> torch.Tensor:
+    return torch.randn(cout, cin, 3, 3, generator=torch.Generator().manual_seed(seed)) * scale
+
+
+@SETTINGS
+@given(seed=st.integers(0, 10_000), bits=st.integers(2, 8), cout=st.integers(1, 16), cin=st.integers(1, 8),
+       mag=st.floats(1e-3, 10.0), symmetric=st.booleans())
+def test_fake_quantized_weights_lie_on_their_grid(seed, bits, cout, cin, mag, symmetric):
+    w = _weights(seed, cout, cin, mag)
+    q = WeightQuantizer("w", bits, symmetric=symmetric)
+    search_weight_scale(w, q)
+    wq = q(w)
+    s = q.scale.view(-1, 1, 1, 1)
+    zp = q.zero_point.view(-1, 1, 1, 1)
+    codes = wq / s + zp
+    assert torch.allclose(codes, codes.round(), atol=1e-3)
+    lo, hi = q.qrange
+    assert codes.round().min() >= lo and codes.round().max() <= hi
+    if symmetric:
+        assert (lo, hi) == (-(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1)  # narrow range, TensorRT-legal
+        assert torch.count_nonzero(q.zero_point) == 0
+
+
+@SETTINGS
+@given(seed=st.integers(0, 10_000), bits=st.integers(2, 8), relu=st.booleans(), mag=st.floats(1e-2, 50.0),
+       symmetric=st.booleans())
+def test_fake_quantized_activations_lie_on_their_grid(seed, bits, relu, mag, symmetric):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(4, 8, 6, 6, generator=g) * mag
+    if relu:
+        x = x.clamp(min=0)
+    q = ActQuantizer("a", bits, symmetric=symmetric)
+    q.observing = True
+    q(x)
+    q.observing = False
+    search_act_scale(q)
+    y = q(x * 1.3)  # include values beyond the calibrated range
+    codes = y / q.scale.detach() + q.zero_point
+    assert torch.allclose(codes, codes.round(), atol=1e-3)
+    lo, hi = q.qrange
+    assert codes.round().min() >= lo and codes.round().max() <= hi
+    if symmetric:
+        assert float(q.zero_point) == 0.0
+        assert -128 <= lo and hi <= 127  # every symmetric grid maps onto INT8
+        if relu and bits <= 7:
+            assert (lo, hi) == (0, 2**bits - 1)
+
+
+@SETTINGS
+@given(seed=st.integers(0, 10_000), bits=st.integers(2, 8), mag=st.floats(1e-3, 10.0))
+def test_adaround_init_reproduces_round_to_nearest(seed, bits, mag):
+    w = _weights(seed, 8, 4, mag)
+    q = WeightQuantizer("w", bits)
+    search_weight_scale(w, q)
+    nearest = q.integers(w, "nearest")
+    q.init_adaround(w)
+    assert torch.equal(q.integers(w, "hard"), nearest)
+    # the soft value at init is the unrounded w/s (inside the clipping range)
+    s = q.scale.view(-1, 1, 1, 1)
+    lo, hi = q.qrange
+    inside = ((w / s) > lo) & ((w / s) < hi)
+    assert torch.allclose(q.integers(w, "soft")[inside], (w / s)[inside], atol=1e-4)
+
+
+@SETTINGS
+@given(seed=st.integers(0, 10_000), bits=st.integers(2, 8))
+def test_hard_rounding_equals_learned_decisions(seed, bits):
+    w = _weights(seed, 6, 3, 0.5)
+    q = WeightQuantizer("w", bits)
+    search_weight_scale(w, q)
+    q.init_adaround(w)
+    with torch.no_grad():  # pretend learning moved V anywhere
+        q.alpha.copy_(torch.randn(q.alpha.shape, generator=torch.Generator().manual_seed(seed + 1)) * 3)
+    decisions = (q.alpha >= 0).float()
+    floor = q.w_floor.clone()
+    q.finalize(w)
+    lo, hi = q.qrange
+    assert torch.equal(q.int_weight.float(), torch.clamp(floor + decisions, lo, hi))
+    assert q.mode == "int" and q.int_weight.dtype == torch.int8
