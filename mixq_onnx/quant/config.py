@@ -55,7 +55,7 @@ class QuantConfig:
         """Fill unset learning parameters from the preset (the papers' values for `paper`)."""
         paper = self.preset == "paper"
         d = {
-            "iters": 20000 if paper else 1500,
+            "iters": 20000 if paper else 400,
             "batch_size": 32,
             "num_samples": 1024,
             "lr_round": 1e-3 if paper else 3e-3,

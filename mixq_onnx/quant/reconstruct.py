@@ -23,7 +23,7 @@ import torch.nn as nn
 from .config import QuantConfig
 from .graph import Unit, prepare, quantizers, set_quant_state, units
 from .modules import QUANT_LAYERS
-from .quantizer import ActQuantizer, WeightQuantizer, search_act_scale, search_weight_scale
+from .quantizer import ActQuantizer, WeightQuantizer, keep_mask, search_act_scale, search_weight_scale
 
 
 @dataclass
@@ -184,8 +184,8 @@ def _reconstruct(unit: Unit, q_in: torch.Tensor, fp_in: torch.Tensor, fp_out: to
     for it in range(iters):
         idx = torch.randint(0, n_train, (min(cfg.batch_size, n_train),), generator=gen)
         x = q_in[idx]
-        if drop > 0:
-            x = torch.where(torch.rand(x.shape, generator=gen) < drop, fp_in[idx], x)
+        if drop > 0:  # QDrop on the block input: element-wise mix of quantized and float activations
+            x = x + keep_mask(x, drop, gen) * (fp_in[idx] - x)
         out = unit.module(x)
         loss = _rec_loss(out, fp_out[idx])
         if learn_round and it >= warm:

@@ -336,9 +336,10 @@ class InversionGenerator(Generator):
                     grp["lr"] = grp["base"] * scale
                 x = render()
                 x = _shift(x, o["jitter"], g)
-                if o["flip"]:
-                    flip = (torch.rand(n, generator=g) < 0.5).to(dev).view(n, 1, 1, 1)
-                    x = torch.where(flip, x.flip(-1), x)
+                if o["flip"] and bool(torch.rand(1, generator=g) < 0.5):
+                    # One flip for the whole batch: per-image flips would only constrain the
+                    # statistics of half-flipped batches, which unflipped images need not match.
+                    x = x.flip(-1)
                 hooks.swing_on = True
                 logits = model(x)
                 hooks.swing_on = False
@@ -374,6 +375,7 @@ class InversionGenerator(Generator):
             hooks.remove()
             model.train(was_training)
 
+        self._debug = (synth, z, mean, std)  # DEBUG
         prob = F.softmax(logits.float(), dim=1)
         pmax, pred = prob.max(1)
         extra = [{"fp_pred": int(c), "fp_prob": round(float(p), 6)} for c, p in zip(pred, pmax)]
