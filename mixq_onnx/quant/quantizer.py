@@ -161,6 +161,9 @@ class ActQuantizer(_Base):
         return (q - self.zero_point) * self.scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        export = getattr(self, "export_state", None)  # set by mixq_onnx.onnx.markers.marker_mode
+        if export is not None:
+            return torch.ops.mixq.marker(x, self.name) if export == "marker" else x
         if self.observing:
             self.observe(x)
             return x
@@ -259,6 +262,9 @@ class WeightQuantizer(_Base):
         raise ValueError(mode)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
+        export = getattr(self, "export_state", None)  # set by mixq_onnx.onnx.markers.marker_mode
+        if export is not None:
+            return torch.ops.mixq.marker(w.detach(), self.name) if export == "marker" else w
         if not self.enabled or not bool(self.initialized):
             return w
         s, zp = self._s_zp(w)

@@ -1,0 +1,269 @@
+"""QDQ ONNX export: torch.onnx (dynamo) exports the float graph with placement markers, then onnx-ir
+replaces each marker by the Q/DQ of its quantizer record (the same objects `quant.json` holds).
+
+- weights: INT8 initializers holding the learned integers -> DequantizeLinear (per-channel FP32 scale,
+  axis 0, no zero point). Never Q->DQ on float weights: TensorRT must not re-round.
+- activations: QuantizeLinear -> DequantizeLinear per tensor (INT8, zero point 0); a grid narrower than
+  8 bits (or unsigned) gets a float Clip(lo*s, hi*s) right before the Q, so kernels only see b-bit codes.
+- TensorFlow-style explicit Pad(0) in front of a Conv is folded into the Conv's pads (Q/DQ sit
+  directly on the Conv input, as TensorRT's fusions need).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..errors import MixqError
+from ..utils import atomic_path
+from .markers import DOMAIN, marker_mode, translation_table
+
+OPSET = 21
+IR_VERSION = 10
+
+
+def _example(model: nn.Module, batch: int = 2) -> torch.Tensor:
+    from ..models import get_preprocessing
+
+    c, h, w = get_preprocessing(model).input_size
+    return torch.randn(batch, c, h, w, generator=torch.Generator().manual_seed(0))
+
+
+def torch_export(model: nn.Module, with_markers: bool):
+    """torch.onnx.export (dynamo) with a dynamic batch; returns the ONNXProgram's onnx-ir model."""
+    x = _example(model)
+    kwargs: dict[str, Any] = dict(
+        dynamo=True, opset_version=OPSET, input_names=["input"], output_names=["output"],
+        dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},), verbose=False,
+    )
+    ctx = marker_mode(model) if with_markers else contextlib.nullcontext()
+    sink = io.StringIO()
+    try:
+        with ctx, contextlib.redirect_stdout(sink), torch.no_grad():
+            if with_markers:
+                kwargs["custom_translation_table"] = translation_table()
+            prog = torch.onnx.export(model.eval(), (x,), **kwargs)
+    except Exception as e:  # noqa: BLE001
+        msg = str(e)
+        m = re.search(r"(aten::\w+|torch\.ops\.[\w.]+)", msg)
+        what = f" (unsupported operator {m.group(1)})" if m else ""
+        first = msg.strip().splitlines()[0][:160] if msg.strip() else type(e).__name__
+        raise MixqError(f"ONNX export failed{what}: {first}") from None
+    return prog.model
+
+
+def _module_path(node) -> str | None:
+    ns = node.metadata_props.get("namespace")
+    if not ns:
+        return None
+    parts = [seg.split(":")[0].strip() for seg in ns.split("/")[1:]]
+    parts = [p for p in parts if p]
+    return parts[-1] if parts else None
+
+
+def _const(graph, name: str, array: np.ndarray):
+    import onnx_ir as ir
+
+    t = ir.tensor(array, name=name)
+    v = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(t.dtype), const_value=t)
+    graph.register_initializer(v)
+    return v
+
+
+def _replace_uses(old, new) -> None:
+    for user, idx in list(old.uses()):
+        user.replace_input_with(idx, new)
+    graph = old.graph
+    if graph is not None:
+        for i, out in enumerate(graph.outputs):
+            if out is old:
+                graph.outputs[i] = new
+
+
+def insert_qdq(model, qs: dict[str, Any]) -> dict[str, int]:
+    """Replace every mixq::Marker with its Q/DQ (or weight DQ); returns counts."""
+    import onnx_ir as ir
+
+    graph = model.graph
+    counts = {"weight_dq": 0, "act_qdq": 0, "clip": 0}
+    for node in list(graph):
+        if node.domain != DOMAIN or node.op_type != "Marker":
+            continue
+        name = node.attributes["name"].as_string()
+        q = qs.get(name)
+        if q is None:
+            raise MixqError(f"exported graph has a marker for {name!r} that the quantized model does not know")
+        x = node.inputs[0]
+        safe = name
+        rec = q.record()
+        bits_meta = {"mixq.bits": str(rec["bits"]), "mixq.quantizer": name}
+        if q.kind == "weight":
+            ints = q.int_weight.cpu().numpy()
+            zp = q.zero_point.detach().cpu().numpy().reshape(-1)
+            ints_v = _const(graph, f"{safe}.int8", ints.astype(np.int8 if q.symmetric else np.uint8))
+            scale_v = _const(graph, f"{safe}.scale", q.scale.detach().cpu().numpy().reshape(-1).astype(np.float32))
+            inputs = [ints_v, scale_v]
+            if not q.symmetric:
+                inputs.append(_const(graph, f"{safe}.zero_point", zp.astype(np.uint8)))
+            dq = ir.node("DequantizeLinear", inputs, attributes={"axis": q.axis}, name=f"{safe}/DequantizeLinear",
+                         metadata_props=bits_meta)
+            graph.insert_before(node, dq)
+            out = dq.outputs[0]
+            out.name = f"{safe}.dq"
+            counts["weight_dq"] += 1
+        else:
+            s = float(q.scale.detach())
+            lo, hi = q.qrange
+            zp = int(round(float(q.zero_point)))
+            qtype = np.int8 if q.symmetric else np.uint8
+            scale_v = _const(graph, f"{safe}.scale", np.array(s, dtype=np.float32))
+            zp_v = _const(graph, f"{safe}.zero_point", np.array(zp, dtype=qtype))
+            src = x
+            full = (-128, 127) if q.symmetric else (0, 255)
+            if (lo, hi) != full:
+                lo_v = _const(graph, f"{safe}.clip_lo", np.array((lo - zp) * s, dtype=np.float32))
+                hi_v = _const(graph, f"{safe}.clip_hi", np.array((hi - zp) * s, dtype=np.float32))
+                clip = ir.node("Clip", [x, lo_v, hi_v], name=f"{safe}/Clip", metadata_props=bits_meta)
+                graph.insert_before(node, clip)
+                src = clip.outputs[0]
+                src.name = f"{safe}.clipped"
+                counts["clip"] += 1
+            qn = ir.node("QuantizeLinear", [src, scale_v, zp_v], name=f"{safe}/QuantizeLinear",
+                         metadata_props=bits_meta)
+            graph.insert_before(node, qn)
+            qn.outputs[0].name = f"{safe}.q"
+            dq = ir.node("DequantizeLinear", [qn.outputs[0], scale_v, zp_v], name=f"{safe}/DequantizeLinear",
+                         metadata_props=bits_meta)
+            graph.insert_before(node, dq)
+            out = dq.outputs[0]
+            out.name = f"{safe}.dq"
+            counts["act_qdq"] += 1
+        out.shape = node.outputs[0].shape
+        out.type = node.outputs[0].type
+        _replace_uses(node.outputs[0], out)
+        graph.remove(node, safe=True)
+    return counts
+
+
+def fold_pads(model) -> int:
+    """Pad(constant 0, spatial only) -> Conv  ==>  Conv with the pads folded in."""
+    import onnx_ir as ir
+
+    n = 0
+    for node in list(model.graph):
+        if node.op_type != "Pad" or node.domain not in ("", "ai.onnx"):
+            continue
+        users = list(node.outputs[0].uses())
+        if len(users) != 1 or users[0][0].op_type != "Conv" or users[0][1] != 0:
+            continue
+        conv = users[0][0]
+        mode = node.attributes.get("mode")
+        if mode is not None and mode.as_string() != "constant":
+            continue
+        pads_v = node.inputs[1]
+        if pads_v is None or pads_v.const_value is None:
+            continue
+        if len(node.inputs) > 2 and node.inputs[2] is not None:
+            cv = node.inputs[2].const_value
+            if cv is None or float(np.asarray(cv.numpy()).reshape(-1)[0]) != 0.0:
+                continue
+        if len(node.inputs) > 3 and node.inputs[3] is not None:
+            continue  # axes given: keep it simple
+        pads = [int(v) for v in np.asarray(pads_v.const_value.numpy()).reshape(-1)]
+        rank = len(pads) // 2
+        begin, end = pads[:rank], pads[rank:]
+        if any(begin[:2]) or any(end[:2]) or any(p < 0 for p in pads):
+            continue
+        old = conv.attributes.get("pads")
+        sp = rank - 2
+        cur = list(old.as_ints()) if old is not None else [0] * (2 * sp)
+        new = [cur[i] + begin[2 + i] for i in range(sp)] + [cur[sp + i] + end[2 + i] for i in range(sp)]
+        conv.attributes["pads"] = ir.AttrInt64s("pads", new)
+        if "auto_pad" in conv.attributes:
+            conv.attributes["auto_pad"] = ir.AttrString("auto_pad", "NOTSET")
+        conv.replace_input_with(0, node.inputs[0])
+        model.graph.remove(node, safe=True)
+        n += 1
+    return n
+
+
+def name_nodes(model) -> None:
+    """Deterministic node names from the PyTorch module paths (Q/DQ nodes already carry theirs)."""
+    seen: dict[str, int] = {}
+    for node in model.graph:
+        if node.name and "/" in node.name and node.op_type in ("QuantizeLinear", "DequantizeLinear", "Clip") and \
+                "mixq.quantizer" in node.metadata_props:
+            continue
+        path = _module_path(node) or "graph"
+        base = f"{path}/{node.op_type}"
+        k = seen.get(base, 0)
+        seen[base] = k + 1
+        node.name = base if k == 0 else f"{base}_{k}"
+
+
+def finalize_model(model, meta: dict[str, Any]) -> None:
+    import onnx_ir as ir
+    from onnx_ir.passes.common import RemoveUnusedNodesPass, RemoveUnusedOpsetsPass
+
+    RemoveUnusedNodesPass()(model)
+    model.opset_imports.pop(DOMAIN, None)
+    RemoveUnusedOpsetsPass()(model)
+    model.opset_imports[""] = OPSET
+    model.ir_version = IR_VERSION
+    model.producer_name = "mixq-onnx"
+    from .. import __version__
+
+    model.producer_version = __version__
+    for k, v in meta.items():
+        model.metadata_props[k] = v if isinstance(v, str) else json.dumps(v, sort_keys=True)
+    del ir
+
+
+def save_model(model, out: str | os.PathLike) -> Path:
+    import onnx
+    import onnx_ir as ir
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    proto = ir.to_proto(model)
+    try:
+        onnx.checker.check_model(proto, full_check=False)
+    except Exception as e:  # noqa: BLE001
+        raise MixqError(f"exported graph fails onnx.checker: {str(e).splitlines()[0][:200]}") from None
+    with atomic_path(out) as tmp:
+        onnx.save(proto, str(tmp))
+    return out
+
+
+def export_qdq(qmodel: nn.Module, out: str | os.PathLike) -> Path:
+    """Write the QDQ ONNX graph of a quantized model (from `quantize` or `load_quantized`)."""
+    from ..quant.graph import quantizers
+
+    qs = quantizers(qmodel)
+    cfg = getattr(qmodel, "mixq_config", None)
+    model = torch_export(qmodel, with_markers=True)
+    counts = insert_qdq(model, qs)
+    fold_pads(model)
+    name_nodes(model)
+    finalize_model(model, {
+        "mixq.quant_config": cfg.to_dict() if cfg is not None else {},
+        "mixq.deployable": str(bool(cfg.symmetric) if cfg is not None else True).lower(),
+        "mixq.counts": counts,
+    })
+    return save_model(model, out)
+
+
+def export_fp(model: nn.Module, out: str | os.PathLike) -> Path:
+    """The plain float model (baselines)."""
+    m = torch_export(model, with_markers=False)
+    name_nodes(m)
+    finalize_model(m, {"mixq.fp": "true"})
+    return save_model(m, out)

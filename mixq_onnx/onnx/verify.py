@@ -1,0 +1,127 @@
+"""`verify`: onnxruntime (exact QDQ semantics, and default optimisations) against the PyTorch fake-quant
+model on the same images: top-1 agreement, output differences, and per-quantizer integer-code mismatch."""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..errors import MixqError
+
+
+@dataclass
+class VerifyReport:
+    n: int
+    top1_agreement: float  # % images whose top-1 matches PyTorch (exact run)
+    max_abs_diff: float
+    mean_abs_diff: float
+    code_mismatch_fraction: float  # worst quantizer
+    per_quantizer: dict[str, float] = field(default_factory=dict)
+    optimized_top1_agreement: float | None = None
+    optimized_max_abs_diff: float | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _session(path: Path, optimized: bool, extra_outputs: list[str] | None = None):
+    import onnx
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimized
+                                   else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    so.log_severity_level = 3
+    if extra_outputs:
+        m = onnx.load(str(path))
+        have = {o.name for o in m.graph.output}
+        for name in extra_outputs:
+            if name not in have:
+                m.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+        return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def verify_onnx(path: str | os.PathLike, qmodel: nn.Module, images: torch.Tensor, batch_size: int = 250
+                ) -> VerifyReport:
+    """images: uint8 NHWC; preprocessed with the model's own preprocessing."""
+    import onnx
+
+    from ..models import get_preprocessing
+    from ..quant.graph import quantizers
+    from ..quant.quantizer import ActQuantizer
+
+    path = Path(path)
+    if not path.is_file():
+        raise MixqError(f"ONNX model not found: {path}")
+    try:
+        graph = onnx.load(str(path), load_external_data=False).graph
+    except Exception as e:  # noqa: BLE001
+        raise MixqError(f"cannot read ONNX model {path}: {e}") from None
+    q_outputs = {n.output[0]: n.name.rsplit("/", 1)[0] for n in graph.node if n.op_type == "QuantizeLinear"}
+    acts = {n: q for n, q in quantizers(qmodel).items() if isinstance(q, ActQuantizer) and q.enabled}
+    missing = sorted(set(acts) - set(q_outputs.values()))
+    if missing:
+        raise MixqError(f"{path} does not match the quantized model: no Q/DQ for {', '.join(missing[:3])}")
+    exact = _session(path, optimized=False, extra_outputs=list(q_outputs))
+    opt = _session(path, optimized=True)
+    in_name = exact.get_inputs()[0].name
+    out_names = [o.name for o in exact.get_outputs()]
+    pre = get_preprocessing(qmodel)
+    codes_torch: dict[str, torch.Tensor] = {}
+    hooks = []
+    for name, q in acts.items():
+        def hook(m, args, _out, name=name):
+            codes_torch[name] = m.codes(args[0])
+        hooks.append(q.register_forward_hook(hook))
+    mism = {n: 0 for n in acts}
+    total = {n: 0 for n in acts}
+    agree = agree_opt = 0
+    maxd = maxd_opt = 0.0
+    sumd = 0.0
+    nel = 0
+    try:
+        for s in range(0, len(images), batch_size):
+            x = pre(images[s:s + batch_size])
+            with torch.no_grad():
+                ref = qmodel(x).float().numpy()
+            res = exact.run(out_names, {in_name: x.numpy()})
+            out = res[0]
+            by_name = dict(zip(out_names, res))
+            for qout, qname in q_outputs.items():
+                if qname not in acts:
+                    continue
+                ort_codes = by_name[qout].astype(np.int32)
+                tc = codes_torch[qname].numpy().astype(np.int32)
+                mism[qname] += int((ort_codes != tc).sum())
+                total[qname] += tc.size
+            o2 = opt.run(None, {in_name: x.numpy()})[0]
+            agree += int((out.argmax(1) == ref.argmax(1)).sum())
+            agree_opt += int((o2.argmax(1) == ref.argmax(1)).sum())
+            d = np.abs(out - ref)
+            maxd = max(maxd, float(d.max()))
+            sumd += float(d.sum())
+            nel += d.size
+            maxd_opt = max(maxd_opt, float(np.abs(o2 - ref).max()))
+    finally:
+        for h in hooks:
+            h.remove()
+    n = len(images)
+    per = {k: (mism[k] / total[k] if total[k] else 0.0) for k in acts}
+    rep = VerifyReport(
+        n=n, top1_agreement=100.0 * agree / n, max_abs_diff=maxd, mean_abs_diff=sumd / max(nel, 1),
+        code_mismatch_fraction=max(per.values()) if per else 0.0, per_quantizer=per,
+        optimized_top1_agreement=100.0 * agree_opt / n, optimized_max_abs_diff=maxd_opt,
+    )
+    if agree_opt != agree or maxd_opt > 10 * max(maxd, 1e-6):
+        rep.warnings.append(
+            f"onnxruntime's default optimisations depart from exact QDQ semantics (top-1 agreement "
+            f"{rep.optimized_top1_agreement:.2f} % vs {rep.top1_agreement:.2f} %, max diff {maxd_opt:.3g} vs {maxd:.3g}): "
+            "its QDQ fusions requantize differently; deploy-time numbers come from the engine")
+    return rep
