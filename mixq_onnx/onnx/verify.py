@@ -20,8 +20,10 @@ class VerifyReport:
     top1_agreement: float  # % images whose top-1 matches PyTorch (exact run)
     max_abs_diff: float
     mean_abs_diff: float
-    code_mismatch_fraction: float  # worst quantizer
+    code_mismatch_fraction: float  # worst quantizer, same float input on both sides (Q/DQ faithfulness)
+    propagated_code_mismatch: float  # worst quantizer end to end (float-rounding differences cascade)
     per_quantizer: dict[str, float] = field(default_factory=dict)
+    per_quantizer_propagated: dict[str, float] = field(default_factory=dict)
     optimized_top1_agreement: float | None = None
     optimized_max_abs_diff: float | None = None
     warnings: list[str] = field(default_factory=list)
@@ -65,11 +67,20 @@ def verify_onnx(path: str | os.PathLike, qmodel: nn.Module, images: torch.Tensor
     except Exception as e:  # noqa: BLE001
         raise MixqError(f"cannot read ONNX model {path}: {e}") from None
     q_outputs = {n.output[0]: n.name.rsplit("/", 1)[0] for n in graph.node if n.op_type == "QuantizeLinear"}
+    producer = {o: n for n in graph.node for o in n.output}
+    q_float_in = {}  # Q output -> the float tensor the quantizer sees (before its Clip, if any)
+    for n in graph.node:
+        if n.op_type == "QuantizeLinear":
+            src = n.input[0]
+            p = producer.get(src)
+            if p is not None and p.op_type == "Clip" and p.name.rsplit("/", 1)[0] == n.name.rsplit("/", 1)[0]:
+                src = p.input[0]
+            q_float_in[n.output[0]] = src
     acts = {n: q for n, q in quantizers(qmodel).items() if isinstance(q, ActQuantizer) and q.enabled}
     missing = sorted(set(acts) - set(q_outputs.values()))
     if missing:
         raise MixqError(f"{path} does not match the quantized model: no Q/DQ for {', '.join(missing[:3])}")
-    exact = _session(path, optimized=False, extra_outputs=list(q_outputs))
+    exact = _session(path, optimized=False, extra_outputs=list(q_outputs) + list(q_float_in.values()))
     opt = _session(path, optimized=True)
     in_name = exact.get_inputs()[0].name
     out_names = [o.name for o in exact.get_outputs()]
@@ -81,6 +92,7 @@ def verify_onnx(path: str | os.PathLike, qmodel: nn.Module, images: torch.Tensor
             codes_torch[name] = m.codes(args[0])
         hooks.append(q.register_forward_hook(hook))
     mism = {n: 0 for n in acts}
+    mism_iso = {n: 0 for n in acts}
     total = {n: 0 for n in acts}
     agree = agree_opt = 0
     maxd = maxd_opt = 0.0
@@ -100,6 +112,8 @@ def verify_onnx(path: str | os.PathLike, qmodel: nn.Module, images: torch.Tensor
                 ort_codes = by_name[qout].astype(np.int32)
                 tc = codes_torch[qname].numpy().astype(np.int32)
                 mism[qname] += int((ort_codes != tc).sum())
+                iso = acts[qname].codes(torch.from_numpy(by_name[q_float_in[qout]])).numpy().astype(np.int32)
+                mism_iso[qname] += int((ort_codes != iso).sum())
                 total[qname] += tc.size
             o2 = opt.run(None, {in_name: x.numpy()})[0]
             agree += int((out.argmax(1) == ref.argmax(1)).sum())
@@ -113,10 +127,13 @@ def verify_onnx(path: str | os.PathLike, qmodel: nn.Module, images: torch.Tensor
         for h in hooks:
             h.remove()
     n = len(images)
-    per = {k: (mism[k] / total[k] if total[k] else 0.0) for k in acts}
+    per = {k: (mism_iso[k] / total[k] if total[k] else 0.0) for k in acts}
+    prop = {k: (mism[k] / total[k] if total[k] else 0.0) for k in acts}
     rep = VerifyReport(
         n=n, top1_agreement=100.0 * agree / n, max_abs_diff=maxd, mean_abs_diff=sumd / max(nel, 1),
-        code_mismatch_fraction=max(per.values()) if per else 0.0, per_quantizer=per,
+        code_mismatch_fraction=max(per.values()) if per else 0.0,
+        propagated_code_mismatch=max(prop.values()) if prop else 0.0,
+        per_quantizer=per, per_quantizer_propagated=prop,
         optimized_top1_agreement=100.0 * agree_opt / n, optimized_max_abs_diff=maxd_opt,
     )
     if agree_opt != agree or maxd_opt > 10 * max(maxd, 1e-6):

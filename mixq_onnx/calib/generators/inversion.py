@@ -42,13 +42,13 @@ from .base import Generator, ShardOutput, register
 
 DEFAULTS: dict[str, Any] = {
     "iters": 200,  # optimisation steps per shard
-    "lr": 0.1,  # Adam learning rate of the generator's weights
+    "lr": 0.01,  # Adam learning rate of the generator's weights
     "latent_lr": 0.01,  # Adam learning rate of the latent vectors
     "lr_min_ratio": 0.05,  # cosine decay from lr to lr * lr_min_ratio
-    "ce_weight": 0.2,  # weight of the soft-label cross-entropy (class-targeted strategies only)
+    "ce_weight": 0.5,  # weight of the soft-label cross-entropy (class-targeted strategies only)
     "latent_dim": 128,
     "gen_channels": 64,  # generator width (its first block); the second block has half
-    "jitter": 2,  # random shift of the whole input, in pixels (0 = off)
+    "jitter": 0,  # random shift of the whole input (reflect-pad + crop), in pixels; 0 = off
     "flip": True,  # random horizontal flips during synthesis
     "swing": True,  # Genie swing convolution on every strided conv of the model
 }
