@@ -22,8 +22,13 @@ def r20_w4a4():
     return quantize(model, QuantConfig(wbits=4, abits=4, method="rtn"), calib, progress=False)
 
 
-def test_graph_structure(tmp_path, r20_w4a4):
-    p = export_qdq(r20_w4a4, tmp_path / "m.onnx")
+@pytest.fixture(scope="module")
+def exported(r20_w4a4, tmp_path_factory):
+    return export_qdq(r20_w4a4, tmp_path_factory.mktemp("onnx") / "m.onnx")
+
+
+def test_graph_structure(exported, r20_w4a4):
+    p = exported
     m = onnx.load(p)
     assert m.ir_version == 10 and {o.domain: o.version for o in m.opset_import}[""] == 21
     ops = Counter(n.op_type for n in m.graph.node)
@@ -43,8 +48,8 @@ def test_graph_structure(tmp_path, r20_w4a4):
     assert m.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # dynamic batch
 
 
-def test_dq_outputs_on_declared_grid(tmp_path, r20_w4a4):
-    p = export_qdq(r20_w4a4, tmp_path / "m.onnx")
+def test_dq_outputs_on_declared_grid(exported, r20_w4a4):
+    p = exported
     m = onnx.load(p)
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in m.graph.initializer}
     dqs = [n for n in m.graph.node if n.op_type == "DequantizeLinear" and not n.name.endswith(".weight/DequantizeLinear")]
@@ -61,8 +66,8 @@ def test_dq_outputs_on_declared_grid(tmp_path, r20_w4a4):
         assert codes.min() >= lo - 1e-4 and codes.max() <= hi + 1e-4, (q.name, lo, hi)
 
 
-def test_verify_matches_pytorch(tmp_path, r20_w4a4):
-    p = export_qdq(r20_w4a4, tmp_path / "m.onnx")
+def test_verify_matches_pytorch(exported, r20_w4a4):
+    p = exported
     images = torch.randint(0, 256, (32, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     rep = verify_onnx(p, r20_w4a4, images)
     assert rep.code_mismatch_fraction == 0.0  # same float input -> same integer code at every quantizer
