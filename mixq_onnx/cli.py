@@ -76,6 +76,7 @@ def cli() -> None:
       quantize  learn rounding and step sizes on a cache (rtn, adaround, brecq, qdrop, genie)
       eval      top-1/top-5 of a float or quantized model, and agreement with the float model
       export    TensorRT-ready QDQ ONNX of a quantized model (or the float model with --fp)
+      check     onnx.checker, shape inference and a TensorRT QDQ rules lint
       verify    onnxruntime against the PyTorch fake-quant model: agreement, integer-code mismatch
     """
 
@@ -401,6 +402,25 @@ def export(**o: Any) -> None:
         model = load_quantized(_load_user_model(o), o["quantized"]) if o["model"] else load_quantized_dir(o["quantized"])
         path = export_qdq(model, o["out"])
     click.echo(str(path))
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("onnx_path", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Last stdout line: one JSON object.")
+def check(onnx_path: str, as_json: bool) -> None:
+    """Lint a QDQ graph against TensorRT's rules; every violation names its node. Exit 1 on any error."""
+    from .onnx.check import check_model, report
+
+    vs = check_model(onnx_path)
+    rep = report(vs)
+    if as_json:
+        _emit_json(rep)
+    else:
+        for v in vs:
+            click.echo(str(v), err=True)
+        click.echo(f"{'ok' if rep['ok'] else 'FAILED'}: {rep['errors']} error(s) in {onnx_path}")
+    if not rep["ok"]:
+        sys.exit(1)
 
 
 @cli.command(context_settings=CONTEXT)

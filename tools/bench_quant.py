@@ -79,6 +79,9 @@ def calib_cmd(model: str, source: str) -> list[str]:
                    str(SHARED / ck), "--shard-size", "128"]
 
 
+ITERS: int | None = None
+
+
 def run_row(r: dict, caches: dict, env: dict) -> dict:
     spec, ck, fp = MODELS[r["model"]]
     out = WORK / row_id(r)
@@ -87,6 +90,8 @@ def run_row(r: dict, caches: dict, env: dict) -> dict:
            str(r["abits"]), "--out", str(out), "-q"]
     if not r["symmetric"]:
         cmd.append("--asymmetric")
+    if ITERS and r["method"] != "rtn":
+        cmd += ["--iters", str(ITERS)]
     t = time.perf_counter()
     run(cmd, env)
     wall = time.perf_counter() - t
@@ -110,8 +115,8 @@ def render(results: dict) -> str:
         "unit, batch 32), symmetric TensorRT-deployable mode unless marked asym; first/last layer 8-bit.",
         "Time: whole `quantize` command, one thread (`OMP_NUM_THREADS=1`), 2 jobs side by side.",
         "",
-        "| model | method | W/A | mode | calib | top-1 % | Δ FP | agree % | quantize s | it/s |",
-        "|---|---|---|---|---|---:|---:|---:|---:|---:|",
+        "| model | method | W/A | mode | calib | top-1 % | Δ FP | agree % | iters/unit | quantize s | it/s |",
+        "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     order = {m: i for i, m in enumerate(MODELS)}
     for r in sorted(results.values(), key=lambda r: (order[r["model"]], ["main", "methods", "asym", "sources"].index(
@@ -119,7 +124,7 @@ def render(results: dict) -> str:
         lines.append(
             f"| {r['model']} (FP {r['fp_top1']:.2f}) | {r['method']} | W{r['wbits']}A{r['abits']} | "
             f"{'sym' if r['symmetric'] else 'asym'} | {r['source']} | {r['top1']:.2f} | {r['top1'] - r['fp_top1']:+.2f} | "
-            f"{r['agreement']:.2f} | {r['quantize_s']:.0f} | {r['iters_per_s'] or '-'} |")
+            f"{r['agreement']:.2f} | {r['iters'] or '-'} | {r['quantize_s']:.0f} | {r['iters_per_s'] or '-'} |")
     return "\n".join(lines)
 
 
@@ -129,7 +134,10 @@ def main() -> None:
     ap.add_argument("--only", default="all", help="comma list of groups: main, methods, asym, sources")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--redo", action="store_true", help="re-run rows already in the results file")
+    ap.add_argument("--iters", type=int, default=None, help="iterations per unit (default: the fast preset's 400)")
     a = ap.parse_args()
+    global ITERS
+    ITERS = a.iters
     if not (SHARED / "models").is_dir():
         sys.exit(f"../shared not found at {SHARED}")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -148,8 +156,10 @@ def main() -> None:
             except Exception as e:  # noqa: BLE001
                 print(f"FAILED {row_id(futs[f])}: {e}", flush=True)
                 continue
+            if RESULTS.exists():  # another bench process may have added rows meanwhile
+                results = {**json.loads(RESULTS.read_text()), **results}
             results[res["id"]] = res
-            tmp = RESULTS.with_suffix(".tmp")
+            tmp = RESULTS.with_suffix(f".{os.getpid()}.tmp")
             tmp.write_text(json.dumps(results, indent=1, sort_keys=True))
             os.replace(tmp, RESULTS)
             update_section("quant", render(results))

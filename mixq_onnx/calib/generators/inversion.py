@@ -375,7 +375,6 @@ class InversionGenerator(Generator):
             hooks.remove()
             model.train(was_training)
 
-        self._debug = (synth, z, mean, std)  # DEBUG
         prob = F.softmax(logits.float(), dim=1)
         pmax, pred = prob.max(1)
         extra = [{"fp_pred": int(c), "fp_prob": round(float(p), 6)} for c, p in zip(pred, pmax)]

@@ -1,0 +1,161 @@
+"""`check`: one planted violation per TensorRT QDQ rule, each reported naming its node."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from mixq_onnx.onnx.check import lint
+
+
+def _t(name, arr):
+    return numpy_helper.from_array(np.asarray(arr), name)
+
+
+def clean_model(**kw):
+    """x -Q/DQ-> Conv(W: int8 DQ per-channel axis 0) -> Add(identity: Q/DQ of x) -> Relu -> y."""
+    inits = [
+        _t("s", np.float32(0.05)), _t("z", np.int8(0)),
+        _t("w_int", np.ones((4, 4, 3, 3), np.int8)), _t("w_s", np.full(4, 0.01, np.float32)),
+        _t("b", np.zeros(4, np.float32)),
+        _t("s2", np.float32(0.05)), _t("z2", np.int8(0)),
+    ]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"], name="in/Q"),
+        helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"], name="in/DQ"),
+        helper.make_node("DequantizeLinear", ["w_int", "w_s"], ["w"], name="w/DQ", axis=kw.get("axis", 0)),
+        helper.make_node("Conv", ["xd", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("QuantizeLinear", ["x", "s2", "z2"], ["iq"], name="id/Q"),
+        helper.make_node("DequantizeLinear", ["iq", "s2", "z2"], ["idd"], name="id/DQ"),
+        helper.make_node("Add", ["c", "idd"], ["a"], name="add"),
+        helper.make_node("Relu", ["a"], ["y"], name="relu"),
+    ]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", kw.get("opset", 21))])
+    m.ir_version = 10
+    return m
+
+
+def _node(m, name):
+    return next(n for n in m.graph.node if n.name == name)
+
+
+def _init(m, name):
+    return next(i for i in m.graph.initializer if i.name == name)
+
+
+def _rules(m):
+    return {(v.rule, v.node) for v in lint(m)}
+
+
+def test_clean_graph_passes():
+    assert lint(clean_model()) == []
+
+
+def test_nonzero_zero_point():
+    m = clean_model()
+    _init(m, "z").CopyFrom(_t("z", np.int8(3)))
+    assert ("zero-point", "in/Q") in _rules(m)
+
+
+def test_non_positive_scale():
+    m = clean_model()
+    _init(m, "s").CopyFrom(_t("s", np.float32(-0.1)))
+    assert ("scale", "in/Q") in _rules(m)
+
+
+def test_per_channel_scale_on_non_constant_input():
+    m = clean_model()
+    m.graph.initializer.append(_t("pc", np.full(4, 0.05, np.float32)))
+    _node(m, "in/DQ").input[1] = "pc"
+    _node(m, "in/DQ").attribute.append(helper.make_attribute("axis", 1))
+    assert ("per-channel-input", "in/DQ") in _rules(m)
+
+
+def test_wrong_per_channel_axis():
+    m = clean_model(axis=1)
+    assert ("per-channel-axis", "w/DQ") in _rules(m)
+
+
+def test_conv_input_without_qdq():
+    m = clean_model()
+    _node(m, "conv").input[0] = "x"
+    assert ("unquantized-input", "conv") in _rules(m)
+
+
+def test_qdq_between_conv_and_add():
+    m = clean_model()
+    m.graph.node.extend([
+        helper.make_node("QuantizeLinear", ["c", "s", "z"], ["cq"], name="c/Q"),
+        helper.make_node("DequantizeLinear", ["cq", "s", "z"], ["cd"], name="c/DQ"),
+    ])
+    _node(m, "add").input[0] = "cd"
+    m2 = helper.make_model(m.graph, opset_imports=m.opset_import)
+    m2.graph.ClearField("node")
+    order = ["in/Q", "in/DQ", "w/DQ", "conv", "c/Q", "c/DQ", "id/Q", "id/DQ", "add", "relu"]
+    m2.graph.node.extend([_node(m, n) for n in order])
+    m2.ir_version = 10
+    assert ("qdq-conv-add", "add") in _rules(m2)
+
+
+def test_residual_identity_without_qdq():
+    m = clean_model()
+    _node(m, "add").input[1] = "x"
+    assert ("residual-identity", "add") in _rules(m)
+
+
+def test_unequal_concat_scales():
+    m = clean_model()
+    m.graph.initializer.append(_t("s3", np.float32(0.2)))
+    m.graph.node.extend([
+        helper.make_node("DequantizeLinear", ["iq", "s3", "z2"], ["idd3"], name="id3/DQ"),
+        helper.make_node("Concat", ["idd", "idd3"], ["cat"], name="cat", axis=1),
+    ])
+    m.graph.output.append(helper.make_tensor_value_info("cat", TensorProto.FLOAT, ["N", 8, 8, 8]))
+    assert ("concat-scales", "cat") in _rules(m)
+
+
+def test_int4_weights_into_conv():
+    m = clean_model()
+    w = numpy_helper.from_array(np.ones((4, 4, 3, 3), np.int8), "w_int")
+    w4 = helper.make_tensor("w_int", TensorProto.INT4, [4, 4, 3, 3], np.ones(144, np.int8).tolist())
+    _init(m, "w_int").CopyFrom(w4)
+    del w
+    assert ("int4-conv", "conv") in _rules(m)
+
+
+def test_integer_domain_clip():
+    m = clean_model()
+    m.graph.initializer.extend([_t("lo", np.int8(0)), _t("hi", np.int8(15))])
+    m.graph.node.insert(1, helper.make_node("Clip", ["xq", "lo", "hi"], ["xqc"], name="intclip"))
+    _node(m, "in/DQ").input[0] = "xqc"
+    assert ("int-clip", "intclip") in _rules(m)
+
+
+def test_int32_bias_dq():
+    m = clean_model()
+    m.graph.initializer.extend([_t("b_int", np.zeros(4, np.int32)), _t("b_s", np.full(4, 5e-4, np.float32))])
+    m.graph.node.insert(3, helper.make_node("DequantizeLinear", ["b_int", "b_s"], ["bd"], name="b/DQ", axis=0))
+    _node(m, "conv").input[2] = "bd"
+    assert ("int32-bias", "b/DQ") in _rules(m)
+
+
+def test_opset_above_24():
+    m = clean_model(opset=25)
+    assert any(v.rule == "opset" for v in lint(m))
+
+
+def test_cli_exit_codes(tmp_path, run_cli):
+    good, bad = tmp_path / "good.onnx", tmp_path / "bad.onnx"
+    onnx.save(clean_model(), good)
+    m = clean_model()
+    _node(m, "add").input[1] = "x"
+    onnx.save(m, bad)
+    assert run_cli("check", good).code == 0
+    r = run_cli("check", bad, "--json")
+    import json
+
+    rep = json.loads(r.last_line)
+    assert r.code == 1 and not rep["ok"] and rep["violations"][0]["node"] == "add"
