@@ -61,12 +61,17 @@ def torch_export(model: nn.Module, with_markers: bool):
 
 
 def _module_path(node) -> str | None:
+    """The innermost nn.Module path in the exporter's `namespace` ("path: type/path: type/fn: aten.op")."""
     ns = node.metadata_props.get("namespace")
     if not ns:
         return None
-    parts = [seg.split(":")[0].strip() for seg in ns.split("/")[1:]]
-    parts = [p for p in parts if p]
-    return parts[-1] if parts else None
+    best = None
+    for seg in ns.split("/")[1:]:
+        name, _, typ = seg.partition(":")
+        typ = typ.strip()
+        if name.strip() and typ and not typ.startswith(("aten.", "<", "prims.")):
+            best = name.strip()
+    return best
 
 
 def _const(graph, name: str, array: np.ndarray):
@@ -153,6 +158,36 @@ def insert_qdq(model, qs: dict[str, Any]) -> dict[str, int]:
     return counts
 
 
+def fold_weight_transposes(model) -> int:
+    """DQ(int8 W) -> Transpose(perm 1,0) -> MatMul  ==>  DQ(int8 Wᵀ, axis 1) -> MatMul (TensorRT wants
+    the DequantizeLinear directly on the GEMM input, and a constant transpose costs nothing offline)."""
+    import onnx_ir as ir
+
+    n = 0
+    for node in list(model.graph):
+        if node.op_type != "Transpose":
+            continue
+        src = node.inputs[0]
+        dq = src.producer() if src is not None else None
+        perm = node.attributes.get("perm")
+        if dq is None or dq.op_type != "DequantizeLinear" or perm is None or list(perm.as_ints()) != [1, 0]:
+            continue
+        if len(list(src.uses())) != 1 or dq.inputs[0].const_value is None:
+            continue
+        ints = np.ascontiguousarray(dq.inputs[0].const_value.numpy().T)
+        name = dq.inputs[0].name
+        new_int = _const(model.graph, f"{name}.T", ints)
+        dq.replace_input_with(0, new_int)
+        axis = dq.attributes.get("axis")
+        dq.attributes["axis"] = ir.AttrInt64("axis", 1 - (axis.as_int() if axis is not None else 1))
+        out = dq.outputs[0]
+        out.shape = node.outputs[0].shape
+        _replace_uses(node.outputs[0], out)
+        model.graph.remove(node, safe=True)
+        n += 1
+    return n
+
+
 def fold_pads(model) -> int:
     """Pad(constant 0, spatial only) -> Conv  ==>  Conv with the pads folded in."""
     import onnx_ir as ir
@@ -202,7 +237,14 @@ def name_nodes(model) -> None:
         if node.name and "/" in node.name and node.op_type in ("QuantizeLinear", "DequantizeLinear", "Clip") and \
                 "mixq.quantizer" in node.metadata_props:
             continue
-        path = _module_path(node) or "graph"
+        path = None
+        if node.op_type in ("Conv", "Gemm", "MatMul"):  # a quantized layer: named after its weight quantizer
+            for v in node.inputs:
+                p = v.producer() if v is not None else None
+                q = p.metadata_props.get("mixq.quantizer", "") if p is not None else ""
+                if q.endswith(".weight"):
+                    path = q[: -len(".weight")]
+        path = path or _module_path(node) or "graph"
         base = f"{path}/{node.op_type}"
         k = seen.get(base, 0)
         seen[base] = k + 1
@@ -251,6 +293,7 @@ def export_qdq(qmodel: nn.Module, out: str | os.PathLike) -> Path:
     cfg = getattr(qmodel, "mixq_config", None)
     model = torch_export(qmodel, with_markers=True)
     counts = insert_qdq(model, qs)
+    fold_weight_transposes(model)
     fold_pads(model)
     name_nodes(model)
     finalize_model(model, {

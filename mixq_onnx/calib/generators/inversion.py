@@ -21,8 +21,10 @@ own `Preprocessing`, so every image lies in the valid 0..255 range by constructi
 
 All randomness (latents, generator weights, jitter, flips, swing offsets) comes from one local
 `torch.Generator` seeded from (seed, shard_index, first index, shard length): the same shard
-computed twice gives byte-identical images (on the same machine and thread count; floating-point
-reduction order in multi-threaded CPU kernels can differ between thread counts).
+computed twice gives byte-identical images on the same machine and torch thread count. A
+different `torch.get_num_threads()` changes the floating-point reduction order of the CPU kernels
+and, over hundreds of steps, some pixels (recorded per shard as `torch_threads`). On CUDA the
+shard runs with cuDNN deterministic / no benchmark (restored afterwards).
 """
 from __future__ import annotations
 
@@ -47,7 +49,7 @@ DEFAULTS: dict[str, Any] = {
     "lr_min_ratio": 0.05,  # cosine decay from lr to lr * lr_min_ratio
     "ce_weight": 0.5,  # weight of the soft-label cross-entropy (class-targeted strategies only)
     "latent_dim": 128,
-    "gen_channels": 64,  # generator width (its first block); the second block has half
+    "gen_channels": 32,  # generator width (its first block); the second block has half
     "jitter": 0,  # random shift of the whole input (reflect-pad + crop), in pixels; 0 = off
     "flip": True,  # random horizontal flips during synthesis
     "swing": True,  # Genie swing convolution on every strided conv of the model
@@ -317,6 +319,10 @@ class InversionGenerator(Generator):
         use_ce = self._uses_ce(o)
         was_training = model.training
         model.eval()
+        cudnn_flags = None
+        if dev.type == "cuda":  # cuDNN autotuning and nondeterministic kernels break reproducibility
+            cudnn_flags = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+            torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
         hooks = _Hooks(model, o["swing"], g)
         q = has = None
         ce_first = ce_last = None
@@ -374,6 +380,8 @@ class InversionGenerator(Generator):
         finally:
             hooks.remove()
             model.train(was_training)
+            if cudnn_flags is not None:
+                torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn_flags
 
         prob = F.softmax(logits.float(), dim=1)
         pmax, pred = prob.max(1)
@@ -386,6 +394,7 @@ class InversionGenerator(Generator):
             "iters": o["iters"],
             "bn_layers": len(hooks.layers),
             "swing_convs": hooks.n_swing,
+            "torch_threads": torch.get_num_threads(),  # CPU results are reproducible per thread count
             "seconds": round(time.perf_counter() - t0, 3),
         }
         if use_ce and q is not None and has is not None and bool(has.any()):
