@@ -24,6 +24,16 @@ need_real = pytest.mark.skipif(
 FAST = {"iters": 12, "gen_channels": 16, "latent_dim": 32}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny batches: one intra-op thread is faster than two, and far faster when other processes
+    share the cores (OpenMP threads spin against each other). Restored afterwards."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(scope="module")
 def resnet20() -> nn.Module:
     if RESNET20.exists():
