@@ -28,6 +28,29 @@ from mixq_onnx.models import load_model  # noqa: E402
 from mixq_onnx.utils import shared_root  # noqa: E402
 
 
+def write_docs(args, wall, cpu, start, end, n_cls, in_plan, hist, vocab) -> None:
+    import sys as _sys
+    from pathlib import Path as _P
+
+    _sys.path.insert(0, str(_P(__file__).resolve().parent))
+    from benchmd import stamp, update_section
+
+    cmd = "python tools/measure_inversion.py " + " ".join(_sys.argv[1:])
+    body = "\n".join([
+        "## Data-free calibration: BN-statistics inversion on ResNet-20 (issue 2)",
+        "",
+        f"`{cmd}` · {stamp()}",
+        "",
+        "| images | shard | threads | wall s | CPU s | BN loss start | BN loss end | classes predicted | pred in target pair |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| {args.num} | {args.shard} | {torch.get_num_threads()} | {wall:.1f} | {cpu:.1f} | {start:.2f} | {end:.2f} | "
+        f"{n_cls} / {len(vocab)} | {in_plan} / {args.num} |",
+        "",
+        "Prediction histogram: " + ", ".join(f"{vocab.names[c]} {hist.get(c, 0)}" for c in range(len(vocab))),
+    ])
+    update_section("calib", body)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="cifar_resnet20")
@@ -43,6 +66,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
     ap.add_argument("--save", default=None, help="write the images and plans to this .npz")
     ap.add_argument("--json", action="store_true", help="also print the per-shard stats as JSON")
+    ap.add_argument("--write-docs", action="store_true", help="write the result into docs/benchmarks.md")
     args = ap.parse_args()
 
     if args.threads:
@@ -90,6 +114,8 @@ def main() -> int:
         print(f"  {c} {vocab.names[c]:<11} {hist.get(c, 0):4d} {'#' * hist.get(c, 0)}")
     if args.json:
         print(json.dumps(stats, indent=1))
+    if args.write_docs:
+        write_docs(args, wall, cpu, mean_start, mean_end, len(hist), in_plan, hist, vocab)
     if args.save:
         import numpy as np
 
