@@ -337,21 +337,15 @@ def eval_cmd(**o: Any) -> None:
     """Top-1/top-5 accuracy; with --quantized also the float model's and the top-1 agreement."""
     from .data import load_labelled
     from .models import get_preprocessing
-    from .quant import evaluate, load_quantized, load_quantized_dir
+    from .quant import evaluate, load_quantized
 
     if o["quantized"]:
         if o["model"]:
             fp = _load_user_model(o)
             model = load_quantized(fp, o["quantized"])
         else:
-            model = load_quantized_dir(o["quantized"])
-            from .quant.io import read_quant_json
-            from .models import load_model, Preprocessing
-
-            src = read_quant_json(o["quantized"])["model"]
-            pre = Preprocessing.from_dict(src["preprocessing"])
-            fp = load_model(src["spec"], src.get("checkpoint"), random_init=bool(src.get("random_init")),
-                            mean=pre.mean, std=pre.std, input_size=pre.input_size)
+            fp = _fp_model_from_dir(o["quantized"])
+            model = load_quantized(fp, o["quantized"])
     else:
         fp, model = None, _load_user_model(o)
     images, labels = load_labelled(o["data"], get_preprocessing(model).input_size[1], o["limit"])

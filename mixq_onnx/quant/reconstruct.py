@@ -11,7 +11,6 @@ already-quantized prefix produces:
 """
 from __future__ import annotations
 
-import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -324,6 +323,3 @@ def summarize(report: dict[str, Any]) -> str:
                          f"{gr:10.3g} {ga:9.3g} {u['iters_per_s']:7.1f}")
     return "\n".join(lines)
 
-
-def _isnan(x: float) -> bool:
-    return isinstance(x, float) and math.isnan(x)
