@@ -20,20 +20,27 @@ def tf_same_pads(h: int, w: int, k: tuple[int, int], s: tuple[int, int], d: tupl
     return pl, pr, pt, pb
 
 
-class QuantConv2d(nn.Module):
-    def __init__(self, conv: nn.Conv2d, name: str, wbits: int, abits: int | None, symmetric: bool = True):
+class _QuantLayer(nn.Module):
+    """Shared state: the (folded) float weight and bias, and the two quantizers."""
+
+    def __init__(self, layer: nn.Module, name: str, wbits: int, abits: int | None, symmetric: bool):
         super().__init__()
         self.name = name
+        self.weight = nn.Parameter(layer.weight.detach().clone(), requires_grad=False)
+        self.bias = nn.Parameter(layer.bias.detach().clone(), requires_grad=False) if layer.bias is not None else None
+        self.weight_quantizer = WeightQuantizer(f"{name}.weight", wbits, symmetric, axis=0)
+        self.input_quantizer = ActQuantizer(f"{name}.input", abits, symmetric) if abits else None
+
+
+class QuantConv2d(_QuantLayer):
+    def __init__(self, conv: nn.Conv2d, name: str, wbits: int, abits: int | None, symmetric: bool = True):
+        super().__init__(conv, name, wbits, abits, symmetric)
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
         self.kernel_size, self.stride = conv.kernel_size, conv.stride
         self.padding, self.dilation, self.groups = conv.padding, conv.dilation, conv.groups
         self.padding_mode = conv.padding_mode
         # timm Conv2dSame / the zoo's SamePadConv pad dynamically in TensorFlow style
         self.same_pad = type(conv).__name__ in ("SamePadConv", "Conv2dSame", "StdConv2dSame")
-        self.weight = nn.Parameter(conv.weight.detach().clone(), requires_grad=False)
-        self.bias = nn.Parameter(conv.bias.detach().clone(), requires_grad=False) if conv.bias is not None else None
-        self.weight_quantizer = WeightQuantizer(f"{name}.weight", wbits, symmetric, axis=0)
-        self.input_quantizer = ActQuantizer(f"{name}.input", abits, symmetric) if abits else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_quantizer is not None:
@@ -51,15 +58,10 @@ class QuantConv2d(nn.Module):
                 f"groups={self.groups}, same_pad={self.same_pad}")
 
 
-class QuantLinear(nn.Module):
+class QuantLinear(_QuantLayer):
     def __init__(self, lin: nn.Linear, name: str, wbits: int, abits: int | None, symmetric: bool = True):
-        super().__init__()
-        self.name = name
+        super().__init__(lin, name, wbits, abits, symmetric)
         self.in_features, self.out_features = lin.in_features, lin.out_features
-        self.weight = nn.Parameter(lin.weight.detach().clone(), requires_grad=False)
-        self.bias = nn.Parameter(lin.bias.detach().clone(), requires_grad=False) if lin.bias is not None else None
-        self.weight_quantizer = WeightQuantizer(f"{name}.weight", wbits, symmetric, axis=0)
-        self.input_quantizer = ActQuantizer(f"{name}.input", abits, symmetric) if abits else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_quantizer is not None:
