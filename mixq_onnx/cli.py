@@ -289,6 +289,9 @@ def load_calibration(ref: str, model, cache_root: str | None = None, limit: int 
               help="symmetric: TensorRT-deployable (zero point 0); asymmetric: the papers' setting, not deployable.")
 @click.option("--first-last-bits", type=int, default=8, show_default=True,
               help="Bits of the first and last layer (0: same as the rest).")
+@click.option("--block-size", type=click.Choice(["32", "64", "128"]), default=None,
+              help="INT4 weight-only GEMMs (with --wbits 4 --abits 16): Linear weights get one scale per block "
+                   "of this many input features; convolutions stay float.")
 @click.option("--preset", type=click.Choice(["fast", "paper"]), default="fast", show_default=True,
               help="paper: 20k iterations/unit, the papers' learning rates; fast: far fewer iterations (CPU).")
 @click.option("--iters", type=int, default=None, help="Iterations per unit (overrides the preset).")
@@ -309,7 +312,10 @@ def quantize(**o: Any) -> None:
         wbits=o["wbits"], abits=o["abits"], method=o["method"], symmetric=o["symmetric"],
         first_last_bits=o["first_last_bits"] or None, preset=o["preset"], iters=o["iters"],
         num_samples=o["num_samples"], batch_size=o["batch_size"], seed=o["seed"],
+        block_size=int(o["block_size"]) if o["block_size"] else None,
     ).validate()
+    if cfg.block_size:
+        cfg.first_last_bits = None
     out = Path(o["out"])
     if out.exists() and not (out.is_dir() and ((out / "quant.json").is_file() or not any(out.iterdir()))):
         raise MixqError(f"--out {out} exists and is not a quantized-model directory; choose another path")
@@ -375,6 +381,12 @@ def _fp_model_from_dir(qdir: str):
 @model_options()
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output .onnx file.")
 @click.option("--fp", is_flag=True, help="Write the plain float model (baselines) instead of the QDQ graph.")
+@click.option("--int4-weight-only", is_flag=True,
+              help="W4A16: MatMul/Gemm weights as INT4 with block scales, no activation Q/DQ (TensorRT's INT4 "
+                   "weight-only GEMMs). From --model (round to nearest here) or a --quantized DIR made with "
+                   "--wbits 4 --abits 16 --block-size N.")
+@click.option("--block-size", type=click.Choice(["32", "64", "128"]), default="128", show_default=True,
+              help="INT4 block size along the input features (with --int4-weight-only --model).")
 def export(**o: Any) -> None:
     """Write a QDQ ONNX graph (opset 21, IR 10, dynamic batch) that TensorRT builds into INT8 kernels.
 
@@ -385,15 +397,25 @@ def export(**o: Any) -> None:
     from .onnx import export_fp, export_qdq
     from .quant import load_quantized, load_quantized_dir
 
-    if not o["quantized"] and not (o["fp"] and o["model"]):
-        raise MixqError("export needs --quantized DIR (or --fp with --model)")
+    if not o["quantized"] and not ((o["fp"] or o["int4_weight_only"]) and o["model"]):
+        raise MixqError("export needs --quantized DIR (or --model with --fp or --int4-weight-only)")
     if o["quantized"] and not Path(o["quantized"]).is_dir():
         raise MixqError(f"--quantized {o['quantized']} is not a directory")
+    if o["fp"] and o["int4_weight_only"]:
+        raise MixqError("--fp and --int4-weight-only exclude each other")
     if o["fp"]:
         model = _load_user_model(o) if o["model"] else _fp_model_from_dir(o["quantized"])
         path = export_fp(model, o["out"])
+    elif o["int4_weight_only"] and not o["quantized"]:
+        from .onnx.export import export_int4_weight_only
+
+        path = export_int4_weight_only(_load_user_model(o), o["out"], block_size=int(o["block_size"]),
+                                       log=lambda m: click.echo(f"warning: {m}", err=True))
     else:
         model = load_quantized(_load_user_model(o), o["quantized"]) if o["model"] else load_quantized_dir(o["quantized"])
+        if o["int4_weight_only"] and not model.mixq_config.block_size:
+            raise MixqError(f"{o['quantized']} is not block-quantized weight-only (quantize --wbits 4 --abits 16 "
+                            "--block-size N), so it cannot be exported --int4-weight-only; or pass --model instead")
         path = export_qdq(model, o["out"])
     click.echo(str(path))
 
@@ -410,8 +432,15 @@ def check(onnx_path: str, as_json: bool) -> None:
     if as_json:
         _emit_json(rep)
     else:
-        for v in vs:
-            click.echo(str(v), err=True)
+        shown: dict[str, int] = {}
+        for v in vs:  # every error; the first few warnings of each rule
+            k = shown[v.rule] = shown.get(v.rule, 0) + 1
+            if v.severity == "error" or k <= 3:
+                click.echo(str(v), err=True)
+        for rule, k in shown.items():
+            hidden = sum(v.rule == rule and v.severity != "error" for v in vs) - 3
+            if hidden > 0:
+                click.echo(f"warning: [{rule}] … and {hidden} more", err=True)
         click.echo(f"{'ok' if rep['ok'] else 'FAILED'}: {rep['errors']} error(s) in {onnx_path}")
     if not rep["ok"]:
         sys.exit(1)
@@ -448,6 +477,11 @@ def verify(**o: Any) -> None:
                    f"{100 * rep.propagated_code_mismatch:.4f} % end to end (float rounding cascades)")
         click.echo(f"default optimisations: top-1 agreement {rep.optimized_top1_agreement:.2f} %, max |diff| "
                    f"{rep.optimized_max_abs_diff:.4g}")
+
+
+from .cli_trt import register as _register_trt  # noqa: E402
+
+_register_trt(cli)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -159,3 +159,29 @@ def test_cli_exit_codes(tmp_path, run_cli):
 
     rep = json.loads(r.last_line)
     assert r.code == 1 and not rep["ok"] and rep["violations"][0]["node"] == "add"
+
+
+def int4_matmul_model(axis: int = 0):
+    """W4A16: x (float) -> MatMul(W: INT4 [K=64, N=8], block scales [2, 8] along K) -> y."""
+    w4 = helper.make_tensor("w_int", TensorProto.INT4, [64, 8], (np.arange(512) % 15 - 7).tolist())
+    scale_shape = (2, 8) if axis == 0 else (64, 1)
+    inits = [w4, _t("w_s", np.full(scale_shape, 0.01, np.float32))]
+    nodes = [
+        helper.make_node("DequantizeLinear", ["w_int", "w_s"], ["w"], name="w/DQ", axis=axis, block_size=32 if axis == 0 else 8),
+        helper.make_node("MatMul", ["x", "w"], ["y"], name="mm"),
+    ]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+    m.ir_version = 10
+    return m
+
+
+def test_weight_only_int4_matmul_passes_with_float_input_as_warning():
+    vs = lint(int4_matmul_model())
+    assert not [v for v in vs if v.severity == "error"], vs
+    assert [(v.rule, v.node, v.severity) for v in vs] == [("unquantized-input", "mm", "warning")]
+
+
+def test_block_scales_on_the_wrong_axis():
+    assert ("block-axis", "w/DQ") in _rules(int4_matmul_model(axis=1))

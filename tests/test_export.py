@@ -77,3 +77,78 @@ def test_verify_matches_pytorch(exported, r20_w4a4):
 def test_cli_export_errors(tmp_path, run_cli):
     r = run_cli("export", "--quantized", tmp_path / "missing", "--out", tmp_path / "m.onnx")
     assert r.code == 2 and "is not a directory" in r.err and not (tmp_path / "m.onnx").exists()
+
+
+# --------------------------------------------------------------------------- INT4 weight-only (W4A16)
+@pytest.fixture(scope="module")
+def deit_int4(tmp_path_factory):
+    """deit_tiny W4A16, block 64, exported through the CLI; and the same quantization done in Python."""
+    from mixq_onnx.cli import main
+    from mixq_onnx.quant.graph import example_input
+
+    torch.set_num_threads(1)
+    d = tmp_path_factory.mktemp("int4")
+    path = d / "deit_int4.onnx"
+    with pytest.raises(SystemExit) as e:
+        main(["export", "--int4-weight-only", "--block-size", "64", "--model", "deit_tiny_patch16_224",
+              "--random-weights", "--out", str(path)])
+    assert e.value.code == 0
+    model = load_model("deit_tiny_patch16_224", random_init=True)
+    q = quantize(model, QuantConfig.int4_weight_only(64), example_input(model), progress=False)
+    return path, q
+
+
+def test_int4_weight_only_graph(deit_int4):
+    from mixq_onnx.onnx.check import check_model, report
+
+    path, q = deit_int4
+    m = onnx.load(path)
+    ops = Counter(n.op_type for n in m.graph.node)
+    assert ops["QuantizeLinear"] == 0  # W4A16: no activation Q/DQ
+    inits = {i.name: i for i in m.graph.initializer}
+    producer = {o: n for n in m.graph.node for o in n.output}
+    gemms = [n for n in m.graph.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in producer
+             and producer[n.input[1]].op_type == "DequantizeLinear"]
+    n_lin = sum(isinstance(mod, torch.nn.Linear) for mod in load_model("deit_tiny_patch16_224", random_init=True).modules())
+    assert len(gemms) == n_lin == len(quantizers(q))  # every Linear (K = 192 or 768, both divisible by 64)
+    for n in gemms:
+        dq = producer[n.input[1]]
+        w = inits[dq.input[0]]
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in dq.attribute}
+        assert w.data_type == onnx.TensorProto.INT4 and attrs["block_size"] == 64
+        k_axis = (1 if any(a.name == "transB" and a.i for a in n.attribute) else 0) if n.op_type == "Gemm" else 0
+        assert attrs["axis"] == k_axis
+        scale = onnx.numpy_helper.to_array(inits[dq.input[1]])
+        assert scale.shape[k_axis] * 64 == w.dims[k_axis] and scale.shape[1 - k_axis] == w.dims[1 - k_axis]
+        codes = onnx.numpy_helper.to_array(w).astype(np.int8)
+        assert codes.min() >= -7 and codes.max() <= 7  # narrow symmetric INT4
+    assert not any(producer.get(n.input[1]) is not None and producer[n.input[1]].op_type == "DequantizeLinear"
+                   for n in m.graph.node if n.op_type == "Conv")  # convolutions stay float
+    rep = report(check_model(path))
+    assert rep["ok"], rep
+
+
+def test_int4_weight_only_verify_and_roundtrip(deit_int4, tmp_path):
+    from mixq_onnx.quant import load_quantized_dir, save_quantized
+
+    path, q = deit_int4
+    images = torch.randint(0, 256, (2, 224, 224, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    rep = verify_onnx(path, q, images)  # CLI graph against the Python quantization: same integers and scales
+    assert rep.top1_agreement == 100.0 and rep.max_abs_diff < 1e-4, rep
+    save_quantized(q, tmp_path / "q")
+    q2 = load_quantized_dir(tmp_path / "q")
+    x = get_preprocessing(q)(images)
+    with torch.no_grad():
+        assert torch.equal(q(x), q2(x))
+    for name, w in quantizers(q).items():
+        w2 = quantizers(q2)[name]
+        assert w2.block_size == 64 and torch.equal(w.int_weight, w2.int_weight) and torch.equal(w.scale, w2.scale)
+
+
+def test_int4_weight_only_errors(tmp_path, run_cli):
+    out = tmp_path / "m.onnx"
+    r = run_cli("export", "--int4-weight-only", "--model", "cifar_resnet20", "--random-weights", "--block-size", "128",
+                "--out", out)
+    assert r.code == 2 and "divides the input features of no Linear layer" in r.err and not out.exists()
+    r = run_cli("export", "--int4-weight-only", "--fp", "--model", "cifar_resnet20", "--random-weights", "--out", out)
+    assert r.code == 2 and "exclude each other" in r.err and not out.exists()

@@ -89,3 +89,25 @@ def test_hard_rounding_equals_learned_decisions(seed, bits):
     lo, hi = q.qrange
     assert torch.equal(q.int_weight.float(), torch.clamp(floor + decisions, lo, hi))
     assert q.mode == "int" and q.int_weight.dtype == torch.int8
+
+
+@SETTINGS
+@given(seed=st.integers(0, 10_000), bits=st.integers(2, 4), cout=st.integers(1, 8), nblocks=st.integers(1, 4),
+       block=st.sampled_from([32, 64, 128]), mag=st.floats(1e-3, 10.0))
+def test_block_scaled_weights_lie_on_their_block_grid(seed, bits, cout, nblocks, block, mag):
+    """INT4 weight-only: each (row, block) has its own scale and every value is an integer of it."""
+    w = torch.randn(cout, nblocks * block, generator=torch.Generator().manual_seed(seed)) * mag
+    w[:, :block] *= 100.0  # one block far larger: per-block scales must not share it
+    q = WeightQuantizer("w", bits, symmetric=True, block_size=block)
+    search_weight_scale(w, q)
+    assert tuple(q.scale.shape) == (cout, nblocks)
+    q.finalize(w)
+    wq = q(w)
+    s = q.scale.repeat_interleave(block, dim=1)
+    codes = wq / s
+    assert torch.allclose(codes, codes.round(), atol=1e-3)
+    assert torch.equal(codes.round().to(torch.int8), q.int_weight)
+    lo, hi = q.qrange
+    assert q.int_weight.min() >= lo and q.int_weight.max() <= hi
+    if nblocks > 1:  # the small blocks use their range, not the large block's
+        assert (q.int_weight[:, block:].abs().amax(1) >= hi // 2).all()

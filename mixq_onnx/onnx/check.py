@@ -75,6 +75,14 @@ def lint(model) -> list[Violation]:
         for i in n.input:
             users.setdefault(i, []).append(n)
     int4 = _int4_types()
+    # tensors computed from constants alone (a relative-position-bias table gathered and reshaped, a
+    # shifted-window mask): TensorRT folds them at build time, so they are weights or biases, not
+    # activations (graph nodes are topologically sorted)
+    const = set(inits) | set(consts)
+    for n in g.node:
+        ins = [i for i in n.input if i]
+        if ins and n.domain in ("", "ai.onnx") and all(i in const for i in ins):
+            const.update(o for o in n.output if o)
 
     def arr(name: str) -> np.ndarray | None:
         if name in inits:
@@ -128,19 +136,35 @@ def lint(model) -> list[Violation]:
         p = producer.get(name)
         return p if p is not None and p.op_type == "DequantizeLinear" else None
 
+    # A weight-only graph (W4A16: no activation QuantizeLinear at all) runs its activations in float by
+    # design; float inputs, and float convolutions beside INT4 GEMMs, are then notes, not errors.
+    weight_only = not any(n.op_type == "QuantizeLinear" for n in g.node)
+    soft = "warning" if weight_only else "error"
     for n in g.node:
         if n.op_type not in _LAYER_OPS:
             continue
-        data_in = [n.input[0]] + ([n.input[1]] if n.op_type == "MatMul" and n.input[1] not in inits else [])
+        data_in = [n.input[0]] + ([n.input[1]] if n.op_type == "MatMul" and n.input[1] not in const else [])
         for i in data_in:
             if from_dq(i) is None:
-                out.append(Violation("unquantized-input", nm(n), f"input {i!r} has no Q/DQ: the layer runs in float"))
+                out.append(Violation("unquantized-input", nm(n), f"input {i!r} has no Q/DQ: the layer runs in float",
+                                     soft))
         w = n.input[1]
         dq = from_dq(w)
         if dq is None:
-            if w in inits or w in consts:
-                out.append(Violation("unquantized-weight", nm(n), f"weight {w!r} has no DequantizeLinear"))
+            if w in const:
+                out.append(Violation("unquantized-weight", nm(n), f"weight {w!r} has no DequantizeLinear", soft))
             continue
+        block = attr(dq, "block_size", 0) or 0
+        if block:
+            shape = inits[dq.input[0]].dims if dq.input[0] in inits else None
+            rank = len(shape) if shape is not None else 2
+            if n.op_type == "Gemm":
+                want_k = 1 if attr(n, "transB", 0) else 0
+            else:
+                want_k = rank - 2
+            if attr(dq, "axis", 1) % rank != want_k:
+                out.append(Violation("block-axis", nm(dq), f"block quantization along axis {attr(dq, 'axis', 1)}, "
+                                                            f"expected the reduction axis {want_k} of the {n.op_type}"))
         wx = dq.input[0]
         if dtype(wx) in int4 and n.op_type == "Conv":
             out.append(Violation("int4-conv", nm(n), "INT4 weights feed a Conv: TensorRT supports INT4 only "
@@ -167,7 +191,7 @@ def lint(model) -> list[Violation]:
         return p is not None and p.op_type in ("Conv", "Gemm", "MatMul")
 
     for n in g.node:
-        if n.op_type != "Add" or len(n.input) != 2 or any(i in inits or i in consts for i in n.input):
+        if n.op_type != "Add" or len(n.input) != 2 or any(i in const for i in n.input):
             continue
         sides = [layer_out(i) for i in n.input]
         dq_sides = [from_dq(i) for i in n.input]
@@ -177,7 +201,7 @@ def lint(model) -> list[Violation]:
                 if q is not None and q.op_type == "QuantizeLinear" and layer_out(q.input[0]):
                     out.append(Violation("qdq-conv-add", nm(n), f"Q/DQ between {nm(producer[q.input[0]])} and the "
                                                                "add it feeds: TensorRT cannot fuse the add into the conv"))
-        if sides.count(True) == 1:
+        if sides.count(True) == 1 and not weight_only:
             ident = n.input[sides.index(False)]
             if from_dq(ident) is None:
                 out.append(Violation("residual-identity", nm(n), f"identity input {ident!r} of the residual add has "

@@ -74,10 +74,10 @@ def _module_path(node) -> str | None:
     return best
 
 
-def _const(graph, name: str, array: np.ndarray):
+def _const(graph, name: str, array: np.ndarray, dtype=None):
     import onnx_ir as ir
 
-    t = ir.tensor(array, name=name)
+    t = ir.tensor(array, name=name, dtype=dtype)
     v = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(t.dtype), const_value=t)
     graph.register_initializer(v)
     return v
@@ -113,12 +113,21 @@ def insert_qdq(model, qs: dict[str, Any]) -> dict[str, int]:
         if q.kind == "weight":
             ints = q.int_weight.cpu().numpy()
             zp = q.zero_point.detach().cpu().numpy().reshape(-1)
-            ints_v = _const(graph, f"{safe}.int8", ints.astype(np.int8 if q.symmetric else np.uint8))
-            scale_v = _const(graph, f"{safe}.scale", q.scale.detach().cpu().numpy().reshape(-1).astype(np.float32))
+            attrs: dict[str, Any] = {"axis": q.axis}
+            if q.block_size:  # INT4 weight-only GEMM: block scales [out, in / B] along the input axis
+                if not q.symmetric:
+                    raise MixqError(f"{name}: block-scaled INT4 weights must be symmetric")
+                ints_v = _const(graph, f"{safe}.int4", ints.astype(np.int8), ir.DataType.INT4)
+                scale_v = _const(graph, f"{safe}.scale", q.scale.detach().cpu().numpy().astype(np.float32))
+                attrs = {"axis": 1, "block_size": q.block_size}
+                counts["int4_weight_dq"] = counts.get("int4_weight_dq", 0) + 1
+            else:
+                ints_v = _const(graph, f"{safe}.int8", ints.astype(np.int8 if q.symmetric else np.uint8))
+                scale_v = _const(graph, f"{safe}.scale", q.scale.detach().cpu().numpy().reshape(-1).astype(np.float32))
             inputs = [ints_v, scale_v]
             if not q.symmetric:
                 inputs.append(_const(graph, f"{safe}.zero_point", zp.astype(np.uint8)))
-            dq = ir.node("DequantizeLinear", inputs, attributes={"axis": q.axis}, name=f"{safe}/DequantizeLinear",
+            dq = ir.node("DequantizeLinear", inputs, attributes=attrs, name=f"{safe}/DequantizeLinear",
                          metadata_props=bits_meta)
             graph.insert_before(node, dq)
             out = dq.outputs[0]
@@ -174,10 +183,15 @@ def fold_weight_transposes(model) -> int:
             continue
         if len(list(src.uses())) != 1 or dq.inputs[0].const_value is None:
             continue
-        ints = np.ascontiguousarray(dq.inputs[0].const_value.numpy().T)
+        tensor = dq.inputs[0].const_value
+        ints = np.ascontiguousarray(tensor.numpy().T)
         name = dq.inputs[0].name
-        new_int = _const(model.graph, f"{name}.T", ints)
+        new_int = _const(model.graph, f"{name}.T", ints, tensor.dtype)
         dq.replace_input_with(0, new_int)
+        sv = dq.inputs[1]
+        if sv is not None and sv.const_value is not None and len(sv.shape or ()) == 2:  # block scales move too
+            dq.replace_input_with(1, _const(model.graph, f"{sv.name}.T",
+                                            np.ascontiguousarray(sv.const_value.numpy().T)))
         axis = dq.attributes.get("axis")
         dq.attributes["axis"] = ir.AttrInt64("axis", 1 - (axis.as_int() if axis is not None else 1))
         out = dq.outputs[0]
@@ -302,6 +316,28 @@ def export_qdq(qmodel: nn.Module, out: str | os.PathLike) -> Path:
         "mixq.counts": counts,
     })
     return save_model(model, out)
+
+
+def export_int4_weight_only(model: nn.Module, out: str | os.PathLike, block_size: int = 128,
+                            log: Any = None) -> Path:
+    """W4A16 graph for TensorRT's INT4 weight-only GEMMs: Linear weights rounded to nearest on Lp-searched
+    block scales (no data needed), convolutions and activations float. Layers whose input features the
+    block size does not divide stay float (reported through `log`)."""
+    from ..quant import QuantConfig, quantize
+    from ..quant.graph import example_input
+
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    if not linears:
+        raise MixqError(f"model {type(model).__name__} has no Linear layer: INT4 weight-only applies to MatMul/Gemm")
+    skipped = [n for n, m in linears.items() if m.in_features % block_size]
+    if len(skipped) == len(linears):
+        raise MixqError(f"block size {block_size} divides the input features of no Linear layer; try --block-size 32")
+    if skipped and log is not None:
+        log(f"{len(skipped)} of {len(linears)} Linear layers stay float: block size {block_size} does not divide "
+            f"their input features ({', '.join(skipped[:3])}{', …' if len(skipped) > 3 else ''})")
+    qmodel = quantize(model, QuantConfig.int4_weight_only(block_size), example_input(model), progress=False,
+                      log=lambda _m: None)
+    return export_qdq(qmodel, out)
 
 
 def export_fp(model: nn.Module, out: str | os.PathLike) -> Path:

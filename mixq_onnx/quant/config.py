@@ -8,6 +8,7 @@ from ..errors import MixqError
 
 METHODS = ("rtn", "adaround", "brecq", "qdrop", "genie")
 PRESETS = ("fast", "paper")
+BLOCK_SIZES = (32, 64, 128)
 
 
 @dataclass
@@ -32,6 +33,7 @@ class QuantConfig:
     warmup: float = 0.2  # fraction of iterations without the rounding regulariser
     beta: tuple[float, float] = (20.0, 2.0)
     p_norm: float = 2.4  # Lp scale search
+    block_size: int | None = None  # INT4 weight-only GEMMs: Linear weights only, block scales along K
     holdout: float = 0.1  # calibration fraction held out for the generalisation gap
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
@@ -47,6 +49,11 @@ class QuantConfig:
             raise MixqError(f"--abits must be between 2 and 8 (or 16 for weight-only), got {self.abits}")
         if self.first_last_bits is not None and not 2 <= self.first_last_bits <= 8:
             raise MixqError(f"--first-last-bits must be between 2 and 8, got {self.first_last_bits}")
+        if self.block_size is not None:
+            if self.block_size not in BLOCK_SIZES:
+                raise MixqError(f"--block-size must be one of {', '.join(map(str, BLOCK_SIZES))}, got {self.block_size}")
+            if not self.weight_only or self.wbits > 4:
+                raise MixqError("block scales are for INT4 weight-only GEMMs: use --wbits 4 (or less) --abits 16")
         if not 0 <= self.drop_prob <= 1:
             raise MixqError(f"--drop-prob must be in [0, 1], got {self.drop_prob}")
         return self
@@ -68,6 +75,12 @@ class QuantConfig:
     @property
     def weight_only(self) -> bool:
         return self.abits == 16
+
+    @classmethod
+    def int4_weight_only(cls, block_size: int = 128, **kw: Any) -> "QuantConfig":
+        """W4A16 for TensorRT's INT4 weight-only GEMMs: Linear weights in blocks, convolutions stay float."""
+        return cls(wbits=4, abits=16, method=kw.pop("method", "rtn"), first_last_bits=None,
+                   block_size=block_size, **kw)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -220,10 +220,10 @@ def _transform(module: nn.Module, prefix: str, leaves: Iterable[nn.Module], cfg:
             continue
         m = _get(gm, node.target)
         name = prefix + node.target
-        if isinstance(m, nn.Conv2d) and m.padding_mode == "zeros":
+        if isinstance(m, nn.Conv2d) and m.padding_mode == "zeros" and not cfg.block_size:
             _set(gm, node.target, QuantConv2d(m, name, cfg.wbits, abits, cfg.symmetric))
-        elif isinstance(m, nn.Linear):
-            _set(gm, node.target, QuantLinear(m, name, cfg.wbits, abits, cfg.symmetric))
+        elif isinstance(m, nn.Linear) and not (cfg.block_size and m.in_features % cfg.block_size):
+            _set(gm, node.target, QuantLinear(m, name, cfg.wbits, abits, cfg.symmetric, cfg.block_size))
     if abits is not None:
         act = _activation_nodes(gm.graph)
         transparent = _transparent_modules()
@@ -316,7 +316,7 @@ def prepare(model: nn.Module, cfg: QuantConfig) -> fx.GraphModule:
     if not layers:
         raise MixqError(f"model {type(model).__name__} has no quantizable layer (Conv2d/Linear)")
     order = execution_order(gm, layers, example_input(gm))
-    if cfg.first_last_bits is not None and order:
+    if cfg.first_last_bits is not None and order and not cfg.block_size:
         for n in {order[0], order[-1]}:
             layer = layers[n]
             layer.weight_quantizer.bits = cfg.first_last_bits

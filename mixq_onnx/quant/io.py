@@ -7,6 +7,7 @@ self-contained: `export`, `verify` and `eval --quantized` need no other model fl
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -139,7 +140,10 @@ def load_quantized(model: nn.Module, qdir: str | os.PathLike) -> nn.Module:
             if ints is None or tuple(ints.shape) != tuple(layer_w.shape):
                 raise MixqError(f"{qdir / WEIGHTS}: integer weights of {name} do not match the model's shape "
                                 f"{tuple(layer_w.shape)}")
-            q.set_scale(scale, zp)
+            shape = q.scale_shape(layer_w.shape)
+            if scale.numel() != math.prod(shape):
+                raise MixqError(f"{qdir / WEIGHTS}: scale of {name} has {scale.numel()} values, the model needs {shape}")
+            q.set_scale(scale.reshape(shape), zp.reshape(shape))
             q.int_weight = ints.clone()
             q.mode = "int"
         else:

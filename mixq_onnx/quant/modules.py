@@ -23,12 +23,13 @@ def tf_same_pads(h: int, w: int, k: tuple[int, int], s: tuple[int, int], d: tupl
 class _QuantLayer(nn.Module):
     """Shared state: the (folded) float weight and bias, and the two quantizers."""
 
-    def __init__(self, layer: nn.Module, name: str, wbits: int, abits: int | None, symmetric: bool):
+    def __init__(self, layer: nn.Module, name: str, wbits: int, abits: int | None, symmetric: bool,
+                 block_size: int | None = None):
         super().__init__()
         self.name = name
         self.weight = nn.Parameter(layer.weight.detach().clone(), requires_grad=False)
         self.bias = nn.Parameter(layer.bias.detach().clone(), requires_grad=False) if layer.bias is not None else None
-        self.weight_quantizer = WeightQuantizer(f"{name}.weight", wbits, symmetric, axis=0)
+        self.weight_quantizer = WeightQuantizer(f"{name}.weight", wbits, symmetric, axis=0, block_size=block_size)
         self.input_quantizer = ActQuantizer(f"{name}.input", abits, symmetric) if abits else None
 
 
@@ -59,8 +60,9 @@ class QuantConv2d(_QuantLayer):
 
 
 class QuantLinear(_QuantLayer):
-    def __init__(self, lin: nn.Linear, name: str, wbits: int, abits: int | None, symmetric: bool = True):
-        super().__init__(lin, name, wbits, abits, symmetric)
+    def __init__(self, lin: nn.Linear, name: str, wbits: int, abits: int | None, symmetric: bool = True,
+                 block_size: int | None = None):
+        super().__init__(lin, name, wbits, abits, symmetric, block_size)
         self.in_features, self.out_features = lin.in_features, lin.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

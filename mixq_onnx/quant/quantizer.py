@@ -194,13 +194,16 @@ class WeightQuantizer(_Base):
 
     mode: "nearest" | "soft" (h(V) during learning) | "hard" (V >= 0) | "int" (finalized integers).
     With `learn_scale` (Genie-M) the per-channel scale is trained on the integer base frozen at init.
+    `block_size` (2-D Linear weights only): one scale per output channel and per block of `block_size`
+    input features, scale shape [out, in / block_size] (TensorRT's INT4 weight-only GEMMs).
     """
 
     kind = "weight"
 
-    def __init__(self, name: str, bits: int, symmetric: bool = True, axis: int = 0):
+    def __init__(self, name: str, bits: int, symmetric: bool = True, axis: int = 0, block_size: int | None = None):
         super().__init__(name, bits, symmetric)
         self.axis = axis
+        self.block_size = block_size
         self.mode = "nearest"
         self.scale = nn.Parameter(torch.ones(1), requires_grad=False)
         self.register_buffer("zero_point", torch.zeros(1))
@@ -226,8 +229,22 @@ class WeightQuantizer(_Base):
         self.initialized.fill_(True)
 
     def _s_zp(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.block_size:  # [out, nb] -> [out, nb * block] element-wise
+            out, k = w.shape
+            nb = k // self.block_size
+
+            def expand(t: torch.Tensor) -> torch.Tensor:
+                return t.reshape(out, nb, 1).expand(out, nb, self.block_size).reshape(out, k)
+
+            return expand(self.scale), expand(self.zero_point)
         shape = self._shape(w)
         return self.scale.view(shape), self.zero_point.view(shape)
+
+    def scale_shape(self, w_shape: torch.Size | tuple[int, ...]) -> tuple[int, ...]:
+        """Shape of the stored scale: [out] per channel, [out, in / block] with blocks."""
+        if self.block_size:
+            return (int(w_shape[0]), int(w_shape[1]) // self.block_size)
+        return (int(w_shape[self.axis]),)
 
     def init_adaround(self, w: torch.Tensor) -> None:
         """V from the fractional part so h(V) reproduces w/s, and V >= 0 exactly where RTN rounds up."""
@@ -289,6 +306,8 @@ class WeightQuantizer(_Base):
         return {
             "name": self.name, "kind": "weight", "placement": "weight", "bits": self.bits, "signed": self.symmetric,
             "symmetric": self.symmetric, "axis": self.axis, "qmin": lo, "qmax": hi,
+            "block_size": self.block_size,
+            "scale_shape": list(self.scale.shape),
             "scale": [float(v) for v in self.scale.detach().reshape(-1)],
             "zero_point": [float(v) for v in self.zero_point.reshape(-1)],
         }
@@ -301,8 +320,14 @@ def lp_error(x: torch.Tensor, xq: torch.Tensor, p: float, dim: int | None = None
 
 
 def search_weight_scale(w: torch.Tensor, q: WeightQuantizer, p: float = 2.4, grid: int = 80) -> None:
-    """Per-channel clipping ratio minimising the Lp error of round-to-nearest (searched jointly)."""
-    wc = w.detach().transpose(0, q.axis).flatten(1) if q.axis != 0 else w.detach().flatten(1)
+    """Per-channel (or per-block) clipping ratio minimising the Lp error of round-to-nearest."""
+    if q.block_size:
+        if w.ndim != 2 or w.shape[1] % q.block_size:
+            raise ValueError(f"{q.name}: block size {q.block_size} needs a 2-D weight whose input dimension "
+                             f"it divides, got shape {tuple(w.shape)}")
+        wc = w.detach().reshape(-1, q.block_size)  # rows: (out, block) in row-major order
+    else:
+        wc = w.detach().transpose(0, q.axis).flatten(1) if q.axis != 0 else w.detach().flatten(1)
     lo, hi = q.qrange
     best_err = torch.full((wc.shape[0],), float("inf"))
     best_s = torch.ones(wc.shape[0])
@@ -325,7 +350,8 @@ def search_weight_scale(w: torch.Tensor, q: WeightQuantizer, p: float = 2.4, gri
         best_err = torch.where(better, err, best_err)
         best_s = torch.where(better, s, best_s)
         best_zp = torch.where(better, zp, best_zp)
-    q.set_scale(best_s, best_zp)
+    shape = q.scale_shape(w.shape)
+    q.set_scale(best_s.reshape(shape), best_zp.reshape(shape))
 
 
 def search_act_scale(q: ActQuantizer, p: float = 2.4, grid: int = 80) -> None:
