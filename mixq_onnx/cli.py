@@ -335,16 +335,37 @@ def quantize(**o: Any) -> None:
 @model_options()
 @click.option("--quantized", type=click.Path(file_okay=False), default=None,
               help="A quantize output directory (the model flags are then optional).")
+@click.option("--engine", type=click.Path(dir_okay=False), default=None,
+              help="A TensorRT plan from `build`: top-1 through the engine (needs an NVIDIA GPU).")
 @click.option("--data", required=True, type=click.Path(), help="npz (x uint8 NHWC, y) or an image folder per class.")
 @click.option("--limit", type=int, default=None, help="Evaluate the first N images only.")
 @click.option("--batch-size", type=int, default=250, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Last stdout line: one JSON object (top1, top5, n, ...).")
 def eval_cmd(**o: Any) -> None:
-    """Top-1/top-5 accuracy; with --quantized also the float model's and the top-1 agreement."""
+    """Top-1/top-5 accuracy; with --quantized also the float model's and the top-1 agreement;
+    with --engine through TensorRT."""
     from .data import load_labelled
-    from .models import get_preprocessing
+    from .models import Preprocessing, get_preprocessing
     from .quant import evaluate, load_quantized
 
+    if o["engine"]:
+        from .trt.builder import read_plan_meta
+        from .trt.runtime import evaluate_engine
+
+        meta = read_plan_meta(o["engine"])
+        if o["model"] or o["quantized"]:
+            pre = get_preprocessing(_load_user_model(o) if o["model"] else _fp_model_from_dir(o["quantized"]))
+        elif meta.get("preprocessing"):
+            pre = Preprocessing.from_dict(meta["preprocessing"])
+        else:
+            raise MixqError(f"{o['engine']} records no input preprocessing: pass --model or --quantized")
+        images, labels = load_labelled(o["data"], pre.input_size[1], o["limit"])
+        res = evaluate_engine(o["engine"], images, labels, preprocessing=pre, batch_size=o["batch_size"])
+        if o["as_json"]:
+            _emit_json({**res.to_dict(), "engine": str(o["engine"])})
+        else:
+            click.echo(f"engine top1 {res.top1:.2f} %  top5 {res.top5:.2f} %  (n={res.n})")
+        return
     if o["quantized"]:
         if o["model"]:
             fp = _load_user_model(o)

@@ -54,10 +54,19 @@ def torch_export(model: nn.Module, with_markers: bool):
     except Exception as e:  # noqa: BLE001
         msg = str(e)
         m = re.search(r"(aten::\w+|torch\.ops\.[\w.]+)", msg)
-        what = f" (unsupported operator {m.group(1)})" if m else ""
+        if m:
+            op = m.group(1).replace("torch.ops.", "").removesuffix(".default")
+            raise MixqError(f"ONNX export failed: operator {op} is not supported by torch.onnx at opset {OPSET}; "
+                            "replace it in the model or register a custom translation") from None
         first = msg.strip().splitlines()[0][:160] if msg.strip() else type(e).__name__
-        raise MixqError(f"ONNX export failed{what}: {first}") from None
+        raise MixqError(f"ONNX export failed: {first}") from None
     return prog.model
+
+
+def _preprocessing(model: nn.Module) -> dict[str, Any]:
+    from ..models import get_preprocessing
+
+    return get_preprocessing(model).to_dict()
 
 
 def _module_path(node) -> str | None:
@@ -311,6 +320,7 @@ def export_qdq(qmodel: nn.Module, out: str | os.PathLike) -> Path:
     fold_pads(model)
     name_nodes(model)
     finalize_model(model, {
+        "mixq.preprocessing": _preprocessing(qmodel),
         "mixq.quant_config": cfg.to_dict() if cfg is not None else {},
         "mixq.deployable": str(bool(cfg.symmetric) if cfg is not None else True).lower(),
         "mixq.counts": counts,
@@ -344,5 +354,5 @@ def export_fp(model: nn.Module, out: str | os.PathLike) -> Path:
     """The plain float model (baselines)."""
     m = torch_export(model, with_markers=False)
     name_nodes(m)
-    finalize_model(m, {"mixq.fp": "true"})
+    finalize_model(m, {"mixq.fp": "true", "mixq.preprocessing": _preprocessing(model)})
     return save_model(m, out)

@@ -1,0 +1,150 @@
+"""`build`, `inspect`, `run`, `bench`: the TensorRT / TensorRT-RTX commands, registered onto the main group."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .errors import MixqError
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
+
+
+def _emit_json(obj: Any) -> None:
+    from .cli import _emit_json as emit
+
+    emit(obj)
+
+
+_backend_opt = click.option("--backend", type=click.Choice(["tensorrt", "tensorrt-rtx"]), default=None,
+                            help="Engine flavour [build default: tensorrt-rtx; run/bench: the plan's].")
+
+
+def register(cli: click.Group) -> None:
+    """Add the TensorRT commands to `cli` (kept apart so the core CLI never imports TensorRT)."""
+
+    @cli.command(context_settings=CONTEXT)
+    @click.argument("onnx_path", type=click.Path())
+    @click.option("--out", "out", type=click.Path(dir_okay=False), default=None,
+                  help="Plan file [default: ONNX path with .plan]; PLAN.json is written beside it.")
+    @_backend_opt
+    @click.option("--batch", default="1:8:32", show_default=True, metavar="MIN:OPT:MAX",
+                  help="Optimisation profile of the dynamic batch dimension (one number: static).")
+    @click.option("--workspace", "workspace_mib", type=int, default=1024, show_default=True, metavar="MiB",
+                  help="Builder workspace limit.")
+    @click.option("--compute-capability", "ccs", multiple=True, metavar="CC",
+                  help="TensorRT-RTX ahead-of-time target (7.5, 8.0, 8.6, 8.9, 12.0, 12.1, current); repeat for "
+                       "several [default: portable, sm80 and newer].")
+    @click.option("--opt-level", type=click.IntRange(0, 5), default=None, help="Builder optimisation level.")
+    @click.option("--no-timing-cache", is_flag=True, help="Do not read or write PLAN.timing-cache (tensorrt).")
+    @click.option("--require-int8", type=click.FloatRange(0, 1), default=None, metavar="FRACTION",
+                  help="Exit 1 when less than this share of Conv/Gemm/MatMul MACs runs int8 x int8.")
+    @click.option("--json", "as_json", is_flag=True, help="Last stdout line: one JSON object (plan + report).")
+    @click.option("-v", "--verbose", is_flag=True, help="Echo the builder's warnings and errors.")
+    def build(onnx_path: str, out: str | None, backend: str | None, batch: str, workspace_mib: int,
+              ccs: tuple[str, ...], opt_level: int | None, no_timing_cache: bool, require_int8: float | None,
+              as_json: bool, verbose: bool) -> None:
+        """Build a strongly typed engine from a QDQ graph (precision comes only from its Q/DQ nodes).
+
+        \b
+        Writes PLAN atomically, PLAN.json (ONNX sha256, backend, version, targets, shapes, options,
+        layer information) and prints the per-layer precision summary of `inspect`.
+        """
+        from .trt.builder import BuildConfig, build_engine, parse_batch
+        from .trt.inspect import inspect_plan
+
+        cfg = BuildConfig(backend=backend or "tensorrt-rtx", batch=parse_batch(batch), workspace_mib=workspace_mib,
+                          compute_capabilities=tuple(ccs), optimization_level=opt_level,
+                          timing_cache=not no_timing_cache)
+        plan = Path(out) if out else Path(onnx_path).with_suffix(".plan")
+        res = build_engine(onnx_path, plan, cfg, verbose=verbose)
+        rep = inspect_plan(plan, onnx_path)
+        ok = require_int8 is None or rep.int8_mac_fraction >= require_int8
+        if as_json:
+            _emit_json({"plan": str(plan), "plan_key": res.meta["plan_key"], "build_seconds": res.meta["build_seconds"],
+                        "int8_mac_fraction": round(rep.int8_mac_fraction, 6),
+                        "fallbacks": [str(f) for f in rep.fallbacks],
+                        "standalone_clips": rep.standalone_clips, "int4_weight_layers": rep.int4_weight_layers,
+                        "ok": ok})
+        else:
+            click.echo(f"built {plan} ({res.meta['plan_key']}) in {res.seconds:.1f} s", err=True)
+            click.echo(rep.summary())
+            click.echo(str(plan))
+        if not ok:
+            click.echo(f"error: int8 MAC fraction {rep.int8_mac_fraction:.4f} is below --require-int8 "
+                       f"{require_int8}", err=True)
+            sys.exit(1)
+
+    @cli.command("inspect", context_settings=CONTEXT)
+    @click.argument("plan", type=click.Path())
+    @click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False), default=None,
+                  help="The ONNX graph the plan came from [default: the path in PLAN.json].")
+    @click.option("--layers", "show_layers", is_flag=True, help="Also print every engine layer with its datatypes.")
+    @click.option("--json", "as_json", is_flag=True,
+                  help="Last stdout line: one JSON object (int8_mac_fraction, fallbacks, layers, …).")
+    def inspect_cmd(plan: str, onnx_path: str | None, show_layers: bool, as_json: bool) -> None:
+        """Per-layer precision of a built plan, mapped back to the ONNX nodes (no GPU needed)."""
+        from .trt.inspect import inspect_plan
+
+        rep = inspect_plan(plan, onnx_path)
+        if show_layers and not as_json:
+            for li in rep.layers:
+                click.echo(f"{li['precision']:12s} {li['type']:12s} {li['name'][:60]:60s} "
+                           f"{','.join(li['onnx_nodes'])[:120]}")
+        if as_json:
+            _emit_json(rep.to_dict())
+        else:
+            click.echo(rep.summary())
+
+    @cli.command(context_settings=CONTEXT)
+    @click.argument("plan", type=click.Path())
+    @click.option("--input", "input_paths", multiple=True, type=click.Path(dir_okay=False),
+                  help=".npy per engine input (float NCHW); default: one random batch of the profile's OPT shape.")
+    @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Write the outputs to this .npz.")
+    @_backend_opt
+    def run(plan: str, input_paths: tuple[str, ...], out: str | None, backend: str | None) -> None:
+        """Run a plan once on an NVIDIA GPU (refuses plans built for another backend version or GPU)."""
+        import numpy as np
+
+        from .trt.builder import read_plan_meta
+        from .trt.runtime import run_plan
+
+        meta = read_plan_meta(plan)
+        if input_paths:
+            xs = [np.load(p) for p in input_paths]
+        else:
+            rng = np.random.default_rng(0)
+            xs = [rng.standard_normal(i["opt"]).astype(np.float32) for i in meta["inputs"]]
+        outs = run_plan(plan, xs, backend)
+        for k, v in outs.items():
+            click.echo(f"{k}: shape {list(v.shape)} dtype {v.dtype} mean {float(v.mean()):.5g} "
+                       f"argmax[:8] {v.reshape(len(v), -1).argmax(1)[:8].tolist() if v.ndim else v}")
+        if out:
+            np.savez(out, **outs)
+            click.echo(out)
+
+    @cli.command(context_settings=CONTEXT)
+    @click.argument("plan", type=click.Path())
+    @click.option("--fp-onnx", type=click.Path(dir_okay=False), default=None,
+                  help="Float ONNX (export --fp): built as an FP16 engine and timed beside the QDQ plan.")
+    @click.option("--ort-onnx", type=click.Path(dir_okay=False), default=None,
+                  help="Graph for the onnxruntime row [default: --fp-onnx, else the plan's ONNX].")
+    @click.option("--batch", type=int, default=None, help="Batch size [default: the profile's OPT].")
+    @click.option("--iters", type=int, default=200, show_default=True)
+    @click.option("--warmup", type=int, default=20, show_default=True)
+    @_backend_opt
+    @click.option("--json", "as_json", is_flag=True, help="Last stdout line: one JSON object.")
+    def bench(plan: str, fp_onnx: str | None, ort_onnx: str | None, batch: int | None, iters: int, warmup: int,
+              backend: str | None, as_json: bool) -> None:
+        """Latency p50/p99 and throughput: QDQ engine vs FP16 engine vs onnxruntime (NVIDIA GPU only)."""
+        from .trt.runtime import bench as run_bench
+
+        if iters < 1 or warmup < 0:
+            raise MixqError("--iters must be >= 1 and --warmup >= 0")
+        rep = run_bench(plan, fp_onnx, batch, iters, warmup, ort_onnx, backend)
+        if as_json:
+            _emit_json(rep.to_dict())
+        else:
+            click.echo(rep.table())

@@ -1,0 +1,327 @@
+"""Build a TensorRT / TensorRT-RTX engine from a QDQ ONNX graph, with a provenance file beside it.
+
+Precision comes only from the graph's Q/DQ nodes (strongly typed network); no FP16/INT8 builder
+flag is ever set, so the engine computes exactly what the exported graph says. `model.plan.json`
+records what the plan was built from and for (the plan key), and the engine's layer list, which
+`inspect` turns into a per-layer precision report without needing a GPU.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import MixqError
+from ..utils import atomic_path, atomic_write_json, sha256_file
+from .backend import BACKENDS, cuda_version, gpu_info, import_backend, make_logger
+from .layers import LayerInfo, parse_builder_log, parse_inspector_json
+
+PLAN_FORMAT = "mixq-onnx.plan/1"
+RTX_CAPABILITIES = {"7.5": "SM75", "8.0": "SM80", "8.6": "SM86", "8.9": "SM89", "12.0": "SM120", "12.1": "SM121"}
+RTX_PORTABLE = "portable"  # TensorRT-RTX default: every supported GPU from sm80 on (Turing needs 7.5 explicitly)
+
+
+@dataclass
+class BuildConfig:
+    """Everything that changes the engine; recorded verbatim in model.plan.json."""
+
+    backend: str = "tensorrt-rtx"
+    batch: tuple[int, int, int] = (1, 8, 32)  # MIN:OPT:MAX of the dynamic batch dimension
+    workspace_mib: int = 1024
+    compute_capabilities: tuple[str, ...] = ()  # tensorrt-rtx AOT targets ("8.9", "sm120", "current"); () = portable
+    optimization_level: int | None = None  # builder_optimization_level (0-5); None = backend default
+    timing_cache: bool = True  # persisted beside the plan where the backend has one
+
+    def validate(self) -> BuildConfig:
+        if self.backend not in BACKENDS:
+            raise MixqError(f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        lo, opt, hi = self.batch
+        if not (1 <= lo <= opt <= hi):
+            raise MixqError(f"--batch needs 1 <= MIN <= OPT <= MAX, got {lo}:{opt}:{hi}")
+        if self.workspace_mib < 1:
+            raise MixqError("--workspace must be at least 1 MiB")
+        if self.compute_capabilities and self.backend != "tensorrt-rtx":
+            raise MixqError("--compute-capability selects TensorRT-RTX ahead-of-time targets; the tensorrt backend "
+                            "always builds for the GPU it runs on")
+        for cc in self.compute_capabilities:
+            _rtx_capability_name(cc)
+        return self
+
+
+def parse_batch(text: str) -> tuple[int, int, int]:
+    """'8' -> (8, 8, 8); '1:8:32' -> (1, 8, 32)."""
+    try:
+        parts = [int(v) for v in text.split(":")]
+    except ValueError:
+        raise MixqError(f"--batch expects MIN:OPT:MAX integers, got {text!r}") from None
+    if len(parts) == 1:
+        parts = parts * 3
+    if len(parts) != 3:
+        raise MixqError(f"--batch expects MIN:OPT:MAX (or one number), got {text!r}")
+    return parts[0], parts[1], parts[2]
+
+
+def _rtx_capability_name(cc: str) -> str:
+    c = cc.strip().lower().replace("sm_", "").replace("sm", "")
+    if c == "current":
+        return "CURRENT"
+    if c.isdigit() and len(c) >= 2:
+        c = f"{c[:-1]}.{c[-1]}"
+    if c not in RTX_CAPABILITIES:
+        raise MixqError(f"unknown compute capability {cc!r}; TensorRT-RTX targets {', '.join(RTX_CAPABILITIES)} "
+                        f"or 'current'")
+    return RTX_CAPABILITIES[c]
+
+
+def meta_path_for(plan: str | Path) -> Path:
+    return Path(str(plan) + ".json")
+
+
+def timing_cache_path_for(plan: str | Path) -> Path:
+    return Path(str(plan) + ".timing-cache")
+
+
+def plan_key(backend: str, version: str, target: str) -> str:
+    """What a plan is only valid for: the exact backend build and the GPU target(s)."""
+    return f"{backend}/{version}/{target}"
+
+
+@dataclass
+class BuildResult:
+    plan: Path
+    meta_path: Path
+    meta: dict[str, Any]
+    layers: list[LayerInfo] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _targets(trt: Any, cfg: BuildConfig, gpu: Any) -> tuple[str, list[str]]:
+    """(target string of the plan key, target list for the metadata)."""
+    if cfg.backend == "tensorrt":
+        return gpu.sm, [gpu.sm]
+    names = []
+    for cc in cfg.compute_capabilities:
+        n = _rtx_capability_name(cc)
+        if n == "CURRENT":
+            if gpu is None:
+                raise MixqError("--compute-capability current needs an NVIDIA GPU on this host; name the target "
+                                "instead, e.g. --compute-capability 8.9")
+            n = gpu.sm.upper()
+        names.append(n.lower())
+    names = sorted(set(names))
+    return ("aot:" + ",".join(names) if names else f"aot:{RTX_PORTABLE}"), (names or [RTX_PORTABLE])
+
+
+def _parse_onnx(trt: Any, network: Any, logger: Any, onnx_path: Path) -> None:
+    parser = trt.OnnxParser(network, logger)
+    if parser.parse_from_file(str(onnx_path)):
+        return
+    errs = []
+    for i in range(min(parser.num_errors, 3)):
+        e = parser.get_error(i)
+        node = getattr(e, "node_name", lambda: "")() if hasattr(e, "node_name") else ""
+        desc = e.desc() if hasattr(e, "desc") else str(e)
+        errs.append(f"{node}: {desc}" if node else desc)
+    raise MixqError(f"the {_label(trt)} ONNX parser rejected {onnx_path}: " + "; ".join(errs)[:400])
+
+
+def _label(trt: Any) -> str:
+    return "TensorRT-RTX" if trt.__name__.startswith("tensorrt_rtx") else "TensorRT"
+
+
+def _profile(trt: Any, builder: Any, network: Any, config: Any, cfg: BuildConfig) -> list[dict[str, Any]]:
+    """One optimisation profile: the batch dimension takes MIN/OPT/MAX, every other dimension must be static."""
+    shapes = []
+    profile = builder.create_optimization_profile()
+    dynamic = False
+    for i in range(network.num_inputs):
+        t = network.get_input(i)
+        dims = list(t.shape)
+        if any(d < 0 for d in dims[1:]):
+            raise MixqError(f"input {t.name!r} has dynamic dimensions {dims} beyond the batch; export with a fixed "
+                            f"--input-size")
+        if dims and dims[0] < 0:
+            dynamic = True
+            mn, opt, mx = ([b, *dims[1:]] for b in cfg.batch)
+            profile.set_shape(t.name, mn, opt, mx)
+        else:
+            mn = opt = mx = dims
+        shapes.append({"name": t.name, "dtype": str(t.dtype).split(".")[-1], "min": mn, "opt": opt, "max": mx})
+    if dynamic:
+        config.add_optimization_profile(profile)
+    return shapes
+
+
+def _inspector_layers(trt: Any, logger: Any, plan_bytes: bytes) -> list[LayerInfo]:
+    """Engine-inspector layers; only possible where the engine deserializes (a GPU host)."""
+    runtime = trt.Runtime(logger)
+    engine = runtime.deserialize_cuda_engine(plan_bytes)
+    if engine is None:
+        return []
+    insp = engine.create_engine_inspector()
+    return parse_inspector_json(insp.get_engine_information(trt.LayerInformationFormat.JSON))
+
+
+def build_engine(onnx_path: str | Path, plan_path: str | Path, cfg: BuildConfig | None = None,
+                 verbose: bool = False) -> BuildResult:
+    """Build `plan_path` (atomically) and `plan_path`.json from a QDQ ONNX graph."""
+    cfg = (cfg or BuildConfig()).validate()
+    onnx_path, plan_path = Path(onnx_path), Path(plan_path)
+    if not onnx_path.is_file():
+        raise MixqError(f"ONNX model not found: {onnx_path}")
+    if plan_path.parent and not plan_path.parent.exists():
+        plan_path.parent.mkdir(parents=True, exist_ok=True)
+    trt = import_backend(cfg.backend)
+    gpu = gpu_info()
+    if cfg.backend == "tensorrt" and gpu is None:
+        raise MixqError("the tensorrt backend builds on an NVIDIA GPU and none was found; on a CPU host use "
+                        "--backend tensorrt-rtx (ahead-of-time build for RTX GPUs)")
+    target, targets = _targets(trt, cfg, gpu)
+
+    logger = make_logger(trt, echo=verbose)
+    builder = trt.Builder(logger)
+    strongly = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)  # TensorRT 11: the only mode
+    network = builder.create_network(1 << int(strongly) if strongly is not None else 0)
+    _parse_onnx(trt, network, logger, onnx_path)
+
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, cfg.workspace_mib << 20)
+    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
+    if cfg.optimization_level is not None:
+        config.builder_optimization_level = cfg.optimization_level
+    if cfg.backend == "tensorrt-rtx" and targets != [RTX_PORTABLE]:
+        config.num_compute_capabilities = len(targets)
+        for i, t in enumerate(targets):
+            config.set_compute_capability(getattr(trt.ComputeCapability, t.upper()), i)
+    shapes = _profile(trt, builder, network, config, cfg)
+
+    cache_file: Path | None = None
+    cache = None
+    if cfg.timing_cache and cfg.backend == "tensorrt":  # TensorRT-RTX: timing cache calls are no-ops
+        cache_file = timing_cache_path_for(plan_path)
+        blob = cache_file.read_bytes() if cache_file.is_file() else b""
+        cache = config.create_timing_cache(blob)
+        config.set_timing_cache(cache, ignore_mismatch=False)
+
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        serialized = builder.build_serialized_network(network, config)
+    seconds = time.perf_counter() - t0
+    if serialized is None:
+        errs = logger.errors()
+        raise MixqError(f"{_label(trt)} could not build {onnx_path}: " + (errs[-1] if errs else "no log")[:400])
+    plan_bytes = bytes(memoryview(serialized))
+    with atomic_path(plan_path) as tmp:
+        tmp.write_bytes(plan_bytes)
+    if cache is not None and cache_file is not None:
+        with atomic_path(cache_file) as tmp:
+            tmp.write_bytes(bytes(memoryview(cache.serialize())))
+
+    layers: list[LayerInfo] = []
+    source = "builder-log"
+    if gpu is not None and cfg.backend == "tensorrt":
+        try:
+            layers, source = _inspector_layers(trt, logger, plan_bytes), "engine-inspector"
+        except Exception:  # noqa: BLE001 - fall back to the log
+            layers = []
+    if not layers:
+        layers, source = parse_builder_log(m for _, m in logger.messages), "builder-log"
+
+    outputs = []
+    for i in range(network.num_outputs):
+        t = network.get_output(i)
+        outputs.append({"name": t.name, "dtype": str(t.dtype).split(".")[-1], "shape": list(t.shape)})
+    meta = {
+        "format": PLAN_FORMAT,
+        "plan_key": plan_key(cfg.backend, trt.__version__, target),
+        "backend": cfg.backend,
+        "backend_version": trt.__version__,
+        "target": target,
+        "targets": targets,
+        "cuda_version": cuda_version(),
+        "gpu": gpu.to_dict() if gpu is not None else None,
+        "onnx": {"path": str(onnx_path.resolve()), "sha256": sha256_file(onnx_path)},
+        "preprocessing": _onnx_preprocessing(onnx_path),
+        "plan_sha256": sha256_file(plan_path),
+        "plan_bytes": len(plan_bytes),
+        "inputs": shapes,
+        "outputs": outputs,
+        "options": {**asdict(cfg), "batch": list(cfg.batch), "compute_capabilities": list(cfg.compute_capabilities),
+                    "strongly_typed": True, "profiling_verbosity": "DETAILED"},
+        "timing_cache": str(cache_file) if cache_file is not None else None,
+        "build_seconds": round(seconds, 3),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "layer_source": source,
+        "layers": [li.to_dict() for li in layers],
+    }
+    meta_file = meta_path_for(plan_path)
+    atomic_write_json(meta_file, meta)
+    return BuildResult(plan_path, meta_file, meta, layers, seconds)
+
+
+def _onnx_preprocessing(onnx_path: Path) -> dict[str, Any] | None:
+    """The model's input preprocessing, recorded by `export` in the graph's metadata (for `eval --engine`)."""
+    import onnx
+
+    try:
+        props = {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
+        return json.loads(props["mixq.preprocessing"]) if "mixq.preprocessing" in props else None
+    except Exception:  # noqa: BLE001 - a graph from elsewhere: eval --engine then needs --model
+        return None
+
+
+def read_plan_meta(plan_path: str | Path) -> dict[str, Any]:
+    """model.plan.json of a plan; a 'rebuild' error when it is missing, unreadable or not this plan's."""
+    plan_path = Path(plan_path)
+    if not plan_path.is_file():
+        raise MixqError(f"plan not found: {plan_path}")
+    mp = meta_path_for(plan_path)
+    hint = "rebuild it with `mixq-onnx build MODEL.onnx --out PLAN`"
+    if not mp.is_file():
+        raise MixqError(f"{mp} is missing, so the plan's backend and target are unknown: {hint}")
+    try:
+        meta = json.loads(mp.read_text())
+    except (OSError, ValueError) as e:
+        raise MixqError(f"cannot read {mp} ({type(e).__name__}): {hint}") from None
+    if meta.get("format") != PLAN_FORMAT or "plan_key" not in meta:
+        raise MixqError(f"{mp} is not a {PLAN_FORMAT} file: {hint}")
+    if meta.get("plan_sha256") and sha256_file(plan_path) != meta["plan_sha256"]:
+        raise MixqError(f"{plan_path} does not match the sha256 recorded in {mp.name}: {hint}")
+    return meta
+
+
+def check_plan_key(meta: dict[str, Any], trt: Any, gpu: Any | None = None, backend: str | None = None) -> None:
+    """Refuse a plan built by another backend/version or for another GPU target (plans are not portable)."""
+    want_backend = backend or meta["backend"]
+    here_target = None
+    if gpu is not None:
+        here_target = gpu.sm if want_backend == "tensorrt" else f"aot:{gpu.sm}"
+    here = plan_key(want_backend, trt.__version__, here_target or "?")
+    hint = "rebuild the plan on this host with `mixq-onnx build`"
+    if meta["backend"] != want_backend or meta["backend_version"] != trt.__version__:
+        raise MixqError(f"plan key {meta['plan_key']} does not match this host ({here}): {hint}")
+    if gpu is None:
+        return
+    if meta["backend"] == "tensorrt":
+        if meta["target"] != gpu.sm:
+            raise MixqError(f"plan key {meta['plan_key']} was built for {meta['target']}, this GPU ({gpu.name}) is "
+                            f"{gpu.sm}: {hint}")
+        return
+    targets = meta.get("targets") or []
+    if targets == [RTX_PORTABLE]:
+        if gpu.compute_capability < (8, 0):
+            raise MixqError(f"plan key {meta['plan_key']} is portable to sm80 and newer, this GPU ({gpu.name}) is "
+                            f"{gpu.sm}: {hint} --compute-capability {gpu.compute_capability[0]}."
+                            f"{gpu.compute_capability[1]}")
+    elif gpu.sm not in targets:
+        raise MixqError(f"plan key {meta['plan_key']} targets {', '.join(targets)}, this GPU ({gpu.name}) is "
+                        f"{gpu.sm}: {hint}")
+
+
+def plan_layers(meta: dict[str, Any]) -> list[LayerInfo]:
+    return [LayerInfo.from_dict(d) for d in meta.get("layers", [])]

@@ -1,0 +1,386 @@
+"""Per-layer precision report of a built engine, mapped back to the QDQ ONNX graph.
+
+The engine's layer list (captured at build time) says which datatypes each kernel reads; the
+ONNX graph says which nodes were meant to be quantized and how many MACs each compute node
+does. Joining them by the `[ONNX Layer: …]` metadata shows where quantization did not survive
+the build: float compute, stray requantize layers, unfused 4-bit Clips, bypassed quantizers.
+"""
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import MixqError
+from .layers import LayerInfo
+
+COMPUTE_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
+QDQ_OPS = {"QuantizeLinear", "DequantizeLinear"}
+# ops that only move or reshape data: reading a float tensor for these is no precision loss
+MOVE_OPS = {"Slice", "Pad", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Concat", "Split", "Gather",
+            "Identity", "Expand", "Tile", "MaxPool", "Shape", "Cast", "Clip", "Relu"}
+_COMPUTE_LAYER = re.compile(r"conv|correlation|gemm|matmul|matrixmultiply|fullyconnected|deconv", re.IGNORECASE)
+_REFORMAT_LAYER = re.compile(r"reformat|requant|shuffle", re.IGNORECASE)
+INT8 = {"Int8", "UInt8"}
+LOW_WEIGHTS = {"Int8", "UInt8", "Int4", "FP8", "FP4"}
+
+
+@dataclass
+class Fallback:
+    node: str  # the ONNX node that lost its quantization
+    op: str
+    layer: str | None
+    reason: str
+
+    def __str__(self) -> str:
+        where = f" (engine layer {self.layer})" if self.layer else ""
+        return f"{self.node} [{self.op}]{where}: {self.reason}"
+
+
+@dataclass
+class ComputeNode:
+    node: str
+    op: str
+    macs: int
+    quantized: str  # "int8" (Q/DQ on both operands), "weight-only", "" (float in the graph)
+    precision: str  # what the engine runs: "int8", "int4-weight", "int8-weight", "float", "missing"
+    layer: str | None = None
+
+
+@dataclass
+class PrecisionReport:
+    int8_mac_fraction: float
+    total_macs: int
+    int8_macs: int
+    int4_weight_macs: int
+    fallbacks: list[Fallback] = field(default_factory=list)
+    standalone_clips: list[dict[str, str]] = field(default_factory=list)
+    int4_weight_layers: list[str] = field(default_factory=list)
+    unmapped: list[str] = field(default_factory=list)  # quantized ONNX nodes no engine layer names
+    compute: list[ComputeNode] = field(default_factory=list)
+    layers: list[dict[str, Any]] = field(default_factory=list)
+    shapes: dict[str, list[int]] = field(default_factory=dict)
+    # float activations passed between two non-compute kernels (extra bandwidth, not a precision loss)
+    float_handoffs: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["int8_mac_fraction"] = round(self.int8_mac_fraction, 6)
+        d["fallbacks"] = [asdict(f) for f in self.fallbacks]
+        return d
+
+    def summary(self, max_lines: int = 20) -> str:
+        n_layers = len(self.layers)
+        shape = " ".join("x".join(str(d) for d in v) for v in self.shapes.values()) or "the graph's shape"
+        by_prec: dict[str, int] = defaultdict(int)
+        for c in self.compute:
+            by_prec[c.precision] += 1
+        lines = [f"int8 MAC fraction {100 * self.int8_mac_fraction:.2f} % of {self.total_macs / 1e6:.2f} M MACs at {shape} "
+                 f"({n_layers} engine layers; compute nodes: "
+                 + ", ".join(f"{k} {v}" for k, v in sorted(by_prec.items())) + ")"]
+        if self.int4_weight_layers:
+            lines.append(f"int4 weight layers: {len(self.int4_weight_layers)} "
+                         f"({100 * self.int4_weight_macs / max(self.total_macs, 1):.2f} % of MACs)")
+        lines.append(f"fallbacks: {len(self.fallbacks)}  standalone clip layers: {len(self.standalone_clips)}  "
+                     f"float hand-offs between non-compute kernels: {len(self.float_handoffs)}")
+        for f in self.fallbacks[:max_lines]:
+            lines.append(f"  fallback: {f}")
+        if len(self.fallbacks) > max_lines:
+            lines.append(f"  … {len(self.fallbacks) - max_lines} more (use --json)")
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- the ONNX side
+class _Graph:
+    def __init__(self, onnx_path: str | Path, input_shapes: dict[str, list[int]]):
+        import onnx
+
+        try:
+            model = onnx.load(str(onnx_path))
+        except Exception as e:  # noqa: BLE001
+            raise MixqError(f"cannot read ONNX model {onnx_path}: {type(e).__name__}: {str(e)[:120]}") from None
+        g = model.graph
+        for inp in g.input:
+            shape = input_shapes.get(inp.name)
+            if shape is None:
+                continue
+            dims = inp.type.tensor_type.shape.dim
+            for d, v in zip(dims, shape):
+                d.ClearField("dim_param")
+                d.dim_value = int(v)
+        try:
+            model = onnx.shape_inference.infer_shapes(model, data_prop=True)
+        except Exception:  # noqa: BLE001, S110 - MACs of unknown shapes count as 0 below
+            pass
+        g = model.graph
+        self.nodes = {n.name: n for n in g.node}
+        self.producer = {o: n for n in g.node for o in n.output}
+        self.consumers: dict[str, list[Any]] = defaultdict(list)
+        for n in g.node:
+            for i in n.input:
+                self.consumers[i].append(n)
+        self.graph_inputs = {i.name for i in g.input}
+        self.inits = {i.name: i for i in g.initializer}
+        self.shapes: dict[str, list[int]] = {}
+        for vi in list(g.value_info) + list(g.input) + list(g.output):
+            dims = vi.type.tensor_type.shape.dim
+            self.shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else -1 for d in dims]
+        for name, t in self.inits.items():
+            self.shapes[name] = list(t.dims)
+        for n in g.node:
+            if n.op_type == "Constant":
+                for a in n.attribute:
+                    if a.name == "value":
+                        self.shapes[n.output[0]] = list(a.t.dims)
+
+    def op(self, name: str) -> str:
+        n = self.nodes.get(name)
+        return n.op_type if n is not None else "?"
+
+    def dq_fed(self, tensor: str) -> Any | None:
+        p = self.producer.get(tensor)
+        return p if p is not None and p.op_type == "DequantizeLinear" else None
+
+    def is_weight_dq(self, n: Any) -> bool:
+        return n.op_type == "DequantizeLinear" and (n.input[0] in self.inits or (
+            n.input[0] in self.producer and self.producer[n.input[0]].op_type == "Constant"))
+
+    def weight_dtype(self, dq: Any) -> int | None:
+        t = self.inits.get(dq.input[0])
+        return t.data_type if t is not None else None
+
+    def macs(self, n: Any) -> int:
+        out = self.shapes.get(n.output[0], [])
+        if not out or any(d <= 0 for d in out):
+            return 0
+        vol = 1
+        for d in out:
+            vol *= d
+        if n.op_type in ("Conv", "ConvTranspose"):
+            w = self._operand_shape(n.input[1])
+            if len(w) < 3:
+                return 0
+            k = 1
+            for d in w[2:]:
+                k *= d
+            if n.op_type == "ConvTranspose":  # each input pixel scatters Cout/g * k
+                x = self.shapes.get(n.input[0], [])
+                return _prod(x) * w[1] * k if x and all(d > 0 for d in x) else 0
+            return vol * w[1] * k
+        a = self._operand_shape(n.input[0])
+        if not a:
+            return 0
+        trans_a = any(at.name == "transA" and at.i for at in n.attribute)
+        kdim = a[-2] if (n.op_type == "Gemm" and trans_a) else a[-1]
+        return vol * kdim if kdim > 0 else 0
+
+    def _operand_shape(self, tensor: str) -> list[int]:
+        s = self.shapes.get(tensor)
+        if s:
+            return s
+        dq = self.dq_fed(tensor)
+        return self.shapes.get(dq.input[0], []) if dq is not None else []
+
+    def feeds_quantizer(self, tensor: str) -> bool:
+        """Does this tensor reach a QuantizeLinear (directly or through its Clip)?"""
+        for c in self.consumers.get(tensor, []):
+            if c.op_type == "QuantizeLinear":
+                return True
+            if c.op_type == "Clip" and any(cc.op_type == "QuantizeLinear" for cc in self.consumers.get(c.output[0], [])):
+                return True
+        return False
+
+
+def _prod(xs: list[int]) -> int:
+    out = 1
+    for x in xs:
+        out *= x
+    return out
+
+
+# --------------------------------------------------------------------------- the engine side
+def _operands(layer: LayerInfo) -> list[str]:
+    return [t.dtype for t in layer.inputs if not t.volume_known_scalar]
+
+
+def _weights(layer: LayerInfo) -> list[str]:
+    """Datatypes of weight-like constants (at least 2-D or many elements, not per-channel scale vectors)."""
+    out = []
+    for t in layer.constants:
+        big = [d for d in t.dims if d > 1]
+        if len(big) >= 2 or (t.name in ("Weights", "Kernel Weights")):
+            out.append(t.dtype)
+    return out
+
+
+def layer_precision(layer: LayerInfo) -> str:
+    ins, ws = _operands(layer), _weights(layer)
+    if ins and all(d in INT8 for d in ins) and (any(w in INT8 for w in ws) or (not ws and len(ins) >= 2)):
+        return "int8"
+    if any(w == "Int4" for w in ws):
+        return "int4-weight"
+    if any(w in INT8 for w in ws):
+        return "int8-weight"
+    kinds = sorted(set(ins))
+    return "/".join(k.lower() for k in kinds) if kinds else "none"
+
+
+def analyze(onnx_path: str | Path, layers: list[LayerInfo], input_shapes: dict[str, list[int]] | None = None
+            ) -> PrecisionReport:
+    """Join engine layers with the ONNX graph: MAC-weighted int8 share and every lost quantization."""
+    input_shapes = input_shapes or {}
+    g = _Graph(onnx_path, input_shapes)
+    by_node: dict[str, list[LayerInfo]] = defaultdict(list)
+    for li in layers:
+        for n in li.onnx_nodes:
+            by_node[n].append(li)
+    tensor_producer = {t.name: li for li in layers for t in li.outputs}
+    fallbacks: list[Fallback] = []
+    unmapped: list[str] = []
+    seen: set[tuple[str, str]] = set()
+
+    def fall(node: str, layer: str | None, reason: str) -> None:
+        if (node, reason) not in seen:
+            seen.add((node, reason))
+            fallbacks.append(Fallback(node, g.op(node), layer, reason))
+
+    # compute nodes: MACs and the precision the engine gave them
+    compute: list[ComputeNode] = []
+    total = int8_macs = int4_macs = 0
+    int4_layers: list[str] = []
+    for name, n in g.nodes.items():
+        if n.op_type not in COMPUTE_OPS:
+            continue
+        macs = g.macs(n)
+        total += macs
+        a_dq = g.dq_fed(n.input[0])
+        b_dq = g.dq_fed(n.input[1]) if len(n.input) > 1 else None
+        quantized = "int8" if (a_dq is not None and b_dq is not None) else ("weight-only" if b_dq is not None else "")
+        cands = by_node.get(name, [])
+        comp = [li for li in cands if _COMPUTE_LAYER.search(li.layer_type) or _COMPUTE_LAYER.search(li.name)]
+        best = None
+        prec = "missing"
+        for li in comp or cands:
+            p = layer_precision(li)
+            rank = {"int8": 3, "int4-weight": 2, "int8-weight": 1}.get(p, 0)
+            if best is None or rank > {"int8": 3, "int4-weight": 2, "int8-weight": 1}.get(prec, 0):
+                best, prec = li, p
+        if prec == "int8":
+            int8_macs += macs
+        elif prec == "int4-weight":
+            int4_macs += macs
+            if best is not None and best.name not in int4_layers:
+                int4_layers.append(best.name)
+        compute.append(ComputeNode(name, n.op_type, macs, quantized, prec if best is not None else "missing",
+                                   best.name if best is not None else None))
+        if quantized == "int8" and prec != "int8":
+            why = ("no engine layer runs it" if best is None else
+                   f"runs in a {prec} layer (inputs {', '.join(_operands(best)) or '-'}; "
+                   f"weights {', '.join(_weights(best)) or '-'})")
+            fall(name, best.name if best else None, why)
+        elif quantized == "weight-only" and prec not in ("int4-weight", "int8-weight", "int8"):
+            fall(name, best.name if best else None,
+                 "weight-only quantized weights were dequantized to float before the kernel")
+
+    # Q/DQ nodes: fused into a layer that reads/writes the integer type?
+    for name, n in g.nodes.items():
+        if n.op_type not in QDQ_OPS:
+            continue
+        lis = by_node.get(name, [])
+        if not lis:
+            unmapped.append(name)
+            continue
+        if n.op_type == "QuantizeLinear":
+            dqs = [c for c in g.consumers.get(n.output[0], []) if c.op_type == "DequantizeLinear"]
+            fused = bool(dqs) and all(any(d.name in li.onnx_nodes for li in lis) for d in dqs)  # Q->DQ in-kernel
+            ok = fused or any(t.dtype in INT8 | {"Int4"} for li in lis for t in li.outputs + li.inputs)
+            if not ok:
+                fall(name, lis[0].name, "quantization runs in a float layer (no integer output)")
+        elif g.is_weight_dq(n):
+            ok = any(t.dtype in LOW_WEIGHTS for li in lis for t in li.constants + li.inputs)
+            if not ok:
+                fall(name, lis[0].name, "weights were dequantized to float at build time")
+        else:
+            q = g.producer.get(n.input[0])
+            fused = q is not None and any(q.name in li.onnx_nodes for li in lis)  # Q->DQ inside one kernel
+            ok = fused or any(t.dtype in INT8 | {"Int4"} for li in lis for t in li.inputs)
+            if not ok:
+                fall(name, lis[0].name, "dequantization runs in a float layer (no integer input)")
+
+    # requantize / reformat layers and standalone Clips
+    clips: list[dict[str, str]] = []
+    for li in layers:
+        ops = {n: g.op(n) for n in li.onnx_nodes}
+        qdq = [n for n, o in ops.items() if o in QDQ_OPS]
+        if _REFORMAT_LAYER.search(li.layer_type) and qdq:
+            for n in qdq:
+                fall(n, li.name, f"gained a {li.layer_type} layer")
+        elif qdq and all(o in QDQ_OPS | {"Clip", "Cast", "Identity"} for o in ops.values()):
+            input_quant = all(g.nodes[n].op_type == "QuantizeLinear" and g.nodes[n].input[0] in g.graph_inputs
+                              for n in qdq if n in g.nodes)
+            has_dq_then_q = any(o == "DequantizeLinear" for o in ops.values()) and any(
+                o == "QuantizeLinear" for o in ops.values())
+            if not input_quant and (has_dq_then_q or any(o == "Clip" for o in ops.values())):
+                for n in qdq:
+                    fall(n, li.name, "standalone requantize layer (not fused into a neighbour)")
+        clip_only = bool(ops) and all(o in QDQ_OPS | {"Clip", "Cast", "Identity"} for o in ops.values())
+        for n, o in ops.items():
+            if o != "Clip" or n not in g.nodes:
+                continue
+            src = g.producer.get(g.nodes[n].input[0])
+            with_producer = src is not None and any(src.name in x.onnx_nodes for x in by_node[n])
+            if clip_only or (src is not None and not with_producer and src.op_type not in QDQ_OPS):
+                clips.append({"node": n, "layer": li.name})
+                fall(n, li.name, "standalone Clip layer: the activation clip is not fused into the producer's epilogue")
+
+    # bypassed quantizers: an arithmetic node reading the float tensor that feeds a QuantizeLinear
+    for li in layers:
+        for t in li.inputs:
+            if t.dtype in INT8 or t.name not in tensor_producer:
+                continue
+            src = tensor_producer[t.name]
+            if _COMPUTE_LAYER.search(src.layer_type):
+                continue
+            src_nodes = set(src.onnx_nodes)
+            for v in li.onnx_nodes:
+                vn = g.nodes.get(v)
+                if vn is None or vn.op_type in MOVE_OPS | QDQ_OPS | COMPUTE_OPS:
+                    continue
+                for x in vn.input:
+                    p = g.producer.get(x)
+                    if p is not None and p.name in src_nodes and g.feeds_quantizer(x):
+                        fall(v, li.name, f"reads the unquantized {t.dtype} tensor {x!r} that also feeds a "
+                                         f"QuantizeLinear (its Q/DQ pair is bypassed)")
+
+    handoffs = []
+    for li in layers:
+        for t in li.inputs:
+            src = tensor_producer.get(t.name)
+            if (src is not None and t.dtype not in INT8 and not _COMPUTE_LAYER.search(src.layer_type)
+                    and src.layer_type != "shape_call"):
+                handoffs.append({"tensor": t.name, "dtype": t.dtype, "dims": t.dims, "from": src.name, "to": li.name})
+
+    table = [{"name": li.name, "type": li.layer_type, "precision": layer_precision(li),
+              "inputs": [t.dtype for t in li.inputs], "weights": _weights(li),
+              "outputs": [t.dtype for t in li.outputs], "onnx_nodes": li.onnx_nodes} for li in layers]
+    return PrecisionReport(int8_mac_fraction=(int8_macs / total) if total else 0.0, total_macs=total,
+                           int8_macs=int8_macs, int4_weight_macs=int4_macs, fallbacks=fallbacks,
+                           standalone_clips=clips, int4_weight_layers=int4_layers, unmapped=unmapped,
+                           compute=compute, layers=table, shapes=dict(input_shapes), float_handoffs=handoffs)
+
+
+def inspect_plan(plan_path: str | Path, onnx_path: str | Path | None = None) -> PrecisionReport:
+    """Precision report of a built plan from its model.plan.json (no GPU needed)."""
+    from .builder import plan_layers, read_plan_meta
+
+    meta = read_plan_meta(plan_path)
+    onnx_path = Path(onnx_path or meta["onnx"]["path"])
+    if not onnx_path.is_file():
+        raise MixqError(f"the plan's ONNX graph {onnx_path} is gone; pass --onnx PATH")
+    layers = plan_layers(meta)
+    if not layers:
+        raise MixqError(f"{plan_path}.json holds no layer information; rebuild the plan with `mixq-onnx build`")
+    shapes = {i["name"]: list(i["opt"]) for i in meta.get("inputs", [])}
+    return analyze(onnx_path, layers, shapes)

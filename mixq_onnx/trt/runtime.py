@@ -1,0 +1,325 @@
+"""Running built plans on an NVIDIA GPU: inference, accuracy, and a latency benchmark.
+
+Device memory comes from torch CUDA tensors (torch is already a dependency), the engine runs with
+the TensorRT 10 I/O API (`set_input_shape`, `set_tensor_address`, `execute_async_v3`). Every
+entry point checks the plan key first, so a plan built elsewhere is refused with a 'rebuild'
+message instead of failing inside the runtime.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import MixqError
+from .backend import GpuInfo, gpu_info, import_backend, make_logger
+from .builder import BuildConfig, build_engine, check_plan_key, read_plan_meta
+
+_TORCH_DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT8": "int8", "INT32": "int32",
+                 "INT64": "int64", "BOOL": "bool", "UINT8": "uint8"}
+
+
+def require_gpu() -> GpuInfo:
+    gpu = gpu_info()
+    if gpu is None:
+        raise MixqError("running a TensorRT engine needs an NVIDIA GPU with a CUDA driver, and none was found "
+                        "(building works on a CPU with --backend tensorrt-rtx)")
+    return gpu
+
+
+class Engine:
+    """A deserialized plan with one execution context; `__call__` maps a CUDA/CPU tensor batch to outputs."""
+
+    def __init__(self, plan_path: str | Path, backend: str | None = None):
+        meta = read_plan_meta(plan_path)
+        trt = import_backend(backend or meta["backend"])
+        check_plan_key(meta, trt, None, backend)  # version/backend mismatch: refuse before touching CUDA
+        gpu = require_gpu()
+        check_plan_key(meta, trt, gpu, backend)
+        import torch
+
+        self.torch = torch
+        self.meta, self.trt, self.gpu = meta, trt, gpu
+        self.logger = make_logger(trt)
+        self.runtime = trt.Runtime(self.logger)
+        self.engine = self.runtime.deserialize_cuda_engine(Path(plan_path).read_bytes())
+        if self.engine is None:
+            errs = self.logger.errors()
+            raise MixqError(f"{plan_path} does not deserialize on this host ({(errs[-1] if errs else '')[:200]}): "
+                            f"rebuild it with `mixq-onnx build`")
+        self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        self.stream = torch.cuda.Stream()
+        self.max_batch = max((i["max"][0] for i in meta.get("inputs", []) if i.get("max")), default=1)
+
+    def _dtype(self, name: str) -> Any:
+        key = str(self.engine.get_tensor_dtype(name)).split(".")[-1]
+        return getattr(self.torch, _TORCH_DTYPES.get(key, "float32"))
+
+    def __call__(self, *xs: Any) -> dict[str, Any]:
+        """Run one batch (at most the profile's MAX) and return CUDA output tensors by name."""
+        torch = self.torch
+        if len(xs) != len(self.inputs):
+            raise MixqError(f"the engine takes {len(self.inputs)} input(s) ({', '.join(self.inputs)}), got {len(xs)}")
+        keep = []
+        for name, x in zip(self.inputs, xs):
+            x = torch.as_tensor(x).to(device="cuda", dtype=self._dtype(name)).contiguous()
+            keep.append(x)
+            if not self.context.set_input_shape(name, tuple(x.shape)):
+                raise MixqError(f"input {name} shape {tuple(x.shape)} is outside the plan's profile "
+                                f"{self.meta.get('inputs')}")
+            self.context.set_tensor_address(name, x.data_ptr())
+        outs = {}
+        for name in self.outputs:
+            shape = tuple(self.context.get_tensor_shape(name))
+            outs[name] = torch.empty(shape, dtype=self._dtype(name), device="cuda")
+            self.context.set_tensor_address(name, outs[name].data_ptr())
+        self._bound = (keep, outs)  # the addresses stay valid until the next call (bench re-enqueues them)
+        self.stream.wait_stream(torch.cuda.current_stream())
+        if not self.context.execute_async_v3(self.stream.cuda_stream):
+            errs = self.logger.errors()
+            raise MixqError(f"engine execution failed: {(errs[-1] if errs else 'no log')[:200]}")
+        torch.cuda.current_stream().wait_stream(self.stream)
+        return outs
+
+    def predict(self, x: Any, batch_size: int | None = None) -> Any:
+        """Logits of the first output for a float NCHW tensor, batched to the profile's MAX."""
+        torch = self.torch
+        bs = min(batch_size or self.max_batch, self.max_batch)
+        res = []
+        for s in range(0, len(x), bs):
+            out = self(x[s:s + bs])
+            res.append(out[self.outputs[0]].float().cpu())
+        torch.cuda.synchronize()
+        return torch.cat(res)
+
+
+def run_plan(plan_path: str | Path, inputs: Any, backend: str | None = None) -> dict[str, Any]:
+    """One inference; numpy arrays in, numpy arrays out (for `mixq-onnx run`)."""
+    eng = Engine(plan_path, backend)
+    import numpy as np
+
+    outs = eng(*[eng.torch.from_numpy(np.ascontiguousarray(x)) for x in inputs])
+    eng.torch.cuda.synchronize()
+    return {k: v.cpu().numpy() for k, v in outs.items()}
+
+
+def evaluate_engine(plan_path: str | Path, images: Any, labels: Any, preprocessing: Any = None,
+                    batch_size: int | None = None, backend: str | None = None) -> Any:
+    """Top-1/top-5 of a plan on labelled images (uint8 NHWC with `preprocessing`, else float NCHW)."""
+    import torch
+
+    from ..quant.evaluate import EvalResult, _topk
+
+    eng = Engine(plan_path, backend)
+    bs = min(batch_size or eng.max_batch, eng.max_batch)
+    logits = []
+    for s in range(0, len(images), bs):
+        x = images[s:s + bs]
+        if preprocessing is not None:
+            x = preprocessing(x)
+        logits.append(eng(x.float())[eng.outputs[0]].float().cpu())
+    torch.cuda.synchronize()
+    lg = torch.cat(logits)
+    labels = torch.as_tensor(labels)
+    return EvalResult(top1=_topk(lg, labels, 1), top5=_topk(lg, labels, 5), n=len(labels))
+
+
+# --------------------------------------------------------------------------- benchmark
+@dataclass
+class Timing:
+    name: str
+    batch: int
+    p50_ms: float
+    p99_ms: float
+    mean_ms: float
+    throughput: float  # images per second at this batch
+    note: str = ""
+
+
+@dataclass
+class BenchReport:
+    gpu: dict[str, Any]
+    batch: int
+    iters: int
+    rows: list[Timing] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"gpu": self.gpu, "batch": self.batch, "iters": self.iters, "rows": [asdict(r) for r in self.rows]}
+
+    def table(self) -> str:
+        head = f"{'':28s} {'p50 ms':>9s} {'p99 ms':>9s} {'img/s':>10s}"
+        title = (f"{self.gpu.get('name')} (sm {self.gpu.get('compute_capability')}), batch {self.batch}, "
+                 f"{self.iters} iterations")
+        lines = [title, head]
+        for r in self.rows:
+            lines.append(f"{r.name:28s} {r.p50_ms:9.3f} {r.p99_ms:9.3f} {r.throughput:10.0f}  {r.note}")
+        return "\n".join(lines)
+
+
+def _percentile(xs: list[float], q: float) -> float:
+    s = sorted(xs)
+    k = min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))
+    return s[k]
+
+
+def _time_cuda(fn: Any, warmup: int, iters: int) -> list[float]:
+    """Per-iteration latency in ms from CUDA events (device time, excludes host jitter between calls)."""
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    out = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        out.append(a.elapsed_time(b))
+    return out
+
+
+def _row(name: str, batch: int, ms: list[float], note: str = "") -> Timing:
+    mean = statistics.fmean(ms)
+    return Timing(name, batch, _percentile(ms, 50), _percentile(ms, 99), mean, batch * 1000.0 / mean, note)
+
+
+def _bench_engine(plan: Path, x: Any, warmup: int, iters: int, backend: str | None) -> list[float]:
+    eng = Engine(plan, backend)
+    eng(x)  # shapes and addresses set once (buffers held by the engine); the timed loop only enqueues
+    return _time_cuda(lambda: eng.context.execute_async_v3(eng.torch.cuda.current_stream().cuda_stream), warmup, iters)
+
+
+def _bench_ort(onnx_path: Path, x: Any, warmup: int, iters: int) -> tuple[list[float], str]:
+    """onnxruntime with IO binding on the GPU (onnxruntime-gpu); falls back to the CPU provider, labelled."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    provs = [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in ort.get_available_providers()]
+    provs = [p for p in provs if p == "CUDAExecutionProvider"] or ["CPUExecutionProvider"]
+    sess = ort.InferenceSession(str(onnx_path), providers=provs)
+    name = sess.get_inputs()[0].name
+    if provs[0] == "CUDAExecutionProvider":
+        binding = sess.io_binding()
+        xg = x.to("cuda").float().contiguous()
+        binding.bind_input(name, "cuda", 0, np.float32, tuple(xg.shape), xg.data_ptr())
+        for o in sess.get_outputs():
+            binding.bind_output(o.name, "cuda")
+
+        def step() -> None:
+            sess.run_with_iobinding(binding)
+        return _time_cuda(step, warmup, iters), "onnxruntime CUDA EP"
+    xc = x.float().cpu().numpy()
+    for _ in range(warmup):
+        sess.run(None, {name: xc})
+    ms = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        sess.run(None, {name: xc})
+        ms.append((time.perf_counter() - t) * 1000)
+    torch.cuda.synchronize()
+    return ms, "onnxruntime CPU EP (install onnxruntime-gpu for CUDA)"
+
+
+def bench(plan_path: str | Path, fp_onnx: str | Path | None = None, batch: int | None = None, iters: int = 200,
+          warmup: int = 20, ort_onnx: str | Path | None = None, backend: str | None = None) -> BenchReport:
+    """QDQ engine vs an FP16 engine of the float model vs onnxruntime, same batch, same GPU."""
+    import torch
+
+    plan_path = Path(plan_path)
+    meta = read_plan_meta(plan_path)
+    trt = import_backend(backend or meta["backend"])
+    check_plan_key(meta, trt, None, backend)
+    gpu = require_gpu()
+    check_plan_key(meta, trt, gpu, backend)
+    inp = meta["inputs"][0]
+    batch = batch or inp["opt"][0]
+    x = torch.randn([batch, *inp["opt"][1:]], generator=torch.Generator().manual_seed(0)).cuda()
+    rep = BenchReport(gpu=gpu.to_dict(), batch=batch, iters=iters)
+    rep.rows.append(_row("QDQ engine", batch, _bench_engine(plan_path, x, warmup, iters, backend),
+                         meta["plan_key"]))
+    if fp_onnx is not None:
+        fp_onnx = Path(fp_onnx)
+        fp16 = plan_path.with_name(plan_path.stem + ".fp16.onnx")
+        convert_to_fp16(fp_onnx, fp16)
+        fp_plan = plan_path.with_name(plan_path.stem + ".fp16.plan")
+        opts = meta["options"]
+        cfg = BuildConfig(backend=meta["backend"], batch=(min(batch, opts["batch"][0]), batch,
+                                                          max(batch, opts["batch"][2])),
+                          workspace_mib=opts["workspace_mib"], compute_capabilities=tuple(opts["compute_capabilities"]),
+                          optimization_level=opts.get("optimization_level"))
+        build_engine(fp16, fp_plan, cfg)
+        rep.rows.append(_row("FP16 engine (float model)", batch, _bench_engine(fp_plan, x, warmup, iters, backend)))
+    ort_src = Path(ort_onnx) if ort_onnx else (Path(fp_onnx) if fp_onnx else Path(meta["onnx"]["path"]))
+    if ort_src.is_file():
+        ms, note = _bench_ort(ort_src, x, warmup, iters)
+        rep.rows.append(_row(f"onnxruntime ({ort_src.name})", batch, ms, note))
+    return rep
+
+
+def convert_to_fp16(src: str | Path, dst: str | Path) -> Path:
+    """FP16 copy of a float ONNX graph for strongly typed builds (no FP16 builder flag exists there).
+
+    Float initializers/constants become float16; Cast nodes at the graph inputs and outputs keep the
+    float32 interface so the same input buffers feed both engines.
+    """
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    m = onnx.load(str(src))
+    g = m.graph
+    f32, f16 = TensorProto.FLOAT, TensorProto.FLOAT16
+
+    def to16(t: Any) -> Any:
+        arr = numpy_helper.to_array(t).astype(np.float16)
+        return numpy_helper.from_array(arr, t.name)
+
+    for i, t in enumerate(g.initializer):
+        if t.data_type == f32:
+            g.initializer[i].CopyFrom(to16(t))
+    for n in g.node:
+        for a in n.attribute:
+            if n.op_type in ("Constant", "ConstantOfShape") and a.name == "value" and a.t.data_type == f32:
+                a.t.CopyFrom(to16(a.t))
+            if n.op_type == "Cast" and a.name == "to" and a.i == f32:
+                a.i = f16
+            if n.op_type in ("EyeLike", "RandomNormal", "RandomUniform") and a.name == "dtype" and a.i == f32:
+                a.i = f16
+    renames = {}
+    new_nodes = []
+    for inp in g.input:
+        if inp.type.tensor_type.elem_type == f32:
+            renames[inp.name] = inp.name + ".fp16"
+            new_nodes.append(helper.make_node("Cast", [inp.name], [inp.name + ".fp16"], to=f16,
+                                              name=f"{inp.name}/CastToFp16"))
+    for n in g.node:
+        for k, x in enumerate(n.input):
+            if x in renames:
+                n.input[k] = renames[x]
+    outs = []
+    for o in g.output:
+        if o.type.tensor_type.elem_type == f32:
+            for n in g.node:
+                for k, y in enumerate(n.output):
+                    if y == o.name:
+                        n.output[k] = o.name + ".fp16"
+            for n in g.node:
+                for k, x in enumerate(n.input):
+                    if x == o.name:
+                        n.input[k] = o.name + ".fp16"
+            outs.append(helper.make_node("Cast", [o.name + ".fp16"], [o.name], to=f32, name=f"{o.name}/CastToFp32"))
+    nodes = new_nodes + list(g.node) + outs
+    del g.node[:]
+    g.node.extend(nodes)
+    del g.value_info[:]
+    dst = Path(dst)
+    onnx.save(m, str(dst))
+    return dst

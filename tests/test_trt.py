@@ -1,0 +1,255 @@
+"""TensorRT-RTX builds on this CPU (ahead of time): build, inspect, plan keys; engine runs need a GPU."""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+trt = pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx-cu13 not installed (pip install 'mixq-onnx[trt-rtx]')")
+
+from mixq_onnx.errors import MixqError
+from mixq_onnx.models import load_model
+from mixq_onnx.onnx import export_fp, export_qdq
+from mixq_onnx.quant import QuantConfig, quantize
+from mixq_onnx.trt.backend import GpuInfo, gpu_info
+from mixq_onnx.trt.builder import BuildConfig, build_engine, check_plan_key, read_plan_meta
+from mixq_onnx.trt.inspect import inspect_plan
+from mixq_onnx.trt.runtime import convert_to_fp16
+
+HAS_GPU = gpu_info() is not None
+
+
+@pytest.fixture(scope="module")
+def graphs(tmp_path_factory) -> dict[str, Path]:
+    """Random-weight ResNet-20 exported as W8A8 and W4A4 QDQ graphs, plus the float graph."""
+    torch.set_num_threads(1)
+    d = tmp_path_factory.mktemp("trt")
+    model = load_model("cifar_resnet20", random_init=True)
+    calib = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    out = {}
+    for b in (8, 4):
+        q = quantize(model, QuantConfig(wbits=b, abits=b, method="rtn"), calib, progress=False)
+        out[f"w{b}a{b}"] = export_qdq(q, d / f"r20_w{b}a{b}.onnx")
+    out["fp"] = export_fp(model, d / "r20_fp.onnx")
+    return out
+
+
+@pytest.fixture(scope="module")
+def w8_plan(graphs, tmp_path_factory) -> Path:
+    plan = tmp_path_factory.mktemp("plan8") / "model.plan"
+    build_engine(graphs["w8a8"], plan, BuildConfig(backend="tensorrt-rtx", batch=(1, 8, 32)))
+    return plan
+
+
+def test_w8a8_every_quantized_conv_is_int8(graphs, w8_plan):
+    meta = read_plan_meta(w8_plan)
+    assert meta["backend"] == "tensorrt-rtx" and meta["backend_version"] == trt.__version__
+    assert meta["plan_key"] == f"tensorrt-rtx/{trt.__version__}/aot:portable"
+    assert meta["inputs"][0]["opt"] == [8, 3, 32, 32] and meta["inputs"][0]["max"] == [32, 3, 32, 32]
+    assert meta["options"]["strongly_typed"] and meta["layer_source"] == "builder-log"
+    assert meta["layers"], "no layer information captured from the builder log"
+    rep = inspect_plan(w8_plan)
+    convs = [c for c in rep.compute if c.op in ("Conv", "Gemm")]
+    assert len(convs) == 20  # 19 convs + the classifier
+    for c in convs:
+        assert c.quantized == "int8" and c.precision == "int8", c
+    # Int8 operands and Int8 weights on the engine layers themselves
+    layer = {li["name"]: li for li in rep.layers}
+    for c in convs:
+        li = layer[c.layer]
+        assert "Int8" in li["weights"] and all(d == "Int8" for d in li["inputs"]), li
+    assert rep.int8_mac_fraction >= 0.99 and rep.total_macs > 300e6
+    assert rep.fallbacks == [] and rep.standalone_clips == []
+
+
+def test_w4a4_cli_build_clips_fused(graphs, tmp_path, run_cli):
+    plan = tmp_path / "w4.plan"
+    r = run_cli("build", graphs["w4a4"], "--out", plan, "--batch", "1:4:16", "--require-int8", "0.99", "--json")
+    assert r.code == 0, r.err
+    out = json.loads(r.last_line)
+    assert out["int8_mac_fraction"] >= 0.99 and out["fallbacks"] == [] and out["standalone_clips"] == []
+    assert plan.is_file() and Path(str(plan) + ".json").is_file()
+    # every 4-bit Clip sits inside an engine layer together with the op that produces its input
+    m = onnx.load(graphs["w4a4"])
+    clips = [n.name for n in m.graph.node if n.op_type == "Clip"]
+    assert clips
+    meta = read_plan_meta(plan)
+    where = {n: li for li in meta["layers"] for n in li["onnx_nodes"]}
+    mapped = [c for c in clips if c in where]  # duplicate quantizers (same tensor, same grid) are merged by TRT
+    assert len(mapped) >= len(clips) // 2
+    for c in mapped:
+        assert len(where[c]["onnx_nodes"]) > 2, where[c]  # Relu (+Add) + Clip + QuantizeLinear in one kernel
+    r = run_cli("inspect", plan, "--json")
+    assert r.code == 0
+    rep = json.loads(r.last_line)
+    assert rep["int8_mac_fraction"] >= 0.99 and rep["fallbacks"] == []
+
+
+def _bypass_identity_qdq(src: Path, dst: Path) -> str:
+    """Planted fault: a residual Add reads the float identity instead of its Q/DQ output."""
+    import onnx_ir as ir
+
+    model = ir.load(src)
+    add = next(n for n in model.graph if n.op_type == "Add" and n.name == "layer2.1/Add")
+    for i, v in enumerate(add.inputs):
+        dq = v.producer()
+        if dq is not None and dq.op_type == "DequantizeLinear" and "identity" in dq.name:
+            q = dq.inputs[0].producer()
+            add.replace_input_with(i, q.inputs[0])
+            break
+    else:
+        raise AssertionError("no identity Q/DQ on layer2.1/Add")
+    ir.save(model, dst)
+    return add.name
+
+
+def test_planted_fault_is_reported(graphs, tmp_path, run_cli):
+    bad = tmp_path / "bad.onnx"
+    node = _bypass_identity_qdq(graphs["w4a4"], bad)
+    plan = tmp_path / "bad.plan"
+    r = run_cli("build", bad, "--out", plan, "--require-int8", "0.5")
+    assert r.code == 0, r.err
+    assert node in r.out  # the summary names the node
+    r = run_cli("inspect", plan, "--json")
+    rep = json.loads(r.last_line)
+    hits = [f for f in rep["fallbacks"] if f["node"] == node]
+    assert hits and "bypassed" in hits[0]["reason"] and hits[0]["layer"]
+
+
+def _int4_graph(path: Path) -> None:
+    """W4A16 MatMul: INT4 weights behind a blocked DequantizeLinear-21 (block_size 32), no activation Q/DQ."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    k, n = 64, 32
+    rng = np.random.default_rng(0)
+    w = rng.integers(-8, 8, size=(k, n)).astype(np.int8)
+    scale = (rng.random((k // 32, n)) * 0.01 + 0.001).astype(np.float16)
+    nodes = [helper.make_node("Cast", ["x"], ["x16"], to=TensorProto.FLOAT16, name="x/Cast"),
+             helper.make_node("DequantizeLinear", ["w.int4", "w.scale"], ["w.dq"], axis=0, block_size=32,
+                              name="fc.weight/DequantizeLinear"),
+             helper.make_node("MatMul", ["x16", "w.dq"], ["y16"], name="fc/MatMul"),
+             helper.make_node("Cast", ["y16"], ["y"], to=TensorProto.FLOAT, name="y/Cast")]
+    g = helper.make_graph(nodes, "int4", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16, k])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 16, n])],
+                          [helper.make_tensor("w.int4", TensorProto.INT4, [k, n], w.flatten().tolist()),
+                           numpy_helper.from_array(scale, "w.scale")])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)], ir_version=10), path)
+
+
+def test_int4_weights_recognised_and_require_int8_fails(tmp_path, run_cli):
+    src = tmp_path / "int4.onnx"
+    _int4_graph(src)
+    plan = tmp_path / "int4.plan"
+    r = run_cli("build", src, "--out", plan, "--batch", "1:2:4", "--require-int8", "0.5")
+    assert r.code == 1 and "below --require-int8" in r.err
+    rep = inspect_plan(plan)
+    assert rep.int8_mac_fraction == 0.0 and rep.int4_weight_layers
+    (mm,) = [c for c in rep.compute if c.node == "fc/MatMul"]
+    assert mm.quantized == "weight-only" and mm.precision == "int4-weight" and mm.macs == 16 * 64 * 32 * 2
+    assert rep.fallbacks == []
+
+
+def test_plan_key_mismatch_refused(w8_plan, tmp_path, run_cli):
+    plan = tmp_path / "m.plan"
+    shutil.copy(w8_plan, plan)
+    meta = json.loads(Path(str(w8_plan) + ".json").read_text())
+    meta["backend_version"] = "0.9.0"
+    meta["plan_key"] = "tensorrt-rtx/0.9.0/aot:portable"
+    Path(str(plan) + ".json").write_text(json.dumps(meta))
+    for cmd in ("run", "bench"):
+        r = run_cli(cmd, plan)
+        assert r.code == 2 and "rebuild" in r.err and len(r.err.strip().splitlines()) == 1, r.err
+    # GPU targets: a portable plan refuses Turing, an sm89 plan refuses sm120
+    good = read_plan_meta(w8_plan)
+    check_plan_key(good, trt, GpuInfo("RTX 4090", (8, 9)))
+    with pytest.raises(MixqError, match="rebuild"):
+        check_plan_key(good, trt, GpuInfo("RTX 2080", (7, 5)))
+    with pytest.raises(MixqError, match="rebuild"):
+        check_plan_key({**good, "targets": ["sm89"], "target": "aot:sm89"}, trt, GpuInfo("RTX 5090", (12, 0)))
+    # a plan that is not the one its .json describes
+    plan.write_bytes(plan.read_bytes()[:-16] + b"\0" * 16)
+    Path(str(plan) + ".json").write_text(json.dumps(good))
+    r = run_cli("inspect", plan)
+    assert r.code == 2 and "rebuild" in r.err
+    Path(str(plan) + ".json").unlink()
+    r = run_cli("run", plan)
+    assert r.code == 2 and "rebuild" in r.err
+
+
+def test_missing_backend_is_one_line_error(graphs, tmp_path, run_cli, monkeypatch):
+    r = run_cli("build", graphs["w8a8"], "--out", tmp_path / "x.plan", "--backend", "tensorrt")
+    if "tensorrt" not in sys.modules:
+        assert r.code == 2 and "pip install 'mixq-onnx[trt]'" in r.err
+        assert len(r.err.strip().splitlines()) == 1
+    monkeypatch.setitem(sys.modules, "tensorrt_rtx", None)  # as if tensorrt-rtx were not installed
+    r = run_cli("build", graphs["w8a8"], "--out", tmp_path / "y.plan")
+    assert r.code == 2 and "pip install 'mixq-onnx[trt-rtx]'" in r.err and len(r.err.strip().splitlines()) == 1
+    assert not (tmp_path / "y.plan").exists()
+
+
+def test_compute_capability_targets(graphs, tmp_path, run_cli):
+    r = run_cli("build", graphs["w8a8"], "--out", tmp_path / "a.plan", "--compute-capability", "8.9",
+                "--compute-capability", "sm120", "--batch", "4", "--json")
+    assert r.code == 0, r.err
+    meta = read_plan_meta(tmp_path / "a.plan")
+    assert meta["targets"] == ["sm120", "sm89"] and meta["plan_key"].endswith("/aot:sm120,sm89")
+    assert meta["inputs"][0]["min"] == meta["inputs"][0]["max"] == [4, 3, 32, 32]
+    r = run_cli("build", graphs["w8a8"], "--out", tmp_path / "b.plan", "--compute-capability", "6.1")
+    assert r.code == 2 and "compute capability" in r.err
+
+
+def test_fp16_baseline_graph(graphs, tmp_path):
+    import onnxruntime as ort
+
+    fp16 = convert_to_fp16(graphs["fp"], tmp_path / "fp16.onnx")
+    x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    a = ort.InferenceSession(str(graphs["fp"]), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    b = ort.InferenceSession(str(fp16), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    assert b.dtype == np.float32 and np.abs(a - b).max() <= 2e-3 * np.abs(a).max() + 1e-2
+    plan = tmp_path / "fp16.plan"
+    build_engine(fp16, plan)
+    rep = inspect_plan(plan)
+    assert {c.precision for c in rep.compute} == {"half"} and rep.int8_mac_fraction == 0.0
+
+
+def test_run_needs_gpu(w8_plan, run_cli):
+    if HAS_GPU:
+        pytest.skip("this host has a GPU")
+    r = run_cli("run", w8_plan)
+    assert r.code == 2 and "NVIDIA GPU" in r.err
+
+
+def test_eval_engine_reads_preprocessing_from_the_plan(w8_plan, tmp_path, run_cli):
+    """`export` records the preprocessing in the graph, `build` copies it beside the plan, so
+    `eval --engine` needs no model flag; without a GPU it is a one-line error."""
+    meta = read_plan_meta(w8_plan)
+    assert meta["preprocessing"]["input_size"] == [3, 32, 32] and len(meta["preprocessing"]["mean"]) == 3
+    if HAS_GPU:
+        pytest.skip("this host has a GPU")
+    data = tmp_path / "d.npz"
+    np.savez(data, x=np.zeros((4, 32, 32, 3), np.uint8), y=np.arange(4))
+    r = run_cli("eval", "--engine", w8_plan, "--data", data)
+    assert r.code == 2 and "NVIDIA GPU" in r.err and len(r.err.strip().splitlines()) == 1
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="engine execution needs an NVIDIA GPU")
+def test_engine_matches_onnxruntime(graphs, w8_plan):
+    import onnxruntime as ort
+
+    from mixq_onnx.trt.runtime import evaluate_engine, run_plan
+
+    x = np.random.default_rng(0).standard_normal((8, 3, 32, 32)).astype(np.float32)
+    try:
+        got = run_plan(w8_plan, [x])["output"]
+    except MixqError as e:  # e.g. a data-centre GPU that the RTX plan does not target
+        pytest.skip(str(e))
+    ref = ort.InferenceSession(str(graphs["w8a8"]), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    assert (got.argmax(1) == ref.argmax(1)).mean() >= 0.75
+    res = evaluate_engine(w8_plan, torch.from_numpy(x), torch.from_numpy(ref.argmax(1)))
+    assert res.n == 8 and res.top1 >= 75.0
