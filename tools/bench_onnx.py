@@ -1,0 +1,118 @@
+"""onnxruntime CPU latency and file size: FP32 graph vs W8A8 QDQ graph, measured side by side.
+
+    python tools/bench_onnx.py                 # ResNet-20 (../shared, real W8A8) and timm resnet18 (224x224)
+    python tools/bench_onnx.py --rounds 5 --iters 20
+
+Both graphs of a model run in the same process, interleaved round by round (FP, QDQ, FP, QDQ, ...), so
+the ratio holds even on a busy shared machine; absolute milliseconds are only indicative. onnxruntime
+runs with its default graph optimisations (it fuses Q/DQ into QLinearConv / MatMulInteger kernels),
+one intra-op thread.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchmd import ROOT, stamp, update_section  # noqa: E402
+
+
+def make_graphs(out: Path) -> dict[str, tuple[Path, Path, tuple[int, int, int]]]:
+    import torch
+
+    from mixq_onnx.models import load_model
+    from mixq_onnx.onnx import export_fp, export_qdq
+    from mixq_onnx.quant import QuantConfig, load_quantized_dir, quantize
+    from mixq_onnx.utils import shared_root
+
+    torch.set_num_threads(1)
+    graphs = {}
+    r20_dir = ROOT / "runs" / "bench_quant" / "resnet20-rtn-w8a8-sym-real"
+    if r20_dir.is_dir():
+        q = load_quantized_dir(r20_dir)
+        fp = load_model("cifar_resnet20", shared_root() / "models" / "resnet20-12fca82f.th")
+    else:  # no bench run yet: same graph shapes from random weights
+        fp = load_model("cifar_resnet20", random_init=True)
+        q = quantize(fp, QuantConfig(wbits=8, abits=8, method="rtn"), torch.randn(64, 3, 32, 32), progress=False)
+    graphs["ResNet-20 (32x32)"] = (export_fp(fp, out / "r20_fp32.onnx"), export_qdq(q, out / "r20_w8a8.onnx"),
+                                   (3, 32, 32))
+    fp = load_model("resnet18", random_init=True)
+    calib = torch.randn(32, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    q = quantize(fp, QuantConfig(wbits=8, abits=8, method="rtn"), calib, progress=False)
+    graphs["resnet18 (224x224, timm)"] = (export_fp(fp, out / "r18_fp32.onnx"),
+                                          export_qdq(q, out / "r18_w8a8.onnx"), (3, 224, 224))
+    return graphs
+
+
+def session(path: Path, threads: int):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--iters", type=int, default=10, help="timed runs per graph per round")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default=str(ROOT / "runs" / "bench_onnx"))
+    ap.add_argument("--no-docs", action="store_true")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name, (fp_path, q_path, shape) in make_graphs(out).items():
+        sess = {"fp32": session(fp_path, args.threads), "w8a8": session(q_path, args.threads)}
+        for batch in (1, 32):
+            x = np.random.default_rng(0).standard_normal((batch, *shape)).astype(np.float32)
+            times: dict[str, list[float]] = {k: [] for k in sess}
+            iters = max(2, args.iters if batch == 1 else args.iters // 4)
+            for s in sess.values():
+                s.run(None, {"input": x})  # warm-up
+            for _ in range(args.rounds):
+                for k, s in sess.items():
+                    t0 = time.perf_counter()
+                    for _ in range(iters):
+                        s.run(None, {"input": x})
+                    times[k].append((time.perf_counter() - t0) / iters * 1e3)
+            med = {k: statistics.median(v) for k, v in times.items()}
+            row = {"model": name, "batch": batch, "fp32_ms": med["fp32"], "w8a8_ms": med["w8a8"],
+                   "speedup": med["fp32"] / med["w8a8"], "fp32_mb": fp_path.stat().st_size / 2**20,
+                   "w8a8_mb": q_path.stat().st_size / 2**20,
+                   "round_ratios": [f / q for f, q in zip(times["fp32"], times["w8a8"])]}
+            rows.append(row)
+            print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
+    (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
+    if args.no_docs:
+        return
+    lines = [
+        "## onnx: file size and onnxruntime CPU latency, FP32 vs W8A8 QDQ",
+        "",
+        f"`python tools/bench_onnx.py --rounds {args.rounds} --iters {args.iters} --threads {args.threads}` · {stamp()}",
+        "",
+        f"onnxruntime CPUExecutionProvider, default graph optimisations, {args.threads} intra-op thread(s); median "
+        f"of {args.rounds} interleaved rounds. The ratio is the result; absolute times on this shared machine are "
+        "indicative only. ResNet-20 is the real `../shared` network (rtn W8A8); resnet18 has random weights.",
+        "",
+        "| model | batch | FP32 ms | W8A8 QDQ ms | speed-up (FP32 / QDQ) | per-round ratios (min–max) | FP32 file | QDQ file |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        rr = r["round_ratios"]
+        lines.append(f"| {r['model']} | {r['batch']} | {r['fp32_ms']:.2f} | {r['w8a8_ms']:.2f} | {r['speedup']:.2f}× "
+                     f"| {min(rr):.2f}–{max(rr):.2f} | {r['fp32_mb']:.2f} MiB | {r['w8a8_mb']:.2f} MiB |")
+    update_section("onnx", "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
