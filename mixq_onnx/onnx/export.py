@@ -25,6 +25,7 @@ import torch.nn as nn
 from ..errors import MixqError
 from ..utils import atomic_path
 from .markers import DOMAIN, marker_mode, translation_table
+from .passes import split_fused_qkv
 
 OPSET = 21
 IR_VERSION = 10
@@ -318,6 +319,7 @@ def export_qdq(qmodel: nn.Module, out: str | os.PathLike) -> Path:
     counts = insert_qdq(model, qs)
     fold_weight_transposes(model)
     fold_pads(model)
+    split_fused_qkv(model)
     name_nodes(model)
     finalize_model(model, {
         "mixq.preprocessing": _preprocessing(qmodel),

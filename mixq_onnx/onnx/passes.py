@@ -1,0 +1,257 @@
+"""Graph rewrites on the exported onnx-ir model that keep its exact semantics but give TensorRT the
+form its INT8 fusions need.
+
+`split_fused_qkv`: a fused projection whose output is only ever split along a reshaped output axis
+(a ViT's `qkv = Linear(x).reshape(B, N, 3, H, Dh).permute(2, 0, 3, 1, 4); q, k, v = qkv.unbind(0)`)
+becomes one GEMM per part, each on a column slice of the INT8 weight. TensorRT(-RTX) otherwise
+pushes the split into the weight: it dequantizes that weight to float in a separate kernel and runs
+the projection as a float GEMM.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+_LABELS3 = ("q", "k", "v")
+
+
+def _const_array(v) -> np.ndarray | None:
+    if v is None:
+        return None
+    import onnx_ir as ir
+
+    t = ir.convenience.get_const_tensor(v)
+    return None if t is None else np.asarray(t.numpy())
+
+
+def _ints(v) -> list[int] | None:
+    a = _const_array(v)
+    if a is None or a.dtype.kind not in "iu":
+        return None
+    return [int(x) for x in a.reshape(-1)]
+
+
+def _attr_int(node, name: str, default: int) -> int:
+    a = node.attributes.get(name)
+    return default if a is None else a.as_int()
+
+
+def _single_user(value):
+    """The one node reading `value` (and that it is no graph output), else None."""
+    if value is None or value.is_graph_output():
+        return None
+    uses = list(value.uses())
+    if len(uses) != 1:
+        return None
+    return uses[0][0]
+
+
+def _squeezed_axis0(node) -> bool:
+    if node.op_type != "Squeeze" or node.domain not in ("", "ai.onnx"):
+        return False
+    if len(node.inputs) > 1 and node.inputs[1] is not None:
+        axes = _ints(node.inputs[1])
+    else:
+        a = node.attributes.get("axes")
+        axes = list(a.as_ints()) if a is not None else None
+    return axes == [0]
+
+
+def _picks(transpose, parts: int) -> list[tuple[int, Any, list]] | None:
+    """Every reader of the transposed tensor selects one part along axis 0: Slice(i:i+1, axis 0) ->
+    Squeeze(0), or Gather(axis 0, scalar i). Returns (part, value that holds it, nodes to drop)."""
+    out = transpose.outputs[0]
+    if out.is_graph_output():
+        return None
+    picks = []
+    for user, idx in list(out.uses()):
+        if idx != 0 or user.domain not in ("", "ai.onnx"):
+            return None
+        if user.op_type == "Gather":
+            ind = _const_array(user.inputs[1])
+            if _attr_int(user, "axis", 0) != 0 or ind is None or ind.ndim != 0 or ind.dtype.kind not in "iu":
+                return None
+            i = int(ind)
+            i = i + parts if i < 0 else i
+            if not 0 <= i < parts:
+                return None
+            if user.outputs[0].is_graph_output():
+                return None
+            picks.append((i, user.outputs[0], [user]))
+        elif user.op_type == "Slice":
+            starts, ends = _ints(user.inputs[1]), _ints(user.inputs[2])
+            axes = _ints(user.inputs[3]) if len(user.inputs) > 3 and user.inputs[3] is not None else [0]
+            steps = _ints(user.inputs[4]) if len(user.inputs) > 4 and user.inputs[4] is not None else [1]
+            if starts is None or ends is None or axes not in ([0], [-len(transpose.attributes["perm"].as_ints())]) \
+                    or steps != [1] or len(starts) != 1 or len(ends) != 1:
+                return None
+            s, e = starts[0], ends[0]
+            s = max(0, min(parts, s + parts if s < 0 else s))
+            e = max(0, min(parts, e + parts if e < 0 else e))
+            sq = _single_user(user.outputs[0])
+            if e - s != 1 or sq is None or not _squeezed_axis0(sq) or sq.outputs[0].is_graph_output():
+                return None
+            picks.append((s, sq.outputs[0], [sq, user]))
+        else:
+            return None
+    return picks or None
+
+
+def _unique(graph, name: str, taken: set[str]) -> str:
+    base, k = name, 1
+    while name in taken or name in graph.initializers:
+        name = f"{base}_{k}"
+        k += 1
+    taken.add(name)
+    return name
+
+
+def split_fused_qkv(model) -> int:
+    """MatMul(x, DQ(W[K, N])) [+ Add(b[N])] -> Reshape(..., S, ...) -> Transpose(S axis first) -> per-part
+    Slice+Squeeze / Gather  ==>  per part p: MatMul(x, DQ(W[:, p*N/S:(p+1)*N/S])) [+ Add(b slice)] ->
+    Reshape -> Transpose, feeding the part's readers directly. Returns the number of GEMMs split."""
+    import onnx_ir as ir
+
+    graph = model.graph
+    taken = {v.name for n in graph for v in n.outputs if v.name} | {v.name for v in graph.inputs if v.name}
+
+    def const(name: str, array: np.ndarray, dtype=None):
+        name = _unique(graph, name, taken)
+        t = ir.tensor(array, name=name, dtype=dtype)
+        v = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(t.dtype), const_value=t)
+        graph.register_initializer(v)
+        return v
+
+    n_split = 0
+    for mm in list(graph):
+        if mm.op_type != "MatMul" or mm.domain not in ("", "ai.onnx") or mm.graph is not graph:
+            continue
+        x, wv = mm.inputs
+        dq = wv.producer() if wv is not None else None
+        if dq is None or dq.op_type != "DequantizeLinear" or _single_user(wv) is not mm:
+            continue
+        w_int = dq.inputs[0].const_value if dq.inputs[0] is not None else None
+        scale = _const_array(dq.inputs[1])
+        zp_v = dq.inputs[2] if len(dq.inputs) > 2 else None
+        zp = _const_array(zp_v) if zp_v is not None else None
+        if w_int is None or len(w_int.shape) != 2 or scale is None or (zp_v is not None and zp is None):
+            continue
+        if "block_size" in dq.attributes and _attr_int(dq, "block_size", 0):
+            continue
+        n_cols = int(w_int.shape[1])
+        per_channel = scale.size != 1
+        if per_channel and (scale.ndim != 1 or scale.size != n_cols or _attr_int(dq, "axis", 1) not in (1, -1)):
+            continue
+        if zp is not None and zp.size != scale.size:
+            continue
+        known_shape = x.shape if x is not None and x.shape is not None else mm.outputs[0].shape
+        rank = len(known_shape) if known_shape is not None else None
+        if rank is None or rank < 2:
+            continue
+        # optional bias add
+        cur = mm.outputs[0]
+        add = _single_user(cur)
+        bias = bias_v = None
+        if add is not None and add.op_type == "Add":
+            other = add.inputs[1] if add.inputs[0] is cur else add.inputs[0]
+            b, bias_v = _const_array(other), other
+            if b is not None and b.shape in ((n_cols,), (1,) * (b.ndim - 1) + (n_cols,)) and b.ndim <= rank:
+                bias = b.reshape(n_cols)
+                cur = add.outputs[0]
+            else:
+                add = None
+        elif add is not None:
+            add = None
+        reshape = _single_user(cur)
+        if reshape is None or reshape.op_type != "Reshape":
+            continue
+        shape = _ints(reshape.inputs[1])
+        if shape is None or len(shape) < rank + 1:
+            continue
+        parts, rest = shape[rank - 1], list(shape[rank:])
+        if parts < 2 or n_cols % parts or rest.count(-1) > 1 or any(d == 0 or d < -1 for d in rest):
+            continue
+        if -1 in rest:  # the inferred dim is in the split part: only if the prefix provably keeps the rows
+            lead = list(known_shape)[: rank - 1]
+            if not all(p == 0 or (isinstance(d, int) and d == p) for p, d in zip(shape[: rank - 1], lead)):
+                continue
+            known = -int(np.prod(rest))
+            if (n_cols // parts) % known:
+                continue
+            rest[rest.index(-1)] = n_cols // parts // known
+        if parts * int(np.prod(rest)) != n_cols:
+            continue
+        transpose = _single_user(reshape.outputs[0])
+        if transpose is None or transpose.op_type != "Transpose" or "perm" not in transpose.attributes:
+            continue
+        perm = list(transpose.attributes["perm"].as_ints())
+        if len(perm) != len(shape) or perm[0] != rank - 1:
+            continue
+        picks = _picks(transpose, parts)
+        if picks is None:
+            continue
+        sub_perm = [p - (p > rank - 1) for p in perm[1:]]
+        sub_shape = np.array(shape[: rank - 1] + rest, dtype=np.int64)
+        width = n_cols // parts
+        ints = w_int.numpy()
+        labels = _LABELS3 if parts == 3 else tuple(str(i) for i in range(parts))
+        allowzero = _attr_int(reshape, "allowzero", 0)
+        base = mm.name or "MatMul"
+        new_out: dict[int, Any] = {}
+        for i in sorted({p for p, _, _ in picks}):
+            lab = labels[i]
+            cols = slice(i * width, (i + 1) * width)
+            dq_in = [const(f"{dq.inputs[0].name}.{lab}", np.ascontiguousarray(ints[:, cols]), w_int.dtype),
+                     const(f"{dq.inputs[1].name}.{lab}", np.ascontiguousarray(scale[cols])) if per_channel
+                     else dq.inputs[1]]
+            if zp_v is not None:
+                dq_in.append(const(f"{zp_v.name}.{lab}", np.ascontiguousarray(zp[cols])) if per_channel else zp_v)
+            new_dq = ir.node("DequantizeLinear", dq_in, attributes={k: v for k, v in dq.attributes.items()},
+                             name=f"{dq.name}_{lab}", metadata_props=dict(dq.metadata_props))
+            new_dq.outputs[0].name = _unique(graph, f"{wv.name}.{lab}", taken)
+            new_dq.outputs[0].type = wv.type
+            new_dq.outputs[0].shape = ir.Shape([int(w_int.shape[0]), width])
+            nodes = [new_dq]
+            new_mm = ir.node("MatMul", [x, new_dq.outputs[0]], name=f"{base}_{lab}",
+                             metadata_props=dict(mm.metadata_props))
+            nodes.append(new_mm)
+            y = new_mm.outputs[0]
+            if bias is not None:
+                b_v = const(f"{bias_v.name}.{lab}", np.ascontiguousarray(bias[cols]))
+                new_add = ir.node("Add", [y, b_v], name=f"{add.name or 'Add'}_{lab}",
+                                  metadata_props=dict(add.metadata_props))
+                nodes.append(new_add)
+                y = new_add.outputs[0]
+            new_rs = ir.node("Reshape", [y, const(f"{reshape.inputs[1].name}.{lab}", sub_shape)],
+                             attributes={"allowzero": allowzero}, name=f"{reshape.name or 'Reshape'}_{lab}",
+                             metadata_props=dict(reshape.metadata_props))
+            nodes.append(new_rs)
+            y = new_rs.outputs[0]
+            if sub_perm != list(range(len(sub_perm))):
+                new_tr = ir.node("Transpose", [y], attributes={"perm": ir.AttrInt64s("perm", sub_perm)},
+                                 name=f"{transpose.name or 'Transpose'}_{lab}",
+                                 metadata_props=dict(transpose.metadata_props))
+                nodes.append(new_tr)
+                y = new_tr.outputs[0]
+            for nd, orig in zip(nodes[1:], [mm] + ([add] if bias is not None else []) + [reshape, transpose]):
+                nd.outputs[0].name = _unique(graph, f"{orig.outputs[0].name}.{lab}", taken)
+                nd.outputs[0].type = mm.outputs[0].type
+            graph.insert_before(mm, nodes)
+            new_out[i] = y
+        for i, old, dead in picks:
+            y = new_out[i]
+            if y.shape is None:
+                y.shape = old.shape
+            old.replace_all_uses_with(y)
+            for nd in dead:
+                graph.remove(nd, safe=True)
+        stale = (dq.inputs[0], dq.inputs[1], zp_v, bias_v)
+        for nd in (transpose, reshape, add, mm, dq):
+            if nd is not None:
+                graph.remove(nd, safe=True)
+        for v in stale:
+            if v is not None and v.is_initializer() and not v.uses() and not v.is_graph_output():
+                del graph.initializers[v.name]
+        n_split += 1
+    return n_split
