@@ -495,7 +495,11 @@ def verify(**o: Any) -> None:
         click.echo(f"exact run: top-1 agreement {rep.top1_agreement:.2f} % on {rep.n} images, max |diff| "
                    f"{rep.max_abs_diff:.4g}, mean |diff| {rep.mean_abs_diff:.3g}")
         click.echo(f"integer codes: worst quantizer {100 * rep.code_mismatch_fraction:.4f} % differ on the same input, "
+                   f"{100 * rep.segment_code_mismatch:.4f} % teacher-forced, "
                    f"{100 * rep.propagated_code_mismatch:.4f} % end to end (float rounding cascades)")
+        click.echo(f"teacher-forced run: top-1 agreement {rep.forced_top1_agreement:.2f} %, max |diff| "
+                   f"{rep.forced_max_abs_diff:.3g}, worst segment {rep.segment_step_diff:.3g} of a step "
+                   f"({rep.worst_segment}); first free-run divergence: {rep.first_divergence or 'none'}")
         click.echo(f"default optimisations: top-1 agreement {rep.optimized_top1_agreement:.2f} %, max |diff| "
                    f"{rep.optimized_max_abs_diff:.4g}")
 

@@ -186,9 +186,11 @@ def lint(model) -> list[Violation]:
                                                                   f"expected {want} (output channels)"))
 
     # ---- residual adds
-    def layer_out(name: str, depth: int = 0) -> bool:
+    def layer_out(name: str) -> bool:
         p = producer.get(name)
-        return p is not None and p.op_type in ("Conv", "Gemm", "MatMul")
+        if p is not None and p.op_type == "Add" and len(p.input) == 2 and sum(i in const for i in p.input) == 1:
+            p = producer.get(next(i for i in p.input if i not in const))  # MatMul + bias (a Linear on 3-D input)
+        return p is not None and p.op_type in _LAYER_OPS
 
     for n in g.node:
         if n.op_type != "Add" or len(n.input) != 2 or any(i in const for i in n.input):
@@ -196,11 +198,20 @@ def lint(model) -> list[Violation]:
         sides = [layer_out(i) for i in n.input]
         dq_sides = [from_dq(i) for i in n.input]
         for i, d in zip(n.input, dq_sides):
-            if d is not None:
+            # an add with a plain conv output on one side fuses into that conv; a quantized conv output on
+            # the other side is then its residual input (MobileNetV2: block i's output, quantized, is block
+            # i+1's identity), not a Q/DQ that breaks the fusion. Nor is one on a conv output that other
+            # nodes read too (Swin's patch-merging output feeds LayerNorm and the add): it cannot absorb the add.
+            if d is not None and not any(sides):
                 q = producer.get(d.input[0])
-                if q is not None and q.op_type == "QuantizeLinear" and layer_out(q.input[0]):
-                    out.append(Violation("qdq-conv-add", nm(n), f"Q/DQ between {nm(producer[q.input[0]])} and the "
-                                                               "add it feeds: TensorRT cannot fuse the add into the conv"))
+                if q is not None and q.op_type == "QuantizeLinear":
+                    src = q.input[0]
+                    c = producer.get(src)
+                    if c is not None and c.op_type == "Clip" and c.name.rsplit("/", 1)[0] == q.name.rsplit("/", 1)[0]:
+                        src = c.input[0]  # the quantizer's own range Clip (grids narrower than INT8)
+                    if layer_out(src) and len(users.get(src, [])) == 1:
+                        out.append(Violation("qdq-conv-add", nm(n), f"Q/DQ between {nm(producer[src])} and the "
+                                                                   "add it feeds: TensorRT cannot fuse the add into the conv"))
         if sides.count(True) == 1 and not weight_only:
             ident = n.input[sides.index(False)]
             if from_dq(ident) is None:

@@ -26,6 +26,18 @@ class VerifyReport:
     per_quantizer_propagated: dict[str, float] = field(default_factory=dict)
     optimized_top1_agreement: float | None = None
     optimized_max_abs_diff: float | None = None
+    # Teacher-forced run: every PyTorch quantizer outputs onnxruntime's integer codes (times its scale), so
+    # each float input differs from the graph's only by the float ops of its own segment (the ops since
+    # the previous quantizers), not by rounding flips cascading from upstream. A faithful graph gives
+    # differences far below one quantization step and codes that differ only at isolated rounding ties;
+    # a wrong op or a missing Q/DQ gives a sizeable fraction of a step.
+    segment_step_diff: float = 0.0  # worst quantizer: max |x_onnx - x_torch| / scale
+    segment_code_mismatch: float = 0.0  # worst quantizer: fraction of codes that differ
+    forced_max_abs_diff: float = 0.0  # network outputs
+    forced_top1_agreement: float = 0.0
+    worst_segment: str | None = None
+    first_divergence: str | None = None  # free run: first quantizer in graph order whose codes differ
+    per_quantizer_step_diff: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -85,36 +97,60 @@ def verify_onnx(path: str | os.PathLike, qmodel: nn.Module, images: torch.Tensor
     in_name = exact.get_inputs()[0].name
     out_names = [o.name for o in exact.get_outputs()]
     pre = get_preprocessing(qmodel)
-    codes_torch: dict[str, torch.Tensor] = {}
-    hooks = []
-    for name, q in acts.items():
-        def hook(m, args, _out, name=name):
-            codes_torch[name] = m.codes(args[0])
-        hooks.append(q.register_forward_hook(hook))
+    order = [q_outputs[o] for o in q_outputs if q_outputs[o] in acts]  # graph (topological) order
     mism = {n: 0 for n in acts}
     mism_iso = {n: 0 for n in acts}
+    mism_seg = {n: 0 for n in acts}
     total = {n: 0 for n in acts}
-    agree = agree_opt = 0
-    maxd = maxd_opt = 0.0
+    step = {n: 0.0 for n in acts}
+    by_q: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # quantizer -> (onnx codes, onnx float input)
+    state = {"forced": False}
+
+    def hook(m, args, out, name):
+        # compared inside the hook (onnxruntime has run first): no activation is kept per quantizer
+        if name not in by_q:
+            return None
+        ort_codes, ort_x = by_q[name]
+        x_t = args[0].detach().float()
+        tc = m.codes(x_t)
+        if ort_codes.size != tc.numel():
+            return None
+        oc = torch.from_numpy(ort_codes).reshape(tc.shape).to(tc.dtype)
+        differ = int((oc != tc).sum())
+        if not state["forced"]:
+            mism[name] += differ
+            iso = m.codes(torch.from_numpy(ort_x)).numpy()
+            mism_iso[name] += int((ort_codes != iso.reshape(ort_codes.shape)).sum())
+            total[name] += tc.numel()
+            return None
+        mism_seg[name] += differ
+        scale = m.scale.detach()
+        d = (torch.from_numpy(ort_x).reshape(x_t.shape) - x_t).abs().max() / scale
+        step[name] = max(step[name], float(d))
+        return ((oc - m.zero_point) * scale).to(out.dtype)  # continue from onnxruntime's codes
+
+    hooks = [q.register_forward_hook(lambda m, a, o, name=name: hook(m, a, o, name)) for name, q in acts.items()]
+    agree = agree_opt = agree_forced = 0
+    maxd = maxd_opt = maxd_forced = 0.0
     sumd = 0.0
     nel = 0
     try:
         for s in range(0, len(images), batch_size):
             x = pre(images[s:s + batch_size])
-            with torch.no_grad():
-                ref = qmodel(x).float().numpy()
             res = exact.run(out_names, {in_name: x.numpy()})
             out = res[0]
             by_name = dict(zip(out_names, res))
+            by_q.clear()
             for qout, qname in q_outputs.items():
-                if qname not in acts:
-                    continue
-                ort_codes = by_name[qout].astype(np.int32)
-                tc = codes_torch[qname].numpy().astype(np.int32)
-                mism[qname] += int((ort_codes != tc).sum())
-                iso = acts[qname].codes(torch.from_numpy(by_name[q_float_in[qout]])).numpy().astype(np.int32)
-                mism_iso[qname] += int((ort_codes != iso).sum())
-                total[qname] += tc.size
+                if qname in acts:
+                    by_q[qname] = (by_name[qout].astype(np.int32), by_name[q_float_in[qout]])
+            del by_name, res
+            with torch.no_grad():
+                state["forced"] = False
+                ref = qmodel(x).float().numpy()
+                state["forced"] = True
+                forced = qmodel(x).float().numpy()
+            by_q.clear()
             o2 = opt.run(None, {in_name: x.numpy()})[0]
             agree += int((out.argmax(1) == ref.argmax(1)).sum())
             agree_opt += int((o2.argmax(1) == ref.argmax(1)).sum())
@@ -123,18 +159,27 @@ def verify_onnx(path: str | os.PathLike, qmodel: nn.Module, images: torch.Tensor
             sumd += float(d.sum())
             nel += d.size
             maxd_opt = max(maxd_opt, float(np.abs(o2 - ref).max()))
+            maxd_forced = max(maxd_forced, float(np.abs(out - forced).max()))
+            agree_forced += int((out.argmax(1) == forced.argmax(1)).sum())
     finally:
+        state["forced"] = False
         for h in hooks:
             h.remove()
     n = len(images)
     per = {k: (mism_iso[k] / total[k] if total[k] else 0.0) for k in acts}
     prop = {k: (mism[k] / total[k] if total[k] else 0.0) for k in acts}
+    seg = {k: (mism_seg[k] / total[k] if total[k] else 0.0) for k in acts}
+    worst = max(step, key=step.get) if step else None
     rep = VerifyReport(
         n=n, top1_agreement=100.0 * agree / n, max_abs_diff=maxd, mean_abs_diff=sumd / max(nel, 1),
         code_mismatch_fraction=max(per.values()) if per else 0.0,
         propagated_code_mismatch=max(prop.values()) if prop else 0.0,
         per_quantizer=per, per_quantizer_propagated=prop,
         optimized_top1_agreement=100.0 * agree_opt / n, optimized_max_abs_diff=maxd_opt,
+        segment_step_diff=step[worst] if worst is not None else 0.0,
+        segment_code_mismatch=max(seg.values()) if seg else 0.0,
+        forced_max_abs_diff=maxd_forced, forced_top1_agreement=100.0 * agree_forced / n, worst_segment=worst,
+        first_divergence=next((k for k in order if mism[k]), None), per_quantizer_step_diff=step,
     )
     if agree_opt != agree or maxd_opt > 10 * max(maxd, 1e-6):
         rep.warnings.append(

@@ -33,6 +33,7 @@ class QuantConfig:
     warmup: float = 0.2  # fraction of iterations without the rounding regulariser
     beta: tuple[float, float] = (20.0, 2.0)
     p_norm: float = 2.4  # Lp scale search
+    scale_grid: int = 80  # clipping ratios tried by the weight-scale search
     block_size: int | None = None  # INT4 weight-only GEMMs: Linear weights only, block scales along K
     holdout: float = 0.1  # calibration fraction held out for the generalisation gap
     seed: int = 0
@@ -54,6 +55,8 @@ class QuantConfig:
                 raise MixqError(f"--block-size must be one of {', '.join(map(str, BLOCK_SIZES))}, got {self.block_size}")
             if not self.weight_only or self.wbits > 4:
                 raise MixqError("block scales are for INT4 weight-only GEMMs: use --wbits 4 (or less) --abits 16")
+        if self.scale_grid < 1:
+            raise MixqError(f"scale_grid must be at least 1, got {self.scale_grid}")
         if not 0 <= self.drop_prob <= 1:
             raise MixqError(f"--drop-prob must be in [0, 1], got {self.drop_prob}")
         return self

@@ -32,7 +32,8 @@ KEEP_ATTRS = ("mixq_preprocessing", "mixq_source", "num_classes", "pretrained_cf
 _ADD_FUNCS = {operator.add, operator.iadd, torch.add}
 _MATMUL_FUNCS = {operator.matmul, torch.matmul, torch.bmm}
 _SHAPE_METHODS = {"reshape", "view", "permute", "transpose", "contiguous", "flatten", "squeeze", "unsqueeze"}
-_SHAPE_FUNCS = {torch.reshape, torch.permute, torch.transpose, torch.flatten, torch.squeeze, torch.unsqueeze}
+# data movement only (torch.roll: Swin's shifted windows, so shifted and plain blocks get the same placements)
+_SHAPE_FUNCS = {torch.reshape, torch.permute, torch.transpose, torch.flatten, torch.squeeze, torch.unsqueeze, torch.roll}
 
 
 def block_types() -> tuple[type, ...]:

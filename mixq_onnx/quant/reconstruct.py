@@ -103,7 +103,7 @@ def init_scales(gm: nn.Module, calib: torch.Tensor, cfg: QuantConfig) -> None:
     """Lp-optimal per-channel weight scales and per-tensor activation scales (the RTN starting point)."""
     for m in gm.modules():
         if isinstance(m, QUANT_LAYERS):
-            search_weight_scale(m.weight, m.weight_quantizer, p=cfg.p_norm)
+            search_weight_scale(m.weight, m.weight_quantizer, p=cfg.p_norm, grid=cfg.scale_grid)
     acts = [m for m in gm.modules() if isinstance(m, ActQuantizer)]
     if not acts:
         return
