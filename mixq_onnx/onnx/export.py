@@ -76,7 +76,7 @@ def _module_path(node) -> str | None:
     if not ns:
         return None
     best = None
-    for seg in ns.split("/")[1:]:
+    for seg in ns.split("/"):  # "path: Type/.../op_name: aten.op"; the root module has no segment
         name, _, typ = seg.partition(":")
         typ = typ.strip()
         if name.strip() and typ and not typ.startswith(("aten.", "<", "prims.")):
