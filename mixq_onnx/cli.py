@@ -1,11 +1,11 @@
 """The `mixq-onnx` command line: each subcommand is a thin layer over one public library function."""
 from __future__ import annotations
 
-import functools
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import click
 
@@ -306,7 +306,8 @@ def quantize(**o: Any) -> None:
     """Learn rounding and quantizer step sizes on a calibration cache; write quant.json + weights."""
     import torch
 
-    from .quant import QuantConfig, quantize as run_quantize, save_quantized, summarize
+    from .quant import QuantConfig, save_quantized, summarize
+    from .quant import quantize as run_quantize
 
     cfg = QuantConfig(
         wbits=o["wbits"], abits=o["abits"], method=o["method"], symmetric=o["symmetric"],
@@ -458,7 +459,7 @@ def check(onnx_path: str, as_json: bool) -> None:
             k = shown[v.rule] = shown.get(v.rule, 0) + 1
             if v.severity == "error" or k <= 3:
                 click.echo(str(v), err=True)
-        for rule, k in shown.items():
+        for rule in shown:
             hidden = sum(v.rule == rule and v.severity != "error" for v in vs) - 3
             if hidden > 0:
                 click.echo(f"warning: [{rule}] … and {hidden} more", err=True)

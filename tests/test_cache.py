@@ -2,20 +2,18 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
+from conftest import TRAIN_NPZ, need_shared
 
 from mixq_onnx.calib import CalibConfig, CalibrationSet, load_images, make_calibration_cache, verify
 from mixq_onnx.calib import cache as C
 from mixq_onnx.models import load_model
-from conftest import TRAIN_NPZ, need_shared
 
 NOISE = ["calib", "--generator", "noise", "--size", "32", "-q"]
 

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from mixq_onnx.models import load_model
-from conftest import RESNET20, need_shared
 
 
 def _assert_clean_failure(res, root: Path, needle: str) -> None:

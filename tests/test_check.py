@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from mixq_onnx.onnx.check import lint

@@ -16,7 +16,6 @@ from mixq_onnx.calib.prompts import PromptConfig, plan_images
 from mixq_onnx.errors import MixqError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tiny_sd import make_tiny_sd_pipeline  # noqa: E402
 
 SEED = 7
 SIZE = 32

@@ -7,12 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import RESNET20, TRAIN_NPZ, need_shared
 
-from mixq_onnx.calib.filters import score_images
 from mixq_onnx.calib import verify
+from mixq_onnx.calib.filters import score_images
 from mixq_onnx.errors import MixqError
 from mixq_onnx.models import load_model
-from conftest import RESNET20, TRAIN_NPZ, need_shared
 
 
 @need_shared(RESNET20, TRAIN_NPZ)

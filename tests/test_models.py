@@ -3,10 +3,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import RESNET8, RESNET20, RESNET56, TEST_NPZ, need_shared
 
 from mixq_onnx.errors import MixqError
 from mixq_onnx.models import ZOO, get_preprocessing, load_model
-from conftest import RESNET8, RESNET20, RESNET56, TEST_NPZ, need_shared
 
 
 @pytest.mark.parametrize("name", ZOO)

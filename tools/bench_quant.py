@@ -34,7 +34,7 @@ CACHE_ROOT = ROOT / "calib_cache"
 def rows(models: list[str], only: str) -> list[dict]:
     out = []
     for m in models:
-        def add(method, w, a, sym=True, source="real", group="main"):
+        def add(method, w, a, sym=True, source="real", group="main", m=m):
             out.append({"model": m, "method": method, "wbits": w, "abits": a, "symmetric": sym, "source": source,
                         "group": group})
         for w, a in ((8, 8), (4, 8), (4, 4), (2, 4)):

@@ -1,5 +1,15 @@
 """Calibration data: synthetic (diffusion, inversion), real, or noise images in a reusable cache."""
-from .cache import CacheInfo, VerifyResult, default_root, info, list_caches, load_images, remove, resolve_cache, verify
+from .cache import (
+    CacheInfo,
+    VerifyResult,
+    default_root,
+    info,
+    list_caches,
+    load_images,
+    remove,
+    resolve_cache,
+    verify,
+)
 from .classes import ClassVocab, load_classes
 from .dataset import CalibrationSet
 from .prompts import ImagePlan, PromptConfig, plan_images

@@ -18,14 +18,15 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
 from ..errors import CacheLockedError, CorruptCacheError, MixqError
-from ..utils import atomic_write_bytes, atomic_write_json, sha256_bytes, sha256_file
+from ..utils import atomic_write_bytes, sha256_bytes, sha256_file
 
 MANIFEST = "manifest.json"
 RECIPE = "recipe.json"

@@ -1,8 +1,8 @@
 """Safe checkpoint loading: weights_only torch.load or safetensors, wrapper dicts, `module.` prefixes."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import torch
 import torch.nn as nn

@@ -1,8 +1,9 @@
 """The preprocessing a model expects, carried with the model so one calibration cache serves many models."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +32,7 @@ class Preprocessing:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Preprocessing":
+    def from_dict(cls, d: dict[str, Any]) -> Preprocessing:
         return cls(
             input_size=tuple(int(v) for v in d["input_size"]),
             mean=tuple(float(v) for v in d["mean"]),
@@ -44,7 +45,7 @@ class Preprocessing:
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
         input_size: Sequence[int] | int | None = None,
-    ) -> "Preprocessing":
+    ) -> Preprocessing:
         kw: dict[str, Any] = {}
         if mean is not None:
             kw["mean"] = tuple(float(v) for v in mean)

@@ -197,7 +197,7 @@ def lint(model) -> list[Violation]:
             continue
         sides = [layer_out(i) for i in n.input]
         dq_sides = [from_dq(i) for i in n.input]
-        for i, d in zip(n.input, dq_sides):
+        for d in dq_sides:
             # an add with a plain conv output on one side fuses into that conv; a quantized conv output on
             # the other side is then its residual input (MobileNetV2: block i's output, quantized, is block
             # i+1's identity), not a Q/DQ that breaks the fusion. Nor is one on a conv output that other

@@ -3,7 +3,7 @@ that survives torch.onnx's optimiser, so Q/DQ land exactly where PyTorch quantiz
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.nn as nn

@@ -39,7 +39,7 @@ class QuantConfig:
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def validate(self) -> "QuantConfig":
+    def validate(self) -> QuantConfig:
         if self.method not in METHODS:
             raise MixqError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
         if self.preset not in PRESETS:
@@ -61,7 +61,7 @@ class QuantConfig:
             raise MixqError(f"--drop-prob must be in [0, 1], got {self.drop_prob}")
         return self
 
-    def resolved(self) -> "QuantConfig":
+    def resolved(self) -> QuantConfig:
         """Fill unset learning parameters from the preset (the papers' values for `paper`)."""
         paper = self.preset == "paper"
         d = {
@@ -80,7 +80,7 @@ class QuantConfig:
         return self.abits == 16
 
     @classmethod
-    def int4_weight_only(cls, block_size: int = 128, **kw: Any) -> "QuantConfig":
+    def int4_weight_only(cls, block_size: int = 128, **kw: Any) -> QuantConfig:
         """W4A16 for TensorRT's INT4 weight-only GEMMs: Linear weights in blocks, convolutions stay float."""
         return cls(wbits=4, abits=16, method=kw.pop("method", "rtn"), first_last_bits=None,
                    block_size=block_size, **kw)
@@ -91,7 +91,7 @@ class QuantConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "QuantConfig":
+    def from_dict(cls, d: dict[str, Any]) -> QuantConfig:
         names = {f.name for f in fields(cls)}
         kw = {k: v for k, v in d.items() if k in names}
         if "beta" in kw:

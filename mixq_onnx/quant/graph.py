@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import copy
 import operator
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 import torch.fx as fx

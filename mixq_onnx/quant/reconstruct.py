@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -242,7 +243,7 @@ def quantize(model: nn.Module, cfg: QuantConfig, calib: torch.Tensor, *, progres
         all_units = units(gm)
         if cfg.method == "adaround":  # layer-wise: every layer is its own unit
             all_units = [Unit(n, m, "layer") for n, m in gm.named_modules() if isinstance(m, QUANT_LAYERS)]
-            from .graph import execution_order, example_input
+            from .graph import example_input, execution_order
 
             order = execution_order(gm, {u.name: u.module for u in all_units}, example_input(gm))
             all_units = sorted(all_units, key=lambda u: order.index(u.name) if u.name in order else 1 << 30)

@@ -55,7 +55,9 @@ class LayerInfo:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LayerInfo:
-        t = lambda xs: [TensorInfo(**x) for x in xs]
+        def t(xs: list[dict[str, Any]]) -> list[TensorInfo]:
+            return [TensorInfo(**x) for x in xs]
+
         return cls(name=d["name"], layer_type=d["layer_type"], inputs=t(d.get("inputs", [])),
                    constants=t(d.get("constants", [])), outputs=t(d.get("outputs", [])),
                    onnx_nodes=list(d.get("onnx_nodes", [])), tactic=d.get("tactic", ""))
