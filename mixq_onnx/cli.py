@@ -78,6 +78,10 @@ def cli() -> None:
       export    TensorRT-ready QDQ ONNX of a quantized model (or the float model with --fp)
       check     onnx.checker, shape inference and a TensorRT QDQ rules lint
       verify    onnxruntime against the PyTorch fake-quant model: agreement, integer-code mismatch
+      build     TensorRT / TensorRT-RTX engine (strongly typed: precision only from Q/DQ) + plan.json
+      inspect   per-layer engine precision: Int8 MAC share, INT4-weight GEMMs, fallbacks
+      run       inference through an engine (NVIDIA GPU)
+      bench     engine latency against an FP16 engine and onnxruntime (NVIDIA GPU)
     """
 
 
