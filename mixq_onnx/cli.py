@@ -438,10 +438,12 @@ def export(**o: Any) -> None:
         path = export_int4_weight_only(_load_user_model(o), o["out"], block_size=int(o["block_size"]),
                                        log=lambda m: click.echo(f"warning: {m}", err=True))
     else:
-        model = load_quantized(_load_user_model(o), o["quantized"]) if o["model"] else load_quantized_dir(o["quantized"])
-        if o["int4_weight_only"] and not model.mixq_config.block_size:
+        from .quant.io import read_quant_json
+
+        if o["int4_weight_only"] and not read_quant_json(o["quantized"])["config"].get("block_size"):
             raise MixqError(f"{o['quantized']} is not block-quantized weight-only (quantize --wbits 4 --abits 16 "
                             "--block-size N), so it cannot be exported --int4-weight-only; or pass --model instead")
+        model = load_quantized(_load_user_model(o), o["quantized"]) if o["model"] else load_quantized_dir(o["quantized"])
         path = export_qdq(model, o["out"])
     click.echo(str(path))
 

@@ -3,20 +3,10 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
 
 import click
 
 from .errors import MixqError
-
-CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
-
-
-def _emit_json(obj: Any) -> None:
-    from .cli import _emit_json as emit
-
-    emit(obj)
-
 
 _backend_opt = click.option("--backend", type=click.Choice(["tensorrt", "tensorrt-rtx"]), default=None,
                             help="Engine flavour [build default: tensorrt-rtx; run/bench: the plan's].")
@@ -24,6 +14,7 @@ _backend_opt = click.option("--backend", type=click.Choice(["tensorrt", "tensorr
 
 def register(cli: click.Group) -> None:
     """Add the TensorRT commands to `cli` (kept apart so the core CLI never imports TensorRT)."""
+    from .cli import CONTEXT, _emit_json  # called at the end of cli.py, once both exist
 
     @cli.command(context_settings=CONTEXT)
     @click.argument("onnx_path", type=click.Path())
