@@ -413,12 +413,19 @@ def _fp_model_from_dir(qdir: str):
                    "--wbits 4 --abits 16 --block-size N.")
 @click.option("--block-size", type=click.Choice(["32", "64", "128"]), default="128", show_default=True,
               help="INT4 block size along the input features (with --int4-weight-only --model).")
+@click.option("--layout", type=click.Choice(["integer", "dq-scales"]), default="integer", show_default=True,
+              help="Where the scales of a quantized Conv/Gemm/MatMul live. integer: its DQ nodes give integer "
+                   "codes and weights (scale 1) and one Mul(s_x*s_w) per output channel follows, the arithmetic "
+                   "of an INT8 kernel: onnxruntime is bit-identical to PyTorch, TensorRT builds the same INT8 "
+                   "kernels. dq-scales: scales on the DQ nodes (ModelOpt style; lets onnxruntime fuse "
+                   "QLinearConv), but fp32 summation order then flips codes at rounding ties.")
 def export(**o: Any) -> None:
     """Write a QDQ ONNX graph (opset 21, IR 10, dynamic batch) that TensorRT builds into INT8 kernels.
 
-    Weights are INT8 initializers holding the learned integers behind DequantizeLinear (per-channel
-    scale, axis 0); activations get QuantizeLinear/DequantizeLinear exactly where PyTorch quantizes,
-    with a float Clip in front when the grid is narrower than INT8.
+    Weights are INT8 initializers holding the learned integers behind DequantizeLinear (per-channel,
+    axis of the output channels); activations get QuantizeLinear/DequantizeLinear exactly where PyTorch
+    quantizes, with a float Clip in front when the grid is narrower than INT8. See --layout for where
+    the scales are applied.
     """
     from .onnx import export_fp, export_qdq
     from .quant import load_quantized, load_quantized_dir
@@ -444,7 +451,7 @@ def export(**o: Any) -> None:
             raise MixqError(f"{o['quantized']} is not block-quantized weight-only (quantize --wbits 4 --abits 16 "
                             "--block-size N), so it cannot be exported --int4-weight-only; or pass --model instead")
         model = load_quantized(_load_user_model(o), o["quantized"]) if o["model"] else load_quantized_dir(o["quantized"])
-        path = export_qdq(model, o["out"])
+        path = export_qdq(model, o["out"], layout=o["layout"])
     click.echo(str(path))
 
 

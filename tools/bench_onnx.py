@@ -1,12 +1,13 @@
-"""onnxruntime CPU latency and file size: FP32 graph vs W8A8 QDQ graph, measured side by side.
+"""onnxruntime CPU latency and file size: FP32 graph vs W8A8 QDQ graphs (both export layouts), side by side.
 
     python tools/bench_onnx.py                 # ResNet-20 (../shared, real W8A8) and timm resnet18 (224x224)
     python tools/bench_onnx.py --rounds 5 --iters 20
 
-Both graphs of a model run in the same process, interleaved round by round (FP, QDQ, FP, QDQ, ...), so
-the ratio holds even on a busy shared machine; absolute milliseconds are only indicative. onnxruntime
-runs with its default graph optimisations (it fuses Q/DQ into QLinearConv / MatMulInteger kernels),
-one intra-op thread.
+The graphs of a model run in the same process, interleaved round by round (FP, QDQ, QDQ, FP, ...), so
+the ratios hold even on a busy shared machine; absolute milliseconds are only indicative. onnxruntime
+runs with its default graph optimisations, one intra-op thread. The `dq-scales` layout lets it fuse
+Q/DQ into QLinearConv / MatMulInteger kernels; the default `integer` layout (bit-exact with PyTorch)
+runs float convolutions on integer-valued tensors.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmd import ROOT, stamp, update_section  # noqa: E402
 
 
-def make_graphs(out: Path) -> dict[str, tuple[Path, Path, tuple[int, int, int]]]:
+def make_graphs(out: Path) -> dict[str, tuple[Path, Path, Path, tuple[int, int, int]]]:
     import torch
 
     from mixq_onnx.models import load_model
@@ -41,12 +42,12 @@ def make_graphs(out: Path) -> dict[str, tuple[Path, Path, tuple[int, int, int]]]
         fp = load_model("cifar_resnet20", random_init=True)
         q = quantize(fp, QuantConfig(wbits=8, abits=8, method="rtn"), torch.randn(64, 3, 32, 32), progress=False)
     graphs["ResNet-20 (32x32)"] = (export_fp(fp, out / "r20_fp32.onnx"), export_qdq(q, out / "r20_w8a8.onnx"),
-                                   (3, 32, 32))
+                                   export_qdq(q, out / "r20_w8a8_dqs.onnx", layout="dq-scales"), (3, 32, 32))
     fp = load_model("resnet18", random_init=True)
     calib = torch.randn(32, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     q = quantize(fp, QuantConfig(wbits=8, abits=8, method="rtn"), calib, progress=False)
-    graphs["resnet18 (224x224, timm)"] = (export_fp(fp, out / "r18_fp32.onnx"),
-                                          export_qdq(q, out / "r18_w8a8.onnx"), (3, 224, 224))
+    graphs["resnet18 (224x224, timm)"] = (export_fp(fp, out / "r18_fp32.onnx"), export_qdq(q, out / "r18_w8a8.onnx"),
+                                          export_qdq(q, out / "r18_w8a8_dqs.onnx", layout="dq-scales"), (3, 224, 224))
     return graphs
 
 
@@ -75,8 +76,9 @@ def main() -> None:
         write_docs(json.loads((out / "results.json").read_text()), args)
         return
     rows = []
-    for name, (fp_path, q_path, shape) in make_graphs(out).items():
-        sess = {"fp32": session(fp_path, args.threads), "w8a8": session(q_path, args.threads)}
+    for name, (fp_path, q_path, dqs_path, shape) in make_graphs(out).items():
+        sess = {"fp32": session(fp_path, args.threads), "w8a8": session(q_path, args.threads),
+                "w8a8_dqs": session(dqs_path, args.threads)}
         for batch in (1, 32):
             x = np.random.default_rng(0).standard_normal((batch, *shape)).astype(np.float32)
             times: dict[str, list[float]] = {k: [] for k in sess}
@@ -91,9 +93,11 @@ def main() -> None:
                     times[k].append((time.perf_counter() - t0) / iters * 1e3)
             med = {k: statistics.median(v) for k, v in times.items()}
             row = {"model": name, "batch": batch, "fp32_ms": med["fp32"], "w8a8_ms": med["w8a8"],
-                   "speedup": med["fp32"] / med["w8a8"], "fp32_mb": fp_path.stat().st_size / 2**20,
-                   "w8a8_mb": q_path.stat().st_size / 2**20,
-                   "round_ratios": [f / q for f, q in zip(times["fp32"], times["w8a8"])]}
+                   "w8a8_dqs_ms": med["w8a8_dqs"], "speedup": med["fp32"] / med["w8a8"],
+                   "speedup_dqs": med["fp32"] / med["w8a8_dqs"], "fp32_mb": fp_path.stat().st_size / 2**20,
+                   "w8a8_mb": q_path.stat().st_size / 2**20, "w8a8_dqs_mb": dqs_path.stat().st_size / 2**20,
+                   "round_ratios": [f / q for f, q in zip(times["fp32"], times["w8a8"])],
+                   "round_ratios_dqs": [f / q for f, q in zip(times["fp32"], times["w8a8_dqs"])]}
             rows.append(row)
             print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
     (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
@@ -114,7 +118,7 @@ def int8_dot_isa() -> str:
 def write_docs(rows: list[dict], args: argparse.Namespace) -> None:
     isa = int8_dot_isa()
     lines = [
-        "## onnx: file size and onnxruntime CPU latency, FP32 vs W8A8 QDQ",
+        "## onnx: file size and onnxruntime CPU latency, FP32 vs W8A8 QDQ (both layouts)",
         "",
         f"`python tools/bench_onnx.py --rounds {args.rounds} --iters {args.iters} --threads {args.threads}` · {stamp()}",
         "",
@@ -122,18 +126,23 @@ def write_docs(rows: list[dict], args: argparse.Namespace) -> None:
         f"of {args.rounds} interleaved rounds. The ratio is the result; absolute times on this shared machine are "
         "indicative only. ResNet-20 is the real `../shared` network (rtn W8A8); resnet18 has random weights.",
         "",
-        f"int8 dot-product extensions on this CPU: {isa}. Without VNNI, onnxruntime's QLinearConv kernels plus "
-        "the Q/DQ re-quantization cost more than its FP32 convolutions, so the QDQ graph runs *slower* here; "
-        "the graph is made for TensorRT's INT8 kernels (see `inspect`), and its win on CPU is the 3-4x "
-        "smaller file.",
+        f"int8 dot-product extensions on this CPU: {isa}. `integer` is the default export layout (DQ to integer "
+        "codes, one Mul(s_x·s_w) per output channel after the conv; onnxruntime runs it as float convolutions "
+        "on integer-valued tensors, bit-identical to PyTorch). `dq-scales` keeps the scales on the DQ nodes, so "
+        "onnxruntime fuses QLinearConv; without VNNI those int8 kernels plus the re-quantization cost more than "
+        "FP32 convolutions. Both graphs are made for TensorRT's INT8 kernels (see `inspect`, section trt); "
+        "on this CPU their win is the 3-4x smaller file.",
         "",
-        "| model | batch | FP32 ms | W8A8 QDQ ms | speed-up (FP32 / QDQ) | per-round ratios (min–max) | FP32 file | QDQ file |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | batch | FP32 ms | W8A8 `integer` ms | speed-up (FP32 / `integer`) | per-round ratios | "
+        "W8A8 `dq-scales` ms | speed-up (FP32 / `dq-scales`) | per-round ratios | FP32 file | QDQ file (`integer` / `dq-scales`) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        rr = r["round_ratios"]
+        rr, rd = r["round_ratios"], r.get("round_ratios_dqs", [float("nan")])
         lines.append(f"| {r['model']} | {r['batch']} | {r['fp32_ms']:.2f} | {r['w8a8_ms']:.2f} | {r['speedup']:.2f}× "
-                     f"| {min(rr):.2f}–{max(rr):.2f} | {r['fp32_mb']:.2f} MiB | {r['w8a8_mb']:.2f} MiB |")
+                     f"| {min(rr):.2f}–{max(rr):.2f} | {r.get('w8a8_dqs_ms', float('nan')):.2f} "
+                     f"| {r.get('speedup_dqs', float('nan')):.2f}× | {min(rd):.2f}–{max(rd):.2f} "
+                     f"| {r['fp32_mb']:.2f} MiB | {r['w8a8_mb']:.2f} / {r.get('w8a8_dqs_mb', float('nan')):.2f} MiB |")
     update_section("onnx", "\n".join(lines))
 
 

@@ -7,6 +7,9 @@ replaces each marker by the Q/DQ of its quantizer record (the same objects `quan
   8 bits (or unsigned) gets a float Clip(lo*s, hi*s) right before the Q, so kernels only see b-bit codes.
 - TensorFlow-style explicit Pad(0) in front of a Conv is folded into the Conv's pads (Q/DQ sit
   directly on the Conv input, as TensorRT's fusions need).
+- layout "integer" (default, `passes.integer_gemms`): the quantized Conv/Gemm/MatMul reads DQ(scale 1)
+  codes and weights and is followed by Mul(s_x*s_w) per output channel and the bias Add, so
+  onnxruntime's fp32 accumulation is exact and equals the PyTorch layer's integer mode bit for bit.
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ import torch.nn as nn
 from ..errors import MixqError
 from ..utils import atomic_path
 from .markers import DOMAIN, marker_mode, translation_table
-from .passes import split_fused_qkv
+from .passes import integer_gemms, split_fused_qkv
 
 OPSET = 21
 IR_VERSION = 10
@@ -309,9 +312,20 @@ def save_model(model, out: str | os.PathLike) -> Path:
     return out
 
 
-def export_qdq(qmodel: nn.Module, out: str | os.PathLike) -> Path:
-    """Write the QDQ ONNX graph of a quantized model (from `quantize` or `load_quantized`)."""
+LAYOUTS = ("integer", "dq-scales")
+
+
+def export_qdq(qmodel: nn.Module, out: str | os.PathLike, layout: str = "integer") -> Path:
+    """Write the QDQ ONNX graph of a quantized model (from `quantize` or `load_quantized`).
+
+    layout "integer" (default): quantized Conv/Gemm/MatMul read their codes and integer weights through
+    DQ scale 1 and rescale by s_x * s_w afterwards, bit-identical to PyTorch in onnxruntime and the same
+    INT8 kernels in TensorRT. "dq-scales": the scales sit on the DQ nodes (the ModelOpt/onnxruntime
+    layout; onnxruntime can fuse QLinearConv), and float summation order makes near-ties differ."""
     from ..quant.graph import quantizers
+
+    if layout not in LAYOUTS:
+        raise MixqError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
 
     qs = quantizers(qmodel)
     cfg = getattr(qmodel, "mixq_config", None)
@@ -321,7 +335,10 @@ def export_qdq(qmodel: nn.Module, out: str | os.PathLike) -> Path:
     fold_pads(model)
     split_fused_qkv(model)
     name_nodes(model)
+    if layout == "integer":
+        counts["integer_gemms"] = integer_gemms(model)
     finalize_model(model, {
+        "mixq.layout": layout,
         "mixq.preprocessing": _preprocessing(qmodel),
         "mixq.quant_config": cfg.to_dict() if cfg is not None else {},
         "mixq.deployable": str(bool(cfg.symmetric) if cfg is not None else True).lower(),

@@ -6,6 +6,12 @@ form its INT8 fusions need.
 becomes one GEMM per part, each on a column slice of the INT8 weight. TensorRT(-RTX) otherwise
 pushes the split into the weight: it dequantizes that weight to float in a separate kernel and runs
 the projection as a float GEMM.
+
+`integer_gemms`: every quantized Conv/Gemm/MatMul dequantizes its input codes and integer weights with
+scale 1 and rescales its output once per channel by s_x * s_w (then adds the bias), which is the
+arithmetic of an INT8 kernel and of the PyTorch layer in integer mode. onnxruntime's fp32 accumulation
+of integer products is then exact, so its output is bit-identical to PyTorch's; TensorRT folds the
+Mul and Add into the same INT8 kernel's epilogue as it would fold the DQ scales.
 """
 from __future__ import annotations
 
@@ -255,3 +261,130 @@ def split_fused_qkv(model) -> int:
                 del graph.initializers[v.name]
         n_split += 1
     return n_split
+
+
+def _is_act_dq(node) -> bool:
+    """DequantizeLinear of a mixq activation quantizer: Q -> DQ with a constant per-tensor scale."""
+    if node is None or node.op_type != "DequantizeLinear" or "mixq.quantizer" not in node.metadata_props:
+        return False
+    q = node.inputs[0].producer()
+    sc = _const_array(node.inputs[1])
+    return q is not None and q.op_type == "QuantizeLinear" and sc is not None and sc.size == 1
+
+
+def _weight_channels(node, wdq) -> tuple[int, list[int]] | None:
+    """(channel count, shape of the per-channel factor on the layer output) if wdq is a per-channel INT8
+    weight DQ along the layer's output-channel axis, else None."""
+    if wdq is None or wdq.op_type != "DequantizeLinear" or "mixq.quantizer" not in wdq.metadata_props:
+        return None
+    if _attr_int(wdq, "block_size", 0) or _single_user(wdq.outputs[0]) is not node:
+        return None
+    w, sc = _const_array(wdq.inputs[0]), _const_array(wdq.inputs[1])
+    if w is None or sc is None or w.dtype.kind not in "iu" or w.dtype.itemsize != 1 or sc.ndim > 1:
+        return None
+    axis = _attr_int(wdq, "axis", 1)
+    axis = axis + w.ndim if axis < 0 else axis
+    if node.op_type == "Conv":
+        want, shape = 0, [1, -1] + [1] * (w.ndim - 2)
+    elif node.op_type == "Gemm":
+        if _attr_int(node, "transA", 0) or any(
+                a in node.attributes and node.attributes[a].as_float() != 1.0 for a in ("alpha", "beta")):
+            return None
+        want, shape = (0 if _attr_int(node, "transB", 0) else 1), [-1]
+    else:  # MatMul with a 2-D weight [K, N]
+        if w.ndim != 2:
+            return None
+        want, shape = 1, [-1]
+    c = int(w.shape[want])
+    if sc.size not in (1, c) or (sc.size == c and axis != want):
+        return None
+    return c, shape
+
+
+def integer_gemms(model) -> int:
+    """Conv/Gemm/MatMul(DQ(q_x, s_x), DQ(W, s_w)) [+ b]  ==>  Conv/Gemm/MatMul(DQ(q_x, 1), DQ(W, 1))
+    -> Mul(fp32(s_x * s_w)) [-> Add(b)]. Returns the number of layers rewritten."""
+    import onnx_ir as ir
+
+    graph = model.graph
+    todo = []
+    for node in graph:
+        if node.op_type not in ("Conv", "Gemm", "MatMul") or node.domain not in ("", "ai.onnx"):
+            continue
+        if len(node.inputs) < 2 or node.inputs[0] is None or node.inputs[1] is None:
+            continue
+        adq, wdq = node.inputs[0].producer(), node.inputs[1].producer()
+        ch = _weight_channels(node, wdq)
+        bias = node.inputs[2] if len(node.inputs) > 2 else None
+        if not _is_act_dq(adq) or ch is None or (bias is not None and _const_array(bias) is None):
+            continue
+        todo.append((node, adq, wdq, ch, bias))
+    if not todo:
+        return 0
+    one = ir.Value(name="mixq.unit_scale", shape=ir.Shape([]), type=ir.TensorType(ir.DataType.FLOAT),
+                   const_value=ir.tensor(np.array(1.0, np.float32), name="mixq.unit_scale"))
+    graph.register_initializer(one)
+    rewritten = {id(t[0]) for t in todo}
+    int_dq: dict[int, Any] = {}
+    act_scale = {id(t[1]): _const_array(t[1].inputs[1]).astype(np.float32).reshape(()) for t in todo}
+    for node, adq, wdq, (c, shape), bias in todo:
+        # the input codes: DQ with scale 1 (in place when every reader of the DQ is rewritten)
+        if id(adq) not in int_dq:
+            if all(id(u) in rewritten and i == 0 for u, i in adq.outputs[0].uses()) \
+                    and not adq.outputs[0].is_graph_output():
+                adq.replace_input_with(1, one)
+                int_dq[id(adq)] = adq.outputs[0]
+            else:
+                new = ir.node("DequantizeLinear", [adq.inputs[0], one, *adq.inputs[2:]], name=f"{adq.name}_int",
+                              metadata_props=dict(adq.metadata_props))
+                graph.insert_after(adq, new)
+                new.outputs[0].name = f"{adq.outputs[0].name}.int"
+                new.outputs[0].type, new.outputs[0].shape = adq.outputs[0].type, adq.outputs[0].shape
+                int_dq[id(adq)] = new.outputs[0]
+        if node.inputs[0] is not int_dq[id(adq)]:
+            node.replace_input_with(0, int_dq[id(adq)])
+        sx = act_scale[id(adq)]
+        sw = _const_array(wdq.inputs[1]).astype(np.float32).reshape(-1)
+        factor = (sx * np.broadcast_to(sw, (c,))).astype(np.float32)  # fp32 product, as the PyTorch layer
+        wname = wdq.inputs[1].name
+        wdq.replace_input_with(1, _const(graph, f"{wname}.unit", np.ones(sw.shape, np.float32)))
+        base, _, op = (node.name or "gemm/Gemm").rpartition("/")
+        tail = f"_{op.split('_', 1)[1]}" if "_" in op else ""  # split q/k/v GEMMs: MatMul_q -> _q
+        base = base or op
+        meta = {"mixq.rescale": f"{adq.metadata_props['mixq.quantizer']}.scale * "
+                                f"{wdq.metadata_props['mixq.quantizer']}.scale"}
+        out = node.outputs[0]
+        mul = ir.node("Mul", [out, _const(graph, f"{base}{tail}.rescale", factor.reshape(shape))], name=f"{base}/Rescale{tail}",
+                      metadata_props=meta)
+        last = mul
+        if bias is not None:
+            b = _const_array(bias).astype(np.float32).reshape(shape)
+            node.resize_inputs(2)
+            last = ir.node("Add", [mul.outputs[0], _const(graph, f"{base}{tail}.bias", b)], name=f"{base}/Bias{tail}")
+        graph.insert_after(node, [mul] + ([last] if last is not mul else []))
+        for v in (mul.outputs[0], last.outputs[0]):
+            v.type, v.shape = out.type, out.shape
+        orig = out.name  # the layer's output keeps its name (graph outputs, readers); the sum is renamed
+        out.name = f"{base}{tail}.acc"
+        if last is not mul:
+            mul.outputs[0].name = f"{base}{tail}.rescaled"
+        final = last.outputs[0]
+        final.name = orig
+        for user, idx in list(out.uses()):
+            if user is not mul:
+                user.replace_input_with(idx, final)
+        for i, o in enumerate(graph.outputs):
+            if o is out:
+                graph.outputs[i] = final
+    return len(todo)
+
+
+def _const(graph, name: str, array: np.ndarray):
+    import onnx_ir as ir
+
+    taken: set[str] = set()
+    name = _unique(graph, name, taken)
+    t = ir.tensor(array, name=name)
+    v = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(t.dtype), const_value=t)
+    graph.register_initializer(v)
+    return v

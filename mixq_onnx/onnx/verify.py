@@ -181,6 +181,14 @@ def verify_onnx(path: str | os.PathLike, qmodel: nn.Module, images: torch.Tensor
         forced_max_abs_diff=maxd_forced, forced_top1_agreement=100.0 * agree_forced / n, worst_segment=worst,
         first_divergence=next((k for k in order if mism[k]), None), per_quantizer_step_diff=step,
     )
+    from ..quant.modules import QUANT_LAYERS
+
+    big = [m.name for m in qmodel.modules() if isinstance(m, QUANT_LAYERS) and m.integer_mode()
+           and m.max_accumulator() >= 2**24]
+    if big:
+        rep.warnings.append(
+            f"{len(big)} layer(s) ({', '.join(big[:3])}{', …' if len(big) > 3 else ''}) can accumulate beyond 2^24: "
+            "fp32 sums of their integer products are exact only while partial sums stay below it")
     if agree_opt != agree or maxd_opt > 10 * max(maxd, 1e-6):
         rep.warnings.append(
             f"onnxruntime's default optimisations depart from exact QDQ semantics (top-1 agreement "

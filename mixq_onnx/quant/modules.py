@@ -1,5 +1,13 @@
 """Quantized layers: a Conv2d/Linear with its (BN-folded) float weight, a weight quantizer and an
-input quantizer. They are leaves of every trace and map one-to-one onto ONNX Conv/Gemm/MatMul nodes."""
+input quantizer. They are leaves of every trace and map one-to-one onto ONNX Conv/Gemm/MatMul nodes.
+
+Once a quantization is finished (weights frozen as integers, activation scales fixed), a layer runs in
+the integer domain, as an INT8 kernel does: it multiplies the integer codes of its input by the integer
+weights, then rescales once per output channel by s_x * s_w and adds the bias. Sums of integer products
+below 2^24 are exact in fp32 whatever the summation order, so the exported graph, which computes the
+same thing (see `mixq_onnx.onnx.export.integer_gemms`), gives bit-identical results in onnxruntime.
+The float fake-quant form conv(q_x s_x, q_w s_w) would differ from any other runtime in the last bits,
+and near a rounding boundary those bits flip an integer code that then cascades downstream."""
 from __future__ import annotations
 
 import torch
@@ -32,6 +40,38 @@ class _QuantLayer(nn.Module):
         self.weight_quantizer = WeightQuantizer(f"{name}.weight", wbits, symmetric, axis=0, block_size=block_size)
         self.input_quantizer = ActQuantizer(f"{name}.input", abits, symmetric) if abits else None
 
+    def integer_mode(self) -> bool:
+        """True once both quantizers are frozen (evaluation, export checks): run the integer-domain form."""
+        iq, wq = self.input_quantizer, self.weight_quantizer
+        if iq is None or getattr(iq, "export_state", None) is not None or getattr(wq, "export_state", None) is not None:
+            return False  # exporting: the float form with placement markers
+        return (iq.enabled and not iq.observing and not iq.learning and wq.enabled and wq.mode == "int"
+                and not wq.block_size and bool(iq.initialized))
+
+    def rescale(self) -> torch.Tensor:
+        """Per-output-channel fp32 factor s_x * s_w (the exporter writes these very values)."""
+        assert self.input_quantizer is not None
+        return self.input_quantizer.scale.detach().float() * self.weight_quantizer.scale.detach().float().reshape(-1)
+
+    def max_accumulator(self) -> float:
+        """Largest |sum of integer products| any input can produce; fp32 sums stay exact below 2^24."""
+        iq = self.input_quantizer
+        assert iq is not None
+        lo, hi = iq.qrange
+        zp = float(iq.zero_point)
+        w = self.weight_quantizer.int_values().abs().flatten(1).sum(1)
+        return float(w.max()) * max(abs(lo - zp), abs(hi - zp))
+
+    def _integer_input(self, x: torch.Tensor) -> torch.Tensor:
+        # through the quantizer module, so hooks (verify's code checks and teacher forcing) see it
+        iq = self.input_quantizer
+        assert iq is not None
+        return torch.round(iq(x) / iq.scale.detach())
+
+    def _finish(self, acc: torch.Tensor, shape: list[int]) -> torch.Tensor:
+        y = acc * self.rescale().view(shape)
+        return y + self.bias.view(shape) if self.bias is not None else y
+
 
 class QuantConv2d(_QuantLayer):
     def __init__(self, conv: nn.Conv2d, name: str, wbits: int, abits: int | None, symmetric: bool = True):
@@ -43,16 +83,21 @@ class QuantConv2d(_QuantLayer):
         # timm Conv2dSame / the zoo's SamePadConv pad dynamically in TensorFlow style
         self.same_pad = type(conv).__name__ in ("SamePadConv", "Conv2dSame", "StdConv2dSame")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.input_quantizer is not None:
-            x = self.input_quantizer(x)
-        w = self.weight_quantizer(self.weight)
+    def _conv(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.same_pad:
             x = F.pad(x, tf_same_pads(int(x.shape[-2]), int(x.shape[-1]), self.kernel_size, self.stride, self.dilation))
             padding = 0
         else:
             padding = self.padding
-        return F.conv2d(x, w, self.bias, self.stride, padding, self.dilation, self.groups)
+        return F.conv2d(x, w, bias, self.stride, padding, self.dilation, self.groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.integer_mode():
+            acc = self._conv(self._integer_input(x), self.weight_quantizer.int_values(), None)
+            return self._finish(acc, [1, -1, 1, 1])
+        if self.input_quantizer is not None:
+            x = self.input_quantizer(x)
+        return self._conv(x, self.weight_quantizer(self.weight), self.bias)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, k={self.kernel_size}, s={self.stride}, "
@@ -66,6 +111,8 @@ class QuantLinear(_QuantLayer):
         self.in_features, self.out_features = lin.in_features, lin.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.integer_mode():
+            return self._finish(F.linear(self._integer_input(x), self.weight_quantizer.int_values()), [-1])
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
         return F.linear(x, self.weight_quantizer(self.weight), self.bias)

@@ -287,6 +287,12 @@ class WeightQuantizer(_Base):
         s, zp = self._s_zp(w)
         return (self.integers(w) - zp) * s
 
+    def int_values(self) -> torch.Tensor:
+        """Frozen integers minus zero point, as float (the integer-domain operand of the layer)."""
+        shape = [1] * self.int_weight.ndim
+        shape[self.axis] = -1
+        return self.int_weight.float() - self.zero_point.view(shape)
+
     def finalize(self, w: torch.Tensor) -> None:
         """Freeze the current decisions (hard rounding) as stored integers."""
         mode = "hard" if self.mode in ("soft", "hard") else self.mode
