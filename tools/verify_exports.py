@@ -44,6 +44,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     data = SHARED / "data" / "cifar10_test_dev.npz"
     results = []
+    top1: dict[str, float] = {}
     for layout, (label, name) in [(lay, row) for lay in args.layouts.split(",") for row in ROWS]:
         qdir = ROOT / "runs" / "bench_quant" / name
         if not (qdir / "quant.json").is_file():
@@ -60,10 +61,14 @@ def main() -> None:
             vargs += ["--limit", str(args.limit)]
         rep = json.loads(cli(*vargs).stdout.strip().splitlines()[-1])
         t_verify = time.perf_counter() - t0
+        if name not in top1:  # the PyTorch model's own accuracy (integer mode), once per quantization
+            ev = cli("eval", "--quantized", str(qdir), "--data", str(data), "--json",
+                     *(["--limit", str(args.limit)] if args.limit else []))
+            top1[name] = json.loads(ev.stdout.strip().splitlines()[-1])["top1"]
         prop = rep["per_quantizer_propagated"]
         worst_prop = max(prop, key=prop.get)
         row = {
-            "label": label, "layout": layout, "dir": name, "check_ok": chk["ok"], "check_errors": chk["errors"], "n": rep["n"],
+            "label": label, "layout": layout, "dir": name, "pytorch_top1": top1[name], "check_ok": chk["ok"], "check_errors": chk["errors"], "n": rep["n"],
             "top1_agreement": rep["top1_agreement"], "opt_top1_agreement": rep["optimized_top1_agreement"],
             "max_abs_diff": rep["max_abs_diff"], "iso_identical_min": 100 * (1 - rep["code_mismatch_fraction"]),
             "prop_identical_min": 100 * (1 - prop[worst_prop]), "prop_worst": worst_prop,
@@ -89,7 +94,9 @@ def main() -> None:
         "output channel). *Same input*: onnxruntime's float input to each QuantizeLinear is quantized by the "
         "PyTorch quantizer too (faithfulness of every Q/DQ). *End to end*: the two runs' own codes. "
         "*Teacher-forced*: PyTorch continues from onnxruntime's codes at every quantizer, so each quantizer "
-        "only sees the float differences of its own segment.",
+        "only sees the float differences of its own segment. *PyTorch top-1*: `mixq-onnx eval --quantized DIR` "
+        "on the same images (integer mode; the quant section's numbers were taken with the float fake-quant "
+        "form, which differs from it by a few near-tie images).",
         "",
         "Layout `integer` (default): the Conv/Gemm reads DQ(codes, scale 1) and DQ(weights, scale 1), then "
         "Mul(s_x·s_w) and Add(bias); onnxruntime's fp32 sums of integer products are exact, so it computes "
@@ -97,12 +104,12 @@ def main() -> None:
         "the dequantized products in different orders, a rare code next to a rounding boundary flips, and the "
         "flip spreads downstream.",
         "",
-        "| layout | bits | check | top-1 agreement (exact) | top-1 agreement (ORT default opts) | max abs diff | identical codes, same input (worst quantizer) | identical codes, teacher-forced (worst quantizer) | top-1 agreement, teacher-forced | identical codes, end to end (worst quantizer) | quantizers < 99.9 % end to end |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| layout | bits | PyTorch top-1 | check | top-1 agreement (exact) | top-1 agreement (ORT default opts) | max abs diff | identical codes, same input (worst quantizer) | identical codes, teacher-forced (worst quantizer) | top-1 agreement, teacher-forced | identical codes, end to end (worst quantizer) | quantizers < 99.9 % end to end |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         lines.append(
-            f"| `{r['layout']}` | {r['label']} | {'ok' if r['check_ok'] else str(r['check_errors']) + ' errors'} | {r['top1_agreement']:.2f} % "
+            f"| `{r['layout']}` | {r['label']} | {r['pytorch_top1']:.2f} % | {'ok' if r['check_ok'] else str(r['check_errors']) + ' errors'} | {r['top1_agreement']:.2f} % "
             f"| {r['opt_top1_agreement']:.2f} % | {r['max_abs_diff']:.3g} | {r['iso_identical_min']:.4f} % "
             f"| {r['forced_identical_min']:.4f} % | {r['forced_top1_agreement']:.2f} % "
             f"| {r['prop_identical_min']:.3f} % (`{r['prop_worst']}`) | {r['prop_quantizers_below_99_9']} of "
