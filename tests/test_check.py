@@ -184,3 +184,26 @@ def test_weight_only_int4_matmul_passes_with_float_input_as_warning():
 
 def test_block_scales_on_the_wrong_axis():
     assert ("block-axis", "w/DQ") in _rules(int4_matmul_model(axis=1))
+
+
+def _unit_dq(m):
+    m.graph.initializer.append(_t("one", np.float32(1.0)))
+    _node(m, "in/DQ").input[1] = "one"
+
+
+def test_qdq_scale_pair_without_rescale():
+    """Q(s) -> DQ(1) feeding a Conv that nothing rescales: every value is off by a factor s."""
+    m = clean_model()
+    _unit_dq(m)
+    assert ("qdq-scale-pair", "in/DQ") in _rules(m)
+
+
+def test_integer_layout_pair_with_rescale_passes():
+    """The export's integer layout: Q(s) -> DQ(1) -> Conv -> Mul(s * s_w) is legitimate."""
+    m = clean_model()
+    _unit_dq(m)
+    conv = _node(m, "conv")
+    conv.output[0] = "acc"
+    m.graph.initializer.append(_t("r", np.full((1, 4, 1, 1), 0.05 * 0.01, np.float32)))
+    m.graph.node.insert(list(m.graph.node).index(conv) + 1, helper.make_node("Mul", ["acc", "r"], ["c"], name="rescale"))
+    assert lint(m) == []

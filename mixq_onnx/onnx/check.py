@@ -131,6 +131,22 @@ def lint(model) -> list[Violation]:
                 out.append(Violation("int-clip", nm(p), "Clip in the integer domain between Q and DQ; "
                                                          "clip the float input before the Q instead"))
 
+    # ---- Q -> DQ pairs with different scales: only the integer layout's DQ(codes, scale 1) is legitimate,
+    # and only when every reader is a Conv/Gemm/MatMul whose output is rescaled by a constant Mul
+    for n in g.node:
+        if n.op_type != "DequantizeLinear" or producer.get(n.input[0]) is None:
+            continue
+        q = producer[n.input[0]]
+        sq, sd = (arr(q.input[1]) if len(q.input) > 1 else None), (arr(n.input[1]) if len(n.input) > 1 else None)
+        if q.op_type != "QuantizeLinear" or sq is None or sd is None or np.array_equal(sq, sd):
+            continue
+        for u in users.get(n.output[0], []):
+            after = users.get(u.output[0], []) if u.op_type in _LAYER_OPS else []
+            if not (len(after) == 1 and after[0].op_type == "Mul" and any(i in const for i in after[0].input)):
+                out.append(Violation("qdq-scale-pair", nm(n), f"DQ scale {float(sd.reshape(-1)[0]):.6g} differs from "
+                                                              f"its Q's {float(sq.reshape(-1)[0]):.6g} and {nm(u)} "
+                                                              "does not rescale its output: values change by their ratio"))
+
     # ---- layers
     def from_dq(name: str):
         p = producer.get(name)
