@@ -506,7 +506,7 @@ def verify(**o: Any) -> None:
     if o["as_json"]:
         _emit_json(rep.to_dict())
     else:
-        click.echo(f"exact run: top-1 agreement {rep.top1_agreement:.2f} % on {rep.n} images, max |diff| "
+        click.echo(f"layout {rep.layout}; exact run: top-1 agreement {rep.top1_agreement:.2f} % on {rep.n} images, max |diff| "
                    f"{rep.max_abs_diff:.4g}, mean |diff| {rep.mean_abs_diff:.3g}")
         click.echo(f"integer codes: worst quantizer {100 * rep.code_mismatch_fraction:.4f} % differ on the same input, "
                    f"{100 * rep.segment_code_mismatch:.4f} % teacher-forced, "

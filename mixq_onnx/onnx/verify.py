@@ -38,6 +38,7 @@ class VerifyReport:
     worst_segment: str | None = None
     first_divergence: str | None = None  # free run: first quantizer in graph order whose codes differ
     per_quantizer_step_diff: dict[str, float] = field(default_factory=dict)
+    layout: str = "dq-scales"  # export layout recorded in the graph (integer: bit-exact by construction)
     warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -75,9 +76,11 @@ def verify_onnx(path: str | os.PathLike, qmodel: nn.Module, images: torch.Tensor
     if not path.is_file():
         raise MixqError(f"ONNX model not found: {path}")
     try:
-        graph = onnx.load(str(path), load_external_data=False).graph
+        proto = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # noqa: BLE001
         raise MixqError(f"cannot read ONNX model {path}: {e}") from None
+    graph = proto.graph
+    layout = next((p.value for p in proto.metadata_props if p.key == "mixq.layout"), "dq-scales")
     q_outputs = {n.output[0]: n.name.rsplit("/", 1)[0] for n in graph.node if n.op_type == "QuantizeLinear"}
     producer = {o: n for n in graph.node for o in n.output}
     q_float_in = {}  # Q output -> the float tensor the quantizer sees (before its Clip, if any)
@@ -179,7 +182,7 @@ def verify_onnx(path: str | os.PathLike, qmodel: nn.Module, images: torch.Tensor
         segment_step_diff=step[worst] if worst is not None else 0.0,
         segment_code_mismatch=max(seg.values()) if seg else 0.0,
         forced_max_abs_diff=maxd_forced, forced_top1_agreement=100.0 * agree_forced / n, worst_segment=worst,
-        first_divergence=next((k for k in order if mism[k]), None), per_quantizer_step_diff=step,
+        first_divergence=next((k for k in order if mism[k]), None), per_quantizer_step_diff=step, layout=layout,
     )
     from ..quant.modules import QUANT_LAYERS
 
