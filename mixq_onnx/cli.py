@@ -417,8 +417,8 @@ def _fp_model_from_dir(qdir: str):
               help="Where the scales of a quantized Conv/Gemm/MatMul live. integer: its DQ nodes give integer "
                    "codes and weights (scale 1) and one Mul(s_x*s_w) per output channel follows, the arithmetic "
                    "of an INT8 kernel: onnxruntime is bit-identical to PyTorch, TensorRT builds the same INT8 "
-                   "kernels. dq-scales: scales on the DQ nodes (ModelOpt style; lets onnxruntime fuse "
-                   "QLinearConv), but fp32 summation order then flips codes at rounding ties.")
+                   "kernels. dq-scales: scales on the DQ nodes (the ModelOpt layout, for tools that expect it); "
+                   "fp32 summation order then flips rare codes at rounding ties between runtimes.")
 def export(**o: Any) -> None:
     """Write a QDQ ONNX graph (opset 21, IR 10, dynamic batch) that TensorRT builds into INT8 kernels.
 

@@ -5,9 +5,8 @@
 
 The graphs of a model run in the same process, interleaved round by round (FP, QDQ, QDQ, FP, ...), so
 the ratios hold even on a busy shared machine; absolute milliseconds are only indicative. onnxruntime
-runs with its default graph optimisations, one intra-op thread. The `dq-scales` layout lets it fuse
-Q/DQ into QLinearConv / MatMulInteger kernels; the default `integer` layout (bit-exact with PyTorch)
-runs float convolutions on integer-valued tensors.
+runs with its default graph optimisations, one intra-op thread; the table lists the compute kernels
+its optimiser leaves in each graph (saved with `optimized_model_filepath`).
 """
 from __future__ import annotations
 
@@ -51,6 +50,23 @@ def make_graphs(out: Path) -> dict[str, tuple[Path, Path, Path, tuple[int, int, 
     return graphs
 
 
+def ort_kernels(path: Path, out: Path) -> str:
+    """Compute ops (convolutions, GEMMs, their integer forms) left after onnxruntime's default optimiser."""
+    from collections import Counter
+
+    import onnx
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    opt = out / f"{path.stem}.ort-optimized.onnx"
+    so.optimized_model_filepath = str(opt)
+    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    ops = Counter(n.op_type for n in onnx.load(str(opt)).graph.node)
+    keep = [k for k in ops if "Conv" in k or "Gemm" in k or "MatMul" in k or k in ("QuantizeLinear", "DequantizeLinear")]
+    return ", ".join(f"{k} {ops[k]}" for k in sorted(keep))
+
+
 def session(path: Path, threads: int):
     import onnxruntime as ort
 
@@ -77,6 +93,7 @@ def main() -> None:
         return
     rows = []
     for name, (fp_path, q_path, dqs_path, shape) in make_graphs(out).items():
+        kern = {k: ort_kernels(pth, out) for k, pth in (("fp32", fp_path), ("integer", q_path), ("dq-scales", dqs_path))}
         sess = {"fp32": session(fp_path, args.threads), "w8a8": session(q_path, args.threads),
                 "w8a8_dqs": session(dqs_path, args.threads)}
         for batch in (1, 32):
@@ -97,7 +114,8 @@ def main() -> None:
                    "speedup_dqs": med["fp32"] / med["w8a8_dqs"], "fp32_mb": fp_path.stat().st_size / 2**20,
                    "w8a8_mb": q_path.stat().st_size / 2**20, "w8a8_dqs_mb": dqs_path.stat().st_size / 2**20,
                    "round_ratios": [f / q for f, q in zip(times["fp32"], times["w8a8"])],
-                   "round_ratios_dqs": [f / q for f, q in zip(times["fp32"], times["w8a8_dqs"])]}
+                   "round_ratios_dqs": [f / q for f, q in zip(times["fp32"], times["w8a8_dqs"])],
+                   "ort_kernels": kern}
             rows.append(row)
             print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
     (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
@@ -127,22 +145,28 @@ def write_docs(rows: list[dict], args: argparse.Namespace) -> None:
         "indicative only. ResNet-20 is the real `../shared` network (rtn W8A8); resnet18 has random weights.",
         "",
         f"int8 dot-product extensions on this CPU: {isa}. `integer` is the default export layout (DQ to integer "
-        "codes, one Mul(s_x·s_w) per output channel after the conv; onnxruntime runs it as float convolutions "
-        "on integer-valued tensors, bit-identical to PyTorch). `dq-scales` keeps the scales on the DQ nodes, so "
-        "onnxruntime fuses QLinearConv; without VNNI those int8 kernels plus the re-quantization cost more than "
-        "FP32 convolutions. Both graphs are made for TensorRT's INT8 kernels (see `inspect`, section trt); "
-        "on this CPU their win is the 3-4x smaller file.",
+        "codes, one Mul(s_x·s_w) per output channel after the conv; bit-identical to PyTorch); `dq-scales` keeps "
+        "the scales on the DQ nodes. onnxruntime's CPU optimiser forms no integer kernel from either (its "
+        "QDQ→QLinearConv fusion needs the conv output to go straight to a Q; here a ReLU, the rescale or a "
+        "residual add sits in between), so both run float convolutions plus the Q/DQ work and are slower than "
+        "FP32. Both graphs are made for TensorRT's INT8 kernels (see `inspect`, section trt); on this CPU "
+        "their win is the 3-4x smaller file.",
         "",
         "| model | batch | FP32 ms | W8A8 `integer` ms | speed-up (FP32 / `integer`) | per-round ratios | "
         "W8A8 `dq-scales` ms | speed-up (FP32 / `dq-scales`) | per-round ratios | FP32 file | QDQ file (`integer` / `dq-scales`) |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    kernels = []
     for r in rows:
         rr, rd = r["round_ratios"], r.get("round_ratios_dqs", [float("nan")])
         lines.append(f"| {r['model']} | {r['batch']} | {r['fp32_ms']:.2f} | {r['w8a8_ms']:.2f} | {r['speedup']:.2f}× "
                      f"| {min(rr):.2f}–{max(rr):.2f} | {r.get('w8a8_dqs_ms', float('nan')):.2f} "
                      f"| {r.get('speedup_dqs', float('nan')):.2f}× | {min(rd):.2f}–{max(rd):.2f} "
                      f"| {r['fp32_mb']:.2f} MiB | {r['w8a8_mb']:.2f} / {r.get('w8a8_dqs_mb', float('nan')):.2f} MiB |")
+        if r.get("ort_kernels") and r["batch"] == 1:
+            kernels.append(f"- {r['model']}: " + "; ".join(f"`{k}`: {v}" for k, v in r["ort_kernels"].items()))
+    if kernels:
+        lines += ["", "Compute kernels in onnxruntime's optimised graphs:", "", *kernels]
     update_section("onnx", "\n".join(lines))
 
 

@@ -320,8 +320,8 @@ def export_qdq(qmodel: nn.Module, out: str | os.PathLike, layout: str = "integer
 
     layout "integer" (default): quantized Conv/Gemm/MatMul read their codes and integer weights through
     DQ scale 1 and rescale by s_x * s_w afterwards, bit-identical to PyTorch in onnxruntime and the same
-    INT8 kernels in TensorRT. "dq-scales": the scales sit on the DQ nodes (the ModelOpt/onnxruntime
-    layout; onnxruntime can fuse QLinearConv), and float summation order makes near-ties differ."""
+    INT8 kernels in TensorRT. "dq-scales": the scales sit on the DQ nodes (the ModelOpt layout), and
+    float summation order makes near-ties differ between runtimes."""
     from ..quant.graph import quantizers
 
     if layout not in LAYOUTS:
