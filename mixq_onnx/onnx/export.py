@@ -28,7 +28,7 @@ import torch.nn as nn
 from ..errors import MixqError
 from ..utils import atomic_path
 from .markers import DOMAIN, marker_mode, translation_table
-from .passes import integer_gemms, split_fused_qkv
+from .passes import _const, _replace_uses, integer_gemms, split_fused_qkv
 
 OPSET = 21
 IR_VERSION = 10
@@ -85,25 +85,6 @@ def _module_path(node) -> str | None:
         if name.strip() and typ and not typ.startswith(("aten.", "<", "prims.")):
             best = name.strip()
     return best
-
-
-def _const(graph, name: str, array: np.ndarray, dtype=None):
-    import onnx_ir as ir
-
-    t = ir.tensor(array, name=name, dtype=dtype)
-    v = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(t.dtype), const_value=t)
-    graph.register_initializer(v)
-    return v
-
-
-def _replace_uses(old, new) -> None:
-    for user, idx in list(old.uses()):
-        user.replace_input_with(idx, new)
-    graph = old.graph
-    if graph is not None:
-        for i, out in enumerate(graph.outputs):
-            if out is old:
-                graph.outputs[i] = new
 
 
 def insert_qdq(model, qs: dict[str, Any]) -> dict[str, int]:

@@ -104,6 +104,10 @@ def _picks(transpose, parts: int) -> list[tuple[int, Any, list]] | None:
     return picks or None
 
 
+def _value_names(graph) -> set[str]:
+    return {v.name for n in graph for v in n.outputs if v.name} | {v.name for v in graph.inputs if v.name}
+
+
 def _unique(graph, name: str, taken: set[str]) -> str:
     base, k = name, 1
     while name in taken or name in graph.initializers:
@@ -120,14 +124,10 @@ def split_fused_qkv(model) -> int:
     import onnx_ir as ir
 
     graph = model.graph
-    taken = {v.name for n in graph for v in n.outputs if v.name} | {v.name for v in graph.inputs if v.name}
+    taken = _value_names(graph)
 
     def const(name: str, array: np.ndarray, dtype=None):
-        name = _unique(graph, name, taken)
-        t = ir.tensor(array, name=name, dtype=dtype)
-        v = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(t.dtype), const_value=t)
-        graph.register_initializer(v)
-        return v
+        return _const(graph, _unique(graph, name, taken), array, dtype)
 
     n_split = 0
     for mm in list(graph):
@@ -263,6 +263,27 @@ def split_fused_qkv(model) -> int:
     return n_split
 
 
+def _const(graph, name: str, array: np.ndarray, dtype=None):
+    """Register `array` as an initializer called `name` and return its value."""
+    import onnx_ir as ir
+
+    t = ir.tensor(array, name=name, dtype=dtype)
+    v = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(t.dtype), const_value=t)
+    graph.register_initializer(v)
+    return v
+
+
+def _replace_uses(old, new) -> None:
+    """Every reader of `old` (graph outputs included) reads `new` instead."""
+    for user, idx in list(old.uses()):
+        user.replace_input_with(idx, new)
+    graph = old.graph
+    if graph is not None:
+        for i, out in enumerate(graph.outputs):
+            if out is old:
+                graph.outputs[i] = new
+
+
 def _is_act_dq(node) -> bool:
     """DequantizeLinear of a mixq activation quantizer: Q -> DQ with a constant per-tensor scale."""
     if node is None or node.op_type != "DequantizeLinear" or "mixq.quantizer" not in node.metadata_props:
@@ -321,9 +342,13 @@ def integer_gemms(model) -> int:
         todo.append((node, adq, wdq, ch, bias))
     if not todo:
         return 0
-    one = ir.Value(name="mixq.unit_scale", shape=ir.Shape([]), type=ir.TensorType(ir.DataType.FLOAT),
-                   const_value=ir.tensor(np.array(1.0, np.float32), name="mixq.unit_scale"))
-    graph.register_initializer(one)
+    taken = _value_names(graph)
+
+    def const(name: str, array: np.ndarray):
+        return _const(graph, _unique(graph, name, taken), array)
+
+    one = const("mixq.unit_scale", np.array(1.0, np.float32))
+
     rewritten = {id(t[0]) for t in todo}
     int_dq: dict[int, Any] = {}
     act_scale = {id(t[1]): _const_array(t[1].inputs[1]).astype(np.float32).reshape(()) for t in todo}
@@ -347,20 +372,20 @@ def integer_gemms(model) -> int:
         sw = _const_array(wdq.inputs[1]).astype(np.float32).reshape(-1)
         factor = (sx * np.broadcast_to(sw, (c,))).astype(np.float32)  # fp32 product, as the PyTorch layer
         wname = wdq.inputs[1].name
-        wdq.replace_input_with(1, _const(graph, f"{wname}.unit", np.ones(sw.shape, np.float32)))
+        wdq.replace_input_with(1, const(f"{wname}.unit", np.ones(sw.shape, np.float32)))
         base, _, op = (node.name or "gemm/Gemm").rpartition("/")
         tail = f"_{op.split('_', 1)[1]}" if "_" in op else ""  # split q/k/v GEMMs: MatMul_q -> _q
         base = base or op
         meta = {"mixq.rescale": f"{adq.metadata_props['mixq.quantizer']}.scale * "
                                 f"{wdq.metadata_props['mixq.quantizer']}.scale"}
         out = node.outputs[0]
-        mul = ir.node("Mul", [out, _const(graph, f"{base}{tail}.rescale", factor.reshape(shape))], name=f"{base}/Rescale{tail}",
+        mul = ir.node("Mul", [out, const(f"{base}{tail}.rescale", factor.reshape(shape))], name=f"{base}/Rescale{tail}",
                       metadata_props=meta)
         last = mul
         if bias is not None:
             b = _const_array(bias).astype(np.float32).reshape(shape)
             node.resize_inputs(2)
-            last = ir.node("Add", [mul.outputs[0], _const(graph, f"{base}{tail}.bias", b)], name=f"{base}/Bias{tail}")
+            last = ir.node("Add", [mul.outputs[0], const(f"{base}{tail}.bias", b)], name=f"{base}/Bias{tail}")
         graph.insert_after(node, [mul] + ([last] if last is not mul else []))
         for v in (mul.outputs[0], last.outputs[0]):
             v.type, v.shape = out.type, out.shape
@@ -368,23 +393,7 @@ def integer_gemms(model) -> int:
         out.name = f"{base}{tail}.acc"
         if last is not mul:
             mul.outputs[0].name = f"{base}{tail}.rescaled"
-        final = last.outputs[0]
-        final.name = orig
-        for user, idx in list(out.uses()):
-            if user is not mul:
-                user.replace_input_with(idx, final)
-        for i, o in enumerate(graph.outputs):
-            if o is out:
-                graph.outputs[i] = final
+        last.outputs[0].name = orig
+        _replace_uses(out, last.outputs[0])
+        mul.replace_input_with(0, out)  # the rescale itself still reads the sum
     return len(todo)
-
-
-def _const(graph, name: str, array: np.ndarray):
-    import onnx_ir as ir
-
-    taken: set[str] = set()
-    name = _unique(graph, name, taken)
-    t = ir.tensor(array, name=name)
-    v = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(t.dtype), const_value=t)
-    graph.register_initializer(v)
-    return v

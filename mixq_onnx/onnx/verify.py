@@ -70,6 +70,7 @@ def verify_onnx(path: str | os.PathLike, qmodel: nn.Module, images: torch.Tensor
 
     from ..models import get_preprocessing
     from ..quant.graph import quantizers
+    from ..quant.modules import QUANT_LAYERS
     from ..quant.quantizer import ActQuantizer
 
     path = Path(path)
@@ -184,8 +185,6 @@ def verify_onnx(path: str | os.PathLike, qmodel: nn.Module, images: torch.Tensor
         forced_max_abs_diff=maxd_forced, forced_top1_agreement=100.0 * agree_forced / n, worst_segment=worst,
         first_divergence=next((k for k in order if mism[k]), None), per_quantizer_step_diff=step, layout=layout,
     )
-    from ..quant.modules import QUANT_LAYERS
-
     big = [m.name for m in qmodel.modules() if isinstance(m, QUANT_LAYERS) and m.integer_mode()
            and m.max_accumulator() >= 2**24]
     if big:

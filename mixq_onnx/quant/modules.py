@@ -5,7 +5,7 @@ Once a quantization is finished (weights frozen as integers, activation scales f
 the integer domain, as an INT8 kernel does: it multiplies the integer codes of its input by the integer
 weights, then rescales once per output channel by s_x * s_w and adds the bias. Sums of integer products
 below 2^24 are exact in fp32 whatever the summation order, so the exported graph, which computes the
-same thing (see `mixq_onnx.onnx.export.integer_gemms`), gives bit-identical results in onnxruntime.
+same thing (see `mixq_onnx.onnx.passes.integer_gemms`), gives bit-identical results in onnxruntime.
 The float fake-quant form conv(q_x s_x, q_w s_w) would differ from any other runtime in the last bits,
 and near a rounding boundary those bits flip an integer code that then cascades downstream."""
 from __future__ import annotations

@@ -289,9 +289,7 @@ class WeightQuantizer(_Base):
 
     def int_values(self) -> torch.Tensor:
         """Frozen integers minus zero point, as float (the integer-domain operand of the layer)."""
-        shape = [1] * self.int_weight.ndim
-        shape[self.axis] = -1
-        return self.int_weight.float() - self.zero_point.view(shape)
+        return self.int_weight.float() - self.zero_point.view(self._shape(self.int_weight))
 
     def finalize(self, w: torch.Tensor) -> None:
         """Freeze the current decisions (hard rounding) as stored integers."""
