@@ -13,6 +13,7 @@ from . import __version__
 from .errors import MixqError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
+POSITIVE = click.IntRange(min=1)  # counts and sizes: 0 or a negative number is bad input, never "all"
 
 
 def _floats(ctx, param, value: str | None) -> tuple[float, ...] | None:
@@ -86,16 +87,33 @@ def cli() -> None:
 
 
 # --------------------------------------------------------------------------- calib
+class _Count(click.IntRange):
+    """An IntRange (shown in --help) whose error reads like the library's: '--num must be at least 1 …'."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        v = click.INT.convert(value, param, ctx)
+        if (self.min is not None and v < self.min) or (self.max is not None and v > self.max):
+            name = max(param.opts, key=len) if param is not None else "value"
+            bounds = " and ".join(f"at {w} {b}" for w, b in (("least", self.min), ("most", self.max)) if b is not None)
+            raise click.UsageError(f"{name} must be {bounds}, got {v}", ctx)
+        return v
+
+
 @cli.command(context_settings=CONTEXT)
 @click.option("--generator", type=click.Choice(["diffusion", "inversion", "real", "noise"]), default="diffusion",
               show_default=True,
               help="diffusion: text-to-image pipeline on class prompts; inversion: synthesise from the model's "
                    "BatchNorm statistics (no diffusion weights, offline); real: import --source; noise: Gaussian.")
-@click.option("--num", type=int, default=256, show_default=True, help="Images to generate (candidates with --filter).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Recipe seed; image i uses a seed derived from (seed, i).")
-@click.option("--size", type=int, default=None,
-              help="Stored side length in pixels [default: 512 for diffusion, else the model's input size].")
-@click.option("--shard-size", type=int, default=64, show_default=True, help="Images per shard (the unit of resume).")
+@click.option("--num", type=_Count(1, 100_000), default=256, show_default=True,
+              help="Images to generate (candidates with --filter); at most 100,000.")
+@click.option("--seed", type=_Count(0), default=0, show_default=True,
+              help="Recipe seed; image i uses a seed derived from (seed, i).")
+@click.option("--size", type=_Count(8, 1024), default=None,
+              help="Stored side length in pixels, 8 to 1024 (diffusion: a multiple of 8) [default: 512 for "
+                   "diffusion, else the model's input size].")
+@click.option("--shard-size", type=_Count(1), default=64, show_default=True,
+              help="Images per shard (the unit of resume). Memory is checked before generating: about "
+                   "2 x shard-size x size x size x 3 bytes (with --filter: (num + keep) x size x size x 3).")
 @click.option("--classes", default="auto", show_default=True,
               help="imagenet | cifar10 | cifar100 | FILE (one class per line); auto: from the model's class count, "
                    "else imagenet.")
@@ -103,7 +121,7 @@ def cli() -> None:
               show_default=True,
               help="mixup: 'a photo of a {A} and a {B}'; single: GenQ 'a photo of a {adjective} {class}'; "
                    "mixup-embed: Dirichlet-weighted text embeddings; none: no class conditioning.")
-@click.option("--k", type=int, default=2, show_default=True, help="Classes per mixup prompt (2 <= k <= classes).")
+@click.option("--k", type=_Count(2), default=2, show_default=True, help="Classes per mixup prompt (2 <= k <= classes).")
 @click.option("--template", default=None, help="Mixup template with k '{}' slots [default: 'a photo of a {} and a {}'].")
 @click.option("--alpha", type=float, default=1.0, show_default=True,
               help="Dirichlet concentration of mixing weights (mixup-embed; inversion soft targets).")
@@ -111,17 +129,20 @@ def cli() -> None:
 @click.option("--pipeline", default="stable-diffusion-v1-5/stable-diffusion-v1-5", show_default=True,
               help="diffusers pipeline: hub id (from the local HF cache when offline) or a local folder.")
 @click.option("--revision", default=None, help="Hub revision of --pipeline.")
-@click.option("--steps", type=int, default=25, show_default=True, help="Diffusion denoising steps.")
+@click.option("--steps", type=_Count(1), default=25, show_default=True, help="Diffusion denoising steps.")
 @click.option("--guidance", type=float, default=7.5, show_default=True, help="Classifier-free guidance scale.")
 @click.option("--scheduler", default=None, help="diffusers scheduler class, e.g. DPMSolverMultistepScheduler.")
 @click.option("--negative-prompt", default=None, help="Negative prompt for every image.")
-@click.option("--batch-size", type=int, default=4, show_default=True, help="Diffusion images per forward pass.")
-@click.option("--iters", type=int, default=None, help="Inversion: optimisation steps per shard.")
+@click.option("--batch-size", type=_Count(1), default=4, show_default=True, help="Diffusion images per forward pass.")
+@click.option("--iters", type=_Count(0), default=None, help="Inversion: optimisation steps per shard.")
 @click.option("--lr", type=float, default=None, help="Inversion: learning rate.")
 @click.option("--source", type=click.Path(), default=None, help="real: an npz (x uint8 NHWC, y) or an image folder.")
+@click.option("--skip-bad-images", is_flag=True,
+              help="real, folder --source: leave out images that do not decode (a warning each; the skipped files "
+                   "are recorded in the recipe) instead of failing.")
 @click.option("--filter", "filter_", type=click.Choice(["energy", "bn", "patch-entropy"]), default=None,
               help="Over-generate --num candidates, score them with the model, keep the best --keep.")
-@click.option("--keep", type=int, default=None, help="Images kept by --filter.")
+@click.option("--keep", type=_Count(1, 100_000), default=None, help="Images kept by --filter (1 to --num).")
 @model_options()
 @click.option("--cache-root", type=click.Path(file_okay=False), default=None,
               help="Cache root [default: $MIXQ_CACHE_ROOT or ./calib_cache].")
@@ -150,6 +171,10 @@ def calib(**o: Any) -> None:
     options = {k: o[k] for k in ("pipeline", "revision", "steps", "guidance", "scheduler", "negative_prompt",
                                  "batch_size", "source") if o[k] is not None}
     options.update({k: o[k] for k in ("iters", "lr") if o[k] is not None})
+    if o["skip_bad_images"]:
+        if o["generator"] != "real":
+            raise MixqError("--skip-bad-images only applies to --generator real")
+        options["skip_bad_images"] = True
     cfg = CalibConfig(
         generator=o["generator"], num=o["num"], seed=o["seed"], size=o["size"], classes=classes,
         prompts=PromptConfig(o["strategy"], k=o["k"], template=o["template"], alpha=o["alpha"], use_gloss=o["gloss"]),
@@ -179,7 +204,7 @@ _root_opt = click.option("--cache-root", type=click.Path(file_okay=False), defau
 @_root_opt
 @click.option("--json", "as_json", is_flag=True, help="One JSON list on stdout.")
 def cache_ls(cache_root: str | None, as_json: bool) -> None:
-    """List the caches under the cache root."""
+    """List the caches under the cache root (unreadable ones with status `broken` and the reason)."""
     from .calib import list_caches
 
     rows = [c.summary() for c in list_caches(Path(cache_root) if cache_root else None)]
@@ -192,7 +217,8 @@ def cache_ls(cache_root: str | None, as_json: bool) -> None:
     click.echo(f"{'hash':16}  {'status':10}  {'generator':9}  {'prompts':11}  {'images':>7}  {'shards':>7}  {'MB':>8}")
     for r in rows:
         click.echo(f"{r['hash']:16}  {r['status']:10}  {str(r['generator']):9}  {str(r['prompts']):11}  "
-                   f"{r['images']:>7}  {r['shards']:>7}  {r['size_mb']:>8}")
+                   f"{r['images']:>7}  {r['shards']:>7}  {r['size_mb']:>8}"
+                   + (f"  ({r['reason']})" if "reason" in r else ""))
 
 
 @cache.command("info", context_settings=CONTEXT)
@@ -235,12 +261,17 @@ def cache_verify(ref: str, cache_root: str | None, as_json: bool) -> None:
 @click.argument("refs", nargs=-1, required=True)
 @_root_opt
 def cache_rm(refs: tuple[str, ...], cache_root: str | None) -> None:
-    """Remove caches (REF: path, hash or hash prefix)."""
-    from .calib import remove, resolve_cache
+    """Remove caches (REF: path, hash or hash prefix). Only a cache directly under the cache root whose
+    folder name is its recipe hash is removed; every REF is checked before any is removed."""
+    from .calib import default_root, remove, resolve_cache
+    from .calib.cache import check_removable
 
-    for ref in refs:
-        p = resolve_cache(ref, Path(cache_root) if cache_root else None)
-        remove(p)
+    root = Path(cache_root) if cache_root else None
+    paths = [resolve_cache(ref, root) for ref in refs]
+    for p in paths:
+        check_removable(p, root or default_root())
+    for p in paths:
+        remove(p, root)
         click.echo(f"removed {p}")
 
 
@@ -298,12 +329,14 @@ def load_calibration(ref: str, model, cache_root: str | None = None, limit: int 
                    "of this many input features; convolutions stay float.")
 @click.option("--preset", type=click.Choice(["fast", "paper"]), default="fast", show_default=True,
               help="paper: 20k iterations/unit, the papers' learning rates; fast: far fewer iterations (CPU).")
-@click.option("--iters", type=int, default=None, help="Iterations per unit (overrides the preset).")
-@click.option("--num-samples", type=int, default=None, help="Calibration images used [default: 1024].")
-@click.option("--batch-size", type=int, default=None, help="Reconstruction batch [default: 32].")
+@click.option("--iters", type=POSITIVE, default=None, help="Iterations per unit (overrides the preset).")
+@click.option("--num-samples", type=POSITIVE, default=None, help="Calibration images used [default: 1024].")
+@click.option("--batch-size", type=POSITIVE, default=None, help="Reconstruction batch [default: 32].")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--cache-root", type=click.Path(file_okay=False), default=None)
 @click.option("--out", "out", required=True, type=click.Path(), help="Output directory (quant.json, weights.safetensors).")
+@click.option("--overwrite", is_flag=True,
+              help="Replace quant.json and weights.safetensors in a non-empty --out (other files stay).")
 @click.option("--device", default=None, help="torch device [default: cuda if available, else cpu].")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 def quantize(**o: Any) -> None:
@@ -312,6 +345,7 @@ def quantize(**o: Any) -> None:
 
     from .quant import QuantConfig, save_quantized, summarize
     from .quant import quantize as run_quantize
+    from .quant.io import check_output_dir
 
     cfg = QuantConfig(
         wbits=o["wbits"], abits=o["abits"], method=o["method"], symmetric=o["symmetric"],
@@ -321,14 +355,12 @@ def quantize(**o: Any) -> None:
     ).validate()
     if cfg.block_size:
         cfg.first_last_bits = None
-    out = Path(o["out"])
-    if out.exists() and not (out.is_dir() and ((out / "quant.json").is_file() or not any(out.iterdir()))):
-        raise MixqError(f"--out {out} exists and is not a quantized-model directory; choose another path")
+    out = check_output_dir(o["out"], o["overwrite"])  # before the work, not after it
     model = _load_user_model(o)
     calib, cache_path = load_calibration(o["calib_ref"], model, o["cache_root"], cfg.resolved().num_samples)
     dev = torch.device(o["device"] or ("cuda" if torch.cuda.is_available() else "cpu"))
     qmodel = run_quantize(model.to(dev), cfg, calib.to(dev), progress=not o["quiet"])
-    save_quantized(qmodel.cpu(), out, extra={"calibration": {"cache": str(cache_path.resolve()),
+    save_quantized(qmodel.cpu(), out, overwrite=o["overwrite"], extra={"calibration": {"cache": str(cache_path.resolve()),
                                                              "hash": cache_path.name, "images": len(calib)}})
     if not o["quiet"]:
         click.echo(summarize(qmodel.mixq_report), err=True)
@@ -343,15 +375,20 @@ def quantize(**o: Any) -> None:
 @click.option("--engine", type=click.Path(dir_okay=False), default=None,
               help="A TensorRT plan from `build`: top-1 through the engine (needs an NVIDIA GPU).")
 @click.option("--data", required=True, type=click.Path(), help="npz (x uint8 NHWC, y) or an image folder per class.")
-@click.option("--limit", type=int, default=None, help="Evaluate the first N images only.")
-@click.option("--batch-size", type=int, default=250, show_default=True)
+@click.option("--limit", type=POSITIVE, default=None, help="Evaluate the first N images only.")
+@click.option("--batch-size", type=POSITIVE, default=250, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Last stdout line: one JSON object (top1, top5, n, ...).")
+@click.option("--trust-model-code", is_flag=True,
+              help="Import the model file or module that DIR/quant.json names. A result folder from someone else "
+                   "never runs code otherwise: pass --model SPEC yourself (it must match the recorded spec and "
+                   "checkpoint sha256). zoo and timm names need neither.")
 def eval_cmd(**o: Any) -> None:
     """Top-1/top-5 accuracy; with --quantized also the float model's and the top-1 agreement;
     with --engine through TensorRT."""
     from .data import load_labelled
     from .models import Preprocessing, get_preprocessing
     from .quant import evaluate, load_quantized
+    from .quant.io import load_source_model
 
     if o["engine"]:
         from .trt.builder import read_plan_meta
@@ -359,7 +396,8 @@ def eval_cmd(**o: Any) -> None:
 
         meta = read_plan_meta(o["engine"])
         if o["model"] or o["quantized"]:
-            pre = get_preprocessing(_load_user_model(o) if o["model"] else _fp_model_from_dir(o["quantized"]))
+            pre = get_preprocessing(_load_user_model(o) if o["model"]
+                                    else load_source_model(o["quantized"], o["trust_model_code"]))
         elif meta.get("preprocessing"):
             pre = Preprocessing.from_dict(meta["preprocessing"])
         else:
@@ -372,12 +410,8 @@ def eval_cmd(**o: Any) -> None:
             click.echo(f"engine top1 {res.top1:.2f} %  top5 {res.top5:.2f} %  (n={res.n})")
         return
     if o["quantized"]:
-        if o["model"]:
-            fp = _load_user_model(o)
-            model = load_quantized(fp, o["quantized"])
-        else:
-            fp = _fp_model_from_dir(o["quantized"])
-            model = load_quantized(fp, o["quantized"])
+        fp = _load_user_model(o) if o["model"] else load_source_model(o["quantized"], o["trust_model_code"])
+        model = load_quantized(fp, o["quantized"])
     else:
         fp, model = None, _load_user_model(o)
     images, labels = load_labelled(o["data"], get_preprocessing(model).input_size[1], o["limit"])
@@ -392,16 +426,6 @@ def eval_cmd(**o: Any) -> None:
 
 
 # --------------------------------------------------------------------------- export / verify
-def _fp_model_from_dir(qdir: str):
-    from .models import Preprocessing, load_model
-    from .quant.io import read_quant_json
-
-    src = read_quant_json(qdir)["model"]
-    pre = Preprocessing.from_dict(src["preprocessing"])
-    return load_model(src["spec"], src.get("checkpoint"), random_init=bool(src.get("random_init")),
-                      mean=pre.mean, std=pre.std, input_size=pre.input_size)
-
-
 @cli.command(context_settings=CONTEXT)
 @click.option("--quantized", type=click.Path(), default=None, help="A quantize output directory.")
 @model_options()
@@ -419,6 +443,10 @@ def _fp_model_from_dir(qdir: str):
                    "of an INT8 kernel: onnxruntime is bit-identical to PyTorch, TensorRT builds the same INT8 "
                    "kernels. dq-scales: scales on the DQ nodes (the ModelOpt layout, for tools that expect it); "
                    "fp32 summation order then flips rare codes at rounding ties between runtimes.")
+@click.option("--trust-model-code", is_flag=True,
+              help="Import the model file or module that DIR/quant.json names. A result folder from someone else "
+                   "never runs code otherwise: pass --model SPEC yourself (it must match the recorded spec and "
+                   "checkpoint sha256). zoo and timm names need neither.")
 def export(**o: Any) -> None:
     """Write a QDQ ONNX graph (opset 21, IR 10, dynamic batch) that TensorRT builds into INT8 kernels.
 
@@ -429,6 +457,7 @@ def export(**o: Any) -> None:
     """
     from .onnx import export_fp, export_qdq
     from .quant import load_quantized, load_quantized_dir
+    from .quant.io import load_source_model
 
     if not o["quantized"] and not ((o["fp"] or o["int4_weight_only"]) and o["model"]):
         raise MixqError("export needs --quantized DIR (or --model with --fp or --int4-weight-only)")
@@ -437,7 +466,7 @@ def export(**o: Any) -> None:
     if o["fp"] and o["int4_weight_only"]:
         raise MixqError("--fp and --int4-weight-only exclude each other")
     if o["fp"]:
-        model = _load_user_model(o) if o["model"] else _fp_model_from_dir(o["quantized"])
+        model = _load_user_model(o) if o["model"] else load_source_model(o["quantized"], o["trust_model_code"])
         path = export_fp(model, o["out"])
     elif o["int4_weight_only"] and not o["quantized"]:
         from .onnx.export import export_int4_weight_only
@@ -450,7 +479,8 @@ def export(**o: Any) -> None:
         if o["int4_weight_only"] and not read_quant_json(o["quantized"])["config"].get("block_size"):
             raise MixqError(f"{o['quantized']} is not block-quantized weight-only (quantize --wbits 4 --abits 16 "
                             "--block-size N), so it cannot be exported --int4-weight-only; or pass --model instead")
-        model = load_quantized(_load_user_model(o), o["quantized"]) if o["model"] else load_quantized_dir(o["quantized"])
+        model = (load_quantized(_load_user_model(o), o["quantized"]) if o["model"]
+                 else load_quantized_dir(o["quantized"], o["trust_model_code"]))
         path = export_qdq(model, o["out"], layout=o["layout"])
     click.echo(str(path))
 
@@ -486,11 +516,23 @@ def check(onnx_path: str, as_json: bool) -> None:
 @click.option("--quantized", required=True, type=click.Path(), help="The quantize output the graph came from.")
 @model_options()
 @click.option("--data", required=True, type=click.Path(), help="npz (x uint8 NHWC, y) or an image folder.")
-@click.option("--limit", type=int, default=None, help="First N images only.")
+@click.option("--limit", type=POSITIVE, default=None, help="First N images only.")
+@click.option("--min-agreement", type=click.FloatRange(0, 100), default=99.9, show_default=True, metavar="PERCENT",
+              help="Exit 1 when the exact run's top-1 agreement with PyTorch is below this.")
 @click.option("--json", "as_json", is_flag=True, help="Last stdout line: one JSON object.")
+@click.option("--trust-model-code", is_flag=True,
+              help="Import the model file or module that DIR/quant.json names. A result folder from someone else "
+                   "never runs code otherwise: pass --model SPEC yourself (it must match the recorded spec and "
+                   "checkpoint sha256). zoo and timm names need neither.")
 def verify(**o: Any) -> None:
     """Run onnxruntime with every graph optimisation off (exact QDQ semantics) and with its defaults,
-    against the PyTorch fake-quant model on the same images."""
+    against the PyTorch fake-quant model on the same images.
+
+    \b
+    Exit codes: 0 faithful; 1 top-1 agreement below --min-agreement, or NaN/inf outputs;
+    2 bad input, including a graph exported from another result folder (names the first quantizer
+    whose bits, scale or integer weights differ).
+    """
     from .data import load_labelled
     from .models import get_preprocessing
     from .onnx.verify import verify_onnx
@@ -498,13 +540,15 @@ def verify(**o: Any) -> None:
 
     if not Path(o["onnx_path"]).is_file():
         raise MixqError(f"ONNX model not found: {o['onnx_path']}")
-    model = load_quantized(_load_user_model(o), o["quantized"]) if o["model"] else load_quantized_dir(o["quantized"])
+    model = (load_quantized(_load_user_model(o), o["quantized"]) if o["model"]
+             else load_quantized_dir(o["quantized"], o["trust_model_code"]))
     images, _ = load_labelled(o["data"], get_preprocessing(model).input_size[1], o["limit"])
     rep = verify_onnx(o["onnx_path"], model, images)
     for w in rep.warnings:
         click.echo(f"warning: {w}", err=True)
+    failures = rep.failures(o["min_agreement"])
     if o["as_json"]:
-        _emit_json(rep.to_dict())
+        _emit_json({**rep.to_dict(), "ok": not failures, "failures": failures})
     else:
         click.echo(f"layout {rep.layout}; exact run: top-1 agreement {rep.top1_agreement:.2f} % on {rep.n} images, max |diff| "
                    f"{rep.max_abs_diff:.4g}, mean |diff| {rep.mean_abs_diff:.3g}")
@@ -516,6 +560,9 @@ def verify(**o: Any) -> None:
                    f"({rep.worst_segment}); first free-run divergence: {rep.first_divergence or 'none'}")
         click.echo(f"default optimisations: top-1 agreement {rep.optimized_top1_agreement:.2f} %, max |diff| "
                    f"{rep.optimized_max_abs_diff:.4g}")
+        click.echo(f"{'FAILED: ' + '; '.join(failures) if failures else 'ok'}")
+    if failures:
+        sys.exit(1)
 
 
 from .cli_trt import register as _register_trt  # noqa: E402

@@ -52,6 +52,8 @@ def register(cli: click.Group) -> None:
         plan = Path(out) if out else Path(onnx_path).with_suffix(".plan")
         res = build_engine(onnx_path, plan, cfg, verbose=verbose)
         rep = inspect_plan(plan, onnx_path)
+        for w in rep.warnings:
+            click.echo(f"warning: {w}", err=True)
         ok = require_int8 is None or rep.int8_mac_fraction >= require_int8
         if as_json:
             _emit_json({"plan": str(plan), "plan_key": res.meta["plan_key"], "build_seconds": res.meta["build_seconds"],
@@ -80,6 +82,8 @@ def register(cli: click.Group) -> None:
         from .trt.inspect import inspect_plan
 
         rep = inspect_plan(plan, onnx_path)
+        for w in rep.warnings:
+            click.echo(f"warning: {w}", err=True)
         if show_layers and not as_json:
             for li in rep.layers:
                 click.echo(f"{li['precision']:12s} {li['type']:12s} {li['name'][:60]:60s} "

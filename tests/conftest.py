@@ -62,3 +62,26 @@ def tiny_pipeline(tmp_path_factory) -> Path:
     from tiny_sd import make_tiny_sd_pipeline
 
     return make_tiny_sd_pipeline(tmp_path_factory.mktemp("tiny_sd"))
+
+
+def one_line_error(r: CliResult, code: int = 2) -> str:
+    """Assert the hardening contract: exit `code`, stderr is exactly one `error: ...` line, no traceback."""
+    lines = [ln for ln in r.err.splitlines() if ln.strip()]
+    assert r.code == code, (r.code, r.err[-2000:])
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.err[-2000:]
+    assert "Traceback" not in r.err
+    return lines[0]
+
+
+def snapshot(*roots: Path) -> dict[str, tuple[int, int]]:
+    """Every file and folder under `roots` with its size and mtime: compare before and after a command
+    to prove it touched nothing outside its own output."""
+    out: dict[str, tuple[int, int]] = {}
+    for root in roots:
+        root = Path(root)
+        if not root.exists():
+            continue
+        for p in [root, *sorted(root.rglob("*"))]:
+            st = p.lstat()
+            out[str(p)] = (st.st_size if p.is_file() else -1, st.st_mtime_ns if p.is_file() else 0)
+    return out

@@ -94,7 +94,7 @@ def test_cache_ls_info_rm(tmp_path, run_cli):
     assert rows[0]["hash"] == p.name and rows[0]["status"] == "complete" and rows[0]["images"] == 4
     info = run_cli("cache", "info", p.name[:6], "--cache-root", tmp_path, "--json")
     assert json.loads(info.last_line)["recipe"]["generator"]["name"] == "noise"
-    assert run_cli("cache", "rm", p).code == 0 and not p.exists()
+    assert run_cli("cache", "rm", p, "--cache-root", tmp_path).code == 0 and not p.exists()
     r = run_cli("cache", "info", "deadbeef", "--cache-root", tmp_path)
     assert r.code == 2 and r.err.startswith("error: no calibration cache")
 

@@ -253,3 +253,27 @@ def test_engine_matches_onnxruntime(graphs, w8_plan):
     assert (got.argmax(1) == ref.argmax(1)).mean() >= 0.75
     res = evaluate_engine(w8_plan, torch.from_numpy(x), torch.from_numpy(ref.argmax(1)))
     assert res.n == 8 and res.top1 >= 75.0
+
+
+def test_inspect_warns_when_onnx_is_not_the_plans(graphs, w8_plan, tmp_path, run_cli):
+    from conftest import snapshot
+
+    before = snapshot(w8_plan.parent, graphs["w4a4"].parent)
+    r = run_cli("inspect", w8_plan, "--onnx", graphs["w4a4"])
+    warns = [ln for ln in r.err.splitlines() if ln.startswith("warning:")]
+    assert r.code == 0 and len(warns) == 1 and "not the graph the plan was built from" in warns[0], r.err
+    r = run_cli("inspect", w8_plan, "--onnx", graphs["w8a8"])
+    assert r.code == 0 and "warning" not in r.err
+    assert snapshot(w8_plan.parent, graphs["w4a4"].parent) == before
+
+
+@pytest.mark.parametrize("content", [b"this is not a protobuf \xff\xfe", b""])
+def test_build_on_a_non_onnx_file(tmp_path, run_cli, content):
+    from conftest import one_line_error, snapshot
+
+    bad = tmp_path / "notes.onnx"
+    bad.write_bytes(content)
+    before = snapshot(tmp_path)
+    msg = one_line_error(run_cli("build", bad, "--out", tmp_path / "m.plan"))
+    assert "is not an ONNX model" in msg and "Network must have" not in msg
+    assert snapshot(tmp_path) == before

@@ -7,7 +7,9 @@ Layout of `calib_cache/<recipe-hash>/`:
   .lock                flock-ed by the writing process
 
 Every file is written to a temporary sibling and renamed, so a SIGKILL loses at most the shard in
-progress and never leaves a readable-but-corrupt file.
+progress and never leaves a readable-but-corrupt file. Readers of a sealed cache (`load_images`,
+`verify`) read each shard once and check its bytes against the manifest's sha256 before decoding.
+`remove` deletes only a cache directly under the cache root whose folder name is its recipe hash.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import fcntl
 import json
 import os
 import shutil
+import struct
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,7 +29,7 @@ from typing import Any
 import torch
 
 from ..errors import CacheLockedError, CorruptCacheError, MixqError
-from ..utils import atomic_write_bytes, sha256_bytes, sha256_file
+from ..utils import atomic_write_bytes, canonical_json, sha256_bytes
 
 MANIFEST = "manifest.json"
 RECIPE = "recipe.json"
@@ -41,6 +44,11 @@ def default_root() -> Path:
 
 def shard_name(i: int) -> str:
     return f"shard-{i:05d}.safetensors"
+
+
+def recipe_hash(recipe: dict[str, Any]) -> str:
+    """The cache key: a cache lives in `<root>/<recipe_hash(recipe)>/`."""
+    return sha256_bytes(canonical_json(recipe).encode())[:16]
 
 
 def encode_shard(images: torch.Tensor, records: list[dict[str, Any]]) -> bytes:
@@ -60,12 +68,49 @@ def write_shard(path: Path, images: torch.Tensor, records: list[dict[str, Any]])
 
 
 def read_shard(path: Path) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+    """Images and records of a shard, without a hash check (for shards this run is still writing)."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
         images = f.get_tensor("images")
     return images, json.loads(meta.get("records", "[]"))
+
+
+def decode_shard(data: bytes) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+    """Images and records from a shard's bytes (the bytes already hashed, so the file is read once)."""
+    from safetensors.torch import load
+
+    if len(data) < 8:
+        raise ValueError("shorter than a safetensors header")
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    meta = header.get("__metadata__") or {}
+    images = load(data)["images"]
+    return images, json.loads(meta.get("records", "[]"))
+
+
+def read_shard_checked(path: Path, sha256: str) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+    """A sealed shard, read once: its bytes must match the manifest's sha256 before they are decoded.
+
+    Raises CorruptCacheError naming the shard when it is missing, altered or undecodable.
+    """
+    cache_dir, name = path.parent, path.name
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise CorruptCacheError(f"cache {cache_dir} is missing shard {name}: run `mixq-onnx cache verify`") from None
+    except OSError as e:
+        raise CorruptCacheError(f"cannot read shard {name} of cache {cache_dir}: {e.strerror or e}") from None
+    if sha256_bytes(data) != sha256:
+        raise CorruptCacheError(
+            f"shard {name} of cache {cache_dir} is corrupt (sha256 mismatch): remove the cache and re-run calib"
+        )
+    try:
+        return decode_shard(data)
+    except Exception as e:  # noqa: BLE001 - hash matched but the writer stored garbage
+        msg = " ".join(str(e).split())[:160]
+        raise CorruptCacheError(f"shard {name} of cache {cache_dir} cannot be decoded: {msg}") from None
 
 
 def shard_is_complete(path: Path, expected: int) -> bool:
@@ -82,8 +127,12 @@ def shard_is_complete(path: Path, expected: int) -> bool:
 
 
 @contextlib.contextmanager
-def cache_lock(cache_dir: Path, wait: bool = True, poll_s: float = 1.0, log=print) -> Iterator[None]:
-    """Serialise writers of one cache: the second waits (or fails with `wait=False`)."""
+def cache_lock(cache_dir: Path, wait: bool = True, poll_s: float = 1.0, log=print,
+               busy_hint: str = "wait for it or re-run without --no-wait") -> Iterator[None]:
+    """Serialise writers of one cache: the second waits (or fails with `wait=False`).
+
+    `busy_hint` ends the CacheLockedError message: the caller knows which advice fits its command.
+    """
     cache_dir.mkdir(parents=True, exist_ok=True)
     fd = os.open(cache_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -95,8 +144,7 @@ def cache_lock(cache_dir: Path, wait: bool = True, poll_s: float = 1.0, log=prin
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
             if not wait:
                 raise CacheLockedError(
-                    f"cache {cache_dir} is being written by another process (pid {holder}); "
-                    "wait for it or re-run without --no-wait"
+                    f"cache {cache_dir} is being written by another process (pid {holder}); {busy_hint}"
                 ) from None
             log(f"waiting for cache lock held by pid {holder} ({cache_dir})")
             fcntl.flock(fd, fcntl.LOCK_EX)
@@ -118,27 +166,69 @@ class CacheInfo:
     shards_done: int
     shards_total: int
     size_bytes: int
+    problem: str | None = None  # why the cache cannot be read (status "broken"); None when readable
 
     def summary(self) -> dict[str, Any]:
         r = self.recipe
-        return {
+        gen = r.get("generator")
+        prompts = r.get("prompts")
+        out = {
             "hash": self.path.name,
             "path": str(self.path),
-            "status": "complete" if self.complete else "incomplete",
-            "generator": r.get("generator", {}).get("name"),
-            "prompts": (r.get("prompts") or {}).get("strategy"),
+            "status": "broken" if self.problem else ("complete" if self.complete else "incomplete"),
+            "generator": gen.get("name") if isinstance(gen, dict) else None,
+            "prompts": prompts.get("strategy") if isinstance(prompts, dict) else None,
             "num": r.get("num"),
             "images": self.num_images,
             "shards": f"{self.shards_done}/{self.shards_total}",
             "size_mb": round(self.size_bytes / 2**20, 2),
         }
+        if self.problem:
+            out["reason"] = self.problem
+        return out
 
 
 def _read_json(path: Path) -> dict[str, Any]:
+    """A cache's JSON file as a dict; anything else is a one-line CorruptCacheError."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise MixqError(f"cannot read {path}: {e}") from None
+        obj = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorruptCacheError(f"cannot read {path}: {e}") from None
+    if not isinstance(obj, dict):
+        raise CorruptCacheError(f"cannot read {path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def _is_count(v: Any, minimum: int = 0) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= minimum
+
+
+def _check_manifest(m: dict[str, Any], path: Path) -> dict[str, Any]:
+    """Structural checks, so a hand-edited manifest gives one line instead of a KeyError, and shard
+    file names cannot point outside the cache."""
+
+    def bad(what: str) -> CorruptCacheError:
+        return CorruptCacheError(f"cache {path} has an invalid {MANIFEST}: {what}")
+
+    if not isinstance(m.get("recipe"), dict):
+        raise bad("no 'recipe' object")
+    if not isinstance(m.get("shards"), list) or not isinstance(m.get("images"), list):
+        raise bad("no 'shards' or 'images' list")
+    for i, s in enumerate(m["shards"]):
+        if not isinstance(s, dict) or s.get("file") != shard_name(i):
+            raise bad(f"shard entry {i} is not {{'file': '{shard_name(i)}', ...}}")
+        if not isinstance(s.get("sha256"), str) or not _is_count(s.get("count")) or not _is_count(s.get("start")):
+            raise bad(f"shard entry {i} ({s['file']}) lacks sha256/count/start")
+    for j, r in enumerate(m["images"]):
+        if not isinstance(r, dict) or not _is_count(r.get("index")):
+            raise bad(f"image record {j} has no integer 'index'")
+    return m
+
+
+def _check_recipe(r: dict[str, Any], path: Path) -> dict[str, Any]:
+    if not _is_count(r.get("num"), 1) or not _is_count(r.get("shard_size"), 1):
+        raise CorruptCacheError(f"cache {path} has an invalid {RECIPE}: 'num' and 'shard_size' must be integers >= 1")
+    return r
 
 
 def is_cache_dir(path: Path) -> bool:
@@ -146,7 +236,12 @@ def is_cache_dir(path: Path) -> bool:
 
 
 def resolve_cache(ref: str | os.PathLike, root: Path | None = None) -> Path:
-    """A cache directory given as a path, a hash, or a unique hash prefix under `root`."""
+    """A cache directory given as a path, a hash, or a unique hash prefix under `root`.
+
+    An empty reference is an error: as a prefix it would match every cache under the root.
+    """
+    if not str(os.fspath(ref)).strip():
+        raise MixqError("empty cache reference: give a cache path, hash or hash prefix")
     p = Path(ref)
     if p.is_dir() and is_cache_dir(p):
         return p
@@ -160,41 +255,49 @@ def resolve_cache(ref: str | os.PathLike, root: Path | None = None) -> Path:
     raise MixqError(f"no calibration cache at {ref!r} (looked for a directory with {MANIFEST}, and under {root})")
 
 
+def _shard_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.glob("shard-*.safetensors"))
+
+
 def info(path: Path) -> CacheInfo:
-    man = path / MANIFEST
-    if man.is_file():
-        m = _read_json(man)
-        size = sum(f.stat().st_size for f in path.glob("shard-*.safetensors"))
-        return CacheInfo(path, True, m["recipe"], len(m["images"]), len(m["shards"]), len(m["shards"]), size)
-    recipe = _read_json(path / RECIPE)
-    num, ss = int(recipe["num"]), int(recipe["shard_size"])
+    """Status of one cache; CorruptCacheError (one line) when its manifest or recipe is unreadable."""
+    if (path / MANIFEST).is_file():
+        m = load_manifest(path)
+        n = len(m["shards"])
+        return CacheInfo(path, True, m["recipe"], len(m["images"]), n, n, _shard_bytes(path))
+    recipe = _check_recipe(_read_json(path / RECIPE), path)
+    num, ss = recipe["num"], recipe["shard_size"]
     total = -(-num // ss)
     done = sum(1 for i in range(total) if shard_is_complete(path / shard_name(i), min(ss, num - i * ss)))
-    size = sum(f.stat().st_size for f in path.glob("shard-*.safetensors"))
-    return CacheInfo(path, False, recipe, done * ss if done < total else num, done, total, size)
+    return CacheInfo(path, False, recipe, done * ss if done < total else num, done, total, _shard_bytes(path))
 
 
 def list_caches(root: Path | None = None) -> list[CacheInfo]:
+    """Every cache under `root`, unreadable ones included with status `broken` (hiding them would
+    leave the user no way to see why a cache vanished)."""
     root = root or default_root()
     if not root.is_dir():
         return []
     out = []
     for d in sorted(root.iterdir()):
-        if d.is_dir() and is_cache_dir(d):
-            try:
-                out.append(info(d))
-            except (MixqError, KeyError, ValueError):
-                continue
+        if d.name.startswith(".") or not d.is_dir() or not is_cache_dir(d):
+            continue  # `.…removing…` tombs of an in-progress `cache rm`
+        try:
+            out.append(info(d))
+        except (MixqError, OSError, KeyError, TypeError, ValueError) as e:
+            reason = " ".join(str(e).split()) or type(e).__name__
+            out.append(CacheInfo(d, False, {}, 0, 0, 0, _shard_bytes(d), problem=reason))
     return out
 
 
 def load_manifest(path: Path) -> dict[str, Any]:
+    """The manifest of a finished cache, structurally checked."""
     man = path / MANIFEST
     if not man.is_file():
         if (path / RECIPE).is_file():
             raise MixqError(f"cache {path} is incomplete (no {MANIFEST}): re-run the same calib command to finish it")
         raise MixqError(f"{path} is not a calibration cache (no {MANIFEST})")
-    return _read_json(man)
+    return _check_manifest(_read_json(man), path)
 
 
 @dataclass
@@ -205,59 +308,143 @@ class VerifyResult:
     problems: list[str]
 
 
+def _index_problem(indices: list[int], recipe: dict[str, Any], expected: int) -> str | None:
+    """Image indices must be 0..N-1 in order; a filtered cache keeps increasing candidate indices < num."""
+    if recipe.get("filter"):
+        num = recipe.get("num")
+        for k, ix in enumerate(indices):
+            if (k and ix <= indices[k - 1]) or not (isinstance(num, int) and ix < num):
+                return f"image record {k} has index {ix}: a filtered cache keeps increasing candidate indices below {num}"
+        return None
+    for k, ix in enumerate(indices):
+        if ix != k:
+            return f"image record {k} has index {ix}, expected {k} (indices must be 0..{expected - 1})"
+    return None
+
+
 def verify(path: Path) -> VerifyResult:
-    """Re-hash every shard against the manifest; check counts and index uniqueness."""
-    m = load_manifest(path)
+    """Re-hash every shard against the manifest; check counts, that image indices are exactly 0..N-1,
+    and that the manifest's image records are the shards' own records."""
+    try:
+        m = load_manifest(path)
+    except CorruptCacheError as e:  # an unreadable manifest is a failed verification, not bad input
+        return VerifyResult(path, False, 0, [str(e)])
+    recipe = m["recipe"]
     problems: list[str] = []
-    seen: set[int] = set()
+    if "hash" in m and m["hash"] != recipe_hash(recipe):
+        problems.append(f"the manifest's recipe does not hash to its recorded hash {m['hash']} (edited recipe)")
+    shard_records: list[dict[str, Any]] = []
+    all_read = True
     count = 0
     for s in m["shards"]:
         f = path / s["file"]
-        if not f.is_file():
+        try:
+            data = f.read_bytes()
+        except FileNotFoundError:
             problems.append(f"missing shard {s['file']}")
+            all_read = False
             continue
-        if sha256_file(f) != s["sha256"]:
+        except OSError as e:
+            problems.append(f"unreadable shard {s['file']}: {e.strerror or e}")
+            all_read = False
+            continue
+        if sha256_bytes(data) != s["sha256"]:
             problems.append(f"corrupt shard {s['file']} (sha256 mismatch)")
+            all_read = False
             continue
         try:
-            images, records = read_shard(f)
+            images, records = decode_shard(data)
         except Exception as e:  # noqa: BLE001
-            problems.append(f"unreadable shard {s['file']}: {e}")
+            problems.append(f"unreadable shard {s['file']}: {' '.join(str(e).split())[:160]}")
+            all_read = False
             continue
-        if images.shape[0] != s["count"] or len(records) != s["count"]:
-            problems.append(f"shard {s['file']} holds {images.shape[0]} images, manifest says {s['count']}")
-        for r in records:
-            if r["index"] in seen:
-                problems.append(f"duplicate image index {r['index']} in {s['file']}")
-            seen.add(r["index"])
-        count += int(images.shape[0])
-    expected = int(m["recipe"].get("keep") or m["recipe"]["num"])
-    if count != expected and not problems:
+        n = int(images.shape[0])
+        if n != s["count"] or len(records) != s["count"]:
+            problems.append(f"shard {s['file']} holds {n} images and {len(records)} records, manifest says {s['count']}")
+        if s["start"] != count:
+            problems.append(f"shard {s['file']} starts at image {s['start']}, expected {count}")
+        count += n
+        shard_records.extend(records)
+    expected = int(recipe.get("keep") or recipe.get("num") or 0)
+    if count != expected and all_read:
         problems.append(f"cache holds {count} images, recipe asks for {expected}")
     if len(m["images"]) != expected:
         problems.append(f"manifest lists {len(m['images'])} image records, recipe asks for {expected}")
+    bad_index = _index_problem([r["index"] for r in m["images"]], recipe, expected)
+    if bad_index:
+        problems.append(f"{MANIFEST}: {bad_index}")
+    if all_read and shard_records != m["images"]:
+        k = next((k for k, (a, b) in enumerate(zip(shard_records, m["images"])) if a != b),
+                 min(len(shard_records), len(m["images"])))
+        problems.append(f"the manifest's image records differ from the shards' records (first at image {k})")
     return VerifyResult(path, not problems, count, problems)
 
 
-def remove(path: Path) -> None:
-    if not is_cache_dir(path):
-        raise MixqError(f"refusing to remove {path}: not a calibration cache")
-    with cache_lock(path, wait=False):
+def _refuse(path: Path, why: str) -> MixqError:
+    return MixqError(f"refusing to remove {str(path)!r}: {why}")
+
+
+def check_removable(path: str | os.PathLike, root: Path) -> None:
+    """Only a complete or partial cache directly under `root`, named by its recipe hash, may be deleted:
+    a typo, a hand-made folder holding a manifest.json, or a symlink out of the root never is."""
+    if not os.fspath(path).strip():  # Path("") would silently become "."
+        raise _refuse(Path(), "empty cache reference")
+    path = Path(path)
+    if ".." in path.parts:
+        raise _refuse(path, "'..' in a cache path")
+    if path.is_symlink():
+        raise _refuse(path, "it is a symbolic link, not a cache directory")
+    if not path.is_dir() or not is_cache_dir(path):
+        raise _refuse(path, "not a calibration cache")
+    try:
+        inside = root.is_dir() and path.resolve().parent == root.resolve()
+    except OSError:
+        inside = False
+    if not inside:
+        raise _refuse(path, f"not a cache directly under the cache root {root} (pass --cache-root)")
+    recipes: list[Any] = []
+    for name, pick in ((RECIPE, lambda d: d), (MANIFEST, lambda d: d.get("recipe"))):
+        f = path / name
+        if f.is_file():
+            try:
+                d = _read_json(f)
+            except CorruptCacheError:
+                continue
+            recipes.append(pick(d))
+            if name == MANIFEST and "hash" in d and d["hash"] != path.name:
+                raise _refuse(path, f"its name is not the hash of its recipe ({MANIFEST} records {d['hash']!r})")
+    hashes = {recipe_hash(r) if isinstance(r, dict) else None for r in recipes}
+    if not recipes or hashes != {path.name}:
+        raise _refuse(path, "its name is not the hash of its recipe, so it is not a cache this tool made")
+
+
+def remove(path: str | os.PathLike, root: Path | None = None) -> None:
+    """Delete one cache under `root` (default: the cache root), after `check_removable`; fails with
+    CacheLockedError while another process writes it."""
+    root = Path(root) if root is not None else default_root()
+    check_removable(path, root)
+    path = Path(path)
+    with cache_lock(path, wait=False, busy_hint="wait for it to finish, then run `cache rm` again"):
         tomb = path.with_name(f".{path.name}.removing.{os.getpid()}.{int(time.time())}")
         os.replace(path, tomb)
     shutil.rmtree(tomb, ignore_errors=True)
 
 
 def load_images(path: Path) -> tuple[torch.Tensor, list[dict[str, Any]]]:
-    """All images (uint8 [N,H,W,3]) and their manifest records, in index order."""
+    """All images (uint8 [N,H,W,3]) and their manifest records, in index order.
+
+    Each shard is read once and its bytes checked against the manifest's sha256 before decoding,
+    so a flipped byte stops every reader (quantize, CalibrationSet) with a CorruptCacheError.
+    """
     m = load_manifest(path)
     chunks = []
     for s in m["shards"]:
-        f = path / s["file"]
-        if not f.is_file():
-            raise CorruptCacheError(f"cache {path} is missing shard {s['file']}: run `mixq-onnx cache verify`")
-        images, _ = read_shard(f)
+        images, _ = read_shard_checked(path / s["file"], s["sha256"])
         chunks.append(images)
     if not chunks:
         raise MixqError(f"cache {path} holds no images")
-    return torch.cat(chunks), m["images"]
+    images = torch.cat(chunks)
+    if images.shape[0] != len(m["images"]):
+        raise CorruptCacheError(f"cache {path} holds {images.shape[0]} images but its manifest lists "
+                                f"{len(m['images'])} records: run `mixq-onnx cache verify`")
+    return images, m["images"]

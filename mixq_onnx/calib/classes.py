@@ -69,7 +69,20 @@ def load_classes(spec: str) -> ClassVocab:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise MixqError(f"cannot read class file {path}: {e}") from None
-    names = tuple(line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#"))
-    if len(names) < 1:
-        raise MixqError(f"class file {path} lists no classes")
-    return ClassVocab(str(path), names)
+    names: list[str] = []
+    first_line: dict[str, int] = {}
+    for lineno, line in enumerate(lines, 1):
+        name = line.strip()
+        if not name or name.startswith("#"):
+            continue
+        key = " ".join(name.lower().split())  # "Cat" and "cat " would give the same prompt
+        if key in first_line:
+            raise MixqError(
+                f"class file {path} lists {name!r} twice (lines {first_line[key]} and {lineno}): "
+                "class names must be unique, or prompts read 'a photo of a cat and a cat'"
+            )
+        first_line[key] = lineno
+        names.append(name)
+    if not names:
+        raise MixqError(f"class file {path} lists no classes (one name per line; '#' starts a comment)")
+    return ClassVocab(str(path), tuple(names))

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,8 +19,8 @@ class CalibrationSet(Dataset):
     """
 
     def __init__(self, path: str | os.PathLike, model: nn.Module | Preprocessing):
-        self.path = C.resolve_cache(path) if not Path(path).is_dir() else Path(path)
-        self.images, self.records = C.load_images(self.path)
+        self.path = C.resolve_cache(path)  # rejects "" (which would otherwise mean the working directory)
+        self.images, self.records = C.load_images(self.path)  # every shard checked against its sha256
         self.preprocessing = model if isinstance(model, Preprocessing) else get_preprocessing(model)
 
     def __len__(self) -> int:

@@ -21,11 +21,16 @@ import torch
 import torch.nn as nn
 
 from ..errors import MixqError
-from ..utils import atomic_write_json, canonical_json, sha256_bytes, sha256_file
+from ..utils import atomic_write_json, sha256_bytes, sha256_file
 from . import cache as C
 from .classes import load_classes
 from .generators import GENERATORS, GenContext
 from .prompts import PromptConfig, plan_images
+
+#: Largest `--num`: the whole cache is loaded into memory by quantize (and by --filter while scoring).
+MAX_NUM = 100_000
+#: Stored side lengths: at least 8 pixels, at most 1024 (the largest diffusion resolution, SDXL's).
+MIN_SIZE, MAX_SIZE = 8, 1024
 
 
 @dataclass
@@ -120,8 +125,42 @@ def build_recipe(cfg: CalibConfig, gen_recipe: dict[str, Any], model: nn.Module 
     return recipe
 
 
-def recipe_hash(recipe: dict[str, Any]) -> str:
-    return sha256_bytes(canonical_json(recipe).encode())[:16]
+recipe_hash = C.recipe_hash  # the cache key is defined next to the layout it names
+
+
+def available_memory() -> int | None:
+    """Bytes of memory a new allocation can get without swapping (Linux MemAvailable), if known."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def peak_image_bytes(cfg: CalibConfig, size: int) -> int:
+    """Image memory one run holds at once: a shard as a tensor plus its encoded bytes; with --filter,
+    every candidate (they are scored together) plus the kept copy."""
+    px = size * size * 3
+    need = 2 * min(cfg.shard_size, cfg.num) * px
+    if cfg.filter:
+        need = max(need, (cfg.num + (cfg.keep or 0)) * px)
+    return need
+
+
+def _check_memory(cfg: CalibConfig, size: int) -> None:
+    need, avail = peak_image_bytes(cfg, size), available_memory()
+    if avail is not None and need > avail:
+        what = "--num (all candidates are scored at once with --filter)" if cfg.filter else "--shard-size"
+        raise MixqError(
+            f"{cfg.num if cfg.filter else cfg.shard_size} images of {size}x{size} need about {need / 2**30:.1f} GiB "
+            f"of memory, more than the {avail / 2**30:.1f} GiB available: lower {what} or --size"
+        )
 
 
 def make_calibration_cache(
@@ -144,12 +183,12 @@ def make_calibration_cache(
     if cfg.generator not in GENERATORS:
         raise MixqError(f"unknown generator {cfg.generator!r}: choose one of {', '.join(sorted(GENERATORS))}")
     gen_cls = GENERATORS[cfg.generator]
-    if cfg.num < 1:
-        raise MixqError(f"--num must be at least 1, got {cfg.num}")
+    if not 1 <= cfg.num <= MAX_NUM:
+        raise MixqError(f"--num must be at least 1 and at most {MAX_NUM}, got {cfg.num}")
     if cfg.shard_size < 1:
         raise MixqError(f"--shard-size must be at least 1, got {cfg.shard_size}")
-    if cfg.size is not None and cfg.size < 8:
-        raise MixqError(f"--size must be at least 8 pixels, got {cfg.size}")
+    if cfg.size is not None and not MIN_SIZE <= cfg.size <= MAX_SIZE:
+        raise MixqError(f"--size must be at least {MIN_SIZE} and at most {MAX_SIZE} pixels, got {cfg.size}")
     vocab = None
     if gen_cls.uses_prompts and cfg.prompts.strategy != "none":
         vocab = load_classes(cfg.classes)
@@ -179,6 +218,9 @@ def make_calibration_cache(
     if model is not None:
         model = model.eval().to(dev)
     size = cfg.size or gen_cls.default_size(model, cfg.options)
+    if not MIN_SIZE <= size <= MAX_SIZE:
+        raise MixqError(f"image size {size} is outside {MIN_SIZE}..{MAX_SIZE} pixels: pass --size")
+    _check_memory(cfg, size)
     ctx = GenContext(
         num=cfg.num, seed=cfg.seed, size=size, prompts=cfg.prompts, vocab=vocab, model=model,
         device=dev, options=dict(cfg.options), log=log,

@@ -36,6 +36,9 @@ SOURCE_ATTR = "mixq_source"
 __all__ = [
     "ZOO",
     "ModelSource",
+    "canonical_spec",
+    "is_code_spec",
+    "same_spec",
     "Preprocessing",
     "get_preprocessing",
     "load_model",
@@ -63,16 +66,38 @@ def model_source(model: nn.Module) -> ModelSource | None:
     return getattr(model, SOURCE_ATTR, None)
 
 
-def _is_factory_spec(spec: str) -> bool:
+def is_code_spec(spec: str) -> bool:
+    """True if `spec` names user code (`path/to/file.py:factory` or `package.module:factory`): building the
+    model imports and runs that code, so a spec read from someone else's file must not be built unasked."""
     if spec.startswith(("hf-hub:", "hf_hub:", "timm/")) or ":" not in spec:
         return False
     target, _, fn = spec.rpartition(":")
     return bool(fn.isidentifier() and target)
 
 
+def _spec_file(target: str) -> bool:
+    """A factory target that is a file path rather than an importable module name."""
+    return target.endswith(".py") or os.sep in target or "/" in target
+
+
+def canonical_spec(spec: str) -> str:
+    """`spec` with a file target resolved to an absolute path, so two spellings of one file compare equal."""
+    if not is_code_spec(spec):
+        return spec
+    target, _, fn = spec.rpartition(":")
+    if _spec_file(target):
+        return f"{Path(target).resolve()}:{fn}"
+    return spec
+
+
+def same_spec(a: str, b: str) -> bool:
+    """True if the two model specs name the same network (file specs compared by resolved path)."""
+    return canonical_spec(a) == canonical_spec(b)
+
+
 def _load_factory(spec: str) -> Callable[..., nn.Module]:
     target, _, fn = spec.rpartition(":")
-    if target.endswith(".py") or os.sep in target or "/" in target:
+    if _spec_file(target):
         path = Path(target)
         if not path.is_file():
             raise MixqError(f"model file not found: {path}")
@@ -145,7 +170,7 @@ def load_model(
 def _build(spec: str, checkpoint, random_init: bool, kwargs: dict[str, Any]) -> nn.Module:
     import timm
 
-    if _is_factory_spec(spec):
+    if is_code_spec(spec):
         factory = _load_factory(spec)
         try:
             model = factory(**kwargs)

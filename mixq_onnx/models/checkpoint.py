@@ -1,6 +1,9 @@
 """Safe checkpoint loading: weights_only torch.load or safetensors, wrapper dicts, `module.` prefixes."""
 from __future__ import annotations
 
+import inspect
+import re
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -15,7 +18,9 @@ _PREFIXES = ("module.", "_orig_mod.", "model.")
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors of a checkpoint file on CPU, never unpickling arbitrary objects."""
+    """Tensors of a checkpoint file on CPU, never unpickling arbitrary objects.
+
+    Refuses NaN or inf in any floating tensor: such weights quantize to garbage scales silently."""
     path = Path(path)
     if not path.is_file():
         raise MixqError(f"checkpoint not found: {path}")
@@ -29,9 +34,59 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     except MixqError:
         raise
     except Exception as e:  # noqa: BLE001 - any failure to parse is the user's file
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise MixqError(f"cannot read checkpoint {path}: {first[:200]}") from None
-    return _unwrap(obj, path)
+        raise MixqError(f"cannot read checkpoint {path}: {_load_failure(e, path)}") from None
+    sd = _unwrap(obj, path)
+    bad = first_non_finite(sd)
+    if bad is not None:
+        raise MixqError(f"checkpoint {path} has {bad[1]} values in tensor {bad[0]}: refusing non-finite weights")
+    return sd
+
+
+def first_non_finite(sd: Mapping[str, torch.Tensor]) -> tuple[str, str] | None:
+    """(key, "NaN"/"inf") of the first floating tensor holding a non-finite value, or None."""
+    for k, v in sd.items():
+        if (v.is_floating_point() or v.is_complex()) and v.numel() and not bool(torch.isfinite(v).all()):
+            return k, ("NaN" if bool(torch.isnan(v).any()) else "inf")
+    return None
+
+
+_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([A-Za-z_][\w.]*)")
+
+
+def _names_loaded_object(name: str) -> bool:
+    """True if `name` is an attribute path in an already imported module (looked up statically: no
+    import and no module `__getattr__` runs)."""
+    parts = name.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        obj = sys.modules.get(".".join(parts[:i]))
+        if obj is None:
+            continue
+        for part in parts[i:]:
+            obj = inspect.getattr_static(obj, part, None)
+            if obj is None:
+                return False
+        return True
+    return False
+
+
+def _load_failure(e: Exception, path: Path) -> str:
+    """Why a checkpoint did not load, in words that never advise `weights_only=False`: torch's own
+    message does, and following it would run whatever code the file pickles."""
+    text = str(e)
+    m = _GLOBAL.search(text)
+    if m and _names_loaded_object(m.group(1)):
+        return (f"it pickles {m.group(1)}, not just tensors, and mixq-onnx never unpickles objects: "
+                "save the model's state_dict() (or a .safetensors file) instead")
+    if m:  # a cut-off name ("torch._utils._rebu") is a truncated file, or an object of code not loaded here
+        return f"the file is truncated or not a PyTorch checkpoint (unpickling stopped at {m.group(1)})"
+    if isinstance(e, PermissionError):
+        return f"permission denied ({e.strerror})"
+    kind = "safetensors file" if path.suffix == ".safetensors" else "PyTorch checkpoint"
+    first = text.strip().splitlines()[0].strip() if text.strip() else ""
+    first = first.split(". ")[0].rstrip(".")  # torch appends advice after the first sentence
+    if not first or re.search(r"weights.?only|unpickl|pickle", first, re.IGNORECASE):
+        first = type(e).__name__
+    return f"the file is truncated or not a {kind} ({first[:120]})"
 
 
 def _unwrap(obj: object, path: Path) -> dict[str, torch.Tensor]:

@@ -113,7 +113,10 @@ def lint(model) -> list[Violation]:
         if scale is None:
             out.append(Violation("scale", nm(n), "scale is not a constant"))
         elif np.any(scale <= 0) or not np.all(np.isfinite(scale)):
-            out.append(Violation("scale", nm(n), "non-positive or non-finite scale"))
+            flat = scale.reshape(-1).astype(np.float64)
+            i = int(np.flatnonzero(~(np.isfinite(flat) & (flat > 0)))[0])
+            at = f" at index {i}" if flat.size > 1 else ""
+            out.append(Violation("scale", nm(n), f"non-positive or non-finite scale ({flat[i]:g}{at})"))
         if len(n.input) > 2 and n.input[2]:
             zp = arr(n.input[2])
             if zp is not None and np.any(zp != 0):
@@ -200,6 +203,30 @@ def lint(model) -> list[Violation]:
             if axis != want:
                 out.append(Violation("per-channel-axis", nm(dq), f"per-channel axis {axis} on a {n.op_type} weight, "
                                                                   f"expected {want} (output channels)"))
+
+    # ---- integer layout (passes.integer_gemms): Conv/Gemm/MatMul(DQ(codes, 1), DQ(W, 1)) -> Mul(s_x * s_w).
+    # The real scales live in that Mul's constant, where the Q/DQ scale rule above does not look: a zero
+    # there silences its channels, a negative one flips their sign, and TensorRT builds it all the same.
+    for n in g.node:
+        if n.op_type not in _LAYER_OPS or len(n.input) < 2:
+            continue
+        dqs = [from_dq(i) for i in n.input[:2]]
+        scales = [arr(d.input[1]) if d is not None and len(d.input) > 1 else None for d in dqs]
+        if any(sc is None or sc.size == 0 or not np.all(sc == 1) for sc in scales):
+            continue
+        after = users.get(n.output[0], [])
+        if len(after) != 1 or after[0].op_type != "Mul":
+            continue
+        mul = after[0]
+        factor = next((arr(i) for i in mul.input if i != n.output[0] and arr(i) is not None), None)
+        if factor is None:
+            continue
+        flat = factor.reshape(-1).astype(np.float64)
+        wrong = ~(np.isfinite(flat) & (flat > 0))
+        if wrong.any():
+            i = int(np.flatnonzero(wrong)[0])
+            out.append(Violation("rescale", nm(mul), f"rescale constant (s_x*s_w of {nm(n)}) has {flat[i]:g} at "
+                                                     f"channel {i}: scales must be finite and positive"))
 
     # ---- residual adds
     def layer_out(name: str) -> bool:

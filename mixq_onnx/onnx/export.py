@@ -304,10 +304,12 @@ def export_qdq(qmodel: nn.Module, out: str | os.PathLike, layout: str = "integer
     INT8 kernels in TensorRT. "dq-scales": the scales sit on the DQ nodes (the ModelOpt layout), and
     float summation order makes near-ties differ between runtimes."""
     from ..quant.graph import quantizers
+    from ..quant.io import validate_quantized_model
 
     if layout not in LAYOUTS:
         raise MixqError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
 
+    validate_quantized_model(qmodel)  # the loader's checks: never write a graph with a bad scale or grid
     qs = quantizers(qmodel)
     cfg = getattr(qmodel, "mixq_config", None)
     model = torch_export(qmodel, with_markers=True)

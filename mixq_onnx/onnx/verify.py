@@ -2,6 +2,7 @@
 model on the same images: top-1 agreement, output differences, and per-quantizer integer-code mismatch."""
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,10 +40,20 @@ class VerifyReport:
     first_divergence: str | None = None  # free run: first quantizer in graph order whose codes differ
     per_quantizer_step_diff: dict[str, float] = field(default_factory=dict)
     layout: str = "dq-scales"  # export layout recorded in the graph (integer: bit-exact by construction)
+    nan_outputs: int = 0  # output values that are NaN or inf in either runtime (a verdict on its own)
     warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def failures(self, min_agreement: float = 99.9) -> list[str]:
+        """Why the graph is not a faithful export of the folder (empty when it is)."""
+        bad = []
+        if self.nan_outputs:
+            bad.append(f"{self.nan_outputs} output values are NaN or inf")
+        if not self.top1_agreement >= min_agreement:
+            bad.append(f"exact-run top-1 agreement {self.top1_agreement:.2f} % is below {min_agreement:g} %")
+        return bad
 
 
 def _session(path: Path, optimized: bool, extra_outputs: list[str] | None = None):
@@ -61,6 +72,62 @@ def _session(path: Path, optimized: bool, extra_outputs: list[str] | None = None
                 m.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
         return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def _nanmax(acc: float, d: np.ndarray) -> float:
+    """max that propagates NaN (Python's max and np.max of a comparison silently drop it)."""
+    m = float(d.max()) if d.size else 0.0  # np.max itself propagates NaN
+    return math.nan if math.isnan(acc) or math.isnan(m) else max(acc, m)
+
+
+def _graph_quantizers(proto) -> tuple[dict[str, list], dict[str, np.ndarray]]:
+    """Q/DQ nodes by the `mixq.quantizer` metadata the exporter writes, and the graph's initializers."""
+    from onnx import numpy_helper
+
+    inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    for n in proto.graph.node:  # Constant nodes hold the same role as initializers
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+            inits[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+    nodes: dict[str, list] = {}
+    for n in proto.graph.node:
+        meta = {p.key: p.value for p in n.metadata_props}
+        if "mixq.quantizer" in meta and n.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            nodes.setdefault(meta["mixq.quantizer"], []).append(n)
+    return nodes, inits
+
+
+def match_quantizers(proto, qs: dict[str, Any], path: Path | str = "graph") -> None:
+    """Refuse a graph that was exported from another result folder: every quantizer of the model must be in
+    the graph with the same bits, activation scale and zero point, and the same integer weights (compared as
+    count, sum and sum of squares, which the exporter's transposes and fused-QKV splits leave unchanged)."""
+    nodes, inits = _graph_quantizers(proto)
+    for name, q in qs.items():
+        if not q.enabled or not bool(q.initialized):
+            continue
+        found = nodes.get(name)
+        if not found:
+            raise MixqError(f"{path} does not match the quantized model: quantizer {name} has no Q/DQ in the graph")
+        bits = {p.value for n in found for p in n.metadata_props if p.key == "mixq.bits"}
+        if bits and bits != {str(q.bits)}:
+            raise MixqError(f"{path} does not match the quantized model: quantizer {name} is {q.bits}-bit, "
+                            f"the graph's is {'/'.join(sorted(bits))}-bit")
+        if q.kind == "act":
+            qn = next((n for n in found if n.op_type == "QuantizeLinear"), None)
+            if qn is None or qn.input[1] not in inits:
+                raise MixqError(f"{path} does not match the quantized model: no QuantizeLinear for {name}")
+            g_scale = float(inits[qn.input[1]].reshape(-1)[0])
+            g_zp = int(inits[qn.input[2]].reshape(-1)[0]) if len(qn.input) > 2 and qn.input[2] in inits else 0
+            if np.float32(g_scale) != np.float32(float(q.scale.detach())) or g_zp != round(float(q.zero_point)):
+                raise MixqError(f"{path} does not match the quantized model: quantizer {name} has scale "
+                                f"{float(q.scale.detach()):.6g}, the graph's is {g_scale:.6g}")
+        else:
+            ints = [inits[n.input[0]] for n in found if n.op_type == "DequantizeLinear" and n.input[0] in inits]
+            if not ints:
+                raise MixqError(f"{path} does not match the quantized model: no integer weights for {name}")
+            g = np.concatenate([a.astype(np.int64).reshape(-1) for a in ints])
+            w = q.int_weight.to(torch.int64).reshape(-1).numpy()
+            if g.size != w.size or int(g.sum()) != int(w.sum()) or int((g * g).sum()) != int((w * w).sum()):
+                raise MixqError(f"{path} does not match the quantized model: the integer weights of {name} differ")
 
 
 def verify_onnx(path: str | os.PathLike, qmodel: nn.Module, images: torch.Tensor, batch_size: int = 250
@@ -92,6 +159,7 @@ def verify_onnx(path: str | os.PathLike, qmodel: nn.Module, images: torch.Tensor
             if p is not None and p.op_type == "Clip" and p.name.rsplit("/", 1)[0] == n.name.rsplit("/", 1)[0]:
                 src = p.input[0]
             q_float_in[n.output[0]] = src
+    match_quantizers(proto, quantizers(qmodel), path)
     acts = {n: q for n, q in quantizers(qmodel).items() if isinstance(q, ActQuantizer) and q.enabled}
     missing = sorted(set(acts) - set(q_outputs.values()))
     if missing:
@@ -137,7 +205,7 @@ def verify_onnx(path: str | os.PathLike, qmodel: nn.Module, images: torch.Tensor
     agree = agree_opt = agree_forced = 0
     maxd = maxd_opt = maxd_forced = 0.0
     sumd = 0.0
-    nel = 0
+    nel = nonfinite = 0
     try:
         for s in range(0, len(images), batch_size):
             x = pre(images[s:s + batch_size])
@@ -159,11 +227,12 @@ def verify_onnx(path: str | os.PathLike, qmodel: nn.Module, images: torch.Tensor
             agree += int((out.argmax(1) == ref.argmax(1)).sum())
             agree_opt += int((o2.argmax(1) == ref.argmax(1)).sum())
             d = np.abs(out - ref)
-            maxd = max(maxd, float(d.max()))
+            nonfinite += int((~np.isfinite(out)).sum() + (~np.isfinite(ref)).sum())
+            maxd = _nanmax(maxd, d)
             sumd += float(d.sum())
             nel += d.size
-            maxd_opt = max(maxd_opt, float(np.abs(o2 - ref).max()))
-            maxd_forced = max(maxd_forced, float(np.abs(out - forced).max()))
+            maxd_opt = _nanmax(maxd_opt, np.abs(o2 - ref))
+            maxd_forced = _nanmax(maxd_forced, np.abs(out - forced))
             agree_forced += int((out.argmax(1) == forced.argmax(1)).sum())
     finally:
         state["forced"] = False
@@ -184,6 +253,7 @@ def verify_onnx(path: str | os.PathLike, qmodel: nn.Module, images: torch.Tensor
         segment_code_mismatch=max(seg.values()) if seg else 0.0,
         forced_max_abs_diff=maxd_forced, forced_top1_agreement=100.0 * agree_forced / n, worst_segment=worst,
         first_divergence=next((k for k in order if mism[k]), None), per_quantizer_step_diff=step, layout=layout,
+        nan_outputs=nonfinite,
     )
     big = [m.name for m in qmodel.modules() if isinstance(m, QUANT_LAYERS) and m.integer_mode()
            and m.max_accumulator() >= 2**24]

@@ -55,6 +55,9 @@ class QuantConfig:
                 raise MixqError(f"--block-size must be one of {', '.join(map(str, BLOCK_SIZES))}, got {self.block_size}")
             if not self.weight_only or self.wbits > 4:
                 raise MixqError("block scales are for INT4 weight-only GEMMs: use --wbits 4 (or less) --abits 16")
+        for opt, v in (("--iters", self.iters), ("--batch-size", self.batch_size), ("--num-samples", self.num_samples)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise MixqError(f"{opt} must be a positive integer, got {v!r}")
         if self.scale_grid < 1:
             raise MixqError(f"scale_grid must be at least 1, got {self.scale_grid}")
         if not 0 <= self.drop_prob <= 1:

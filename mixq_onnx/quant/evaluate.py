@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 
+from ..errors import MixqError
 from ..models import get_preprocessing
 
 
@@ -37,7 +38,18 @@ def _topk(logits: torch.Tensor, y: torch.Tensor, k: int) -> float:
 
 def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, fp_model: nn.Module | None = None,
              batch_size: int = 250) -> EvalResult:
+    """Top-1/top-5 of `model` on uint8 NHWC `images`; labels outside the model's classes are an error (a silent
+    0 % would read as a broken model)."""
+    if batch_size < 1:
+        raise MixqError(f"--batch-size must be a positive integer, got {batch_size}")
+    if len(images) == 0 or len(images) != len(labels):
+        raise MixqError(f"{len(images)} images but {len(labels)} labels: they must be equal and non-zero")
     logits = predict(model, images, batch_size)
+    n_cls = logits.shape[1]
+    bad = labels[(labels < 0) | (labels >= n_cls)]
+    if len(bad):
+        raise MixqError(f"{len(bad)} labels lie outside the model's {n_cls} classes (first: {int(bad[0])}); "
+                        "is this data for another model?")
     res = EvalResult(top1=_topk(logits, labels, 1), top5=_topk(logits, labels, 5), n=len(labels))
     if fp_model is not None:
         fp = predict(fp_model, images, batch_size)

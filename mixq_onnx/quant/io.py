@@ -2,15 +2,18 @@
 
 quant.json records every quantizer (name, placement, bits, scale(s), axis, signedness) and the model's
 source (spec, checkpoint path and sha256, preprocessing), so a quantized directory is
-self-contained: `export`, `verify` and `eval --quantized` need no other model flag.
+self-contained: `export`, `verify` and `eval --quantized` need no other model flag (a recorded spec
+that names code runs only with `trust_model_code`). Folders can come from anyone: reading one validates
+every field and quantizer, and writing one never removes files it did not write.
 """
 from __future__ import annotations
 
+import hashlib
 import json
-import math
 import os
+import secrets
 import shutil
-import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,58 +21,42 @@ import torch
 import torch.nn as nn
 
 from ..errors import MixqError
+from ..utils import atomic_path
 from .config import QuantConfig
 from .graph import prepare, quantizers
-from .quantizer import ActQuantizer, WeightQuantizer
+from .quantizer import ActQuantizer, WeightQuantizer, quantizer_state, validate_record
 
 QUANT_JSON = "quant.json"
 WEIGHTS = "weights.safetensors"
+WEIGHTS_SHA256 = "weights_sha256"  # in quant.json: ties it to the weights written with it
 FORMAT = 1
+_TENSOR_KEYS = ("scale", "zero_point", "int")
 
 
-def _atomic_dir(out: Path):
-    """Write into a temporary sibling directory, then swap it into place."""
-    class _Ctx:
-        def __enter__(self) -> Path:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            self.tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-            return self.tmp
+# ----------------------------------------------------------------------------- writing
+def save_quantized(qmodel: nn.Module, out: str | os.PathLike, extra: dict[str, Any] | None = None,
+                   overwrite: bool = False) -> Path:
+    """Write `quant.json` and `weights.safetensors` for a model returned by `quantize`.
 
-        def __exit__(self, et, ev, tb) -> None:
-            if et is not None:
-                shutil.rmtree(self.tmp, ignore_errors=True)
-                return
-            if out.exists():
-                tomb = out.with_name(f".{out.name}.old.{os.getpid()}")
-                os.replace(out, tomb)
-                os.replace(self.tmp, out)
-                shutil.rmtree(tomb, ignore_errors=True)
-            else:
-                os.replace(self.tmp, out)
-
-    return _Ctx()
-
-
-def save_quantized(qmodel: nn.Module, out: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
-    """Write `quant.json` and `weights.safetensors` for a model returned by `quantize`."""
-    from safetensors.torch import save_file
+    A new folder is written as a temporary sibling and renamed into place. An existing non-empty folder
+    is refused unless `overwrite`; then only the two files are replaced (each atomically, weights first,
+    quant.json last, recording the weights' sha256), so the user's other files stay and a reader never
+    pairs a new quant.json with old weights."""
+    from safetensors.torch import save
 
     from .. import __version__
     from ..models import model_source
 
-    out = Path(out)
+    out = check_output_dir(out, overwrite)
     cfg: QuantConfig = qmodel.mixq_config  # type: ignore[attr-defined]
     src = model_source(qmodel)
     tensors: dict[str, torch.Tensor] = {}
     records = []
     for name, q in quantizers(qmodel).items():
-        rec = q.record()
+        rec, ts = quantizer_state(q)
         records.append(rec)
-        tensors[f"{name}.scale"] = q.scale.detach().reshape(-1).float().contiguous().cpu()
-        tensors[f"{name}.zero_point"] = q.zero_point.detach().reshape(-1).float().contiguous().cpu()
-        if isinstance(q, WeightQuantizer):
-            tensors[f"{name}.int"] = q.int_weight.contiguous().cpu()
-            rec["shape"] = list(q.int_weight.shape)
+        tensors.update({f"{name}.{k}": v for k, v in ts.items()})
+    weights = save(tensors, metadata={"format": str(FORMAT)})
     meta = {
         "format": FORMAT,
         "mixq_onnx": __version__,
@@ -80,75 +67,229 @@ def save_quantized(qmodel: nn.Module, out: str | os.PathLike, extra: dict[str, A
         "quantizers": records,
         "report": getattr(qmodel, "mixq_report", None),
         **(extra or {}),
+        WEIGHTS_SHA256: hashlib.sha256(weights).hexdigest(),
     }
-    with _atomic_dir(out) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": str(FORMAT)})
-        (tmp / QUANT_JSON).write_text(json.dumps(meta, indent=2) + "\n")
+    text = (json.dumps(meta, indent=2) + "\n").encode()
+    try:
+        if out.is_dir():  # empty, or --overwrite: replace just our two files
+            _write_file(out / WEIGHTS, weights)
+            _write_file(out / QUANT_JSON, text)
+        else:
+            _write_new_dir(out, {WEIGHTS: weights, QUANT_JSON: text})
+    except OSError as e:
+        raise MixqError(f"cannot write {out}: {e.strerror or e}") from None
     return out
 
 
+def check_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Raise `MixqError` unless `save_quantized(..., out, overwrite=overwrite)` may write there: call it
+    before a long quantization too, so a refusal does not come after the work."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise MixqError(f"{out} exists and is not a directory; choose another output path")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise MixqError(f"{out} exists and is not empty; pass --overwrite to replace its {QUANT_JSON} and {WEIGHTS}")
+    return out
+
+
+def _write_new_dir(out: Path, files: dict[str, bytes]) -> None:
+    """Fill a temporary sibling folder, then rename it to `out` (never a half-written result folder)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    tmp.mkdir()
+    try:
+        for name, data in files.items():
+            _write_file(tmp / name, data)
+        try:
+            os.rename(tmp, out)
+        except OSError:
+            if out.exists():
+                raise MixqError(f"{out} appeared while it was being written; nothing was changed in it") from None
+            raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    """Atomically replace `path` by `data`, keeping the mode of the file it replaces."""
+    mode = path.stat().st_mode & 0o777 if path.is_file() else 0o666 & ~_umask()
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+        os.chmod(tmp, mode)
+
+
+def _umask() -> int:
+    """The process umask, read without changing it (os.umask can only swap it, racing other threads)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o022
+
+
+# ----------------------------------------------------------------------------- reading
+_TOP_LEVEL = {"config": (dict,), "model": (dict, type(None)), "quantizers": (list,)}
+_OPTIONAL = {"units": (list,), "report": (dict, type(None)), WEIGHTS_SHA256: (str,)}
+_SOURCE = {"spec": (str,), "checkpoint": (str, type(None)), "checkpoint_sha256": (str, type(None)),
+           "random_init": (bool,), "preprocessing": (dict,)}
+
+
 def read_quant_json(qdir: str | os.PathLike) -> dict[str, Any]:
+    """quant.json of `qdir`, with its top-level structure checked (a folder can come from anyone)."""
     qdir = Path(qdir)
     f = qdir / QUANT_JSON
     if not f.is_file():
         raise MixqError(f"{qdir} is not a quantized model directory (no {QUANT_JSON})")
     try:
         meta = json.loads(f.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise MixqError(f"cannot read {f}: {e}") from None
+    if not isinstance(meta, dict):
+        raise MixqError(f"{f} holds a JSON {type(meta).__name__}, not an object")
     if meta.get("format") != FORMAT:
         raise MixqError(f"{f} has format {meta.get('format')!r}, this mixq-onnx reads format {FORMAT}")
+    _check_fields(meta, _TOP_LEVEL, _OPTIONAL, str(f))
+    if meta["model"] is not None:
+        _check_fields(meta["model"], _SOURCE, {}, f"{f}: model")
     return meta
 
 
+def _check_fields(d: Mapping[str, Any], required: Mapping[str, tuple[type, ...]],
+                  optional: Mapping[str, tuple[type, ...]], where: str) -> None:
+    for key, types in {**required, **optional}.items():
+        if key not in d:
+            if key in required:
+                raise MixqError(f"{where} lacks {key!r}")
+            continue
+        if not isinstance(d[key], types):
+            want = " or ".join("null" if t is type(None) else {"dict": "object", "list": "list", "str": "string",
+                                                                "bool": "true/false"}[t.__name__] for t in types)
+            raise MixqError(f"{where}: {key} is {type(d[key]).__name__}, expected {want}")
+
+
+def _config(meta: dict[str, Any], where: str) -> QuantConfig:
+    c = meta["config"]
+    for key, ok in (("wbits", _is_int), ("abits", _is_int), ("symmetric", lambda v: isinstance(v, bool)),
+                    ("first_last_bits", lambda v: v is None or _is_int(v)),
+                    ("block_size", lambda v: v is None or _is_int(v)), ("method", lambda v: isinstance(v, str))):
+        if key in c and not ok(c[key]):
+            raise MixqError(f"{where}: config {key} is {c[key]!r}")
+    try:
+        return QuantConfig.from_dict(c).validate()
+    except (TypeError, ValueError) as e:
+        raise MixqError(f"{where}: config is not valid: {e}") from None
+    except MixqError as e:
+        raise MixqError(f"{where}: config is not valid: {e}") from None
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _read_weights(qdir: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """weights.safetensors, checked against the sha256 that quant.json records (older folders have none)."""
+    from safetensors.torch import load
+
+    path = qdir / WEIGHTS
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise MixqError(f"cannot read {path}: {e.strerror or e}") from None
+    want = meta.get(WEIGHTS_SHA256)
+    if want is not None:
+        have = hashlib.sha256(data).hexdigest()
+        if have != want.lower():
+            raise MixqError(f"{path} does not match {qdir / QUANT_JSON}: its sha256 is {have[:12]}…, quant.json records "
+                            f"{want[:12]}… (edited, or replaced by an interrupted --overwrite)")
+    try:
+        tensors = load(data)
+    except Exception as e:  # noqa: BLE001 - whatever the parser says, the file is unusable
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise MixqError(f"cannot read {path}: {first}") from None
+    return tensors
+
+
+def _records(meta: dict[str, Any], where: str) -> dict[str, Any]:
+    recs: dict[str, Any] = {}
+    for i, r in enumerate(meta["quantizers"]):
+        name = r.get("name") if isinstance(r, dict) else None
+        if not isinstance(name, str):
+            raise MixqError(f"{where}: quantizer record {i} has no name")
+        if name in recs:
+            raise MixqError(f"{where}: quantizer {name} is recorded twice")
+        recs[name] = r
+    return recs
+
+
+def _weight_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Weight quantizer name -> shape of the layer weight it quantizes."""
+    out = {}
+    for m in model.modules():
+        wq = getattr(m, "weight_quantizer", None)
+        w = getattr(m, "weight", None)
+        if isinstance(wq, WeightQuantizer) and isinstance(w, torch.Tensor):
+            out[wq.name] = tuple(w.shape)
+    return out
+
+
+def _check_model_matches(model: nn.Module, meta: dict[str, Any], qdir: Path) -> None:
+    """The user's model must be the recorded one: same spec (file specs by resolved path), same checkpoint."""
+    from ..models import model_source, same_spec
+
+    src, rec = model_source(model), meta["model"]
+    if src is None or rec is None:
+        return  # a model built in Python, or a folder that records no source: nothing to compare
+    where = qdir / QUANT_JSON
+    if not same_spec(rec["spec"], src.spec):
+        raise MixqError(f"{where} does not match the model: it was made from model {rec['spec']!r}, "
+                        f"the model given is {src.spec!r}")
+    want, have = rec["checkpoint_sha256"], src.checkpoint_sha256
+    if want != have:
+        def show(sha: str | None) -> str:
+            return f"checkpoint sha256 {sha[:12]}…" if sha else "no checkpoint (random or pretrained weights)"
+
+        raise MixqError(f"{where} does not match the model: it was made from {show(want)}, "
+                        f"the model given has {show(have)}")
+
+
 def load_quantized(model: nn.Module, qdir: str | os.PathLike) -> nn.Module:
-    """Rebuild the fake-quant model of `qdir` on top of the float `model` (bit-exact)."""
-    from safetensors.torch import load_file
+    """Rebuild the fake-quant model of `qdir` on top of the float `model` (bit-exact).
 
-    from ..models import model_source
-
+    Every quantizer goes through `validate_record` first: values someone edited, or a damaged file,
+    give a `MixqError` naming the quantizer instead of a model computing garbage."""
     qdir = Path(qdir)
     meta = read_quant_json(qdir)
-    src = model_source(model)
-    want = (meta.get("model") or {}).get("checkpoint_sha256")
-    if src is not None and want and src.checkpoint_sha256 and src.checkpoint_sha256 != want:
-        raise MixqError(f"{qdir}/{QUANT_JSON} was made from checkpoint sha256 {want[:12]}…, "
-                        f"the model's is {src.checkpoint_sha256[:12]}…")
-    cfg = QuantConfig.from_dict(meta["config"])
+    where = str(qdir / QUANT_JSON)
+    _check_model_matches(model, meta, qdir)
+    cfg = _config(meta, where)
+    recs = _records(meta, where)
+    tensors = _read_weights(qdir, meta)
     gm = prepare(model, cfg)
     qs = quantizers(gm)
-    recs = {r["name"]: r for r in meta["quantizers"]}
     if set(qs) != set(recs):
         missing = sorted(set(recs) - set(qs))[:3]
         extra = sorted(set(qs) - set(recs))[:3]
-        raise MixqError(f"{qdir}/{QUANT_JSON} does not match the model: quantizers only in the file {missing}, "
+        raise MixqError(f"{where} does not match the model: quantizers only in the file {missing}, "
                         f"only in the model {extra}")
-    try:
-        tensors = load_file(str(qdir / WEIGHTS))
-    except Exception as e:  # noqa: BLE001
-        raise MixqError(f"cannot read {qdir / WEIGHTS}: {e}") from None
+    shapes = _weight_shapes(gm)
     for name, q in qs.items():
         r = recs[name]
-        try:
-            scale, zp = tensors[f"{name}.scale"], tensors[f"{name}.zero_point"]
-        except KeyError:
-            raise MixqError(f"{qdir / WEIGHTS} lacks the tensors of quantizer {name}") from None
-        q.bits = int(r["bits"])
+        ts = {k: tensors.get(f"{name}.{k}") for k in _TENSOR_KEYS}
+        validate_record(r, ts, shapes.get(name) if isinstance(q, WeightQuantizer) else None, like=q)
+        scale, zp = ts["scale"], ts["zero_point"]
+        assert scale is not None and zp is not None
+        q.bits = r["bits"]
         if isinstance(q, WeightQuantizer):
-            ints = tensors.get(f"{name}.int")
-            layer_w = _owner_weight(gm, name)
-            if ints is None or tuple(ints.shape) != tuple(layer_w.shape):
-                raise MixqError(f"{qdir / WEIGHTS}: integer weights of {name} do not match the model's shape "
-                                f"{tuple(layer_w.shape)}")
-            shape = q.scale_shape(layer_w.shape)
-            if scale.numel() != math.prod(shape):
-                raise MixqError(f"{qdir / WEIGHTS}: scale of {name} has {scale.numel()} values, the model needs {shape}")
+            shape = q.scale_shape(ts["int"].shape)  # type: ignore[union-attr]
             q.set_scale(scale.reshape(shape), zp.reshape(shape))
-            q.int_weight = ints.clone()
+            q.int_weight = ts["int"].clone()  # type: ignore[union-attr]
             q.mode = "int"
         else:
             assert isinstance(q, ActQuantizer)
-            q.signed = bool(r["signed"])
+            q.signed = r["signed"]
             q.scale.data = scale.reshape(()).clone()
             q.zero_point = zp.reshape(()).clone()
             q.initialized.fill_(True)
@@ -163,23 +304,46 @@ def load_quantized(model: nn.Module, qdir: str | os.PathLike) -> nn.Module:
     return gm.eval()
 
 
-def _owner_weight(gm: nn.Module, qname: str) -> torch.Tensor:
-    layer = gm.get_submodule(qname.rsplit(".", 1)[0])
-    return layer.weight
+def validate_quantized_model(qmodel: nn.Module) -> None:
+    """Apply `validate_record` to every quantizer of a model in memory (what `export_qdq` writes)."""
+    shapes = _weight_shapes(qmodel)
+    for name, q in quantizers(qmodel).items():
+        if isinstance(q, WeightQuantizer) and q.mode != "int":
+            raise MixqError(f"quantizer {name}: weights are not frozen to integers (mode {q.mode!r}); "
+                            "quantize must finish before export")
+        rec, ts = quantizer_state(q)
+        validate_record(rec, ts, shapes.get(name) if isinstance(q, WeightQuantizer) else None, like=q)
 
 
-def load_quantized_dir(qdir: str | os.PathLike) -> nn.Module:
-    """Rebuild the quantized model from `qdir` alone (model spec and checkpoint as recorded)."""
-    from ..models import Preprocessing, load_model
+def load_source_model(qdir: str | os.PathLike, trust_model_code: bool = False) -> nn.Module:
+    """The float model `qdir` records (spec, checkpoint, preprocessing).
 
+    A spec naming code (`file.py:factory`, `package.module:factory`) is imported only with
+    `trust_model_code`: a result folder can come from anyone, and loading it must never run code
+    the user did not choose. Zoo and timm names are always fine."""
+    from ..models import Preprocessing, is_code_spec, load_model
+
+    qdir = Path(qdir)
     meta = read_quant_json(qdir)
-    src = meta.get("model")
+    src = meta["model"]
     if not src:
-        raise MixqError(f"{qdir}/{QUANT_JSON} records no model source; pass --model/--checkpoint")
-    ck = src.get("checkpoint")
+        raise MixqError(f"{qdir / QUANT_JSON} records no model source; pass --model/--checkpoint")
+    spec = src["spec"]
+    if is_code_spec(spec) and not trust_model_code:
+        raise MixqError(f"{qdir / QUANT_JSON} names model code {spec!r}; pass --model SPEC (it must match) "
+                        "or --trust-model-code")
+    ck = src["checkpoint"]
     if ck and not Path(ck).is_file():
-        raise MixqError(f"checkpoint recorded in {qdir}/{QUANT_JSON} is missing: {ck}")
-    pre = Preprocessing.from_dict(src["preprocessing"])
-    model = load_model(src["spec"], ck, random_init=bool(src.get("random_init")), mean=pre.mean, std=pre.std,
-                       input_size=pre.input_size)
-    return load_quantized(model, qdir)
+        raise MixqError(f"checkpoint recorded in {qdir / QUANT_JSON} is missing: {ck}")
+    try:
+        pre = Preprocessing.from_dict(src["preprocessing"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise MixqError(f"{qdir / QUANT_JSON}: model preprocessing is not valid ({type(e).__name__}: {e})") from None
+    return load_model(spec, ck, random_init=src["random_init"], mean=pre.mean, std=pre.std,
+                      input_size=pre.input_size)
+
+
+def load_quantized_dir(qdir: str | os.PathLike, trust_model_code: bool = False) -> nn.Module:
+    """Rebuild the quantized model from `qdir` alone (model spec and checkpoint as recorded); see
+    `load_source_model` for when recorded model code is imported."""
+    return load_quantized(load_source_model(qdir, trust_model_code), qdir)

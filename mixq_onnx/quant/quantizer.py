@@ -14,10 +14,13 @@ Conventions (TensorRT-legal in symmetric mode):
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.nn as nn
+
+from ..errors import MixqError
 
 ZETA, GAMMA = 1.1, -0.1
 
@@ -315,6 +318,203 @@ class WeightQuantizer(_Base):
             "scale": [float(v) for v in self.scale.detach().reshape(-1)],
             "zero_point": [float(v) for v in self.zero_point.reshape(-1)],
         }
+
+
+# ----------------------------------------------------------------------------- validation
+SUPPORTED_BITS = tuple(range(2, 9))
+
+# key -> accepted JSON shape: "str", "bool", "int" (not bool), "num" (int or float, not bool),
+# "int?" (int or null), "null", "ints" / "nums" (lists of those)
+_COMMON_FIELDS = {"name": "str", "kind": "str", "placement": "str", "bits": "int", "signed": "bool",
+                  "symmetric": "bool", "qmin": "int", "qmax": "int"}
+_ACT_FIELDS = {**_COMMON_FIELDS, "axis": "null", "scale": "num", "zero_point": "num"}
+_WEIGHT_FIELDS = {**_COMMON_FIELDS, "axis": "int", "block_size": "int?", "scale_shape": "ints",
+                  "scale": "nums", "zero_point": "nums", "shape": "ints"}
+# added to format 1 with block scales: folders written before lack them (no blocks, per-channel scales)
+_LATER_FIELDS = {"block_size": None, "scale_shape": None}
+
+
+def _is(v: Any, kind: str) -> bool:
+    if kind == "str":
+        return isinstance(v, str)
+    if kind == "bool":
+        return isinstance(v, bool)
+    if kind == "int":
+        return isinstance(v, int) and not isinstance(v, bool)
+    if kind == "num":
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    if kind == "int?":
+        return v is None or _is(v, "int")
+    if kind == "null":
+        return v is None
+    if kind in ("ints", "nums"):
+        return isinstance(v, list) and all(_is(x, kind[:-1]) for x in v)
+    raise ValueError(kind)
+
+
+def quantizer_state(q: ActQuantizer | WeightQuantizer) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The quant.json record and the tensors (keys `scale`, `zero_point`, and `int` for weights) of a
+    quantizer: exactly what `save_quantized` writes, so export can validate a model in memory with the
+    same `validate_record` the loader applies to files."""
+    rec = q.record()
+    tensors = {
+        "scale": q.scale.detach().reshape(-1).float().contiguous().cpu(),
+        "zero_point": q.zero_point.detach().reshape(-1).float().contiguous().cpu(),
+    }
+    if isinstance(q, WeightQuantizer):
+        tensors["int"] = q.int_weight.contiguous().cpu()
+        rec["shape"] = list(q.int_weight.shape)
+    return rec, tensors
+
+
+def validate_record(
+    record: Any,
+    tensors: Mapping[str, torch.Tensor | None],
+    weight_shape: Sequence[int] | None = None,
+    like: ActQuantizer | WeightQuantizer | None = None,
+) -> None:
+    """Raise `MixqError` ("quantizer NAME: ...") unless `record` and its `tensors` describe a usable quantizer.
+
+    A result folder can come from anyone, and every consumer (the fake-quant model, the ONNX exporter,
+    TensorRT) trusts these numbers: bits must be supported, the declared [qmin, qmax] must be the grid
+    the bits give, scales finite and positive, zero points integral and on the grid (0 when
+    symmetric), integer weights on the grid, shapes those of the layer (`weight_shape`), the record's
+    scale/zero-point lists equal to the tensors (as float32), and the placement that of the model's
+    quantizer `like`. tensors: `scale`, `zero_point`, and `int` for weight quantizers.
+    """
+    name = record.get("name") if isinstance(record, Mapping) else None
+    where = f"quantizer {name}" if isinstance(name, str) else "a quantizer record"
+
+    def bad(msg: str) -> MixqError:
+        return MixqError(f"{where}: {msg}")
+
+    if not isinstance(record, Mapping):
+        raise bad(f"is a JSON {type(record).__name__}, not an object")
+    kind = record.get("kind")
+    if kind not in ("act", "weight"):
+        raise bad(f"kind {kind!r} is neither 'act' nor 'weight'")
+    for key, want in (_ACT_FIELDS if kind == "act" else _WEIGHT_FIELDS).items():
+        if key not in record:
+            if kind == "weight" and key in _LATER_FIELDS:
+                continue
+            raise bad(f"record lacks {key!r}")
+        if not _is(record[key], want):
+            raise bad(f"{key} is {record[key]!r}, expected {_TYPE_WORDS[want]}")
+    bits, sym = record["bits"], record["symmetric"]
+    if bits not in SUPPORTED_BITS:
+        raise bad(f"bits {bits} is not supported ({SUPPORTED_BITS[0]}..{SUPPORTED_BITS[-1]})")
+    if kind == "weight":
+        if record["placement"] != "weight":
+            raise bad(f"placement {record['placement']!r} of a weight quantizer, expected 'weight'")
+        if record["signed"] != sym:
+            raise bad(f"signed {record['signed']} disagrees with symmetric {sym} (weights are signed iff symmetric)")
+        grid = int_range(bits, True, narrow=True) if sym else (0, 2**bits - 1)
+    else:
+        grid = int_range(bits, record["signed"], narrow=False) if sym else (0, 2**bits - 1)
+    lo, hi = grid
+    if (record["qmin"], record["qmax"]) != grid:
+        raise bad(f"qmin/qmax [{record['qmin']}, {record['qmax']}] disagree with the grid [{lo}, {hi}] of "
+                  f"{bits}-bit {'symmetric' if sym else 'asymmetric'} {kind} quantization")
+    if like is not None:
+        _match_quantizer(record, like, bad)
+
+    scale, zp = tensors.get("scale"), tensors.get("zero_point")
+    for key, t in (("scale", scale), ("zero_point", zp)):
+        if t is None:
+            raise bad(f"weights.safetensors lacks its {key} tensor")
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.float32:
+            raise bad(f"{key} tensor is {getattr(t, 'dtype', type(t).__name__)}, expected float32")
+    assert scale is not None and zp is not None
+    if kind == "weight":
+        ints = tensors.get("int")
+        int_dtype = torch.int8 if sym else torch.uint8
+        if ints is None:
+            raise bad("weights.safetensors lacks its integer weights")
+        if not isinstance(ints, torch.Tensor) or ints.dtype != int_dtype:
+            raise bad(f"integer weights are {getattr(ints, 'dtype', type(ints).__name__)}, expected {int_dtype}")
+        shape = tuple(int(v) for v in (weight_shape if weight_shape is not None else record["shape"]))
+        if tuple(record["shape"]) != shape:
+            raise bad(f"shape {record['shape']} in quant.json, the model's weight is {list(shape)}")
+        if tuple(ints.shape) != shape:
+            raise bad(f"integer weights have shape {list(ints.shape)}, the model's weight is {list(shape)}")
+        want = _scale_shape(shape, record["axis"], record.get("block_size"), bad)
+        if tuple(record.get("scale_shape", want)) != want:
+            raise bad(f"scale_shape {record['scale_shape']} in quant.json, the weight {list(shape)} needs {list(want)}")
+    else:
+        want = ()
+    n = math.prod(want)
+    for key, t in (("scale", scale), ("zero_point", zp)):
+        if t.numel() != n:
+            raise bad(f"{key} tensor has {t.numel()} values, the model needs {n} ({list(want) or 'a scalar'})")
+        if kind == "weight" and len(record[key]) != n:
+            raise bad(f"{key} in quant.json has {len(record[key])} values, the model needs {n}")
+    unit = "channel" if kind == "weight" and not record.get("block_size") else "index"
+    at = (lambda i: f" at {unit} {i}") if kind == "weight" else (lambda i: "")
+    s, z = scale.reshape(-1), zp.reshape(-1)
+    wrong = ~(torch.isfinite(s) & (s > 0))
+    if bool(wrong.any()):
+        i = int(wrong.nonzero()[0])
+        raise bad(f"scale has {float(s[i]):g}{at(i)} (scales must be finite and positive)")
+    wrong = ~torch.isfinite(s * float(max(hi - lo, 1)))
+    if bool(wrong.any()):
+        i = int(wrong.nonzero()[0])
+        raise bad(f"scale {float(s[i]):g}{at(i)} overflows float32 over the grid")
+    wrong = ~torch.isfinite(z) | (z != torch.round(z)) | (z < lo) | (z > hi)
+    if bool(wrong.any()):
+        i = int(wrong.nonzero()[0])
+        raise bad(f"zero point {float(z[i]):g}{at(i)} is not an integer in [{lo}, {hi}]")
+    if sym and bool((z != 0).any()):
+        i = int((z != 0).nonzero()[0])
+        raise bad(f"zero point {float(z[i]):g}{at(i)} is not 0 (symmetric quantization has none)")
+    if kind == "weight":
+        ints = tensors["int"]
+        assert ints is not None
+        outside = (ints.to(torch.int32) < lo) | (ints.to(torch.int32) > hi)
+        if bool(outside.any()):
+            idx = tuple(int(v) for v in outside.nonzero()[0])
+            raise bad(f"integer weight {int(ints[idx])} at index {idx} is outside the grid [{lo}, {hi}]")
+    for key, t in (("scale", s), ("zero_point", z)):
+        listed = record[key] if kind == "weight" else [record[key]]
+        try:
+            mine = torch.tensor([float(v) for v in listed], dtype=torch.float32)
+        except OverflowError:
+            raise bad(f"{key} in quant.json holds a number too large for float32") from None
+        differ = mine != t
+        if bool(differ.any()):
+            i = int(differ.nonzero()[0])
+            raise bad(f"{key} in quant.json ({float(mine[i]):g}) differs from weights.safetensors "
+                      f"({float(t[i]):g}){at(i)}")
+
+
+_TYPE_WORDS = {"str": "a string", "bool": "true or false", "int": "an integer", "num": "a number",
+               "int?": "an integer or null", "null": "null", "ints": "a list of integers",
+               "nums": "a list of numbers"}
+
+
+def _scale_shape(shape: tuple[int, ...], axis: int, block: int | None, bad: Any) -> tuple[int, ...]:
+    """The scale shape a weight of `shape` needs (same rule as `WeightQuantizer.scale_shape`)."""
+    if block is not None:
+        if block <= 0 or len(shape) != 2 or shape[1] % block:
+            raise bad(f"block_size {block} does not divide the input features of the weight {list(shape)}")
+        return (shape[0], shape[1] // block)
+    if not 0 <= axis < len(shape):
+        raise bad(f"axis {axis} is outside the weight's {len(shape)} dimensions")
+    return (shape[axis],)
+
+
+def _match_quantizer(record: Mapping[str, Any], q: ActQuantizer | WeightQuantizer, bad: Any) -> None:
+    """The record must describe the quantizer the model puts at that place (kind, symmetry, axis, blocks)."""
+    if record["kind"] != q.kind:
+        raise bad(f"is a {record['kind']} quantizer in quant.json, the model's is a {q.kind} quantizer")
+    if record["symmetric"] != q.symmetric:
+        raise bad(f"symmetric {record['symmetric']} in quant.json, the model's config says {q.symmetric}")
+    if isinstance(q, WeightQuantizer):
+        if record["axis"] != q.axis:
+            raise bad(f"axis {record['axis']} in quant.json, the model quantizes along axis {q.axis}")
+        if record.get("block_size") != q.block_size:
+            raise bad(f"block_size {record.get('block_size')} in quant.json, the model's is {q.block_size}")
+    elif record["placement"] != q.placement:
+        raise bad(f"placement {record['placement']!r} in quant.json, the model's is {q.placement!r}")
 
 
 # ----------------------------------------------------------------------------- scale search

@@ -116,6 +116,20 @@ def _targets(trt: Any, cfg: BuildConfig, gpu: Any) -> tuple[str, list[str]]:
     return ("aot:" + ",".join(names) if names else f"aot:{RTX_PORTABLE}"), (names or [RTX_PORTABLE])
 
 
+def _require_onnx(onnx_path: Path) -> None:
+    """Refuse a file that is not an ONNX model before TensorRT's parser turns it into a confusing message."""
+    import onnx
+
+    try:
+        proto = onnx.load(str(onnx_path), load_external_data=False)
+    except Exception as e:  # noqa: BLE001 - any parse failure means the file is not ONNX
+        raise MixqError(f"{onnx_path} is not an ONNX model ({type(e).__name__}); build takes the .onnx from "
+                        "`mixq-onnx export`") from None
+    if not proto.graph.output or not proto.graph.node:
+        raise MixqError(f"{onnx_path} is not an ONNX model with a graph (no nodes or outputs); build takes the .onnx "
+                        "from `mixq-onnx export`")
+
+
 def _parse_onnx(trt: Any, network: Any, logger: Any, onnx_path: Path) -> None:
     parser = trt.OnnxParser(network, logger)
     if parser.parse_from_file(str(onnx_path)):
@@ -173,6 +187,7 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, cfg: BuildConfig 
     onnx_path, plan_path = Path(onnx_path), Path(plan_path)
     if not onnx_path.is_file():
         raise MixqError(f"ONNX model not found: {onnx_path}")
+    _require_onnx(onnx_path)
     if plan_path.parent and not plan_path.parent.exists():
         plan_path.parent.mkdir(parents=True, exist_ok=True)
     trt = import_backend(cfg.backend)

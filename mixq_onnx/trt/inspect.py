@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import MixqError
+from ..utils import sha256_file
 from .layers import LayerInfo
 
 COMPUTE_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
@@ -64,6 +65,7 @@ class PrecisionReport:
     shapes: dict[str, list[int]] = field(default_factory=dict)
     # float activations passed between two non-compute kernels (extra bandwidth, not a precision loss)
     float_handoffs: list[dict[str, Any]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -383,4 +385,9 @@ def inspect_plan(plan_path: str | Path, onnx_path: str | Path | None = None) -> 
     if not layers:
         raise MixqError(f"{plan_path}.json holds no layer information; rebuild the plan with `mixq-onnx build`")
     shapes = {i["name"]: list(i["opt"]) for i in meta.get("inputs", [])}
-    return analyze(onnx_path, layers, shapes)
+    rep = analyze(onnx_path, layers, shapes)
+    want = (meta.get("onnx") or {}).get("sha256")
+    if want and sha256_file(onnx_path) != want:  # layers would be mapped onto a graph the plan was not built from
+        rep.warnings.append(f"{onnx_path} is not the graph the plan was built from (sha256 {want[:12]}… recorded in "
+                            f"{Path(plan_path).name}.json): the layer mapping below may be wrong")
+    return rep

@@ -1,6 +1,7 @@
 """Real images imported from an npz (`x` uint8 NHWC, `y`) or an image folder: the upper-bound baseline."""
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from .base import Generator, ShardOutput, register
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
 
 
-def _folder_files(root: Path) -> tuple[list[Path], list[int], list[str]]:
+def folder_files(root: Path) -> tuple[list[Path], list[int], list[str]]:
     """Files in `root` (ImageFolder layout: class sub-folders give labels; flat folders have none)."""
     subdirs = sorted(d for d in root.iterdir() if d.is_dir())
     files: list[Path] = []
@@ -33,6 +34,19 @@ def _folder_files(root: Path) -> tuple[list[Path], list[int], list[str]]:
 
 
 def load_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """`x` uint8 [N,H,W,1|3] and `y` (1-D integers, one per image) or None; one-line errors otherwise.
+
+    numpy reads any non-zip file as a pickle, whose error ("allow_pickle") says nothing useful, so the
+    zip container is checked first.
+    """
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(6)
+    except OSError as e:
+        raise MixqError(f"cannot read {path}: {e.strerror or e}") from None
+    if not zipfile.is_zipfile(path):
+        kind = "a single .npy array" if magic == b"\x93NUMPY" else "not an npz (zip) archive"
+        raise MixqError(f"{path} is {kind}: expected an .npz with arrays 'x' (uint8 [N,H,W,3]) and 'y' (labels)")
     try:
         with np.load(path, allow_pickle=False) as z:
             if "x" not in z:
@@ -42,10 +56,27 @@ def load_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     except MixqError:
         raise
     except Exception as e:  # noqa: BLE001
-        raise MixqError(f"cannot read {path}: {e}") from None
+        raise MixqError(f"cannot read {path}: {' '.join(str(e).split())}") from None
     if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] not in (1, 3):
         raise MixqError(f"{path}: 'x' must be uint8 [N,H,W,3], got {x.dtype} {x.shape}")
+    if y is not None:
+        if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+            raise MixqError(f"{path}: labels 'y' must be a 1-D integer array, got {y.dtype} {y.shape}")
+        if len(y) != len(x):
+            raise MixqError(f"{path}: {len(y)} labels 'y' for {len(x)} images 'x'")
     return x, y
+
+
+def image_problem(path: Path) -> str | None:
+    """Why `path` cannot be decoded (fully: a truncated JPEG only fails on load), or None."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+    except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, DecompressionBombError
+        return " ".join(str(e).split()) or type(e).__name__
+    return None
 
 
 @register
@@ -73,20 +104,62 @@ class RealGenerator(Generator):
 
     def validate(self) -> None:
         path = self._source()
-        n = len(load_npz(path)[0]) if path.is_file() else len(_folder_files(path)[0])
+        n = len(load_npz(path)[0]) if path.is_file() else len(folder_files(path)[0])
         if n == 0:
             raise MixqError(f"--source {path} holds no images")
         if self.ctx.num > n:
             raise MixqError(f"--num {self.ctx.num} exceeds the {n} images in {path}")
+        if path.is_dir():
+            self._selection()  # decode every chosen image now, before any cache directory exists
+
+    def _order(self, n: int) -> np.ndarray:
+        return np.random.default_rng([self.ctx.seed, 0xDA7A]).permutation(n)
+
+    def _selection(self) -> tuple[list[int], list[str]]:
+        """Folder sources: the first `num` decodable files of the seeded permutation, and the files
+        skipped on the way (recorded in the recipe, so the same folder always gives the same cache).
+        Without --skip-bad-images the first undecodable file is an error."""
+        if getattr(self, "_picked", None) is not None:
+            return self._picked
+        path = self._source()
+        files, _, _ = folder_files(path)
+        skip = bool(self.ctx.options.get("skip_bad_images"))
+        chosen: list[int] = []
+        skipped: list[str] = []
+        warnings: list[str] = []
+        for j in self._order(len(files)):
+            if len(chosen) == self.ctx.num:
+                break
+            problem = image_problem(files[int(j)])
+            if problem is None:
+                chosen.append(int(j))
+                continue
+            if not skip:
+                raise MixqError(f"cannot decode image {files[int(j)]}: {problem} (pass --skip-bad-images to leave "
+                                "unreadable images out)")
+            warnings.append(f"warning: skipping unreadable image {files[int(j)]}: {problem}")
+            skipped.append(str(files[int(j)].relative_to(path)))
+        if len(chosen) < self.ctx.num:
+            raise MixqError(f"--source {path} holds only {len(chosen)} readable images ({len(skipped)} skipped, "
+                            f"first {skipped[0] if skipped else '-'}), fewer than --num {self.ctx.num}")
+        for w in warnings:  # only once the run goes ahead: a failure stays one line
+            self.ctx.log(w)
+        self._picked = (chosen, skipped)
+        return self._picked
 
     def recipe(self) -> dict[str, Any]:
         path = self._source()
+        out: dict[str, Any] = {"name": self.name, "source": str(path.resolve())}
         if path.is_file():
-            ident: Any = sha256_file(path)
+            out["source_id"] = sha256_file(path)
         else:
-            files, _, _ = _folder_files(path)
-            ident = [[str(f.relative_to(path)), f.stat().st_size] for f in files]
-        return {"name": self.name, "source": str(path.resolve()), "source_id": ident, "selection": "seeded permutation"}
+            files, _, _ = folder_files(path)
+            out["source_id"] = [[str(f.relative_to(path)), f.stat().st_size] for f in files]
+            skipped = self._selection()[1]
+            if skipped:  # only then: a clean folder keeps the key it had before --skip-bad-images existed
+                out["skipped"] = skipped
+        out["selection"] = "seeded permutation" + (", unreadable files skipped" if out.get("skipped") else "")
+        return out
 
     def setup(self) -> None:
         path = self._source()
@@ -94,12 +167,11 @@ class RealGenerator(Generator):
             self._x, y = load_npz(path)
             self._y = y if y is not None else np.full(len(self._x), -1)
             self._files = None
-            n = len(self._x)
+            self._picks = [int(j) for j in self._order(len(self._x))[: self.ctx.num]]
         else:
-            self._files, labels, self._class_names = _folder_files(path)
+            self._files, labels, self._class_names = folder_files(path)
             self._y = np.asarray(labels)
-            n = len(self._files)
-        self._order = np.random.default_rng([self.ctx.seed, 0xDA7A]).permutation(n)
+            self._picks = self._selection()[0]
 
     def _load(self, j: int) -> torch.Tensor:
         if self._files is None:
@@ -109,23 +181,26 @@ class RealGenerator(Generator):
         else:
             from PIL import Image
 
-            with Image.open(self._files[j]) as im:
-                img = torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.uint8).copy())
+            try:
+                with Image.open(self._files[j]) as im:
+                    img = torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.uint8).copy())
+            except Exception as e:  # noqa: BLE001 - changed since validate() decoded it
+                raise MixqError(f"cannot decode image {self._files[j]}: {' '.join(str(e).split())}") from None
         s = self.ctx.size
         if tuple(img.shape[:2]) != (s, s):
-            img = _resize_center(img, s)
+            img = resize_center(img, s)
         return img
 
     def generate(self, shard_index: int, plans: list[ImagePlan]) -> ShardOutput:
         imgs, extra = [], []
         for p in plans:
-            j = int(self._order[p.index])
+            j = self._picks[p.index]
             imgs.append(self._load(j))
             extra.append({"source_index": j, "label": int(self._y[j])})
         return ShardOutput(torch.stack(imgs), extra)
 
 
-def _resize_center(img: torch.Tensor, s: int) -> torch.Tensor:
+def resize_center(img: torch.Tensor, s: int) -> torch.Tensor:
     """Shorter side to `s`, then centre crop: uint8 HWC -> uint8 [s,s,3]."""
     import torch.nn.functional as F
 

@@ -1,0 +1,147 @@
+"""Hardening of quantize/eval/export/verify: numeric options, verdicts that are verdicts, foreign graphs.
+
+Every error case asserts exit code 2, a single `error:` line on stderr (no traceback), and that nothing
+outside the command's own output was created or changed.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from conftest import one_line_error, snapshot
+
+from mixq_onnx.models import load_model
+from mixq_onnx.onnx import export_qdq
+from mixq_onnx.quant import QuantConfig, quantize, save_quantized
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict[str, Path]:
+    """Two result folders of one random-weight ResNet-20 (W8A8 and W4A4), the W8A8 graph, a tiny
+    labelled npz and a calibration cache."""
+    torch.set_num_threads(1)
+    d = tmp_path_factory.mktemp("hard")
+    model = load_model("cifar_resnet20", random_init=True)
+    calib = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    out: dict[str, Path] = {}
+    for b in (8, 4):
+        q = quantize(model, QuantConfig(wbits=b, abits=b, method="rtn"), calib, progress=False)
+        out[f"q{b}"] = save_quantized(q, d / f"r20-w{b}a{b}")
+        if b == 8:
+            out["onnx8"] = export_qdq(q, d / "r20-w8a8.onnx")
+    rng = np.random.default_rng(0)
+    out["npz"] = d / "data.npz"
+    np.savez(out["npz"], x=rng.integers(0, 256, (24, 32, 32, 3), dtype=np.uint8), y=np.arange(24) % 10)
+    out["npz_bad_labels"] = d / "bad_labels.npz"
+    np.savez(out["npz_bad_labels"], x=rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8), y=np.arange(8) + 990)
+    return out
+
+
+def _run_clean(run_cli, watch: list[Path], *args) -> str:
+    before = snapshot(*watch)
+    msg = one_line_error(run_cli(*args))
+    assert snapshot(*watch) == before, "the failing command changed files"
+    return msg
+
+
+@pytest.mark.parametrize("opt,val", [("--num-samples", "0"), ("--num-samples", "-3"), ("--batch-size", "-4"),
+                                     ("--batch-size", "0"), ("--iters", "0")])
+def test_quantize_rejects_non_positive_counts(world, tmp_path, run_cli, opt, val):
+    out = tmp_path / "q"
+    msg = _run_clean(run_cli, [tmp_path, world["q8"]], "quantize", "--model", "cifar_resnet20", "--random-weights",
+                     "--calib", tmp_path, "--method", "rtn", opt, val, "--out", out)
+    assert opt in msg
+    assert not out.exists()
+
+
+def test_quant_config_rejects_non_positive_counts():
+    from mixq_onnx.errors import MixqError
+
+    for kw in ({"num_samples": 0}, {"batch_size": -4}, {"iters": 0}):
+        with pytest.raises(MixqError, match="positive integer"):
+            QuantConfig(**kw).validate()
+
+
+@pytest.mark.parametrize("args", [("--limit", "0"), ("--limit", "-1"), ("--batch-size", "0")])
+def test_eval_rejects_non_positive_counts(world, run_cli, args):
+    msg = _run_clean(run_cli, [world["q8"]], "eval", "--quantized", world["q8"], "--data", world["npz"], *args)
+    assert args[0] in msg
+
+
+def test_eval_labels_outside_the_models_classes(world, run_cli):
+    msg = _run_clean(run_cli, [world["q8"]], "eval", "--quantized", world["q8"], "--data", world["npz_bad_labels"])
+    assert "outside the model's 10 classes" in msg and "990" in msg
+
+
+def test_verify_passes_its_own_graph(world, run_cli):
+    r = run_cli("verify", world["onnx8"], "--quantized", world["q8"], "--data", world["npz"], "--json")
+    assert r.code == 0, r.err
+    import json
+
+    rep = json.loads(r.last_line)
+    assert rep["ok"] and rep["top1_agreement"] == 100.0 and rep["nan_outputs"] == 0
+
+
+def test_verify_refuses_a_graph_from_another_folder(world, run_cli):
+    msg = _run_clean(run_cli, [world["q4"], world["onnx8"].parent], "verify", world["onnx8"], "--quantized",
+                     world["q4"], "--data", world["npz"])
+    assert "does not match the quantized model" in msg and "quantizer" in msg
+
+
+def _planted(src: Path, dst: Path, factor: np.ndarray) -> Path:
+    """The graph with its logits multiplied by a per-class constant: same quantizers, other outputs."""
+    m = onnx.load(str(src))
+    out = m.graph.output[0].name
+    for n in m.graph.node:
+        for i, o in enumerate(n.output):
+            if o == out:
+                n.output[i] = out + "_pre"
+    m.graph.initializer.append(onnx.numpy_helper.from_array(factor.astype(np.float32), "planted_factor"))
+    m.graph.node.append(onnx.helper.make_node("Mul", [out + "_pre", "planted_factor"], [out], name="planted"))
+    onnx.save(m, str(dst))
+    return dst
+
+
+def test_verify_exits_1_below_min_agreement(world, tmp_path, run_cli):
+    g = _planted(world["onnx8"], tmp_path / "scrambled.onnx", -np.linspace(1, 3, 10))
+    r = run_cli("verify", g, "--quantized", world["q8"], "--data", world["npz"])
+    assert r.code == 1, (r.code, r.err)
+    assert "FAILED" in r.out and "below 99.9 %" in r.out
+    r = run_cli("verify", g, "--quantized", world["q8"], "--data", world["npz"], "--min-agreement", "0")
+    assert r.code == 0
+
+
+def test_verify_exits_1_on_nan_and_reports_it(world, tmp_path, run_cli):
+    f = np.ones(10)
+    f[3] = np.nan
+    g = _planted(world["onnx8"], tmp_path / "nan.onnx", f)
+    r = run_cli("verify", g, "--quantized", world["q8"], "--data", world["npz"], "--min-agreement", "0", "--json")
+    assert r.code == 1
+    import json
+
+    rep = json.loads(r.last_line)
+    assert rep["nan_outputs"] == 24 and not rep["ok"]
+    assert rep["max_abs_diff"] != rep["max_abs_diff"]  # NaN is reported, not ignored
+
+
+def test_quantize_out_keeps_the_users_files(world, tmp_path, run_cli):
+    """An existing, non-empty --out is refused before any work; --overwrite replaces only the two result files."""
+    cache = Path(run_cli("calib", "--generator", "noise", "--num", "8", "--size", "32", "--cache-root",
+                         tmp_path / "c", "-q").last_line)
+    out = tmp_path / "mine"
+    (out / "sub").mkdir(parents=True)
+    (out / "notes.txt").write_text("mine")
+    (out / "sub" / "keep.bin").write_bytes(b"\x01\x02")
+    args = ["quantize", "--model", "cifar_resnet20", "--random-weights", "--calib", cache, "--method", "rtn",
+            "--num-samples", "8", "--out", out, "-q"]
+    msg = _run_clean(run_cli, [tmp_path], *args)
+    assert "--overwrite" in msg and "not empty" in msg
+    r = run_cli(*args, "--overwrite")
+    assert r.code == 0, r.err
+    assert (out / "notes.txt").read_text() == "mine" and (out / "sub" / "keep.bin").read_bytes() == b"\x01\x02"
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "quant.json", "sub", "weights.safetensors"]
+    r = run_cli("eval", "--quantized", out, "--data", world["npz"])
+    assert r.code == 0, r.err
