@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING
 
 try:
     __version__ = version("mixq-onnx")
@@ -9,11 +10,20 @@ except PackageNotFoundError:  # running from a source tree without installation
     __version__ = "0.1.0"
 
 from .errors import MixqError  # noqa: E402
-from .models import load_model  # noqa: E402
+
+if TYPE_CHECKING:  # for type checkers and IDEs only; at run time these load lazily through __getattr__ below
+    from .calib import CalibConfig, CalibrationSet, make_calibration_cache
+    from .models import load_model
+    from .quant import QuantConfig, evaluate, load_quantized, quantize, save_quantized
 
 
 def __getattr__(name: str):
-    # heavy submodules load on first use: `mixq_onnx.quantize`, `mixq_onnx.load_quantized`, ...
+    # heavy submodules (torch, timm, onnx, ...) load on first use: `mixq_onnx.load_model`, `mixq_onnx.quantize`, ...
+    # so `import mixq_onnx` and the CLI's --help stay fast
+    if name == "load_model":
+        from .models import load_model
+
+        return load_model
     if name in ("quantize", "load_quantized", "save_quantized", "QuantConfig", "evaluate"):
         from . import quant
 
@@ -22,7 +32,11 @@ def __getattr__(name: str):
         from . import calib
 
         return getattr(calib, name)
-    raise AttributeError(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
 
 
 __all__ = ["CalibConfig", "CalibrationSet", "MixqError", "QuantConfig", "__version__", "evaluate", "load_model",

@@ -9,11 +9,14 @@ from typing import Any
 
 import click
 
+# Module level: click, the standard library and light package modules only. torch, timm, onnx, numpy, ...
+# are imported inside the command bodies, so --help, --version and argument errors answer at once
+# (tests/test_cli_startup.py checks this).
 from . import __version__
+from .cli_common import CONTEXT, POSITIVE
+from .cli_common import emit_json as _emit_json
+from .cli_trt import register as _register_trt
 from .errors import MixqError
-
-CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
-POSITIVE = click.IntRange(min=1)  # counts and sizes: 0 or a negative number is bad input, never "all"
 
 
 def _floats(ctx, param, value: str | None) -> tuple[float, ...] | None:
@@ -55,10 +58,6 @@ def model_options(required: bool = False) -> Callable:
         return f
 
     return deco
-
-
-def _emit_json(obj: Any) -> None:
-    click.echo(json.dumps(obj, sort_keys=True))
 
 
 class _Group(click.Group):
@@ -564,8 +563,6 @@ def verify(**o: Any) -> None:
     if failures:
         sys.exit(1)
 
-
-from .cli_trt import register as _register_trt  # noqa: E402
 
 _register_trt(cli)
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from .cli_common import CONTEXT, emit_json
 from .errors import MixqError
 
 _backend_opt = click.option("--backend", type=click.Choice(["tensorrt", "tensorrt-rtx"]), default=None,
@@ -14,7 +15,6 @@ _backend_opt = click.option("--backend", type=click.Choice(["tensorrt", "tensorr
 
 def register(cli: click.Group) -> None:
     """Add the TensorRT commands to `cli` (kept apart so the core CLI never imports TensorRT)."""
-    from .cli import CONTEXT, _emit_json  # called at the end of cli.py, once both exist
 
     @cli.command(context_settings=CONTEXT)
     @click.argument("onnx_path", type=click.Path())
@@ -56,11 +56,11 @@ def register(cli: click.Group) -> None:
             click.echo(f"warning: {w}", err=True)
         ok = require_int8 is None or rep.int8_mac_fraction >= require_int8
         if as_json:
-            _emit_json({"plan": str(plan), "plan_key": res.meta["plan_key"], "build_seconds": res.meta["build_seconds"],
-                        "int8_mac_fraction": round(rep.int8_mac_fraction, 6),
-                        "fallbacks": [str(f) for f in rep.fallbacks],
-                        "standalone_clips": rep.standalone_clips, "int4_weight_layers": rep.int4_weight_layers,
-                        "ok": ok})
+            emit_json({"plan": str(plan), "plan_key": res.meta["plan_key"], "build_seconds": res.meta["build_seconds"],
+                       "int8_mac_fraction": round(rep.int8_mac_fraction, 6),
+                       "fallbacks": [str(f) for f in rep.fallbacks],
+                       "standalone_clips": rep.standalone_clips, "int4_weight_layers": rep.int4_weight_layers,
+                       "ok": ok})
         else:
             click.echo(f"built {plan} ({res.meta['plan_key']}) in {res.seconds:.1f} s", err=True)
             click.echo(rep.summary())
@@ -89,7 +89,7 @@ def register(cli: click.Group) -> None:
                 click.echo(f"{li['precision']:12s} {li['type']:12s} {li['name'][:60]:60s} "
                            f"{','.join(li['onnx_nodes'])[:120]}")
         if as_json:
-            _emit_json(rep.to_dict())
+            emit_json(rep.to_dict())
         else:
             click.echo(rep.summary())
 
@@ -140,6 +140,6 @@ def register(cli: click.Group) -> None:
             raise MixqError("--iters must be >= 1 and --warmup >= 0")
         rep = run_bench(plan, fp_onnx, batch, iters, warmup, ort_onnx, backend)
         if as_json:
-            _emit_json(rep.to_dict())
+            emit_json(rep.to_dict())
         else:
             click.echo(rep.table())
