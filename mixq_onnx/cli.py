@@ -13,7 +13,7 @@ import click
 # are imported inside the command bodies, so --help, --version and argument errors answer at once
 # (tests/test_cli_startup.py checks this).
 from . import __version__
-from .cli_common import CONTEXT, POSITIVE
+from .cli_common import CONTEXT, POSITIVE, compute_command
 from .cli_common import emit_json as _emit_json
 from .cli_trt import register as _register_trt
 from .errors import MixqError
@@ -110,8 +110,9 @@ class _Count(click.IntRange):
 @click.option("--size", type=_Count(8, 1024), default=None,
               help="Stored side length in pixels, 8 to 1024 (diffusion: a multiple of 8) [default: 512 for "
                    "diffusion, else the model's input size].")
-@click.option("--shard-size", type=_Count(1), default=64, show_default=True,
-              help="Images per shard (the unit of resume). Memory is checked before generating: about "
+@click.option("--shard-size", type=_Count(1), default=None,
+              help="Images per shard (the unit of resume; for inversion also the optimisation batch whose BN "
+                   "statistics are matched) [default: inversion 256 for inputs up to 64 px, else 32; others 64]. Memory is checked before generating: about "
                    "2 x shard-size x size x size x 3 bytes (with --filter: (num + keep) x size x size x 3).")
 @click.option("--classes", default="auto", show_default=True,
               help="imagenet | cifar10 | cifar100 | FILE (one class per line); auto: from the model's class count, "
@@ -148,6 +149,7 @@ class _Count(click.IntRange):
 @click.option("--device", default=None, help="torch device [default: cuda if available, else cpu].")
 @click.option("--no-wait", is_flag=True, help="Fail instead of waiting when another process writes the same cache.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@compute_command("calib")
 def calib(**o: Any) -> None:
     """Make (or resume) a calibration cache of synthetic or real images.
 
@@ -338,6 +340,7 @@ def load_calibration(ref: str, model, cache_root: str | None = None, limit: int 
               help="Replace quant.json and weights.safetensors in a non-empty --out (other files stay).")
 @click.option("--device", default=None, help="torch device [default: cuda if available, else cpu].")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
+@compute_command("quantize")
 def quantize(**o: Any) -> None:
     """Learn rounding and quantizer step sizes on a calibration cache; write quant.json + weights."""
     import torch
@@ -381,6 +384,7 @@ def quantize(**o: Any) -> None:
               help="Import the model file or module that DIR/quant.json names. A result folder from someone else "
                    "never runs code otherwise: pass --model SPEC yourself (it must match the recorded spec and "
                    "checkpoint sha256). zoo and timm names need neither.")
+@compute_command("eval")
 def eval_cmd(**o: Any) -> None:
     """Top-1/top-5 accuracy; with --quantized also the float model's and the top-1 agreement;
     with --engine through TensorRT."""
@@ -523,6 +527,7 @@ def check(onnx_path: str, as_json: bool) -> None:
               help="Import the model file or module that DIR/quant.json names. A result folder from someone else "
                    "never runs code otherwise: pass --model SPEC yourself (it must match the recorded spec and "
                    "checkpoint sha256). zoo and timm names need neither.")
+@compute_command("verify")
 def verify(**o: Any) -> None:
     """Run onnxruntime with every graph optimisation off (exact QDQ semantics) and with its defaults,
     against the PyTorch fake-quant model on the same images.

@@ -5,7 +5,10 @@ invocation, `--help` and argument errors included, imports this file.
 """
 from __future__ import annotations
 
+import functools
 import json
+import time
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -17,3 +20,26 @@ POSITIVE = click.IntRange(min=1)  # counts and sizes: 0 or a negative number is 
 def emit_json(obj: Any) -> None:
     """One JSON object (or list) on one stdout line, keys sorted: the `--json` output of every command."""
     click.echo(json.dumps(obj, sort_keys=True))
+
+
+def compute_command(stage: str) -> Callable:
+    """Add `--threads` to a command that computes, set the thread policy before its body imports torch,
+    and close with one stderr line giving the stage's wall time (kept under -q: it is the summary)."""
+
+    def deco(f: Callable) -> Callable:
+        @click.option("--threads", type=POSITIVE, default=None, metavar="N",
+                      help="Intra-op CPU threads [default: OMP_NUM_THREADS if set, else auto: as many as there are "
+                           "idle cores, re-measured every few seconds, so a busy machine slows this in proportion].")
+        @functools.wraps(f)
+        def wrapper(*args: Any, threads: int | None = None, **kw: Any) -> Any:
+            from .threads import configure
+
+            desc = configure(threads)
+            t0 = time.perf_counter()
+            rv = f(*args, **kw)
+            click.echo(f"{stage}: {time.perf_counter() - t0:.1f} s wall ({desc})", err=True)
+            return rv
+
+        return wrapper
+
+    return deco

@@ -7,6 +7,7 @@ makes runs byte-reproducible and lets `torchrun` ranks split shards round-robin.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -43,7 +44,7 @@ class CalibConfig:
     size: int | None = None  # stored side length; None: the generator's default
     classes: str = "imagenet"
     prompts: PromptConfig = field(default_factory=PromptConfig)
-    shard_size: int = 64
+    shard_size: int | None = None  # None: the generator's default (inversion: its optimisation batch)
     options: dict[str, Any] = field(default_factory=dict)  # generator-specific
     filter: str | None = None
     keep: int | None = None
@@ -185,7 +186,7 @@ def make_calibration_cache(
     gen_cls = GENERATORS[cfg.generator]
     if not 1 <= cfg.num <= MAX_NUM:
         raise MixqError(f"--num must be at least 1 and at most {MAX_NUM}, got {cfg.num}")
-    if cfg.shard_size < 1:
+    if cfg.shard_size is not None and cfg.shard_size < 1:
         raise MixqError(f"--shard-size must be at least 1, got {cfg.shard_size}")
     if cfg.size is not None and not MIN_SIZE <= cfg.size <= MAX_SIZE:
         raise MixqError(f"--size must be at least {MIN_SIZE} and at most {MAX_SIZE} pixels, got {cfg.size}")
@@ -220,6 +221,8 @@ def make_calibration_cache(
     size = cfg.size or gen_cls.default_size(model, cfg.options)
     if not MIN_SIZE <= size <= MAX_SIZE:
         raise MixqError(f"image size {size} is outside {MIN_SIZE}..{MAX_SIZE} pixels: pass --size")
+    if cfg.shard_size is None:
+        cfg = dataclasses.replace(cfg, shard_size=gen_cls.default_shard_size(size))
     _check_memory(cfg, size)
     ctx = GenContext(
         num=cfg.num, seed=cfg.seed, size=size, prompts=cfg.prompts, vocab=vocab, model=model,

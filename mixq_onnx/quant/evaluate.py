@@ -8,6 +8,7 @@ import torch.nn as nn
 
 from ..errors import MixqError
 from ..models import get_preprocessing
+from ..threads import tick
 
 
 @dataclass
@@ -27,8 +28,11 @@ def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 250) -> to
     """Logits for uint8 NHWC images, preprocessed the model's way."""
     pre = get_preprocessing(model)
     dev = next(model.parameters()).device
-    return torch.cat([model(pre(images[s:s + batch_size]).to(dev)).float().cpu()
-                      for s in range(0, len(images), batch_size)])
+    out = []
+    for s in range(0, len(images), batch_size):
+        tick()  # follow the machine's load (auto thread mode only)
+        out.append(model(pre(images[s:s + batch_size]).to(dev)).float().cpu())
+    return torch.cat(out)
 
 
 def _topk(logits: torch.Tensor, y: torch.Tensor, k: int) -> float:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..threads import tick
 from .config import QuantConfig
 from .graph import Unit, prepare, quantizers, set_quant_state, units
 from .modules import QUANT_LAYERS
@@ -182,6 +183,7 @@ def _reconstruct(unit: Unit, q_in: torch.Tensor, fp_in: torch.Tensor, fp_out: to
     warm = int(cfg.warmup * iters)
     b_hi, b_lo = cfg.beta
     for it in range(iters):
+        tick()  # follow the machine's load (auto thread mode only)
         idx = torch.randint(0, n_train, (min(cfg.batch_size, n_train),), generator=gen)
         x = q_in[idx]
         if drop > 0:  # QDrop on the block input: element-wise mix of quantized and float activations

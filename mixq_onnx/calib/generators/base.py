@@ -54,6 +54,11 @@ class Generator(ABC):
             return int(get_preprocessing(model).input_size[1])
         return 224
 
+    @classmethod
+    def default_shard_size(cls, size: int) -> int:
+        """Images per shard when `--shard-size` is not given (the unit of resume and of parallel work)."""
+        return 64
+
     def validate(self) -> None:
         """Cheap checks that raise MixqError before any cache directory is created."""
 
