@@ -43,6 +43,7 @@ def fresh_clone(base: Path, tag: str) -> Path:
 
 def run(cmd: str, cwd: Path) -> tuple[str, str, float]:
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MIXQ_CACHE_ROOT")}
+    env["PYTHONPATH"] = str(cwd)  # the clone's package, not the editable install's working tree
     t = time.perf_counter()
     r = subprocess.run(["bash", "-euo", "pipefail", "-c", cmd], cwd=cwd, env=env, capture_output=True, text=True)
     if r.returncode:

@@ -105,19 +105,18 @@ def main() -> None:
     print(json.dumps(rows, indent=1))
     if a.no_write:
         return
-    cores = os.cpu_count()
     lines = [
         "## threads: `quantize` alone and beside a competing CPU-bound process (issue 11)",
         "",
         f"`python tools/bench_threads.py --rounds {a.rounds} --qdrop-iters {a.qdrop_iters} --before-ref {a.before_ref}` · "
-        f"{stamp()} · {cores} cores",
+        f"{stamp()}",
         "",
         "ResNet-20 (`../shared`), W4A4, 256 real calibration images; wall time of the whole `mixq-onnx quantize` "
         f"command (torch import and model load included), median of {a.rounds} interleaved rounds. qdrop runs "
         f"`--iters {a.qdrop_iters}` per unit to bound the time of the collapsed cells. *busy*: one pure-Python busy "
         "loop holds one core for the whole command. *before*: commit "
         f"`{a.before_ref}` (torch's default of one thread per core, libgomp's default wait policy); *after*: "
-        "this commit's default (threads follow the idle cores, re-measured every 2 s; `OMP_WAIT_POLICY=PASSIVE`).",
+        "this commit's default (threads follow the idle cores, re-measured every 2 s; libgomp's default wait policy, since PASSIVE made qdrop 1.7x slower alone).",
         "",
         "| method | policy | alone s | busy s | slowdown |",
         "|---|---|---:|---:|---:|",
