@@ -114,9 +114,17 @@ def main() -> None:
             vals = []
             for s, r in sorted(runs.items(), key=lambda kv: int(kv[0])):
                 vals.append(r["top1"])
-                lines.append(f"| {label} `{r['calib_args']}` | {s} | {r['seconds']['calib']} | "
+                lines.append(f"| {label}{' `' + r['calib_args'] + '`' if r['calib_args'] else ''} | {s} | {r['seconds']['calib']} | "
                              f"{r['seconds']['quantize']} | {r['top1']:.2f} |")
             lines.append(f"| {label}: mean of {len(vals)} | | | | **{sum(vals) / len(vals):.2f}** |")
+    lines += ["", "How the default recipe was chosen (same CLI, quantize seed 0, 2026-11-29; shard = one inversion batch):",
+              "", "| calib recipe (images x steps, shard) | calib seed 0 | seed 1 | seed 2 | mean |",
+              "|---|---:|---:|---:|---:|",
+              "| 256 x 200, shard 64 (the old default) | 79.38 | | | |",
+              "| 256 x 200, shard 256 | 80.62 | 79.38 | 80.48 | 80.16 |",
+              "| 512 x 100, shard 256 (the new default) | 80.36 | 80.22 | 80.34 | 80.31 |",
+              "", "Same cost per image step; the larger BN batch and the wider image set steady the accuracy "
+              "(spread 0.14 pp against 1.24 pp)."]
     update_section("mainjob", "\n".join(lines))
 
 

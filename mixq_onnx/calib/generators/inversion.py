@@ -190,8 +190,8 @@ class InversionGenerator(Generator):
     @classmethod
     def default_shard_size(cls, size: int) -> int:
         """A shard is one optimisation batch whose BN statistics must match the running ones: 256 images
-        estimate them far better than 64 (ResNet-20 qdrop W4A4: 80.62 against 79.38 top-1, same time per
-        image, docs/benchmarks.md section mainjob). Large inputs get 32 to bound activation memory."""
+        estimate them better than 64 (ResNet-20 qdrop W4A4: 80.62 against 79.38 top-1 at the same time per
+        image; docs/benchmarks.md, section mainjob). Large inputs get 32 to bound activation memory."""
         return 256 if size <= 64 else 32
 
     # ------------------------------------------------------------------ options
