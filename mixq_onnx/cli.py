@@ -17,6 +17,8 @@ from .cli_common import CONTEXT, POSITIVE, compute_command
 from .cli_common import emit_json as _emit_json
 from .cli_trt import register as _register_trt
 from .errors import MixqError
+from .methods import METHODS, PRESETS
+from .registry import FILTERS, PROMPT_STRATEGIES
 
 
 def _floats(ctx, param, value: str | None) -> tuple[float, ...] | None:
@@ -60,11 +62,7 @@ def model_options(required: bool = False) -> Callable:
     return deco
 
 
-class _Group(click.Group):
-    pass
-
-
-@click.group(cls=_Group, context_settings=CONTEXT)
+@click.group(context_settings=CONTEXT)
 @click.version_option(__version__, "-V", "--version", prog_name="mixq-onnx")
 def cli() -> None:
     """mixq-onnx: quantize vision networks to low bit-widths without their training data.
@@ -117,7 +115,7 @@ class _Count(click.IntRange):
 @click.option("--classes", default="auto", show_default=True,
               help="imagenet | cifar10 | cifar100 | FILE (one class per line); auto: from the model's class count, "
                    "else imagenet.")
-@click.option("--prompts", "strategy", type=click.Choice(["mixup", "single", "mixup-embed", "none"]), default="mixup",
+@click.option("--prompts", "strategy", type=PROMPT_STRATEGIES.choice(), default="mixup",
               show_default=True,
               help="mixup: 'a photo of a {A} and a {B}'; single: GenQ 'a photo of a {adjective} {class}'; "
                    "mixup-embed: Dirichlet-weighted text embeddings; none: no class conditioning.")
@@ -140,7 +138,7 @@ class _Count(click.IntRange):
 @click.option("--skip-bad-images", is_flag=True,
               help="real, folder --source: leave out images that do not decode (a warning each; the skipped files "
                    "are recorded in the recipe) instead of failing.")
-@click.option("--filter", "filter_", type=click.Choice(["energy", "bn", "patch-entropy"]), default=None,
+@click.option("--filter", "filter_", type=FILTERS.choice(), default=None,
               help="Over-generate --num candidates, score them with the model, keep the best --keep.")
 @click.option("--keep", type=_Count(1, 100_000), default=None, help="Images kept by --filter (1 to --num).")
 @model_options()
@@ -159,16 +157,6 @@ def calib(**o: Any) -> None:
     """
     from .calib import CalibConfig, PromptConfig, make_calibration_cache
 
-    classes = o["classes"]
-    model = None
-    if o["model"]:
-        from .models import load_model
-
-        model = load_model(o["model"], o["checkpoint"], random_init=o["random_weights"], mean=o["mean"], std=o["std"],
-                           input_size=o["input_size"])
-    if classes == "auto":
-        n = getattr(model, "num_classes", None) if model is not None else None
-        classes = {10: "cifar10", 100: "cifar100"}.get(n, "imagenet")
     options = {k: o[k] for k in ("pipeline", "revision", "steps", "guidance", "scheduler", "negative_prompt",
                                  "batch_size", "source") if o[k] is not None}
     options.update({k: o[k] for k in ("iters", "lr") if o[k] is not None})
@@ -177,13 +165,13 @@ def calib(**o: Any) -> None:
             raise MixqError("--skip-bad-images only applies to --generator real")
         options["skip_bad_images"] = True
     cfg = CalibConfig(
-        generator=o["generator"], num=o["num"], seed=o["seed"], size=o["size"], classes=classes,
+        generator=o["generator"], num=o["num"], seed=o["seed"], size=o["size"], classes=o["classes"],
         prompts=PromptConfig(o["strategy"], k=o["k"], template=o["template"], alpha=o["alpha"], use_gloss=o["gloss"]),
         shard_size=o["shard_size"], options=options, filter=o["filter_"], keep=o["keep"],
         model=o["model"], checkpoint=o["checkpoint"], random_weights=o["random_weights"],
         mean=o["mean"], std=o["std"], input_size=o["input_size"],
     )
-    path = make_calibration_cache(cfg, o["cache_root"], model=model, device=o["device"], wait_lock=not o["no_wait"],
+    path = make_calibration_cache(cfg, o["cache_root"], device=o["device"], wait_lock=not o["no_wait"],
                                   progress=not o["quiet"])
     import os
 
@@ -277,45 +265,29 @@ def cache_rm(refs: tuple[str, ...], cache_root: str | None) -> None:
 
 
 # --------------------------------------------------------------------------- quantize
+def _model_options(o: dict[str, Any]):
+    """The model flags as a `ModelOptions` (None when --model is absent)."""
+    from .models import ModelOptions
+
+    if not o.get("model"):
+        return None
+    return ModelOptions(o["model"], o["checkpoint"], o["random_weights"], o["mean"], o["std"], o["input_size"])
+
+
 def _load_user_model(o: dict[str, Any]):
     from .models import load_model
 
-    if not o.get("model"):
+    opts = _model_options(o)
+    if opts is None:
         raise MixqError("--model is required")
-    return load_model(o["model"], o["checkpoint"], random_init=o["random_weights"], mean=o["mean"], std=o["std"],
-                      input_size=o["input_size"])
-
-
-def load_calibration(ref: str, model, cache_root: str | None = None, limit: int | None = None):
-    """Preprocessed calibration tensor from a cache, with one-line errors for unusable caches."""
-    from .calib import CalibrationSet, resolve_cache
-    from .models import get_preprocessing
-
-    path = resolve_cache(ref, Path(cache_root) if cache_root else None)
-    try:
-        ds = CalibrationSet(path, model)
-    except MixqError:
-        raise
-    except Exception as e:  # noqa: BLE001 - a damaged shard
-        raise MixqError(f"cannot read calibration cache {path}: {type(e).__name__}: {str(e)[:120]}") from None
-    if len(ds) == 0:
-        raise MixqError(f"calibration cache {path} holds no images")
-    pre = get_preprocessing(model)
-    h, w = ds.images.shape[1:3]
-    if ds.images.shape[-1] != 3 or pre.input_size[0] not in (1, 3):
-        raise MixqError(f"cache images have {ds.images.shape[-1]} channels, the model takes {pre.input_size[0]}")
-    if pre.input_size[1] > 4 * h or pre.input_size[2] > 4 * w:
-        raise MixqError(f"cache images are {h}x{w}, too small to resize to the model's input "
-                        f"{pre.input_size[1]}x{pre.input_size[2]} (more than 4x upscaling): make a cache with "
-                        f"--size {pre.input_size[1]}")
-    return ds.tensor(limit), path
+    return load_model(opts)
 
 
 @cli.command(context_settings=CONTEXT)
 @model_options(required=True)
 @click.option("--calib", "calib_ref", required=True, metavar="CACHE",
               help="Calibration cache: a path, or a hash (prefix) under --cache-root.")
-@click.option("--method", type=click.Choice(["rtn", "adaround", "brecq", "qdrop", "genie"]), default="qdrop",
+@click.option("--method", type=METHODS.choice(), default="qdrop",
               show_default=True, help="rtn: Lp scale search + round to nearest; adaround: layer-wise learned rounding; "
                                       "brecq: block-wise rounding then LSQ steps; qdrop: joint, with QDrop; "
                                       "genie: qdrop + learned weight scales.")
@@ -328,7 +300,7 @@ def load_calibration(ref: str, model, cache_root: str | None = None, limit: int 
 @click.option("--block-size", type=click.Choice(["32", "64", "128"]), default=None,
               help="INT4 weight-only GEMMs (with --wbits 4 --abits 16): Linear weights get one scale per block "
                    "of this many input features; convolutions stay float.")
-@click.option("--preset", type=click.Choice(["fast", "paper"]), default="fast", show_default=True,
+@click.option("--preset", type=click.Choice(PRESETS), default="fast", show_default=True,
               help="paper: 20k iterations/unit, the papers' learning rates; fast: far fewer iterations (CPU).")
 @click.option("--iters", type=POSITIVE, default=None, help="Iterations per unit (overrides the preset).")
 @click.option("--num-samples", type=POSITIVE, default=None, help="Calibration images used [default: 1024].")
@@ -345,6 +317,7 @@ def quantize(**o: Any) -> None:
     """Learn rounding and quantizer step sizes on a calibration cache; write quant.json + weights."""
     import torch
 
+    from .calib import load_calibration
     from .quant import QuantConfig, save_quantized, summarize
     from .quant import quantize as run_quantize
     from .quant.io import check_output_dir
@@ -354,16 +327,13 @@ def quantize(**o: Any) -> None:
         first_last_bits=o["first_last_bits"] or None, preset=o["preset"], iters=o["iters"],
         num_samples=o["num_samples"], batch_size=o["batch_size"], seed=o["seed"],
         block_size=int(o["block_size"]) if o["block_size"] else None,
-    ).validate()
-    if cfg.block_size:
-        cfg.first_last_bits = None
+    ).validate()  # bad options fail before the model loads
     out = check_output_dir(o["out"], o["overwrite"])  # before the work, not after it
     model = _load_user_model(o)
-    calib, cache_path = load_calibration(o["calib_ref"], model, o["cache_root"], cfg.resolved().num_samples)
+    ds = load_calibration(o["calib_ref"], model, o["cache_root"])
     dev = torch.device(o["device"] or ("cuda" if torch.cuda.is_available() else "cpu"))
-    qmodel = run_quantize(model.to(dev), cfg, calib.to(dev), progress=not o["quiet"])
-    save_quantized(qmodel.cpu(), out, overwrite=o["overwrite"], extra={"calibration": {"cache": str(cache_path.resolve()),
-                                                             "hash": cache_path.name, "images": len(calib)}})
+    qmodel = run_quantize(model.to(dev), cfg, ds, progress=not o["quiet"])  # records the cache's provenance
+    save_quantized(qmodel.cpu(), out, overwrite=o["overwrite"])
     if not o["quiet"]:
         click.echo(summarize(qmodel.mixq_report), err=True)
     click.echo(str(out))
@@ -388,37 +358,21 @@ def quantize(**o: Any) -> None:
 def eval_cmd(**o: Any) -> None:
     """Top-1/top-5 accuracy; with --quantized also the float model's and the top-1 agreement;
     with --engine through TensorRT."""
-    from .data import load_labelled
-    from .models import Preprocessing, get_preprocessing
-    from .quant import evaluate, load_quantized
-    from .quant.io import load_source_model
+    from .quant.evaluate import evaluate_data
 
     if o["engine"]:
-        from .trt.builder import read_plan_meta
-        from .trt.runtime import evaluate_engine
+        from .trt.runtime import evaluate_engine_data
 
-        meta = read_plan_meta(o["engine"])
-        if o["model"] or o["quantized"]:
-            pre = get_preprocessing(_load_user_model(o) if o["model"]
-                                    else load_source_model(o["quantized"], o["trust_model_code"]))
-        elif meta.get("preprocessing"):
-            pre = Preprocessing.from_dict(meta["preprocessing"])
-        else:
-            raise MixqError(f"{o['engine']} records no input preprocessing: pass --model or --quantized")
-        images, labels = load_labelled(o["data"], pre.input_size[1], o["limit"])
-        res = evaluate_engine(o["engine"], images, labels, preprocessing=pre, batch_size=o["batch_size"])
+        res = evaluate_engine_data(o["engine"], o["data"], model=_model_options(o), quantized=o["quantized"],
+                                   trust_model_code=o["trust_model_code"], limit=o["limit"],
+                                   batch_size=o["batch_size"])
         if o["as_json"]:
             _emit_json({**res.to_dict(), "engine": str(o["engine"])})
         else:
             click.echo(f"engine top1 {res.top1:.2f} %  top5 {res.top5:.2f} %  (n={res.n})")
         return
-    if o["quantized"]:
-        fp = _load_user_model(o) if o["model"] else load_source_model(o["quantized"], o["trust_model_code"])
-        model = load_quantized(fp, o["quantized"])
-    else:
-        fp, model = None, _load_user_model(o)
-    images, labels = load_labelled(o["data"], get_preprocessing(model).input_size[1], o["limit"])
-    res = evaluate(model, images, labels, fp_model=fp, batch_size=o["batch_size"])
+    res = evaluate_data(o["data"], quantized=o["quantized"], model=_model_options(o),
+                        trust_model_code=o["trust_model_code"], limit=o["limit"], batch_size=o["batch_size"])
     if o["as_json"]:
         _emit_json(res.to_dict())
     else:
@@ -458,33 +412,11 @@ def export(**o: Any) -> None:
     quantizes, with a float Clip in front when the grid is narrower than INT8. See --layout for where
     the scales are applied.
     """
-    from .onnx import export_fp, export_qdq
-    from .quant import load_quantized, load_quantized_dir
-    from .quant.io import load_source_model
+    from .onnx.export import export_onnx
 
-    if not o["quantized"] and not ((o["fp"] or o["int4_weight_only"]) and o["model"]):
-        raise MixqError("export needs --quantized DIR (or --model with --fp or --int4-weight-only)")
-    if o["quantized"] and not Path(o["quantized"]).is_dir():
-        raise MixqError(f"--quantized {o['quantized']} is not a directory")
-    if o["fp"] and o["int4_weight_only"]:
-        raise MixqError("--fp and --int4-weight-only exclude each other")
-    if o["fp"]:
-        model = _load_user_model(o) if o["model"] else load_source_model(o["quantized"], o["trust_model_code"])
-        path = export_fp(model, o["out"])
-    elif o["int4_weight_only"] and not o["quantized"]:
-        from .onnx.export import export_int4_weight_only
-
-        path = export_int4_weight_only(_load_user_model(o), o["out"], block_size=int(o["block_size"]),
-                                       log=lambda m: click.echo(f"warning: {m}", err=True))
-    else:
-        from .quant.io import read_quant_json
-
-        if o["int4_weight_only"] and not read_quant_json(o["quantized"])["config"].get("block_size"):
-            raise MixqError(f"{o['quantized']} is not block-quantized weight-only (quantize --wbits 4 --abits 16 "
-                            "--block-size N), so it cannot be exported --int4-weight-only; or pass --model instead")
-        model = (load_quantized(_load_user_model(o), o["quantized"]) if o["model"]
-                 else load_quantized_dir(o["quantized"], o["trust_model_code"]))
-        path = export_qdq(model, o["out"], layout=o["layout"])
+    path = export_onnx(o["out"], quantized=o["quantized"], model=_model_options(o), fp=o["fp"],
+                       int4_weight_only=o["int4_weight_only"], block_size=int(o["block_size"]), layout=o["layout"],
+                       trust_model_code=o["trust_model_code"], log=lambda m: click.echo(f"warning: {m}", err=True))
     click.echo(str(path))
 
 
@@ -540,12 +472,11 @@ def verify(**o: Any) -> None:
     from .data import load_labelled
     from .models import get_preprocessing
     from .onnx.verify import verify_onnx
-    from .quant import load_quantized, load_quantized_dir
+    from .quant.io import load_result
 
     if not Path(o["onnx_path"]).is_file():
         raise MixqError(f"ONNX model not found: {o['onnx_path']}")
-    model = (load_quantized(_load_user_model(o), o["quantized"]) if o["model"]
-             else load_quantized_dir(o["quantized"], o["trust_model_code"]))
+    _, model = load_result(o["quantized"], _model_options(o), o["trust_model_code"])
     images, _ = load_labelled(o["data"], get_preprocessing(model).input_size[1], o["limit"])
     rep = verify_onnx(o["onnx_path"], model, images)
     for w in rep.warnings:

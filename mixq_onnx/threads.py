@@ -153,5 +153,11 @@ def governor() -> Governor | None:
     return _GOVERNOR
 
 
+def reset() -> None:
+    """Leave auto mode (the thread count stays as it is)."""
+    global _GOVERNOR
+    _GOVERNOR = None
+
+
 if __name__ == "__main__":  # python -m mixq_onnx.threads: what auto mode would choose now
     print(configure(), file=sys.stderr)

@@ -8,6 +8,9 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# One intra-op thread for the whole suite (set before torch loads): results do not depend on the CI
+# machine's load, and in-process CLI calls keep to it instead of starting auto thread mode.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from mixq_onnx.cli import main  # noqa: E402
 from mixq_onnx.utils import shared_root  # noqa: E402
@@ -21,8 +24,28 @@ TEST_NPZ = SHARED / "data" / "cifar10_test_dev.npz"
 
 
 def need_shared(*paths: Path):
+    """Mark a test `shared` (select with -m shared) and skip it when ../shared lacks one of `paths`."""
     missing = [p for p in paths if not p.exists()]
-    return pytest.mark.skipif(bool(missing), reason=f"../shared not available ({missing[0] if missing else ''})")
+    skip = pytest.mark.skipif(bool(missing), reason=f"../shared not available ({missing[0] if missing else ''})")
+
+    def deco(obj):
+        return pytest.mark.shared(skip(obj))
+
+    return deco
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """A test that changes torch's thread count (or starts auto thread mode) leaves the next one unaffected."""
+    torch = sys.modules.get("torch")
+    before = torch.get_num_threads() if torch is not None else None
+    yield
+    from mixq_onnx import threads
+
+    threads.reset()
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(before if before is not None else int(os.environ.get("OMP_NUM_THREADS", "1")))
 
 
 class CliResult:

@@ -89,11 +89,22 @@ def test_offline_hub_id_is_one_line_error(tmp_path, run_cli, monkeypatch):
     assert "--pipeline path/to" in r.err and not root.exists()
 
 
-def test_library_api_matches_cli(tmp_path, tiny_pipeline):
+def test_library_api_matches_cli(tmp_path, run_cli, tiny_pipeline):
+    """The same recipe through `make_calibration_cache` and through `mixq-onnx calib`: the same cache key,
+    the same images byte for byte, the same manifest records."""
     cfg = CalibConfig(generator="diffusion", num=2, size=32, classes="cifar10", shard_size=2,
                       options={"pipeline": str(tiny_pipeline), "steps": 2, "batch_size": 2})
-    p = make_calibration_cache(cfg, tmp_path, progress=False)
+    p = make_calibration_cache(cfg, tmp_path / "lib", progress=False)
     assert verify(p).ok
+    r = run_cli("calib", "--generator", "diffusion", "--num", "2", "--size", "32", "--classes", "cifar10",
+                "--shard-size", "2", "--pipeline", tiny_pipeline, "--steps", "2", "--batch-size", "2",
+                "--cache-root", tmp_path / "cli", "-q")
+    assert r.code == 0, r.err
+    c = Path(r.last_line)
+    assert verify(c).ok
+    assert c.name == p.name  # the recipe hash
+    assert _shards(c) == _shards(p) and len(_shards(p)) == 1
+    assert _manifest(c)["recipe"] == _manifest(p)["recipe"] and _manifest(c)["images"] == _manifest(p)["images"]
     with pytest.raises(MixqError):
         make_calibration_cache(CalibConfig(generator="diffusion", num=2, classes="cifar10",
                                            options={"pipeline": str(tmp_path / "nope")}), tmp_path / "x")

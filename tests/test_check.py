@@ -207,3 +207,56 @@ def test_integer_layout_pair_with_rescale_passes():
     m.graph.initializer.append(_t("r", np.full((1, 4, 1, 1), 0.05 * 0.01, np.float32)))
     m.graph.node.insert(list(m.graph.node).index(conv) + 1, helper.make_node("Mul", ["acc", "r"], ["c"], name="rescale"))
     assert lint(m) == []
+
+
+def test_onnx_checker_failure():
+    m = clean_model()
+    _node(m, "relu").op_type = "NoSuchOp"
+    assert ("onnx-checker", "graph") in _rules(m)
+
+
+def test_shape_inference_failure():
+    m = clean_model()
+    m.graph.output[0].type.tensor_type.elem_type = TensorProto.INT64  # declared type contradicts the Relu's
+    assert ("shape-inference", "graph") in _rules(m)
+
+
+def test_float_weight_without_dq():
+    m = clean_model()
+    m.graph.initializer.append(_t("wf", np.ones((4, 4, 3, 3), np.float32)))
+    _node(m, "conv").input[1] = "wf"
+    assert ("unquantized-weight", "conv") in _rules(m)
+
+
+def test_integer_layout_zero_rescale():
+    """The integer layout's rescale constant holds the real scales: a zero there silences a channel."""
+    m = clean_model()
+    _unit_dq(m)
+    _init(m, "w_s").CopyFrom(_t("w_s", np.ones(4, np.float32)))  # weight DQ(W, 1) too: s_x * s_w is the Mul's
+    conv = _node(m, "conv")
+    conv.output[0] = "acc"
+    m.graph.initializer.append(_t("r", np.array([5e-4, 0.0, 5e-4, 5e-4], np.float32).reshape(1, 4, 1, 1)))
+    m.graph.node.insert(list(m.graph.node).index(conv) + 1, helper.make_node("Mul", ["acc", "r"], ["c"], name="rescale"))
+    assert ("rescale", "rescale") in _rules(m)
+
+
+def _planted_rules() -> set[str]:
+    """Rule names this file asserts on: the first item of a `(rule, node)` tuple or `v.rule == "..."`."""
+    import ast
+    from pathlib import Path
+
+    found = set()
+    for node in ast.walk(ast.parse(Path(__file__).read_text())):
+        if isinstance(node, ast.Tuple) and node.elts and isinstance(node.elts[0], ast.Constant):
+            found.add(node.elts[0].value)
+        elif isinstance(node, ast.Compare) and isinstance(node.left, ast.Attribute) and node.left.attr == "rule":
+            found.update(c.value for c in node.comparators if isinstance(c, ast.Constant))
+    return found
+
+
+def test_every_rule_has_a_planted_violation():
+    from mixq_onnx.onnx.check import RULES
+
+    assert len(RULES) >= 18
+    missing = sorted(set(RULES) - _planted_rules())
+    assert not missing, f"lint rules without a planted-violation test in {__file__}: {missing}"

@@ -163,11 +163,18 @@ def _lint_rules(nodes, inits, out="y"):
     return {(v.rule, v.node) for v in lint(m) if v.severity == "error"}
 
 
+def _mixq(node, quantizer):
+    """The metadata the exporter writes on every Q/DQ/Clip node (lint finds a quantizer's own Clip by it)."""
+    node.metadata_props.add(key="mixq.quantizer", value=quantizer)
+    return node
+
+
 def _qdq(src, tag):
     from onnx import helper
 
-    return [helper.make_node("QuantizeLinear", [src, "s", "z"], [f"{tag}q"], name=f"{tag}/QuantizeLinear"),
-            helper.make_node("DequantizeLinear", [f"{tag}q", "s", "z"], [f"{tag}d"], name=f"{tag}/DequantizeLinear")]
+    return [_mixq(helper.make_node("QuantizeLinear", [src, "s", "z"], [f"{tag}q"], name=f"{tag}/QuantizeLinear"), tag),
+            _mixq(helper.make_node("DequantizeLinear", [f"{tag}q", "s", "z"], [f"{tag}d"], name=f"{tag}/DequantizeLinear"),
+                  tag)]
 
 
 def _conv(src, tag):
@@ -210,6 +217,6 @@ def test_lint_quantized_conv_output_as_residual():
     single = _conv("x", "c1") + _qdq("c1", "id") + [helper.make_node("Relu", ["x"], ["r"], name="relu"),
                                                    helper.make_node("Add", ["r", "idd"], ["y"], name="add")]
     assert ("qdq-conv-add", "add") in _lint_rules(single, _INITS)
-    clip = _conv("x", "c1") + [helper.make_node("Clip", ["c1", "lo", "hi"], ["c1c"], name="id/Clip")] + \
+    clip = _conv("x", "c1") + [_mixq(helper.make_node("Clip", ["c1", "lo", "hi"], ["c1c"], name="id/Clip"), "id")] + \
         _qdq("c1c", "id") + single[-2:]  # a 4-bit grid's own Clip in front of the Q changes nothing
     assert ("qdq-conv-add", "add") in _lint_rules(clip, dict(_INITS, lo=np.float32(-0.4), hi=np.float32(0.35)))

@@ -161,7 +161,11 @@ def test_patch_entropy_definition():
 
 
 def test_filter_errors_and_keep_top(resnet20):
-    assert FILTERS == ("energy", "bn", "patch-entropy")
+    imgs = torch.randint(0, 256, (5, 32, 32, 3), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    assert len(FILTERS) >= 3
+    for name in FILTERS:  # every registered filter gives one finite float32 score per image
+        s = score_images(resnet20, imgs, name, batch_size=2)
+        assert s.shape == (5,) and s.dtype == torch.float32 and bool(torch.isfinite(s).all()), name
     x = torch.zeros(1, 32, 32, 3, dtype=torch.uint8)
     with pytest.raises(MixqError, match="unknown filter"):
         score_images(resnet20, x, "sharpness")

@@ -79,10 +79,17 @@ def test_w4a4_cli_build_clips_fused(graphs, tmp_path, run_cli):
     m = onnx.load(graphs["w4a4"])
     clips = [n.name for n in m.graph.node if n.op_type == "Clip"]
     assert clips
+    by_tensor: dict[str, list[str]] = {}  # quantized tensor -> its Clips (a conv input and a residual identity
+    for n in m.graph.node:                # reading the same ReLU output are two quantizers on one tensor)
+        if n.op_type == "Clip":
+            by_tensor.setdefault(n.input[0], []).append(n.name)
+    assert len(by_tensor) < len(clips)
     meta = read_plan_meta(plan)
     where = {n: li for li in meta["layers"] for n in li["onnx_nodes"]}
-    mapped = [c for c in clips if c in where]  # duplicate quantizers (same tensor, same grid) are merged by TRT
-    assert len(mapped) >= len(clips) // 2
+    mapped = [c for c in clips if c in where]
+    # TRT merges duplicate quantizers (same tensor, same grid): exactly one Clip per quantized tensor remains
+    assert len(mapped) == len(by_tensor)
+    assert all(sum(c in where for c in names) == 1 for names in by_tensor.values())
     for c in mapped:
         assert len(where[c]["onnx_nodes"]) > 2, where[c]  # Relu (+Add) + Clip + QuantizeLinear in one kernel
     r = run_cli("inspect", plan, "--json")
@@ -183,10 +190,11 @@ def test_plan_key_mismatch_refused(w8_plan, tmp_path, run_cli):
 
 
 def test_missing_backend_is_one_line_error(graphs, tmp_path, run_cli, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # as if tensorrt were not installed (on any machine)
     r = run_cli("build", graphs["w8a8"], "--out", tmp_path / "x.plan", "--backend", "tensorrt")
-    if "tensorrt" not in sys.modules:
-        assert r.code == 2 and "pip install 'mixq-onnx[trt]'" in r.err
-        assert len(r.err.strip().splitlines()) == 1
+    assert r.code == 2 and "pip install 'mixq-onnx[trt]'" in r.err
+    assert len(r.err.strip().splitlines()) == 1
+    assert not (tmp_path / "x.plan").exists()
     monkeypatch.setitem(sys.modules, "tensorrt_rtx", None)  # as if tensorrt-rtx were not installed
     r = run_cli("build", graphs["w8a8"], "--out", tmp_path / "y.plan")
     assert r.code == 2 and "pip install 'mixq-onnx[trt-rtx]'" in r.err and len(r.err.strip().splitlines()) == 1

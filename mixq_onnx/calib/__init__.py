@@ -11,11 +11,12 @@ from .cache import (
     verify,
 )
 from .classes import ClassVocab, load_classes
-from .dataset import CalibrationSet
+from .dataset import CalibrationSet, load_calibration
 from .prompts import ImagePlan, PromptConfig, plan_images
 from .run import CalibConfig, make_calibration_cache
 
 __all__ = [
+    "load_calibration",
     "CacheInfo",
     "CalibConfig",
     "CalibrationSet",

@@ -53,6 +53,15 @@ def _imagenet() -> ClassVocab:
     return ClassVocab("imagenet", tuple(names), tuple(glosses))
 
 
+def resolve_classes(spec: str, model) -> str:
+    """`auto`: the vocabulary that matches the model's class count (10: cifar10, 100: cifar100, else
+    imagenet); any other spec is returned as given."""
+    if spec != "auto":
+        return spec
+    n = getattr(model, "num_classes", None) if model is not None else None
+    return {10: "cifar10", 100: "cifar100"}.get(n, "imagenet")
+
+
 def load_classes(spec: str) -> ClassVocab:
     """`imagenet`, `cifar10`, `cifar100`, or a text file with one class name per line."""
     key = spec.strip().lower()

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 from torch.utils.data import Dataset
 
+from ..errors import MixqError
 from ..models.preprocessing import Preprocessing, get_preprocessing
 from . import cache as C
 
@@ -18,8 +20,8 @@ class CalibrationSet(Dataset):
     `model` may be an nn.Module (its preprocessing is used) or a `Preprocessing`.
     """
 
-    def __init__(self, path: str | os.PathLike, model: nn.Module | Preprocessing):
-        self.path = C.resolve_cache(path)  # rejects "" (which would otherwise mean the working directory)
+    def __init__(self, path: str | os.PathLike, model: nn.Module | Preprocessing, root: Path | None = None):
+        self.path = C.resolve_cache(path, root)  # rejects "" (which would otherwise mean the working directory)
         self.images, self.records = C.load_images(self.path)  # every shard checked against its sha256
         self.preprocessing = model if isinstance(model, Preprocessing) else get_preprocessing(model)
 
@@ -36,3 +38,25 @@ class CalibrationSet(Dataset):
         """The first `n` items (all by default) as one preprocessed batch."""
         n = len(self) if n is None else min(n, len(self))
         return torch.cat([self.preprocessing(self.images[s : min(s + batch_size, n)]) for s in range(0, n, batch_size)])
+
+    def provenance(self, used: int | None = None) -> dict[str, Any]:
+        """What `quant.json` records about the calibration data: the cache, its recipe hash, images used."""
+        return {"cache": str(self.path.resolve()), "hash": self.path.name, "images": len(self) if used is None else used}
+
+
+def load_calibration(ref: str | os.PathLike, model: nn.Module, cache_root: str | os.PathLike | None = None
+                     ) -> CalibrationSet:
+    """A cache (path, hash or hash prefix under `cache_root`) checked against `model`: images present, channel
+    count, and no more than 4x upscaling to the model's input. One-line `MixqError`s for every failure."""
+    ds = CalibrationSet(ref, model, Path(cache_root) if cache_root else None)
+    if len(ds) == 0:
+        raise MixqError(f"calibration cache {ds.path} holds no images")
+    pre = ds.preprocessing
+    h, w = ds.images.shape[1:3]
+    if ds.images.shape[-1] != 3 or pre.input_size[0] not in (1, 3):
+        raise MixqError(f"cache images have {ds.images.shape[-1]} channels, the model takes {pre.input_size[0]}")
+    if pre.input_size[1] > 4 * h or pre.input_size[2] > 4 * w:
+        raise MixqError(f"cache images are {h}x{w}, too small to resize to the model's input "
+                        f"{pre.input_size[1]}x{pre.input_size[2]} (more than 4x upscaling): make a cache with "
+                        f"--size {pre.input_size[1]}")
+    return ds

@@ -1,6 +1,9 @@
 """GenQ-style filters for over-generated calibration images: score each image, keep the best.
 
-`score_images(model, images, method)` returns one score per image, HIGHER = keep:
+`score_images(model, images, method)` returns one score per image, HIGHER = keep. The methods are the
+registry `mixq_onnx.registry.FILTERS` (light, so the CLI lists them without importing torch); each entry
+names its scoring function here (`energy_scores`, `bn_scores`, `patch_entropy_scores`). A new filter is a
+function `(model, images, batch_size) -> [N] float32` plus one `register_filter(Filter(...))` line there.
 
 - ``energy``: the free-energy score of the FP model, ``logsumexp(logits)`` (= -E(x) at temperature
   1; Liu et al., "Energy-based out-of-distribution detection"). In-distribution images get larger
@@ -27,14 +30,17 @@ Images are uint8 NHWC; the model-based methods preprocess them with the model's 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
 
 from ..errors import MixqError
 from ..models import get_preprocessing
+from ..registry import FILTERS, resolve
 
-FILTERS = ("energy", "bn", "patch-entropy")
+__all__ = ["FILTERS", "bn_scores", "energy_scores", "keep_top", "patch_entropy", "patch_entropy_scores",
+           "score_images"]
 
 PATCH_BINS = 16
 
@@ -107,45 +113,63 @@ class _PerImageBN:
 
 @torch.no_grad()
 def score_images(model: nn.Module, images_uint8_nhwc: torch.Tensor, method: str, batch_size: int = 64) -> torch.Tensor:
-    """One float32 score per image (CPU tensor), higher = keep. Methods: `FILTERS`."""
-    if method not in FILTERS:
-        raise MixqError(f"unknown filter {method!r}: choose one of {', '.join(FILTERS)}")
+    """One float32 score per image (CPU tensor), higher = keep. Methods: the registry `FILTERS`."""
+    spec = FILTERS.lookup(method)
     images = _check_images(images_uint8_nhwc)
     if batch_size < 1:
         raise MixqError(f"filter batch size must be >= 1, got {batch_size}")
-    if method == "patch-entropy":
-        return patch_entropy(images)
-    if model is None:
+    if spec.needs_model and model is None:
         raise MixqError(f"filter {method!r} needs a model")
+    return resolve(spec.score)(model, images, batch_size)
+
+
+def _model_scores(model: nn.Module, images: torch.Tensor, batch_size: int,
+                  score: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Run the model in eval mode on preprocessed batches; `score(logits)` gives each batch's scores."""
     pre = get_preprocessing(model)
     dev = _device(model)
-    hooks = None
-    if method == "bn":
-        hooks = _PerImageBN(model)
-        if not hooks.layers:
-            hooks.remove()
-            raise MixqError(f"filter 'bn' needs a model with BatchNorm2d layers; {type(model).__name__} has none")
     was_training = model.training
     model.eval()
     out: list[torch.Tensor] = []
     try:
         for i in range(0, images.shape[0], batch_size):
             x = pre(images[i:i + batch_size]).to(dev)
-            logits = model(x)
-            if method == "energy":
-                if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
-                    raise MixqError("filter 'energy' needs a classifier returning [N, classes] logits")
-                out.append(torch.logsumexp(logits.float(), dim=1).cpu())
-            else:
-                assert hooks is not None
-                out.append((-hooks.take()).cpu())
+            out.append(score(model(x)).cpu())
     finally:
-        if hooks is not None:
-            hooks.remove()
         model.train(was_training)
     if not out:
         return torch.zeros(0)
     return torch.cat(out).to(torch.float32)
+
+
+@torch.no_grad()
+def energy_scores(model: nn.Module, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """`energy`: logsumexp of the classifier's logits."""
+
+    def score(logits: torch.Tensor) -> torch.Tensor:
+        if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
+            raise MixqError("filter 'energy' needs a classifier returning [N, classes] logits")
+        return torch.logsumexp(logits.float(), dim=1)
+
+    return _model_scores(model, images, batch_size, score)
+
+
+@torch.no_grad()
+def bn_scores(model: nn.Module, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """`bn`: minus each image's BatchNorm-statistics distance."""
+    hooks = _PerImageBN(model)
+    if not hooks.layers:
+        hooks.remove()
+        raise MixqError(f"filter 'bn' needs a model with BatchNorm2d layers; {type(model).__name__} has none")
+    try:
+        return _model_scores(model, images, batch_size, lambda _logits: -hooks.take())
+    finally:
+        hooks.remove()
+
+
+def patch_entropy_scores(model: nn.Module | None, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """`patch-entropy`: `patch_entropy(images)`; no model."""
+    return patch_entropy(images)
 
 
 def keep_top(scores: torch.Tensor, keep: int) -> torch.Tensor:

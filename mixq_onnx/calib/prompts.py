@@ -2,6 +2,11 @@
 
 The plan for image `i` depends only on (seed, i), never on `--num` or the process layout, so
 a cache can be resumed or split across ranks and still yield the same images.
+
+The strategies are the registry `mixq_onnx.registry.PROMPT_STRATEGIES` (light, so the CLI lists them without
+importing numpy); each entry names its planner here (`plan_mixup`, `plan_single`, `plan_mixup_embed`,
+`plan_unconditioned`). A new strategy is a planner `(cfg, vocab, seed, start, stop) -> list[ImagePlan]`
+plus one `register_prompt_strategy(PromptStrategy(...))` line there.
 """
 from __future__ import annotations
 
@@ -11,9 +16,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import MixqError
+from ..registry import PROMPT_STRATEGIES, resolve
 from .classes import ClassVocab
-
-STRATEGIES = ("mixup", "single", "mixup-embed", "none")
 
 #: GenQ's adjective list for single-class prompts.
 ADJECTIVES = (
@@ -22,7 +26,7 @@ ADJECTIVES = (
 )
 
 DEFAULT_TEMPLATE = "a photo of a {} and a {}"
-SINGLE_TEMPLATE = "a photo of a {adjective} {cls}"
+SINGLE_TEMPLATE: str = PROMPT_STRATEGIES["single"].default_template  # "a photo of a {adjective} {cls}"
 
 
 @dataclass(frozen=True)
@@ -34,16 +38,15 @@ class PromptConfig:
     use_gloss: bool = False
 
     def validate(self, num_classes: int) -> None:
-        if self.strategy not in STRATEGIES:
-            raise MixqError(f"unknown prompt strategy {self.strategy!r}: choose one of {', '.join(STRATEGIES[:3])}")
-        if self.strategy in ("mixup", "mixup-embed"):
+        spec = PROMPT_STRATEGIES.lookup(self.strategy)
+        if spec.mixes:
             if self.k < 2:
                 raise MixqError(f"--k must be at least 2 for {self.strategy} prompts, got {self.k}")
             if self.k > num_classes:
                 raise MixqError(f"--k {self.k} exceeds the number of classes ({num_classes})")
         if self.alpha <= 0:
             raise MixqError(f"--alpha must be positive, got {self.alpha}")
-        if self.template is not None and self.strategy == "mixup" and self.template.count("{}") != self.k:
+        if self.template is not None and spec.template_slots and self.template.count("{}") != self.k:
             raise MixqError(f"--template needs exactly {self.k} '{{}}' placeholders for k={self.k}")
 
     def mixup_template(self) -> str:
@@ -55,8 +58,9 @@ class PromptConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["template"] = self.mixup_template() if self.strategy in ("mixup", "mixup-embed") else (
-            self.template or (SINGLE_TEMPLATE if self.strategy == "single" else None))
+        spec = PROMPT_STRATEGIES.get(self.strategy)
+        d["template"] = self.mixup_template() if spec is not None and spec.mixes else (
+            self.template or (spec.default_template if spec is not None else None))
         return d
 
 
@@ -118,30 +122,55 @@ def _mixup_classes(seed: int, n_cls: int, k: int, index: int) -> tuple[int, ...]
 def plan_images(
     cfg: PromptConfig, vocab: ClassVocab | None, seed: int, start: int, stop: int
 ) -> list[ImagePlan]:
-    """Plans for image indices [start, stop)."""
+    """Plans for image indices [start, stop), from the strategy's planner."""
+    spec = PROMPT_STRATEGIES.lookup(cfg.strategy)
+    if not spec.conditioned or vocab is None:
+        return plan_unconditioned(cfg, vocab, seed, start, stop)
+    return list(resolve(spec.plan)(cfg, vocab, seed, start, stop))
+
+
+def _plan_rng(seed: int, index: int) -> np.random.Generator:
+    """Per-image random choices of a planner (adjectives, mixing weights)."""
+    return np.random.default_rng([seed, 0xA11, index])
+
+
+def plan_unconditioned(cfg: PromptConfig, vocab: ClassVocab | None, seed: int, start: int, stop: int) -> list[ImagePlan]:
+    """`none`: no classes, no prompt."""
+    return [ImagePlan(i, image_seed(seed, i), (), (), None) for i in range(start, stop)]
+
+
+def plan_single(cfg: PromptConfig, vocab: ClassVocab, seed: int, start: int, stop: int) -> list[ImagePlan]:
+    """`single`: one class per image (every class equally often), GenQ's 'a photo of a {adjective} {class}'."""
+    singles = _class_stream(seed, len(vocab), start, stop - start)
+    tmpl = cfg.template or SINGLE_TEMPLATE
     plans: list[ImagePlan] = []
-    if cfg.strategy == "none" or vocab is None:
-        return [ImagePlan(i, image_seed(seed, i), (), (), None) for i in range(start, stop)]
-    n = len(vocab)
-    singles = _class_stream(seed, n, start, stop - start) if cfg.strategy == "single" else []
-    for j, i in enumerate(range(start, stop)):
-        s = image_seed(seed, i)
-        rng = np.random.default_rng([seed, 0xA11, i])
-        if cfg.strategy == "single":
-            c = singles[j]
-            adj = ADJECTIVES[int(rng.integers(len(ADJECTIVES)))]
-            tmpl = cfg.template or SINGLE_TEMPLATE
-            prompt = tmpl.format(adjective=adj, cls=vocab.display(c, cfg.use_gloss))
-            plans.append(ImagePlan(i, s, (c,), (1.0,), prompt))
-            continue
-        classes = _mixup_classes(seed, n, cfg.k, i)
+    for c, i in zip(singles, range(start, stop)):
+        adj = ADJECTIVES[int(_plan_rng(seed, i).integers(len(ADJECTIVES)))]
+        prompt = tmpl.format(adjective=adj, cls=vocab.display(c, cfg.use_gloss))
+        plans.append(ImagePlan(i, image_seed(seed, i), (c,), (1.0,), prompt))
+    return plans
+
+
+def plan_mixup(cfg: PromptConfig, vocab: ClassVocab, seed: int, start: int, stop: int) -> list[ImagePlan]:
+    """`mixup`: k classes in one prompt ('a photo of a {A} and a {B}'), equal weights."""
+    tmpl = cfg.mixup_template()
+    plans: list[ImagePlan] = []
+    for i in range(start, stop):
+        classes = _mixup_classes(seed, len(vocab), cfg.k, i)
         names = [vocab.display(c, cfg.use_gloss) for c in classes]
-        if cfg.strategy == "mixup":
-            weights = tuple(1.0 / cfg.k for _ in classes)
-            plans.append(ImagePlan(i, s, classes, weights, cfg.mixup_template().format(*names)))
-        else:  # mixup-embed: interpolate single-class prompt embeddings with Dirichlet weights
-            w = rng.dirichlet([cfg.alpha] * cfg.k)
-            subs = tuple(f"a photo of a {nm}" for nm in names)
-            prompt = " | ".join(f"{wi:.3f}*{p!r}" for wi, p in zip(w, subs))
-            plans.append(ImagePlan(i, s, classes, tuple(float(x) for x in w), prompt, subs))
+        weights = tuple(1.0 / cfg.k for _ in classes)
+        plans.append(ImagePlan(i, image_seed(seed, i), classes, weights, tmpl.format(*names)))
+    return plans
+
+
+def plan_mixup_embed(cfg: PromptConfig, vocab: ClassVocab, seed: int, start: int, stop: int) -> list[ImagePlan]:
+    """`mixup-embed`: k single-class sub-prompts whose text embeddings are mixed with Dirichlet(alpha) weights."""
+    plans: list[ImagePlan] = []
+    for i in range(start, stop):
+        classes = _mixup_classes(seed, len(vocab), cfg.k, i)
+        names = [vocab.display(c, cfg.use_gloss) for c in classes]
+        w = _plan_rng(seed, i).dirichlet([cfg.alpha] * cfg.k)
+        subs = tuple(f"a photo of a {nm}" for nm in names)
+        prompt = " | ".join(f"{wi:.3f}*{p!r}" for wi, p in zip(w, subs))
+        plans.append(ImagePlan(i, image_seed(seed, i), classes, tuple(float(x) for x in w), prompt, subs))
     return plans

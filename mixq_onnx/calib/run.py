@@ -22,9 +22,10 @@ import torch
 import torch.nn as nn
 
 from ..errors import MixqError
+from ..registry import FILTERS, PROMPT_STRATEGIES
 from ..utils import atomic_write_json, sha256_bytes, sha256_file
 from . import cache as C
-from .classes import load_classes
+from .classes import load_classes, resolve_classes
 from .generators import GENERATORS, GenContext
 from .prompts import PromptConfig, plan_images
 
@@ -42,7 +43,7 @@ class CalibConfig:
     num: int = 256
     seed: int = 0
     size: int | None = None  # stored side length; None: the generator's default
-    classes: str = "imagenet"
+    classes: str = "imagenet"  # imagenet | cifar10 | cifar100 | FILE | auto (from the model's class count)
     prompts: PromptConfig = field(default_factory=PromptConfig)
     shard_size: int | None = None  # None: the generator's default (inversion: its optimisation batch)
     options: dict[str, Any] = field(default_factory=dict)  # generator-specific
@@ -190,17 +191,22 @@ def make_calibration_cache(
         raise MixqError(f"--shard-size must be at least 1, got {cfg.shard_size}")
     if cfg.size is not None and not MIN_SIZE <= cfg.size <= MAX_SIZE:
         raise MixqError(f"--size must be at least {MIN_SIZE} and at most {MAX_SIZE} pixels, got {cfg.size}")
+    if cfg.classes == "auto":  # the model's class count decides, so load it first
+        if model is None and cfg.model:
+            from ..models import load_model
+
+            model = load_model(cfg.model, cfg.checkpoint, random_init=cfg.random_weights, mean=cfg.mean, std=cfg.std,
+                               input_size=cfg.input_size)
+        cfg = dataclasses.replace(cfg, classes=resolve_classes(cfg.classes, model))
     vocab = None
-    if gen_cls.uses_prompts and cfg.prompts.strategy != "none":
+    strategy = PROMPT_STRATEGIES.get(cfg.prompts.strategy)
+    if gen_cls.uses_prompts and (strategy is None or strategy.conditioned):
         vocab = load_classes(cfg.classes)
         cfg.prompts.validate(len(vocab))
-    elif cfg.prompts.strategy not in ("mixup", "single", "mixup-embed", "none"):
-        cfg.prompts.validate(10)
+    elif strategy is None:
+        cfg.prompts.validate(10)  # unknown strategy
     if cfg.filter:
-        from .filters import FILTERS
-
-        if cfg.filter not in FILTERS:
-            raise MixqError(f"unknown filter {cfg.filter!r}: choose one of {', '.join(FILTERS)}")
+        FILTERS.lookup(cfg.filter)
         if cfg.keep is None or not 1 <= cfg.keep <= cfg.num:
             raise MixqError(f"--filter needs --keep N with 1 <= N <= --num ({cfg.num})")
     elif cfg.keep is not None:
@@ -349,7 +355,7 @@ def _finalize(cfg, gen, recipe, key, cache_dir: Path, model, seconds: float, log
 
 def _apply_filter(cfg: CalibConfig, cache_dir: Path, model, ranges, log) -> None:
     """Score every candidate with the target model; keep the best `keep` (ties: lower index), in index order."""
-    from .filters import score_images
+    from .filters import keep_top, score_images
 
     imgs, recs = [], []
     for i in range(len(ranges)):
@@ -358,8 +364,7 @@ def _apply_filter(cfg: CalibConfig, cache_dir: Path, model, ranges, log) -> None
         recs.extend(r)
     images = torch.cat(imgs)
     scores = score_images(model, images, cfg.filter).double().cpu()
-    order = sorted(range(len(recs)), key=lambda j: (-float(scores[j]), j))[: cfg.keep]
-    order.sort()
+    order = keep_top(scores, cfg.keep).tolist()  # ascending indices; ties: lower index; NaN last
     log(f"filter {cfg.filter}: kept {len(order)} of {len(recs)} (score >= {float(scores[order].min()):.4g})")
     kept_imgs = images[order]
     kept = [{**recs[j], "score": round(float(scores[j]), 6)} for j in order]

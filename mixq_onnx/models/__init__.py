@@ -35,6 +35,7 @@ SOURCE_ATTR = "mixq_source"
 
 __all__ = [
     "ZOO",
+    "ModelOptions",
     "ModelSource",
     "canonical_spec",
     "is_code_spec",
@@ -141,8 +142,24 @@ def _timm_pretrained_in_cache(name: str) -> bool:
     return False
 
 
+@dataclass(frozen=True)
+class ModelOptions:
+    """Everything that names a model: what `--model/--checkpoint/--random-weights/--mean/--std/--input-size`
+    give every command, as one object (`load_model(opts)`)."""
+
+    spec: str
+    checkpoint: str | None = None
+    random_init: bool = False
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    input_size: tuple[int, ...] | int | None = None
+
+    def load(self) -> nn.Module:
+        return load_model(self)
+
+
 def load_model(
-    spec: str,
+    spec: str | ModelOptions,
     checkpoint: str | os.PathLike | None = None,
     *,
     random_init: bool = False,
@@ -158,6 +175,9 @@ def load_model(
     Weights come from `checkpoint`; without one, timm models use pretrained weights from the local
     Hugging Face cache, and `random_init=True` keeps random weights (seeded: tests, smoke runs).
     """
+    if isinstance(spec, ModelOptions):
+        spec, checkpoint, random_init, mean, std, input_size = (spec.spec, spec.checkpoint, spec.random_init,
+                                                                spec.mean, spec.std, spec.input_size)
     kwargs: dict[str, Any] = {}
     if num_classes is not None:
         kwargs["num_classes"] = num_classes

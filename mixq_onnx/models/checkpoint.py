@@ -12,7 +12,6 @@ import torch.nn as nn
 
 from ..errors import MixqError
 
-SUFFIXES = (".pt", ".pth", ".th", ".bin", ".safetensors")
 _WRAPPERS = ("state_dict", "model", "model_state_dict", "net", "weights")
 _PREFIXES = ("module.", "_orig_mod.", "model.")
 

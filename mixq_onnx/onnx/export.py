@@ -28,7 +28,7 @@ import torch.nn as nn
 from ..errors import MixqError
 from ..utils import atomic_path
 from .markers import DOMAIN, marker_mode, translation_table
-from .passes import _const, _replace_uses, integer_gemms, split_fused_qkv
+from .passes import add_initializer, integer_gemms, replace_uses, split_fused_qkv
 
 OPSET = 21
 IR_VERSION = 10
@@ -102,25 +102,25 @@ def insert_qdq(model, qs: dict[str, Any]) -> dict[str, int]:
             raise MixqError(f"exported graph has a marker for {name!r} that the quantized model does not know")
         x = node.inputs[0]
         safe = name
-        rec = q.record()
-        bits_meta = {"mixq.bits": str(rec["bits"]), "mixq.quantizer": name}
-        if q.kind == "weight":
+        spec = q.spec  # the one record of this quantizer's grid
+        bits_meta = {"mixq.bits": str(spec.bits), "mixq.quantizer": spec.name}
+        if spec.kind == "weight":
             ints = q.int_weight.cpu().numpy()
             zp = q.zero_point.detach().cpu().numpy().reshape(-1)
-            attrs: dict[str, Any] = {"axis": q.axis}
-            if q.block_size:  # INT4 weight-only GEMM: block scales [out, in / B] along the input axis
-                if not q.symmetric:
+            attrs: dict[str, Any] = {"axis": spec.axis}
+            if spec.block_size:  # INT4 weight-only GEMM: block scales [out, in / B] along the input axis
+                if not spec.symmetric:
                     raise MixqError(f"{name}: block-scaled INT4 weights must be symmetric")
-                ints_v = _const(graph, f"{safe}.int4", ints.astype(np.int8), ir.DataType.INT4)
-                scale_v = _const(graph, f"{safe}.scale", q.scale.detach().cpu().numpy().astype(np.float32))
-                attrs = {"axis": 1, "block_size": q.block_size}
+                ints_v = add_initializer(graph, f"{safe}.int4", ints.astype(np.int8), ir.DataType.INT4)
+                scale_v = add_initializer(graph, f"{safe}.scale", q.scale.detach().cpu().numpy().astype(np.float32))
+                attrs = {"axis": 1, "block_size": spec.block_size}
                 counts["int4_weight_dq"] = counts.get("int4_weight_dq", 0) + 1
             else:
-                ints_v = _const(graph, f"{safe}.int8", ints.astype(np.int8 if q.symmetric else np.uint8))
-                scale_v = _const(graph, f"{safe}.scale", q.scale.detach().cpu().numpy().reshape(-1).astype(np.float32))
+                ints_v = add_initializer(graph, f"{safe}.int8", ints.astype(np.int8 if spec.container()[0] < 0 else np.uint8))
+                scale_v = add_initializer(graph, f"{safe}.scale", q.scale.detach().cpu().numpy().reshape(-1).astype(np.float32))
             inputs = [ints_v, scale_v]
-            if not q.symmetric:
-                inputs.append(_const(graph, f"{safe}.zero_point", zp.astype(np.uint8)))
+            if not spec.symmetric:
+                inputs.append(add_initializer(graph, f"{safe}.zero_point", zp.astype(np.uint8)))
             dq = ir.node("DequantizeLinear", inputs, attributes=attrs, name=f"{safe}/DequantizeLinear",
                          metadata_props=bits_meta)
             graph.insert_before(node, dq)
@@ -129,16 +129,15 @@ def insert_qdq(model, qs: dict[str, Any]) -> dict[str, int]:
             counts["weight_dq"] += 1
         else:
             s = float(q.scale.detach())
-            lo, hi = q.qrange
+            lo, hi = spec.grid()
             zp = int(round(float(q.zero_point)))
-            qtype = np.int8 if q.symmetric else np.uint8
-            scale_v = _const(graph, f"{safe}.scale", np.array(s, dtype=np.float32))
-            zp_v = _const(graph, f"{safe}.zero_point", np.array(zp, dtype=qtype))
+            qtype = np.int8 if spec.container()[0] < 0 else np.uint8
+            scale_v = add_initializer(graph, f"{safe}.scale", np.array(s, dtype=np.float32))
+            zp_v = add_initializer(graph, f"{safe}.zero_point", np.array(zp, dtype=qtype))
             src = x
-            full = (-128, 127) if q.symmetric else (0, 255)
-            if (lo, hi) != full:
-                lo_v = _const(graph, f"{safe}.clip_lo", np.array((lo - zp) * s, dtype=np.float32))
-                hi_v = _const(graph, f"{safe}.clip_hi", np.array((hi - zp) * s, dtype=np.float32))
+            if spec.needs_clip():
+                lo_v = add_initializer(graph, f"{safe}.clip_lo", np.array((lo - zp) * s, dtype=np.float32))
+                hi_v = add_initializer(graph, f"{safe}.clip_hi", np.array((hi - zp) * s, dtype=np.float32))
                 clip = ir.node("Clip", [x, lo_v, hi_v], name=f"{safe}/Clip", metadata_props=bits_meta)
                 graph.insert_before(node, clip)
                 src = clip.outputs[0]
@@ -156,7 +155,7 @@ def insert_qdq(model, qs: dict[str, Any]) -> dict[str, int]:
             counts["act_qdq"] += 1
         out.shape = node.outputs[0].shape
         out.type = node.outputs[0].type
-        _replace_uses(node.outputs[0], out)
+        replace_uses(node.outputs[0], out)
         graph.remove(node, safe=True)
     return counts
 
@@ -180,17 +179,17 @@ def fold_weight_transposes(model) -> int:
         tensor = dq.inputs[0].const_value
         ints = np.ascontiguousarray(tensor.numpy().T)
         name = dq.inputs[0].name
-        new_int = _const(model.graph, f"{name}.T", ints, tensor.dtype)
+        new_int = add_initializer(model.graph, f"{name}.T", ints, tensor.dtype)
         dq.replace_input_with(0, new_int)
         sv = dq.inputs[1]
         if sv is not None and sv.const_value is not None and len(sv.shape or ()) == 2:  # block scales move too
-            dq.replace_input_with(1, _const(model.graph, f"{sv.name}.T",
+            dq.replace_input_with(1, add_initializer(model.graph, f"{sv.name}.T",
                                             np.ascontiguousarray(sv.const_value.numpy().T)))
         axis = dq.attributes.get("axis")
         dq.attributes["axis"] = ir.AttrInt64("axis", 1 - (axis.as_int() if axis is not None else 1))
         out = dq.outputs[0]
         out.shape = node.outputs[0].shape
-        _replace_uses(node.outputs[0], out)
+        replace_uses(node.outputs[0], out)
         model.graph.remove(node, safe=True)
         n += 1
     return n
@@ -347,8 +346,7 @@ def export_int4_weight_only(model: nn.Module, out: str | os.PathLike, block_size
     if skipped and log is not None:
         log(f"{len(skipped)} of {len(linears)} Linear layers stay float: block size {block_size} does not divide "
             f"their input features ({', '.join(skipped[:3])}{', …' if len(skipped) > 3 else ''})")
-    qmodel = quantize(model, QuantConfig.int4_weight_only(block_size), example_input(model), progress=False,
-                      log=lambda _m: None)
+    qmodel = quantize(model, QuantConfig.int4_weight_only(block_size), example_input(model), progress=False)
     return export_qdq(qmodel, out)
 
 
@@ -358,3 +356,32 @@ def export_fp(model: nn.Module, out: str | os.PathLike) -> Path:
     name_nodes(m)
     finalize_model(m, {"mixq.fp": "true", "mixq.preprocessing": _preprocessing(model)})
     return save_model(m, out)
+
+
+def export_onnx(out: str | os.PathLike, *, quantized: str | os.PathLike | None = None, model: Any = None,
+                fp: bool = False, int4_weight_only: bool = False, block_size: int = 128, layout: str = "integer",
+                trust_model_code: bool = False, log: Any = None) -> Path:
+    """What `mixq-onnx export` writes. A result folder (`quantized`) gives its QDQ graph (its float graph with
+    `fp`); a `model` alone (nn.Module or `ModelOptions`) gives the float graph (`fp`) or a round-to-nearest
+    W4A16 graph (`int4_weight_only`)."""
+    from ..models import ModelOptions, load_model
+    from ..quant.io import load_result, load_source_model, read_quant_json
+
+    def user_model() -> nn.Module:
+        return load_model(model) if isinstance(model, ModelOptions) else model
+
+    if quantized is None and not ((fp or int4_weight_only) and model is not None):
+        raise MixqError("export needs --quantized DIR (or --model with --fp or --int4-weight-only)")
+    if quantized is not None and not Path(quantized).is_dir():
+        raise MixqError(f"--quantized {quantized} is not a directory")
+    if fp and int4_weight_only:
+        raise MixqError("--fp and --int4-weight-only exclude each other")
+    if fp:
+        return export_fp(user_model() if model is not None else load_source_model(quantized, trust_model_code), out)
+    if int4_weight_only and quantized is None:
+        return export_int4_weight_only(user_model(), out, block_size=block_size, log=log)
+    if int4_weight_only and not read_quant_json(quantized)["config"].get("block_size"):
+        raise MixqError(f"{quantized} is not block-quantized weight-only (quantize --wbits 4 --abits 16 "
+                        "--block-size N), so it cannot be exported --int4-weight-only; or pass --model instead")
+    _, qmodel = load_result(quantized, model, trust_model_code)
+    return export_qdq(qmodel, out, layout=layout)

@@ -53,15 +53,9 @@ def translation_table() -> dict:
 
 @contextlib.contextmanager
 def marker_mode(model: nn.Module) -> Iterator[None]:
-    """Quantizers emit markers instead of fake quantization; weight markers wrap the float parameter and
-    the exporter swaps it for the stored integers."""
-    from ..quant.quantizer import ActQuantizer, WeightQuantizer
+    """Quantizers emit markers instead of fake quantization (quant's export mode with this module's op);
+    weight markers wrap the float parameter and the exporter swaps it for the stored integers."""
+    from ..quant.quantizer import export_markers
 
-    qs = [m for m in model.modules() if isinstance(m, (ActQuantizer, WeightQuantizer))]
-    for q in qs:
-        q.export_state = "marker" if (q.enabled and bool(q.initialized)) else "pass"
-    try:
+    with export_markers(model, torch.ops.mixq.marker):
         yield
-    finally:
-        for q in qs:
-            q.export_state = None

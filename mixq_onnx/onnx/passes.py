@@ -12,9 +12,16 @@ scale 1 and rescales its output once per channel by s_x * s_w (then adds the bia
 arithmetic of an INT8 kernel and of the PyTorch layer in integer mode. onnxruntime's fp32 accumulation
 of integer products is then exact, so its output is bit-identical to PyTorch's; TensorRT folds the
 Mul and Add into the same INT8 kernel's epilogue as it would fold the DQ scales.
+
+`add_initializer` and `replace_uses` are the onnx-ir building blocks the exporter shares.
+
+Rewrites of a loaded ModelProto (copies for other tools, never the exported graph itself):
+`convert_to_fp16` (the float baseline engine of `bench`), `set_input_shapes` (static shapes for shape
+inference in `inspect`), `expose_outputs` (intermediate tensors as outputs for `verify`).
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -127,7 +134,7 @@ def split_fused_qkv(model) -> int:
     taken = _value_names(graph)
 
     def const(name: str, array: np.ndarray, dtype=None):
-        return _const(graph, _unique(graph, name, taken), array, dtype)
+        return add_initializer(graph, _unique(graph, name, taken), array, dtype)
 
     n_split = 0
     for mm in list(graph):
@@ -263,7 +270,7 @@ def split_fused_qkv(model) -> int:
     return n_split
 
 
-def _const(graph, name: str, array: np.ndarray, dtype=None):
+def add_initializer(graph, name: str, array: np.ndarray, dtype=None):
     """Register `array` as an initializer called `name` and return its value."""
     import onnx_ir as ir
 
@@ -273,7 +280,7 @@ def _const(graph, name: str, array: np.ndarray, dtype=None):
     return v
 
 
-def _replace_uses(old, new) -> None:
+def replace_uses(old, new) -> None:
     """Every reader of `old` (graph outputs included) reads `new` instead."""
     for user, idx in list(old.uses()):
         user.replace_input_with(idx, new)
@@ -345,7 +352,7 @@ def integer_gemms(model) -> int:
     taken = _value_names(graph)
 
     def const(name: str, array: np.ndarray):
-        return _const(graph, _unique(graph, name, taken), array)
+        return add_initializer(graph, _unique(graph, name, taken), array)
 
     one = const("mixq.unit_scale", np.array(1.0, np.float32))
 
@@ -394,6 +401,94 @@ def integer_gemms(model) -> int:
         if last is not mul:
             mul.outputs[0].name = f"{base}{tail}.rescaled"
         last.outputs[0].name = orig
-        _replace_uses(out, last.outputs[0])
+        replace_uses(out, last.outputs[0])
         mul.replace_input_with(0, out)  # the rescale itself still reads the sum
     return len(todo)
+
+
+# Kept for export.py, which still imports these by their old names; new code uses the public ones.
+
+
+# --------------------------------------------------------------------------- ModelProto rewrites
+def convert_to_fp16(src: str | Path, dst: str | Path) -> Path:
+    """FP16 copy of a float ONNX graph for strongly typed builds (no FP16 builder flag exists there).
+
+    Float initializers/constants become float16; Cast nodes at the graph inputs and outputs keep the
+    float32 interface so the same input buffers feed both engines.
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    m = onnx.load(str(src))
+    g = m.graph
+    f32, f16 = TensorProto.FLOAT, TensorProto.FLOAT16
+
+    def to16(t: Any) -> Any:
+        arr = numpy_helper.to_array(t).astype(np.float16)
+        return numpy_helper.from_array(arr, t.name)
+
+    for i, t in enumerate(g.initializer):
+        if t.data_type == f32:
+            g.initializer[i].CopyFrom(to16(t))
+    for n in g.node:
+        for a in n.attribute:
+            if n.op_type in ("Constant", "ConstantOfShape") and a.name == "value" and a.t.data_type == f32:
+                a.t.CopyFrom(to16(a.t))
+            if n.op_type == "Cast" and a.name == "to" and a.i == f32:
+                a.i = f16
+            if n.op_type in ("EyeLike", "RandomNormal", "RandomUniform") and a.name == "dtype" and a.i == f32:
+                a.i = f16
+    renames = {}
+    new_nodes = []
+    for inp in g.input:
+        if inp.type.tensor_type.elem_type == f32:
+            renames[inp.name] = inp.name + ".fp16"
+            new_nodes.append(helper.make_node("Cast", [inp.name], [inp.name + ".fp16"], to=f16,
+                                              name=f"{inp.name}/CastToFp16"))
+    for n in g.node:
+        for k, x in enumerate(n.input):
+            if x in renames:
+                n.input[k] = renames[x]
+    outs = []
+    for o in g.output:
+        if o.type.tensor_type.elem_type == f32:
+            for n in g.node:
+                for k, y in enumerate(n.output):
+                    if y == o.name:
+                        n.output[k] = o.name + ".fp16"
+            for n in g.node:
+                for k, x in enumerate(n.input):
+                    if x == o.name:
+                        n.input[k] = o.name + ".fp16"
+            outs.append(helper.make_node("Cast", [o.name + ".fp16"], [o.name], to=f32, name=f"{o.name}/CastToFp32"))
+    nodes = new_nodes + list(g.node) + outs
+    del g.node[:]
+    g.node.extend(nodes)
+    del g.value_info[:]
+    dst = Path(dst)
+    onnx.save(m, str(dst))
+    return dst
+
+
+def set_input_shapes(model: Any, input_shapes: dict[str, list[int]]) -> Any:
+    """Pin the named graph inputs to static shapes (in place), so shape inference resolves every tensor."""
+    for inp in model.graph.input:
+        shape = input_shapes.get(inp.name)
+        if shape is None:
+            continue
+        for d, v in zip(inp.type.tensor_type.shape.dim, shape):
+            d.ClearField("dim_param")
+            d.dim_value = int(v)
+    return model
+
+
+def expose_outputs(model: Any, names: list[str]) -> Any:
+    """Make intermediate tensors graph outputs (in place; type left to the runtime), e.g. for onnxruntime
+    to return them."""
+    import onnx
+
+    have = {o.name for o in model.graph.output}
+    for name in names:
+        if name not in have:
+            model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    return model

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import MixqError
+from .graph import GraphIndex
 
 
 @dataclass
@@ -60,16 +61,14 @@ def _session(path: Path, optimized: bool, extra_outputs: list[str] | None = None
     import onnx
     import onnxruntime as ort
 
+    from .passes import expose_outputs
+
     so = ort.SessionOptions()
     so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimized
                                    else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     so.log_severity_level = 3
     if extra_outputs:
-        m = onnx.load(str(path))
-        have = {o.name for o in m.graph.output}
-        for name in extra_outputs:
-            if name not in have:
-                m.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+        m = expose_outputs(onnx.load(str(path)), extra_outputs)
         return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
@@ -80,48 +79,37 @@ def _nanmax(acc: float, d: np.ndarray) -> float:
     return math.nan if math.isnan(acc) or math.isnan(m) else max(acc, m)
 
 
-def _graph_quantizers(proto) -> tuple[dict[str, list], dict[str, np.ndarray]]:
-    """Q/DQ nodes by the `mixq.quantizer` metadata the exporter writes, and the graph's initializers."""
-    from onnx import numpy_helper
-
-    inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
-    for n in proto.graph.node:  # Constant nodes hold the same role as initializers
-        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
-            inits[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
-    nodes: dict[str, list] = {}
-    for n in proto.graph.node:
-        meta = {p.key: p.value for p in n.metadata_props}
-        if "mixq.quantizer" in meta and n.op_type in ("QuantizeLinear", "DequantizeLinear"):
-            nodes.setdefault(meta["mixq.quantizer"], []).append(n)
-    return nodes, inits
-
-
-def match_quantizers(proto, qs: dict[str, Any], path: Path | str = "graph") -> None:
+def match_quantizers(graph: Any, qs: dict[str, Any], path: Path | str = "graph") -> None:
     """Refuse a graph that was exported from another result folder: every quantizer of the model must be in
     the graph with the same bits, activation scale and zero point, and the same integer weights (compared as
-    count, sum and sum of squares, which the exporter's transposes and fused-QKV splits leave unchanged)."""
-    nodes, inits = _graph_quantizers(proto)
+    count, sum and sum of squares, which the exporter's transposes and fused-QKV splits leave unchanged).
+    `graph`: a ModelProto or its GraphIndex; Q/DQ nodes are found by their `mixq.quantizer` metadata."""
+    index = graph if isinstance(graph, GraphIndex) else GraphIndex(graph)
+    nodes = index.quantizer_nodes()
     for name, q in qs.items():
         if not q.enabled or not bool(q.initialized):
             continue
         found = nodes.get(name)
         if not found:
             raise MixqError(f"{path} does not match the quantized model: quantizer {name} has no Q/DQ in the graph")
-        bits = {p.value for n in found for p in n.metadata_props if p.key == "mixq.bits"}
-        if bits and bits != {str(q.bits)}:
+        bits = {index.bits_of(n) for n in found} - {None}
+        if bits and bits != {int(q.bits)}:
             raise MixqError(f"{path} does not match the quantized model: quantizer {name} is {q.bits}-bit, "
-                            f"the graph's is {'/'.join(sorted(bits))}-bit")
+                            f"the graph's is {'/'.join(str(b) for b in sorted(bits))}-bit")
         if q.kind == "act":
             qn = next((n for n in found if n.op_type == "QuantizeLinear"), None)
-            if qn is None or qn.input[1] not in inits:
+            scale = index.value(qn.input[1]) if qn is not None else None
+            if scale is None:
                 raise MixqError(f"{path} does not match the quantized model: no QuantizeLinear for {name}")
-            g_scale = float(inits[qn.input[1]].reshape(-1)[0])
-            g_zp = int(inits[qn.input[2]].reshape(-1)[0]) if len(qn.input) > 2 and qn.input[2] in inits else 0
+            zp = index.value(qn.input[2]) if len(qn.input) > 2 else None
+            g_scale = float(scale.reshape(-1)[0])
+            g_zp = int(zp.reshape(-1)[0]) if zp is not None else 0
             if np.float32(g_scale) != np.float32(float(q.scale.detach())) or g_zp != round(float(q.zero_point)):
                 raise MixqError(f"{path} does not match the quantized model: quantizer {name} has scale "
                                 f"{float(q.scale.detach()):.6g}, the graph's is {g_scale:.6g}")
         else:
-            ints = [inits[n.input[0]] for n in found if n.op_type == "DequantizeLinear" and n.input[0] in inits]
+            ints = [index.value(n.input[0]) for n in found if n.op_type == "DequantizeLinear"]
+            ints = [a for a in ints if a is not None]
             if not ints:
                 raise MixqError(f"{path} does not match the quantized model: no integer weights for {name}")
             g = np.concatenate([a.astype(np.int64).reshape(-1) for a in ints])
@@ -133,33 +121,18 @@ def match_quantizers(proto, qs: dict[str, Any], path: Path | str = "graph") -> N
 def verify_onnx(path: str | os.PathLike, qmodel: nn.Module, images: torch.Tensor, batch_size: int = 250
                 ) -> VerifyReport:
     """images: uint8 NHWC; preprocessed with the model's own preprocessing."""
-    import onnx
-
     from ..models import get_preprocessing
     from ..quant.graph import quantizers
     from ..quant.modules import QUANT_LAYERS
     from ..quant.quantizer import ActQuantizer
 
     path = Path(path)
-    if not path.is_file():
-        raise MixqError(f"ONNX model not found: {path}")
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception as e:  # noqa: BLE001
-        raise MixqError(f"cannot read ONNX model {path}: {e}") from None
-    graph = proto.graph
-    layout = next((p.value for p in proto.metadata_props if p.key == "mixq.layout"), "dq-scales")
-    q_outputs = {n.output[0]: n.name.rsplit("/", 1)[0] for n in graph.node if n.op_type == "QuantizeLinear"}
-    producer = {o: n for n in graph.node for o in n.output}
-    q_float_in = {}  # Q output -> the float tensor the quantizer sees (before its Clip, if any)
-    for n in graph.node:
-        if n.op_type == "QuantizeLinear":
-            src = n.input[0]
-            p = producer.get(src)
-            if p is not None and p.op_type == "Clip" and p.name.rsplit("/", 1)[0] == n.name.rsplit("/", 1)[0]:
-                src = p.input[0]
-            q_float_in[n.output[0]] = src
-    match_quantizers(proto, quantizers(qmodel), path)
+    index = GraphIndex.load(path, external_data=False)
+    layout = index.model_meta("mixq.layout", "dq-scales")
+    q_nodes = [n for n in index.nodes if n.op_type == "QuantizeLinear" and index.quantizer_of(n) is not None]
+    q_outputs = {n.output[0]: index.quantizer_of(n) for n in q_nodes}  # Q output -> its quantizer
+    q_float_in = {n.output[0]: index.quantizer_input(n) for n in q_nodes}  # -> the float tensor it sees
+    match_quantizers(index, quantizers(qmodel), path)
     acts = {n: q for n, q in quantizers(qmodel).items() if isinstance(q, ActQuantizer) and q.enabled}
     missing = sorted(set(acts) - set(q_outputs.values()))
     if missing:

@@ -1,47 +1,83 @@
-"""Quantization recipes as config objects (torchao style): `quantize_(model, QuantConfig(...), data)`."""
+"""Quantization recipes as config objects (torchao style): `quantize_(model, QuantConfig(...), data)`.
+
+A `QuantConfig` is the part every method shares (bits, method, preset, samples, scale search, ...) plus
+`params`, the learning parameters of the reconstruction (`ReconParams`). The flat keyword form
+`QuantConfig(wbits=4, method="qdrop", iters=50, lr_round=1e-3)` still works: learning-parameter keywords
+fill `params`, and `cfg.iters`, `cfg.lr_round`, ... read and write `cfg.params`. `to_dict` (quant.json's "config") stays flat.
+"""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from ..errors import MixqError
+from ..methods import METHODS, PRESETS
 
-METHODS = ("rtn", "adaround", "brecq", "qdrop", "genie")
-PRESETS = ("fast", "paper")
 BLOCK_SIZES = (32, 64, 128)
+
+__all__ = ["BLOCK_SIZES", "METHODS", "PRESETS", "QuantConfig", "ReconParams"]
 
 
 @dataclass
-class QuantConfig:
-    """What to quantize and how. Bits 2..8; `abits=16` means weight-only (no activation quantizers)."""
+class ReconParams:
+    """Learning parameters of the reconstruction; None: the method's default for the preset
+    (`Method.defaults`). RTN learns nothing and ignores them (they are still recorded)."""
 
-    wbits: int = 4
-    abits: int = 4
-    method: str = "qdrop"
-    symmetric: bool = True
-    first_last_bits: int | None = 8  # None: same as the rest
-    preset: str = "fast"
-    # learning (None: from the preset)
-    iters: int | None = None
-    batch_size: int | None = None
-    num_samples: int | None = None
+    iters: int | None = None  # iterations per unit
     lr_round: float | None = None  # AdaRound V (Adam)
     lr_act: float | None = None  # LSQ activation step sizes
     lr_wscale: float | None = None  # Genie-M weight scales
     round_weight: float | None = None  # lambda of the rounding regulariser
     drop_prob: float = 0.5  # QDrop
     warmup: float = 0.2  # fraction of iterations without the rounding regulariser
-    beta: tuple[float, float] = (20.0, 2.0)
+    beta: tuple[float, float] = (20.0, 2.0)  # rounding-regulariser annealing, start and end
+
+
+PARAM_NAMES = tuple(f.name for f in fields(ReconParams))
+
+#: Common settings a config leaves unset (None), whatever the method.
+COMMON_DEFAULTS = {"batch_size": 32, "num_samples": 1024}
+
+#: quant.json's "config" object, key by key in this order (the format predates the split into parts).
+DICT_KEYS = ("wbits", "abits", "method", "symmetric", "first_last_bits", "preset", "iters", "batch_size",
+             "num_samples", "lr_round", "lr_act", "lr_wscale", "round_weight", "drop_prob", "warmup", "beta",
+             "p_norm", "scale_grid", "block_size", "holdout", "seed")
+
+
+@dataclass(init=False)
+class QuantConfig:
+    """What to quantize and how. Bits 2..8; `abits=16` means weight-only (no activation quantizers)."""
+
+    wbits: int = 4
+    abits: int = 4
+    method: str = "qdrop"  # a name in `METHODS`
+    symmetric: bool = True
+    first_last_bits: int | None = 8  # None: same as the rest
+    preset: str = "fast"  # learning-parameter defaults: "fast" or "paper"
+    batch_size: int | None = None  # reconstruction batch (None: 32)
+    num_samples: int | None = None  # calibration images used (None: 1024)
     p_norm: float = 2.4  # Lp scale search
     scale_grid: int = 80  # clipping ratios tried by the weight-scale search
     block_size: int | None = None  # INT4 weight-only GEMMs: Linear weights only, block scales along K
     holdout: float = 0.1  # calibration fraction held out for the generalisation gap
     seed: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
+    params: ReconParams = field(default_factory=ReconParams)
+
+    def __init__(self, wbits: int = 4, abits: int = 4, method: str = "qdrop", symmetric: bool = True,
+                 first_last_bits: int | None = 8, preset: str = "fast", *, batch_size: int | None = None,
+                 num_samples: int | None = None, p_norm: float = 2.4, scale_grid: int = 80,
+                 block_size: int | None = None, holdout: float = 0.1, seed: int = 0,
+                 params: ReconParams | None = None, **learning: Any):
+        unknown = sorted(set(learning) - set(PARAM_NAMES))
+        if unknown:
+            raise TypeError(f"QuantConfig() got an unexpected keyword argument {unknown[0]!r}")
+        self.wbits, self.abits, self.method, self.symmetric = wbits, abits, method, symmetric
+        self.first_last_bits, self.preset, self.batch_size, self.num_samples = first_last_bits, preset, batch_size, num_samples
+        self.p_norm, self.scale_grid, self.block_size, self.holdout, self.seed = p_norm, scale_grid, block_size, holdout, seed
+        self.params = replace(params if params is not None else ReconParams(), **learning)
 
     def validate(self) -> QuantConfig:
-        if self.method not in METHODS:
-            raise MixqError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
+        METHODS.lookup(self.method)  # "unknown method 'x': choose one of rtn, adaround, ..."
         if self.preset not in PRESETS:
             raise MixqError(f"unknown preset {self.preset!r}: choose one of {', '.join(PRESETS)}")
         if not 2 <= self.wbits <= 8:
@@ -65,18 +101,14 @@ class QuantConfig:
         return self
 
     def resolved(self) -> QuantConfig:
-        """Fill unset learning parameters from the preset (the papers' values for `paper`)."""
-        paper = self.preset == "paper"
-        d = {
-            "iters": 20000 if paper else 400,
-            "batch_size": 32,
-            "num_samples": 1024,
-            "lr_round": 1e-3 if paper else 3e-3,
-            "lr_act": 4e-5 if paper else 4e-4,
-            "lr_wscale": 1e-4 if paper else 1e-4,
-            "round_weight": 0.01 if self.method in ("brecq", "qdrop", "genie") else 0.01,
-        }
-        return replace(self, **{k: (getattr(self, k) if getattr(self, k) is not None else v) for k, v in d.items()})
+        """Fill unset settings: learning parameters from the method's defaults for the preset (the papers'
+        values for `paper`), batch size and sample count from `COMMON_DEFAULTS`."""
+        defaults = METHODS.lookup(self.method).defaults(self.preset)
+        params = replace(self.params, **{k: v for k, v in defaults.items() if getattr(self.params, k) is None})
+        fill = {k: v for k, v in COMMON_DEFAULTS.items() if getattr(self, k) is None}
+        if self.block_size:  # INT4 weight-only GEMMs: every Linear gets block scales, no first/last exception
+            fill["first_last_bits"] = None
+        return replace(self, params=params, **fill)
 
     @property
     def weight_only(self) -> bool:
@@ -89,14 +121,33 @@ class QuantConfig:
                    block_size=block_size, **kw)
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
+        """quant.json's "config": the flat keys of `DICT_KEYS`, then "extra": {} — the key of a removed field
+        (QuantConfig.extra, never used), kept so that files stay the same value for value."""
+        d = {k: getattr(self, k) for k in DICT_KEYS}
         d["beta"] = list(self.beta)
+        d["extra"] = {}
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> QuantConfig:
-        names = {f.name for f in fields(cls)}
+        """Read `to_dict`'s form (flat, as every quant.json has it); unknown keys (such as "extra") are ignored."""
+        names = {f.name for f in fields(cls) if f.name != "params"} | set(PARAM_NAMES)
         kw = {k: v for k, v in d.items() if k in names}
         if "beta" in kw:
             kw["beta"] = tuple(kw["beta"])
         return cls(**kw)
+
+
+def _forward(name: str) -> property:
+    def get(self: QuantConfig) -> Any:
+        return getattr(self.params, name)
+
+    def set_(self: QuantConfig, value: Any) -> None:
+        setattr(self.params, name, value)
+
+    return property(get, set_, doc=f"`params.{name}` (the flat, pre-split spelling)")
+
+
+for _name in PARAM_NAMES:  # cfg.iters, cfg.lr_round, ...: read and write cfg.params
+    setattr(QuantConfig, _name, _forward(_name))
+del _name

@@ -1,7 +1,9 @@
 """Top-1/top-5 accuracy and agreement with the float model."""
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -35,7 +37,7 @@ def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 250) -> to
     return torch.cat(out)
 
 
-def _topk(logits: torch.Tensor, y: torch.Tensor, k: int) -> float:
+def topk_accuracy(logits: torch.Tensor, y: torch.Tensor, k: int) -> float:
     k = min(k, logits.shape[1])
     return float((logits.topk(k, 1).indices == y[:, None]).any(1).float().mean() * 100)
 
@@ -54,9 +56,28 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, fp_mo
     if len(bad):
         raise MixqError(f"{len(bad)} labels lie outside the model's {n_cls} classes (first: {int(bad[0])}); "
                         "is this data for another model?")
-    res = EvalResult(top1=_topk(logits, labels, 1), top5=_topk(logits, labels, 5), n=len(labels))
+    res = EvalResult(top1=topk_accuracy(logits, labels, 1), top5=topk_accuracy(logits, labels, 5), n=len(labels))
     if fp_model is not None:
         fp = predict(fp_model, images, batch_size)
         res.agreement = float((fp.argmax(1) == logits.argmax(1)).float().mean() * 100)
-        res.fp_top1 = _topk(fp, labels, 1)
+        res.fp_top1 = topk_accuracy(fp, labels, 1)
     return res
+
+
+def evaluate_data(data: str | os.PathLike, *, quantized: str | os.PathLike | None = None, model: Any = None,
+                  trust_model_code: bool = False, limit: int | None = None, batch_size: int = 250) -> EvalResult:
+    """What `mixq-onnx eval` computes: a result folder against its float model (top-1 agreement), or a float
+    model alone (`model`: nn.Module or `ModelOptions`), on an npz or image folder read at the model's input
+    size."""
+    from ..data import load_labelled
+    from ..models import ModelOptions, load_model
+    from .io import load_result
+
+    if quantized is not None:
+        fp, qmodel = load_result(quantized, model, trust_model_code)
+    elif model is not None:
+        fp, qmodel = None, (load_model(model) if isinstance(model, ModelOptions) else model)
+    else:
+        raise MixqError("eval needs a model (--model) or a result folder (--quantized)")
+    images, labels = load_labelled(data, get_preprocessing(qmodel).input_size[1], limit)
+    return evaluate(qmodel, images, labels, fp_model=fp, batch_size=batch_size)

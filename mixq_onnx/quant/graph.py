@@ -16,7 +16,6 @@ import copy
 import operator
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.fx as fx
@@ -24,6 +23,7 @@ import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..errors import MixqError
+from ..registry import Registry, resolve
 from .config import QuantConfig
 from .modules import QUANT_LAYERS, QuantConv2d, QuantLinear
 from .quantizer import ActQuantizer, WeightQuantizer
@@ -37,23 +37,37 @@ _SHAPE_METHODS = {"reshape", "view", "permute", "transpose", "contiguous", "flat
 _SHAPE_FUNCS = {torch.reshape, torch.permute, torch.transpose, torch.flatten, torch.squeeze, torch.unsqueeze, torch.roll}
 
 
-def block_types() -> tuple[type, ...]:
-    """Module classes reconstructed as one unit (BRECQ/QDrop blocks)."""
-    from ..models import cifar_resnet, mlperf_resnet8
+#: Module classes reconstructed as one unit (BRECQ/QDrop blocks), as "package.module:Class", imported when a
+#: model is prepared; a module or class the installed timm lacks is skipped. Add one with
+#: `register_block_type("package.module:Class")` or `@register_block_type` on the class itself.
+BLOCK_TYPES: Registry[str | type] = Registry("block type")
 
-    out: list[type] = [cifar_resnet.BasicBlock, mlperf_resnet8.Stage]
-    for mod, names in (
-        ("timm.models.resnet", ("BasicBlock", "Bottleneck")),
-        ("timm.models.regnet", ("Bottleneck",)),
-        ("timm.models._efficientnet_blocks", ("InvertedResidual", "DepthwiseSeparableConv", "EdgeResidual")),
-        ("timm.models.vision_transformer", ("Block",)),
-        ("timm.models.swin_transformer", ("SwinTransformerBlock",)),
-    ):
+
+def register_block_type(target: str | type) -> str | type:
+    """Register a block class (or its "package.module:Class" name); usable as a class decorator."""
+    name = target if isinstance(target, str) else f"{target.__module__}:{target.__qualname__}"
+    BLOCK_TYPES.register(name, target)
+    return target
+
+
+for _t in ("mixq_onnx.models.cifar_resnet:BasicBlock", "mixq_onnx.models.mlperf_resnet8:Stage",
+           "timm.models.resnet:BasicBlock", "timm.models.resnet:Bottleneck", "timm.models.regnet:Bottleneck",
+           "timm.models._efficientnet_blocks:InvertedResidual",
+           "timm.models._efficientnet_blocks:DepthwiseSeparableConv",
+           "timm.models._efficientnet_blocks:EdgeResidual", "timm.models.vision_transformer:Block",
+           "timm.models.swin_transformer:SwinTransformerBlock"):
+    register_block_type(_t)
+del _t
+
+
+def block_types() -> tuple[type, ...]:
+    """The classes of `BLOCK_TYPES` that this environment has."""
+    out: list[type] = []
+    for target in BLOCK_TYPES.values():
         try:
-            m = __import__(mod, fromlist=list(names))
-        except ImportError:  # pragma: no cover
+            out.append(resolve(target))
+        except (ImportError, AttributeError):  # pragma: no cover  (an older or newer timm)
             continue
-        out.extend(getattr(m, n) for n in names if hasattr(m, n))
     return tuple(out)
 
 
@@ -359,13 +373,3 @@ def set_quant_state(model: nn.Module, weights: bool = True, acts: bool = True) -
         elif isinstance(m, ActQuantizer):
             m.enabled = acts
 
-
-def describe(gm: nn.Module) -> dict[str, Any]:
-    qs = quantizers(gm)
-    return {
-        "weight_quantizers": sum(isinstance(q, WeightQuantizer) for q in qs.values()),
-        "act_quantizers": sum(isinstance(q, ActQuantizer) for q in qs.values()),
-        "residual_quantizers": sum(getattr(q, "placement", "") == "residual" for q in qs.values()),
-        "matmul_quantizers": sum(getattr(q, "placement", "") == "matmul" for q in qs.values()),
-        "units": list(gm.mixq_units),  # type: ignore[attr-defined]
-    }

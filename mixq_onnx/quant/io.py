@@ -25,6 +25,7 @@ from ..utils import atomic_path
 from .config import QuantConfig
 from .graph import prepare, quantizers
 from .quantizer import ActQuantizer, WeightQuantizer, quantizer_state, validate_record
+from .spec import QuantSpec
 
 QUANT_JSON = "quant.json"
 WEIGHTS = "weights.safetensors"
@@ -66,6 +67,7 @@ def save_quantized(qmodel: nn.Module, out: str | os.PathLike, extra: dict[str, A
         "units": list(qmodel.mixq_units),  # type: ignore[attr-defined]
         "quantizers": records,
         "report": getattr(qmodel, "mixq_report", None),
+        **({"calibration": qmodel.mixq_calibration} if getattr(qmodel, "mixq_calibration", None) else {}),
         **(extra or {}),
         WEIGHTS_SHA256: hashlib.sha256(weights).hexdigest(),
     }
@@ -281,7 +283,7 @@ def load_quantized(model: nn.Module, qdir: str | os.PathLike) -> nn.Module:
         validate_record(r, ts, shapes.get(name) if isinstance(q, WeightQuantizer) else None, like=q)
         scale, zp = ts["scale"], ts["zero_point"]
         assert scale is not None and zp is not None
-        q.bits = r["bits"]
+        q.apply_spec(QuantSpec.from_record(r))  # bits and sign, from the one record of this quantizer
         if isinstance(q, WeightQuantizer):
             shape = q.scale_shape(ts["int"].shape)  # type: ignore[union-attr]
             q.set_scale(scale.reshape(shape), zp.reshape(shape))
@@ -289,7 +291,6 @@ def load_quantized(model: nn.Module, qdir: str | os.PathLike) -> nn.Module:
             q.mode = "int"
         else:
             assert isinstance(q, ActQuantizer)
-            q.signed = r["signed"]
             q.scale.data = scale.reshape(()).clone()
             q.zero_point = zp.reshape(()).clone()
             q.initialized.fill_(True)
@@ -347,3 +348,19 @@ def load_quantized_dir(qdir: str | os.PathLike, trust_model_code: bool = False) 
     """Rebuild the quantized model from `qdir` alone (model spec and checkpoint as recorded); see
     `load_source_model` for when recorded model code is imported."""
     return load_quantized(load_source_model(qdir, trust_model_code), qdir)
+
+
+def load_result(qdir: str | os.PathLike, model: Any = None, trust_model_code: bool = False
+                ) -> tuple[nn.Module, nn.Module]:
+    """(float model, quantized model) of a result folder, as every command that reads one needs them.
+
+    The float model is the caller's `model` (an nn.Module or `ModelOptions`; checked against the recorded
+    spec and checkpoint sha256 by `load_quantized`) or, without one, the recorded model (see
+    `load_source_model` for when recorded model code is imported)."""
+    from ..models import ModelOptions, load_model
+
+    if model is None:
+        fp = load_source_model(qdir, trust_model_code)
+    else:
+        fp = load_model(model) if isinstance(model, ModelOptions) else model
+    return fp, load_quantized(fp, qdir)

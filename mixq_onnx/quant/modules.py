@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .quantizer import ActQuantizer, WeightQuantizer
+from .quantizer import ActQuantizer, WeightQuantizer, exporting
 
 
 def tf_same_pads(h: int, w: int, k: tuple[int, int], s: tuple[int, int], d: tuple[int, int]) -> tuple[int, int, int, int]:
@@ -43,7 +43,7 @@ class _QuantLayer(nn.Module):
     def integer_mode(self) -> bool:
         """True once both quantizers are frozen (evaluation, export checks): run the integer-domain form."""
         iq, wq = self.input_quantizer, self.weight_quantizer
-        if iq is None or getattr(iq, "export_state", None) is not None or getattr(wq, "export_state", None) is not None:
+        if iq is None or exporting():
             return False  # exporting: the float form with placement markers
         return (iq.enabled and not iq.observing and not iq.learning and wq.enabled and wq.mode == "int"
                 and not wq.block_size and bool(iq.initialized))

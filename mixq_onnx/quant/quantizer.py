@@ -13,26 +13,18 @@ Conventions (TensorRT-legal in symmetric mode):
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.nn as nn
 
 from ..errors import MixqError
+from .spec import QuantSpec
 
 ZETA, GAMMA = 1.1, -0.1
-
-
-def round_ste(x: torch.Tensor) -> torch.Tensor:
-    return (torch.round(x) - x).detach() + x
-
-
-def grad_scale(x: torch.Tensor, g: float) -> torch.Tensor:
-    """Identity in the forward pass, gradient multiplied by g (LSQ step-size gradient scaling)."""
-    y = x * g
-    return (x - y).detach() + y
 
 
 class _LSQ(torch.autograd.Function):
@@ -82,11 +74,28 @@ def rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
     return torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
 
 
-def int_range(bits: int, signed: bool, narrow: bool) -> tuple[int, int]:
-    if signed:
-        hi = 2 ** (bits - 1) - 1
-        return (-hi if narrow else -hi - 1), hi
-    return 0, 2**bits - 1
+# export mode: (marker op, ids of the quantizers that emit it); None outside `export_markers`
+_EXPORT: tuple[Callable[[torch.Tensor, str], torch.Tensor], frozenset[int]] | None = None
+
+
+@contextlib.contextmanager
+def export_markers(model: nn.Module, op: Callable[[torch.Tensor, str], torch.Tensor]) -> Iterator[None]:
+    """Export mode, entered by the exporter: every enabled, initialised quantizer of `model` returns
+    `op(x, name)` (an identity the exporter later turns into that quantizer's Q/DQ) instead of
+    fake-quantizing, and the others pass x through. Which ones emit is decided here, before tracing (the
+    tracer cannot branch on a buffer). The op is injected, so quant/ depends on no ONNX module."""
+    global _EXPORT
+    emit = frozenset(id(m) for m in model.modules() if isinstance(m, _Base) and m.exported())
+    prev, _EXPORT = _EXPORT, (op, emit)
+    try:
+        yield
+    finally:
+        _EXPORT = prev
+
+
+def exporting() -> bool:
+    """True inside `export_markers` (layers then keep the float form that carries the markers)."""
+    return _EXPORT is not None
 
 
 class _Base(nn.Module):
@@ -102,8 +111,28 @@ class _Base(nn.Module):
         self.enabled = True
 
     @property
-    def qrange(self) -> tuple[int, int]:
+    def spec(self) -> QuantSpec:
+        """Frozen snapshot of this quantizer's grid: what quant.json, the exporter and the checkers read."""
         raise NotImplementedError
+
+    @property
+    def qrange(self) -> tuple[int, int]:
+        return self.spec.grid()
+
+    def exported(self) -> bool:
+        """Whether export places Q/DQ here (a disabled or never-calibrated quantizer stays float)."""
+        return self.enabled and bool(self.initialized)
+
+    def apply_spec(self, spec: QuantSpec) -> None:
+        """Take bits and sign from a stored record; refuses a record of another quantizer."""
+        mine = self.spec
+        for f in ("name", "kind", "placement", "symmetric", "axis", "block_size"):
+            if getattr(spec, f) != getattr(mine, f):
+                raise ValueError(f"record of {spec.name} has {f} {getattr(spec, f)!r}, quantizer {mine.name} has "
+                                 f"{getattr(mine, f)!r}")
+        self.bits = spec.bits
+        if spec.kind == "act":
+            self.signed = spec.signed
 
     def extra_repr(self) -> str:
         lo, hi = self.qrange
@@ -130,10 +159,13 @@ class ActQuantizer(_Base):
         self._obs_min = math.inf
 
     @property
-    def qrange(self) -> tuple[int, int]:
-        if not self.symmetric:
-            return 0, 2**self.bits - 1
-        return int_range(self.bits, self.signed, narrow=False)
+    def spec(self) -> QuantSpec:
+        return QuantSpec(self.name, "act", self.placement, self.bits, self.signed, self.symmetric)
+
+    @property
+    def observed_min(self) -> float:
+        """Smallest value seen while observing: non-negative inputs may use an unsigned grid."""
+        return self._obs_min
 
     # -- observation for scale initialisation
     def observe(self, x: torch.Tensor) -> None:
@@ -164,9 +196,8 @@ class ActQuantizer(_Base):
         return (q - self.zero_point) * self.scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        export = getattr(self, "export_state", None)  # set by mixq_onnx.onnx.markers.marker_mode
-        if export is not None:
-            return torch.ops.mixq.marker(x, self.name) if export == "marker" else x
+        if _EXPORT is not None:
+            return _EXPORT[0](x, self.name) if id(self) in _EXPORT[1] else x
         if self.observing:
             self.observe(x)
             return x
@@ -183,13 +214,7 @@ class ActQuantizer(_Base):
         return torch.clamp(torch.round(x / self.scale.detach()) + self.zero_point, lo, hi)
 
     def record(self) -> dict[str, Any]:
-        lo, hi = self.qrange
-        return {
-            "name": self.name, "kind": "act", "placement": self.placement, "bits": self.bits,
-            "signed": self.signed, "symmetric": self.symmetric, "axis": None,
-            "qmin": lo, "qmax": hi, "scale": float(self.scale.detach()),
-            "zero_point": float(self.zero_point),
-        }
+        return self.spec.to_record(float(self.scale.detach()), float(self.zero_point))
 
 
 class WeightQuantizer(_Base):
@@ -216,10 +241,9 @@ class WeightQuantizer(_Base):
         self.alpha: nn.Parameter | None = None
 
     @property
-    def qrange(self) -> tuple[int, int]:
-        if not self.symmetric:
-            return 0, 2**self.bits - 1
-        return int_range(self.bits, True, narrow=True)
+    def spec(self) -> QuantSpec:
+        return QuantSpec(self.name, "weight", "weight", self.bits, self.symmetric, self.symmetric, self.axis,
+                         self.block_size)
 
     def _shape(self, w: torch.Tensor) -> list[int]:
         shape = [1] * w.ndim
@@ -282,9 +306,8 @@ class WeightQuantizer(_Base):
         raise ValueError(mode)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        export = getattr(self, "export_state", None)  # set by mixq_onnx.onnx.markers.marker_mode
-        if export is not None:
-            return torch.ops.mixq.marker(w.detach(), self.name) if export == "marker" else w
+        if _EXPORT is not None:
+            return _EXPORT[0](w.detach(), self.name) if id(self) in _EXPORT[1] else w
         if not self.enabled or not bool(self.initialized):
             return w
         s, zp = self._s_zp(w)
@@ -309,15 +332,9 @@ class WeightQuantizer(_Base):
         return (1 - (2 * h - 1).abs().pow(beta)).sum()
 
     def record(self) -> dict[str, Any]:
-        lo, hi = self.qrange
-        return {
-            "name": self.name, "kind": "weight", "placement": "weight", "bits": self.bits, "signed": self.symmetric,
-            "symmetric": self.symmetric, "axis": self.axis, "qmin": lo, "qmax": hi,
-            "block_size": self.block_size,
-            "scale_shape": list(self.scale.shape),
-            "scale": [float(v) for v in self.scale.detach().reshape(-1)],
-            "zero_point": [float(v) for v in self.zero_point.reshape(-1)],
-        }
+        return self.spec.to_record([float(v) for v in self.scale.detach().reshape(-1)],
+                                   [float(v) for v in self.zero_point.reshape(-1)],
+                                   scale_shape=list(self.scale.shape))
 
 
 # ----------------------------------------------------------------------------- validation
@@ -408,9 +425,7 @@ def validate_record(
             raise bad(f"placement {record['placement']!r} of a weight quantizer, expected 'weight'")
         if record["signed"] != sym:
             raise bad(f"signed {record['signed']} disagrees with symmetric {sym} (weights are signed iff symmetric)")
-        grid = int_range(bits, True, narrow=True) if sym else (0, 2**bits - 1)
-    else:
-        grid = int_range(bits, record["signed"], narrow=False) if sym else (0, 2**bits - 1)
+    grid = QuantSpec.from_record(record).grid()
     lo, hi = grid
     if (record["qmin"], record["qmax"]) != grid:
         raise bad(f"qmin/qmax [{record['qmin']}, {record['qmax']}] disagree with the grid [{lo}, {hi}] of "
@@ -561,7 +576,7 @@ def search_weight_scale(w: torch.Tensor, q: WeightQuantizer, p: float = 2.4, gri
 def search_act_scale(q: ActQuantizer, p: float = 2.4, grid: int = 80) -> None:
     """Per-tensor scale (and sign) minimising the Lp error on the observed activations."""
     x = q.observed()
-    q.signed = not (q._obs_min >= 0 and q.bits <= 7) if q.symmetric else False
+    q.signed = not (q.observed_min >= 0 and q.bits <= 7) if q.symmetric else False
     lo, hi = q.qrange
     best = (float("inf"), 1.0, 0.0)
     if q.symmetric:

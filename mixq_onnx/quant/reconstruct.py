@@ -8,6 +8,8 @@ already-quantized prefix produces:
 - brecq:    blocks; learns rounding on the block output (activations float), then LSQ step sizes.
 - qdrop:    blocks; rounding and LSQ step sizes jointly, QDrop (p) on the block input and inside.
 - genie:    qdrop plus a learned per-channel weight scale on the integer base frozen at init.
+
+What each method learns in which phase is declared in `mixq_onnx.methods` (the registry); this module runs it.
 """
 from __future__ import annotations
 
@@ -20,9 +22,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..methods import METHODS, Method, Phase
 from ..threads import tick
 from .config import QuantConfig
-from .graph import Unit, prepare, quantizers, set_quant_state, units
+from .graph import Unit, example_input, execution_order, prepare, quantizers, set_quant_state, units
 from .modules import QUANT_LAYERS
 from .quantizer import ActQuantizer, WeightQuantizer, keep_mask, search_act_scale, search_weight_scale
 
@@ -220,35 +223,66 @@ def _reconstruct(unit: Unit, q_in: torch.Tensor, fp_in: torch.Tensor, fp_out: to
     return hist
 
 
-def quantize(model: nn.Module, cfg: QuantConfig, calib: torch.Tensor, *, progress: bool = True,
-             log: Callable[[str], None] | None = None) -> nn.Module:
-    """Return a fake-quantized copy of `model` with learned rounding/scales; `calib` is preprocessed input.
+def _units_for(gm: nn.Module, method: Method) -> list[Unit]:
+    """The units `method` reconstructs, in execution order."""
+    if method.granularity == "block":
+        return units(gm)
+    layers = [Unit(n, m, "layer") for n, m in gm.named_modules() if isinstance(m, QUANT_LAYERS)]
+    order = execution_order(gm, {u.name: u.module for u in layers}, example_input(gm))
+    return sorted(layers, key=lambda u: order.index(u.name) if u.name in order else 1 << 30)
 
-    The result carries `mixq_config` and `mixq_report` (per-unit diagnostics).
+
+def _run_phases(unit: Unit, phases: list[Phase], q_in: torch.Tensor, fp_in: torch.Tensor, fp_out: torch.Tensor,
+                cfg: QuantConfig, n_train: int, gen: torch.Generator) -> tuple[dict[str, list[float]], int]:
+    """Run `phases` on `unit` in order; the gradient-norm histories of all phases and the iterations done."""
+    hist: dict[str, list[float]] = {"round": [], "wscale": [], "ascale": []}
+    done = 0
+    for ph in phases:
+        iters = max(1, cfg.iters // ph.iters_div)
+        h = _reconstruct(unit, q_in, fp_in, fp_out, cfg, n_train, learn_round=ph.learn_round,
+                         learn_act=ph.learn_act, learn_wscale=ph.learn_wscale,
+                         drop=cfg.drop_prob if ph.drop else 0.0, acts_on=ph.acts_on, iters=iters, gen=gen)
+        for k in hist:
+            hist[k] += h[k]
+        done += iters
+        if ph.finalize_weights:
+            for layer in unit.layers():
+                layer.weight_quantizer.finalize(layer.weight)
+    return hist, done
+
+
+def quantize(model: nn.Module, cfg: QuantConfig, calib: Any, *, progress: bool = True) -> nn.Module:
+    """Return a fake-quantized copy of `model` with learned rounding/scales.
+
+    `calib`: a preprocessed input tensor, or a `CalibrationSet` (its first `num_samples` images are used,
+    and its provenance, cache path, recipe hash and image count, goes into `quant.json`).
+
+    The method (`cfg.method`) comes from the registry `mixq_onnx.methods.METHODS`. The result carries
+    `mixq_config` and `mixq_report` (per-unit diagnostics).
     """
-    log = log or (lambda s: print(s, file=sys.stderr))
     cfg = cfg.validate().resolved()
+    method = METHODS.lookup(cfg.method)
     torch.manual_seed(cfg.seed)
     torch.set_flush_denormal(True)
     gen = torch.Generator().manual_seed(cfg.seed)
-    calib = calib[: cfg.num_samples]
+    provenance = None
+    if not isinstance(calib, torch.Tensor):  # a CalibrationSet
+        provenance = calib.provenance(min(len(calib), cfg.num_samples))
+        calib = calib.tensor(cfg.num_samples)
+    dev = next(iter(model.parameters()), torch.empty(0)).device
+    calib = calib[: cfg.num_samples].to(dev)
     t_start = time.perf_counter()
     gm = prepare(model, cfg)
     init_scales(gm, calib, cfg)
     n_hold = int(len(calib) * cfg.holdout) if len(calib) >= 20 else 0
     n_train = len(calib) - n_hold
     reports: list[UnitReport] = []
-    if cfg.method == "rtn":
+    phases = method.phases_for(cfg.weight_only)
+    if not method.phases:  # rtn: the scale search and round to nearest
         for u in units(gm):
             _finalize_unit(u)
     else:
-        all_units = units(gm)
-        if cfg.method == "adaround":  # layer-wise: every layer is its own unit
-            all_units = [Unit(n, m, "layer") for n, m in gm.named_modules() if isinstance(m, QUANT_LAYERS)]
-            from .graph import example_input, execution_order
-
-            order = execution_order(gm, {u.name: u.module for u in all_units}, example_input(gm))
-            all_units = sorted(all_units, key=lambda u: order.index(u.name) if u.name in order else 1 << 30)
+        all_units = _units_for(gm, method)
         from tqdm.auto import tqdm
 
         bar = tqdm(all_units, desc=f"{cfg.method} W{cfg.wbits}A{cfg.abits}", unit="unit", disable=not progress,
@@ -269,30 +303,11 @@ def quantize(model: nn.Module, cfg: QuantConfig, calib: torch.Tensor, *, progres
             ho = slice(n_train, len(calib))
             before = _eval_loss(unit.module, q_in[tr], fp_out[tr])
             hold_before = _eval_loss(unit.module, q_in[ho], fp_out[ho])
-            m = cfg.method
-            if m == "adaround":
-                hist = _reconstruct(unit, q_in, fp_in, fp_out, cfg, n_train, learn_round=True, learn_act=False,
-                                    learn_wscale=False, drop=0.0, acts_on=True, iters=cfg.iters, gen=gen)
-            elif m == "brecq":
-                hist = _reconstruct(unit, q_in, fp_in, fp_out, cfg, n_train, learn_round=True, learn_act=False,
-                                    learn_wscale=False, drop=0.0, acts_on=False, iters=cfg.iters, gen=gen)
-                for layer in unit.layers():
-                    layer.weight_quantizer.finalize(layer.weight)
-                if not cfg.weight_only:
-                    h2 = _reconstruct(unit, q_in, fp_in, fp_out, cfg, n_train, learn_round=False, learn_act=True,
-                                      learn_wscale=False, drop=0.0, acts_on=True, iters=max(1, cfg.iters // 2),
-                                      gen=gen)
-                    hist["ascale"] = h2["ascale"]
-            else:  # qdrop, genie
-                hist = _reconstruct(unit, q_in, fp_in, fp_out, cfg, n_train, learn_round=True,
-                                    learn_act=not cfg.weight_only, learn_wscale=(m == "genie"),
-                                    drop=0.0 if cfg.weight_only else cfg.drop_prob, acts_on=not cfg.weight_only,
-                                    iters=cfg.iters, gen=gen)
+            hist, iters_done = _run_phases(unit, phases, q_in, fp_in, fp_out, cfg, n_train, gen)
             _finalize_unit(unit)
             after = _eval_loss(unit.module, q_in[tr], fp_out[tr])
             hold_after = _eval_loss(unit.module, q_in[ho], fp_out[ho])
             dt = time.perf_counter() - t0
-            iters_done = cfg.iters + (max(1, cfg.iters // 2) if m == "brecq" and not cfg.weight_only else 0)
             reports.append(UnitReport(
                 name=unit.name, kind=unit.kind, iters=iters_done, loss_before=before, loss_after=after,
                 holdout_before=hold_before, holdout_after=hold_after,
@@ -306,6 +321,7 @@ def quantize(model: nn.Module, cfg: QuantConfig, calib: torch.Tensor, *, progres
         if isinstance(q, WeightQuantizer) and q.mode != "int":
             raise RuntimeError(f"weight quantizer {q.name} was not finalized")
     gm.mixq_config = cfg  # type: ignore[attr-defined]
+    gm.mixq_calibration = provenance  # type: ignore[attr-defined]
     gm.mixq_report = {  # type: ignore[attr-defined]
         "method": cfg.method, "wbits": cfg.wbits, "abits": cfg.abits, "num_samples": len(calib),
         "holdout": n_hold, "seconds": round(time.perf_counter() - t_start, 2),

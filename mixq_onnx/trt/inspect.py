@@ -48,6 +48,7 @@ class ComputeNode:
     quantized: str  # "int8" (Q/DQ on both operands), "weight-only", "" (float in the graph)
     precision: str  # what the engine runs: "int8", "int4-weight", "int8-weight", "float", "missing"
     layer: str | None = None
+    bits: str = ""  # the grid the graph means (its DQs' mixq.bits): "w4a4", "w4" (weight-only), "" (float)
 
 
 @dataclass
@@ -82,6 +83,13 @@ class PrecisionReport:
         lines = [f"int8 MAC fraction {100 * self.int8_mac_fraction:.2f} % of {self.total_macs / 1e6:.2f} M MACs at {shape} "
                  f"({n_layers} engine layers; compute nodes: "
                  + ", ".join(f"{k} {v}" for k, v in sorted(by_prec.items())) + ")"]
+        grids: dict[tuple[str, str], int] = defaultdict(int)
+        for c in self.compute:
+            if c.bits:
+                grids[(c.bits, c.precision)] += 1
+        if grids:
+            lines.append("intended grids (graph bits on engine precision): "
+                         + ", ".join(f"{b} on {p} x {k}" for (b, p), k in sorted(grids.items(), key=lambda kv: (-kv[1], kv[0]))))
         if self.int4_weight_layers:
             lines.append(f"int4 weight layers: {len(self.int4_weight_layers)} "
                          f"({100 * self.int4_weight_macs / max(self.total_macs, 1):.2f} % of MACs)")
@@ -96,62 +104,40 @@ class PrecisionReport:
 
 # --------------------------------------------------------------------------- the ONNX side
 class _Graph:
-    def __init__(self, onnx_path: str | Path, input_shapes: dict[str, list[int]]):
-        import onnx
+    """inspect's questions about the graph, asked of the shared GraphIndex (inputs pinned to the plan's
+    shapes, shapes inferred so MACs can be counted)."""
 
-        try:
-            model = onnx.load(str(onnx_path))
-        except Exception as e:  # noqa: BLE001
-            raise MixqError(f"cannot read ONNX model {onnx_path}: {type(e).__name__}: {str(e)[:120]}") from None
-        g = model.graph
-        for inp in g.input:
-            shape = input_shapes.get(inp.name)
-            if shape is None:
-                continue
-            dims = inp.type.tensor_type.shape.dim
-            for d, v in zip(dims, shape):
-                d.ClearField("dim_param")
-                d.dim_value = int(v)
-        try:
-            model = onnx.shape_inference.infer_shapes(model, data_prop=True)
-        except Exception:  # noqa: BLE001, S110 - MACs of unknown shapes count as 0 below
-            pass
-        g = model.graph
-        self.nodes = {n.name: n for n in g.node}
-        self.producer = {o: n for n in g.node for o in n.output}
-        self.consumers: dict[str, list[Any]] = defaultdict(list)
-        for n in g.node:
-            for i in n.input:
-                self.consumers[i].append(n)
-        self.graph_inputs = {i.name for i in g.input}
-        self.inits = {i.name: i for i in g.initializer}
-        self.shapes: dict[str, list[int]] = {}
-        for vi in list(g.value_info) + list(g.input) + list(g.output):
-            dims = vi.type.tensor_type.shape.dim
-            self.shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else -1 for d in dims]
-        for name, t in self.inits.items():
-            self.shapes[name] = list(t.dims)
-        for n in g.node:
-            if n.op_type == "Constant":
-                for a in n.attribute:
-                    if a.name == "value":
-                        self.shapes[n.output[0]] = list(a.t.dims)
+    def __init__(self, onnx_path: str | Path, input_shapes: dict[str, list[int]]):
+        from ..onnx.graph import GraphIndex, load_model  # the onnx package imports torch: only when analyzing
+        from ..onnx.passes import set_input_shapes
+
+        self.index = ix = GraphIndex(set_input_shapes(load_model(onnx_path), input_shapes), infer_shapes=True)
+        self.nodes = ix.by_name
+        self.producer = ix.producer
+        self.graph_inputs = set(ix.inputs)
+        self.shapes = ix.shapes
 
     def op(self, name: str) -> str:
         n = self.nodes.get(name)
         return n.op_type if n is not None else "?"
 
     def dq_fed(self, tensor: str) -> Any | None:
-        p = self.producer.get(tensor)
-        return p if p is not None and p.op_type == "DequantizeLinear" else None
+        return self.index.produced_by(tensor, "DequantizeLinear")
 
     def is_weight_dq(self, n: Any) -> bool:
-        return n.op_type == "DequantizeLinear" and (n.input[0] in self.inits or (
-            n.input[0] in self.producer and self.producer[n.input[0]].op_type == "Constant"))
+        return n.op_type == "DequantizeLinear" and self.index.is_constant(n.input[0])
 
-    def weight_dtype(self, dq: Any) -> int | None:
-        t = self.inits.get(dq.input[0])
-        return t.data_type if t is not None else None
+    def grid(self, n: Any) -> str:
+        """The bit widths the graph means a compute node to run at, from its operands' DQ `mixq.bits`:
+        "w4a4" (4-bit weights, 4-bit activations), "w4" (weight-only), "a8a8" (two activations), "" (float)."""
+        parts = []
+        for t in n.input[:2]:
+            dq = self.dq_fed(t)
+            bits = self.index.bits_of(dq)
+            if bits is not None:
+                parts.append(("w" if self.is_weight_dq(dq) else "a", bits))
+        parts.sort(key=lambda p: p[0] != "w")  # weights first
+        return "".join(f"{k}{b}" for k, b in parts)
 
     def macs(self, n: Any) -> int:
         out = self.shapes.get(n.output[0], [])
@@ -187,10 +173,10 @@ class _Graph:
 
     def feeds_quantizer(self, tensor: str) -> bool:
         """Does this tensor reach a QuantizeLinear (directly or through its Clip)?"""
-        for c in self.consumers.get(tensor, []):
+        for c in self.index.users(tensor):
             if c.op_type == "QuantizeLinear":
                 return True
-            if c.op_type == "Clip" and any(cc.op_type == "QuantizeLinear" for cc in self.consumers.get(c.output[0], [])):
+            if c.op_type == "Clip" and any(cc.op_type == "QuantizeLinear" for cc in self.index.users(c.output[0])):
                 return True
         return False
 
@@ -276,7 +262,7 @@ def analyze(onnx_path: str | Path, layers: list[LayerInfo], input_shapes: dict[s
             if best is not None and best.name not in int4_layers:
                 int4_layers.append(best.name)
         compute.append(ComputeNode(name, n.op_type, macs, quantized, prec if best is not None else "missing",
-                                   best.name if best is not None else None))
+                                   best.name if best is not None else None, g.grid(n)))
         if quantized == "int8" and prec != "int8":
             why = ("no engine layer runs it" if best is None else
                    f"runs in a {prec} layer (inputs {', '.join(_operands(best)) or '-'}; "
@@ -295,7 +281,7 @@ def analyze(onnx_path: str | Path, layers: list[LayerInfo], input_shapes: dict[s
             unmapped.append(name)
             continue
         if n.op_type == "QuantizeLinear":
-            dqs = [c for c in g.consumers.get(n.output[0], []) if c.op_type == "DequantizeLinear"]
+            dqs = [c for c in g.index.users(n.output[0]) if c.op_type == "DequantizeLinear"]
             fused = bool(dqs) and all(any(d.name in li.onnx_nodes for li in lis) for d in dqs)  # Q->DQ in-kernel
             ok = fused or any(t.dtype in INT8 | {"Int4"} for li in lis for t in li.outputs + li.inputs)
             if not ok:

@@ -21,6 +21,16 @@ _TORCH_DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT
                  "INT64": "int64", "BOOL": "bool", "UINT8": "uint8"}
 
 
+def __getattr__(name: str) -> Any:
+    """`convert_to_fp16` (the FP16 baseline graph of `bench`) lives in onnx.passes; importing it from here
+    still works, without importing the onnx package (and torch) with this module."""
+    if name == "convert_to_fp16":
+        from ..onnx.passes import convert_to_fp16
+
+        return convert_to_fp16
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def require_gpu() -> GpuInfo:
     gpu = gpu_info()
     if gpu is None:
@@ -108,12 +118,37 @@ def run_plan(plan_path: str | Path, inputs: Any, backend: str | None = None) -> 
     return {k: v.cpu().numpy() for k, v in outs.items()}
 
 
+def evaluate_engine_data(plan_path: str | Path, data: str | Path, *, model: Any = None, quantized: Any = None,
+                         trust_model_code: bool = False, limit: int | None = None, batch_size: int | None = None,
+                         backend: str | None = None) -> Any:
+    """What `mixq-onnx eval --engine` computes: top-1/top-5 through the plan on an npz or image folder. The
+    input preprocessing is the model's (`model`: nn.Module or `ModelOptions`), else the recorded model's of
+    a result folder (`quantized`), else the one the plan recorded at build time."""
+    from ..data import load_labelled
+    from ..errors import MixqError
+    from ..models import ModelOptions, Preprocessing, get_preprocessing, load_model
+    from ..quant.io import load_source_model
+    from .builder import read_plan_meta
+
+    meta = read_plan_meta(plan_path)
+    if model is not None:
+        pre = get_preprocessing(load_model(model) if isinstance(model, ModelOptions) else model)
+    elif quantized is not None:
+        pre = get_preprocessing(load_source_model(quantized, trust_model_code))
+    elif meta.get("preprocessing"):
+        pre = Preprocessing.from_dict(meta["preprocessing"])
+    else:
+        raise MixqError(f"{plan_path} records no input preprocessing: pass --model or --quantized")
+    images, labels = load_labelled(data, pre.input_size[1], limit)
+    return evaluate_engine(plan_path, images, labels, preprocessing=pre, batch_size=batch_size, backend=backend)
+
+
 def evaluate_engine(plan_path: str | Path, images: Any, labels: Any, preprocessing: Any = None,
                     batch_size: int | None = None, backend: str | None = None) -> Any:
     """Top-1/top-5 of a plan on labelled images (uint8 NHWC with `preprocessing`, else float NCHW)."""
     import torch
 
-    from ..quant.evaluate import EvalResult, _topk
+    from ..quant.evaluate import EvalResult, topk_accuracy
 
     eng = Engine(plan_path, backend)
     bs = min(batch_size or eng.max_batch, eng.max_batch)
@@ -126,7 +161,7 @@ def evaluate_engine(plan_path: str | Path, images: Any, labels: Any, preprocessi
     torch.cuda.synchronize()
     lg = torch.cat(logits)
     labels = torch.as_tensor(labels)
-    return EvalResult(top1=_topk(lg, labels, 1), top5=_topk(lg, labels, 5), n=len(labels))
+    return EvalResult(top1=topk_accuracy(lg, labels, 1), top5=topk_accuracy(lg, labels, 5), n=len(labels))
 
 
 # --------------------------------------------------------------------------- benchmark
@@ -233,6 +268,8 @@ def bench(plan_path: str | Path, fp_onnx: str | Path | None = None, batch: int |
     """QDQ engine vs an FP16 engine of the float model vs onnxruntime, same batch, same GPU."""
     import torch
 
+    from ..onnx.passes import convert_to_fp16
+
     plan_path = Path(plan_path)
     meta = read_plan_meta(plan_path)
     trt = import_backend(backend or meta["backend"])
@@ -262,64 +299,3 @@ def bench(plan_path: str | Path, fp_onnx: str | Path | None = None, batch: int |
         ms, note = _bench_ort(ort_src, x, warmup, iters)
         rep.rows.append(_row(f"onnxruntime ({ort_src.name})", batch, ms, note))
     return rep
-
-
-def convert_to_fp16(src: str | Path, dst: str | Path) -> Path:
-    """FP16 copy of a float ONNX graph for strongly typed builds (no FP16 builder flag exists there).
-
-    Float initializers/constants become float16; Cast nodes at the graph inputs and outputs keep the
-    float32 interface so the same input buffers feed both engines.
-    """
-    import numpy as np
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    m = onnx.load(str(src))
-    g = m.graph
-    f32, f16 = TensorProto.FLOAT, TensorProto.FLOAT16
-
-    def to16(t: Any) -> Any:
-        arr = numpy_helper.to_array(t).astype(np.float16)
-        return numpy_helper.from_array(arr, t.name)
-
-    for i, t in enumerate(g.initializer):
-        if t.data_type == f32:
-            g.initializer[i].CopyFrom(to16(t))
-    for n in g.node:
-        for a in n.attribute:
-            if n.op_type in ("Constant", "ConstantOfShape") and a.name == "value" and a.t.data_type == f32:
-                a.t.CopyFrom(to16(a.t))
-            if n.op_type == "Cast" and a.name == "to" and a.i == f32:
-                a.i = f16
-            if n.op_type in ("EyeLike", "RandomNormal", "RandomUniform") and a.name == "dtype" and a.i == f32:
-                a.i = f16
-    renames = {}
-    new_nodes = []
-    for inp in g.input:
-        if inp.type.tensor_type.elem_type == f32:
-            renames[inp.name] = inp.name + ".fp16"
-            new_nodes.append(helper.make_node("Cast", [inp.name], [inp.name + ".fp16"], to=f16,
-                                              name=f"{inp.name}/CastToFp16"))
-    for n in g.node:
-        for k, x in enumerate(n.input):
-            if x in renames:
-                n.input[k] = renames[x]
-    outs = []
-    for o in g.output:
-        if o.type.tensor_type.elem_type == f32:
-            for n in g.node:
-                for k, y in enumerate(n.output):
-                    if y == o.name:
-                        n.output[k] = o.name + ".fp16"
-            for n in g.node:
-                for k, x in enumerate(n.input):
-                    if x == o.name:
-                        n.input[k] = o.name + ".fp16"
-            outs.append(helper.make_node("Cast", [o.name + ".fp16"], [o.name], to=f32, name=f"{o.name}/CastToFp32"))
-    nodes = new_nodes + list(g.node) + outs
-    del g.node[:]
-    g.node.extend(nodes)
-    del g.value_info[:]
-    dst = Path(dst)
-    onnx.save(m, str(dst))
-    return dst

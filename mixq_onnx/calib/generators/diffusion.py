@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from ...errors import MixqError
+from ...registry import PROMPT_STRATEGIES
 from ...utils import atomic_write_json, hf_offline, sha256_file
 from ..prompts import ImagePlan, plan_images
 from .base import Generator, ShardOutput, register
@@ -134,7 +135,7 @@ class DiffusionGenerator(Generator):
             raise MixqError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.ctx.size < 8 or self.ctx.size % 8:
             raise MixqError(f"--size must be a positive multiple of 8 for diffusion, got {self.ctx.size}")
-        if self.ctx.prompts.strategy not in ("mixup", "single", "mixup-embed", "none"):
+        if self.ctx.prompts.strategy not in PROMPT_STRATEGIES:
             raise MixqError(f"prompt strategy {self.ctx.prompts.strategy!r} is not supported by diffusion")
         if self.scheduler_name:
             _scheduler_class(self.scheduler_name)
@@ -256,9 +257,9 @@ class DiffusionGenerator(Generator):
         pipe = pipe.to(self.ctx.device)
         pipe.set_progress_bar_config(disable=True)
         # diffusers uses torch SDPA (AttnProcessor2_0) by default on torch >= 2: nothing to switch on.
-        if self.ctx.prompts.strategy == "mixup-embed" and not hasattr(pipe, "encode_prompt"):
-            raise MixqError(f"{type(pipe).__name__} has no encode_prompt: mixup-embed needs a text-to-image "
-                            "pipeline such as Stable Diffusion; use --prompts mixup instead")
+        if self._embeds and not hasattr(pipe, "encode_prompt"):
+            raise MixqError(f"{type(pipe).__name__} has no encode_prompt: {self.ctx.prompts.strategy} needs a "
+                            "text-to-image pipeline such as Stable Diffusion; use --prompts mixup instead")
         self.pipe = pipe
         self.ctx.log(f"diffusion: loaded {type(pipe).__name__} ({self.pipeline_arg}) on {self.ctx.device} "
                      f"{str(self.dtype).removeprefix('torch.')}, scheduler {type(pipe.scheduler).__name__}, "
@@ -272,6 +273,11 @@ class DiffusionGenerator(Generator):
             ctx = self.ctx
             filled = {p.index: p for p in plan_images(ctx.prompts, ctx.vocab, ctx.seed, lo, hi)}
         return [given.get(i) or filled[i] for i in range(lo, hi)]
+
+    @property
+    def _embeds(self) -> bool:
+        """The prompt strategy conditions on mixed text embeddings (mixup-embed), not on prompt strings."""
+        return PROMPT_STRATEGIES.lookup(self.ctx.prompts.strategy).embeds
 
     @torch.no_grad()
     def _embed(self, plans: list[ImagePlan], cfg: bool) -> dict[str, torch.Tensor]:
@@ -318,7 +324,7 @@ class DiffusionGenerator(Generator):
         gens = [torch.Generator("cpu").manual_seed(int(p.seed)) for p in plans]
         kwargs: dict[str, Any] = dict(height=size, width=size, num_inference_steps=self.steps,
                                       guidance_scale=self.guidance, generator=gens, output_type="pt")
-        if self.ctx.prompts.strategy == "mixup-embed":
+        if self._embeds:
             kwargs.update(self._embed(plans, cfg))
         else:
             kwargs["prompt"] = [p.prompt or "" for p in plans]

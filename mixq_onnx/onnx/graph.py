@@ -1,0 +1,235 @@
+"""One read-only index of an ONNX graph, shared by every tool that reads an exported graph: `check`
+(the TensorRT lint), `verify` (onnxruntime against PyTorch) and `trt.inspect` (engine precision report).
+
+Built once from the protobuf: the nodes in graph order, who produces and who reads each tensor, the
+constant values (initializers and Constant nodes) as numpy arrays, shapes, and the metadata the
+exporter writes on every Q/DQ/Clip node. A node is matched back to its quantizer through that
+`mixq.quantizer` metadata, never by parsing its name (`passes.integer_gemms` and `split_fused_qkv`
+copy nodes under new names; the metadata travels with them). Rewrites live in `passes.py`; this
+module never changes the model it indexes.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import MixqError
+
+QUANTIZER_KEY = "mixq.quantizer"  # node metadata: the quantizer's name in the PyTorch model
+BITS_KEY = "mixq.bits"  # node metadata: that quantizer's bit width
+QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
+
+
+def load_model(path: str | os.PathLike, external_data: bool = True) -> Any:
+    """onnx.load with one-line errors for a missing or unreadable file."""
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise MixqError(f"ONNX model not found: {path}")
+    try:
+        return onnx.load(str(path), load_external_data=external_data)
+    except Exception as e:  # noqa: BLE001 - any parse failure means the file is not a readable ONNX model
+        raise MixqError(f"cannot read ONNX model {path}: {type(e).__name__}: {str(e)[:160]}") from None
+
+
+def _constant_array(node: Any) -> np.ndarray | None:
+    """The value of a Constant node (tensor, or the scalar/list forms), else None."""
+    from onnx import helper, numpy_helper
+
+    for a in node.attribute:
+        if a.name == "value":
+            return numpy_helper.to_array(a.t)
+        if a.name in ("value_float", "value_floats"):
+            return np.asarray(helper.get_attribute_value(a), dtype=np.float32)
+        if a.name in ("value_int", "value_ints"):
+            return np.asarray(helper.get_attribute_value(a), dtype=np.int64)
+    return None
+
+
+def _value_tensor(node: Any) -> Any | None:
+    """The TensorProto of a Constant node's `value` attribute, else None."""
+    return next((a.t for a in node.attribute if a.name == "value"), None)
+
+
+class GraphIndex:
+    """Lookup tables over one ModelProto; nothing here mutates it.
+
+    `nodes` (graph order), `by_name`, `producer[tensor]`, `users(tensor)`, `initializers`,
+    `constant_nodes`, `value(tensor)` (numpy, cached, read-only), `shapes`, `meta(node)`,
+    `quantizer_of(node)`, `bits_of(node)`."""
+
+    def __init__(self, model: Any, infer_shapes: bool = False):
+        if infer_shapes:  # on a copy: onnx returns a new model
+            import onnx
+
+            try:
+                model = onnx.shape_inference.infer_shapes(model, data_prop=True)
+            except Exception:  # noqa: BLE001, S110 - tensors of unknown shape keep -1 / [] below
+                pass
+        self.model = model
+        g = model.graph
+        self.nodes: list[Any] = list(g.node)
+        self.by_name: dict[str, Any] = {n.name: n for n in self.nodes}
+        self.producer: dict[str, Any] = {o: n for n in self.nodes for o in n.output}
+        self.consumers: dict[str, list[Any]] = {}
+        for n in self.nodes:
+            for i in n.input:
+                self.consumers.setdefault(i, []).append(n)
+        self.initializers: dict[str, Any] = {t.name: t for t in g.initializer}
+        self.constant_nodes: dict[str, Any] = {n.output[0]: n for n in self.nodes if n.op_type == "Constant" and n.output}
+        self.inputs: list[str] = [i.name for i in g.input]
+        self.outputs: list[str] = [o.name for o in g.output]
+        self._values: dict[str, np.ndarray | None] = {}
+        self._shapes: dict[str, list[int]] | None = None
+        self._folded: set[str] | None = None
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, external_data: bool = True, infer_shapes: bool = False) -> GraphIndex:
+        return cls(load_model(path, external_data), infer_shapes=infer_shapes)
+
+    # ---------------------------------------------------------------- structure
+    def users(self, tensor: str) -> list[Any]:
+        """Nodes reading `tensor`, in graph order (a node reading it twice appears twice)."""
+        return self.consumers.get(tensor, [])
+
+    def produced_by(self, tensor: str, *ops: str) -> Any | None:
+        """The producer of `tensor` if it is one of `ops`, else None."""
+        p = self.producer.get(tensor)
+        return p if p is not None and p.op_type in ops else None
+
+    def opset(self, domain: str = "") -> int:
+        return {o.domain: o.version for o in self.model.opset_import}.get(domain, 0)
+
+    def model_meta(self, key: str, default: str | None = None) -> str | None:
+        """A model-level metadata_props value (e.g. `mixq.layout`)."""
+        return next((p.value for p in self.model.metadata_props if p.key == key), default)
+
+    @staticmethod
+    def attr(node: Any, key: str, default: Any = None) -> Any:
+        from onnx import helper
+
+        for a in node.attribute:
+            if a.name == key:
+                return helper.get_attribute_value(a)
+        return default
+
+    @staticmethod
+    def label(node: Any) -> str:
+        """The node's name, or `Op(first output)` for an unnamed node."""
+        return node.name or f"{node.op_type}({node.output[0]})"
+
+    # ---------------------------------------------------------------- constants
+    def is_constant(self, tensor: str) -> bool:
+        """An initializer or a Constant node's output."""
+        return tensor in self.initializers or tensor in self.constant_nodes
+
+    def value(self, tensor: str) -> np.ndarray | None:
+        """A constant tensor's value (read-only numpy array), None for computed tensors."""
+        if tensor in self._values:
+            return self._values[tensor]
+        from onnx import numpy_helper
+
+        a = None
+        if tensor in self.initializers:
+            a = numpy_helper.to_array(self.initializers[tensor])
+        elif tensor in self.constant_nodes:
+            a = _constant_array(self.constant_nodes[tensor])
+        if a is not None:
+            a = np.asarray(a)
+            a.flags.writeable = False
+        self._values[tensor] = a
+        return a
+
+    def _tensor_proto(self, tensor: str) -> Any | None:
+        if tensor in self.initializers:
+            return self.initializers[tensor]
+        n = self.constant_nodes.get(tensor)
+        return _value_tensor(n) if n is not None else None
+
+    def const_dtype(self, tensor: str) -> int | None:
+        """onnx.TensorProto element type of a constant tensor (INT4, INT32, …), None if not constant."""
+        t = self._tensor_proto(tensor)
+        return t.data_type if t is not None else None
+
+    def const_dims(self, tensor: str) -> list[int] | None:
+        t = self._tensor_proto(tensor)
+        return list(t.dims) if t is not None else None
+
+    def folded_constants(self) -> set[str]:
+        """Constants, and tensors computed from constants alone (a gathered relative-position-bias table,
+        a shifted-window mask): TensorRT folds them at build time (graph nodes are topologically sorted)."""
+        if self._folded is None:
+            const = set(self.initializers) | set(self.constant_nodes)
+            for n in self.nodes:
+                ins = [i for i in n.input if i]
+                if ins and n.domain in ("", "ai.onnx") and all(i in const for i in ins):
+                    const.update(o for o in n.output if o)
+            self._folded = const
+        return self._folded
+
+    # ---------------------------------------------------------------- shapes
+    @property
+    def shapes(self) -> dict[str, list[int]]:
+        """Known tensor shapes (value_info, graph inputs/outputs, constants); unknown dims are -1."""
+        if self._shapes is None:
+            g = self.model.graph
+            shapes: dict[str, list[int]] = {}
+            for vi in list(g.value_info) + list(g.input) + list(g.output):
+                dims = vi.type.tensor_type.shape.dim
+                shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else -1 for d in dims]
+            for name, t in self.initializers.items():
+                shapes[name] = list(t.dims)
+            for name, n in self.constant_nodes.items():
+                t = _value_tensor(n)
+                if t is not None:
+                    shapes[name] = list(t.dims)
+            self._shapes = shapes
+        return self._shapes
+
+    # ---------------------------------------------------------------- mixq metadata
+    @staticmethod
+    def meta(node: Any) -> dict[str, str]:
+        return {p.key: p.value for p in node.metadata_props}
+
+    @staticmethod
+    def quantizer_of(node: Any | None) -> str | None:
+        """The PyTorch quantizer a Q/DQ/Clip node implements (`mixq.quantizer`), else None."""
+        if node is None:
+            return None
+        return next((p.value for p in node.metadata_props if p.key == QUANTIZER_KEY), None)
+
+    @staticmethod
+    def bits_of(node: Any | None) -> int | None:
+        """That quantizer's bit width (`mixq.bits`), else None."""
+        if node is None:
+            return None
+        v = next((p.value for p in node.metadata_props if p.key == BITS_KEY), None)
+        try:
+            return int(v) if v is not None else None
+        except ValueError:
+            return None
+
+    def quantizer_nodes(self, ops: Iterable[str] = QDQ_OPS) -> dict[str, list[Any]]:
+        """Quantizer name -> its nodes among `ops`, in graph order (a split weight has several DQs)."""
+        ops = tuple(ops)
+        out: dict[str, list[Any]] = {}
+        for n in self.nodes:
+            q = self.quantizer_of(n) if n.op_type in ops else None
+            if q is not None:
+                out.setdefault(q, []).append(n)
+        return out
+
+    def quantizer_input(self, q: Any) -> str:
+        """The float tensor a QuantizeLinear's quantizer sees: the input of the quantizer's own range Clip
+        (grids narrower than INT8) when there is one, else the QuantizeLinear's input."""
+        src = q.input[0]
+        clip = self.produced_by(src, "Clip")
+        name = self.quantizer_of(q)
+        if clip is not None and name is not None and self.quantizer_of(clip) == name:
+            return clip.input[0]
+        return src

@@ -1,0 +1,163 @@
+"""Registries: one place that names every choice of a kind (quantization methods, calibration filters,
+prompt strategies, ...), so the library, its error messages and the CLI's `click.Choice` lists never repeat
+string tuples.
+
+Light on purpose: the standard library only (click is imported inside `Registry.choice`). The CLI imports
+this module and the registries built on it at start-up, so nothing here or in them may import torch, numpy,
+onnx or any other heavy module at module level; an implementation is named as "package.module:attr" and
+imported on first use (`resolve`).
+
+The calibration registries live here (the `calib` package imports torch when it loads): `FILTERS` and
+`PROMPT_STRATEGIES`. The method registry is `mixq_onnx.methods.METHODS`; block types are in
+`mixq_onnx.quant.graph.BLOCK_TYPES`.
+"""
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from .errors import MixqError
+
+T = TypeVar("T")
+
+
+def resolve(target: Any) -> Any:
+    """`target` itself, or the object a "package.module:attr" string names (imported now)."""
+    if not isinstance(target, str):
+        return target
+    module, _, attr = target.partition(":")
+    obj: Any = importlib.import_module(module)
+    for part in attr.split(".") if attr else ():
+        obj = getattr(obj, part)
+    return obj
+
+
+class Registry(Mapping[str, T], Generic[T]):
+    """Name -> entry, in registration order. Iterating yields the names, so `name in REG`,
+    `", ".join(REG)` and `sorted(REG)` work as they did on the tuples this replaces."""
+
+    def __init__(self, kind: str):
+        self.kind = kind  # "method", "filter", ...: used in error messages
+        self._items: dict[str, T] = {}
+
+    def register(self, name: str, entry: T, *, replace: bool = False) -> T:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"a {self.kind} needs a non-empty string name, got {name!r}")
+        if name in self._items and not replace:
+            raise ValueError(f"{self.kind} {name!r} is already registered")
+        self._items[name] = entry
+        return entry
+
+    def unregister(self, name: str) -> T:
+        return self._items.pop(name)
+
+    def lookup(self, name: str) -> T:
+        """The entry, or `MixqError("unknown KIND 'x': choose one of a, b, c")`."""
+        try:
+            return self._items[name]
+        except (KeyError, TypeError):
+            raise MixqError(f"unknown {self.kind} {name!r}: choose one of {', '.join(self._items)}") from None
+
+    def __getitem__(self, name: str) -> T:
+        return self._items[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._items))
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __repr__(self) -> str:
+        return f"Registry({self.kind!r}: {', '.join(self._items)})"
+
+    def choice(self, case_sensitive: bool = True) -> Any:
+        """A `click.Choice` that reads the names at use time: entries registered after the CLI was built
+        (plugins, tests) are accepted and listed in --help."""
+        import click
+
+        registry = self
+
+        class RegistryChoice(click.Choice):
+            def __init__(self) -> None:
+                super().__init__(list(registry), case_sensitive=case_sensitive)
+
+            @property  # type: ignore[override]
+            def choices(self) -> tuple[str, ...]:
+                return tuple(registry)
+
+            @choices.setter
+            def choices(self, _value: Any) -> None:  # click.Choice.__init__ assigns it
+                pass
+
+        return RegistryChoice()
+
+
+# --------------------------------------------------------------------------- calibration filters
+@dataclass(frozen=True)
+class Filter:
+    """A GenQ-style filter: `score(model, images_uint8_nhwc, batch_size) -> [N] float32`, higher = keep.
+    `needs_model`: False for filters that only look at the pixels."""
+
+    name: str
+    help: str
+    score: str | Callable[..., Any]  # "package.module:function", or the function
+    needs_model: bool = True
+
+
+FILTERS: Registry[Filter] = Registry("filter")
+
+
+def register_filter(f: Filter) -> Filter:
+    return FILTERS.register(f.name, f)
+
+
+register_filter(Filter("energy", "free energy logsumexp(logits) of the FP model",
+                       "mixq_onnx.calib.filters:energy_scores"))
+register_filter(Filter("bn", "minus the per-image BatchNorm-statistics distance",
+                       "mixq_onnx.calib.filters:bn_scores"))
+register_filter(Filter("patch-entropy", "mean 16-bin patch-histogram entropy of the pixels (no model)",
+                       "mixq_onnx.calib.filters:patch_entropy_scores", needs_model=False))
+
+
+# --------------------------------------------------------------------------- prompt strategies
+@dataclass(frozen=True)
+class PromptStrategy:
+    """How synthetic images pick their classes and words.
+
+    `plan(cfg: PromptConfig, vocab: ClassVocab, seed, start, stop) -> list[ImagePlan]` for image indices
+    [start, stop); each plan must depend on (seed, index) only. `conditioned`: False when images show no
+    class (then no class vocabulary is loaded). `mixes`: k >= 2 classes per image (`--k` applies, and the
+    recipe records the k-slot mixup template). `template_slots`: `--template` must have k '{}' slots.
+    `default_template`: recorded when `--template` is not given (strategies that do not mix).
+    `embeds`: images condition on a weighted mix of the text embeddings of `ImagePlan.sub_prompts`."""
+
+    name: str
+    help: str
+    plan: str | Callable[..., Any]  # "package.module:function", or the function
+    conditioned: bool = True
+    mixes: bool = False
+    template_slots: bool = False
+    default_template: str | None = None
+    embeds: bool = False
+
+
+PROMPT_STRATEGIES: Registry[PromptStrategy] = Registry("prompt strategy")
+
+
+def register_prompt_strategy(s: PromptStrategy) -> PromptStrategy:
+    return PROMPT_STRATEGIES.register(s.name, s)
+
+
+register_prompt_strategy(PromptStrategy(
+    "mixup", "'a photo of a {A} and a {B}'", "mixq_onnx.calib.prompts:plan_mixup",
+    mixes=True, template_slots=True))
+register_prompt_strategy(PromptStrategy(
+    "single", "GenQ 'a photo of a {adjective} {class}'", "mixq_onnx.calib.prompts:plan_single",
+    default_template="a photo of a {adjective} {cls}"))
+register_prompt_strategy(PromptStrategy(
+    "mixup-embed", "Dirichlet-weighted text embeddings", "mixq_onnx.calib.prompts:plan_mixup_embed",
+    mixes=True, embeds=True))
+register_prompt_strategy(PromptStrategy(
+    "none", "no class conditioning", "mixq_onnx.calib.prompts:plan_unconditioned", conditioned=False))
