@@ -28,7 +28,15 @@ import torch.nn as nn
 from ..errors import MixqError
 from ..utils import atomic_path
 from .markers import DOMAIN, marker_mode, translation_table
-from .passes import add_initializer, integer_gemms, replace_uses, split_fused_qkv
+from .passes import (
+    add_initializer,
+    fold_pads,
+    fold_weight_transposes,
+    integer_gemms,
+    name_nodes,
+    replace_uses,
+    split_fused_qkv,
+)
 
 OPSET = 21
 IR_VERSION = 10
@@ -71,20 +79,6 @@ def _preprocessing(model: nn.Module) -> dict[str, Any]:
     from ..models import get_preprocessing
 
     return get_preprocessing(model).to_dict()
-
-
-def _module_path(node) -> str | None:
-    """The innermost nn.Module path in the exporter's `namespace` ("path: type/path: type/fn: aten.op")."""
-    ns = node.metadata_props.get("namespace")
-    if not ns:
-        return None
-    best = None
-    for seg in ns.split("/"):  # "path: Type/.../op_name: aten.op"; the root module has no segment
-        name, _, typ = seg.partition(":")
-        typ = typ.strip()
-        if name.strip() and typ and not typ.startswith(("aten.", "<", "prims.")):
-            best = name.strip()
-    return best
 
 
 def insert_qdq(model, qs: dict[str, Any]) -> dict[str, int]:
@@ -158,104 +152,6 @@ def insert_qdq(model, qs: dict[str, Any]) -> dict[str, int]:
         replace_uses(node.outputs[0], out)
         graph.remove(node, safe=True)
     return counts
-
-
-def fold_weight_transposes(model) -> int:
-    """DQ(int8 W) -> Transpose(perm 1,0) -> MatMul  ==>  DQ(int8 Wᵀ, axis 1) -> MatMul (TensorRT wants
-    the DequantizeLinear directly on the GEMM input, and a constant transpose costs nothing offline)."""
-    import onnx_ir as ir
-
-    n = 0
-    for node in list(model.graph):
-        if node.op_type != "Transpose":
-            continue
-        src = node.inputs[0]
-        dq = src.producer() if src is not None else None
-        perm = node.attributes.get("perm")
-        if dq is None or dq.op_type != "DequantizeLinear" or perm is None or list(perm.as_ints()) != [1, 0]:
-            continue
-        if len(list(src.uses())) != 1 or dq.inputs[0].const_value is None:
-            continue
-        tensor = dq.inputs[0].const_value
-        ints = np.ascontiguousarray(tensor.numpy().T)
-        name = dq.inputs[0].name
-        new_int = add_initializer(model.graph, f"{name}.T", ints, tensor.dtype)
-        dq.replace_input_with(0, new_int)
-        sv = dq.inputs[1]
-        if sv is not None and sv.const_value is not None and len(sv.shape or ()) == 2:  # block scales move too
-            dq.replace_input_with(1, add_initializer(model.graph, f"{sv.name}.T",
-                                            np.ascontiguousarray(sv.const_value.numpy().T)))
-        axis = dq.attributes.get("axis")
-        dq.attributes["axis"] = ir.AttrInt64("axis", 1 - (axis.as_int() if axis is not None else 1))
-        out = dq.outputs[0]
-        out.shape = node.outputs[0].shape
-        replace_uses(node.outputs[0], out)
-        model.graph.remove(node, safe=True)
-        n += 1
-    return n
-
-
-def fold_pads(model) -> int:
-    """Pad(constant 0, spatial only) -> Conv  ==>  Conv with the pads folded in."""
-    import onnx_ir as ir
-
-    n = 0
-    for node in list(model.graph):
-        if node.op_type != "Pad" or node.domain not in ("", "ai.onnx"):
-            continue
-        users = list(node.outputs[0].uses())
-        if len(users) != 1 or users[0][0].op_type != "Conv" or users[0][1] != 0:
-            continue
-        conv = users[0][0]
-        mode = node.attributes.get("mode")
-        if mode is not None and mode.as_string() != "constant":
-            continue
-        pads_v = node.inputs[1]
-        if pads_v is None or pads_v.const_value is None:
-            continue
-        if len(node.inputs) > 2 and node.inputs[2] is not None:
-            cv = node.inputs[2].const_value
-            if cv is None or float(np.asarray(cv.numpy()).reshape(-1)[0]) != 0.0:
-                continue
-        if len(node.inputs) > 3 and node.inputs[3] is not None:
-            continue  # axes given: keep it simple
-        pads = [int(v) for v in np.asarray(pads_v.const_value.numpy()).reshape(-1)]
-        rank = len(pads) // 2
-        begin, end = pads[:rank], pads[rank:]
-        if any(begin[:2]) or any(end[:2]) or any(p < 0 for p in pads):
-            continue
-        old = conv.attributes.get("pads")
-        sp = rank - 2
-        cur = list(old.as_ints()) if old is not None else [0] * (2 * sp)
-        new = [cur[i] + begin[2 + i] for i in range(sp)] + [cur[sp + i] + end[2 + i] for i in range(sp)]
-        conv.attributes["pads"] = ir.AttrInt64s("pads", new)
-        if "auto_pad" in conv.attributes:
-            conv.attributes["auto_pad"] = ir.AttrString("auto_pad", "NOTSET")
-        conv.replace_input_with(0, node.inputs[0])
-        model.graph.remove(node, safe=True)
-        n += 1
-    return n
-
-
-def name_nodes(model) -> None:
-    """Deterministic node names from the PyTorch module paths (Q/DQ nodes already carry theirs)."""
-    seen: dict[str, int] = {}
-    for node in model.graph:
-        if node.name and "/" in node.name and node.op_type in ("QuantizeLinear", "DequantizeLinear", "Clip") and \
-                "mixq.quantizer" in node.metadata_props:
-            continue
-        path = None
-        if node.op_type in ("Conv", "Gemm", "MatMul"):  # a quantized layer: named after its weight quantizer
-            for v in node.inputs:
-                p = v.producer() if v is not None else None
-                q = p.metadata_props.get("mixq.quantizer", "") if p is not None else ""
-                if q.endswith(".weight"):
-                    path = q[: -len(".weight")]
-        path = path or _module_path(node) or "graph"
-        base = f"{path}/{node.op_type}"
-        k = seen.get(base, 0)
-        seen[base] = k + 1
-        node.name = base if k == 0 else f"{base}_{k}"
 
 
 def finalize_model(model, meta: dict[str, Any]) -> None:
