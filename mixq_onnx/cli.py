@@ -161,8 +161,6 @@ def calib(**o: Any) -> None:
                                  "batch_size", "source") if o[k] is not None}
     options.update({k: o[k] for k in ("iters", "lr") if o[k] is not None})
     if o["skip_bad_images"]:
-        if o["generator"] != "real":
-            raise MixqError("--skip-bad-images only applies to --generator real")
         options["skip_bad_images"] = True
     cfg = CalibConfig(
         generator=o["generator"], num=o["num"], seed=o["seed"], size=o["size"], classes=o["classes"],

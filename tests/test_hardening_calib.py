@@ -461,3 +461,12 @@ def test_load_labelled_accepts_a_good_npz_and_a_folder(tmp_path):
     (tmp_path / "f" / "b" / "1.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     with pytest.raises(MixqError, match="1.png"):
         load_labelled(tmp_path / "f", 8)
+
+
+def test_skip_bad_images_is_for_real_images_only(tmp_path, run_cli):
+    from conftest import one_line_error
+
+    root = tmp_path / "root"
+    msg = one_line_error(run_cli("calib", "--generator", "noise", "--num", "4", "--size", "16", "--skip-bad-images",
+                                 "--cache-root", root))
+    assert "--skip-bad-images only applies to --generator real" in msg and not root.exists()

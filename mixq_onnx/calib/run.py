@@ -185,6 +185,8 @@ def make_calibration_cache(
     if cfg.generator not in GENERATORS:
         raise MixqError(f"unknown generator {cfg.generator!r}: choose one of {', '.join(sorted(GENERATORS))}")
     gen_cls = GENERATORS[cfg.generator]
+    if cfg.options.get("skip_bad_images") and cfg.generator != "real":
+        raise MixqError("--skip-bad-images only applies to --generator real")
     if not 1 <= cfg.num <= MAX_NUM:
         raise MixqError(f"--num must be at least 1 and at most {MAX_NUM}, got {cfg.num}")
     if cfg.shard_size is not None and cfg.shard_size < 1:
