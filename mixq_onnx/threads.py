@@ -126,13 +126,26 @@ class Governor:
 _GOVERNOR: Governor | None = None
 
 
+def _omp_threads(value: str) -> int:
+    """OMP_NUM_THREADS as OpenMP reads it: the first entry of a comma list ("4" or "4,2")."""
+    from .errors import MixqError
+
+    try:
+        n = int(value.split(",")[0].strip())
+    except ValueError:
+        raise MixqError(f"OMP_NUM_THREADS={value!r} is not a thread count: set a positive integer or unset it") from None
+    if n < 1:
+        raise MixqError(f"OMP_NUM_THREADS={value!r} is not a thread count: set a positive integer or unset it")
+    return n
+
+
 def configure(threads: int | None = None, *, measure: bool = True) -> str:
     """Set the thread policy for this process; returns a one-line description for the log.
 
     `threads`: a fixed count (`--threads`); None: OMP_NUM_THREADS if set, else auto."""
     global _GOVERNOR
-    if threads is not None or os.environ.get("OMP_NUM_THREADS"):
-        n = threads if threads is not None else int(os.environ["OMP_NUM_THREADS"])
+    if threads is not None or os.environ.get("OMP_NUM_THREADS", "").strip():
+        n = threads if threads is not None else _omp_threads(os.environ["OMP_NUM_THREADS"])
         import torch
 
         torch.set_num_threads(max(1, n))

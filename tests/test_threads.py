@@ -60,3 +60,13 @@ def test_auto_mode_backs_off_when_every_core_is_busy():
         for h in hogs:
             h.kill()
             h.wait()
+
+
+def test_bad_omp_num_threads_is_a_one_line_error(run_cli, monkeypatch, tmp_path):
+    from conftest import one_line_error
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "lots")
+    msg = one_line_error(run_cli("calib", "--generator", "noise", "--num", "4", "--size", "16", "--cache-root", tmp_path))
+    assert "OMP_NUM_THREADS='lots'" in msg
+    monkeypatch.setenv("OMP_NUM_THREADS", "1,1")
+    assert T._omp_threads("1,1") == 1
