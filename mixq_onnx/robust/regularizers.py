@@ -1,0 +1,128 @@
+"""SymReg (symmetry regularisation) and SatNL (saturating nonlinearity) for quantization-robust weights.
+
+Choices made (the paper's text is not available; each is this project's reading):
+- SymReg acts on every Conv and Linear weight except depthwise convolutions, per output channel, which
+  is the grid mixq-onnx quantizes weights on. A channel's weights are sorted; the i-th smallest is paired
+  with the i-th largest and the penalty is the mean of (w_(i) + w_(n+1-i))^2, divided by the channel's
+  squared max |w| (detached) so that BETA does not depend on layer size or weight magnitude. A symmetric
+  channel scores exactly 0: then E[w] = E[Q(w)] = 0 under a zero-point-0 quantizer, so quantization
+  shifts no mean. Pairing "2:2" first sums adjacent sorted pairs (w_(2j-1) + w_(2j)) and pairs those
+  sums the same way: half as many terms, same fixed point.
+- SatNL reparametrises each regularised weight as w = alpha * tanh(v / alpha), one alpha per layer,
+  learned (default) or fixed. alpha starts at 1.001 * max |w| so that v = alpha * atanh(w / alpha) stays
+  finite and the reparametrised layer reproduces the original weights at initialisation. It bounds the
+  range the quantizer must cover by alpha and compresses the largest weights, so the grid spends its
+  steps on the bulk.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn.utils import parametrize
+
+from ..errors import MixqError
+
+PAIRINGS = ("1:1", "2:2")
+ALPHA_MARGIN = 1.001
+
+
+@dataclass
+class RobustConfig:
+    """What `robustify` trains with (the loop itself is not written yet)."""
+
+    symreg: float = 0.0  # BETA, the SymReg weight; 0 = off
+    pairing: str = "1:1"
+    satnl: bool = False
+    learn_alpha: bool = True
+    sam: str | None = None  # None | "asam"
+    rho: float = 0.5
+    epochs: int = 10
+    lr: float = 1e-3
+    batch_size: int = 128
+    seed: int = 0
+
+    def validate(self) -> RobustConfig:
+        if not self.symreg >= 0:
+            raise MixqError(f"--symreg must be >= 0, got {self.symreg}")
+        if self.pairing not in PAIRINGS:
+            raise MixqError(f"--symreg-pairing must be one of {', '.join(PAIRINGS)}, got {self.pairing!r}")
+        if self.epochs < 1:
+            raise MixqError(f"--epochs must be at least 1, got {self.epochs}")
+        if self.sam not in (None, "asam"):
+            raise MixqError(f"--sam must be asam, got {self.sam!r}")
+        if not (self.lr > 0 and self.rho > 0 and self.batch_size >= 1):
+            raise MixqError("--lr and --rho must be positive and --batch-size at least 1")
+        return self
+
+
+def regularized_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Conv and Linear layers whose weights SymReg and SatNL act on (depthwise convolutions excluded)."""
+    out = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels:
+            continue
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+            out.append((name, m))
+    return out
+
+
+def symreg_channel_penalty(w: torch.Tensor, pairing: str = "1:1") -> torch.Tensor:
+    """Per-output-channel SymReg penalty of a weight [out, ...] (0 for a symmetric channel)."""
+    if pairing not in PAIRINGS:
+        raise MixqError(f"unknown SymReg pairing {pairing!r}: choose one of {', '.join(PAIRINGS)}")
+    s = w.reshape(w.shape[0], -1).sort(dim=1).values
+    if pairing == "2:2":
+        n = s.shape[1] - s.shape[1] % 2
+        s = s[:, :n].reshape(s.shape[0], -1, 2).sum(-1) if n >= 2 else s
+    k = s.shape[1] // 2
+    if k == 0:
+        return torch.zeros(s.shape[0], dtype=w.dtype, device=w.device)
+    pair_sums = s[:, :k] + s.flip(1)[:, :k]
+    scale = w.detach().reshape(w.shape[0], -1).abs().amax(1).clamp(min=1e-12)
+    return pair_sums.pow(2).mean(1) / scale.pow(2)
+
+
+def symreg_loss(model: nn.Module, pairing: str = "1:1") -> torch.Tensor:
+    """Mean SymReg penalty over the regularised layers' channels (each layer weighs the same)."""
+    terms = [symreg_channel_penalty(m.weight, pairing).mean() for _, m in regularized_layers(model)]
+    if not terms:
+        raise MixqError(f"{type(model).__name__} has no Conv or Linear layer for SymReg")
+    return torch.stack(terms).mean()
+
+
+class SatNL(nn.Module):
+    """w = alpha * tanh(v / alpha) (a torch parametrization of a layer's `weight`)."""
+
+    def __init__(self, alpha: float, learn_alpha: bool = True):
+        super().__init__()
+        a = torch.tensor(float(alpha))
+        self.alpha = nn.Parameter(a) if learn_alpha else nn.Parameter(a, requires_grad=False)
+
+    def forward(self, v: torch.Tensor) -> torch.Tensor:
+        a = self.alpha.abs().clamp(min=1e-12)
+        return a * torch.tanh(v / a)
+
+    def right_inverse(self, w: torch.Tensor) -> torch.Tensor:
+        a = float(self.alpha.detach().abs())
+        return a * torch.atanh((w / a).clamp(-1 + 1e-7, 1 - 1e-7))
+
+
+def apply_satnl(model: nn.Module, learn_alpha: bool = True) -> list[SatNL]:
+    """Reparametrise every regularised layer's weight; returns the SatNL modules (their alphas)."""
+    mods = []
+    for _, m in regularized_layers(model):
+        sat = SatNL(ALPHA_MARGIN * float(m.weight.detach().abs().max().clamp(min=1e-8)), learn_alpha)
+        parametrize.register_parametrization(m, "weight", sat)
+        mods.append(sat)
+    return mods
+
+
+def remove_satnl(model: nn.Module) -> nn.Module:
+    """Back to plain weights holding the effective w = alpha * tanh(v / alpha): every later stage (and
+    `load_model`) sees an ordinary state dict."""
+    for _, m in list(model.named_modules()):
+        if parametrize.is_parametrized(m, "weight"):
+            parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
+    return model

@@ -1,0 +1,84 @@
+"""SymReg and SatNL (issue 13, first part): the terms, their fixed points and the plain checkpoint."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mixq_onnx.errors import MixqError
+from mixq_onnx.robust import (
+    RobustConfig,
+    apply_satnl,
+    regularized_layers,
+    remove_satnl,
+    symreg_channel_penalty,
+    symreg_loss,
+)
+
+weights = st.lists(st.floats(-4, 4, allow_nan=False, width=32), min_size=4, max_size=40)
+
+
+@settings(max_examples=50, deadline=None)
+@given(weights, st.sampled_from(["1:1", "2:2"]))
+def test_symreg_is_zero_for_symmetric_channels_and_positive_otherwise(vals, pairing):
+    half = torch.tensor(vals)
+    sym = torch.cat([half, -half])[torch.randperm(2 * len(vals), generator=torch.Generator().manual_seed(0))]
+    assert float(symreg_channel_penalty(sym[None], pairing)[0]) < 1e-10
+    shifted = sym + 0.5 * sym.abs().max().clamp(min=0.1)  # a mean shift breaks the symmetry
+    assert float(symreg_channel_penalty(shifted[None], pairing)[0]) > 1e-6
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 10_000), st.sampled_from(["1:1", "2:2"]))
+def test_a_gradient_step_moves_weights_towards_symmetry(seed, pairing):
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(8, 27, generator=g).exp() - 0.5).requires_grad_(True)  # skewed channels
+    before = symreg_channel_penalty(w, pairing).sum()
+    before.backward()
+    with torch.no_grad():
+        w2 = w - 1e-3 * w.grad / w.grad.norm().clamp(min=1e-12)
+    assert float(symreg_channel_penalty(w2, pairing).sum()) < float(before.detach())
+
+
+def test_symreg_skips_depthwise_and_is_scale_free():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3, groups=8), nn.Flatten(), nn.LazyLinear(4))
+    model(torch.randn(1, 3, 8, 8))
+    names = [n for n, _ in regularized_layers(model)]
+    assert names == ["0", "3"]
+    w = torch.randn(4, 9, generator=torch.Generator().manual_seed(1)) + 0.3
+    assert torch.allclose(symreg_channel_penalty(w), symreg_channel_penalty(10 * w))
+    assert float(symreg_loss(model).detach()) > 0
+
+
+def test_satnl_reproduces_the_weights_and_saves_a_plain_checkpoint():
+    from mixq_onnx.models import load_model
+
+    torch.set_num_threads(1)
+    model = load_model("cifar_resnet20", random_init=True)
+    plain = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(x)
+    sats = apply_satnl(model)
+    assert len(sats) == len(regularized_layers(model)) == 20
+    for name, m in regularized_layers(model):
+        assert torch.allclose(m.weight, plain[f"{name}.weight"], rtol=1e-5, atol=1e-7), name
+    with torch.no_grad():
+        assert torch.allclose(model(x), ref, rtol=1e-4, atol=1e-5)
+    assert all(s.alpha.requires_grad for s in sats)
+    sd = remove_satnl(model).state_dict()
+    assert set(sd) == set(plain)
+    fresh = load_model("cifar_resnet20", random_init=True)
+    fresh.load_state_dict(sd, strict=True)
+    for name, m in regularized_layers(fresh):
+        alpha = sats[[n for n, _ in regularized_layers(fresh)].index(name)].alpha
+        assert float(m.weight.abs().max()) <= float(alpha.detach()) + 1e-6  # bounded by alpha
+
+
+@pytest.mark.parametrize("kw,needle", [({"symreg": -0.1}, "--symreg"), ({"pairing": "3:3"}, "pairing"),
+                                       ({"epochs": 0}, "--epochs"), ({"sam": "sgd"}, "--sam")])
+def test_config_rejects_bad_input(kw, needle):
+    with pytest.raises(MixqError, match=needle):
+        RobustConfig(**kw).validate()
