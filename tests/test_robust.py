@@ -74,7 +74,7 @@ def test_satnl_reproduces_the_weights_and_saves_a_plain_checkpoint():
     fresh.load_state_dict(sd, strict=True)
     for name, m in regularized_layers(fresh):
         alpha = sats[[n for n, _ in regularized_layers(fresh)].index(name)].alpha
-        assert float(m.weight.abs().max()) <= float(alpha.detach()) + 1e-6  # bounded by alpha
+        assert float(m.weight.detach().abs().max()) <= float(alpha.detach()) + 1e-6  # bounded by alpha
 
 
 @pytest.mark.parametrize("kw,needle", [({"symreg": -0.1}, "--symreg"), ({"pairing": "3:3"}, "pairing"),
