@@ -82,3 +82,42 @@ def test_satnl_reproduces_the_weights_and_saves_a_plain_checkpoint():
 def test_config_rejects_bad_input(kw, needle):
     with pytest.raises(MixqError, match=needle):
         RobustConfig(**kw).validate()
+
+
+def _tiny() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(8, 4))
+
+
+@pytest.mark.parametrize("labelled,sam", [(True, None), (False, "asam")])
+def test_robustify_trains_towards_symmetry_and_returns_a_plain_model(labelled, sam):
+    from torch.nn.utils import parametrize
+
+    from mixq_onnx.robust import robustify
+    from mixq_onnx.training import TrainData
+
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    model = _tiny()
+    with torch.no_grad():
+        for _, m in regularized_layers(model):
+            m.weight.add_(0.2 * m.weight.abs().amax())  # skew every channel
+    before = float(symreg_loss(model).detach())
+    x = torch.randn(64, 3, 8, 8, generator=g)
+    data = TrainData(x, torch.randint(0, 4, (64,), generator=g) if labelled else None)
+    cfg = RobustConfig(symreg=1.0, satnl=True, epochs=3, lr=0.05, batch_size=16, sam=sam)
+    out, rep = robustify(model, cfg, data, progress=False)
+    assert not any(parametrize.is_parametrized(m) for m in out.modules())
+    assert set(out.state_dict()) == set(_tiny().state_dict())
+    assert float(symreg_loss(out).detach()) < before
+    terms = rep["train"]["epochs"][-1]
+    assert ("ce" in terms) == labelled and ("kd" in terms) == (not labelled) and "symreg" in terms
+    assert len(rep["satnl_alphas"]) == 2 and rep["train"]["steps"] == 12
+
+
+def test_unlabelled_data_needs_a_teacher():
+    from mixq_onnx.training import TrainConfig, TrainData, train
+
+    with pytest.raises(MixqError, match="teacher"):
+        train(_tiny(), TrainData(torch.randn(4, 3, 8, 8)), TrainConfig(epochs=1), progress=False)

@@ -2,8 +2,9 @@
 Regularization and Saturating Nonlinearity for Robust Quantization" (ECCV 2022).
 
 The paper's full text is not available here; the formulas are this project's reading of the method from
-its abstract and secondary summaries (see `regularizers.py` for every choice made). So far: the two terms
-and their configuration; the training loop (`robustify`), the CLI and `sweep` come next.
+its abstract and secondary summaries (see `regularizers.py` for every choice made). So far: the two terms,
+their configuration and `robustify` (library, on the shared loop in `mixq_onnx/training.py`); the CLI,
+`sweep` and the measurements come next.
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from .regularizers import (
     symreg_channel_penalty,
     symreg_loss,
 )
+from .train import robustify
 
 __all__ = ["PAIRINGS", "RobustConfig", "SatNL", "apply_satnl", "regularized_layers", "remove_satnl",
+           "robustify",
            "symreg_channel_penalty", "symreg_loss"]

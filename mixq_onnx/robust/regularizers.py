@@ -42,6 +42,7 @@ class RobustConfig:
     lr: float = 1e-3
     batch_size: int = 128
     seed: int = 0
+    kd_weight: float = 0.0  # labelled data: KD next to CE (a calibration cache always trains by KD)
 
     def validate(self) -> RobustConfig:
         if not self.symreg >= 0:

@@ -1,0 +1,36 @@
+"""`robustify`: fine-tune a float model with SymReg and/or SatNL through the shared training loop."""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch.nn as nn
+
+from ..training import TrainConfig, TrainData, train
+from .regularizers import RobustConfig, apply_satnl, remove_satnl, symreg_loss
+
+
+def robustify(model: nn.Module, cfg: RobustConfig, data: TrainData, *, teacher: nn.Module | None = None,
+              progress: bool = True) -> tuple[nn.Module, dict[str, Any]]:
+    """Train `model` in place and return it as a plain float model (SatNL folded into its weights) with a
+    report: per-epoch loss terms and, with SatNL, the learned alphas. The KD teacher defaults to a frozen
+    copy of the model as given (the original checkpoint)."""
+    cfg.validate()
+    if teacher is None and (not data.labelled or cfg.kd_weight > 0):
+        teacher = copy.deepcopy(model).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+    sats = apply_satnl(model, cfg.learn_alpha) if cfg.satnl else []
+    extra = None
+    if cfg.symreg > 0:
+        def extra(m: nn.Module) -> dict:
+            return {"symreg": cfg.symreg * symreg_loss(m, cfg.pairing)}
+    tcfg = TrainConfig(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed,
+                       kd_weight=cfg.kd_weight, sam=cfg.sam, rho=cfg.rho)
+    try:
+        hist = train(model, data, tcfg, teacher=teacher, extra_loss=extra, progress=progress)
+    finally:
+        alphas = [round(float(s.alpha.detach().abs()), 6) for s in sats]
+        remove_satnl(model)
+    return model, {"train": hist, "satnl_alphas": alphas, "data": data.source,
+                   "mode": "labelled" if data.labelled else "data-free (KD)"}

@@ -1,0 +1,178 @@
+"""The one training loop that the training stages share (`robust/` now, `qat/` next): data, the KD teacher,
+the schedule, the optional (adaptive) sharpness-aware step and the progress bar live here, so a stage only
+supplies its extra loss terms and its parameters.
+
+Data-free mode: the data is a calibration cache (no labels) and the loss is knowledge distillation from the
+original float model (KL between temperature-softened logits, times T^2). Labelled mode: cross-entropy,
+plus KD when `kd_weight` > 0 and a teacher is given.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import MixqError
+from .threads import tick
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    lr: float = 1e-3  # SGD (momentum 0.9), cosine-annealed to 0 over all steps
+    batch_size: int = 128
+    seed: int = 0
+    kd_weight: float = 1.0  # labelled mode: weight of the KD term next to CE (0 = CE only)
+    temperature: float = 4.0
+    sam: str | None = None  # None | "asam" (adaptive sharpness-aware minimisation)
+    rho: float = 0.5
+
+    def validate(self) -> TrainConfig:
+        if self.epochs < 1:
+            raise MixqError(f"--epochs must be at least 1, got {self.epochs}")
+        if not (self.lr > 0 and self.batch_size >= 1 and self.temperature > 0 and self.rho > 0):
+            raise MixqError("--lr, --rho and the temperature must be positive, --batch-size at least 1")
+        if self.sam not in (None, "asam"):
+            raise MixqError(f"--sam must be asam, got {self.sam!r}")
+        if self.kd_weight < 0:
+            raise MixqError(f"the KD weight must be >= 0, got {self.kd_weight}")
+        return self
+
+
+@dataclass
+class TrainData:
+    """Preprocessed inputs [N, C, H, W] and, in labelled mode, int64 labels [N]."""
+
+    inputs: torch.Tensor
+    labels: torch.Tensor | None = None
+    source: str = ""
+
+    @property
+    def labelled(self) -> bool:
+        return self.labels is not None
+
+
+def load_training_data(src: str | os.PathLike, model: nn.Module, *, cache_root: str | None = None,
+                       limit: int | None = None) -> TrainData:
+    """A calibration cache (unlabelled: data-free KD) or an npz / image folder with labels, preprocessed the
+    model's way."""
+    from .calib.cache import is_cache_dir
+    from .models import get_preprocessing
+
+    p = Path(src)
+    if (p.is_dir() and is_cache_dir(p)) or not p.exists():
+        from .calib import load_calibration
+
+        ds = load_calibration(src, model, cache_root)
+        return TrainData(ds.tensor(limit), None, str(ds.path))
+    from .data import load_labelled
+
+    pre = get_preprocessing(model)
+    images, labels = load_labelled(p, pre.input_size[1], limit)
+    return TrainData(torch.cat([pre(images[s:s + 256]) for s in range(0, len(images), 256)]), labels, str(p))
+
+
+def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    t = temperature
+    return F.kl_div(F.log_softmax(student / t, 1), F.log_softmax(teacher / t, 1), log_target=True,
+                    reduction="batchmean") * t * t
+
+
+def _asam_perturb(params: list[nn.Parameter], rho: float) -> list[torch.Tensor | None]:
+    """ASAM (Kwon et al. 2021): step to w + rho * T^2 g / ||T g|| with T = |w| (element-wise)."""
+    grads = [(p.grad * p.detach().abs()) if p.grad is not None else None for p in params]
+    norm = torch.sqrt(sum((g.pow(2).sum() for g in grads if g is not None), torch.tensor(0.0))).clamp(min=1e-12)
+    eps = []
+    with torch.no_grad():
+        for p, g in zip(params, grads):
+            if g is None:
+                eps.append(None)
+                continue
+            e = rho * g * p.abs() / norm
+            p.add_(e)
+            eps.append(e)
+    return eps
+
+
+def train(model: nn.Module, data: TrainData, cfg: TrainConfig, *, teacher: nn.Module | None = None,
+          extra_loss: Callable[[nn.Module], dict[str, torch.Tensor]] | None = None,
+          params: list[nn.Parameter] | None = None, progress: bool = True) -> dict[str, Any]:
+    """Train `model` in place; returns the per-epoch mean of every loss term.
+
+    `extra_loss(model)` adds the stage's terms (already weighted), e.g. {"symreg": beta * symreg_loss(m)}."""
+    cfg.validate()
+    if not data.labelled and teacher is None:
+        raise MixqError("unlabelled data (a calibration cache) trains by distillation: a teacher model is needed")
+    torch.set_flush_denormal(True)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    params = params if params is not None else [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9)
+    n = len(data.inputs)
+    steps_per_epoch = max(1, math.ceil(n / cfg.batch_size))
+    total = cfg.epochs * steps_per_epoch
+    if teacher is not None:
+        teacher.eval()
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc="train", unit="step", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    history: list[dict[str, float]] = []
+    step = 0
+
+    def losses(x: torch.Tensor, y: torch.Tensor | None, t_logits: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        out = model(x)
+        terms: dict[str, torch.Tensor] = {}
+        if y is not None:
+            terms["ce"] = F.cross_entropy(out, y)
+        if t_logits is not None and (y is None or cfg.kd_weight > 0):
+            terms["kd"] = (cfg.kd_weight if y is not None else 1.0) * kd_loss(out, t_logits, cfg.temperature)
+        if extra_loss is not None:
+            terms.update(extra_loss(model))
+        return terms
+
+    try:
+        for _epoch in range(cfg.epochs):
+            model.train()
+            sums: dict[str, float] = {}
+            order = torch.randperm(n, generator=gen)
+            for s in range(0, n, cfg.batch_size):
+                tick()
+                idx = order[s:s + cfg.batch_size]
+                x = data.inputs[idx]
+                y = data.labels[idx] if data.labels is not None else None
+                t_logits = None
+                if teacher is not None:
+                    with torch.no_grad():
+                        t_logits = teacher(x)
+                for g in opt.param_groups:
+                    g["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / total))
+                opt.zero_grad(set_to_none=True)
+                terms = losses(x, y, t_logits)
+                loss = sum(terms.values())
+                loss.backward()
+                if cfg.sam == "asam":
+                    eps = _asam_perturb(params, cfg.rho)
+                    opt.zero_grad(set_to_none=True)
+                    sum(losses(x, y, t_logits).values()).backward()
+                    with torch.no_grad():
+                        for p, e in zip(params, eps):
+                            if e is not None:
+                                p.sub_(e)
+                opt.step()
+                step += 1
+                for k, v in terms.items():
+                    sums[k] = sums.get(k, 0.0) + float(v.detach()) * len(idx)
+                bar.update(1)
+                bar.set_postfix({k: f"{float(v.detach()):.4g}" for k, v in terms.items()})
+            history.append({k: v / n for k, v in sums.items()})
+    finally:
+        bar.close()
+        model.eval()
+    return {"epochs": history, "steps": step}
