@@ -72,6 +72,7 @@ def cli() -> None:
       calib     make a calibration cache (mixup-class diffusion prompts, BN inversion, real, noise)
       cache     list, inspect, verify or remove calibration caches
       quantize  learn rounding and step sizes on a cache (rtn, adaround, brecq, qdrop, genie)
+      robustify fine-tune a float checkpoint with SymReg / SatNL to survive low bit-widths
       eval      top-1/top-5 of a float or quantized model, and agreement with the float model
       export    TensorRT-ready QDQ ONNX of a quantized model (or the float model with --fp)
       check     onnx.checker, shape inference and a TensorRT QDQ rules lint
@@ -378,6 +379,66 @@ def eval_cmd(**o: Any) -> None:
         if res.agreement is not None:
             line += f"  float top1 {res.fp_top1:.2f} %  agreement {res.agreement:.2f} %"
         click.echo(line)
+
+
+# --------------------------------------------------------------------------- robustify
+@cli.command(context_settings=CONTEXT)
+@model_options(required=True)
+@click.option("--data", "data_src", required=True, metavar="SRC",
+              help="A calibration cache (data-free: KD from the original model) or labelled images (npz or "
+                   "folder: cross-entropy, plus KD with --kd-weight).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False),
+              help="Output .safetensors (a plain state dict; OUT.json holds the recipe and report).")
+@click.option("--symreg", "beta", type=float, default=0.0, show_default=True, metavar="BETA",
+              help="SymReg weight: pairs each channel's i-th smallest and largest weights (0 = off).")
+@click.option("--symreg-pairing", type=click.Choice(["1:1", "2:2"]), default="1:1", show_default=True,
+              help="2:2 pairs sums of adjacent sorted weights (half the terms).")
+@click.option("--satnl", is_flag=True, help="Train w = alpha*tanh(v/alpha) (one alpha per layer).")
+@click.option("--fixed-alpha", is_flag=True, help="SatNL: keep alpha at the initial max |w| instead of learning it.")
+@click.option("--loss", type=click.Choice(["auto", "ce", "kd"]), default="auto", show_default=True,
+              help="auto: KD on a cache, CE on labelled data; ce needs labels.")
+@click.option("--kd-weight", type=float, default=None, help="KD weight next to CE on labelled data [default: 0].")
+@click.option("--sam", type=click.Choice(["asam"]), default=None, help="Adaptive sharpness-aware minimisation.")
+@click.option("--rho", type=float, default=0.5, show_default=True, help="ASAM neighbourhood size.")
+@click.option("--epochs", type=int, default=10, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True, help="SGD learning rate (cosine to 0).")
+@click.option("--batch-size", type=POSITIVE, default=128, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--limit", type=POSITIVE, default=None, help="Use the first N training images.")
+@click.option("--eval-data", type=click.Path(), default=None, help="Labelled images: FP top-1 before and after.")
+@click.option("--cache-root", type=click.Path(file_okay=False), default=None,
+              help="Cache root [default: $MIXQ_CACHE_ROOT or ./calib_cache].")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@compute_command("robustify")
+def robustify(**o: Any) -> None:
+    """Fine-tune a float checkpoint with SymReg and/or SatNL so that it survives low bit-widths
+    (Park, Jang, Park, ECCV 2022; this project's reading of the method, see mixq_onnx/robust)."""
+    from .quant.evaluate import evaluate_data
+    from .robust import RobustConfig, check_writable, save_checkpoint
+    from .robust import robustify as run_robustify
+    from .training import load_training_data
+
+    cfg = RobustConfig(symreg=o["beta"], pairing=o["symreg_pairing"], satnl=o["satnl"],
+                       learn_alpha=not o["fixed_alpha"], sam=o["sam"], rho=o["rho"], epochs=o["epochs"],
+                       lr=o["lr"], batch_size=o["batch_size"], seed=o["seed"],
+                       kd_weight=o["kd_weight"] if o["kd_weight"] is not None else 0.0).validate()
+    out = check_writable(o["out"])
+    model = _load_user_model(o)
+    data = load_training_data(o["data_src"], model, cache_root=o["cache_root"], limit=o["limit"])
+    if o["loss"] == "ce" and not data.labelled:
+        raise MixqError(f"--loss ce needs labels, and {data.source} is a calibration cache without any "
+                        "(use --loss kd or labelled data)")
+    if o["loss"] == "kd" and data.labelled and cfg.kd_weight == 0:
+        cfg.kd_weight = 1.0
+    before = evaluate_data(o["eval_data"], model=model).top1 if o["eval_data"] else None
+    model, rep = run_robustify(model, cfg, data, progress=not o["quiet"])
+    after = evaluate_data(o["eval_data"], model=model).top1 if o["eval_data"] else None
+    save_checkpoint(model, out, {"recipe": {**cfg.__dict__, "model": o["model"], "checkpoint": o["checkpoint"],
+                                            "data": data.source, "loss": o["loss"]},
+                                 "report": rep, "fp_top1_before": before, "fp_top1_after": after})
+    if before is not None:
+        click.echo(f"FP top-1 {before:.2f} % -> {after:.2f} %", err=True)
+    click.echo(str(out))
 
 
 # --------------------------------------------------------------------------- export / verify

@@ -121,3 +121,47 @@ def test_unlabelled_data_needs_a_teacher():
 
     with pytest.raises(MixqError, match="teacher"):
         train(_tiny(), TrainData(torch.randn(4, 3, 8, 8)), TrainConfig(epochs=1), progress=False)
+
+
+@pytest.fixture(scope="module")
+def noise_cache(tmp_path_factory):
+    from mixq_onnx.calib import CalibConfig, make_calibration_cache
+
+    return make_calibration_cache(CalibConfig(generator="noise", num=32, size=32),
+                                  tmp_path_factory.mktemp("cache"), progress=False)
+
+
+def test_cli_robustify_writes_a_plain_checkpoint_that_loads(noise_cache, tmp_path, run_cli):
+    import json
+
+    import numpy as np
+
+    from mixq_onnx.models import load_model
+
+    rng = np.random.default_rng(0)
+    npz = tmp_path / "eval.npz"
+    np.savez(npz, x=rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8), y=np.arange(16) % 10)
+    out = tmp_path / "robust.safetensors"
+    r = run_cli("robustify", "--model", "cifar_resnet20", "--random-weights", "--data", noise_cache, "--out", out,
+                "--symreg", "0.1", "--satnl", "--epochs", "1", "--batch-size", "16", "--eval-data", npz, "-q")
+    assert r.code == 0, r.err
+    side = json.loads((tmp_path / "robust.safetensors.json").read_text())
+    assert side["report"]["mode"].startswith("data-free") and side["fp_top1_before"] is not None
+    assert len(side["report"]["satnl_alphas"]) == 20 and "symreg" in side["report"]["train"]["epochs"][0]
+    m = load_model("cifar_resnet20", out)  # the plain model loads it
+    assert m is not None and r.last_line == str(out)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--symreg", "-1"], "--symreg"), (["--symreg-pairing", "3:3"], "3:3"), (["--epochs", "0"], "--epochs"),
+    (["--loss", "ce"], "needs labels"), (["--out", "/proc/nope/r.safetensors"], "cannot write"),
+])
+def test_cli_robustify_bad_input(noise_cache, tmp_path, run_cli, args, needle):
+    from conftest import one_line_error, snapshot
+
+    base = ["robustify", "--model", "cifar_resnet20", "--random-weights", "--data", noise_cache,
+            "--out", tmp_path / "r.safetensors", "--epochs", "1", "-q"]
+    before = snapshot(tmp_path, noise_cache)
+    msg = one_line_error(run_cli(*base, *args))
+    assert needle in msg
+    assert snapshot(tmp_path, noise_cache) == before

@@ -18,8 +18,8 @@ from .regularizers import (
     symreg_channel_penalty,
     symreg_loss,
 )
-from .train import robustify
+from .train import check_writable, robustify, save_checkpoint
 
 __all__ = ["PAIRINGS", "RobustConfig", "SatNL", "apply_satnl", "regularized_layers", "remove_satnl",
-           "robustify",
+           "check_writable", "robustify", "save_checkpoint",
            "symreg_channel_penalty", "symreg_loss"]

@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import copy
+import os
+from pathlib import Path
 from typing import Any
 
 import torch.nn as nn
 
+from ..errors import MixqError
 from ..training import TrainConfig, TrainData, train
+from ..utils import atomic_write_bytes, atomic_write_json, sha256_bytes
 from .regularizers import RobustConfig, apply_satnl, remove_satnl, symreg_loss
 
 
@@ -34,3 +38,26 @@ def robustify(model: nn.Module, cfg: RobustConfig, data: TrainData, *, teacher: 
         remove_satnl(model)
     return model, {"train": hist, "satnl_alphas": alphas, "data": data.source,
                    "mode": "labelled" if data.labelled else "data-free (KD)"}
+
+
+def check_writable(out: str | os.PathLike) -> Path:
+    """Refuse an output the command could not write, before any training."""
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise MixqError(f"--out {out} must end in .safetensors")
+    parent = out.parent if str(out.parent) else Path(".")
+    if out.is_dir() or not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise MixqError(f"cannot write {out}: {'it is a directory' if out.is_dir() else 'its folder is missing or read-only'}")
+    return out
+
+
+def save_checkpoint(model: nn.Module, out: str | os.PathLike, report: dict[str, Any]) -> Path:
+    """A plain state dict (safetensors) plus OUT.json (recipe, report, the checkpoint's sha256), each written
+    to a temporary sibling and renamed."""
+    from safetensors.torch import save
+
+    out = check_writable(out)
+    data = save({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()})
+    atomic_write_bytes(out, data)
+    atomic_write_json(out.with_name(out.name + ".json"), {**report, "sha256": sha256_bytes(data)})
+    return out
