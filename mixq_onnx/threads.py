@@ -139,7 +139,7 @@ def _omp_threads(value: str) -> int:
     return n
 
 
-def configure(threads: int | None = None, *, measure: bool = True) -> str:
+def configure(threads: int | None = None) -> str:
     """Set the thread policy for this process; returns a one-line description for the log.
 
     `threads`: a fixed count (`--threads`); None: OMP_NUM_THREADS if set, else auto."""
@@ -152,7 +152,7 @@ def configure(threads: int | None = None, *, measure: bool = True) -> str:
         _GOVERNOR = None
         return f"threads: {n} ({'--threads' if threads is not None else 'OMP_NUM_THREADS'})"
     _GOVERNOR = Governor(usable_cores())
-    n = _GOVERNOR.measure() if measure else (_GOVERNOR.apply(_GOVERNOR.max_threads) or _GOVERNOR.max_threads)
+    n = _GOVERNOR.measure()
     return f"threads: {n} of {_GOVERNOR.max_threads} (auto: follows the idle cores; --threads N to fix)"
 
 
