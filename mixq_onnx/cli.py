@@ -441,6 +441,89 @@ def robustify(**o: Any) -> None:
     click.echo(str(out))
 
 
+def _csv(ctx, param, value: str | None) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    items = tuple(v for v in value.replace(" ", ",").split(",") if v)
+    if not items:
+        raise click.BadParameter(f"expected a comma-separated list, got {value!r}")
+    return items
+
+
+@cli.command(context_settings=CONTEXT)
+@model_options(required=True)
+@click.option("--calib", "calib_ref", required=True, metavar="CACHE",
+              help="Calibration cache for every cell: a path, or a hash (prefix) under --cache-root.")
+@click.option("--data", required=True, type=click.Path(), help="Labelled evaluation images: npz (x uint8 NHWC, y) "
+                                                                "or an image folder per class.")
+@click.option("--bits", callback=_csv, default=",".join(("W8A8", "W4A8", "W4A4", "W3A3", "W2A4")), show_default=True,
+              help="Bit-widths W<w>A<a> (weights 2-8, activations 2-8 or 16), comma-separated; the plot's x order.")
+@click.option("--method", "methods", callback=_csv, default="rtn,qdrop", show_default=True,
+              help=f"Quantization methods, comma-separated ({', '.join(METHODS)}).")
+@click.option("--seeds", callback=_csv, default="0", show_default=True,
+              help="Quantization seeds, comma-separated: several give mean and spread.")
+@click.option("--compare", "compare", multiple=True, metavar="[LABEL=]CKPT",
+              help="Another checkpoint of the same --model, overlaid (repeatable), e.g. --compare robust=robust.safetensors.")
+@click.option("--label", default=None, help="Label of --checkpoint [default: its file name, or the model name].")
+@click.option("--preset", type=click.Choice(PRESETS), default="fast", show_default=True)
+@click.option("--iters", type=POSITIVE, default=None, help="Iterations per unit (overrides the preset).")
+@click.option("--num-samples", type=POSITIVE, default=None, help="Calibration images used [default: 1024].")
+@click.option("--batch-size", type=POSITIVE, default=None, help="Reconstruction batch [default: 32].")
+@click.option("--symmetric/--asymmetric", default=True, show_default=True)
+@click.option("--first-last-bits", type=click.IntRange(0, 8), default=8, show_default=True,
+              help="Bits of the first and last layer (0: same as the rest).")
+@click.option("--limit", type=POSITIVE, default=None, help="Evaluate on the first N images only.")
+@click.option("--cache-root", type=click.Path(file_okay=False), default=None)
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Result folder: sweep.json, sweep.md, sweep.png. Re-running into it reuses finished cells.")
+@click.option("--json", "as_json", is_flag=True, help="Last stdout line: sweep.json's cells as one JSON object.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar or table.")
+@compute_command("sweep")
+def sweep(**o: Any) -> None:
+    """Quantize one float checkpoint (and the --compare ones) at every bit-width x method x seed, evaluate
+    each, and write a table and a plot of top-1 against bit-width: where does the network fall off?"""
+    import dataclasses
+
+    from .models import load_model
+    from .sweep import SweepConfig, SweepModel, check_sweep_dir, model_identity, run_sweep, sweep_table
+    from .utils import canonical_json, sha256_bytes
+
+    try:
+        seeds = tuple(int(s) for s in o["seeds"])
+    except ValueError:
+        raise MixqError(f"--seeds must be integers, got {','.join(o['seeds'])}") from None
+    cfg = SweepConfig(bits=o["bits"], methods=tuple(m.lower() for m in o["methods"]), seeds=seeds,
+                      preset=o["preset"], iters=o["iters"], num_samples=o["num_samples"],
+                      batch_size=o["batch_size"], symmetric=o["symmetric"],
+                      first_last_bits=o["first_last_bits"] or None, limit=o["limit"]).validate()
+    check_sweep_dir(o["out"])
+    base = _model_options(o)
+    entries = [(o["label"] or (Path(base.checkpoint).stem if base.checkpoint else base.spec), base.checkpoint)]
+    for c in o["compare"]:
+        label, sep, path = c.partition("=")
+        if not sep:
+            label, path = Path(c).stem, c
+        if not label or not path:
+            raise MixqError(f"--compare {c!r}: expected [LABEL=]CHECKPOINT")
+        entries.append((label, path))
+    prep = {"spec": base.spec, "mean": base.mean, "std": base.std, "input_size": base.input_size}
+    models = []
+    for label, ckpt in entries:
+        opts = base if ckpt == base.checkpoint else dataclasses.replace(base, checkpoint=ckpt, random_init=False)
+        m = load_model(opts)
+        ident = sha256_bytes(canonical_json([model_identity(m), prep]).encode())
+        models.append(SweepModel(label, m, ident, {**prep, "checkpoint": ckpt}))
+    doc = run_sweep(models, cfg, o["calib_ref"], o["data"], o["out"], cache_root=o["cache_root"],
+                    progress=not o["quiet"])
+    if not o["quiet"]:
+        click.echo(sweep_table(doc), err=True)
+        if doc["reused"]:
+            click.echo(f"reused {doc['reused']} finished cell(s) of the earlier run", err=True)
+    click.echo(str(Path(o["out"])))
+    if o["as_json"]:
+        _emit_json({"out": str(Path(o["out"])), "reused": doc["reused"], "cells": doc["cells"]})
+
+
 # --------------------------------------------------------------------------- export / verify
 @cli.command(context_settings=CONTEXT)
 @click.option("--quantized", type=click.Path(), default=None, help="A quantize output directory.")

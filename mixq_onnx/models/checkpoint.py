@@ -1,7 +1,10 @@
 """Safe checkpoint loading: weights_only torch.load or safetensors, wrapper dicts, `module.` prefixes."""
 from __future__ import annotations
 
+import hashlib
 import inspect
+import io
+import json
 import re
 import sys
 from collections.abc import Mapping
@@ -24,12 +27,17 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise MixqError(f"checkpoint not found: {path}")
     try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise MixqError(f"cannot read checkpoint {path}: {e.strerror or e}") from None
+    check_sidecar(path, data)
+    try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+            from safetensors.torch import load as load_safetensors
 
-            obj: object = load_file(str(path), device="cpu")
+            obj: object = load_safetensors(data)
         else:
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+            obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except MixqError:
         raise
     except Exception as e:  # noqa: BLE001 - any failure to parse is the user's file
@@ -39,6 +47,22 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if bad is not None:
         raise MixqError(f"checkpoint {path} has {bad[1]} values in tensor {bad[0]}: refusing non-finite weights")
     return sd
+
+
+def check_sidecar(path: Path, data: bytes) -> None:
+    """A checkpoint written by mixq-onnx (`robustify`, `qat`) has a sidecar PATH.json recording its sha256:
+    refuse the file when its bytes no longer match (edited, truncated or swapped after it was written)."""
+    side = path.with_name(path.name + ".json")
+    if not side.is_file():
+        return
+    try:
+        rec = json.loads(side.read_text())
+    except (OSError, ValueError):
+        return  # not a mixq-onnx sidecar: nothing was recorded to check against
+    want = rec.get("sha256") if isinstance(rec, dict) else None
+    if isinstance(want, str) and hashlib.sha256(data).hexdigest() != want:
+        raise MixqError(f"checkpoint {path} does not match the sha256 recorded in {side.name}: the file changed "
+                        "after it was written")
 
 
 def first_non_finite(sd: Mapping[str, torch.Tensor]) -> tuple[str, str] | None:

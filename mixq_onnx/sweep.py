@@ -1,0 +1,321 @@
+"""`sweep`: one or more float checkpoints quantized at every bit-width x method (x seed), each evaluated, so a
+user sees where a network falls off before choosing a bit-width (and whether `robustify` moved the cliff).
+
+The result folder holds `sweep.json` (every cell, rewritten atomically after each one), `sweep.md` (a table)
+and `sweep.png` (top-1 against bit-width, one line per checkpoint and method, dashed FP lines). A cell is
+keyed by its checkpoint label, method, bits and seed, and carries a fingerprint of everything that decides
+its number (the checkpoint's sha256, the quantization config, the calibration cache's recipe hash, the
+evaluation data); re-running the command reuses every cell whose fingerprint still matches.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch.nn as nn
+
+from .errors import MixqError
+from .utils import atomic_write_json, atomic_write_text, canonical_json, sha256_bytes, sha256_file
+
+SWEEP_VERSION = 1
+DEFAULT_BITS = ("W8A8", "W4A8", "W4A4", "W3A3", "W2A4")
+_BITS = re.compile(r"^W(\d+)A(\d+)$", re.IGNORECASE)
+
+
+def parse_bits(text: str) -> tuple[int, int]:
+    """"W4A4" -> (4, 4); weights 2..8 bits, activations 2..8 (or 16: weight-only), as `quantize` supports."""
+    m = _BITS.match(text.strip())
+    if not m:
+        raise MixqError(f"bit-width {text!r} is not of the form W<bits>A<bits>, e.g. W4A4")
+    w, a = int(m.group(1)), int(m.group(2))
+    if not 2 <= w <= 8 or not (2 <= a <= 8 or a == 16):
+        raise MixqError(f"bit-width {text!r} is outside the supported set: weights 2-8 bits, activations 2-8 "
+                        "(or 16 for weight-only)")
+    return w, a
+
+
+@dataclass
+class SweepConfig:
+    """The grid and the quantization settings every cell shares (the `quantize` defaults otherwise)."""
+
+    bits: tuple[str, ...] = DEFAULT_BITS
+    methods: tuple[str, ...] = ("rtn", "qdrop")
+    seeds: tuple[int, ...] = (0,)
+    preset: str = "fast"
+    iters: int | None = None
+    num_samples: int | None = None
+    batch_size: int | None = None
+    symmetric: bool = True
+    first_last_bits: int | None = 8
+    limit: int | None = None  # evaluate on the first N labelled images
+
+    def validate(self) -> SweepConfig:
+        from .methods import METHODS
+
+        if not self.bits or not self.methods or not self.seeds:
+            raise MixqError("a sweep needs at least one bit-width, one method and one seed")
+        self.bits = tuple(b.strip().upper() for b in self.bits)
+        for b in self.bits:
+            parse_bits(b)
+        for m in self.methods:
+            METHODS.lookup(m)
+        for name, seq in (("bit-width", self.bits), ("method", self.methods), ("seed", self.seeds)):
+            if len(set(seq)) != len(seq):
+                raise MixqError(f"a {name} is listed twice: {', '.join(map(str, seq))}")
+        for cfg in self.quant_configs():
+            cfg.validate()
+        if self.limit is not None and self.limit < 1:
+            raise MixqError(f"--limit must be at least 1, got {self.limit}")
+        return self
+
+    def quant_config(self, method: str, bits: str, seed: int):
+        from .quant import QuantConfig
+
+        w, a = parse_bits(bits)
+        return QuantConfig(wbits=w, abits=a, method=method, symmetric=self.symmetric,
+                           first_last_bits=self.first_last_bits, preset=self.preset, iters=self.iters,
+                           num_samples=self.num_samples, batch_size=self.batch_size, seed=seed)
+
+    def quant_configs(self) -> list:
+        return [self.quant_config(m, b, s) for m in self.methods for b in self.bits for s in self.seeds]
+
+
+@dataclass
+class SweepModel:
+    """One line family of the plot: a label and a float model; `identity` names its weights (a checkpoint's
+    sha256), so that a finished cell is reused only for the same weights."""
+
+    label: str
+    model: nn.Module
+    identity: str
+    source: dict[str, Any] = field(default_factory=dict)  # what the user named: spec, checkpoint path
+
+
+def model_identity(model: nn.Module) -> str:
+    """sha256 over a model's state dict (names, dtypes, shapes, bytes): stable across processes."""
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256()
+    for k, v in model.state_dict().items():
+        t = v.detach().cpu().contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def data_identity(path: str | os.PathLike) -> str:
+    """An npz's sha256; for an image folder, a hash of every file's relative path and size."""
+    p = Path(path)
+    if p.is_file():
+        return sha256_file(p)
+    entries = sorted(f"{f.relative_to(p)}|{f.stat().st_size}" for f in p.rglob("*") if f.is_file())
+    return sha256_bytes("\n".join(entries).encode())
+
+
+def check_sweep_dir(out: str | os.PathLike) -> Path:
+    """The result folder: new, empty, or an earlier sweep's (resumed). Anything else is refused, so a sweep
+    never writes into (or over) a folder it did not make."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise MixqError(f"--out {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / "sweep.json").is_file():
+        raise MixqError(f"--out {out} is a non-empty folder without sweep.json: choose a new folder")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not out.exists() and (not parent.is_dir() or not os.access(parent, os.W_OK)):
+        raise MixqError(f"cannot create --out {out}: its parent folder is missing or read-only")
+    if out.is_dir() and not os.access(out, os.W_OK):
+        raise MixqError(f"cannot write into --out {out}: it is read-only")
+    return out
+
+
+def read_sweep(out: str | os.PathLike) -> dict[str, Any]:
+    """An earlier `sweep.json` (checked), or an empty result."""
+    import json
+
+    p = Path(out) / "sweep.json"
+    if not p.is_file():
+        return {"version": SWEEP_VERSION, "cells": []}
+    try:
+        doc = json.loads(p.read_text())
+    except (OSError, ValueError) as e:
+        raise MixqError(f"{p} is not readable JSON ({e}): move it away or choose a new --out") from None
+    if not isinstance(doc, dict) or doc.get("version") != SWEEP_VERSION or not isinstance(doc.get("cells"), list):
+        raise MixqError(f"{p} is not a mixq-onnx sweep (version {SWEEP_VERSION}): choose a new --out")
+    return doc
+
+
+def _fingerprint(*parts: Any) -> str:
+    return sha256_bytes(canonical_json(list(parts)).encode())[:16]
+
+
+def run_sweep(models: list[SweepModel], cfg: SweepConfig, calib: Any, data: str | os.PathLike,
+              out: str | os.PathLike, *, cache_root: str | os.PathLike | None = None,
+              progress: bool = True) -> dict[str, Any]:
+    """Quantize every model at every (method, bits, seed) of `cfg` with calibration cache `calib` (a path or
+    hash), evaluate top-1 on labelled `data`, and write sweep.json / sweep.md / sweep.png into `out`.
+    Finished cells of an earlier run with the same fingerprint are reused. Returns the sweep document."""
+    import torch
+
+    from .calib import load_calibration
+    from .data import load_labelled
+    from .models import get_preprocessing
+    from .quant import evaluate, quantize
+
+    cfg.validate()
+    if not models:
+        raise MixqError("a sweep needs at least one model")
+    labels = [m.label for m in models]
+    if len(set(labels)) != len(labels):
+        raise MixqError(f"two checkpoints share the label {next(x for x in labels if labels.count(x) > 1)!r}: "
+                        "name them LABEL=PATH")
+    out = check_sweep_dir(out)
+    doc = read_sweep(out)
+    old = {c["key"]: c for c in doc["cells"] if isinstance(c, dict) and "key" in c}
+    data_id = data_identity(data)
+    calibsets = {m.label: load_calibration(calib, m.model, cache_root) for m in models}  # checked up front
+    ds = calibsets[models[0].label]
+    calib_id = ds.path.name
+    cells: list[dict[str, Any]] = []
+    doc = {"version": SWEEP_VERSION, "config": asdict(cfg), "data": {"path": str(data), "sha256": data_id},
+           "calib": ds.provenance(), "models": [], "cells": cells}
+    grid = [(m, method, bits, seed) for m in models for method in ["fp", *cfg.methods]
+            for bits in (["FP"] if method == "fp" else cfg.bits)
+            for seed in ([0] if method == "fp" else cfg.seeds)]
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(grid), desc="sweep", unit="cell", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    evalsets: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    reused = 0
+    try:
+        out.mkdir(parents=False, exist_ok=True)
+        for sm in models:
+            doc["models"].append({"label": sm.label, "identity": sm.identity, **sm.source})
+        for sm, method, bits, seed in grid:
+            key = f"{sm.label}|{method}|{bits}|{seed}"
+            qcfg = None if method == "fp" else cfg.quant_config(method, bits, seed).resolved()
+            fp = _fingerprint(sm.identity, qcfg.to_dict() if qcfg else None, calib_id if qcfg else None,
+                              data_id, cfg.limit)
+            bar.set_postfix_str(f"{sm.label} {method} {bits} s{seed}")
+            prev = old.get(key)
+            if prev is not None and prev.get("fingerprint") == fp and isinstance(prev.get("top1"), (int, float)):
+                cells.append(prev)
+                reused += 1
+                bar.update(1)
+                continue
+            size = get_preprocessing(sm.model).input_size[1]
+            if size not in evalsets:
+                evalsets[size] = load_labelled(data, size, cfg.limit)
+            images, y = evalsets[size]
+            t0 = time.perf_counter()
+            if qcfg is None:
+                res = evaluate(sm.model, images, y)
+            else:
+                qmodel = quantize(sm.model, qcfg, calibsets[sm.label], progress=False)
+                res = evaluate(qmodel, images, y, fp_model=sm.model)
+            cells.append({"key": key, "label": sm.label, "method": method, "bits": bits, "seed": seed,
+                          "fingerprint": fp, "top1": round(res.top1, 4), "top5": round(res.top5, 4), "n": res.n,
+                          "agreement": None if res.agreement is None else round(res.agreement, 4),
+                          "seconds": round(time.perf_counter() - t0, 2)})
+            atomic_write_json(out / "sweep.json", {**doc, "cells": cells + _pending(old, cells)})
+            bar.update(1)
+    finally:
+        bar.close()
+    doc["reused"] = reused
+    atomic_write_json(out / "sweep.json", doc)
+    atomic_write_text(out / "sweep.md", sweep_table(doc))
+    plot_sweep(doc, out / "sweep.png")
+    return doc
+
+
+def _pending(old: dict[str, dict], done: list[dict]) -> list[dict]:
+    """Earlier cells not yet revisited: kept in sweep.json while a re-run is under way, so an interrupted
+    re-run loses nothing the first run finished."""
+    seen = {c["key"] for c in done}
+    return [c for k, c in old.items() if k not in seen]
+
+
+def summarize_cells(doc: dict[str, Any]) -> dict[tuple[str, str, str], tuple[float, float, int]]:
+    """(label, method, bits) -> (mean top-1, spread = max - min over seeds, seeds)."""
+    groups: dict[tuple[str, str, str], list[float]] = {}
+    for c in doc["cells"]:
+        groups.setdefault((c["label"], c["method"], c["bits"]), []).append(float(c["top1"]))
+    return {k: (sum(v) / len(v), max(v) - min(v), len(v)) for k, v in groups.items()}
+
+
+def sweep_table(doc: dict[str, Any]) -> str:
+    """Markdown: one row per checkpoint and method, one column per bit-width; mean top-1 over seeds, with
+    ± half the spread when there are several."""
+    s = summarize_cells(doc)
+    bits = list(doc["config"]["bits"])
+    lines = [f"Top-1 % on {doc['data']['path']} ({_n(doc)} images); calibration {doc['calib'].get('hash', '?')[:12]}; "
+             f"seeds {', '.join(map(str, doc['config']['seeds']))}; preset {doc['config']['preset']}.", "",
+             "| checkpoint | method | FP | " + " | ".join(bits) + " |",
+             "|---|---|---:|" + "---:|" * len(bits)]
+    for m in doc["models"]:
+        fp = s.get((m["label"], "fp", "FP"))
+        for method in doc["config"]["methods"]:
+            row = [m["label"], method, f"{fp[0]:.2f}" if fp else "-"]
+            for b in bits:
+                v = s.get((m["label"], method, b))
+                row.append("-" if v is None else (f"{v[0]:.2f}" + (f" ± {v[1] / 2:.2f}" if v[2] > 1 else "")))
+            lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _n(doc: dict[str, Any]) -> int | str:
+    return next((c["n"] for c in doc["cells"] if "n" in c), "?")
+
+
+def plot_sweep(doc: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Top-1 against bit-width (x in the sweep's order), one line per checkpoint and method (error bars: the
+    seeds' min..max), and each checkpoint's FP top-1 as a dashed line in the same colour."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = summarize_cells(doc)
+    bits = list(doc["config"]["bits"])
+    fig, ax = plt.subplots(figsize=(1.2 * len(bits) + 3.5, 4.2), dpi=110)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    styles = ["o-", "s--", "^-.", "d:"]
+    xs = list(range(len(bits)))
+    for i, m in enumerate(doc["models"]):
+        colour = colours[i % len(colours)]
+        fp = s.get((m["label"], "fp", "FP"))
+        if fp:
+            ax.axhline(fp[0], color=colour, lw=0.9, ls=(0, (4, 3)), alpha=0.7)
+        for j, method in enumerate(doc["config"]["methods"]):
+            pts = [(x, s[(m["label"], method, b)]) for x, b in zip(xs, bits) if (m["label"], method, b) in s]
+            if not pts:
+                continue
+            ax.errorbar([p[0] for p in pts], [p[1][0] for p in pts], yerr=[p[1][1] / 2 for p in pts],
+                        fmt=styles[j % len(styles)], color=colour, capsize=3, ms=5,
+                        label=f"{m['label']} · {method}" + (f" (FP {fp[0]:.1f})" if fp and j == 0 else ""))
+    ax.set_xticks(xs, bits)
+    ax.set_xlabel("bit-width")
+    ax.set_ylabel("top-1 %")
+    ax.set_ylim(0, 100 if not s else min(100, 5 * math.ceil(max(v[0] for v in s.values()) / 5) + 5))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left")
+    ax.set_title("accuracy across bit-widths (dashed: FP)", fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    try:
+        fig.savefig(tmp)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if tmp.exists():
+            tmp.unlink()
+    return path
