@@ -15,6 +15,7 @@ import click
 from . import __version__
 from .cli_common import CONTEXT, POSITIVE, compute_command
 from .cli_common import emit_json as _emit_json
+from .cli_qat import register as _register_qat
 from .cli_trt import register as _register_trt
 from .errors import MixqError
 from .methods import METHODS, PRESETS
@@ -642,6 +643,7 @@ def verify(**o: Any) -> None:
         sys.exit(1)
 
 
+_register_qat(cli)
 _register_trt(cli)
 
 

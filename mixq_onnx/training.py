@@ -104,10 +104,14 @@ def _asam_perturb(params: list[nn.Parameter], rho: float) -> list[torch.Tensor |
 
 def train(model: nn.Module, data: TrainData, cfg: TrainConfig, *, teacher: nn.Module | None = None,
           extra_loss: Callable[[nn.Module], dict[str, torch.Tensor]] | None = None,
-          params: list[nn.Parameter] | None = None, progress: bool = True) -> dict[str, Any]:
+          params: list[nn.Parameter] | list[dict[str, Any]] | None = None, progress: bool = True,
+          on_step: Callable[[int, int], None] | None = None, desc: str = "train") -> dict[str, Any]:
     """Train `model` in place; returns the per-epoch mean of every loss term.
 
-    `extra_loss(model)` adds the stage's terms (already weighted), e.g. {"symreg": beta * symreg_loss(m)}."""
+    `extra_loss(model)` adds the stage's terms (already weighted), e.g. {"symreg": beta * symreg_loss(m)}.
+    `params` may be torch parameter groups (dicts with "params" and their own "lr"): each group's lr is then
+    cosine-annealed from its own value (quantizer parameters often need another rate than the weights).
+    `on_step(step, total)` runs after every optimiser step (e.g. to keep learned ranges positive)."""
     cfg.validate()
     if not data.labelled and teacher is None:
         raise MixqError("unlabelled data (a calibration cache) trains by distillation: a teacher model is needed")
@@ -115,6 +119,9 @@ def train(model: nn.Module, data: TrainData, cfg: TrainConfig, *, teacher: nn.Mo
     gen = torch.Generator().manual_seed(cfg.seed)
     params = params if params is not None else [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9)
+    for g in opt.param_groups:
+        g["base_lr"] = g["lr"]
+    params = [p for g in opt.param_groups for p in g["params"]]  # flat, for ASAM
     n = len(data.inputs)
     steps_per_epoch = max(1, math.ceil(n / cfg.batch_size))
     total = cfg.epochs * steps_per_epoch
@@ -122,7 +129,7 @@ def train(model: nn.Module, data: TrainData, cfg: TrainConfig, *, teacher: nn.Mo
         teacher.eval()
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, desc="train", unit="step", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    bar = tqdm(total=total, desc=desc, unit="step", disable=not progress, file=sys.stderr, dynamic_ncols=True)
     history: list[dict[str, float]] = []
     step = 0
 
@@ -152,7 +159,7 @@ def train(model: nn.Module, data: TrainData, cfg: TrainConfig, *, teacher: nn.Mo
                     with torch.no_grad():
                         t_logits = teacher(x)
                 for g in opt.param_groups:
-                    g["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / total))
+                    g["lr"] = g["base_lr"] * 0.5 * (1 + math.cos(math.pi * step / total))
                 opt.zero_grad(set_to_none=True)
                 terms = losses(x, y, t_logits)
                 loss = sum(terms.values())
@@ -167,6 +174,8 @@ def train(model: nn.Module, data: TrainData, cfg: TrainConfig, *, teacher: nn.Mo
                                 p.sub_(e)
                 opt.step()
                 step += 1
+                if on_step is not None:
+                    on_step(step, total)
                 for k, v in terms.items():
                     sums[k] = sums.get(k, 0.0) + float(v.detach()) * len(idx)
                 bar.update(1)

@@ -332,7 +332,9 @@ def prepare(model: nn.Module, cfg: QuantConfig) -> fx.GraphModule:
     if not layers:
         raise MixqError(f"model {type(model).__name__} has no quantizable layer (Conv2d/Linear)")
     order = execution_order(gm, layers, example_input(gm))
+    gm.mixq_first_last = ()  # type: ignore[attr-defined]  # layers the first/last-layer policy set (QAT keeps them fixed)
     if cfg.first_last_bits is not None and order and not cfg.block_size:
+        gm.mixq_first_last = tuple(dict.fromkeys((order[0], order[-1])))  # type: ignore[attr-defined]
         for n in {order[0], order[-1]}:
             layer = layers[n]
             layer.weight_quantizer.bits = cfg.first_last_bits

@@ -36,13 +36,18 @@ _TENSOR_KEYS = ("scale", "zero_point", "int")
 
 # ----------------------------------------------------------------------------- writing
 def save_quantized(qmodel: nn.Module, out: str | os.PathLike, extra: dict[str, Any] | None = None,
-                   overwrite: bool = False) -> Path:
+                   overwrite: bool = False, files: Mapping[str, bytes] | None = None) -> Path:
     """Write `quant.json` and `weights.safetensors` for a model returned by `quantize`.
 
     A new folder is written as a temporary sibling and renamed into place. An existing non-empty folder
     is refused unless `overwrite`; then only the two files are replaced (each atomically, weights first,
     quant.json last, recording the weights' sha256), so the user's other files stay and a reader never
-    pairs a new quant.json with old weights."""
+    pairs a new quant.json with old weights. `files` (name -> bytes, e.g. a stage's report and plot) go
+    into the same folder the same way, before quant.json."""
+    files = dict(files or {})
+    for name in files:
+        if name in (QUANT_JSON, WEIGHTS) or Path(name).name != name or name.startswith("."):
+            raise ValueError(f"save_quantized: {name!r} is not a plain extra file name")
     from safetensors.torch import save
 
     from .. import __version__
@@ -73,11 +78,13 @@ def save_quantized(qmodel: nn.Module, out: str | os.PathLike, extra: dict[str, A
     }
     text = (json.dumps(meta, indent=2) + "\n").encode()
     try:
-        if out.is_dir():  # empty, or --overwrite: replace just our two files
+        if out.is_dir():  # empty, or --overwrite: replace just our files
             _write_file(out / WEIGHTS, weights)
+            for name, data in files.items():
+                _write_file(out / name, data)
             _write_file(out / QUANT_JSON, text)
         else:
-            _write_new_dir(out, {WEIGHTS: weights, QUANT_JSON: text})
+            _write_new_dir(out, {WEIGHTS: weights, **files, QUANT_JSON: text})
     except OSError as e:
         raise MixqError(f"cannot write {out}: {e.strerror or e}") from None
     return out

@@ -1,10 +1,10 @@
-"""Robustness training (issue 13, in progress): SymReg and SatNL, after Park, Jang and Park, "Symmetry
-Regularization and Saturating Nonlinearity for Robust Quantization" (ECCV 2022).
+"""Robustness training: SymReg and SatNL, after Park, Jang and Park, "Symmetry Regularization and Saturating
+Nonlinearity for Robust Quantization" (ECCV 2022).
 
 The paper's full text is not available here; the formulas are this project's reading of the method from
-its abstract and secondary summaries (see `regularizers.py` for every choice made). So far: the two terms,
-their configuration and `robustify` (library, on the shared loop in `mixq_onnx/training.py`); the CLI,
-`sweep` and the measurements come next.
+its abstract and secondary summaries (see `regularizers.py` for every choice made). `robustify` fine-tunes a
+float model on the shared loop in `mixq_onnx/training.py` and returns a plain float model; `mixq_onnx.sweep`
+measures any checkpoint across bit-widths and methods.
 """
 from __future__ import annotations
 

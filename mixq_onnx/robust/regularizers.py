@@ -30,7 +30,7 @@ ALPHA_MARGIN = 1.001
 
 @dataclass
 class RobustConfig:
-    """What `robustify` trains with (the loop itself is not written yet)."""
+    """What `robustify` trains with (the loop is `mixq_onnx.training.train`)."""
 
     symreg: float = 0.0  # BETA, the SymReg weight; 0 = off
     pairing: str = "1:1"

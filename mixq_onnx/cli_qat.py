@@ -1,0 +1,119 @@
+"""`qat`: quantization-aware training (NIPQ mixed precision, LSQ baseline), registered onto the main group.
+
+Light at module level like the rest of the CLI (click and the standard library): torch and the training code
+load inside the command body."""
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from .cli_common import CONTEXT, POSITIVE, compute_command
+from .errors import MixqError
+
+#: The model flags, taken from `robustify` so both commands spell and document them the same way.
+MODEL_PARAMS = ("model", "checkpoint", "random_weights", "mean", "std", "input_size")
+
+
+def register(cli: click.Group) -> None:
+    """Add `qat` to `cli` (after `robustify`, whose model flags it shares)."""
+
+    @cli.command(context_settings=CONTEXT)
+    @click.option("--data", "data_src", required=True, metavar="SRC",
+                  help="A calibration cache (data-free: KD from the original model) or labelled images (npz or "
+                       "folder: cross-entropy, plus KD with --kd-weight).")
+    @click.option("--method", type=click.Choice(["nipq", "lsq"]), default="nipq", show_default=True,
+                  help="nipq: learned bits and ranges under --target-bits/--target-gbops; lsq: fixed --wbits/"
+                       "--abits with LSQ steps (the baseline), on the same schedule.")
+    @click.option("--out", required=True, type=click.Path(), help="Output directory (quant.json, weights.safetensors, "
+                                                                  "qat.json, bits.png).")
+    @click.option("--target-bits", type=float, default=None, metavar="B",
+                  help="nipq budget: average bits of the weights (by parameter count) and of the activations (by "
+                       "tensor size), each, in [2, 8]; the frozen bits land within 0.05 when the layers allow it.")
+    @click.option("--target-gbops", type=float, default=None, metavar="G",
+                  help="nipq budget instead: sum over Conv/Linear of k*k*Cin*Cout/groups*H*W*b_w*b_a per image, "
+                       "in 1e9 (within 5 %).")
+    @click.option("--wbits", type=int, default=None, help="lsq: weight bits (2-8) [default: 4].")
+    @click.option("--abits", type=int, default=None, help="lsq: activation bits (2-8) [default: 4].")
+    @click.option("--max-bits", type=int, default=8, show_default=True,
+                  help="Cap of a learned bit-width (2-8) at deployment.")
+    @click.option("--first-last-bits", type=int, default=8, show_default=True,
+                  help="Fixed bits of the first and last layer (0: learned like the rest).")
+    @click.option("--noise", type=click.Choice(["hist", "uniform"]), default="hist", show_default=True,
+                  help="nipq noise: the histogram of the real normalised rounding error, or U(-0.5, 0.5).")
+    @click.option("--epochs", type=int, default=10, show_default=True,
+                  help="nipq: noise epochs; lsq: first-phase epochs.")
+    @click.option("--final-epochs", type=int, default=2, show_default=True,
+                  help="Hard-quantization fine-tuning with frozen bits (STE) at the end (0: none).")
+    @click.option("--lr", type=float, default=1e-3, show_default=True, help="Weights: SGD, cosine to 0 per phase.")
+    @click.option("--qlr", type=float, default=2e-2, show_default=True,
+                  help="Quantizer parameters (bits, ranges, steps).")
+    @click.option("--final-lr", type=float, default=None, help="Weights in the final phase [default: --lr].")
+    @click.option("--budget-weight", type=float, default=1.0, show_default=True, help="nipq: weight of the budget penalty.")
+    @click.option("--loss", type=click.Choice(["auto", "ce", "kd"]), default="auto", show_default=True,
+                  help="auto: KD on a cache, CE on labelled data; ce needs labels; kd on labelled data adds KD "
+                       "(--kd-weight 1 unless given).")
+    @click.option("--kd-weight", type=float, default=None, help="KD weight next to CE on labelled data [default: 0].")
+    @click.option("--batch-size", type=POSITIVE, default=128, show_default=True)
+    @click.option("--seed", type=int, default=0, show_default=True)
+    @click.option("--limit", type=POSITIVE, default=None, help="Use the first N training images.")
+    @click.option("--cache-root", type=click.Path(file_okay=False), default=None,
+                  help="Cache root [default: $MIXQ_CACHE_ROOT or ./calib_cache].")
+    @click.option("--overwrite", is_flag=True,
+                  help="Replace quant.json, weights.safetensors, qat.json and bits.png in a non-empty --out.")
+    @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
+    @compute_command("qat")
+    def qat(**o: Any) -> None:
+        """Quantization-aware training into a result folder like `quantize`'s: NIPQ mixed precision (each
+        layer's weights and activations learn their own bits under a budget) or LSQ at fixed bits.
+
+        \b
+        NIPQ: b = 2 + 12 sigmoid(theta_b) from 8 bits, range softplus(theta_alpha) from max|w| per channel
+        (weights), 6 (non-negative activations) or 3 (signed); pseudo-quantization noise while training; then
+        the bits are rounded, moved onto the budget and frozen, and --final-epochs quantize for real.
+        \b
+        Deployment mapping: learned bits are capped by --max-bits. Weights use the narrow signed grid
+        [-(2^(b-1)-1), 2^(b-1)-1] (per channel, scale alpha/qmax) in INT8. Activations keep quantize's
+        rules: non-negative ones on an unsigned b-bit grid up to 7 bits, on signed INT8 at 8 bits; every grid
+        narrower than INT8 gets a Clip before its QuantizeLinear. Mixed precision needs no flag downstream:
+        eval, export, check, verify, build and inspect read each quantizer's bits from quant.json.
+        Only the weights (as integers) and the quantizers train; biases keep the checkpoint's values.
+        """
+        import torch
+
+        from .models import ModelOptions, load_model
+        from .qat import QATConfig, save_qat, summary
+        from .qat import train as run_qat
+        from .quant.io import check_output_dir
+        from .training import load_training_data
+
+        lsq = o["method"] == "lsq"
+        if not lsq and (o["wbits"] is not None or o["abits"] is not None):
+            raise MixqError("--wbits/--abits fix the bits of --method lsq; nipq learns them (use --target-bits)")
+        kd_weight = o["kd_weight"] if o["kd_weight"] is not None else 0.0
+        cfg = QATConfig(method=o["method"], target_bits=o["target_bits"], target_gbops=o["target_gbops"],
+                        wbits=o["wbits"] or 4, abits=o["abits"] or 4, max_bits=o["max_bits"],
+                        first_last_bits=o["first_last_bits"] or None, noise=o["noise"], epochs=o["epochs"],
+                        final_epochs=o["final_epochs"], lr=o["lr"], qlr=o["qlr"], final_lr=o["final_lr"],
+                        batch_size=o["batch_size"], seed=o["seed"], kd_weight=kd_weight,
+                        budget_weight=o["budget_weight"])
+        cfg.validate()  # bad options fail before the model loads
+        out = check_output_dir(o["out"], o["overwrite"])
+        model = load_model(ModelOptions(o["model"], o["checkpoint"], o["random_weights"], o["mean"], o["std"],
+                                        o["input_size"]))
+        data = load_training_data(o["data_src"], model, cache_root=o["cache_root"], limit=o["limit"])
+        if o["loss"] == "ce" and not data.labelled:
+            raise MixqError(f"--loss ce needs labels, and {data.source} is a calibration cache without any "
+                            "(use --loss kd or labelled data)")
+        if o["loss"] == "kd" and data.labelled and cfg.kd_weight == 0:
+            cfg.kd_weight = 1.0
+        torch.manual_seed(cfg.seed)
+        qmodel = run_qat(model, cfg, data, progress=not o["quiet"])
+        save_qat(qmodel, out, overwrite=o["overwrite"])
+        if not o["quiet"]:
+            click.echo(summary(qmodel.mixq_qat_report), err=True)
+        click.echo(str(out))
+
+    donor = cli.commands.get("robustify")
+    if donor is not None:
+        qat.params[:0] = [p for p in donor.params if p.name in MODEL_PARAMS]

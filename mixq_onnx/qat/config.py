@@ -1,0 +1,92 @@
+"""`QATConfig`: what `mixq_onnx.qat.train` learns and on which budget. Light (no torch): the CLI validates
+options with it before the model loads."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from ..errors import MixqError
+
+QAT_METHODS = ("nipq", "lsq")
+NOISES = ("hist", "uniform")
+MIN_BITS, TRAIN_MAX_BITS = 2, 14  # NIPQ's bit-width range: b = 2 + 12 * sigmoid(theta_b)
+
+
+@dataclass
+class QATConfig:
+    """Quantization-aware training (issue 14).
+
+    nipq: learned bits and ranges under a budget (`target_bits` or `target_gbops`), pseudo-quantization
+    noise, then `final_epochs` of hard quantization with the bits frozen. lsq: fixed `wbits`/`abits`,
+    LSQ step sizes with a straight-through estimator, on the same schedule (the baseline)."""
+
+    method: str = "nipq"
+    target_bits: float | None = None  # average bits, of the weights and of the activations (each)
+    target_gbops: float | None = None  # sum over Conv/Linear of MACs * b_w * b_a, in 1e9
+    wbits: int = 4  # lsq only
+    abits: int = 4  # lsq only
+    max_bits: int = 8  # deployment cap of a learned bit-width
+    first_last_bits: int | None = 8  # None: the first and last layer learn their bits like the rest
+    noise: str = "hist"  # nipq: "hist" (measured rounding-error histogram) or "uniform" U(-0.5, 0.5)
+    epochs: int = 10  # nipq: noise phase; lsq: first phase (same schedule)
+    final_epochs: int = 2  # hard quantization with frozen bits (STE), both methods
+    lr: float = 1e-3  # weights, SGD momentum 0.9, cosine to 0 in each phase
+    qlr: float = 2e-2  # quantizer parameters (theta_b, theta_alpha, LSQ steps)
+    final_lr: float | None = None  # weights in the final phase [default: lr]
+    batch_size: int = 128
+    seed: int = 0
+    kd_weight: float = 0.0  # labelled data: weight of KD from the FP model next to CE (cache: KD only)
+    temperature: float = 4.0
+    budget_weight: float = 1.0  # weight of the budget penalty (nipq)
+    init_bits: float = 8.0  # nipq: starting bit-width of the learned quantizers
+    tolerance: float = 0.05  # rounding to the budget: average bits within this (GBOPs: this fraction)
+
+    def validate(self) -> QATConfig:
+        if self.method not in QAT_METHODS:
+            raise MixqError(f"unknown QAT method {self.method!r}: choose one of {', '.join(QAT_METHODS)}")
+        if self.noise not in NOISES:
+            raise MixqError(f"--noise must be one of {', '.join(NOISES)}, got {self.noise!r}")
+        if self.epochs < 1:
+            raise MixqError(f"--epochs must be at least 1, got {self.epochs}")
+        if self.final_epochs < 0:
+            raise MixqError(f"--final-epochs must be at least 0, got {self.final_epochs}")
+        if not 2 <= self.max_bits <= 8:
+            raise MixqError(f"--max-bits must be between 2 and 8, got {self.max_bits}"
+                            + (" (FP16 layers above 8 bits are not implemented)" if self.max_bits > 8 else ""))
+        if self.first_last_bits is not None and not 2 <= self.first_last_bits <= 8:
+            raise MixqError(f"--first-last-bits must be between 2 and 8 (0: learned), got {self.first_last_bits}")
+        for opt, v in (("--lr", self.lr), ("--qlr", self.qlr), ("--final-lr", self.final_lr),
+                       ("the temperature", self.temperature)):
+            if v is not None and not (math.isfinite(v) and v > 0):
+                raise MixqError(f"{opt} must be positive, got {v}")
+        if self.batch_size < 1:
+            raise MixqError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if not (math.isfinite(self.kd_weight) and self.kd_weight >= 0):
+            raise MixqError(f"--kd-weight must be >= 0, got {self.kd_weight}")
+        if self.method == "lsq":
+            if self.target_bits is not None or self.target_gbops is not None:
+                raise MixqError("--target-bits/--target-gbops are budgets of --method nipq; lsq trains fixed "
+                                "--wbits/--abits")
+            for opt, v in (("--wbits", self.wbits), ("--abits", self.abits)):
+                if not 2 <= v <= 8:
+                    raise MixqError(f"{opt} must be between 2 and 8, got {v}")
+            return self
+        if self.target_bits is not None and self.target_gbops is not None:
+            raise MixqError("give one budget: --target-bits or --target-gbops, not both")
+        if self.target_bits is None and self.target_gbops is None:
+            raise MixqError("--method nipq needs a budget: --target-bits B or --target-gbops G")
+        if self.target_bits is not None and not (math.isfinite(self.target_bits) and 2 <= self.target_bits <= 8):
+            raise MixqError(f"--target-bits must be between 2 and 8, got {self.target_bits}")
+        if self.target_gbops is not None and not (math.isfinite(self.target_gbops) and self.target_gbops > 0):
+            raise MixqError(f"--target-gbops must be positive, got {self.target_gbops}")
+        if not (math.isfinite(self.budget_weight) and self.budget_weight >= 0):
+            raise MixqError(f"--budget-weight must be >= 0, got {self.budget_weight}")
+        if not MIN_BITS <= self.init_bits < TRAIN_MAX_BITS:
+            raise MixqError(f"init_bits must be in [{MIN_BITS}, {TRAIN_MAX_BITS}), got {self.init_bits}")
+        if not (math.isfinite(self.tolerance) and self.tolerance > 0):
+            raise MixqError(f"the budget tolerance must be positive, got {self.tolerance}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,217 @@
+"""`train(model, QATConfig(...), data)`: quantization-aware training on the shared loop
+(`mixq_onnx.training.train`), returning the same kind of fake-quant model `quantize` returns.
+
+1. `prepare` (BN folding, quantize's placements and first/last-layer policy) and the costs of every
+   quantizer (sizes, MACs).
+2. nipq: bits 2 + 12 * sigmoid(theta_b) from `init_bits` (8), ranges softplus(theta_alpha) from max|w| per
+   channel (weights), 6 (non-negative activations) or 3 (signed ones); pseudo-quantization noise; the task
+   loss plus the budget penalty. lsq: Lp-searched steps (quantize's initialisation) at fixed bits.
+3. nipq: freeze: bits rounded, capped at `max_bits` and moved onto the budget (`budget.round_to_budget`);
+   each range becomes the step of the deployed grid `spec.grid()` (alpha / qmax).
+4. both: `final_epochs` of hard quantization (LSQ steps, STE) on the deployed grids.
+5. plain quantizers again: weights frozen as integers, bits in each spec (`quantizers.to_plain`).
+
+Only the weights (stored as integers) and the quantizers learn: biases and other float parameters keep the
+checkpoint's values, because a result folder rebuilds them from the recorded checkpoint.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..quant.config import QuantConfig
+from ..quant.graph import prepare, quantizers
+from ..quant.modules import QUANT_LAYERS
+from ..quant.quantizer import ActQuantizer, WeightQuantizer
+from ..quant.reconstruct import init_scales
+from ..training import TrainConfig, TrainData
+from ..training import train as run_loop
+from .budget import Costs, achieved, budget_loss, check_reachable, measure_costs, round_to_budget
+from .config import QATConfig
+from .quantizers import QATActQuantizer, QATParams, QATWeightQuantizer, replace_quantizers, to_plain
+
+SIGN_SAMPLES = 256  # images run to see which activations are non-negative (unsigned grids)
+
+
+def _observe_minimum(gm: nn.Module, x: torch.Tensor) -> dict[str, float]:
+    """Smallest value each activation quantizer sees (quantizers still pass through)."""
+    acts = [q for q in quantizers(gm).values() if isinstance(q, ActQuantizer)]
+    for q in acts:
+        q.observing = True
+    try:
+        with torch.no_grad():
+            for s in range(0, len(x), 64):
+                gm(x[s:s + 64])
+    finally:
+        for q in acts:
+            q.observing = False
+    mins = {q.name: q.observed_min for q in acts}
+    for q in acts:
+        q.clear_observations()
+    return mins
+
+
+def _fixed_bits(gm: nn.Module, cfg: QATConfig) -> dict[str, int]:
+    """Quantizers the first/last-layer policy fixes (their bits are not learned)."""
+    out: dict[str, int] = {}
+    if cfg.first_last_bits is None:
+        return out
+    first_last = set(getattr(gm, "mixq_first_last", ()))
+    for m in gm.modules():
+        if isinstance(m, QUANT_LAYERS) and m.name in first_last:
+            out[m.weight_quantizer.name] = cfg.first_last_bits
+            if m.input_quantizer is not None:
+                out[m.input_quantizer.name] = cfg.first_last_bits
+    return out
+
+
+def _training_quantizers(gm: nn.Module, cfg: QATConfig, weights: dict[str, torch.Tensor],
+                         fixed: dict[str, int], mins: dict[str, float]) -> None:
+    """Swap every quantizer for its training form, initialised for the method."""
+
+    def make(q: nn.Module) -> nn.Module:
+        if cfg.method == "lsq":  # init_scales ran: each plain quantizer holds its Lp-searched step and sign
+            lo, hi = q.spec.grid()
+            p = QATParams(q.scale.detach() * hi, signed=q.spec.signed, learn_bits=False, bits=q.bits,
+                          cap=cfg.max_bits, noise=cfg.noise)
+            p.start_hard(q.scale.detach())
+        elif isinstance(q, WeightQuantizer):
+            p = QATParams(weights[q.name].detach().abs().flatten(1).amax(1).clamp(min=1e-8), signed=True,
+                          learn_bits=q.name not in fixed, bits=fixed.get(q.name, cfg.init_bits),
+                          cap=cfg.max_bits, noise=cfg.noise)
+        else:
+            unsigned = mins.get(q.name, -1.0) >= 0
+            p = QATParams(torch.tensor(6.0 if unsigned else 3.0), signed=not unsigned,
+                          learn_bits=q.name not in fixed, bits=fixed.get(q.name, cfg.init_bits),
+                          cap=cfg.max_bits, noise=cfg.noise)
+        return QATWeightQuantizer(q, p) if isinstance(q, WeightQuantizer) else QATActQuantizer(q, p)
+
+    replace_quantizers(gm, make)
+
+
+def _freeze_bits(gm: nn.Module, bits: dict[str, int]) -> None:
+    """End of the noise phase: bits as given; each range becomes the step of the deployed grid. A non-negative
+    activation keeps an unsigned grid up to 7 bits; at 8 it goes on signed INT8 (as `quantize` does)."""
+    for name, q in quantizers(gm).items():
+        q.bits = int(bits[name])
+        if isinstance(q, QATActQuantizer):
+            q.signed = q.qat.signed or q.bits > 7
+        _, hi = q.spec.grid()
+        q.qat.start_hard(q.qat.alpha().detach() / max(hi, 1))
+
+
+def _clamp_steps(steps: list[nn.Parameter]):
+    def on_step(step: int, total: int) -> None:
+        with torch.no_grad():
+            for s in steps:
+                s.clamp_(min=1e-8)
+
+    return on_step
+
+
+def _report(gm: nn.Module, cfg: QATConfig, costs: Costs, cont: dict[str, float], fixed: dict[str, int],
+            moves: list[dict[str, Any]], history: list[dict[str, Any]], data: TrainData, seconds: float
+            ) -> dict[str, Any]:
+    rows = []
+    bits = {}
+    for name, q in quantizers(gm).items():
+        bits[name] = q.bits
+        _, hi = q.spec.grid()
+        alpha = (q.scale.detach().reshape(-1).double() * hi).tolist()
+        rows.append({"name": name, "kind": q.kind, "placement": q.spec.placement, "bits": q.bits,
+                     "learned_bits": round(cont[name], 4), "fixed": name in fixed, "signed": q.spec.signed,
+                     "grid": list(q.spec.grid()), "size": costs.sizes[name],
+                     "alpha": round(sum(alpha) / len(alpha), 6),
+                     **({"alpha_per_channel": [round(a, 6) for a in alpha]} if q.kind == "weight" else {})})
+    target = ({"bits": cfg.target_bits} if cfg.target_bits is not None else
+              {"gbops": cfg.target_gbops} if cfg.target_gbops is not None else None)
+    return {"method": cfg.method, "config": cfg.to_dict(), "data": data.source,
+            "mode": "labelled" if data.labelled else "data-free (KD)", "target": target,
+            "achieved": achieved(bits, costs), "moves": moves, "train": history, "quantizers": rows,
+            "layers": [{"name": n, "weight": w, "input": a, "macs": m} for n, w, a, m in costs.layers],
+            "seconds": round(seconds, 2)}
+
+
+def train(model: nn.Module, cfg: QATConfig, data: TrainData, *, teacher: nn.Module | None = None,
+          progress: bool = True) -> nn.Module:
+    """Quantization-aware training of `model` (left unchanged); returns the fake-quant model with its
+    report in `mixq_qat_report` (per quantizer bits, learned bits and alpha, achieved budget, losses).
+    The KD teacher defaults to a frozen copy of `model` (needed on a cache, and with `kd_weight` > 0)."""
+    cfg = cfg.validate()
+    t0 = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    torch.set_flush_denormal(True)
+    if teacher is None and (not data.labelled or cfg.kd_weight > 0):
+        teacher = copy.deepcopy(model).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+    lsq = cfg.method == "lsq"
+    qcfg = QuantConfig(wbits=cfg.wbits if lsq else 8, abits=cfg.abits if lsq else 8, method="rtn",
+                       first_last_bits=cfg.first_last_bits, batch_size=cfg.batch_size, seed=cfg.seed)
+    gm = prepare(model, qcfg)
+    costs = measure_costs(gm)
+    fixed = _fixed_bits(gm, cfg) if not lsq else {n: q.bits for n, q in quantizers(gm).items()}
+    learnable = [n for n in costs.kinds if n not in fixed]
+    if not lsq:
+        check_reachable(costs, learnable, fixed, cfg)  # before any training
+    layers = [m for m in gm.modules() if isinstance(m, QUANT_LAYERS)]
+    weights = {m.weight_quantizer.name: m.weight for m in layers}
+    sample = data.inputs[:SIGN_SAMPLES]
+    if lsq:
+        init_scales(gm, sample, qcfg)
+        mins: dict[str, float] = {}
+    else:
+        mins = _observe_minimum(gm, sample)
+    _training_quantizers(gm, cfg, weights, fixed, mins)
+    qps: dict[str, QATParams] = {n: q.qat for n, q in quantizers(gm).items()}
+    for w in weights.values():
+        w.requires_grad_(True)
+
+    tcfg = TrainConfig(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed,
+                       kd_weight=cfg.kd_weight, temperature=cfg.temperature)
+    history: list[dict[str, Any]] = []
+    try:
+        if not lsq:
+            def extra(_m: nn.Module) -> dict[str, torch.Tensor]:
+                return {"budget": budget_loss({n: p.budget_bits() for n, p in qps.items()}, costs, cfg)}
+
+            theta = [t for p in qps.values() for t in (p.theta_a, p.theta_b) if t is not None]
+            h = run_loop(gm, data, tcfg, teacher=teacher, extra_loss=extra, progress=progress, desc="nipq",
+                         params=[{"params": list(weights.values()), "lr": cfg.lr}, {"params": theta, "lr": cfg.qlr}])
+            history.append({"phase": "noise", **h})
+            cont = {n: p.continuous_bits() for n, p in qps.items()}
+            bits, moves = round_to_budget(cont, learnable, fixed, costs, cfg)
+            _freeze_bits(gm, bits)
+        else:
+            cont = {n: float(b) for n, b in fixed.items()}
+            moves = []
+        phases = [("hard", cfg.epochs, cfg.lr)] if lsq else []
+        if cfg.final_epochs > 0:
+            phases.append(("final", cfg.final_epochs, cfg.final_lr or cfg.lr))
+        steps = [p.step for p in qps.values()]
+        for i, (phase, epochs, lr) in enumerate(phases):
+            pcfg = TrainConfig(epochs=epochs, lr=lr, batch_size=cfg.batch_size, seed=cfg.seed + 1 + i,
+                               kd_weight=cfg.kd_weight, temperature=cfg.temperature)
+            h = run_loop(gm, data, pcfg, teacher=teacher, progress=progress, desc=f"{cfg.method} {phase}",
+                         params=[{"params": list(weights.values()), "lr": lr}, {"params": steps, "lr": cfg.qlr}],
+                         on_step=_clamp_steps(steps))
+            history.append({"phase": phase, **h})
+    finally:
+        for w in weights.values():
+            w.requires_grad_(False)
+    replace_quantizers(gm, lambda q: to_plain(q, weights.get(q.name)))
+    gm.eval()
+    all_bits = {n: q.bits for n, q in quantizers(gm).items()}
+    gm.mixq_config = QuantConfig(  # type: ignore[attr-defined]  # placements to rebuild; bits come per record
+        wbits=max(b for n, b in all_bits.items() if costs.kinds[n] == "weight"),
+        abits=max((b for n, b in all_bits.items() if costs.kinds[n] == "act"), default=8), method="rtn",
+        first_last_bits=cfg.first_last_bits, batch_size=cfg.batch_size, seed=cfg.seed)
+    gm.mixq_calibration = None  # type: ignore[attr-defined]
+    rep = _report(gm, cfg, costs, cont, fixed, moves, history, data, time.perf_counter() - t0)
+    gm.mixq_qat_report = rep  # type: ignore[attr-defined]
+    gm.mixq_report = {k: rep[k] for k in ("method", "target", "achieved", "mode", "data", "seconds")}  # type: ignore[attr-defined]
+    return gm

@@ -1,0 +1,244 @@
+"""`qat` (issue 14): NIPQ's noise and learned bits, the budget and its rounding, the frozen grids, mixed
+precision through export / check / verify, and the command end to end on a tiny timm model (random weights:
+these check the code paths and the mechanics; accuracy claims belong to the benchmark)."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import one_line_error, snapshot
+
+from mixq_onnx.errors import MixqError
+from mixq_onnx.qat import QATConfig, average_bits, measure_costs, nipq_quant, round_to_budget, sample_noise
+from mixq_onnx.qat import train as qat_train
+from mixq_onnx.qat.budget import Costs
+from mixq_onnx.qat.noise import NoisyClip, rounding_errors
+from mixq_onnx.quant.graph import quantizers
+from mixq_onnx.quant.quantizer import ActQuantizer, WeightQuantizer
+from mixq_onnx.training import TrainData
+
+TINY = ["--model", "test_resnet", "--input-size", "32", "--random-weights"]
+
+
+def ks_statistic(a: np.ndarray, b: np.ndarray) -> float:
+    """Two-sample Kolmogorov-Smirnov statistic sup |F_a - F_b|."""
+    a, b = np.sort(a), np.sort(b)
+    grid = np.concatenate([a, b])
+    return float(np.max(np.abs(np.searchsorted(a, grid, "right") / len(a) - np.searchsorted(b, grid, "right") / len(b))))
+
+
+def ks_critical(n: int, m: int, alpha: float = 0.001) -> float:
+    """Asymptotic two-sample KS critical value at level alpha."""
+    return math.sqrt(-0.5 * math.log(alpha / 2)) * math.sqrt((n + m) / (n * m))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A random test_resnet (32 px) and 48 random images."""
+    from mixq_onnx.models import load_model
+
+    torch.manual_seed(0)
+    model = load_model("test_resnet", random_init=True, input_size=32)
+    x = torch.randn(48, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    return model, TrainData(x, None, "random")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A 32-image noise cache and 48 labelled random images in an npz."""
+    from mixq_onnx.calib import CalibConfig, make_calibration_cache
+
+    root = tmp_path_factory.mktemp("qat")
+    cache = make_calibration_cache(CalibConfig(generator="noise", num=32, size=32), root / "cache", progress=False)
+    rng = np.random.default_rng(0)
+    np.savez(root / "data.npz", x=rng.integers(0, 256, (48, 32, 32, 3), dtype=np.uint8), y=np.arange(48) % 10)
+    return root, cache
+
+
+# ----------------------------------------------------------------------------- noise
+def test_hist_noise_reproduces_the_measured_rounding_error_and_uniform_is_uniform():
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    # Values crowded near 0 on a 3-bit grid: their rounding errors are far from uniform (mostly -v near 0).
+    x = torch.randn(200_000, generator=g) * 0.06
+    alpha, bits = torch.tensor(1.0), torch.tensor(3.0)
+    err = rounding_errors(x.reshape(1, -1), alpha.reshape(1, 1), 2 ** (bits - 1) - 1, signed=True)
+    measured = err[~torch.isnan(err)].numpy()
+    hist = sample_noise(torch.from_numpy(measured), (100_000,), "hist", g).numpy()
+    uni = sample_noise(torch.empty(0), (100_000,), "uniform", g).numpy()
+    ref_uniform = torch.rand(100_000, generator=g).numpy() - 0.5
+    crit = ks_critical(len(measured), len(hist))
+    assert ks_statistic(measured, hist) < crit  # the sampler reproduces the measured distribution
+    assert ks_statistic(measured, ref_uniform) > 10 * crit  # ... which is not uniform: the test has power
+    assert ks_statistic(uni, ref_uniform) < ks_critical(len(uni), len(ref_uniform))
+    assert hist.min() >= -0.5 and hist.max() <= 0.5 and uni.min() >= -0.5 and uni.max() <= 0.5
+
+
+def test_noise_is_added_inside_the_range_and_gradients_match_the_plain_formula():
+    torch.manual_seed(0)
+    x = (torch.randn(4, 8, 5, 5) * 2).requires_grad_()
+    alpha = torch.full((4, 1, 1, 1), 1.5, requires_grad=True)
+    bits = torch.tensor(4.0, requires_grad=True)
+    for signed in (True, False):
+        n_lv = 2 ** (bits - 1) - 1 if signed else 2**bits - 1
+        delta = alpha / n_lv
+        with torch.no_grad():
+            upper = x >= alpha
+            lower = x <= -alpha if signed else x <= 0
+            noise = (torch.rand(x.shape) - 0.5).masked_fill(upper | lower, 0.0)
+        out = NoisyClip.apply(x, alpha, delta, noise, upper, lower, signed)
+        floor = -alpha if signed else torch.zeros_like(alpha)
+        ref = torch.where(upper, alpha, torch.where(lower, floor, x + noise * delta))
+        assert torch.equal(out, ref)
+        w = torch.randn(x.shape)
+        got = torch.autograd.grad((out * w).sum(), (x, alpha, bits), retain_graph=True)
+        want = torch.autograd.grad((ref * w).sum(), (x, alpha, bits))
+        for a, b in zip(got, want):
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+    y = nipq_quant(x.detach(), torch.tensor(3.0), torch.tensor(1.0), True, "hist")
+    inside = x.detach().abs() < 1.0
+    assert (y[~inside].abs() == 1.0).all()
+    assert ((y - x.detach())[inside].abs() <= 0.5 / 3 + 1e-6).all()  # at most half a step of noise
+
+
+# ----------------------------------------------------------------------------- budget
+def test_the_budget_raises_or_lowers_the_learned_bits(tiny):
+    model, data = tiny
+    learned = {}
+    for target in (8.0, 2.0):
+        cfg = QATConfig(target_bits=target, init_bits=5.0, epochs=3, final_epochs=0, batch_size=16, qlr=0.5,
+                        budget_weight=5.0, lr=1e-4, first_last_bits=None)
+        q = qat_train(model, cfg, data, progress=False)
+        rows = [r for r in q.mixq_qat_report["quantizers"] if not r["fixed"]]
+        learned[target] = sum(r["learned_bits"] for r in rows) / len(rows)
+    assert learned[8.0] > 5.5 and learned[2.0] < 4.5, learned
+
+
+def test_round_to_budget_lands_within_the_tolerance_and_moves_the_nearest_first():
+    costs = Costs(sizes={"a": 100, "b": 300, "c": 600, "x": 1000}, kinds={"a": "weight", "b": "weight",
+                                                                          "c": "weight", "x": "act"})
+    cont = {"a": 4.4, "b": 4.45, "c": 3.6, "x": 5.2}  # rounds to 4, 4, 4 (avg 4.0) and 5
+    cfg = QATConfig(target_bits=4.4).validate()
+    bits, moves = round_to_budget(cont, ["a", "b", "c", "x"], {}, costs, cfg)
+    assert abs(average_bits(bits, costs, "weight") - 4.4) <= 0.05 and bits["b"] == 5  # b was nearest to 5
+    assert abs(average_bits(bits, costs, "act") - 4.4) > 0.05  # one act quantizer: 4 or 5 bits, no better
+    assert moves[0]["quantizer"] == "b"
+    with pytest.raises(MixqError, match="out of reach"):
+        from mixq_onnx.qat.budget import check_reachable
+
+        check_reachable(costs, ["a", "b"], {"c": 8, "x": 8}, QATConfig(target_bits=2.5).validate())
+
+
+def test_average_bits_land_within_005_of_the_target(tiny):
+    model, data = tiny
+    for target in (3.5, 5.0):
+        cfg = QATConfig(target_bits=target, epochs=1, final_epochs=0, batch_size=24)
+        rep = qat_train(model, cfg, data, progress=False).mixq_qat_report
+        a = rep["achieved"]
+        assert abs(a["weight_bits"] - target) <= 0.05 and abs(a["act_bits"] - target) <= 0.05, (target, a)
+    cfg = QATConfig(target_gbops=0.05, epochs=1, final_epochs=0, batch_size=24)
+    rep = qat_train(model, cfg, data, progress=False).mixq_qat_report
+    assert abs(rep["achieved"]["gbops"] - 0.05) <= 0.05 * 0.05, rep["achieved"]
+
+
+# ----------------------------------------------------------------------------- frozen grids
+def test_after_the_final_phase_every_weight_and_activation_is_on_its_frozen_grid(tiny):
+    model, data = tiny
+    cfg = QATConfig(target_bits=4.0, epochs=1, final_epochs=1, batch_size=16)
+    q = qat_train(model, cfg, data, progress=False)
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [m.register_forward_hook(lambda mod, a, out: seen.__setitem__(mod.name, out.detach()))
+             for m in q.modules() if isinstance(m, ActQuantizer)]
+    with torch.no_grad():
+        q(data.inputs[:8])
+    for h in hooks:
+        h.remove()
+    costs = measure_costs(q)
+    bits = {}
+    for name, qz in quantizers(q).items():
+        assert type(qz) in (WeightQuantizer, ActQuantizer)  # plain quantizers again
+        lo, hi = qz.spec.grid()
+        bits[name] = qz.bits
+        if isinstance(qz, WeightQuantizer):
+            assert qz.mode == "int"
+            codes = qz.int_weight.float()
+            layer = next(m for m in q.modules() if getattr(m, "weight_quantizer", None) is qz)
+            w = qz(layer.weight)
+            assert torch.equal(w, codes * qz.scale.view(-1, *[1] * (w.ndim - 1)))
+        else:
+            codes = torch.round(seen[name] / qz.scale)
+            assert torch.equal(seen[name], codes * qz.scale), name  # an integer multiple of its step
+        assert codes.min() >= lo and codes.max() <= hi, name
+    assert abs(average_bits(bits, costs, "weight") - 4.0) <= 0.05
+    assert q.mixq_qat_report["achieved"]["weight_bits"] == round(average_bits(bits, costs, "weight"), 4)
+
+
+# ----------------------------------------------------------------------------- CLI
+def test_qat_end_to_end_then_eval_export_check_verify(world, tmp_path, run_cli):
+    root, cache = world
+    out = tmp_path / "nipq"
+    r = run_cli("qat", *TINY, "--data", cache, "--target-bits", "4", "--epochs", "1", "--final-epochs", "1",
+                "--batch-size", "16", "--out", out)
+    assert r.code == 0, r.err
+    assert r.last_line == str(out)
+    assert sorted(p.name for p in out.iterdir()) == ["bits.png", "qat.json", "quant.json", "weights.safetensors"]
+    assert (out / "bits.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rep = json.loads((out / "qat.json").read_text())
+    assert rep["method"] == "nipq" and rep["mode"] == "data-free (KD)" and rep["target"] == {"bits": 4.0}
+    assert abs(rep["achieved"]["weight_bits"] - 4) <= 0.05 and abs(rep["achieved"]["act_bits"] - 4) <= 0.05
+    assert all("alpha" in q and "learned_bits" in q for q in rep["quantizers"])
+    assert "nipq: weights" in r.err and "GBOPs" in r.err and "qat:" in r.err.splitlines()[-1]
+    meta = json.loads((out / "quant.json").read_text())
+    wbits = {q["bits"] for q in meta["quantizers"] if q["kind"] == "weight"}
+    assert len(wbits) >= 2, wbits  # mixed precision, one record per quantizer
+    assert run_cli("eval", "--quantized", out, "--data", root / "data.npz").code == 0
+
+    # labelled data with CE (+ KD), the LSQ baseline: weights 3 bits beside activations 5 bits (first/last 8)
+    lsq = tmp_path / "lsq"
+    r = run_cli("qat", *TINY, "--data", root / "data.npz", "--method", "lsq", "--wbits", "3", "--abits", "5",
+                "--loss", "kd", "--epochs", "1", "--final-epochs", "1", "--batch-size", "16", "--out", lsq, "-q")
+    assert r.code == 0, r.err
+    meta = json.loads((lsq / "quant.json").read_text())
+    assert {q["bits"] for q in meta["quantizers"]} == {3, 5, 8}
+    assert json.loads((lsq / "qat.json").read_text())["mode"] == "labelled"
+    for folder in (out, lsq):
+        onnx_path = tmp_path / f"{folder.name}.onnx"
+        assert run_cli("export", "--quantized", folder, "--out", onnx_path).code == 0
+        assert run_cli("check", onnx_path).code == 0
+        r = run_cli("verify", onnx_path, "--quantized", folder, "--data", root / "data.npz", "--json")
+        assert r.code == 0, r.err
+        v = json.loads(r.last_line)
+        assert v["layout"] == "integer" and v["max_abs_diff"] == 0.0 and v["propagated_code_mismatch"] == 0.0, v
+
+    # --overwrite replaces our files and keeps the user's; without it a non-empty folder is refused
+    (lsq / "notes.txt").write_text("mine")
+    one_line_error(run_cli("qat", *TINY, "--data", cache, "--method", "lsq", "--epochs", "1", "--out", lsq, "-q"))
+    r = run_cli("qat", *TINY, "--data", cache, "--method", "lsq", "--epochs", "1", "--final-epochs", "0",
+                "--out", lsq, "--overwrite", "-q")
+    assert r.code == 0, r.err
+    assert (lsq / "notes.txt").read_text() == "mine"
+    assert {q["bits"] for q in json.loads((lsq / "quant.json").read_text())["quantizers"]} == {4, 8}
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--target-bits", "1.5"], "--target-bits must be between 2 and 8"),
+    (["--target-bits", "8.5"], "--target-bits must be between 2 and 8"),
+    (["--target-bits", "4", "--target-gbops", "1"], "not both"),
+    ([], "needs a budget"),
+    (["--target-bits", "4", "--epochs", "0"], "--epochs must be at least 1"),
+    (["--target-bits", "4", "--max-bits", "1"], "--max-bits must be between 2 and 8"),
+    (["--target-bits", "4", "--wbits", "4"], "nipq learns them"),
+    (["--method", "lsq", "--target-bits", "4"], "budgets of --method nipq"),
+    (["--target-bits", "4", "--loss", "ce"], "--loss ce needs labels"),
+    (["--target-bits", "2", "--first-last-bits", "8"], "out of reach"),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_bad_input_is_one_line_exit_2_and_no_output(world, tmp_path, run_cli, args, needle):
+    root, cache = world
+    before = snapshot(tmp_path)
+    out = tmp_path / "out"
+    line = one_line_error(run_cli("qat", *TINY, "--data", cache, "--out", out, "--epochs", "1", *args))
+    assert needle in line, line
+    assert not out.exists() and snapshot(tmp_path) == before
