@@ -285,7 +285,7 @@ def plot_sweep(doc: dict[str, Any], path: str | os.PathLike) -> Path:
 
     s = summarize_cells(doc)
     bits = list(doc["config"]["bits"])
-    fig, ax = plt.subplots(figsize=(1.2 * len(bits) + 3.5, 4.2), dpi=110)
+    fig, ax = plt.subplots(figsize=(1.3 * len(bits) + 5.5, 4.4), dpi=110)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     styles = ["o-", "s--", "^-.", "d:"]
     xs = list(range(len(bits)))
@@ -306,7 +306,7 @@ def plot_sweep(doc: dict[str, Any], path: str | os.PathLike) -> Path:
     ax.set_ylabel("top-1 %")
     ax.set_ylim(0, 100 if not s else min(100, 5 * math.ceil(max(v[0] for v in s.values()) / 5) + 5))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower left")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     ax.set_title("accuracy across bit-widths (dashed: FP)", fontsize=10)
     fig.tight_layout()
     path = Path(path)

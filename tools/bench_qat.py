@@ -1,0 +1,168 @@
+"""NIPQ against LSQ on the real CIFAR-10 networks in ../shared (issue 14's tables).
+
+Runs `mixq-onnx qat` and `mixq-onnx eval` as a user would, one subprocess per row, resumable (a finished
+row's result folder is reused). Every row of a network shares one schedule (epochs, final epochs, learning
+rates, batch); labelled rows train on 4,500 of the 5,000 cifar10_train_calib.npz images (the first 450 of
+each class; the other 500 are held out for choosing hyper-parameters); data-free rows distil from the
+original on a BN-inversion cache. Top-1 on all 5,000 cifar10_test_dev.npz images.
+
+    python tools/bench_qat.py                  # every row, then the export / check / verify / build row
+    python tools/bench_qat.py --models resnet20 --only main
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_robust import SHARED, inversion_cache, model_args, split_data  # noqa: E402
+from benchmd import ROOT, stamp, update_section  # noqa: E402
+
+WORK = ROOT / "runs" / "bench_qat"
+TEST = SHARED / "data" / "cifar10_test_dev.npz"
+SCHEDULE = {"epochs": 6, "final-epochs": 2, "lr": 1e-3, "qlr": 2e-2, "batch-size": 128}
+PTQ_QDROP_W4A4 = {"resnet20": 79.24, "resnet8": 75.68}  # issue 3's table (docs/benchmarks.md, section quant)
+
+
+def cli(*args: object, threads: int = 1) -> str:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "mixq_onnx.cli", *map(str, args), "--threads", str(threads)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)}\n{r.stderr[-3000:]}")
+    return r.stdout.strip().splitlines()[-1]
+
+
+def rows(net: str) -> list[dict]:
+    out = [
+        {"id": "lsq-w4a4", "mode": "ce", "args": ["--method", "lsq", "--wbits", 4, "--abits", 4]},
+        {"id": "lsq-w3a3", "mode": "ce", "args": ["--method", "lsq", "--wbits", 3, "--abits", 3]},
+        {"id": "nipq-4", "mode": "ce", "args": ["--method", "nipq", "--target-bits", 4]},
+        {"id": "nipq-3", "mode": "ce", "args": ["--method", "nipq", "--target-bits", 3]},
+        {"id": "nipq-4-datafree", "mode": "kd", "args": ["--method", "nipq", "--target-bits", 4]},
+        {"id": "nipq-3-datafree", "mode": "kd", "args": ["--method", "nipq", "--target-bits", 3]},
+    ]
+    if net == "resnet8":
+        out.append({"id": "lsq-w2a4", "mode": "ce", "args": ["--method", "lsq", "--wbits", 2, "--abits", 4]})
+        out.append({"id": "nipq-gbops-w2a4", "mode": "ce", "args": ["--method", "nipq", "--target-gbops", "W2A4"]})
+    return out
+
+
+def run_row(net: str, row: dict, gbops: dict[str, float]) -> dict:
+    out = WORK / f"{net}-{row['id']}"
+    res = out / "eval.json"
+    if res.exists():
+        return json.loads(res.read_text())
+    tr, _ = split_data()
+    data = str(tr) if row["mode"] == "ce" else inversion_cache(net)
+    args = [a if a != "W2A4" else f"{gbops[net]:.6f}" for a in row["args"]]
+    sched = [x for k, v in SCHEDULE.items() for x in (f"--{k}", v)]
+    t0 = time.time()
+    if not (out / "quant.json").exists():
+        cli("qat", *model_args(net), "--data", data, *args, *sched, "--out", out, "-q")
+    seconds = time.time() - t0
+    ev = json.loads(cli("eval", "--quantized", out, "--data", TEST, "--json"))
+    rep = json.loads((out / "qat.json").read_text())
+    r = {"top1": ev["top1"], "fp_top1": ev.get("fp_top1"), "achieved": rep["achieved"], "target": rep["target"],
+         "moves": len(rep["moves"]), "seconds": round(seconds)}
+    res.write_text(json.dumps(r, indent=2) + "\n")
+    print(f"  {net} {row['id']}: top-1 {r['top1']:.2f}  {r['achieved']}  {seconds:.0f} s", flush=True)
+    return r
+
+
+def w2a4_gbops(net: str) -> float:
+    """GBOPs of the LSQ W2A4 row (first/last layer 8-bit): the budget NIPQ gets to spend its own way."""
+    return json.loads((WORK / f"{net}-lsq-w2a4" / "eval.json").read_text())["achieved"]["gbops"]
+
+
+def deploy_row(net: str, row: str) -> dict:
+    """Export, check, verify (5,000 images, integer layout) and build with TensorRT-RTX, then inspect."""
+    folder = WORK / f"{net}-{row}"
+    onnx, plan = folder.with_suffix(".onnx"), folder.with_suffix(".plan")
+    cli("export", "--quantized", folder, "--out", onnx, threads=2)
+    check = json.loads(cli("check", onnx, "--json"))
+    ver = json.loads(cli("verify", onnx, "--quantized", folder, "--data", TEST, "--json", threads=2))
+    out: dict = {"check": check, "verify": ver}
+    try:
+        cli("build", onnx, "--out", plan, "--backend", "tensorrt-rtx", threads=2)
+        out["inspect"] = json.loads(cli("inspect", plan, "--onnx", onnx, "--json"))
+    except RuntimeError as e:  # TensorRT-RTX not installed: say so in the table
+        out["build_error"] = str(e).splitlines()[-1]
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="resnet20,resnet8")
+    ap.add_argument("--jobs", type=int, default=2)
+    a = ap.parse_args()
+    nets = a.models.split(",")
+    WORK.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    for net in nets:
+        inversion_cache(net)
+    results: dict[tuple[str, str], dict] = {}
+    gbops: dict[str, float] = {}
+    first = [(n, r) for n in nets for r in rows(n) if r["id"] != "nipq-gbops-w2a4"]
+    with ThreadPoolExecutor(a.jobs) as ex:
+        futs = {(n, r["id"]): ex.submit(run_row, n, r, gbops) for n, r in first}
+        for k, f in futs.items():
+            results[k] = f.result()
+    for n in nets:
+        for r in rows(n):
+            if r["id"] == "nipq-gbops-w2a4":
+                gbops[n] = w2a4_gbops(n)
+                results[(n, r["id"])] = run_row(n, r, gbops)
+    dep = deploy_row(nets[0], "nipq-4")
+    lines = ["| net | row | data | target | achieved W bits | achieved A bits | GBOPs | top-1 % | train s |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|"]
+    for n in nets:
+        for r in rows(n):
+            v = results[(n, r["id"])]
+            tgt = v["target"] or {}
+            t = f"{tgt['bits']:g} bits" if "bits" in tgt else f"{tgt['gbops']:.4f} GBOPs" if "gbops" in tgt else "-"
+            ach = v["achieved"]
+            lines.append(f"| {n} | {r['id']} | {'labelled' if r['mode'] == 'ce' else 'data-free'} | {t} | "
+                         f"{ach['weight_bits']:.3f} | {ach['act_bits']:.3f} | {ach['gbops']:.4f} | {v['top1']:.2f} | "
+                         f"{v['seconds']} |")
+    verdicts = []
+    for n in nets:
+        def top(i, n=n):
+            return results[(n, i)]["top1"]
+        verdicts.append(f"| {n} | NIPQ@4 − LSQ W4A4 = {top('nipq-4') - top('lsq-w4a4'):+.2f} pp (bar +0.3); "
+                        f"NIPQ@4 − PTQ QDrop W4A4 ({PTQ_QDROP_W4A4[n]}) = {top('nipq-4') - PTQ_QDROP_W4A4[n]:+.2f} pp "
+                        f"(bar ≥ 0); NIPQ@3 − LSQ W3A3 = {top('nipq-3') - top('lsq-w3a3'):+.2f} pp (bar +1.0) |")
+    ver = dep.get("verify", {})
+    ins = dep.get("inspect", {})
+    body = f"""## qat: NIPQ mixed precision against LSQ (issue 14)
+
+`python tools/bench_qat.py` · {stamp()} · {time.time() - t0:.0f} s
+
+Top-1 % on all 5,000 images of `cifar10_test_dev.npz`. One schedule for every row: {SCHEDULE['epochs']} epochs
+(NIPQ: noise phase; LSQ: hard phase) then {SCHEDULE['final-epochs']} final hard epochs, SGD lr {SCHEDULE['lr']}
+(quantizer parameters {SCHEDULE['qlr']}), cosine per phase, batch {SCHEDULE['batch-size']}; first and last layer fixed at
+8 bits in every row (they count in the averages). labelled: cross-entropy on 4,500 train images; data-free:
+distillation from the original on the network's BN-inversion cache.
+
+{chr(10).join(lines)}
+
+{chr(10).join(verdicts)}
+
+Deployment of `{nets[0]}-nipq-4`: check {'ok' if dep['check'].get('ok', not dep['check'].get('errors')) else 'FAILED'};
+verify ({ver.get('layout')} layout, {ver.get('n')} images): top-1 agreement {ver.get('top1_agreement')} %,
+max |diff| {ver.get('max_abs_diff')};
+TensorRT-RTX: {'int8 MAC fraction ' + str(ins.get('int8_mac_fraction')) if ins else dep.get('build_error', '?')}.
+"""
+    update_section("qat", body)
+    (WORK / "deploy.json").write_text(json.dumps(dep, indent=2) + "\n")
+    print(body)
+
+
+if __name__ == "__main__":
+    main()
