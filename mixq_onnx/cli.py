@@ -74,6 +74,8 @@ def cli() -> None:
       cache     list, inspect, verify or remove calibration caches
       quantize  learn rounding and step sizes on a cache (rtn, adaround, brecq, qdrop, genie)
       robustify fine-tune a float checkpoint with SymReg / SatNL to survive low bit-widths
+      sweep     quantize checkpoints at every bit-width x method: table and plot of top-1
+      qat       quantization-aware training: NIPQ learned mixed precision under a budget, or LSQ
       eval      top-1/top-5 of a float or quantized model, and agreement with the float model
       export    TensorRT-ready QDQ ONNX of a quantized model (or the float model with --fp)
       check     onnx.checker, shape inference and a TensorRT QDQ rules lint
