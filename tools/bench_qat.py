@@ -6,6 +6,7 @@ rates, batch); labelled rows train on 4,500 of the 5,000 cifar10_train_calib.npz
 each class; the other 500 are held out for choosing hyper-parameters); data-free rows distil from the
 original on a BN-inversion cache. Top-1 on all 5,000 cifar10_test_dev.npz images.
 
+    python tools/bench_qat.py --stage tune     # candidates on the 500 held-out images
     python tools/bench_qat.py                  # every row, then the export / check / verify / build row
     python tools/bench_qat.py --models resnet20 --only main
 """
@@ -76,6 +77,35 @@ def run_row(net: str, row: dict, gbops: dict[str, float]) -> dict:
     return r
 
 
+TUNE = [  # (tag, qat args): tried on the 500 held-out train images only (resnet20, labelled, the schedule above)
+    ("lsq-w4a4", ["--method", "lsq", "--wbits", 4, "--abits", 4]),
+    ("nipq-4", ["--method", "nipq", "--target-bits", 4]),
+    ("nipq-4-qlr1e-2", ["--method", "nipq", "--target-bits", 4, "--qlr", 1e-2]),
+    ("nipq-4-qlr5e-2", ["--method", "nipq", "--target-bits", 4, "--qlr", 5e-2]),
+    ("nipq-4-budget3", ["--method", "nipq", "--target-bits", 4, "--budget-weight", 3]),
+    ("nipq-4-uniform", ["--method", "nipq", "--target-bits", 4, "--noise", "uniform"]),
+]
+
+
+def stage_tune(jobs: int) -> str:
+    tr, ho = split_data()
+    sched = [x for k, v in SCHEDULE.items() for x in (f"--{k}", v)]
+
+    def one(tag: str, args: list) -> str:
+        out = WORK / "tune" / f"resnet20-{tag}"
+        if not (out / "quant.json").exists():
+            out.parent.mkdir(parents=True, exist_ok=True)
+            cli("qat", *model_args("resnet20"), "--data", tr, *args, *sched, "--out", out, "-q")
+        ev = json.loads(cli("eval", "--quantized", out, "--data", ho, "--json"))
+        ach = json.loads((out / "qat.json").read_text())["achieved"]
+        return (f"| {tag} | `{' '.join(map(str, args))}` | {ach['weight_bits']:.3f} | {ach['act_bits']:.3f} | "
+                f"{ev['top1']:.1f} |")
+
+    with ThreadPoolExecutor(jobs) as ex:
+        lines = [f.result() for f in [ex.submit(one, t, a) for t, a in TUNE]]
+    return "\n".join(["| candidate | qat args | W bits | A bits | held-out top-1 |", "|---|---|---:|---:|---:|", *lines])
+
+
 def w2a4_gbops(net: str) -> float:
     """GBOPs of the LSQ W2A4 row (first/last layer 8-bit): the budget NIPQ gets to spend its own way."""
     return json.loads((WORK / f"{net}-lsq-w2a4" / "eval.json").read_text())["achieved"]["gbops"]
@@ -101,9 +131,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="resnet20,resnet8")
     ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--stage", choices=["tune", "main"], default="main")
     a = ap.parse_args()
     nets = a.models.split(",")
     WORK.mkdir(parents=True, exist_ok=True)
+    if a.stage == "tune":
+        body = stage_tune(a.jobs)
+        (WORK / "tune.md").write_text(body + "\n")
+        print(body)
+        return
     t0 = time.time()
     for net in nets:
         inversion_cache(net)
@@ -158,6 +194,10 @@ Deployment of `{nets[0]}-nipq-4`: check {'ok' if dep['check'].get('ok', not dep[
 verify ({ver.get('layout')} layout, {ver.get('n')} images): top-1 agreement {ver.get('top1_agreement')} %,
 max |diff| {ver.get('max_abs_diff')};
 TensorRT-RTX: {'int8 MAC fraction ' + str(ins.get('int8_mac_fraction')) if ins else dep.get('build_error', '?')}.
+
+What was tried, on the 500 held-out train images only (`--stage tune`):
+
+{(WORK / "tune.md").read_text() if (WORK / "tune.md").exists() else "(run `--stage tune` first)"}
 """
     update_section("qat", body)
     (WORK / "deploy.json").write_text(json.dumps(dep, indent=2) + "\n")
