@@ -66,7 +66,7 @@ def run_row(net: str, row: dict, gbops: dict[str, float]) -> dict:
     sched = [x for k, v in SCHEDULE.items() for x in (f"--{k}", v)]
     t0 = time.time()
     if not (out / "quant.json").exists():
-        cli("qat", *model_args(net), "--data", data, *args, *sched, "--out", out, "-q")
+        cli("qat", *model_args(net), "--data", data, *sched, *args, "--out", out, "-q")
     seconds = time.time() - t0
     ev = json.loads(cli("eval", "--quantized", out, "--data", TEST, "--json"))
     rep = json.loads((out / "qat.json").read_text())
@@ -95,7 +95,7 @@ def stage_tune(jobs: int) -> str:
         out = WORK / "tune" / f"resnet20-{tag}"
         if not (out / "quant.json").exists():
             out.parent.mkdir(parents=True, exist_ok=True)
-            cli("qat", *model_args("resnet20"), "--data", tr, *args, *sched, "--out", out, "-q")
+            cli("qat", *model_args("resnet20"), "--data", tr, *sched, *args, "--out", out, "-q")  # args override
         ev = json.loads(cli("eval", "--quantized", out, "--data", ho, "--json"))
         ach = json.loads((out / "qat.json").read_text())["achieved"]
         return (f"| {tag} | `{' '.join(map(str, args))}` | {ach['weight_bits']:.3f} | {ach['act_bits']:.3f} | "
