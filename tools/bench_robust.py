@@ -233,6 +233,20 @@ def table(docs: dict, nets: list[str], modes: list[str], seeds: list[int]) -> tu
     return "\n".join(lines), verdicts
 
 
+def plot(docs: dict, net: str, modes: list[str], seeds: list[int]) -> Path:
+    """docs/robust_NET.png: the original, each mode's control and +both, RTN and QDrop, seeds merged (error
+    bars: their spread)."""
+    sys.path.insert(0, str(ROOT))
+    from mixq_onnx.sweep import plot_sweep
+
+    keep = ["original"] + [f"{m}-{v}" for m in modes for v in ("control", "both")]
+    first = docs[f"{net}-s{seeds[0]}"]
+    merged = {**first, "config": {**first["config"], "seeds": seeds, "bits": list(BITS)},
+              "models": [m for m in first["models"] if m["label"] in keep],
+              "cells": [c for s in seeds for c in docs[f"{net}-s{s}"]["cells"] if c["label"] in keep]}
+    return plot_sweep(merged, ROOT / "docs" / f"robust_{net}.png")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--stage", choices=["tune", "main"], default="main")
@@ -248,10 +262,12 @@ def main() -> None:
         return
     docs = stage_main(nets, modes, seeds, a.jobs)
     tab, verdicts = table(docs, nets, modes, seeds)
+    plots = [plot(docs, net, modes, seeds) for net in nets]
     tune = tune_table()
     body = f"""## robust: SymReg / SatNL checkpoints across bit-widths (issue 13)
 
-`python tools/bench_robust.py --stage tune && python tools/bench_robust.py` · {stamp()} · {time.time() - t0:.0f} s
+`python tools/bench_robust.py --stage tune && python tools/bench_robust.py` · {stamp()} · this invocation {time.time() - t0:.0f} s
+(finished checkpoints and sweep cells are reused; the first full run took about 46 minutes)
 
 Top-1 % on all 5,000 images of `cifar10_test_dev.npz` (JPEG-75 CIFAR-10), mean ± half the spread of 2 seeds
 (seed k trains the checkpoint and seeds the quantizers). `original`: the shared checkpoint. Every fine-tuned
@@ -271,6 +287,8 @@ at most 0.5 pp of FP top-1 against the original.
 | net | mode | Δ RTN W3A3 (both − control) | Δ QDrop W2A4 (both − control) | Δ FP (both − original) | bar |
 |---|---|---:|---:|---:|---|
 {chr(10).join(verdicts)}
+
+{chr(10).join(f"![{p.stem}]({p.name})" for p in plots)}
 
 What was tried, on the 500 held-out train images only (seed 0; `--stage tune`):
 
