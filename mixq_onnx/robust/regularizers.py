@@ -15,7 +15,7 @@ Choices made (the paper's text is not available; each is this project's reading)
   steps on the bulk. Learned alpha is the default: on the held-out images neither learned nor fixed alpha
   helped alone (docs/benchmarks.md, section robust), and the learned one shrinks, i.e. starts clipping,
   when SymReg trains beside it (ResNet-20's first conv: 1.87 -> 1.63 at lr 1e-2), which is where +both
-  gains over SymReg alone at QDrop W2A4.
+  gains over SymReg alone at QDrop W2A4 on ResNet-20 (not on ResNet-8).
 """
 from __future__ import annotations
 
