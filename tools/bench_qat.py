@@ -135,12 +135,23 @@ def main() -> None:
     a = ap.parse_args()
     nets = a.models.split(",")
     WORK.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
     if a.stage == "tune":
         body = stage_tune(a.jobs)
         (WORK / "tune.md").write_text(body + "\n")
+        sched = ", ".join(f"{k} {v}" for k, v in SCHEDULE.items())
+        update_section("qat", f"""## qat: NIPQ mixed precision against LSQ (issue 14, tuning)
+
+`python tools/bench_qat.py --stage tune` · {stamp()} · {time.time() - t0:.0f} s
+
+ResNet-20, labelled (cross-entropy on 4,500 train images), one schedule for every candidate ({sched}); first
+and last layer fixed at 8 bits (they count in the averages). Top-1 on the 500 held-out train images only
+(never the test set): the candidates from which the main table's settings are chosen.
+
+{body}
+""")
         print(body)
         return
-    t0 = time.time()
     for net in nets:
         inversion_cache(net)
     results: dict[tuple[str, str], dict] = {}
