@@ -419,7 +419,7 @@ def robustify(**o: Any) -> None:
     from .quant.evaluate import evaluate_data
     from .robust import RobustConfig, check_writable, save_checkpoint
     from .robust import robustify as run_robustify
-    from .training import load_training_data
+    from .training import kd_weight_for, load_training_data
 
     cfg = RobustConfig(symreg=o["beta"], pairing=o["symreg_pairing"], satnl=o["satnl"],
                        learn_alpha=not o["fixed_alpha"], sam=o["sam"], rho=o["rho"], epochs=o["epochs"],
@@ -428,11 +428,7 @@ def robustify(**o: Any) -> None:
     out = check_writable(o["out"])
     model = _load_user_model(o)
     data = load_training_data(o["data_src"], model, cache_root=o["cache_root"], limit=o["limit"])
-    if o["loss"] == "ce" and not data.labelled:
-        raise MixqError(f"--loss ce needs labels, and {data.source} is a calibration cache without any "
-                        "(use --loss kd or labelled data)")
-    if o["loss"] == "kd" and data.labelled and cfg.kd_weight == 0:
-        cfg.kd_weight = 1.0
+    cfg.kd_weight = kd_weight_for(data, o["loss"], cfg.kd_weight)
     before = evaluate_data(o["eval_data"], model=model).top1 if o["eval_data"] else None
     model, rep = run_robustify(model, cfg, data, progress=not o["quiet"])
     after = evaluate_data(o["eval_data"], model=model).top1 if o["eval_data"] else None

@@ -85,7 +85,7 @@ def register(cli: click.Group) -> None:
         from .qat import QATConfig, save_qat, summary
         from .qat import train as run_qat
         from .quant.io import check_output_dir
-        from .training import load_training_data
+        from .training import kd_weight_for, load_training_data
 
         lsq = o["method"] == "lsq"
         if not lsq and (o["wbits"] is not None or o["abits"] is not None):
@@ -102,11 +102,7 @@ def register(cli: click.Group) -> None:
         model = load_model(ModelOptions(o["model"], o["checkpoint"], o["random_weights"], o["mean"], o["std"],
                                         o["input_size"]))
         data = load_training_data(o["data_src"], model, cache_root=o["cache_root"], limit=o["limit"])
-        if o["loss"] == "ce" and not data.labelled:
-            raise MixqError(f"--loss ce needs labels, and {data.source} is a calibration cache without any "
-                            "(use --loss kd or labelled data)")
-        if o["loss"] == "kd" and data.labelled and cfg.kd_weight == 0:
-            cfg.kd_weight = 1.0
+        cfg.kd_weight = kd_weight_for(data, o["loss"], cfg.kd_weight)
         torch.manual_seed(cfg.seed)
         qmodel = run_qat(model, cfg, data, progress=not o["quiet"])
         save_qat(qmodel, out, overwrite=o["overwrite"])

@@ -80,6 +80,17 @@ def load_training_data(src: str | os.PathLike, model: nn.Module, *, cache_root: 
     return TrainData(torch.cat([pre(images[s:s + 256]) for s in range(0, len(images), 256)]), labels, str(p))
 
 
+def kd_weight_for(data: TrainData, loss: str, kd_weight: float) -> float:
+    """The KD weight a stage trains with, given `--loss auto|ce|kd`: ce needs labels; kd on labelled data
+    means CE plus KD (weight 1 unless one was given); a cache always trains by KD alone."""
+    if loss == "ce" and not data.labelled:
+        raise MixqError(f"--loss ce needs labels, and {data.source} is a calibration cache without any "
+                        "(use --loss kd or labelled data)")
+    if loss == "kd" and data.labelled and kd_weight == 0:
+        return 1.0
+    return kd_weight
+
+
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
     t = temperature
     return F.kl_div(F.log_softmax(student / t, 1), F.log_softmax(teacher / t, 1), log_target=True,

@@ -14,30 +14,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_robust import SHARED, inversion_cache, model_args, split_data  # noqa: E402
+from bench_robust import SHARED, cli, inversion_cache, model_args, split_data  # noqa: E402
 from benchmd import ROOT, stamp, update_section  # noqa: E402
 
 WORK = ROOT / "runs" / "bench_qat"
 TEST = SHARED / "data" / "cifar10_test_dev.npz"
 SCHEDULE = {"epochs": 6, "final-epochs": 2, "lr": 1e-3, "qlr": 2e-2, "batch-size": 128}
 PTQ_QDROP_W4A4 = {"resnet20": 79.24, "resnet8": 75.68}  # issue 3's table (docs/benchmarks.md, section quant)
-
-
-def cli(*args: object, threads: int = 1) -> str:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "mixq_onnx.cli", *map(str, args), "--threads", str(threads)]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
-    if r.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)}\n{r.stderr[-3000:]}")
-    return r.stdout.strip().splitlines()[-1]
 
 
 def rows(net: str) -> list[dict]:
