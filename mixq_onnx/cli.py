@@ -484,8 +484,7 @@ def sweep(**o: Any) -> None:
     import dataclasses
 
     from .models import load_model
-    from .sweep import SweepConfig, SweepModel, check_sweep_dir, model_identity, run_sweep, sweep_table
-    from .utils import canonical_json, sha256_bytes
+    from .sweep import SweepConfig, SweepModel, check_sweep_dir, run_sweep, sweep_table
 
     try:
         seeds = tuple(int(s) for s in o["seeds"])
@@ -509,9 +508,7 @@ def sweep(**o: Any) -> None:
     models = []
     for label, ckpt in entries:
         opts = base if ckpt == base.checkpoint else dataclasses.replace(base, checkpoint=ckpt, random_init=False)
-        m = load_model(opts)
-        ident = sha256_bytes(canonical_json([model_identity(m), prep]).encode())
-        models.append(SweepModel(label, m, ident, {**prep, "checkpoint": ckpt}))
+        models.append(SweepModel.of(label, load_model(opts), {**prep, "checkpoint": ckpt}))
     doc = run_sweep(models, cfg, o["calib_ref"], o["data"], o["out"], cache_root=o["cache_root"],
                     progress=not o["quiet"])
     if not o["quiet"]:

@@ -96,6 +96,14 @@ class SweepModel:
     identity: str
     source: dict[str, Any] = field(default_factory=dict)  # what the user named: spec, checkpoint path
 
+    @classmethod
+    def of(cls, label: str, model: nn.Module, source: dict[str, Any] | None = None) -> SweepModel:
+        """Identity from the weights and from `source` (spec, preprocessing overrides, ...), which also decide
+        a cell's number."""
+        source = dict(source or {})
+        fixed = {k: v for k, v in source.items() if k != "checkpoint"}  # the path may move; the weights decide
+        return cls(label, model, sha256_bytes(canonical_json([model_identity(model), fixed]).encode()), source)
+
 
 def model_identity(model: nn.Module) -> str:
     """sha256 over a model's state dict (names, dtypes, shapes, bytes): stable across processes."""
