@@ -86,6 +86,8 @@ class QATWeightQuantizer(WeightQuantizer):
         shape = [1] * w.ndim
         shape[self.axis] = -1
         p = self.qat
+        if p.phase == "float":  # observing the float network (the hard phase's step search)
+            return w
         if p.phase == "noise":
             return p.noise_forward(w, p.alpha().view(shape), self.training)
         lo, hi = self.spec.grid()
@@ -106,6 +108,10 @@ class QATActQuantizer(ActQuantizer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.qat
+        if p.phase == "float":
+            if self.observing:
+                self.observe(x)
+            return x
         if p.phase == "noise":
             return p.noise_forward(x, p.alpha().reshape(()), self.training)
         lo, hi = self.spec.grid()

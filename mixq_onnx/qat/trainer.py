@@ -7,7 +7,7 @@
    channel (weights), 6 (non-negative activations) or 3 (signed ones); pseudo-quantization noise; the task
    loss plus the budget penalty. lsq: Lp-searched steps (quantize's initialisation) at fixed bits.
 3. nipq: freeze: bits rounded, capped at `max_bits` and moved onto the budget (`budget.round_to_budget`);
-   each range becomes the step of the deployed grid `spec.grid()` (alpha / qmax).
+   each hard-phase step comes from quantize's Lp search at the frozen bits on the deployed grid `spec.grid()`.
 4. both: `final_epochs` of hard quantization (LSQ steps, STE) on the deployed grids.
 5. plain quantizers again: weights frozen as integers, bits in each spec (`quantizers.to_plain`).
 
@@ -26,7 +26,7 @@ import torch.nn as nn
 from ..quant.config import QuantConfig
 from ..quant.graph import prepare, quantizers
 from ..quant.modules import QUANT_LAYERS
-from ..quant.quantizer import ActQuantizer, WeightQuantizer
+from ..quant.quantizer import ActQuantizer, WeightQuantizer, search_act_scale, search_weight_scale
 from ..quant.reconstruct import init_scales
 from ..training import TrainConfig, TrainData
 from ..training import train as run_loop
@@ -93,15 +93,34 @@ def _training_quantizers(gm: nn.Module, cfg: QATConfig, weights: dict[str, torch
     replace_quantizers(gm, make)
 
 
-def _freeze_bits(gm: nn.Module, bits: dict[str, int]) -> None:
-    """End of the noise phase: bits as given; each range becomes the step of the deployed grid. A non-negative
-    activation keeps an unsigned grid up to 7 bits; at 8 it goes on signed INT8 (as `quantize` does)."""
-    for name, q in quantizers(gm).items():
+def _freeze_bits(gm: nn.Module, bits: dict[str, int], weights: dict[str, torch.Tensor], sample: torch.Tensor,
+                 qcfg: QuantConfig) -> None:
+    """End of the noise phase: bits as given, and each hard-phase step from quantize's Lp search at those bits
+    on the float network (per channel for weights; activations observed on `sample`). The noise phase barely
+    moves the activation ranges from their initial 6 (their first-order gradient through the noise has zero
+    mean), so alpha / qmax would start the hard phase on far too coarse a grid. A non-negative activation
+    keeps an unsigned grid up to 7 bits and goes on signed INT8 at 8 (quantize's rule, `search_act_scale`)."""
+    qs = quantizers(gm)
+    for name, q in qs.items():
         q.bits = int(bits[name])
-        if isinstance(q, QATActQuantizer):
-            q.signed = q.qat.signed or q.bits > 7
-        _, hi = q.spec.grid()
-        q.qat.start_hard(q.qat.alpha().detach() / max(hi, 1))
+        q.qat.phase = "float"
+    acts = [q for q in qs.values() if isinstance(q, QATActQuantizer)]
+    for q in acts:
+        q.clear_observations()
+        q.observing = True
+    try:
+        with torch.no_grad():
+            for s in range(0, len(sample), 128):
+                gm(sample[s:s + 128])
+    finally:
+        for q in acts:
+            q.observing = False
+    for name, q in qs.items():
+        if isinstance(q, QATWeightQuantizer):
+            search_weight_scale(weights[name], q, p=qcfg.p_norm, grid=qcfg.scale_grid)
+        else:
+            search_act_scale(q, p=qcfg.p_norm, grid=qcfg.scale_grid)
+        q.qat.start_hard(q.scale.detach())
 
 
 def _clamp_steps(steps: list[nn.Parameter]):
@@ -185,7 +204,7 @@ def train(model: nn.Module, cfg: QATConfig, data: TrainData, *, teacher: nn.Modu
             history.append({"phase": "noise", **h})
             cont = {n: p.continuous_bits() for n, p in qps.items()}
             bits, moves = round_to_budget(cont, learnable, fixed, costs, cfg)
-            _freeze_bits(gm, bits)
+            _freeze_bits(gm, bits, weights, data.inputs[:512], qcfg)
         else:
             cont = {n: float(b) for n, b in fixed.items()}
             moves = []
