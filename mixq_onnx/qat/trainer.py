@@ -37,18 +37,24 @@ from .quantizers import QATActQuantizer, QATParams, QATWeightQuantizer, replace_
 SIGN_SAMPLES = 256  # images run to see which activations are non-negative (unsigned grids)
 
 
-def _observe_minimum(gm: nn.Module, x: torch.Tensor) -> dict[str, float]:
-    """Smallest value each activation quantizer sees (quantizers still pass through)."""
-    acts = [q for q in quantizers(gm).values() if isinstance(q, ActQuantizer)]
+def _observe(gm: nn.Module, acts: list[ActQuantizer], x: torch.Tensor) -> None:
+    """Run `x` through `gm` with `acts` recording their inputs (fresh observations; they pass through)."""
     for q in acts:
+        q.clear_observations()
         q.observing = True
     try:
         with torch.no_grad():
-            for s in range(0, len(x), 64):
-                gm(x[s:s + 64])
+            for s in range(0, len(x), 128):
+                gm(x[s:s + 128])
     finally:
         for q in acts:
             q.observing = False
+
+
+def _observe_minimum(gm: nn.Module, x: torch.Tensor) -> dict[str, float]:
+    """Smallest value each activation quantizer sees (quantizers still pass through)."""
+    acts = [q for q in quantizers(gm).values() if isinstance(q, ActQuantizer)]
+    _observe(gm, acts, x)
     mins = {q.name: q.observed_min for q in acts}
     for q in acts:
         q.clear_observations()
@@ -104,17 +110,7 @@ def _freeze_bits(gm: nn.Module, bits: dict[str, int], weights: dict[str, torch.T
     for name, q in qs.items():
         q.bits = int(bits[name])
         q.qat.phase = "float"
-    acts = [q for q in qs.values() if isinstance(q, QATActQuantizer)]
-    for q in acts:
-        q.clear_observations()
-        q.observing = True
-    try:
-        with torch.no_grad():
-            for s in range(0, len(sample), 128):
-                gm(sample[s:s + 128])
-    finally:
-        for q in acts:
-            q.observing = False
+    _observe(gm, [q for q in qs.values() if isinstance(q, QATActQuantizer)], sample)
     for name, q in qs.items():
         if isinstance(q, QATWeightQuantizer):
             search_weight_scale(weights[name], q, p=qcfg.p_norm, grid=qcfg.scale_grid)
