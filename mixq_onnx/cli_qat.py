@@ -47,7 +47,9 @@ def register(cli: click.Group) -> None:
                   help="Hard-quantization fine-tuning with frozen bits (STE) at the end (0: none).")
     @click.option("--lr", type=float, default=1e-3, show_default=True, help="Weights: SGD, cosine to 0 per phase.")
     @click.option("--qlr", type=float, default=2e-2, show_default=True,
-                  help="Quantizer parameters (bits, ranges, steps).")
+                  help="nipq: learned bits and ranges in the noise phase.")
+    @click.option("--step-lr", type=float, default=2e-3, show_default=True,
+                  help="LSQ step sizes in the hard-quantization phases (lsq, and nipq's final phase).")
     @click.option("--final-lr", type=float, default=None, help="Weights in the final phase [default: --lr].")
     @click.option("--budget-weight", type=float, default=1.0, show_default=True, help="nipq: weight of the budget penalty.")
     @click.option("--loss", type=click.Choice(["auto", "ce", "kd"]), default="auto", show_default=True,
@@ -94,7 +96,7 @@ def register(cli: click.Group) -> None:
         cfg = QATConfig(method=o["method"], target_bits=o["target_bits"], target_gbops=o["target_gbops"],
                         wbits=o["wbits"] or 4, abits=o["abits"] or 4, max_bits=o["max_bits"],
                         first_last_bits=o["first_last_bits"] or None, noise=o["noise"], epochs=o["epochs"],
-                        final_epochs=o["final_epochs"], lr=o["lr"], qlr=o["qlr"], final_lr=o["final_lr"],
+                        final_epochs=o["final_epochs"], lr=o["lr"], qlr=o["qlr"], step_lr=o["step_lr"], final_lr=o["final_lr"],
                         batch_size=o["batch_size"], seed=o["seed"], kd_weight=kd_weight,
                         budget_weight=o["budget_weight"])
         cfg.validate()  # bad options fail before the model loads

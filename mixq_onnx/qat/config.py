@@ -32,7 +32,8 @@ class QATConfig:
     epochs: int = 10  # nipq: noise phase; lsq: first phase (same schedule)
     final_epochs: int = 2  # hard quantization with frozen bits (STE), both methods
     lr: float = 1e-3  # weights, SGD momentum 0.9, cosine to 0 in each phase
-    qlr: float = 2e-2  # quantizer parameters (theta_b, theta_alpha, LSQ steps)
+    qlr: float = 2e-2  # nipq's noise-phase quantizer parameters (theta_b, theta_alpha)
+    step_lr: float = 2e-3  # LSQ step sizes in the hard phases (both methods); 10x lower than qlr, see docs
     final_lr: float | None = None  # weights in the final phase [default: lr]
     batch_size: int = 128
     seed: int = 0
@@ -56,7 +57,8 @@ class QATConfig:
                             + (" (FP16 layers above 8 bits are not implemented)" if self.max_bits > 8 else ""))
         if self.first_last_bits is not None and not 2 <= self.first_last_bits <= 8:
             raise MixqError(f"--first-last-bits must be between 2 and 8 (0: learned), got {self.first_last_bits}")
-        for opt, v in (("--lr", self.lr), ("--qlr", self.qlr), ("--final-lr", self.final_lr),
+        for opt, v in (("--lr", self.lr), ("--qlr", self.qlr), ("--step-lr", self.step_lr),
+                       ("--final-lr", self.final_lr),
                        ("the temperature", self.temperature)):
             if v is not None and not (math.isfinite(v) and v > 0):
                 raise MixqError(f"{opt} must be positive, got {v}")
