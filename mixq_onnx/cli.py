@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -231,7 +233,7 @@ def cache_info(ref: str, cache_root: str | None, as_json: bool) -> None:
 @cache.command("verify", context_settings=CONTEXT)
 @click.argument("ref")
 @_root_opt
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout (path, ok, images, problems).")
 def cache_verify(ref: str, cache_root: str | None, as_json: bool) -> None:
     """Re-hash every shard against the manifest; exit 1 naming any corrupt or missing shard."""
     from .calib import resolve_cache, verify
@@ -276,6 +278,31 @@ def _model_options(o: dict[str, Any]):
     return ModelOptions(o["model"], o["checkpoint"], o["random_weights"], o["mean"], o["std"], o["input_size"])
 
 
+_MODEL_FLAGS = ("model", "checkpoint", "random_weights", "mean", "std", "input_size")
+
+
+def _result_model(o: dict[str, Any]):
+    """The model flags of a command that reads a result folder (--quantized): None when none is given (the
+    folder's recorded model), else the recorded model with the given flags in its place (`folder_model`:
+    e.g. --checkpoint for a moved checkpoint, --model for a moved model file), each file checked against
+    the sha256 the folder records. Without --quantized: `_model_options`."""
+    if not o.get("quantized"):
+        return _model_options(o)
+    if not any(o.get(k) for k in _MODEL_FLAGS):
+        return None
+    from .quant.io import folder_model
+
+    return folder_model(o["quantized"], o["model"], o["checkpoint"], random_init=o["random_weights"], mean=o["mean"],
+                        std=o["std"], input_size=o["input_size"], trust_model_code=o["trust_model_code"])
+
+
+def _echo_notes(lines: list[str], quiet: bool = False) -> None:
+    """`report_data`'s lines (data subset, preprocessing, resize warnings) on stderr; `quiet`: warnings only."""
+    for ln in lines:
+        if not quiet or ln.startswith("warning:"):
+            click.echo(ln, err=True)
+
+
 def _load_user_model(o: dict[str, Any]):
     from .models import load_model
 
@@ -305,14 +332,24 @@ def _load_user_model(o: dict[str, Any]):
 @click.option("--preset", type=click.Choice(PRESETS), default="fast", show_default=True,
               help="paper: 20k iterations/unit, the papers' learning rates; fast: far fewer iterations (CPU).")
 @click.option("--iters", type=POSITIVE, default=None, help="Iterations per unit (overrides the preset).")
-@click.option("--num-samples", type=POSITIVE, default=None, help="Calibration images used [default: 1024].")
+@click.option("--num-samples", type=POSITIVE, default=None, metavar="N",
+              help="Calibration images used: the cache's first N, a fair sample because every generator stores "
+                   "its images in a seeded order (real: a seeded random sample; synthetic: class-balanced "
+                   "rounds) [default: 1024].")
 @click.option("--batch-size", type=POSITIVE, default=None, help="Reconstruction batch [default: 32].")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--cache-root", type=click.Path(file_okay=False), default=None)
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the reconstruction's randomness (mini-batch order, QDrop's random drops): the same "
+                   "seed, cache and options give the same quant.json.")
+@click.option("--cache-root", type=click.Path(file_okay=False), default=None,
+              help="Where a --calib hash is looked up [default: $MIXQ_CACHE_ROOT or ./calib_cache].")
 @click.option("--out", "out", required=True, type=click.Path(), help="Output directory (quant.json, weights.safetensors).")
 @click.option("--overwrite", is_flag=True,
               help="Replace quant.json and weights.safetensors in a non-empty --out (other files stay).")
 @click.option("--device", default=None, help="torch device [default: cuda if available, else cpu].")
+@click.option("--json", "as_json", is_flag=True,
+              help="Last stdout line: one JSON object: summary (method, bits, samples, config, model, calibration), "
+                   "per-unit diagnostics (losses before/after, holdout gap, gradient statistics, it/s) and timings "
+                   "(seconds per step).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 @compute_command("quantize")
 def quantize(**o: Any) -> None:
@@ -320,6 +357,7 @@ def quantize(**o: Any) -> None:
     import torch
 
     from .calib import load_calibration
+    from .data import report_data
     from .quant import QuantConfig, save_quantized, summarize
     from .quant import quantize as run_quantize
     from .quant.io import check_output_dir
@@ -331,56 +369,104 @@ def quantize(**o: Any) -> None:
         block_size=int(o["block_size"]) if o["block_size"] else None,
     ).validate()  # bad options fail before the model loads
     out = check_output_dir(o["out"], o["overwrite"])  # before the work, not after it
+    clock = [("start", time.perf_counter())]
     model = _load_user_model(o)
+    clock.append(("load_model", time.perf_counter()))
     ds = load_calibration(o["calib_ref"], model, o["cache_root"])
+    clock.append(("load_calibration", time.perf_counter()))
+    report_data(ds.preprocessing, tuple(ds.images.shape[1:3]), ds.subset(cfg.resolved().num_samples),
+                log=lambda m: click.echo(m, err=True), quiet=o["quiet"])
     dev = torch.device(o["device"] or ("cuda" if torch.cuda.is_available() else "cpu"))
     qmodel = run_quantize(model.to(dev), cfg, ds, progress=not o["quiet"])  # records the cache's provenance
+    clock.append(("quantize", time.perf_counter()))
     save_quantized(qmodel.cpu(), out, overwrite=o["overwrite"])
+    clock.append(("save", time.perf_counter()))
     if not o["quiet"]:
         click.echo(summarize(qmodel.mixq_report), err=True)
     click.echo(str(out))
+    if o["as_json"]:
+        _emit_json(_quantize_json(out, qmodel.mixq_report, clock))
+
+
+def _finite(obj: Any) -> Any:
+    """`obj` with NaN/inf floats as null, so --json prints strict JSON (a unit without a holdout has gap NaN)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def _quantize_json(out: Path, report: dict[str, Any], clock: list[tuple[str, float]]) -> dict[str, Any]:
+    """`quantize --json`: what the run wrote (read back from quant.json), its per-unit report and timings."""
+    from .quant.io import WEIGHTS_SHA256, read_quant_json
+
+    meta = read_quant_json(out)
+    units = report.get("units") or []
+    summary = {k: v for k, v in report.items() if k != "units"}
+    summary.update(units=len(units), iters=sum(u.get("iters", 0) for u in units), deployable=meta.get("deployable"),
+                   config=meta["config"], model=meta["model"], calibration=meta.get("calibration"),
+                   weights_sha256=meta.get(WEIGHTS_SHA256))
+    timings = {f"{name}_s": round(t - clock[i][1], 3) for i, (name, t) in enumerate(clock[1:])}
+    timings["total_s"] = round(clock[-1][1] - clock[0][1], 3)
+    return _finite({"out": str(out), "summary": summary, "units": units, "timings": timings})
 
 
 # --------------------------------------------------------------------------- eval
 @cli.command("eval", context_settings=CONTEXT)
 @model_options()
-@click.option("--quantized", type=click.Path(file_okay=False), default=None,
-              help="A quantize output directory (the model flags are then optional).")
+@click.option("--quantized", type=click.Path(file_okay=False), default=None, metavar="DIR",
+              help="A quantize output directory. The model flags are then optional: --model/--checkpoint replace "
+                   "its recorded model file and checkpoint (moved files: each must have the sha256 DIR/quant.json "
+                   "records).")
 @click.option("--engine", type=click.Path(dir_okay=False), default=None,
               help="A TensorRT plan from `build`: top-1 through the engine (needs an NVIDIA GPU).")
 @click.option("--data", required=True, type=click.Path(), help="npz (x uint8 NHWC, y) or an image folder per class.")
-@click.option("--limit", type=POSITIVE, default=None, help="Evaluate the first N images only.")
-@click.option("--batch-size", type=POSITIVE, default=250, show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="Last stdout line: one JSON object (top1, top5, n, ...).")
+@click.option("--limit", type=POSITIVE, default=None, metavar="N",
+              help="Evaluate a seeded, class-stratified sample of N images (a random one for unlabelled data), "
+                   "never the first N: data files are often sorted by class.")
+@click.option("--batch-size", type=POSITIVE, default=250, show_default=True,
+              help="Images per forward pass: memory and speed only, not the result (--engine: at most the "
+                   "plan's MAX batch).")
+@click.option("--json", "as_json", is_flag=True,
+              help="Last stdout line: one JSON object (top1, top5, n, subset, ...; with --quantized also the "
+                   "float model's fp_top1 and fp_top5 and the top-1 agreement).")
 @click.option("--trust-model-code", is_flag=True,
               help="Import the model file or module that DIR/quant.json names. A result folder from someone else "
-                   "never runs code otherwise: pass --model SPEC yourself (it must match the recorded spec and "
-                   "checkpoint sha256). zoo and timm names need neither.")
+                   "never runs code otherwise: pass --model PATH.py:factory yourself (its file must have the "
+                   "sha256 the folder records). zoo and timm names need neither.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @compute_command("eval")
 def eval_cmd(**o: Any) -> None:
     """Top-1/top-5 accuracy; with --quantized also the float model's and the top-1 agreement;
     with --engine through TensorRT."""
     from .quant.evaluate import evaluate_data
 
+    notes: list[str] = []  # data:/preprocessing: lines, shown once the run succeeds (errors stay one line)
     if o["engine"]:
         from .trt.runtime import evaluate_engine_data
 
-        res = evaluate_engine_data(o["engine"], o["data"], model=_model_options(o), quantized=o["quantized"],
+        res = evaluate_engine_data(o["engine"], o["data"], model=_result_model(o), quantized=o["quantized"],
                                    trust_model_code=o["trust_model_code"], limit=o["limit"],
-                                   batch_size=o["batch_size"])
+                                   batch_size=o["batch_size"], log=notes.append)
+        _echo_notes(notes)
         if o["as_json"]:
             _emit_json({**res.to_dict(), "engine": str(o["engine"])})
         else:
             click.echo(f"engine top1 {res.top1:.2f} %  top5 {res.top5:.2f} %  (n={res.n})")
         return
-    res = evaluate_data(o["data"], quantized=o["quantized"], model=_model_options(o),
-                        trust_model_code=o["trust_model_code"], limit=o["limit"], batch_size=o["batch_size"])
+    res = evaluate_data(o["data"], quantized=o["quantized"], model=_result_model(o),
+                        trust_model_code=o["trust_model_code"], limit=o["limit"], batch_size=o["batch_size"],
+                        log=notes.append, progress=not o["quiet"])
+    _echo_notes(notes)
     if o["as_json"]:
         _emit_json(res.to_dict())
     else:
         line = f"top1 {res.top1:.2f} %  top5 {res.top5:.2f} %  (n={res.n})"
         if res.agreement is not None:
-            line += f"  float top1 {res.fp_top1:.2f} %  agreement {res.agreement:.2f} %"
+            line += f"  float top1 {res.fp_top1:.2f} %  top5 {res.fp_top5:.2f} %  agreement {res.agreement:.2f} %"
         click.echo(line)
 
 
@@ -403,11 +489,13 @@ def eval_cmd(**o: Any) -> None:
 @click.option("--kd-weight", type=float, default=None, help="KD weight next to CE on labelled data [default: 0].")
 @click.option("--sam", type=click.Choice(["asam"]), default=None, help="Adaptive sharpness-aware minimisation.")
 @click.option("--rho", type=float, default=0.5, show_default=True, help="ASAM neighbourhood size.")
-@click.option("--epochs", type=int, default=10, show_default=True)
+@click.option("--epochs", type=int, default=10, show_default=True, help="Passes over the training images.")
 @click.option("--lr", type=float, default=1e-3, show_default=True, help="SGD learning rate (cosine to 0).")
-@click.option("--batch-size", type=POSITIVE, default=128, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--limit", type=POSITIVE, default=None, help="Use the first N training images.")
+@click.option("--batch-size", type=POSITIVE, default=128, show_default=True, help="Training images per SGD step.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the training image order.")
+@click.option("--limit", type=POSITIVE, default=None, metavar="N",
+              help="Train on a seeded, class-stratified sample of N images (a random one for unlabelled data or a "
+                   "synthetic cache), never the first N.")
 @click.option("--eval-data", type=click.Path(), default=None, help="Labelled images: FP top-1 before and after.")
 @click.option("--cache-root", type=click.Path(file_okay=False), default=None,
               help="Cache root [default: $MIXQ_CACHE_ROOT or ./calib_cache].")
@@ -427,9 +515,13 @@ def robustify(**o: Any) -> None:
                        kd_weight=o["kd_weight"] if o["kd_weight"] is not None else 0.0).validate()
     out = check_writable(o["out"])
     model = _load_user_model(o)
-    data = load_training_data(o["data_src"], model, cache_root=o["cache_root"], limit=o["limit"])
+    notes: list[str] = []
+    data = load_training_data(o["data_src"], model, cache_root=o["cache_root"], limit=o["limit"], log=notes.append)
     cfg.kd_weight = kd_weight_for(data, o["loss"], cfg.kd_weight)
-    before = evaluate_data(o["eval_data"], model=model).top1 if o["eval_data"] else None
+    _echo_notes(notes, o["quiet"])
+    eval_notes: list[str] = []
+    before = evaluate_data(o["eval_data"], model=model, log=eval_notes.append).top1 if o["eval_data"] else None
+    _echo_notes([("eval " + n) if n.startswith("data:") else n for n in eval_notes], o["quiet"])
     model, rep = run_robustify(model, cfg, data, progress=not o["quiet"])
     after = evaluate_data(o["eval_data"], model=model).top1 if o["eval_data"] else None
     save_checkpoint(model, out, {"recipe": {**cfg.__dict__, "model": o["model"], "checkpoint": o["checkpoint"],
@@ -464,15 +556,21 @@ def _csv(ctx, param, value: str | None) -> tuple[str, ...] | None:
 @click.option("--compare", "compare", multiple=True, metavar="[LABEL=]CKPT",
               help="Another checkpoint of the same --model, overlaid (repeatable), e.g. --compare robust=robust.safetensors.")
 @click.option("--label", default=None, help="Label of --checkpoint [default: its file name, or the model name].")
-@click.option("--preset", type=click.Choice(PRESETS), default="fast", show_default=True)
+@click.option("--preset", type=click.Choice(PRESETS), default="fast", show_default=True,
+              help="Every cell's quantize --preset: paper (20k iterations/unit) or fast (CPU).")
 @click.option("--iters", type=POSITIVE, default=None, help="Iterations per unit (overrides the preset).")
-@click.option("--num-samples", type=POSITIVE, default=None, help="Calibration images used [default: 1024].")
+@click.option("--num-samples", type=POSITIVE, default=None, metavar="N",
+              help="Calibration images used: the cache's first N, already in a seeded order [default: 1024].")
 @click.option("--batch-size", type=POSITIVE, default=None, help="Reconstruction batch [default: 32].")
-@click.option("--symmetric/--asymmetric", default=True, show_default=True)
+@click.option("--symmetric/--asymmetric", default=True, show_default=True,
+              help="symmetric: TensorRT-deployable (zero point 0); asymmetric: the papers' setting.")
 @click.option("--first-last-bits", type=click.IntRange(0, 8), default=8, show_default=True,
               help="Bits of the first and last layer (0: same as the rest).")
-@click.option("--limit", type=POSITIVE, default=None, help="Evaluate on the first N images only.")
-@click.option("--cache-root", type=click.Path(file_okay=False), default=None)
+@click.option("--limit", type=POSITIVE, default=None, metavar="N",
+              help="Evaluate every cell on the same seeded, class-stratified sample of N images (a random one for "
+                   "unlabelled data), never the first N.")
+@click.option("--cache-root", type=click.Path(file_okay=False), default=None,
+              help="Where a --calib hash is looked up [default: $MIXQ_CACHE_ROOT or ./calib_cache].")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Result folder: sweep.json, sweep.md, sweep.png. Re-running into it reuses finished cells.")
 @click.option("--json", "as_json", is_flag=True, help="Last stdout line: sweep.json's cells as one JSON object.")
@@ -510,7 +608,7 @@ def sweep(**o: Any) -> None:
         opts = base if ckpt == base.checkpoint else dataclasses.replace(base, checkpoint=ckpt, random_init=False)
         models.append(SweepModel.of(label, load_model(opts), {**prep, "checkpoint": ckpt}))
     doc = run_sweep(models, cfg, o["calib_ref"], o["data"], o["out"], cache_root=o["cache_root"],
-                    progress=not o["quiet"])
+                    progress=not o["quiet"], log=(lambda m: _echo_notes([m], True)) if o["quiet"] else None)
     if not o["quiet"]:
         click.echo(sweep_table(doc), err=True)
         if doc["reused"]:
@@ -522,7 +620,9 @@ def sweep(**o: Any) -> None:
 
 # --------------------------------------------------------------------------- export / verify
 @cli.command(context_settings=CONTEXT)
-@click.option("--quantized", type=click.Path(), default=None, help="A quantize output directory.")
+@click.option("--quantized", type=click.Path(), default=None, metavar="DIR",
+              help="A quantize output directory. --model/--checkpoint replace its recorded model file and "
+                   "checkpoint (moved files: each must have the sha256 DIR/quant.json records).")
 @model_options()
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output .onnx file.")
 @click.option("--fp", is_flag=True, help="Write the plain float model (baselines) instead of the QDQ graph.")
@@ -540,8 +640,8 @@ def sweep(**o: Any) -> None:
                    "fp32 summation order then flips rare codes at rounding ties between runtimes.")
 @click.option("--trust-model-code", is_flag=True,
               help="Import the model file or module that DIR/quant.json names. A result folder from someone else "
-                   "never runs code otherwise: pass --model SPEC yourself (it must match the recorded spec and "
-                   "checkpoint sha256). zoo and timm names need neither.")
+                   "never runs code otherwise: pass --model PATH.py:factory yourself (its file must have the "
+                   "sha256 the folder records). zoo and timm names need neither.")
 def export(**o: Any) -> None:
     """Write a QDQ ONNX graph (opset 21, IR 10, dynamic batch) that TensorRT builds into INT8 kernels.
 
@@ -552,7 +652,7 @@ def export(**o: Any) -> None:
     """
     from .onnx.export import export_onnx
 
-    path = export_onnx(o["out"], quantized=o["quantized"], model=_model_options(o), fp=o["fp"],
+    path = export_onnx(o["out"], quantized=o["quantized"], model=_result_model(o), fp=o["fp"],
                        int4_weight_only=o["int4_weight_only"], block_size=int(o["block_size"]), layout=o["layout"],
                        trust_model_code=o["trust_model_code"], log=lambda m: click.echo(f"warning: {m}", err=True))
     click.echo(str(path))
@@ -586,17 +686,22 @@ def check(onnx_path: str, as_json: bool) -> None:
 
 @cli.command(context_settings=CONTEXT)
 @click.argument("onnx_path", type=click.Path())
-@click.option("--quantized", required=True, type=click.Path(), help="The quantize output the graph came from.")
+@click.option("--quantized", required=True, type=click.Path(), metavar="DIR",
+              help="The quantize output the graph came from. --model/--checkpoint replace its recorded model file "
+                   "and checkpoint (moved files: each must have the sha256 DIR/quant.json records).")
 @model_options()
 @click.option("--data", required=True, type=click.Path(), help="npz (x uint8 NHWC, y) or an image folder.")
-@click.option("--limit", type=POSITIVE, default=None, help="First N images only.")
+@click.option("--limit", type=POSITIVE, default=None, metavar="N",
+              help="Compare on a seeded, class-stratified sample of N images (a random one for unlabelled data), "
+                   "never the first N.")
 @click.option("--min-agreement", type=click.FloatRange(0, 100), default=99.9, show_default=True, metavar="PERCENT",
               help="Exit 1 when the exact run's top-1 agreement with PyTorch is below this.")
-@click.option("--json", "as_json", is_flag=True, help="Last stdout line: one JSON object.")
+@click.option("--json", "as_json", is_flag=True, help="Last stdout line: one JSON object (with the subset used).")
 @click.option("--trust-model-code", is_flag=True,
               help="Import the model file or module that DIR/quant.json names. A result folder from someone else "
-                   "never runs code otherwise: pass --model SPEC yourself (it must match the recorded spec and "
-                   "checkpoint sha256). zoo and timm names need neither.")
+                   "never runs code otherwise: pass --model PATH.py:factory yourself (its file must have the "
+                   "sha256 the folder records). zoo and timm names need neither.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @compute_command("verify")
 def verify(**o: Any) -> None:
     """Run onnxruntime with every graph optimisation off (exact QDQ semantics) and with its defaults,
@@ -607,21 +712,26 @@ def verify(**o: Any) -> None:
     2 bad input, including a graph exported from another result folder (names the first quantizer
     whose bits, scale or integer weights differ).
     """
-    from .data import load_labelled
+    from .data import read_labelled, report_data
     from .models import get_preprocessing
     from .onnx.verify import verify_onnx
     from .quant.io import load_result
 
     if not Path(o["onnx_path"]).is_file():
         raise MixqError(f"ONNX model not found: {o['onnx_path']}")
-    _, model = load_result(o["quantized"], _model_options(o), o["trust_model_code"])
-    images, _ = load_labelled(o["data"], get_preprocessing(model).input_size[1], o["limit"])
-    rep = verify_onnx(o["onnx_path"], model, images)
+    _, model = load_result(o["quantized"], _result_model(o), o["trust_model_code"])
+    pre = get_preprocessing(model)
+    data = read_labelled(o["data"], pre.input_size[1], o["limit"])
+    images = data.images
+    rep = verify_onnx(o["onnx_path"], model, images, progress=not o["quiet"])
+    notes: list[str] = []  # shown once the graph is accepted (a refused graph stays one error line)
+    report_data(pre, data.source_hw, data.subset, log=notes.append, resized_on_load=data.resized_on_load)
+    _echo_notes(notes)
     for w in rep.warnings:
         click.echo(f"warning: {w}", err=True)
     failures = rep.failures(o["min_agreement"])
     if o["as_json"]:
-        _emit_json({**rep.to_dict(), "ok": not failures, "failures": failures})
+        _emit_json({**rep.to_dict(), "ok": not failures, "failures": failures, "subset": data.subset})
     else:
         click.echo(f"layout {rep.layout}; exact run: top-1 agreement {rep.top1_agreement:.2f} % on {rep.n} images, max |diff| "
                    f"{rep.max_abs_diff:.4g}, mean |diff| {rep.mean_abs_diff:.3g}")

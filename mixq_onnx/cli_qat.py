@@ -56,9 +56,12 @@ def register(cli: click.Group) -> None:
                   help="auto: KD on a cache, CE on labelled data; ce needs labels; kd on labelled data adds KD "
                        "(--kd-weight 1 unless given).")
     @click.option("--kd-weight", type=float, default=None, help="KD weight next to CE on labelled data [default: 0].")
-    @click.option("--batch-size", type=POSITIVE, default=128, show_default=True)
-    @click.option("--seed", type=int, default=0, show_default=True)
-    @click.option("--limit", type=POSITIVE, default=None, help="Use the first N training images.")
+    @click.option("--batch-size", type=POSITIVE, default=128, show_default=True, help="Training images per SGD step.")
+    @click.option("--seed", type=int, default=0, show_default=True,
+                  help="Seed of the training image order and of the noise.")
+    @click.option("--limit", type=POSITIVE, default=None, metavar="N",
+                  help="Train on a seeded, class-stratified sample of N images (a random one for unlabelled data or "
+                       "a synthetic cache), never the first N.")
     @click.option("--cache-root", type=click.Path(file_okay=False), default=None,
                   help="Cache root [default: $MIXQ_CACHE_ROOT or ./calib_cache].")
     @click.option("--overwrite", is_flag=True,
@@ -103,10 +106,18 @@ def register(cli: click.Group) -> None:
         out = check_output_dir(o["out"], o["overwrite"])
         model = load_model(ModelOptions(o["model"], o["checkpoint"], o["random_weights"], o["mean"], o["std"],
                                         o["input_size"]))
-        data = load_training_data(o["data_src"], model, cache_root=o["cache_root"], limit=o["limit"])
+        notes: list[str] = []  # data:/preprocessing: lines (report_data)
+        data = load_training_data(o["data_src"], model, cache_root=o["cache_root"], limit=o["limit"],
+                                  log=notes.append)
         cfg.kd_weight = kd_weight_for(data, o["loss"], cfg.kd_weight)
+        for line in notes:  # resize warnings before the long run; the rest after it, as training's budget
+            if line.startswith("warning:"):  # checks can still refuse the run with a one-line error
+                click.echo(line, err=True)
         torch.manual_seed(cfg.seed)
         qmodel = run_qat(model, cfg, data, progress=not o["quiet"])
+        for line in notes:
+            if not o["quiet"] and not line.startswith("warning:"):
+                click.echo(line, err=True)
         save_qat(qmodel, out, overwrite=o["overwrite"])
         if not o["quiet"]:
             click.echo(summary(qmodel.mixq_qat_report), err=True)

@@ -127,8 +127,10 @@ def register(cli: click.Group) -> None:
     @click.option("--ort-onnx", type=click.Path(dir_okay=False), default=None,
                   help="Graph for the onnxruntime row [default: --fp-onnx, else the plan's ONNX].")
     @click.option("--batch", type=int, default=None, help="Batch size [default: the profile's OPT].")
-    @click.option("--iters", type=int, default=200, show_default=True)
-    @click.option("--warmup", type=int, default=20, show_default=True)
+    @click.option("--iters", type=int, default=200, show_default=True,
+                  help="Timed runs per row (at least 1): p50/p99 and throughput come from these.")
+    @click.option("--warmup", type=int, default=20, show_default=True,
+                  help="Untimed runs before the timed ones (at least 0): kernel selection, clocks and caches settle.")
     @_backend_opt
     @click.option("--json", "as_json", is_flag=True, help="Last stdout line: one JSON object.")
     def bench(plan: str, fp_onnx: str | None, ort_onnx: str | None, batch: int | None, iters: int, warmup: int,

@@ -2,18 +2,80 @@
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from .errors import MixqError
 
+if TYPE_CHECKING:
+    from .models.preprocessing import Preprocessing
 
-def load_labelled(path: str | os.PathLike, size: int | None = None, limit: int | None = None
+#: Names the rule `pick_subset` follows; part of every cached result that a `--limit` decided (sweep cells), so
+#: a change to the rule invalidates them. Bump it whenever the same (labels, limit, seed) would pick other images.
+SUBSET_RULE = "stratified-largest-remainder-v1"
+
+#: Resizing by more than this factor (either way) gets a `warning:` line: the model probably expects other data.
+RESIZE_WARN_FACTOR = 2.0
+
+
+def pick_subset(labels: np.ndarray | None, n_total: int, limit: int | None, seed: int = 0
+                ) -> tuple[np.ndarray, str]:
+    """Sorted indices of `limit` of `n_total` images and a human description of the choice.
+
+    The first N images of a class-sorted file are one class only, so a `--limit` never takes a prefix: with
+    labels it takes a seeded, class-stratified sample (each class in proportion, largest-remainder rounding,
+    exactly `limit` images); without labels a seeded random sample. `limit` None or >= `n_total`: all images.
+    """
+    if limit is None or limit >= n_total:
+        return np.arange(n_total), f"all {n_total} images"
+    if limit < 1:
+        raise MixqError(f"--limit must be at least 1, got {limit}")
+    rng = np.random.default_rng([int(seed), 0x5B5E7])
+    if labels is None:
+        idx = rng.choice(n_total, size=limit, replace=False)
+        return np.sort(idx), f"{limit} of {n_total} images, random sample (seed {seed})"
+    labels = np.asarray(labels)
+    if labels.shape != (n_total,):
+        raise MixqError(f"{labels.shape[0] if labels.ndim else 0} labels for {n_total} images")
+    classes, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    quota = limit * counts  # exact integers: class c gets quota // n_total, plus one by largest remainder
+    take = quota // n_total
+    remainder = quota % n_total
+    tiebreak = rng.permutation(len(classes))  # equal remainders: a seeded order, not always the lowest class
+    extra = np.lexsort((tiebreak, -remainder))[: limit - int(take.sum())]
+    take[extra] += 1
+    picks = [rng.choice(np.flatnonzero(inverse == c), size=int(k), replace=False) for c, k in enumerate(take) if k]
+    return np.sort(np.concatenate(picks)), f"{limit} of {n_total} images, class-stratified sample (seed {seed})"
+
+
+@dataclass
+class LabelledData:
+    """Images, labels and what a user should be told about them (which subset, their size before resizing)."""
+
+    images: torch.Tensor  # uint8 [N,H,W,3]
+    labels: torch.Tensor  # int64 [N]
+    subset: str  # pick_subset's description, e.g. "500 of 5000 images, class-stratified sample (seed 0)"
+    source_hw: tuple[int, int]  # the data's own size (folders: the median decoded image) before any resize
+    resized_on_load: bool = False  # folders: shorter side resized and centre-cropped to a square on load
+
+
+def load_labelled(path: str | os.PathLike, size: int | None = None, limit: int | None = None, seed: int = 0
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 images [N,H,W,3] and int64 labels [N]; folder images are resized (shorter side) and centre-cropped
-    to `size` so they stack."""
+    """uint8 images [N,H,W,3] and int64 labels [N] (`read_labelled` without the description)."""
+    d = read_labelled(path, size, limit, seed)
+    return d.images, d.labels
+
+
+def read_labelled(path: str | os.PathLike, size: int | None = None, limit: int | None = None, seed: int = 0
+                  ) -> LabelledData:
+    """An npz or class-folder tree; `limit` picks `pick_subset`'s sample (never the first N: files are often
+    sorted by class). Folder images are resized (shorter side) and centre-cropped to `size` so they stack."""
     from .calib.generators.real import folder_files, load_npz, resize_center
 
     p = Path(path)
@@ -27,28 +89,79 @@ def load_labelled(path: str | os.PathLike, size: int | None = None, limit: int |
             raise MixqError(f"{p} has no labels 'y'")
         if len(x) == 0:
             raise MixqError(f"{p} holds no images (0 in 'x')")
-        if limit:
-            x, y = x[:limit], y[:limit]
+        idx, subset = pick_subset(y, len(x), limit, seed)
+        if len(idx) < len(x):
+            x, y = x[idx], y[idx]
         xt = torch.from_numpy(np.ascontiguousarray(x))
         if xt.shape[-1] == 1:
             xt = xt.expand(-1, -1, -1, 3)
-        return xt, torch.from_numpy(np.asarray(y, dtype=np.int64))
+        return LabelledData(xt, torch.from_numpy(np.asarray(y, dtype=np.int64)), subset,
+                            (int(x.shape[1]), int(x.shape[2])))
     files, labels, _ = folder_files(p)
     if not files:
         raise MixqError(f"no images under {p}")
     if labels and labels[0] < 0:
         raise MixqError(f"{p} has no class sub-folders, so no labels")
-    if limit:
-        files, labels = files[:limit], labels[:limit]
+    idx, subset = pick_subset(np.asarray(labels), len(files), limit, seed)
+    files, labels = [files[i] for i in idx], [labels[i] for i in idx]
     from PIL import Image
 
     s = size or 224
-    imgs = []
+    imgs, sizes = [], []
     for f in files:
         try:
             with Image.open(f) as im:
                 arr = torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.uint8).copy())
         except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, ...
             raise MixqError(f"cannot read image {f}: {' '.join(str(e).split())}") from None
+        sizes.append(arr.shape[:2])
         imgs.append(resize_center(arr, s))
-    return torch.stack(imgs), torch.tensor(labels, dtype=torch.int64)
+    hw = np.median(np.asarray(sizes), axis=0)
+    return LabelledData(torch.stack(imgs), torch.tensor(labels, dtype=torch.int64), subset,
+                        (int(hw[0]), int(hw[1])), resized_on_load=True)
+
+
+def _fmt(values: tuple[float, ...]) -> str:
+    return "(" + ", ".join(f"{v:.4g}" for v in values) + ")"
+
+
+def preprocessing_notes(pre: Preprocessing, source_hw: tuple[int, int] | None, *,
+                        resized_on_load: bool = False) -> list[str]:
+    """The `preprocessing:` line (input size, resize, mean/std) and, when the data is resized by more than
+    `RESIZE_WARN_FACTOR` either way, a `warning:` line: a model loaded from a file gets 224x224 ImageNet
+    preprocessing unless told otherwise, and 32x32 images upsampled 7x lose accuracy without a word."""
+    _, h, w = pre.input_size
+    mode = "bicubic" if pre.interpolation == "bicubic" else "bilinear"
+    if source_hw is None:
+        how = f"resize {mode} if needed"
+    elif resized_on_load:
+        how = f"images ~{source_hw[0]}x{source_hw[1]}, shorter side resized bilinear and centre-cropped on load"
+    elif tuple(source_hw) == (h, w):
+        how = f"data {source_hw[0]}x{source_hw[1]}, no resize"
+    else:
+        how = f"data {source_hw[0]}x{source_hw[1]}, resize {mode}"
+    lines = [f"preprocessing: {h}x{w} input, {how}, mean {_fmt(pre.mean)} std {_fmt(pre.std)}"]
+    if source_hw is not None and min(source_hw) > 0:
+        factor = max(h / source_hw[0], source_hw[0] / h, w / source_hw[1], source_hw[1] / w)
+        if factor > RESIZE_WARN_FACTOR:
+            way = "upsampled" if h * w > source_hw[0] * source_hw[1] else "downsampled"
+            lines.append(f"warning: the data is {source_hw[0]}x{source_hw[1]} but the model's input is {h}x{w}: "
+                         f"every image is {way} {factor:.1f}x; if the model takes {source_hw[0]}x{source_hw[1]} "
+                         f"images, pass --input-size {source_hw[0]}")
+    return lines
+
+
+def report_data(pre: Preprocessing, source_hw: tuple[int, int] | None, subset: str | None = None, *,
+                log: Callable[[str], None] | None = None, quiet: bool = False, resized_on_load: bool = False
+                ) -> list[str]:
+    """Tell the user which images a command feeds its model and how: `data: <subset>`, `preprocessing: ...` and
+    any resize warning, one line each, through `log` (stderr by default). `quiet` keeps only the warnings.
+    Returns the lines emitted. Every command that feeds images to a model calls this (one wording)."""
+    lines = ([f"data: {subset}"] if subset else []) + preprocessing_notes(pre, source_hw,
+                                                                          resized_on_load=resized_on_load)
+    if quiet:
+        lines = [ln for ln in lines if ln.startswith("warning:")]
+    out = log or (lambda m: print(m, file=sys.stderr))
+    for ln in lines:
+        out(ln)
+    return lines

@@ -14,6 +14,7 @@ import os
 import re
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,7 +54,7 @@ class SweepConfig:
     batch_size: int | None = None
     symmetric: bool = True
     first_last_bits: int | None = 8
-    limit: int | None = None  # evaluate on the first N labelled images
+    limit: int | None = None  # evaluate on `pick_subset`'s seeded, class-stratified sample of N labelled images
 
     def validate(self) -> SweepConfig:
         from .methods import METHODS
@@ -165,16 +166,31 @@ def _fingerprint(*parts: Any) -> str:
     return sha256_bytes(canonical_json(list(parts)).encode())[:16]
 
 
+def _tqdm_write(line: str) -> None:
+    """A stderr line that leaves the progress bar intact."""
+    from tqdm.auto import tqdm
+
+    tqdm.write(line, file=sys.stderr)
+
+
+def subset_key(limit: int | None) -> Any:
+    """What a cell's number owes to `--limit`: the count, `pick_subset`'s rule and seed, so a cell measured on
+    other images (an older first-N prefix, or a changed rule) is never reused. All images: None, as before."""
+    from .data import SUBSET_RULE
+
+    return None if limit is None else [limit, SUBSET_RULE, 0]
+
+
 def run_sweep(models: list[SweepModel], cfg: SweepConfig, calib: Any, data: str | os.PathLike,
               out: str | os.PathLike, *, cache_root: str | os.PathLike | None = None,
-              progress: bool = True) -> dict[str, Any]:
+              progress: bool = True, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Quantize every model at every (method, bits, seed) of `cfg` with calibration cache `calib` (a path or
     hash), evaluate top-1 on labelled `data`, and write sweep.json / sweep.md / sweep.png into `out`.
-    Finished cells of an earlier run with the same fingerprint are reused. Returns the sweep document."""
-    import torch
-
+    Finished cells of an earlier run with the same fingerprint are reused. Returns the sweep document.
+    `log` (default: stderr, above the progress bar) gets the `data:` / `preprocessing:` lines of each model
+    evaluated."""
     from .calib import load_calibration
-    from .data import load_labelled
+    from .data import LabelledData, preprocessing_notes, read_labelled, report_data
     from .models import get_preprocessing
     from .quant import evaluate, quantize
 
@@ -198,10 +214,11 @@ def run_sweep(models: list[SweepModel], cfg: SweepConfig, calib: Any, data: str 
     grid = [(m, method, bits, seed) for m in models for method in ["fp", *cfg.methods]
             for bits in (["FP"] if method == "fp" else cfg.bits)
             for seed in ([0] if method == "fp" else cfg.seeds)]
-    from tqdm.auto import tqdm
+    from .progress import progress_bar
 
-    bar = tqdm(total=len(grid), desc="sweep", unit="cell", disable=not progress, file=sys.stderr, dynamic_ncols=True)
-    evalsets: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    bar = progress_bar(len(grid), "sweep", "cell", enabled=progress)
+    evalsets: dict[int, LabelledData] = {}  # by input size: the labelled images, read once
+    told: set[str] = set()  # models whose data:/preprocessing: lines were shown
     reused = 0
     try:
         out.mkdir(parents=False, exist_ok=True)
@@ -211,7 +228,7 @@ def run_sweep(models: list[SweepModel], cfg: SweepConfig, calib: Any, data: str 
             key = f"{sm.label}|{method}|{bits}|{seed}"
             qcfg = None if method == "fp" else cfg.quant_config(method, bits, seed).resolved()
             fp = _fingerprint(sm.identity, qcfg.to_dict() if qcfg else None, calib_id if qcfg else None,
-                              data_id, cfg.limit)
+                              data_id, subset_key(cfg.limit))
             bar.set_postfix_str(f"{sm.label} {method} {bits} s{seed}")
             prev = old.get(key)
             if prev is not None and prev.get("fingerprint") == fp and isinstance(prev.get("top1"), (int, float)):
@@ -219,10 +236,21 @@ def run_sweep(models: list[SweepModel], cfg: SweepConfig, calib: Any, data: str 
                 reused += 1
                 bar.update(1)
                 continue
-            size = get_preprocessing(sm.model).input_size[1]
+            pre = get_preprocessing(sm.model)
+            size = pre.input_size[1]
             if size not in evalsets:
-                evalsets[size] = load_labelled(data, size, cfg.limit)
-            images, y = evalsets[size]
+                evalsets[size] = read_labelled(data, size, cfg.limit)
+            ev = evalsets[size]
+            if sm.label not in told:  # once per model: the eval subset, its preprocessing, any resize warning
+                told.add(sm.label)
+                cal = calibsets[sm.label]
+                lines = report_data(pre, ev.source_hw, ev.subset, log=lambda m: None,
+                                    resized_on_load=ev.resized_on_load)
+                lines += [ln for ln in preprocessing_notes(pre, tuple(cal.images.shape[1:3]))
+                          if ln.startswith("warning:") and ln not in lines]  # the calibration images' resize
+                for ln in lines:
+                    (log or _tqdm_write)(ln if ln.startswith("warning:") else f"{sm.label}: {ln}")
+            images, y = ev.images, ev.labels
             t0 = time.perf_counter()
             if qcfg is None:
                 res = evaluate(sm.model, images, y)
@@ -284,46 +312,54 @@ def _n(doc: dict[str, Any]) -> int | str:
 
 
 def plot_sweep(doc: dict[str, Any], path: str | os.PathLike) -> Path:
-    """Top-1 against bit-width (x in the sweep's order), one line per checkpoint and method (error bars: the
-    seeds' min..max), and each checkpoint's FP top-1 as a dashed line in the same colour."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Top-1 against bit-width (x in the sweep's order): one panel per checkpoint (all on one y-scale that
+    follows the data), one line per method in its fixed colour (mixq_onnx.plotting), each point labelled with
+    its mean top-1 (error bars: the seeds' min..max), and the checkpoint's FP top-1 as a dashed line."""
+    from . import plotting as P
 
     s = summarize_cells(doc)
     bits = list(doc["config"]["bits"])
-    fig, ax = plt.subplots(figsize=(1.3 * len(bits) + 5.5, 4.4), dpi=110)
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    styles = ["o-", "s--", "^-.", "d:"]
+    methods = P.order_methods(doc["config"]["methods"])
+    labels = [m["label"] for m in doc["models"]] or ["-"]
     xs = list(range(len(bits)))
-    for i, m in enumerate(doc["models"]):
-        colour = colours[i % len(colours)]
-        fp = s.get((m["label"], "fp", "FP"))
-        if fp:
-            ax.axhline(fp[0], color=colour, lw=0.9, ls=(0, (4, 3)), alpha=0.7)
-        for j, method in enumerate(doc["config"]["methods"]):
-            pts = [(x, s[(m["label"], method, b)]) for x, b in zip(xs, bits) if (m["label"], method, b) in s]
-            if not pts:
-                continue
-            ax.errorbar([p[0] for p in pts], [p[1][0] for p in pts], yerr=[p[1][1] / 2 for p in pts],
-                        fmt=styles[j % len(styles)], color=colour, capsize=3, ms=5,
-                        label=f"{m['label']} · {method}" + (f" (FP {fp[0]:.1f})" if fp and j == 0 else ""))
-    ax.set_xticks(xs, bits)
-    ax.set_xlabel("bit-width")
-    ax.set_ylabel("top-1 %")
-    ax.set_ylim(0, 100 if not s else min(100, 5 * math.ceil(max(v[0] for v in s.values()) / 5) + 5))
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
-    ax.set_title("accuracy across bit-widths (dashed: FP)", fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    try:
-        fig.savefig(tmp)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    ys = [v[0] + sign * v[1] / 2 for v in s.values() for sign in (-1, 1) if math.isfinite(v[0])]
+    lim = P.data_limits(ys, pad=0.1, lo=0, hi=100, min_span=5)
+    n = len(labels)
+    ncols = min(n, 3)
+    nrows = -(-n // ncols)
+    with P.style() as plt:
+        fig, axes = plt.subplots(nrows, ncols, figsize=((0.9 * len(bits) + 1.4) * ncols + 0.5, 3.0 * nrows + 0.7),
+                                 sharey=True, squeeze=False, layout="constrained")
+        flat = [ax for row in axes for ax in row]
+        for ax in flat[n:]:
+            ax.set_visible(False)
+        for ax, label in zip(flat, labels):
+            fp = s.get((label, "fp", "FP"))
+            if fp:
+                ax.axhline(fp[0], color=P.FP_COLOUR, lw=0.9, ls=(0, (4, 3)), zorder=1)
+            lines = []
+            for method in methods:
+                colour = P.method_colour(method, methods)
+                pts = [(x, s[(label, method, b)]) for x, b in zip(xs, bits) if (label, method, b) in s]
+                if not pts:
+                    continue
+                ax.errorbar([p[0] for p in pts], [p[1][0] for p in pts], yerr=[p[1][1] / 2 for p in pts],
+                            fmt="o-", color=colour, capsize=3, ms=4.5, lw=1.6, zorder=3)
+                lines.append(([p[0] for p in pts], [p[1][0] for p in pts], [P.fmt_value(p[1][0]) for p in pts], colour))
+            P.point_labels(ax, lines)
+            ax.set_title(f"{label}" + (f" · FP {fp[0]:.2f} %" if fp else ""), loc="left", fontsize=9)
+            ax.set_xticks(xs, bits)
+            ax.set_xlim(-0.4, len(bits) - 0.6)
+            ax.set_ylim(*lim)
+        for row in axes:
+            row[0].set_ylabel("top-1 %")
+        handles = [plt.Line2D([], [], color=P.method_colour(m, methods), marker="o", lw=1.6) for m in methods]
+        handles.append(plt.Line2D([], [], color=P.FP_COLOUR, lw=0.9, ls=(0, (4, 3))))
+        fig.legend(handles, [*methods, "FP (float model)"], loc="outside lower center", ncol=len(handles))
+        n_img = _n(doc)
+        seeds = list(doc["config"]["seeds"])
+        how = (f"labels: mean over seeds {', '.join(map(str, seeds))}; error bars: their spread" if len(seeds) > 1
+               else f"seed {seeds[0]}" if seeds else "")
+        fig.suptitle(f"top-1 across bit-widths ({f'{n_img:,}' if isinstance(n_img, int) else n_img} images; {how})",
+                     fontsize=10)
+        return P.save_figure(fig, path)

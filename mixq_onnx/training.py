@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import MixqError
+from .progress import progress_bar
 from .threads import tick
 
 
@@ -61,10 +61,12 @@ class TrainData:
 
 
 def load_training_data(src: str | os.PathLike, model: nn.Module, *, cache_root: str | None = None,
-                       limit: int | None = None) -> TrainData:
+                       limit: int | None = None, log: Callable[[str], None] | None = None) -> TrainData:
     """A calibration cache (unlabelled: data-free KD) or an npz / image folder with labels, preprocessed the
-    model's way."""
+    model's way. `limit` takes `pick_subset`'s seeded sample (class-stratified where the images have labels),
+    never the first N; `log` gets the `data:` / `preprocessing:` lines (`report_data`)."""
     from .calib.cache import is_cache_dir
+    from .data import pick_subset, read_labelled, report_data
     from .models import get_preprocessing
 
     p = Path(src)
@@ -72,12 +74,16 @@ def load_training_data(src: str | os.PathLike, model: nn.Module, *, cache_root: 
         from .calib import load_calibration
 
         ds = load_calibration(src, model, cache_root)
-        return TrainData(ds.tensor(limit), None, str(ds.path))
-    from .data import load_labelled
-
+        idx, subset = pick_subset(ds.labels(), len(ds), limit)
+        if log is not None:
+            report_data(ds.preprocessing, tuple(ds.images.shape[1:3]), f"{subset} of cache {ds.path.name}", log=log)
+        return TrainData(ds.take(idx), None, str(ds.path))
     pre = get_preprocessing(model)
-    images, labels = load_labelled(p, pre.input_size[1], limit)
-    return TrainData(torch.cat([pre(images[s:s + 256]) for s in range(0, len(images), 256)]), labels, str(p))
+    d = read_labelled(p, pre.input_size[1], limit)
+    if log is not None:
+        report_data(pre, d.source_hw, d.subset, log=log, resized_on_load=d.resized_on_load)
+    images = d.images
+    return TrainData(torch.cat([pre(images[s:s + 256]) for s in range(0, len(images), 256)]), d.labels, str(p))
 
 
 def kd_weight_for(data: TrainData, loss: str, kd_weight: float) -> float:
@@ -138,9 +144,7 @@ def train(model: nn.Module, data: TrainData, cfg: TrainConfig, *, teacher: nn.Mo
     total = cfg.epochs * steps_per_epoch
     if teacher is not None:
         teacher.eval()
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=total, desc=desc, unit="step", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    bar = progress_bar(total, desc, "step", enabled=progress)
     history: list[dict[str, float]] = []
     step = 0
 

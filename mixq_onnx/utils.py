@@ -33,19 +33,37 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling path; rename it onto `path` only if the block succeeds.
 
     A crash (even SIGKILL) leaves either the old file or the new one, never a half-written one.
+    The file gets the mode of the file it replaces, else 0666 & ~umask like any other tool's output
+    (mkstemp alone would leave 0600).
     """
     path = Path(path)
+    mode = path.stat().st_mode & 0o777 if path.is_file() else 0o666 & ~current_umask()
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, mode)  # after the block: a writer may have recreated the file
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where /proc allows (os.umask can only swap it, which
+    races other threads creating files)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

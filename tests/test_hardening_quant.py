@@ -139,7 +139,12 @@ def code_world(tmp_path, monkeypatch) -> dict[str, Any]:
 
 
 def _respec(qdir: Path, spec: str) -> None:
-    _edit_json(qdir, lambda m: m["model"].__setitem__("spec", spec))
+    """Make `qdir` record `spec` (and no model file sha256, as if it had been made from that code)."""
+    def edit(m: dict[str, Any]) -> None:
+        m["model"]["spec"] = spec
+        m["model"].pop("model_sha256", None)
+
+    _edit_json(qdir, edit)
 
 
 def test_is_code_spec_and_canonical_spec(tmp_path, monkeypatch):
@@ -188,14 +193,17 @@ def test_cli_eval_and_fp_export_never_run_the_code_a_folder_names(code_world, ru
 
 
 def test_user_model_must_be_the_recorded_one(code_world, r20, tmp_path):
-    qdir = code_world["qdir"]  # recorded spec 'good.py:make', relative to the cwd (tmp)
+    qdir = code_world["qdir"]  # recorded spec: good.py (made from 'good.py:make' in the cwd) and its sha256
     size = (3, 16, 16)
     same = load_model(f"{code_world['tmp'] / 'good.py'}:make", random_init=True, input_size=size)
     assert len(quantizers(load_quantized(same, qdir))) == 4  # the same file, spelled differently
-    shutil.copy(code_world["tmp"] / "good.py", code_world["tmp"] / "other.py")
+    (code_world["tmp"] / "other.py").write_text((code_world["tmp"] / "good.py").read_text() + "# edited\n")
     other = load_model("other.py:make", random_init=True, input_size=size)
-    with pytest.raises(MixqError, match=r"made from model 'good.py:make', the model given is 'other.py:make'"):
+    with pytest.raises(MixqError, match=r"model file other.py does not match .*quant.json: its sha256 is"):
         load_quantized(other, qdir)
+    renamed = load_model("good.py:Net", random_init=True, input_size=size)
+    with pytest.raises(MixqError, match=r"made from model '.*good.py:make', the model given is 'good.py:Net'"):
+        load_quantized(renamed, qdir)
 
     model, r20_dir = r20
     with pytest.raises(MixqError, match=r"'cifar_resnet20'.*'cifar_resnet32'"):

@@ -14,6 +14,7 @@ quantizers; tables show mean and spread.
 
     python tools/bench_robust.py --stage tune      # candidates on the 500 held-out images (seed 0)
     python tools/bench_robust.py                   # the checkpoints, the sweeps, the section "robust"
+    python tools/bench_robust.py --plot-only       # redraw docs/robust_*.png from the recorded sweeps
 """
 from __future__ import annotations
 
@@ -247,6 +248,18 @@ def plot(docs: dict, net: str, modes: list[str], seeds: list[int]) -> Path:
     return plot_sweep(merged, ROOT / "docs" / f"robust_{net}.png")
 
 
+def plot_recorded(nets: list[str], modes: list[str], seeds: list[int]) -> list[Path]:
+    """Redraw the plots from the sweeps already recorded under WORK (missing ones are an error)."""
+    docs = {}
+    for n in nets:
+        for s in seeds:
+            f = WORK / f"sweep-{n}-s{s}" / "sweep.json"
+            if not f.exists():
+                raise SystemExit(f"{f} is missing: run the benchmark first (without --plot-only)")
+            docs[f"{n}-s{s}"] = json.loads(f.read_text())
+    return [plot(docs, net, modes, seeds) for net in nets]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--stage", choices=["tune", "main"], default="main")
@@ -254,8 +267,15 @@ def main() -> None:
     ap.add_argument("--modes", default="ce,kd")
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--plot-only", action="store_true",
+                    help="Only redraw docs/robust_NET.png from the recorded runs/bench_robust/sweep-NET-sSEED/sweep.json "
+                         "(nothing is trained or quantized; docs/benchmarks.md is left as it is).")
     a = ap.parse_args()
     nets, modes, seeds = a.models.split(","), a.modes.split(","), [int(s) for s in a.seeds.split(",")]
+    if a.plot_only:
+        for p in plot_recorded(nets, modes, seeds):
+            print(p)
+        return
     t0 = time.time()
     if a.stage == "tune":
         print(stage_tune(nets, a.jobs))

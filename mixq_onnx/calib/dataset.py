@@ -5,6 +5,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn as nn
 from torch.utils.data import Dataset
@@ -39,6 +40,26 @@ class CalibrationSet(Dataset):
         n = len(self) if n is None else min(n, len(self))
         return torch.cat([self.preprocessing(self.images[s : min(s + batch_size, n)]) for s in range(0, n, batch_size)])
 
+    def labels(self) -> np.ndarray | None:
+        """One class per image when every record names one (real-image caches), else None (synthetic caches)."""
+        ys = [r.get("label") if isinstance(r, dict) else None for r in self.records]
+        if ys and all(isinstance(y, int) and not isinstance(y, bool) and y >= 0 for y in ys):
+            return np.asarray(ys, dtype=np.int64)
+        return None
+
+    def take(self, indices: np.ndarray, batch_size: int = 256) -> torch.Tensor:
+        """The items at `indices` (e.g. `pick_subset`'s) as one preprocessed batch."""
+        idx = torch.as_tensor(np.asarray(indices, dtype=np.int64))
+        return torch.cat([self.preprocessing(self.images[idx[s:s + batch_size]]) for s in range(0, len(idx), batch_size)])
+
+    def subset(self, n: int | None = None) -> str:
+        """What `tensor(n)` takes, for the `data:` line: the first n in the cache's own order, which the
+        generators make a seeded shuffle (real images) or class-balanced rounds (synthetic prompts)."""
+        used = len(self) if n is None else min(n, len(self))
+        if used == len(self):
+            return f"all {used} images of cache {self.path.name}"
+        return f"{used} of {len(self)} images of cache {self.path.name} (the first {used}, in the cache's seeded order)"
+
     def provenance(self, used: int | None = None) -> dict[str, Any]:
         """What `quant.json` records about the calibration data: the cache, its recipe hash, images used."""
         return {"cache": str(self.path.resolve()), "hash": self.path.name, "images": len(self) if used is None else used}
@@ -58,5 +79,6 @@ def load_calibration(ref: str | os.PathLike, model: nn.Module, cache_root: str |
     if pre.input_size[1] > 4 * h or pre.input_size[2] > 4 * w:
         raise MixqError(f"cache images are {h}x{w}, too small to resize to the model's input "
                         f"{pre.input_size[1]}x{pre.input_size[2]} (more than 4x upscaling): make a cache with "
-                        f"--size {pre.input_size[1]}")
+                        f"--size {pre.input_size[1]}, or, if the model takes {h}x{w} images (a model file gets "
+                        f"224x224 unless told), pass --input-size {h}")
     return ds

@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import MixqError
+from ..progress import progress_bar
 from ..registry import FILTERS, PROMPT_STRATEGIES
 from ..utils import atomic_write_json, sha256_bytes, sha256_file
 from . import cache as C
@@ -295,17 +296,24 @@ def _generate_shards(gen, cfg: CalibConfig, cache_dir: Path, rank: int, world: i
         return
     if done_imgs:
         log(f"resuming: {len(mine) - len(todo)} of {len(mine)} shards already done")
-    gen.setup()
-    from tqdm.auto import tqdm
-
     total = sum(r[1] - r[0] for _, r in mine)
-    bar = tqdm(
-        total=total, initial=done_imgs, unit="img", desc=f"calib[{cfg.generator}]" + (f" rank {rank}" if world > 1 else ""),
-        disable=not progress, file=sys.stderr, dynamic_ncols=True,
-    )
+    bar = progress_bar(total, f"calib[{cfg.generator}]" + (f" rank {rank}" if world > 1 else ""), "image",
+                       enabled=progress, initial=done_imgs)
     vocab = gen.ctx.vocab
     try:
-        for i, (start, stop) in todo:
+        bar.set_postfix_str("loading the generator")
+        gen.setup()  # a diffusion pipeline takes a while to load: the bar's lines show it is alive
+        for k, (i, (start, stop)) in enumerate(todo):
+            bar.set_postfix_str(f"shard {k + 1}/{len(todo)}")
+            before = bar.n
+
+            def advance(fraction: float, before: float = before, count: int = stop - start) -> None:
+                # whole images, so the count reads as one; the shard's images are written together at its end
+                target = before + int(max(0.0, min(1.0, fraction)) * count)
+                if target > bar.n:
+                    bar.update(target - bar.n)
+
+            gen.ctx.shard_progress = advance
             plans = plan_images(cfg.prompts if gen.uses_prompts else PromptConfig("none"), vocab, cfg.seed, start, stop)
             t = time.perf_counter()
             out = gen.generate(i, plans)
@@ -315,8 +323,9 @@ def _generate_shards(gen, cfg: CalibConfig, cache_dir: Path, rank: int, world: i
             C.write_shard(cache_dir / name(i), out.images.cpu(), records)
             stats = {**out.stats, "seconds": round(time.perf_counter() - t, 3)}
             atomic_write_json(cache_dir / f"{name(i)}.stats.json", stats)
-            bar.update(stop - start)
+            bar.update(before + (stop - start) - bar.n)
     finally:
+        gen.ctx.shard_progress = lambda _fraction: None
         bar.close()
 
 

@@ -142,6 +142,25 @@ def _timm_pretrained_in_cache(name: str) -> bool:
     return False
 
 
+def _timm_cache_hint(name: str) -> str:
+    """How to put `name`'s weights where `_timm_pretrained_in_cache` (and timm, offline) finds them."""
+    try:
+        import timm
+        from huggingface_hub import constants
+
+        cfg = timm.models.get_pretrained_cfg(name)
+        hub_id = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+        cache = constants.HF_HUB_CACHE
+    except Exception:  # noqa: BLE001
+        hub_id, cache = None, None
+    if not hub_id or not cache:
+        return "timm names no Hugging Face weights for it: pass --checkpoint FILE (or --random-weights)"
+    repo = Path(cache) / f"models--{hub_id.replace('/', '--')}"
+    return (f"to add them offline, copy the model.safetensors of the hub repo {hub_id} into {repo}/snapshots/REV/ and "
+            f"write REV (e.g. the commit hash; no newline) into {repo}/refs/main (the cache is $HF_HUB_CACHE, "
+            "default $HF_HOME/hub); or pass --checkpoint FILE (or --random-weights)")
+
+
 @dataclass(frozen=True)
 class ModelOptions:
     """Everything that names a model: what `--model/--checkpoint/--random-weights/--mean/--std/--input-size`
@@ -204,10 +223,8 @@ def _build(spec: str, checkpoint, random_init: bool, kwargs: dict[str, Any]) -> 
             if spec in ZOO:
                 raise MixqError(f"zoo model {spec} has no downloadable weights: pass --checkpoint FILE (or --random-weights)")
             if not _timm_pretrained_in_cache(spec):
-                raise MixqError(
-                    f"no pretrained weights for timm model {spec} in the local Hugging Face cache: "
-                    "pass --checkpoint FILE (or --random-weights)"
-                )
+                raise MixqError(f"no pretrained weights for timm model {spec} in the local Hugging Face cache: "
+                                + _timm_cache_hint(spec))
             pretrained = True
         try:
             if pretrained:

@@ -118,10 +118,12 @@ def match_quantizers(graph: Any, qs: dict[str, Any], path: Path | str = "graph")
                 raise MixqError(f"{path} does not match the quantized model: the integer weights of {name} differ")
 
 
-def verify_onnx(path: str | os.PathLike, qmodel: nn.Module, images: torch.Tensor, batch_size: int = 250
-                ) -> VerifyReport:
-    """images: uint8 NHWC; preprocessed with the model's own preprocessing."""
+def verify_onnx(path: str | os.PathLike, qmodel: nn.Module, images: torch.Tensor, batch_size: int = 250, *,
+                progress: bool = False) -> VerifyReport:
+    """images: uint8 NHWC; preprocessed with the model's own preprocessing. `progress`: a bar over the images
+    (each batch runs two onnxruntime sessions and the model twice: thousands of images take minutes)."""
     from ..models import get_preprocessing
+    from ..progress import progress_bar
     from ..quant.graph import quantizers
     from ..quant.modules import QUANT_LAYERS
     from ..quant.quantizer import ActQuantizer
@@ -179,6 +181,7 @@ def verify_onnx(path: str | os.PathLike, qmodel: nn.Module, images: torch.Tensor
     maxd = maxd_opt = maxd_forced = 0.0
     sumd = 0.0
     nel = nonfinite = 0
+    bar = progress_bar(len(images), "verify", "image", enabled=progress)
     try:
         for s in range(0, len(images), batch_size):
             x = pre(images[s:s + batch_size])
@@ -207,7 +210,9 @@ def verify_onnx(path: str | os.PathLike, qmodel: nn.Module, images: torch.Tensor
             maxd_opt = _nanmax(maxd_opt, np.abs(o2 - ref))
             maxd_forced = _nanmax(maxd_forced, np.abs(out - forced))
             agree_forced += int((out.argmax(1) == forced.argmax(1)).sum())
+            bar.update(len(x))
     finally:
+        bar.close()
         state["forced"] = False
         for h in hooks:
             h.remove()

@@ -2,7 +2,6 @@
 stderr summary."""
 from __future__ import annotations
 
-import io
 import json
 import os
 from pathlib import Path
@@ -39,10 +38,9 @@ def summary(rep: dict[str, Any]) -> str:
 def plot_bits(rep: dict[str, Any]) -> bytes:
     """PNG bar chart: per Conv/Linear layer (execution order) its weight bits and input activation bits;
     residual and matmul activation quantizers after them. Learned bits before rounding as dots."""
-    import matplotlib
+    import math
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from .. import plotting as P
 
     by = {q["name"]: q for q in rep["quantizers"]}
     labels, wb, ab, wl, al = [], [], [], [], []
@@ -62,27 +60,29 @@ def plot_bits(rep: dict[str, Any]) -> bytes:
             ab.append(q["bits"])
             al.append(q["learned_bits"])
     n = len(labels)
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.32 * n + 2), 4.2), dpi=110)
     xs = list(range(n))
-    ax.bar([x - 0.2 for x in xs], wb, width=0.4, label="weights", color="#4c72b0")
-    ax.bar([x + 0.2 for x in xs], ab, width=0.4, label="activations", color="#dd8452")
-    ax.plot([x - 0.2 for x in xs], wl, "k.", ms=4, label="learned (before rounding)")
-    ax.plot([x + 0.2 for x in xs], al, "k.", ms=4)
-    ax.set_xticks(xs, labels, rotation=90, fontsize=6)
-    ax.set_ylabel("bits")
-    ax.set_ylim(0, max(8, *wb, *ab) + 1)
-    a = rep["achieved"]
-    ax.set_title(f"{rep['method']}: W {a['weight_bits']:.2f} bits, A {a['act_bits']:.2f} bits, "
-                 f"{a['gbops']:.3g} GBOPs", fontsize=10)
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, loc="upper right")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    try:
-        fig.savefig(buf, format="png")
-    finally:
-        plt.close(fig)
-    return buf.getvalue()
+    top = max([8, *wb, *ab, *(v for v in (*wl, *al) if math.isfinite(v))])
+    with P.style() as plt:
+        fig, ax = plt.subplots(figsize=(max(6.0, 0.32 * n + 2), 4.2))
+        for dx, bits, learned, kind in ((-0.2, wb, wl, "weights"), (0.2, ab, al, "activations")):
+            pos = [x + dx for x in xs]
+            ax.bar(pos, bits, width=0.4, label=kind, color=P.KIND_COLOURS[kind], zorder=2)
+            ax.plot(pos, learned, "k.", ms=4, zorder=3, label="learned (before rounding)" if dx < 0 else None)
+            if n <= 64:  # one label per bar while they still fit
+                shown = [(x, b) for x, b in zip(pos, bits) if b]
+                P.bar_labels(ax, [x for x, _ in shown], [b for _, b in shown], [str(b) for _, b in shown],
+                             fontsize=6.5 if n <= 32 else 5, colour="white", at_base=True)
+        ax.set_xticks(xs, labels, rotation=90, fontsize=6)
+        ax.set_xlim(-0.6, n - 0.4)
+        ax.set_ylabel("bits")
+        ax.set_ylim(0, top + 1.5)
+        ax.grid(axis="x", visible=False)
+        a = rep["achieved"]
+        ax.set_title(f"{rep['method']}: W {a['weight_bits']:.2f} bits, A {a['act_bits']:.2f} bits, "
+                     f"{a['gbops']:.3g} GBOPs", fontsize=10)
+        ax.legend(loc="upper right", ncol=3)
+        fig.tight_layout()
+        return P.figure_bytes(fig)
 
 
 def save_qat(qmodel: nn.Module, out: str | os.PathLike, overwrite: bool = False) -> Path:

@@ -1,10 +1,11 @@
 """`quant.json` + `weights.safetensors`: the quantized model on disk, read back bit for bit.
 
 quant.json records every quantizer (name, placement, bits, scale(s), axis, signedness) and the model's
-source (spec, checkpoint path and sha256, preprocessing), so a quantized directory is
+source (spec, checkpoint, each file by absolute path and sha256, preprocessing), so a quantized directory is
 self-contained: `export`, `verify` and `eval --quantized` need no other model flag (a recorded spec
-that names code runs only with `trust_model_code`). Folders can come from anyone: reading one validates
-every field and quantizer, and writing one never removes files it did not write.
+that names code runs only with `trust_model_code`), from any directory; moved model files are given back
+with --model/--checkpoint and recognised by their sha256 (`folder_model`). Folders can come from anyone:
+reading one validates every field and quantizer, and writing one never removes files it did not write.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import MixqError
-from ..utils import atomic_path
+from ..utils import atomic_path, sha256_file
 from .config import QuantConfig
 from .graph import prepare, quantizers
 from .quantizer import ActQuantizer, WeightQuantizer, quantizer_state, validate_record
@@ -30,6 +31,7 @@ from .spec import QuantSpec
 QUANT_JSON = "quant.json"
 WEIGHTS = "weights.safetensors"
 WEIGHTS_SHA256 = "weights_sha256"  # in quant.json: ties it to the weights written with it
+MODEL_SHA256 = "model_sha256"  # in quant.json's model: the sha256 of a `file.py:factory` spec's file
 FORMAT = 1
 _TENSOR_KEYS = ("scale", "zero_point", "int")
 
@@ -68,7 +70,7 @@ def save_quantized(qmodel: nn.Module, out: str | os.PathLike, extra: dict[str, A
         "mixq_onnx": __version__,
         "deployable": cfg.symmetric,
         "config": cfg.to_dict(),
-        "model": src.to_dict() if src else None,
+        "model": source_record(src) if src else None,
         "units": list(qmodel.mixq_units),  # type: ignore[attr-defined]
         "quantizers": records,
         "report": getattr(qmodel, "mixq_report", None),
@@ -88,6 +90,31 @@ def save_quantized(qmodel: nn.Module, out: str | os.PathLike, extra: dict[str, A
     except OSError as e:
         raise MixqError(f"cannot write {out}: {e.strerror or e}") from None
     return out
+
+
+def model_file(spec: str) -> Path | None:
+    """The file a `path/to/file.py:factory` spec names (as written, not resolved), else None (zoo, timm and
+    `package.module:factory` specs)."""
+    from ..models import is_code_spec
+
+    if not is_code_spec(spec):
+        return None
+    target = spec.rpartition(":")[0]
+    return Path(target) if target.endswith(".py") or "/" in target or os.sep in target else None
+
+
+def source_record(src: Any) -> dict[str, Any]:
+    """A `ModelSource` as quant.json records it: paths resolved (the checkpoint already is; a model file
+    becomes absolute) and beside each its sha256, so the folder reads the same from any directory and a
+    moved file given back with --model/--checkpoint is recognised by its content."""
+    from ..models import canonical_spec
+
+    rec = src.to_dict()
+    path = model_file(rec["spec"])
+    if path is not None:
+        rec["spec"] = canonical_spec(rec["spec"])
+        rec[MODEL_SHA256] = sha256_file(path) if path.is_file() else None
+    return rec
 
 
 def check_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -121,22 +148,9 @@ def _write_new_dir(out: Path, files: dict[str, bytes]) -> None:
 
 
 def _write_file(path: Path, data: bytes) -> None:
-    """Atomically replace `path` by `data`, keeping the mode of the file it replaces."""
-    mode = path.stat().st_mode & 0o777 if path.is_file() else 0o666 & ~_umask()
+    """Atomically replace `path` by `data`, keeping the mode of the file it replaces (new: 0666 & ~umask)."""
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
-        os.chmod(tmp, mode)
-
-
-def _umask() -> int:
-    """The process umask, read without changing it (os.umask can only swap it, racing other threads)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0o022
 
 
 # ----------------------------------------------------------------------------- reading
@@ -144,6 +158,7 @@ _TOP_LEVEL = {"config": (dict,), "model": (dict, type(None)), "quantizers": (lis
 _OPTIONAL = {"units": (list,), "report": (dict, type(None)), WEIGHTS_SHA256: (str,)}
 _SOURCE = {"spec": (str,), "checkpoint": (str, type(None)), "checkpoint_sha256": (str, type(None)),
            "random_init": (bool,), "preprocessing": (dict,)}
+_SOURCE_OPTIONAL = {MODEL_SHA256: (str, type(None))}  # folders from before it have none: nothing to check
 
 
 def read_quant_json(qdir: str | os.PathLike) -> dict[str, Any]:
@@ -162,7 +177,7 @@ def read_quant_json(qdir: str | os.PathLike) -> dict[str, Any]:
         raise MixqError(f"{f} has format {meta.get('format')!r}, this mixq-onnx reads format {FORMAT}")
     _check_fields(meta, _TOP_LEVEL, _OPTIONAL, str(f))
     if meta["model"] is not None:
-        _check_fields(meta["model"], _SOURCE, {}, f"{f}: model")
+        _check_fields(meta["model"], _SOURCE, _SOURCE_OPTIONAL, f"{f}: model")
     return meta
 
 
@@ -244,24 +259,46 @@ def _weight_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
     return out
 
 
+def check_recorded_sha256(path: str | os.PathLike, want: str | None, what: str, where: str | os.PathLike) -> None:
+    """Raise a one-line `MixqError` naming `path` and both sha256 prefixes unless the file's sha256 is `want`
+    (the one `where` records); `want` None (a folder from before the hash was recorded) checks nothing."""
+    if not want:
+        return
+    path = Path(path)
+    try:
+        have = sha256_file(path)
+    except OSError as e:
+        raise MixqError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    if have != want.lower():
+        raise MixqError(f"{what} {path} does not match {where}: its sha256 is {have[:12]}…, "
+                        f"{Path(where).name} records {want[:12]}…")
+
+
 def _check_model_matches(model: nn.Module, meta: dict[str, Any], qdir: Path) -> None:
-    """The user's model must be the recorded one: same spec (file specs by resolved path), same checkpoint."""
+    """The user's model must be the recorded one: same spec (a model file by the sha256 quant.json records,
+    wherever it lies now: older folders record none, and their file is not compared), same checkpoint sha256."""
     from ..models import model_source, same_spec
 
     src, rec = model_source(model), meta["model"]
     if src is None or rec is None:
         return  # a model built in Python, or a folder that records no source: nothing to compare
     where = qdir / QUANT_JSON
-    if not same_spec(rec["spec"], src.spec):
+    rfile, gfile = model_file(rec["spec"]), model_file(src.spec)
+    files = rfile is not None and gfile is not None and rec["spec"].rpartition(":")[2] == src.spec.rpartition(":")[2]
+    if not files and not same_spec(rec["spec"], src.spec):
         raise MixqError(f"{where} does not match the model: it was made from model {rec['spec']!r}, "
                         f"the model given is {src.spec!r}")
+    if gfile is not None:
+        check_recorded_sha256(gfile, rec.get(MODEL_SHA256), "model file", where)
     want, have = rec["checkpoint_sha256"], src.checkpoint_sha256
     if want != have:
-        def show(sha: str | None) -> str:
-            return f"checkpoint sha256 {sha[:12]}…" if sha else "no checkpoint (random or pretrained weights)"
+        def show(sha: str | None, path: str | None) -> str:
+            if not sha:
+                return "no checkpoint (random or pretrained weights)"
+            return f"checkpoint sha256 {sha[:12]}…" + (f" ({path})" if path else "")
 
-        raise MixqError(f"{where} does not match the model: it was made from {show(want)}, "
-                        f"the model given has {show(have)}")
+        raise MixqError(f"{where} does not match the model: it was made from {show(want, rec['checkpoint'])}, "
+                        f"the model given has {show(have, src.checkpoint)}")
 
 
 def load_quantized(model: nn.Module, qdir: str | os.PathLike) -> nn.Module:
@@ -323,32 +360,65 @@ def validate_quantized_model(qmodel: nn.Module) -> None:
         validate_record(rec, ts, shapes.get(name) if isinstance(q, WeightQuantizer) else None, like=q)
 
 
-def load_source_model(qdir: str | os.PathLike, trust_model_code: bool = False) -> nn.Module:
-    """The float model `qdir` records (spec, checkpoint, preprocessing).
+def folder_model(qdir: str | os.PathLike, spec: str | None = None, checkpoint: str | os.PathLike | None = None, *,
+                 random_init: bool = False, mean: Any = None, std: Any = None, input_size: Any = None,
+                 trust_model_code: bool = False) -> Any:
+    """The float model of result folder `qdir` as `ModelOptions`: what its quant.json records (spec, checkpoint,
+    preprocessing), with what the user gives (`spec`, `checkpoint`, ... : --model, --checkpoint, --mean, ...)
+    in place of it, so a moved folder or moved model files are found again.
 
-    A spec naming code (`file.py:factory`, `package.module:factory`) is imported only with
-    `trust_model_code`: a result folder can come from anyone, and loading it must never run code
-    the user did not choose. Zoo and timm names are always fine."""
-    from ..models import Preprocessing, is_code_spec, load_model
+    A model file and a checkpoint, recorded or given, must have the sha256 quant.json records (checked
+    before the file is read or imported; older folders record no model file hash, and nothing is then
+    compared). A recorded spec naming code (`file.py:factory`, `package.module:factory`) is used only with
+    `trust_model_code`: a result folder can come from anyone, and reading it must never run code the user
+    did not choose. Zoo and timm names are always fine."""
+    from ..models import ModelOptions, Preprocessing, is_code_spec
 
     qdir = Path(qdir)
     meta = read_quant_json(qdir)
-    src = meta["model"]
+    src, where = meta["model"], qdir / QUANT_JSON
     if not src:
-        raise MixqError(f"{qdir / QUANT_JSON} records no model source; pass --model/--checkpoint")
-    spec = src["spec"]
-    if is_code_spec(spec) and not trust_model_code:
-        raise MixqError(f"{qdir / QUANT_JSON} names model code {spec!r}; pass --model SPEC (it must match) "
-                        "or --trust-model-code")
-    ck = src["checkpoint"]
-    if ck and not Path(ck).is_file():
-        raise MixqError(f"checkpoint recorded in {qdir / QUANT_JSON} is missing: {ck}")
+        if spec is None:
+            raise MixqError(f"{where} records no model source; pass --model/--checkpoint")
+        return ModelOptions(spec, None if checkpoint is None else str(checkpoint), random_init, mean, std, input_size)
+    rec_spec = src["spec"]
+    if spec is None:
+        if is_code_spec(rec_spec) and not trust_model_code:
+            raise MixqError(f"{where} names model code {rec_spec!r}; pass --model SPEC (it must match) "
+                            "or --trust-model-code")
+        spec = rec_spec
+    file, want = model_file(spec), src.get(MODEL_SHA256)
+    if file is not None and model_file(rec_spec) is not None:  # the recorded file, or the user's copy of it
+        if not file.is_file():
+            moved = f"; pass --model PATH.py:{spec.rpartition(':')[2]}" + (f" (the file with sha256 {want[:12]}…)"
+                                                                           if want else "")
+            raise MixqError(f"model file not found: {file}" + (moved if spec == rec_spec else ""))
+        check_recorded_sha256(file, want, "model file", where)
+    if checkpoint is not None:
+        if not Path(checkpoint).is_file():
+            raise MixqError(f"checkpoint not found: {checkpoint}")
+        check_recorded_sha256(checkpoint, src["checkpoint_sha256"], "checkpoint", where)
+    elif not random_init:
+        checkpoint, random_init = src["checkpoint"], src["random_init"]
+        if checkpoint and not Path(checkpoint).is_file():
+            sha = src["checkpoint_sha256"]
+            raise MixqError(f"checkpoint recorded in {where} is missing: {checkpoint}; pass --checkpoint FILE"
+                            + (f" (the file with sha256 {sha[:12]}…)" if sha else ""))
     try:
         pre = Preprocessing.from_dict(src["preprocessing"])
     except (KeyError, TypeError, ValueError) as e:
-        raise MixqError(f"{qdir / QUANT_JSON}: model preprocessing is not valid ({type(e).__name__}: {e})") from None
-    return load_model(spec, ck, random_init=src["random_init"], mean=pre.mean, std=pre.std,
-                      input_size=pre.input_size)
+        raise MixqError(f"{where}: model preprocessing is not valid ({type(e).__name__}: {e})") from None
+    return ModelOptions(spec, None if checkpoint is None else str(checkpoint), random_init,
+                        pre.mean if mean is None else tuple(mean), pre.std if std is None else tuple(std),
+                        pre.input_size if input_size is None else input_size)
+
+
+def load_source_model(qdir: str | os.PathLike, trust_model_code: bool = False) -> nn.Module:
+    """The float model `qdir` records (spec, checkpoint, preprocessing); see `folder_model` for the checks
+    and for when recorded model code is imported."""
+    from ..models import load_model
+
+    return load_model(folder_model(qdir, trust_model_code=trust_model_code))
 
 
 def load_quantized_dir(qdir: str | os.PathLike, trust_model_code: bool = False) -> nn.Module:

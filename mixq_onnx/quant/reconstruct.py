@@ -13,7 +13,6 @@ What each method learns in which phase is declared in `mixq_onnx.methods` (the r
 """
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -23,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from ..methods import METHODS, Method, Phase
+from ..progress import Progress, progress_bar
 from ..threads import tick
 from .config import QuantConfig
 from .graph import Unit, example_input, execution_order, prepare, quantizers, set_quant_state, units
@@ -104,24 +104,48 @@ def _eval_loss(module: nn.Module, x: torch.Tensor, tgt: torch.Tensor, bs: int = 
     return tot / len(x)
 
 
-def init_scales(gm: nn.Module, calib: torch.Tensor, cfg: QuantConfig) -> None:
-    """Lp-optimal per-channel weight scales and per-tensor activation scales (the RTN starting point)."""
+_OBSERVE_SAMPLES, _OBSERVE_BATCH = 512, 128  # activation ranges are observed on this many images, in batches
+
+
+def init_steps(gm: nn.Module, n_calib: int) -> int:
+    """How many steps `init_scales` reports to its bar: one per weight-scale search, observation batch and
+    activation-scale search (so the setup bar has a total and an ETA)."""
+    layers = sum(isinstance(m, QUANT_LAYERS) for m in gm.modules())
+    acts = sum(isinstance(m, ActQuantizer) for m in gm.modules())
+    batches = -(-min(n_calib, _OBSERVE_SAMPLES) // _OBSERVE_BATCH) if acts else 0
+    return layers + batches + acts
+
+
+def init_scales(gm: nn.Module, calib: torch.Tensor, cfg: QuantConfig, bar: Progress | None = None) -> None:
+    """Lp-optimal per-channel weight scales and per-tensor activation scales (the RTN starting point).
+    `bar` advances by `init_steps` steps: on a large network these searches take minutes."""
+    bar = bar if bar is not None else progress_bar(None, "", enabled=False)
+    bar.set_postfix_str("weight scales")
     for m in gm.modules():
         if isinstance(m, QUANT_LAYERS):
             search_weight_scale(m.weight, m.weight_quantizer, p=cfg.p_norm, grid=cfg.scale_grid)
+            bar.update(1)
     acts = [m for m in gm.modules() if isinstance(m, ActQuantizer)]
     if not acts:
         return
     set_quant_state(gm, weights=False, acts=False)
     for q in acts:
         q.observing = True
+    bar.set_postfix_str("activation ranges")
+
+    def observe(b: torch.Tensor) -> None:
+        gm(b)
+        bar.update(1)
+
     try:
-        _batched(lambda b: gm(b), calib[: min(len(calib), 512)], 128)
+        _batched(observe, calib[: min(len(calib), _OBSERVE_SAMPLES)], _OBSERVE_BATCH)
     finally:
         for q in acts:
             q.observing = False
+    bar.set_postfix_str("activation scales")
     for q in acts:
         search_act_scale(q, p=cfg.p_norm)
+        bar.update(1)
     set_quant_state(gm, weights=True, acts=True)
 
 
@@ -266,14 +290,23 @@ def quantize(model: nn.Module, cfg: QuantConfig, calib: Any, *, progress: bool =
     torch.set_flush_denormal(True)
     gen = torch.Generator().manual_seed(cfg.seed)
     provenance = None
-    if not isinstance(calib, torch.Tensor):  # a CalibrationSet
-        provenance = calib.provenance(min(len(calib), cfg.num_samples))
-        calib = calib.tensor(cfg.num_samples)
-    dev = next(iter(model.parameters()), torch.empty(0)).device
-    calib = calib[: cfg.num_samples].to(dev)
-    t_start = time.perf_counter()
-    gm = prepare(model, cfg)
-    init_scales(gm, calib, cfg)
+    name = f"{cfg.method} W{cfg.wbits}A{cfg.abits}"
+    # The setup before the first unit (images, BN folding, scale searches, observation passes) has its own
+    # bar: on a large network or a busy machine it takes minutes.
+    with progress_bar(2, f"{name} setup", "step", enabled=progress) as setup:
+        setup.set_postfix_str("calibration images")
+        if not isinstance(calib, torch.Tensor):  # a CalibrationSet
+            provenance = calib.provenance(min(len(calib), cfg.num_samples))
+            calib = calib.tensor(cfg.num_samples)
+        dev = next(iter(model.parameters()), torch.empty(0)).device
+        calib = calib[: cfg.num_samples].to(dev)
+        setup.update(1)
+        t_start = time.perf_counter()
+        setup.set_postfix_str("prepare (fold BN, place quantizers)")
+        gm = prepare(model, cfg)
+        setup.total = 2 + init_steps(gm, len(calib))
+        setup.update(1)
+        init_scales(gm, calib, cfg, setup)
     n_hold = int(len(calib) * cfg.holdout) if len(calib) >= 20 else 0
     n_train = len(calib) - n_hold
     reports: list[UnitReport] = []
@@ -283,39 +316,36 @@ def quantize(model: nn.Module, cfg: QuantConfig, calib: Any, *, progress: bool =
             _finalize_unit(u)
     else:
         all_units = _units_for(gm, method)
-        from tqdm.auto import tqdm
-
-        bar = tqdm(all_units, desc=f"{cfg.method} W{cfg.wbits}A{cfg.abits}", unit="unit", disable=not progress,
-                   file=sys.stderr, dynamic_ncols=True)
-        for i, unit in enumerate(bar):
-            t0 = time.perf_counter()
-            bar.set_postfix_str(unit.name)
-            set_quant_state(gm, weights=False, acts=False)
-            fp_in, fp_out = _capture(gm, unit.module, calib, want_out=True)
-            _set_units_enabled(all_units, i)
-            q_in, _ = _capture(gm, unit.module, calib)
-            for q in unit.weight_quantizers() + unit.act_quantizers():
-                q.enabled = True
-            if cfg.weight_only:
-                for q in unit.act_quantizers():
-                    q.enabled = False
-            tr = slice(0, n_train)
-            ho = slice(n_train, len(calib))
-            before = _eval_loss(unit.module, q_in[tr], fp_out[tr])
-            hold_before = _eval_loss(unit.module, q_in[ho], fp_out[ho])
-            hist, iters_done = _run_phases(unit, phases, q_in, fp_in, fp_out, cfg, n_train, gen)
-            _finalize_unit(unit)
-            after = _eval_loss(unit.module, q_in[tr], fp_out[tr])
-            hold_after = _eval_loss(unit.module, q_in[ho], fp_out[ho])
-            dt = time.perf_counter() - t0
-            reports.append(UnitReport(
-                name=unit.name, kind=unit.kind, iters=iters_done, loss_before=before, loss_after=after,
-                holdout_before=hold_before, holdout_after=hold_after,
-                gen_gap=(hold_after - after) if n_hold else float("nan"),
-                grad_round=_stats(hist["round"]), grad_wscale=_stats(hist["wscale"]),
-                grad_ascale=_stats(hist["ascale"]), seconds=round(dt, 2), iters_per_s=round(iters_done / dt, 2),
-            ))
-        bar.close()
+        with progress_bar(len(all_units), name, "unit", enabled=progress) as bar:
+            for i, unit in enumerate(all_units):
+                t0 = time.perf_counter()
+                bar.set_postfix_str(unit.name)
+                set_quant_state(gm, weights=False, acts=False)
+                fp_in, fp_out = _capture(gm, unit.module, calib, want_out=True)
+                _set_units_enabled(all_units, i)
+                q_in, _ = _capture(gm, unit.module, calib)
+                for q in unit.weight_quantizers() + unit.act_quantizers():
+                    q.enabled = True
+                if cfg.weight_only:
+                    for q in unit.act_quantizers():
+                        q.enabled = False
+                tr = slice(0, n_train)
+                ho = slice(n_train, len(calib))
+                before = _eval_loss(unit.module, q_in[tr], fp_out[tr])
+                hold_before = _eval_loss(unit.module, q_in[ho], fp_out[ho])
+                hist, iters_done = _run_phases(unit, phases, q_in, fp_in, fp_out, cfg, n_train, gen)
+                _finalize_unit(unit)
+                after = _eval_loss(unit.module, q_in[tr], fp_out[tr])
+                hold_after = _eval_loss(unit.module, q_in[ho], fp_out[ho])
+                dt = time.perf_counter() - t0
+                reports.append(UnitReport(
+                    name=unit.name, kind=unit.kind, iters=iters_done, loss_before=before, loss_after=after,
+                    holdout_before=hold_before, holdout_after=hold_after,
+                    gen_gap=(hold_after - after) if n_hold else float("nan"),
+                    grad_round=_stats(hist["round"]), grad_wscale=_stats(hist["wscale"]),
+                    grad_ascale=_stats(hist["ascale"]), seconds=round(dt, 2), iters_per_s=round(iters_done / dt, 2),
+                ))
+                bar.update(1)
     set_quant_state(gm, weights=True, acts=not cfg.weight_only)
     for q in quantizers(gm).values():
         if isinstance(q, WeightQuantizer) and q.mode != "int":

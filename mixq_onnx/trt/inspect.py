@@ -25,6 +25,10 @@ MOVE_OPS = {"Slice", "Pad", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqu
 _COMPUTE_LAYER = re.compile(r"conv|correlation|gemm|matmul|matrixmultiply|fullyconnected|deconv", re.IGNORECASE)
 _REFORMAT_LAYER = re.compile(r"reformat|requant|shuffle", re.IGNORECASE)
 INT8 = {"Int8", "UInt8"}
+#: What the summary's "float hand-offs" count means, in one sentence.
+HANDOFF_NOTE = ("(a float hand-off is a tensor that one non-compute kernel passes to the next in float rather than "
+                "int8, where the engine converts between int8 and float between kernels: reformat/requantize work "
+                "that costs bandwidth and time, not accuracy)")
 LOW_WEIGHTS = {"Int8", "UInt8", "Int4", "FP8", "FP4"}
 
 
@@ -95,6 +99,7 @@ class PrecisionReport:
                          f"({100 * self.int4_weight_macs / max(self.total_macs, 1):.2f} % of MACs)")
         lines.append(f"fallbacks: {len(self.fallbacks)}  standalone clip layers: {len(self.standalone_clips)}  "
                      f"float hand-offs between non-compute kernels: {len(self.float_handoffs)}")
+        lines.append(f"  {HANDOFF_NOTE}")
         for f in self.fallbacks[:max_lines]:
             lines.append(f"  fallback: {f}")
         if len(self.fallbacks) > max_lines:
@@ -359,10 +364,35 @@ def analyze(onnx_path: str | Path, layers: list[LayerInfo], input_shapes: dict[s
                            compute=compute, layers=table, shapes=dict(input_shapes), float_handoffs=handoffs)
 
 
+# ModelProto's first bytes: field 1 (ir_version, a small varint), then one of its other fields' tags
+_ONNX_THIRD_BYTE = {0x12, 0x1A, 0x22, 0x28, 0x32, 0x3A, 0x42, 0x52, 0x5A, 0x72}
+
+
+def refuse_onnx_as_plan(path: str | Path) -> None:
+    """Raise a one-line `MixqError` when `path` is an ONNX graph (by its .onnx name, or by its first bytes when
+    it has no PLAN.json beside it) given where a built plan belongs."""
+    from .builder import meta_path_for
+
+    path = Path(path)
+    if not path.is_file():
+        return
+    onnx_graph = path.suffix.lower() == ".onnx"
+    if not onnx_graph and not meta_path_for(path).is_file():
+        try:
+            with open(path, "rb") as f:
+                head = f.read(3)
+        except OSError:
+            return
+        onnx_graph = len(head) == 3 and head[0] == 0x08 and 0 < head[1] < 0x80 and head[2] in _ONNX_THIRD_BYTE
+    if onnx_graph:
+        raise MixqError(f"{path} is an ONNX graph, not a plan: run build first (mixq-onnx build {path})")
+
+
 def inspect_plan(plan_path: str | Path, onnx_path: str | Path | None = None) -> PrecisionReport:
     """Precision report of a built plan from its model.plan.json (no GPU needed)."""
     from .builder import plan_layers, read_plan_meta
 
+    refuse_onnx_as_plan(plan_path)
     meta = read_plan_meta(plan_path)
     onnx_path = Path(onnx_path or meta["onnx"]["path"])
     if not onnx_path.is_file():

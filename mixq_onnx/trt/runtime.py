@@ -120,11 +120,12 @@ def run_plan(plan_path: str | Path, inputs: Any, backend: str | None = None) -> 
 
 def evaluate_engine_data(plan_path: str | Path, data: str | Path, *, model: Any = None, quantized: Any = None,
                          trust_model_code: bool = False, limit: int | None = None, batch_size: int | None = None,
-                         backend: str | None = None) -> Any:
+                         backend: str | None = None, log: Any = None) -> Any:
     """What `mixq-onnx eval --engine` computes: top-1/top-5 through the plan on an npz or image folder. The
     input preprocessing is the model's (`model`: nn.Module or `ModelOptions`), else the recorded model's of
-    a result folder (`quantized`), else the one the plan recorded at build time."""
-    from ..data import load_labelled
+    a result folder (`quantized`), else the one the plan recorded at build time. `limit`: `pick_subset`'s
+    seeded sample; `log` (a callable taking one line) gets the `data:` / `preprocessing:` lines."""
+    from ..data import read_labelled, report_data
     from ..errors import MixqError
     from ..models import ModelOptions, Preprocessing, get_preprocessing, load_model
     from ..quant.io import load_source_model
@@ -139,8 +140,12 @@ def evaluate_engine_data(plan_path: str | Path, data: str | Path, *, model: Any 
         pre = Preprocessing.from_dict(meta["preprocessing"])
     else:
         raise MixqError(f"{plan_path} records no input preprocessing: pass --model or --quantized")
-    images, labels = load_labelled(data, pre.input_size[1], limit)
-    return evaluate_engine(plan_path, images, labels, preprocessing=pre, batch_size=batch_size, backend=backend)
+    d = read_labelled(data, pre.input_size[1], limit)
+    if log is not None:
+        report_data(pre, d.source_hw, d.subset, log=log, resized_on_load=d.resized_on_load)
+    res = evaluate_engine(plan_path, d.images, d.labels, preprocessing=pre, batch_size=batch_size, backend=backend)
+    res.subset = d.subset
+    return res
 
 
 def evaluate_engine(plan_path: str | Path, images: Any, labels: Any, preprocessing: Any = None,

@@ -26,6 +26,9 @@ class GenContext:
     device: torch.device
     options: dict[str, Any] = field(default_factory=dict)  # generator-specific CLI options
     log: Callable[[str], None] = print
+    # Within-shard progress: a generator calls it with the fraction of the current shard done (0..1) after
+    # each step, so the calib bar moves while a slow shard (inversion steps, diffusion batches) is computed.
+    shard_progress: Callable[[float], None] = field(default=lambda _fraction: None)
 
 
 @dataclass

@@ -14,9 +14,11 @@ group (a shard edge, the tail, or one image to regenerate), the missing members 
 """
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -318,12 +320,23 @@ class DiffusionGenerator(Generator):
         return result
 
     @torch.no_grad()
-    def _run_group(self, plans: list[ImagePlan]) -> torch.Tensor:
+    def _run_group(self, plans: list[ImagePlan], on_step: Callable[[float], None] | None = None) -> torch.Tensor:
+        """One fixed batch through the pipeline; `on_step(fraction)` after each denoising step (a batch of
+        25 steps takes minutes on a CPU) where the pipeline takes `callback_on_step_end`."""
         pipe, size = self.pipe, self.ctx.size
         cfg = self.guidance > 1.0
         gens = [torch.Generator("cpu").manual_seed(int(p.seed)) for p in plans]
         kwargs: dict[str, Any] = dict(height=size, width=size, num_inference_steps=self.steps,
                                       guidance_scale=self.guidance, generator=gens, output_type="pt")
+        if on_step is not None and "callback_on_step_end" in inspect.signature(pipe.__call__).parameters:
+            def step_end(_pipe: Any, i: int, _t: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
+                # the scheduler's own count: some (PNDM) run more timesteps than num_inference_steps
+                ts = getattr(getattr(_pipe, "scheduler", None), "timesteps", None)
+                n = len(ts) if ts is not None and len(ts) else self.steps
+                on_step(min(1.0, (i + 1) / max(1, n)))
+                return callback_kwargs  # unchanged: the latents go on as they are
+
+            kwargs["callback_on_step_end"] = step_end
         if self._embeds:
             kwargs.update(self._embed(plans, cfg))
         else:
@@ -347,9 +360,11 @@ class DiffusionGenerator(Generator):
         given = {p.index: p for p in plans}
         made: dict[int, torch.Tensor] = {}
         computed = 0
-        for group in sorted({p.index // self.batch_size for p in plans}):
+        groups = sorted({p.index // self.batch_size for p in plans})
+        for k, group in enumerate(groups):
             members = self._group_plans(group, given)
-            imgs = self._run_group(members)
+            imgs = self._run_group(members, lambda f, k=k: self.ctx.shard_progress((k + f) / len(groups)))
+            self.ctx.shard_progress((k + 1) / len(groups))
             computed += len(members)
             for p, img in zip(members, imgs):
                 if p.index in given:

@@ -376,6 +376,7 @@ class InversionGenerator(Generator):
                 if it == 0:
                     loss_first, ce_first = float(bn.detach()), ce_val
                 loss_last, ce_last = float(bn.detach()), ce_val
+                self.ctx.shard_progress((it + 1) / iters)
 
             with torch.no_grad():
                 x = render()

@@ -81,7 +81,8 @@ def image_problem(path: Path) -> str | None:
 
 @register
 class RealGenerator(Generator):
-    """Take `--num` images of `--source`, a seeded random subset, resized to `--size` if needed."""
+    """Take `--num` images of `--source`, a seeded random subset (the head of a seeded permutation, stored in
+    that order, so `quantize --num-samples N` takes a random N as well), resized to `--size` if needed."""
 
     name = "real"
 
@@ -168,10 +169,17 @@ class RealGenerator(Generator):
             self._y = y if y is not None else np.full(len(self._x), -1)
             self._files = None
             self._picks = [int(j) for j in self._order(len(self._x))[: self.ctx.num]]
+            total, skipped = len(self._x), 0
         else:
             self._files, labels, self._class_names = folder_files(path)
             self._y = np.asarray(labels)
             self._picks = self._selection()[0]
+            total, skipped = len(self._files), len(self._selection()[1])
+        # The same wording as `pick_subset`'s: a seeded permutation's head is a seeded random sample.
+        what = "all" if len(self._picks) == total else f"{len(self._picks)} of"
+        self.ctx.log(f"data: {what} {total} images of {path.name}"
+                     + ("" if what == "all" else f", random sample (seed {self.ctx.seed})")
+                     + (f", {skipped} unreadable skipped" if skipped else ""))
 
     def _load(self, j: int) -> torch.Tensor:
         if self._files is None:
