@@ -119,6 +119,21 @@ def _asam_perturb(params: list[nn.Parameter], rho: float) -> list[torch.Tensor |
     return eps
 
 
+@torch.no_grad()
+def _trust_region(opt: torch.optim.Optimizer) -> None:
+    """Scale each gradient so that lr * |grad| <= max_update * |p| in the groups that set "max_update"."""
+    for g in opt.param_groups:
+        r = g.get("max_update")
+        if not r:
+            continue
+        for p in g["params"]:
+            if p.grad is None:
+                continue
+            step, cap = g["lr"] * p.grad.norm(), r * p.norm()
+            if step > cap > 0:
+                p.grad.mul_(cap / step)
+
+
 def train(model: nn.Module, data: TrainData, cfg: TrainConfig, *, teacher: nn.Module | None = None,
           extra_loss: Callable[[nn.Module], dict[str, torch.Tensor]] | None = None,
           params: list[nn.Parameter] | list[dict[str, Any]] | None = None, progress: bool = True,
@@ -128,7 +143,10 @@ def train(model: nn.Module, data: TrainData, cfg: TrainConfig, *, teacher: nn.Mo
     `extra_loss(model)` adds the stage's terms (already weighted), e.g. {"symreg": beta * symreg_loss(m)}.
     `params` may be torch parameter groups (dicts with "params" and their own "lr"): each group's lr is then
     cosine-annealed from its own value (quantizer parameters often need another rate than the weights).
-    `on_step(step, total)` runs after every optimiser step (e.g. to keep learned ranges positive)."""
+    `on_step(step, total)` runs after every optimiser step (e.g. to keep learned ranges positive).
+    A group with "max_update": r never moves a tensor by more than r times its norm in one step (its gradient
+    is scaled down first): a trust region for layers whose gradient dwarfs their weights, such as a BN-folded
+    first convolution fed 0..255 pixels (ResNet-8's: gradient norm 3,300x its weight norm)."""
     cfg.validate()
     if not data.labelled and teacher is None:
         raise MixqError("unlabelled data (a calibration cache) trains by distillation: a teacher model is needed")
@@ -187,6 +205,7 @@ def train(model: nn.Module, data: TrainData, cfg: TrainConfig, *, teacher: nn.Mo
                         for p, e in zip(params, eps):
                             if e is not None:
                                 p.sub_(e)
+                _trust_region(opt)
                 opt.step()
                 step += 1
                 if on_step is not None:

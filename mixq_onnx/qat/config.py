@@ -35,6 +35,7 @@ class QATConfig:
     qlr: float = 2e-2  # nipq's noise-phase quantizer parameters (theta_b, theta_alpha)
     step_lr: float = 2e-3  # LSQ step sizes in the hard phases (both methods); 10x lower than qlr, see docs
     final_lr: float | None = None  # weights in the final phase [default: lr]
+    max_update: float = 0.01  # trust region: one SGD step moves a weight tensor by at most this fraction of its norm
     batch_size: int = 128
     seed: int = 0
     kd_weight: float = 0.0  # labelled data: weight of KD from the FP model next to CE (cache: KD only)
@@ -62,6 +63,8 @@ class QATConfig:
                        ("the temperature", self.temperature)):
             if v is not None and not (math.isfinite(v) and v > 0):
                 raise MixqError(f"{opt} must be positive, got {v}")
+        if not (math.isfinite(self.max_update) and self.max_update > 0):
+            raise MixqError(f"the weights' trust region (max_update) must be positive, got {self.max_update}")
         if self.batch_size < 1:
             raise MixqError(f"--batch-size must be at least 1, got {self.batch_size}")
         if not (math.isfinite(self.kd_weight) and self.kd_weight >= 0):

@@ -187,7 +187,7 @@ def train(model: nn.Module, cfg: QATConfig, data: TrainData, *, teacher: nn.Modu
 
             theta = [t for p in qps.values() for t in (p.theta_a, p.theta_b) if t is not None]
             h = run_loop(gm, data, tcfg, teacher=teacher, extra_loss=extra, progress=progress, desc="nipq",
-                         params=[{"params": list(weights.values()), "lr": cfg.lr}, {"params": theta, "lr": cfg.qlr}])
+                         params=[{"params": list(weights.values()), "lr": cfg.lr, "max_update": cfg.max_update}, {"params": theta, "lr": cfg.qlr}])
             history.append({"phase": "noise", **h})
             cont = {n: p.continuous_bits() for n, p in qps.items()}
             bits, moves = round_to_budget(cont, learnable, fixed, costs, cfg)
@@ -203,7 +203,7 @@ def train(model: nn.Module, cfg: QATConfig, data: TrainData, *, teacher: nn.Modu
             pcfg = TrainConfig(epochs=epochs, lr=lr, batch_size=cfg.batch_size, seed=cfg.seed + 1 + i,
                                kd_weight=cfg.kd_weight, temperature=cfg.temperature)
             h = run_loop(gm, data, pcfg, teacher=teacher, progress=progress, desc=f"{cfg.method} {phase}",
-                         params=[{"params": list(weights.values()), "lr": lr}, {"params": steps, "lr": cfg.step_lr}])
+                         params=[{"params": list(weights.values()), "lr": lr, "max_update": cfg.max_update}, {"params": steps, "lr": cfg.step_lr}])
             history.append({"phase": phase, **h})
     finally:
         for w in weights.values():
