@@ -29,7 +29,7 @@ class QATParams(nn.Module):
         self.theta_a = nn.Parameter(inverse_softplus(alpha.detach().reshape(-1)))
         self.theta_b = nn.Parameter(torch.tensor(theta_of(bits))) if learn_bits else None
         self.fixed_bits = None if learn_bits else int(round(bits))
-        self.log_step: nn.Parameter | None = None  # hard phases: log of the LSQ step (see `start_hard`)
+        self.step: nn.Parameter | None = None
         self.signed = signed  # NIPQ's grid: symmetric [-alpha, alpha] or unsigned [0, alpha]
         self.cap = cap
         self.noise = noise
@@ -57,17 +57,9 @@ class QATParams(nn.Module):
         """Bits as the budget counts them: rounded and capped, gradient straight through."""
         return self.bits(stochastic=False)
 
-    @property
-    def step(self) -> torch.Tensor | None:
-        """The LSQ step, exp(log_step): None before the hard phase."""
-        return None if self.log_step is None else self.log_step.exp()
-
     def start_hard(self, step: torch.Tensor) -> None:
-        """Freeze the bits: from now on only the step (and the weights) learn. The step is learned as its log,
-        so an SGD update changes it by a relative amount whatever its size: a linear step moved by the same
-        absolute amount at 8 bits as at 4 (16x finer) and with 0..255 inputs as with normalised ones, and
-        diverged there (ResNet-8's stem weight step grew 10^4-fold; its classifier's input step hit zero)."""
-        self.log_step = nn.Parameter(step.detach().reshape(-1).clone().float().clamp(min=1e-12).log())
+        """Freeze the bits: from now on only the step (and the weights) learn."""
+        self.step = nn.Parameter(step.detach().reshape(-1).clone().float())
         self.phase = "hard"
         for p in (self.theta_a, self.theta_b):
             if p is not None:

@@ -119,6 +119,15 @@ def _freeze_bits(gm: nn.Module, bits: dict[str, int], weights: dict[str, torch.T
         q.qat.start_hard(q.scale.detach())
 
 
+def _clamp_steps(steps: list[nn.Parameter]):
+    def on_step(step: int, total: int) -> None:
+        with torch.no_grad():
+            for s in steps:
+                s.clamp_(min=1e-8)
+
+    return on_step
+
+
 def _report(gm: nn.Module, cfg: QATConfig, costs: Costs, cont: dict[str, float], fixed: dict[str, int],
             moves: list[dict[str, Any]], history: list[dict[str, Any]], data: TrainData, seconds: float
             ) -> dict[str, Any]:
@@ -198,12 +207,13 @@ def train(model: nn.Module, cfg: QATConfig, data: TrainData, *, teacher: nn.Modu
         phases = [("hard", cfg.epochs, cfg.lr)] if lsq else []
         if cfg.final_epochs > 0:
             phases.append(("final", cfg.final_epochs, cfg.final_lr or cfg.lr))
-        steps = [p.log_step for p in qps.values()]
+        steps = [p.step for p in qps.values()]
         for i, (phase, epochs, lr) in enumerate(phases):
             pcfg = TrainConfig(epochs=epochs, lr=lr, batch_size=cfg.batch_size, seed=cfg.seed + 1 + i,
                                kd_weight=cfg.kd_weight, temperature=cfg.temperature)
             h = run_loop(gm, data, pcfg, teacher=teacher, progress=progress, desc=f"{cfg.method} {phase}",
-                         params=[{"params": list(weights.values()), "lr": lr, "max_update": cfg.max_update}, {"params": steps, "lr": cfg.step_lr}])
+                         params=[{"params": list(weights.values()), "lr": lr, "max_update": cfg.max_update}, {"params": steps, "lr": cfg.step_lr}],
+                         on_step=_clamp_steps(steps))
             history.append({"phase": phase, **h})
     finally:
         for w in weights.values():
