@@ -212,7 +212,7 @@ def train(model: nn.Module, cfg: QATConfig, data: TrainData, *, teacher: nn.Modu
             pcfg = TrainConfig(epochs=epochs, lr=lr, batch_size=cfg.batch_size, seed=cfg.seed + 1 + i,
                                kd_weight=cfg.kd_weight, temperature=cfg.temperature)
             h = run_loop(gm, data, pcfg, teacher=teacher, progress=progress, desc=f"{cfg.method} {phase}",
-                         params=[{"params": list(weights.values()), "lr": lr, "max_update": cfg.max_update}, {"params": steps, "lr": cfg.step_lr}],
+                         params=[{"params": list(weights.values()), "lr": lr, "max_update": cfg.max_update}, {"params": steps, "lr": cfg.step_lr, "max_update": cfg.max_update}],
                          on_step=_clamp_steps(steps))
             history.append({"phase": phase, **h})
     finally:
