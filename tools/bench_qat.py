@@ -118,13 +118,13 @@ def deploy_row(net: str, row: str) -> dict:
     """Export, check, verify (5,000 images, integer layout) and build with TensorRT-RTX, then inspect."""
     folder = WORK / f"{net}-{row}"
     onnx, plan = folder.with_suffix(".onnx"), folder.with_suffix(".plan")
-    cli("export", "--quantized", folder, "--out", onnx, threads=2)
-    check = json.loads(cli("check", onnx, "--json"))
+    cli("export", "--quantized", folder, "--out", onnx, threads=None)
+    check = json.loads(cli("check", onnx, "--json", threads=None))
     ver = json.loads(cli("verify", onnx, "--quantized", folder, "--data", TEST, "--json", threads=2))
     out: dict = {"check": check, "verify": ver}
     try:
-        cli("build", onnx, "--out", plan, "--backend", "tensorrt-rtx", threads=2)
-        out["inspect"] = json.loads(cli("inspect", plan, "--onnx", onnx, "--json"))
+        cli("build", onnx, "--out", plan, "--backend", "tensorrt-rtx", threads=None)
+        out["inspect"] = json.loads(cli("inspect", plan, "--onnx", onnx, "--json", threads=None))
     except RuntimeError as e:  # TensorRT-RTX not installed: say so in the table
         out["build_error"] = str(e).splitlines()[-1]
     return out

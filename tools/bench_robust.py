@@ -66,9 +66,10 @@ SWEEP_SAMPLES = 512
 INVERSION_IMAGES = 2048
 
 
-def cli(*args: object, threads: int = 1) -> str:
+def cli(*args: object, threads: int | None = 1) -> str:
+    """Run one mixq-onnx command as a user would; `threads` None for commands without --threads."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "mixq_onnx.cli", *map(str, args), "--threads", str(threads)]
+    cmd = [sys.executable, "-m", "mixq_onnx.cli", *map(str, args), *(["--threads", str(threads)] if threads else [])]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     if r.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)}\n{r.stderr[-3000:]}")
