@@ -74,7 +74,8 @@ def register(cli: click.Group) -> None:
 
         \b
         NIPQ: b = 2 + 12 sigmoid(theta_b) from 8 bits, range softplus(theta_alpha) from max|w| per channel
-        (weights), 6 (non-negative activations) or 3 (signed); pseudo-quantization noise while training; then
+        (weights), 6 (non-negative activations) or 3 (signed), or the observed 99.9th percentile of |x| where
+        larger; pseudo-quantization noise while training; then
         the bits are rounded, moved onto the budget and frozen, and --final-epochs quantize for real.
         \b
         Deployment mapping: learned bits are capped by --max-bits. Weights use the narrow signed grid

@@ -242,3 +242,25 @@ def test_bad_input_is_one_line_exit_2_and_no_output(world, tmp_path, run_cli, ar
     line = one_line_error(run_cli("qat", *TINY, "--data", cache, "--out", out, "--epochs", "1", *args))
     assert needle in line, line
     assert not out.exists() and snapshot(tmp_path) == before
+
+
+def test_nipq_initial_activation_range_covers_an_input_that_is_not_normalised(tiny):
+    """ResNet-8 takes raw 0..255 pixels: NIPQ's fixed initial range (3 for a signed input) would clip them in
+    the noise phase. Started from the observed range, the 8-bit student matches its teacher in the noise
+    phase (distillation loss near 0); clipped at 3, it would not (measured here against a clipped input)."""
+    import copy
+
+    model, data = tiny
+    big = TrainData(data.inputs * 100.0, None, "random x100")
+    cfg = QATConfig(target_bits=8.0, epochs=1, final_epochs=0, batch_size=16, lr=1e-8, qlr=1e-8,
+                    first_last_bits=None)
+    q = qat_train(model, cfg, big, progress=False)
+    kd = q.mixq_qat_report["train"][0]["epochs"][0]["kd"]
+    # the same loss when the input really is clipped to the default range: the student sees clamp(x, -3, 3)
+    clipped = copy.deepcopy(model)
+    with torch.no_grad():
+        t = model(big.inputs[:16])
+        s = clipped(big.inputs[:16].clamp(-3, 3))
+    from mixq_onnx.training import kd_loss
+
+    assert kd < 0.05 * float(kd_loss(s, t, cfg.temperature)), kd

@@ -4,8 +4,9 @@
 1. `prepare` (BN folding, quantize's placements and first/last-layer policy) and the costs of every
    quantizer (sizes, MACs).
 2. nipq: bits 2 + 12 * sigmoid(theta_b) from `init_bits` (8), ranges softplus(theta_alpha) from max|w| per
-   channel (weights), 6 (non-negative activations) or 3 (signed ones); pseudo-quantization noise; the task
-   loss plus the budget penalty. lsq: Lp-searched steps (quantize's initialisation) at fixed bits.
+   channel (weights), 6 (non-negative activations) or 3 (signed ones), raised to the observed 99.9th
+   percentile of |x| where that is larger (an input that is not normalised); pseudo-quantization noise; the
+   task loss plus the budget penalty. lsq: Lp-searched steps (quantize's initialisation) at fixed bits.
 3. nipq: freeze: bits rounded, capped at `max_bits` and moved onto the budget (`budget.round_to_budget`);
    each hard-phase step comes from quantize's Lp search at the frozen bits on the deployed grid `spec.grid()`.
 4. both: `final_epochs` of hard quantization (LSQ steps, STE) on the deployed grids.
@@ -34,7 +35,8 @@ from .budget import Costs, achieved, budget_loss, check_reachable, measure_costs
 from .config import QATConfig
 from .quantizers import QATActQuantizer, QATParams, QATWeightQuantizer, replace_quantizers, to_plain
 
-SIGN_SAMPLES = 256  # images run to see which activations are non-negative (unsigned grids)
+SIGN_SAMPLES = 256  # images run to see which activations are non-negative (unsigned grids) and their ranges
+RANGE_QUANTILE = 0.999  # NIPQ's initial activation range: at least this quantile of |x| (see `_observe_ranges`)
 
 
 def _observe(gm: nn.Module, acts: list[ActQuantizer], x: torch.Tensor) -> None:
@@ -51,14 +53,18 @@ def _observe(gm: nn.Module, acts: list[ActQuantizer], x: torch.Tensor) -> None:
             q.observing = False
 
 
-def _observe_minimum(gm: nn.Module, x: torch.Tensor) -> dict[str, float]:
-    """Smallest value each activation quantizer sees (quantizers still pass through)."""
+def _observe_ranges(gm: nn.Module, x: torch.Tensor) -> dict[str, tuple[float, float]]:
+    """(smallest value, RANGE_QUANTILE of |x|) each activation quantizer sees (quantizers pass through).
+    The minimum picks the grid's sign; the quantile keeps NIPQ's fixed initial range (6 / 3, which assumes
+    normalised inputs) from clipping an input that is not normalised, such as raw 0..255 pixels."""
     acts = [q for q in quantizers(gm).values() if isinstance(q, ActQuantizer)]
     _observe(gm, acts, x)
-    mins = {q.name: q.observed_min for q in acts}
+    out = {}
     for q in acts:
+        a = q.observed().abs()
+        out[q.name] = (q.observed_min, float(a.quantile(RANGE_QUANTILE)))  # a subsample of at most 2^16 values
         q.clear_observations()
-    return mins
+    return out
 
 
 def _fixed_bits(gm: nn.Module, cfg: QATConfig) -> dict[str, int]:
@@ -76,7 +82,7 @@ def _fixed_bits(gm: nn.Module, cfg: QATConfig) -> dict[str, int]:
 
 
 def _training_quantizers(gm: nn.Module, cfg: QATConfig, weights: dict[str, torch.Tensor],
-                         fixed: dict[str, int], mins: dict[str, float]) -> None:
+                         fixed: dict[str, int], ranges: dict[str, tuple[float, float]]) -> None:
     """Swap every quantizer for its training form, initialised for the method."""
 
     def make(q: nn.Module) -> nn.Module:
@@ -90,8 +96,9 @@ def _training_quantizers(gm: nn.Module, cfg: QATConfig, weights: dict[str, torch
                           learn_bits=q.name not in fixed, bits=fixed.get(q.name, cfg.init_bits),
                           cap=cfg.max_bits, noise=cfg.noise)
         else:
-            unsigned = mins.get(q.name, -1.0) >= 0
-            p = QATParams(torch.tensor(6.0 if unsigned else 3.0), signed=not unsigned,
+            lo, high = ranges.get(q.name, (-1.0, 0.0))
+            unsigned = lo >= 0
+            p = QATParams(torch.tensor(max(6.0 if unsigned else 3.0, high)), signed=not unsigned,
                           learn_bits=q.name not in fixed, bits=fixed.get(q.name, cfg.init_bits),
                           cap=cfg.max_bits, noise=cfg.noise)
         return QATWeightQuantizer(q, p) if isinstance(q, WeightQuantizer) else QATActQuantizer(q, p)
@@ -178,10 +185,10 @@ def train(model: nn.Module, cfg: QATConfig, data: TrainData, *, teacher: nn.Modu
     sample = data.inputs[:SIGN_SAMPLES]
     if lsq:
         init_scales(gm, sample, qcfg)
-        mins: dict[str, float] = {}
+        ranges: dict[str, tuple[float, float]] = {}
     else:
-        mins = _observe_minimum(gm, sample)
-    _training_quantizers(gm, cfg, weights, fixed, mins)
+        ranges = _observe_ranges(gm, sample)
+    _training_quantizers(gm, cfg, weights, fixed, ranges)
     qps: dict[str, QATParams] = {n: q.qat for n, q in quantizers(gm).items()}
     for w in weights.values():
         w.requires_grad_(True)
