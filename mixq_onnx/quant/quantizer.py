@@ -126,7 +126,7 @@ class _Base(nn.Module):
     def apply_spec(self, spec: QuantSpec) -> None:
         """Take bits and sign from a stored record; refuses a record of another quantizer."""
         mine = self.spec
-        for f in ("name", "kind", "placement", "symmetric", "axis", "block_size"):
+        for f in ("name", "kind", "placement", "symmetric", "axis", "block_size", "shared_with"):
             if getattr(spec, f) != getattr(mine, f):
                 raise ValueError(f"record of {spec.name} has {f} {getattr(spec, f)!r}, quantizer {mine.name} has "
                                  f"{getattr(mine, f)!r}")
@@ -146,7 +146,8 @@ class ActQuantizer(_Base):
 
     def __init__(self, name: str, bits: int, symmetric: bool = True, placement: str = "input"):
         super().__init__(name, bits, symmetric)
-        self.placement = placement  # input (of a Conv/Gemm/MatMul) | residual (identity input of an add)
+        self.placement = placement  # input (of a Conv/Gemm) | residual (identity input of an add) | matmul
+        self.shared_with: tuple[str, ...] = ()  # placements merged into this one (graph.share_quantizers)
         self.signed = True
         self.scale = nn.Parameter(torch.tensor(1.0))
         self.register_buffer("zero_point", torch.tensor(0.0))
@@ -160,7 +161,8 @@ class ActQuantizer(_Base):
 
     @property
     def spec(self) -> QuantSpec:
-        return QuantSpec(self.name, "act", self.placement, self.bits, self.signed, self.symmetric)
+        return QuantSpec(self.name, "act", self.placement, self.bits, self.signed, self.symmetric,
+                         shared_with=tuple(self.shared_with))
 
     @property
     def observed_min(self) -> float:
@@ -341,14 +343,15 @@ class WeightQuantizer(_Base):
 SUPPORTED_BITS = tuple(range(2, 9))
 
 # key -> accepted JSON shape: "str", "bool", "int" (not bool), "num" (int or float, not bool),
-# "int?" (int or null), "null", "ints" / "nums" (lists of those)
+# "int?" (int or null), "null", "ints" / "nums" / "strs" (lists of those)
 _COMMON_FIELDS = {"name": "str", "kind": "str", "placement": "str", "bits": "int", "signed": "bool",
                   "symmetric": "bool", "qmin": "int", "qmax": "int"}
-_ACT_FIELDS = {**_COMMON_FIELDS, "axis": "null", "scale": "num", "zero_point": "num"}
+_ACT_FIELDS = {**_COMMON_FIELDS, "axis": "null", "scale": "num", "zero_point": "num", "shared_with": "strs"}
 _WEIGHT_FIELDS = {**_COMMON_FIELDS, "axis": "int", "block_size": "int?", "scale_shape": "ints",
                   "scale": "nums", "zero_point": "nums", "shape": "ints"}
-# added to format 1 with block scales: folders written before lack them (no blocks, per-channel scales)
-_LATER_FIELDS = {"block_size": None, "scale_shape": None}
+# added to format 1 with block scales: folders written before lack them (no blocks, per-channel scales);
+# "shared_with" only in records of shared activation quantizers (graph.share_quantizers)
+_LATER_FIELDS = {"block_size": None, "scale_shape": None, "shared_with": None}
 
 
 def _is(v: Any, kind: str) -> bool:
@@ -364,7 +367,7 @@ def _is(v: Any, kind: str) -> bool:
         return v is None or _is(v, "int")
     if kind == "null":
         return v is None
-    if kind in ("ints", "nums"):
+    if kind in ("ints", "nums", "strs"):
         return isinstance(v, list) and all(_is(x, kind[:-1]) for x in v)
     raise ValueError(kind)
 
@@ -412,7 +415,7 @@ def validate_record(
         raise bad(f"kind {kind!r} is neither 'act' nor 'weight'")
     for key, want in (_ACT_FIELDS if kind == "act" else _WEIGHT_FIELDS).items():
         if key not in record:
-            if kind == "weight" and key in _LATER_FIELDS:
+            if key in _LATER_FIELDS:
                 continue
             raise bad(f"record lacks {key!r}")
         if not _is(record[key], want):
@@ -503,7 +506,7 @@ def validate_record(
 
 _TYPE_WORDS = {"str": "a string", "bool": "true or false", "int": "an integer", "num": "a number",
                "int?": "an integer or null", "null": "null", "ints": "a list of integers",
-               "nums": "a list of numbers"}
+               "nums": "a list of numbers", "strs": "a list of strings"}
 
 
 def _scale_shape(shape: tuple[int, ...], axis: int, block: int | None, bad: Any) -> tuple[int, ...]:
@@ -530,6 +533,9 @@ def _match_quantizer(record: Mapping[str, Any], q: ActQuantizer | WeightQuantize
             raise bad(f"block_size {record.get('block_size')} in quant.json, the model's is {q.block_size}")
     elif record["placement"] != q.placement:
         raise bad(f"placement {record['placement']!r} in quant.json, the model's is {q.placement!r}")
+    elif list(record.get("shared_with") or []) != list(q.shared_with):
+        raise bad(f"serves also {list(record.get('shared_with') or [])} in quant.json, the model's quantizer serves "
+                  f"also {list(q.shared_with)} (quantizer sharing, config share_quantizers)")
 
 
 # ----------------------------------------------------------------------------- scale search
