@@ -74,8 +74,8 @@ def rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
     return torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
 
 
-# export mode: (marker op, ids of the quantizers that emit it); None outside `export_markers`
-_EXPORT: tuple[Callable[[torch.Tensor, str], torch.Tensor], frozenset[int]] | None = None
+# export mode: the marker op; None outside `export_markers` (which quantizers emit it: their `_emit` flag)
+_EXPORT: Callable[[torch.Tensor, str], torch.Tensor] | None = None
 
 
 @contextlib.contextmanager
@@ -85,12 +85,18 @@ def export_markers(model: nn.Module, op: Callable[[torch.Tensor, str], torch.Ten
     fake-quantizing, and the others pass x through. Which ones emit is decided here, before tracing (the
     tracer cannot branch on a buffer). The op is injected, so quant/ depends on no ONNX module."""
     global _EXPORT
-    emit = frozenset(id(m) for m in model.modules() if isinstance(m, _Base) and m.exported())
-    prev, _EXPORT = _EXPORT, (op, emit)
+    # a flag on each emitting quantizer, not a set of ids: torch.export may trace a copy of the model (it
+    # does when a quantizer is shared by two layers), and a copy keeps its attributes
+    emit = [m for m in model.modules() if isinstance(m, _Base) and m.exported()]
+    prev, _EXPORT = _EXPORT, op
+    for m in emit:
+        m._emit = True
     try:
         yield
     finally:
         _EXPORT = prev
+        for m in emit:
+            m._emit = False
 
 
 def exporting() -> bool:
@@ -109,6 +115,7 @@ class _Base(nn.Module):
         self.bits = int(bits)
         self.symmetric = bool(symmetric)
         self.enabled = True
+        self._emit = False  # set by `export_markers` while this quantizer emits its marker
 
     @property
     def spec(self) -> QuantSpec:
@@ -199,7 +206,7 @@ class ActQuantizer(_Base):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _EXPORT is not None:
-            return _EXPORT[0](x, self.name) if id(self) in _EXPORT[1] else x
+            return _EXPORT(x, self.name) if self._emit else x
         if self.observing:
             self.observe(x)
             return x
@@ -309,7 +316,7 @@ class WeightQuantizer(_Base):
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if _EXPORT is not None:
-            return _EXPORT[0](w.detach(), self.name) if id(self) in _EXPORT[1] else w
+            return _EXPORT(w.detach(), self.name) if self._emit else w
         if not self.enabled or not bool(self.initialized):
             return w
         s, zp = self._s_zp(w)
