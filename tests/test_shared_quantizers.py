@@ -248,6 +248,32 @@ def test_block_reconstruction_learns_the_shared_scale():
     assert units["layer1.0"]["grad_ascale"]["mean"] > 0
 
 
+def test_qdrop_draws_once_for_all_consumers_of_a_shared_quantizer():
+    """While learning with QDrop, the consumers of a shared quantizer read one draw (the engine quantizes the
+    tensor once); an unshared quantizer, or another tensor, draws afresh."""
+    torch.set_num_threads(1)
+    gm = prepare(load_model("cifar_resnet20", random_init=True), QuantConfig(wbits=4, abits=4))
+    block = gm.layer1.get_submodule("0")
+    q = block.conv1.input_quantizer
+    assert q.shared_with
+    for m in (q, block.conv2.input_quantizer):
+        m.initialized.fill_(True)
+        m.learning, m.drop_prob = True, 0.5
+    x = torch.rand(2, 16, 32, 32)
+    seen = []
+    h = q.register_forward_hook(lambda _m, _a, out: seen.append(out))
+    try:
+        block(x)
+    finally:
+        h.remove()
+    assert len(seen) == 2 and seen[0] is seen[1]  # conv1 and the shortcut: one draw
+    assert q(x.clone()) is not seen[0]
+    lone = block.conv2.input_quantizer
+    assert not torch.equal(lone(x), lone(x))  # unshared: a draw per call
+    q.learning = False
+    assert q(x) is not q(x) and torch.equal(q(x), q(x))  # no QDrop: plain, deterministic fake quantization
+
+
 @pytest.fixture
 def layerwise_lsq():
     """A layer-granularity method that learns activation steps (none of the registered ones does)."""

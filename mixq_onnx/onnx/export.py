@@ -222,7 +222,7 @@ def export_qdq(qmodel: nn.Module, out: str | os.PathLike, layout: str = "integer
     fold_weight_transposes(model)
     fold_pads(model)
     split_fused_qkv(model)
-    sunk = sink_dequantize(model)
+    sunk = sink_dequantize(model, {n for n, q in qs.items() if getattr(q, "shared_with", ())})
     if sunk:  # only then: graphs without shared quantizers keep their counts (and bytes) as before
         counts["dq_after_moves"] = sunk
     name_nodes(model)

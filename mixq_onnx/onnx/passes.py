@@ -319,20 +319,21 @@ def _moves_codes(node) -> bool:
     return True
 
 
-def sink_dequantize(model) -> int:
+def sink_dequantize(model, quantizers: set[str] | frozenset[str]) -> int:
     """Q -> DQ -> data movement (slices, zero padding, reshapes, transposes) -> X  ==>  Q -> the same data
     movement on the integer codes -> DQ -> X (a Pad pads the codes with the zero point). A shared quantizer's
     Q/DQ sits on the tensor itself, ahead of a subsampling shortcut's Slice and Pad (`quant.graph.share_quantizers`);
     behind them, the engine slices INT8 codes, and onnxruntime's QDQ propagation has no DQ -> Slice to move
     (1.22 builds a QuantizeLinear with clashing types from one and refuses the graph). The values are the
-    same: the data movement commutes with dequantization. Returns the number of chains moved."""
+    same: the data movement commutes with dequantization. Only the DQs of `quantizers` (by `mixq.quantizer`)
+    move: the shared ones, so graphs without sharing stay as they were. Returns the number of chains moved."""
     import onnx_ir as ir
 
     graph = model.graph
     taken = _value_names(graph)
     n = 0
     for dq in list(graph):
-        if not _is_act_dq(dq) or dq.graph is not graph:
+        if not _is_act_dq(dq) or dq.graph is not graph or dq.metadata_props.get("mixq.quantizer") not in quantizers:
             continue
         q = dq.inputs[0].producer()
         for user, idx in list(dq.outputs[0].uses()):

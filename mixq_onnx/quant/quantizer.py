@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -146,6 +147,11 @@ class _Base(nn.Module):
         return f"{self.name!r}, bits={self.bits}, range=[{lo},{hi}], symmetric={self.symmetric}"
 
 
+# shared quantizer -> (weak reference to its input, the input's version, its QDrop output): while learning with
+# QDrop, every consumer of the one tensor gets the one random draw (outside the modules: never deep-copied)
+_LAST_DRAW: weakref.WeakKeyDictionary[nn.Module, tuple[Any, int, torch.Tensor]] = weakref.WeakKeyDictionary()
+
+
 class ActQuantizer(_Base):
     """Per-tensor activation quantizer with an LSQ step size and optional QDrop."""
 
@@ -212,9 +218,18 @@ class ActQuantizer(_Base):
             return x
         if not self.enabled or not bool(self.initialized):
             return x
+        drop = self.learning and self.drop_prob > 0
+        if drop and self.shared_with:  # the other consumers of the one tensor read the same draw
+            last = _LAST_DRAW.get(self)
+            if last is not None and last[0]() is x and last[1] == x._version:
+                return last[2]
         xq = self.fake_quant(x)
-        if self.learning and self.drop_prob > 0:  # QDrop: element-wise, keep the float value with p
+        if drop:  # QDrop: element-wise, keep the float value with p
             xq = xq + keep_mask(x, self.drop_prob) * (x - xq)
+            if self.shared_with:  # a shared quantizer quantizes its tensor once per forward, as the engine does
+                _LAST_DRAW[self] = (weakref.ref(x), x._version, xq)
+        elif self.shared_with:
+            _LAST_DRAW.pop(self, None)
         return xq
 
     def codes(self, x: torch.Tensor) -> torch.Tensor:
