@@ -90,7 +90,7 @@ def register(cli: click.Group) -> None:
     @click.option("--json", "as_json", is_flag=True,
                   help="Last stdout line: one JSON object (int8_mac_fraction, fallbacks, layers, …).")
     def inspect_cmd(plan: str, onnx_path: str | None, show_layers: bool, as_json: bool) -> None:
-        """Per-layer precision of a built plan, mapped back to the ONNX nodes (no GPU needed)."""
+        """Per-layer precision of a built plan, mapped back to the ONNX nodes, and its hand-offs (no GPU needed)."""
         from .trt.inspect import inspect_plan
 
         rep = inspect_plan(plan, onnx_path)
