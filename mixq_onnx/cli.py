@@ -329,6 +329,10 @@ def _load_user_model(o: dict[str, Any]):
 @click.option("--block-size", type=click.Choice(["32", "64", "128"]), default=None,
               help="INT4 weight-only GEMMs (with --wbits 4 --abits 16): Linear weights get one scale per block "
                    "of this many input features; convolutions stay float.")
+@click.option("--share-quantizers/--no-share-quantizers", default=True, show_default=True,
+              help="One activation quantizer per tensor and grid: a tensor feeding several quantized consumers "
+                   "(a block's first conv and its residual add) is quantized once, so the engine writes it once, "
+                   "in INT8. --no-share-quantizers: one quantizer per consumer (the layout before sharing).")
 @click.option("--preset", type=click.Choice(PRESETS), default="fast", show_default=True,
               help="paper: 20k iterations/unit, the papers' learning rates; fast: far fewer iterations (CPU).")
 @click.option("--iters", type=POSITIVE, default=None, help="Iterations per unit (overrides the preset).")
@@ -366,7 +370,7 @@ def quantize(**o: Any) -> None:
         wbits=o["wbits"], abits=o["abits"], method=o["method"], symmetric=o["symmetric"],
         first_last_bits=o["first_last_bits"] or None, preset=o["preset"], iters=o["iters"],
         num_samples=o["num_samples"], batch_size=o["batch_size"], seed=o["seed"],
-        block_size=int(o["block_size"]) if o["block_size"] else None,
+        block_size=int(o["block_size"]) if o["block_size"] else None, share_quantizers=o["share_quantizers"],
     ).validate()  # bad options fail before the model loads
     out = check_output_dir(o["out"], o["overwrite"])  # before the work, not after it
     clock = [("start", time.perf_counter())]

@@ -32,25 +32,37 @@ def register(cli: click.Group) -> None:
     @click.option("--no-timing-cache", is_flag=True, help="Do not read or write PLAN.timing-cache (tensorrt).")
     @click.option("--require-int8", type=click.FloatRange(0, 1), default=None, metavar="FRACTION",
                   help="Exit 1 when less than this share of Conv/Gemm/MatMul MACs runs int8 x int8.")
+    @click.option("--max-handoffs", type=click.IntRange(min=0), default=None, metavar="N",
+                  help="Exit 1, writing no plan, when the engine has more than N hand-offs (reformat/requantize "
+                       "layers plus tensors passed in float between non-compute kernels, as `inspect` lists them).")
     @click.option("--json", "as_json", is_flag=True, help="Last stdout line: one JSON object (plan + report).")
     @click.option("-v", "--verbose", is_flag=True, help="Echo the builder's warnings and errors.")
     def build(onnx_path: str, out: str | None, backend: str | None, batch: str, workspace_mib: int,
               ccs: tuple[str, ...], opt_level: int | None, no_timing_cache: bool, require_int8: float | None,
-              as_json: bool, verbose: bool) -> None:
+              max_handoffs: int | None, as_json: bool, verbose: bool) -> None:
         """Build a strongly typed engine from a QDQ graph (precision comes only from its Q/DQ nodes).
 
         \b
         Writes PLAN atomically, PLAN.json (ONNX sha256, backend, version, targets, shapes, options,
         layer information) and prints the per-layer precision summary of `inspect`.
         """
-        from .trt.builder import BuildConfig, build_engine, parse_batch
-        from .trt.inspect import inspect_plan
+        from .trt.builder import BuildConfig, EngineRefused, build_engine, parse_batch
+        from .trt.inspect import analyze, inspect_plan
 
         cfg = BuildConfig(backend=backend or "tensorrt-rtx", batch=parse_batch(batch), workspace_mib=workspace_mib,
                           compute_capabilities=tuple(ccs), optimization_level=opt_level,
                           timing_cache=not no_timing_cache)
         plan = Path(out) if out else Path(onnx_path).with_suffix(".plan")
-        res = build_engine(onnx_path, plan, cfg, verbose=verbose)
+
+        def accept(layers, shapes) -> None:
+            if max_handoffs is None:
+                return
+            n = analyze(onnx_path, layers, shapes).handoffs
+            if n > max_handoffs:
+                raise EngineRefused(f"the engine has {n} hand-offs, more than --max-handoffs {max_handoffs} "
+                                    f"(no plan written; build without the limit and run inspect to list them)")
+
+        res = build_engine(onnx_path, plan, cfg, verbose=verbose, accept=accept)
         rep = inspect_plan(plan, onnx_path)
         for w in rep.warnings:
             click.echo(f"warning: {w}", err=True)
@@ -60,7 +72,7 @@ def register(cli: click.Group) -> None:
                        "int8_mac_fraction": round(rep.int8_mac_fraction, 6),
                        "fallbacks": [str(f) for f in rep.fallbacks],
                        "standalone_clips": rep.standalone_clips, "int4_weight_layers": rep.int4_weight_layers,
-                       "ok": ok})
+                       "handoffs": rep.handoffs, "engine_layers": len(rep.layers), "ok": ok})
         else:
             click.echo(f"built {plan} ({res.meta['plan_key']}) in {res.seconds:.1f} s", err=True)
             click.echo(rep.summary())
@@ -78,7 +90,7 @@ def register(cli: click.Group) -> None:
     @click.option("--json", "as_json", is_flag=True,
                   help="Last stdout line: one JSON object (int8_mac_fraction, fallbacks, layers, …).")
     def inspect_cmd(plan: str, onnx_path: str | None, show_layers: bool, as_json: bool) -> None:
-        """Per-layer precision of a built plan, mapped back to the ONNX nodes (no GPU needed)."""
+        """Per-layer precision of a built plan, mapped back to the ONNX nodes, and its hand-offs (no GPU needed)."""
         from .trt.inspect import inspect_plan
 
         rep = inspect_plan(plan, onnx_path)

@@ -18,7 +18,7 @@ def clean_model(**kw):
         _t("s", np.float32(0.05)), _t("z", np.int8(0)),
         _t("w_int", np.ones((4, 4, 3, 3), np.int8)), _t("w_s", np.full(4, 0.01, np.float32)),
         _t("b", np.zeros(4, np.float32)),
-        _t("s2", np.float32(0.05)), _t("z2", np.int8(0)),
+        _t("s2", np.float32(0.06)), _t("z2", np.int8(0)),
     ]
     nodes = [
         helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"], name="in/Q"),
@@ -102,6 +102,39 @@ def test_qdq_between_conv_and_add():
 def test_residual_identity_without_qdq():
     m = clean_model()
     _node(m, "add").input[1] = "x"
+    assert ("residual-identity", "add") in _rules(m)
+
+
+def test_duplicate_qdq_pairs_on_one_tensor_warn():
+    m = clean_model()
+    _init(m, "s2").CopyFrom(_t("s2", np.float32(0.05)))  # the identity's Q/DQ now repeats the conv input's
+    found = [v for v in lint(m) if v.rule == "duplicate-qdq"]
+    assert [(v.node, v.severity) for v in found] == [("id/Q", "warning")]
+    assert "'x'" in found[0].message and "in/Q" in found[0].message
+    assert not [v for v in lint(m) if v.severity == "error"]  # a warning, not a failure
+
+
+def test_shared_qdq_through_slice_and_pad_is_a_quantized_identity():
+    """A shared quantizer's DQ sits on the tensor itself; the subsampling shortcut slices and zero-pads the
+    DQ output before the add: still a quantized identity, and no duplicate pair."""
+    m = clean_model()
+    m.graph.initializer.extend([_t("st", np.array([0], np.int64)), _t("en", np.array([8], np.int64)),
+                                _t("ax", np.array([1], np.int64)), _t("pads", np.zeros(8, np.int64))])
+    m.graph.node.extend([
+        helper.make_node("Slice", ["xd", "st", "en", "ax"], ["xs"], name="slice"),
+        helper.make_node("Pad", ["xs", "pads"], ["xp"], name="pad"),
+    ])
+    _node(m, "add").input[1] = "xp"
+    for n in ("id/Q", "id/DQ"):
+        m.graph.node.remove(_node(m, n))
+    order = ["in/Q", "in/DQ", "w/DQ", "conv", "slice", "pad", "add", "relu"]
+    nodes = [_node(m, n) for n in order]
+    m.graph.ClearField("node")
+    m.graph.node.extend(nodes)
+    assert lint(m) == []
+    _init(m, "pads").CopyFrom(_t("pads", np.zeros(8, np.int64)))
+    m.graph.initializer.append(_t("pv", np.float32(1.0)))
+    _node(m, "pad").input.append("pv")  # padding with ones is not data movement: the identity is float
     assert ("residual-identity", "add") in _rules(m)
 
 

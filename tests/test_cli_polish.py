@@ -162,9 +162,16 @@ def test_inspect_explains_float_handoffs(tiny_onnx, tmp_path, run_cli):
     assert lines[i + 1].strip() == HANDOFF_NOTE
     assert "converts between int8 and float between kernels" in HANDOFF_NOTE and "reformat/requantize" in HANDOFF_NOTE
     assert HANDOFF_NOTE.count(". ") == 0  # one sentence
-    # the summary of any report carries it, whatever the count
-    rep = PrecisionReport(1.0, 10, 10, 0, float_handoffs=[{"tensor": "t"}] * 3)
-    assert f"float hand-offs between non-compute kernels: 3\n  {HANDOFF_NOTE}" in rep.summary()
+    # the summary of any report carries it, whatever the count, and lists every hand-off after it
+    rep = PrecisionReport(1.0, 10, 10, 0, float_handoffs=[{"tensor": "t", "dtype": "Float", "dims": [-1, 4],
+                                                           "from": "a", "to": "b"}] * 3,
+                          reformat_layers=[{"layer": "r", "type": "Reformat", "onnx_nodes": []}])
+    assert rep.handoffs == 4 and rep.to_dict()["handoffs"] == 4
+    text = rep.summary()
+    assert ("hand-offs: 4 = 1 reformat/requantize layers + float hand-offs between non-compute kernels: 3\n"
+            f"  {HANDOFF_NOTE}") in text
+    assert text.count("  hand-off: ") == 4 and "  hand-off: Reformat layer r" in text
+    assert "  hand-off: Float ?x4 a -> b" in text
 
 
 # ----------------------------------------------------------------------------- .gitignore

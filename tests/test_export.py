@@ -12,6 +12,7 @@ from mixq_onnx.models import get_preprocessing, load_model
 from mixq_onnx.onnx import export_qdq
 from mixq_onnx.onnx.verify import _session, verify_onnx
 from mixq_onnx.quant import QuantConfig, quantize, quantizers
+from mixq_onnx.quant.graph import shared_quantizers
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +36,11 @@ def test_graph_structure(exported, r20_w4a4):
     qs = quantizers(r20_w4a4)
     n_act = sum(q.kind == "act" for q in qs.values())
     n_w = sum(q.kind == "weight" for q in qs.values())
-    assert ops["QuantizeLinear"] == n_act and ops["DequantizeLinear"] == n_act + n_w
+    # a shared quantizer (a block input feeding conv1 and the residual add) has one Q and two DQs: the codes
+    # for the conv (integer layout, scale 1) and the values for the add
+    n_shared = len(shared_quantizers(r20_w4a4))
+    assert n_shared == 9  # every residual block of ResNet-20, the two subsampling ones too
+    assert ops["QuantizeLinear"] == n_act and ops["DequantizeLinear"] == n_act + n_w + n_shared
     inits = {i.name: i for i in m.graph.initializer}
     for n in m.graph.node:
         if n.op_type == "DequantizeLinear" and n.name.endswith(".weight/DequantizeLinear"):

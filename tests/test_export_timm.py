@@ -25,6 +25,7 @@ from mixq_onnx.onnx import export_qdq
 from mixq_onnx.onnx.check import check_model, report
 from mixq_onnx.onnx.verify import verify_onnx
 from mixq_onnx.quant import QuantConfig, quantize, quantizers
+from mixq_onnx.quant.graph import shared_quantizers, tensor_quantizers
 
 # (timm name, input size): CNNs at 64 px; the ViTs need their 224-px position embeddings and Swin its
 # 7x7 windows at every stage (load_model does not forward img_size/window_size to timm)
@@ -94,15 +95,18 @@ def test_export_check_verify(spec, size, wbits, abits, exported, float_models):
     qm, path = exported(spec, size, wbits, abits)
     m = onnx.load(str(path))
 
-    # --- structure: one Q and one DQ per enabled activation quantizer; a weight DQ per weight quantizer
-    # (three for a fused qkv projection, which the export splits into per-part GEMMs)
+    # --- structure: one Q and one DQ per enabled activation quantizer (a shared one serving a residual add
+    # has two DQs in the integer layout: the codes for its convs, the values for the add); a weight DQ per
+    # weight quantizer (three for a fused qkv projection, which the export splits into per-part GEMMs)
     qs = quantizers(qm)
     acts = {n for n, q in qs.items() if q.kind == "act" and q.enabled}
     weights = {n for n, q in qs.items() if q.kind == "weight"}
+    shared = shared_quantizers(qm)
     q_nodes = Counter(n.name.rsplit("/", 1)[0] for n in m.graph.node if n.op_type == "QuantizeLinear")
     dq_nodes = Counter(n.name.rsplit("/", 1)[0] for n in m.graph.node if n.op_type == "DequantizeLinear")
     assert set(q_nodes) == acts and all(q_nodes[n] == 1 for n in acts)
-    assert set(dq_nodes) == acts | weights and all(dq_nodes[n] == 1 for n in acts)
+    assert set(dq_nodes) == acts | weights and all(dq_nodes[n] == 1 or (dq_nodes[n] == 2 and n in shared) for n in acts)
+    assert all(len(v) == 1 for v in tensor_quantizers(qm).values())  # one quantizer per tensor (one grid here)
     assert all(dq_nodes[n] == 1 or (dq_nodes[n] == 3 and n.endswith("qkv.weight")) for n in weights), \
         {n: dq_nodes[n] for n in weights if dq_nodes[n] != 1}
     inits = {i.name: i for i in m.graph.initializer}

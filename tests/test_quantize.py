@@ -36,7 +36,8 @@ def test_timm_models_w4a4_end_to_end(spec, size, tmp_path):
     assert acts and all(bool(q.initialized) for q in acts)
     if spec.startswith("deit"):
         assert any(q.placement == "matmul" for q in acts)  # attention q·kᵀ and attn·v
-    assert any(q.placement == "residual" for q in acts)
+    # a residual identity quantizer of its own, or (shared) served by the block's first conv input
+    assert any(q.placement == "residual" or any(n.endswith(".identity") for n in q.shared_with) for q in acts)
     out = qm(calib[:2])
     assert torch.isfinite(out).all()
     save_quantized(qm, tmp_path / "q")
@@ -71,7 +72,8 @@ def test_methods_on_cifar_resnet(method, tmp_path):
 
 def test_placements_follow_tensorrt_rules():
     model = load_model("cifar_resnet20", random_init=True)
-    qm = quantize(model, QuantConfig(wbits=4, abits=4, method="rtn"), _calib(model, 8), progress=False)
+    qm = quantize(model, QuantConfig(wbits=4, abits=4, method="rtn", share_quantizers=False), _calib(model, 8),
+                  progress=False)
     names = set(quantizers(qm))
     for layer in [m for m in qm.modules() if isinstance(m, QUANT_LAYERS)]:
         assert f"{layer.name}.input" in names and f"{layer.name}.weight" in names
@@ -80,6 +82,13 @@ def test_placements_follow_tensorrt_rules():
     code = qm.layer1.get_submodule("0").code
     assert "conv2 + mixq_add_identity" in code  # the conv2 side of the add carries no quantizer
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in qm.modules())  # BN folded
+    # shared (the default): the shortcut reads the block input's one quantizer, conv1's
+    qm = quantize(model, QuantConfig(wbits=4, abits=4, method="rtn"), _calib(model, 8), progress=False)
+    assert not any(n.endswith(".identity") for n in quantizers(qm))
+    block = qm.layer1.get_submodule("0")
+    assert block.conv1.input_quantizer.shared_with == ("layer1.0.add.identity",)
+    assert "self.shortcut(conv1_input_quantizer)" in block.code  # the quantizer sits on the block input
+    assert "add = conv2 + shortcut" in block.code  # still nothing on the conv2 side
 
 
 def test_asymmetric_mode_has_zero_points():

@@ -122,12 +122,36 @@ def _layer_weight_dq(g: GraphIndex) -> Iterator[tuple[Any, Any]]:
 
 
 def _layer_out(g: GraphIndex, tensor: str) -> bool:
-    """Is `tensor` a Conv/Gemm/MatMul output (or a MatMul + constant bias: a Linear on 3-D input)?"""
+    """Is `tensor` a Conv/Gemm/MatMul output, possibly behind the constant Mul and Add that follow it (the
+    integer layout's rescale and bias; a Linear's bias on 3-D input)?"""
     const = g.folded_constants()
     p = g.producer.get(tensor)
-    if p is not None and p.op_type == "Add" and len(p.input) == 2 and sum(i in const for i in p.input) == 1:
-        p = g.producer.get(next(i for i in p.input if i not in const))
+    for _ in range(2):
+        if p is not None and p.op_type in ("Add", "Mul") and len(p.input) == 2 and sum(i in const for i in p.input) == 1:
+            p = g.producer.get(next(i for i in p.input if i not in const))
     return p is not None and p.op_type in _LAYER_OPS
+
+
+_MOVE_OPS = ("Identity", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Slice", "Pad")
+
+
+def _dq_through_moves(g: GraphIndex, tensor: str) -> Any | None:
+    """The DequantizeLinear `tensor` comes from, directly or through data movement that per-tensor quantization
+    commutes with (reshapes, transposes, slices, zero padding): a shared quantizer's DQ sits on the tensor
+    itself, ahead of the slicing and padding of a subsampling shortcut."""
+    for _ in range(32):
+        dq = _from_dq(g, tensor)
+        if dq is not None:
+            return dq
+        p = g.producer.get(tensor)
+        if p is None or p.op_type not in _MOVE_OPS or not p.input:
+            return None
+        if p.op_type == "Pad":
+            value = g.value(p.input[2]) if len(p.input) > 2 and p.input[2] else None
+            if g.attr(p, "mode", b"constant") not in (b"constant", "constant") or (value is not None and np.any(value != 0)):
+                return None
+        tensor = p.input[0]
+    return None
 
 
 def _activation_adds(g: GraphIndex) -> Iterator[Any]:
@@ -362,16 +386,40 @@ def _qdq_conv_add(g: GraphIndex) -> Iterator[Finding]:
 
 @rule("residual-identity")
 def _residual_identity(g: GraphIndex) -> Iterator[Finding]:
-    """The identity input of a conv + identity residual add has no Q/DQ (not checked in weight-only graphs)."""
+    """The identity input of a conv + identity residual add has no Q/DQ, directly or through data movement
+    (not checked in weight-only graphs)."""
     if _weight_only(g):
         return
     for n in _activation_adds(g):
         sides = [_layer_out(g, i) for i in n.input]
         if sides.count(True) == 1:
             ident = n.input[sides.index(False)]
-            if _from_dq(g, ident) is None:
+            if _dq_through_moves(g, ident) is None:
                 yield g.label(n), (f"identity input {ident!r} of the residual add has no Q/DQ: "
                                    "the add (and conv) fall back to float")
+
+
+@rule("duplicate-qdq", "warning")
+def _duplicate_qdq(g: GraphIndex) -> Iterator[Finding]:
+    """Two Q/DQ pairs with equal scales (and zero points and range clips) quantize the same tensor: one pair,
+    its DQ feeding every consumer, computes the same, and the engine writes the tensor once instead of twice
+    (in INT8 for one consumer, in float for the other). `quantize` shares such quantizers (on by default)."""
+    seen: dict[tuple[Any, ...], Any] = {}
+    for q in _nodes(g, "QuantizeLinear"):
+        scale = _scale(g, q)
+        if scale is None or scale.size != 1:
+            continue
+        zp = g.value(q.input[2]) if len(q.input) > 2 and q.input[2] else None
+        src = g.quantizer_input(q)
+        clip = g.produced_by(q.input[0], "Clip") if src != q.input[0] else None
+        bounds = tuple(float(v.reshape(-1)[0]) if v is not None else None
+                       for v in (g.value(i) if i else None for i in (clip.input[1:3] if clip is not None else ())))
+        key = (src, float(scale.reshape(-1)[0]), None if zp is None else (zp.dtype.str, int(zp.reshape(-1)[0])), bounds)
+        first = seen.setdefault(key, q)
+        if first is not q:
+            yield g.label(q), (f"quantizes {src!r} with the same scale as {g.label(first)}: one Q/DQ pair, its DQ "
+                               "feeding both consumers, would do (one quantizer per tensor and grid: quantize "
+                               "--share-quantizers)")
 
 
 # --------------------------------------------------------------------------- concat

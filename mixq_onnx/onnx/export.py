@@ -35,6 +35,7 @@ from .passes import (
     integer_gemms,
     name_nodes,
     replace_uses,
+    sink_dequantize,
     split_fused_qkv,
 )
 
@@ -87,6 +88,7 @@ def insert_qdq(model, qs: dict[str, Any]) -> dict[str, int]:
 
     graph = model.graph
     counts = {"weight_dq": 0, "act_qdq": 0, "clip": 0}
+    done: dict[str, tuple[Any, Any]] = {}  # quantizer -> (its input, its DQ output): a shared one gets one Q/DQ
     for node in list(graph):
         if node.domain != DOMAIN or node.op_type != "Marker":
             continue
@@ -95,6 +97,13 @@ def insert_qdq(model, qs: dict[str, Any]) -> dict[str, int]:
         if q is None:
             raise MixqError(f"exported graph has a marker for {name!r} that the quantized model does not know")
         x = node.inputs[0]
+        if name in done:  # a shared quantizer called by each of its consumers: they all read the one DQ
+            if done[name][0] is not x:
+                raise MixqError(f"quantizer {name} quantizes two different tensors in the exported graph; "
+                                "a shared quantizer must read one tensor")
+            replace_uses(node.outputs[0], done[name][1])
+            graph.remove(node, safe=True)
+            continue
         safe = name
         spec = q.spec  # the one record of this quantizer's grid
         bits_meta = {"mixq.bits": str(spec.bits), "mixq.quantizer": spec.name}
@@ -151,6 +160,7 @@ def insert_qdq(model, qs: dict[str, Any]) -> dict[str, int]:
         out.type = node.outputs[0].type
         replace_uses(node.outputs[0], out)
         graph.remove(node, safe=True)
+        done[name] = (x, out)
     return counts
 
 
@@ -212,6 +222,9 @@ def export_qdq(qmodel: nn.Module, out: str | os.PathLike, layout: str = "integer
     fold_weight_transposes(model)
     fold_pads(model)
     split_fused_qkv(model)
+    sunk = sink_dequantize(model, {n for n, q in qs.items() if getattr(q, "shared_with", ())})
+    if sunk:  # only then: graphs without shared quantizers keep their counts (and bytes) as before
+        counts["dq_after_moves"] = sunk
     name_nodes(model)
     if layout == "integer":
         counts["integer_gemms"] = integer_gemms(model)

@@ -300,6 +300,83 @@ def _is_act_dq(node) -> bool:
     return q is not None and q.op_type == "QuantizeLinear" and sc is not None and sc.size == 1
 
 
+_MOVE_OPS = ("Slice", "Pad", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity")
+
+
+def _moves_codes(node) -> bool:
+    """A node that only moves its first input's values (or pads it with zeros): on integer codes it means the
+    same as on their dequantized values."""
+    if node.op_type not in _MOVE_OPS or node.domain not in ("", "ai.onnx"):
+        return False
+    if node.op_type == "Pad":
+        mode = node.attributes.get("mode")
+        if mode is not None and mode.as_string() != "constant":
+            return False
+        if len(node.inputs) > 2 and node.inputs[2] is not None:
+            cv = _const_array(node.inputs[2])
+            if cv is None or cv.size != 1 or float(cv.reshape(-1)[0]) != 0.0:
+                return False
+    return True
+
+
+def sink_dequantize(model, quantizers: set[str] | frozenset[str]) -> int:
+    """Q -> DQ -> data movement (slices, zero padding, reshapes, transposes) -> X  ==>  Q -> the same data
+    movement on the integer codes -> DQ -> X (a Pad pads the codes with the zero point). A shared quantizer's
+    Q/DQ sits on the tensor itself, ahead of a subsampling shortcut's Slice and Pad (`quant.graph.share_quantizers`);
+    behind them, the engine slices INT8 codes, and onnxruntime's QDQ propagation has no DQ -> Slice to move
+    (1.22 builds a QuantizeLinear with clashing types from one and refuses the graph). The values are the
+    same: the data movement commutes with dequantization. Only the DQs of `quantizers` (by `mixq.quantizer`)
+    move: the shared ones, so graphs without sharing stay as they were. Returns the number of chains moved."""
+    import onnx_ir as ir
+
+    graph = model.graph
+    taken = _value_names(graph)
+    n = 0
+    for dq in list(graph):
+        if not _is_act_dq(dq) or dq.graph is not graph or dq.metadata_props.get("mixq.quantizer") not in quantizers:
+            continue
+        q = dq.inputs[0].producer()
+        for user, idx in list(dq.outputs[0].uses()):
+            if idx != 0 or not _moves_codes(user) or user.graph is not graph:
+                continue
+            chain = [user]
+            while True:
+                nxt = _single_user(chain[-1].outputs[0])
+                if nxt is None or not _moves_codes(nxt) or nxt.inputs[0] is not chain[-1].outputs[0]:
+                    break
+                chain.append(nxt)
+            if any(c.outputs[0].is_graph_output() for c in chain[:-1]):
+                continue
+            src = q.outputs[0]
+            zp = _const_array(dq.inputs[2]) if len(dq.inputs) > 2 and dq.inputs[2] is not None else None
+            codes = ir.TensorType(ir.DataType.from_numpy(zp.dtype) if zp is not None else ir.DataType.UINT8)
+            new_nodes = []
+            for c in chain:
+                ins = [src, *c.inputs[1:]]
+                if c.op_type == "Pad":  # the codes pad with 0, the code of 0.0 when the zero point is 0
+                    if zp is None or np.any(zp != 0):
+                        break  # (TensorRT takes no integer pad value: leave an asymmetric grid's chain alone)
+                    ins = [*ins[:2], None, *ins[3:]] if len(ins) > 3 else ins[:2]
+                moved = ir.node(c.op_type, ins, attributes=dict(c.attributes.items()), name=f"{c.name}_codes",
+                                metadata_props=dict(c.metadata_props))
+                moved.outputs[0].name = _unique(graph, f"{c.outputs[0].name}.codes", taken)
+                moved.outputs[0].type, moved.outputs[0].shape = codes, c.outputs[0].shape
+                new_nodes.append(moved)
+                src = moved.outputs[0]
+            else:
+                end = chain[-1].outputs[0]
+                new_dq = ir.node("DequantizeLinear", [src, *dq.inputs[1:]], attributes=dict(dq.attributes.items()),
+                                 name=f"{dq.name}_after_{chain[-1].op_type}", metadata_props=dict(dq.metadata_props))
+                new_dq.outputs[0].name = _unique(graph, f"{end.name}.dq", taken)
+                new_dq.outputs[0].type, new_dq.outputs[0].shape = end.type, end.shape
+                graph.insert_after(chain[-1], [*new_nodes, new_dq])
+                replace_uses(end, new_dq.outputs[0])
+                for c in reversed(chain):
+                    graph.remove(c, safe=True)
+                n += 1
+    return n
+
+
 def _weight_channels(node, wdq) -> tuple[int, list[int]] | None:
     """(channel count, shape of the per-channel factor on the layer output) if wdq is a per-channel INT8
     weight DQ along the layer's output-channel axis, else None."""

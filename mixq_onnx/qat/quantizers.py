@@ -101,6 +101,7 @@ class QATActQuantizer(ActQuantizer):
     def __init__(self, base: ActQuantizer, params: QATParams):
         super().__init__(base.name, base.bits, base.symmetric, base.placement)
         self.signed = base.signed
+        self.shared_with = tuple(base.shared_with)
         self.scale.requires_grad_(False)  # unused: the step lives in `qat`
         self.initialized.fill_(True)
         self.learning = True
@@ -121,15 +122,20 @@ class QATActQuantizer(ActQuantizer):
 
 
 def replace_quantizers(model: nn.Module, make: Callable[[nn.Module], nn.Module | None]) -> int:
-    """Put `make(q)` in place of every quantizer q of `model` (None keeps q); returns how many changed."""
+    """Put `make(q)` in place of every quantizer q of `model` (None keeps q); returns how many changed. A
+    quantizer shared by several consumers (`quant.graph.share_quantizers`) is made once, and every place that
+    held it holds the one replacement."""
     n = 0
+    made: dict[int, nn.Module | None] = {}
     for parent in list(model.modules()):
         for attr, child in list(parent.named_children()):
             if isinstance(child, (WeightQuantizer, ActQuantizer)):
-                new = make(child)
+                if id(child) not in made:
+                    made[id(child)] = make(child)
+                    n += made[id(child)] is not None and made[id(child)] is not child
+                new = made[id(child)]
                 if new is not None and new is not child:
                     setattr(parent, attr, new)
-                    n += 1
     return n
 
 
@@ -146,6 +152,7 @@ def to_plain(q: nn.Module, weight: torch.Tensor | None) -> nn.Module | None:
         assert q.qat.step is not None
         out = ActQuantizer(q.name, q.bits, q.symmetric, q.placement)
         out.signed = q.signed
+        out.shared_with = tuple(q.shared_with)
         out.scale = nn.Parameter(q.qat.step.detach().clamp(min=1e-8).reshape(()).clone(), requires_grad=False)
         out.initialized.fill_(True)
         return out

@@ -5,7 +5,11 @@ Q/DQ (TensorRT's placement rules):
 - every Conv2d/Linear -> QuantConv2d/QuantLinear (per-channel weight quantizer + input quantizer);
 - MatMul inputs (attention q·kᵀ and attn·v) quantized;
 - a residual add gets a quantizer on its identity input only, never between a conv and the add it
-  feeds (TensorRT fuses that add into the conv's epilogue).
+  feeds (TensorRT fuses that add into the conv's epilogue);
+- one quantizer per tensor and grid (`share_quantizers`, on unless the config says otherwise): where one
+  tensor feeds several quantized consumers with the same grid (a block input feeding its first conv and
+  the residual add, or two convs), they share one `ActQuantizer`, so the export writes one Q/DQ whose
+  integer tensor every consumer reads, instead of the same tensor twice (once in INT8, once in float).
 
 Reconstruction units (residual blocks, transformer blocks) are traced with torch.fx one at a time,
 so each unit stays a callable submodule the reconstruction loop can run alone.
@@ -20,6 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..errors import MixqError
@@ -262,20 +267,214 @@ def _transform(module: nn.Module, prefix: str, leaves: Iterable[nn.Module], cfg:
     return gm
 
 
+# ----------------------------------------------------------------------------- quantizer sharing
+def _is_identity(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """An exact identity in training and evaluation alike: Identity, and Dropout / DropPath with p = 0."""
+    if node.op != "call_module":
+        return False
+    m = _get(gm, node.target)
+    if isinstance(m, nn.Identity):
+        return True
+    if isinstance(m, nn.Dropout):
+        return float(m.p) == 0.0
+    return type(m).__name__ == "DropPath" and float(getattr(m, "drop_prob", 1.0) or 0.0) == 0.0
+
+
+def _slices(index: object) -> bool:
+    """A tensor index with at least one slice, made only of slices, integers, Ellipsis and None."""
+    parts = index if isinstance(index, tuple) else (index,)
+    return any(isinstance(p, slice) for p in parts) and all(
+        isinstance(p, (slice, int)) or p is Ellipsis or p is None for p in parts)
+
+
+def _moves_data(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Does `node` only move its first input's values (or add zeros)? Per-tensor quantization commutes
+    with it exactly: q(f(x)) = f(q(x)) for slicing, reshapes, transposes, rolls and zero padding (0 is on
+    every grid)."""
+    if _is_identity(gm, node):
+        return True
+    if node.op == "call_method":
+        return node.target in _SHAPE_METHODS
+    if node.op != "call_function":
+        return False
+    if node.target in _SHAPE_FUNCS:
+        return True
+    if node.target is operator.getitem:
+        return len(node.args) == 2 and _slices(node.args[1])
+    if node.target is F.pad:
+        mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
+        value = node.args[3] if len(node.args) > 3 else node.kwargs.get("value", None)
+        return mode == "constant" and value in (None, 0, 0.0)
+    return False
+
+
+def _alias_root(gm: fx.GraphModule, node: fx.Node, moves: bool, single_user: bool = True
+                ) -> tuple[fx.Node, list[fx.Node]]:
+    """(root, chain): the tensor `node` is, through exact identities (and, with `moves`, data movement), and
+    the nodes between them, root's reader first. With `single_user`, only nodes read by the next one alone
+    join the chain (it is then rewired without changing what any other reader sees)."""
+    chain: list[fx.Node] = []
+    cur = node
+    for _ in range(64):
+        if not cur.args or not isinstance(cur.args[0], fx.Node) or (single_user and len(cur.users) != 1):
+            break
+        if not (_moves_data(gm, cur) if moves else _is_identity(gm, cur)):
+            break
+        chain.append(cur)
+        cur = cur.args[0]
+    chain.reverse()
+    return cur, chain
+
+
+@dataclass
+class _Use:
+    """One quantized reading of a tensor: a layer's input quantizer, or a quantizer node of the graph."""
+
+    node: fx.Node
+    quantizer: ActQuantizer
+    layer: bool
+    root: fx.Node
+    chain: list[fx.Node]
+
+
+def _uses(gm: fx.GraphModule, single_user: bool = True) -> list[_Use]:
+    out = []
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or not node.args or not isinstance(node.args[0], fx.Node):
+            continue
+        m = _get(gm, node.target)
+        if isinstance(m, QUANT_LAYERS) and isinstance(m.input_quantizer, ActQuantizer):
+            # a layer quantizes its own input: only exact identities may stand between it and the tensor
+            root, chain = _alias_root(gm, node.args[0], moves=False, single_user=single_user)
+            out.append(_Use(node, m.input_quantizer, True, root, chain))
+        elif isinstance(m, ActQuantizer):
+            root, chain = _alias_root(gm, node.args[0], moves=True, single_user=single_user)
+            out.append(_Use(node, m, False, root, chain))
+    return out
+
+
+def _grid_key(q: ActQuantizer) -> tuple[int, bool]:
+    """What must agree for two activation quantizers to be one: bits and symmetry (both are per tensor; the
+    sign is chosen later, from what the one quantizer observes)."""
+    return q.bits, q.symmetric
+
+
+def _share_graph(gm: fx.GraphModule) -> int:
+    """Merge the quantizers of each tensor (per grid) of one traced graph; returns how many were merged."""
+    groups: dict[tuple[fx.Node, tuple[int, bool]], list[_Use]] = {}
+    for u in _uses(gm):
+        groups.setdefault((u.root, _grid_key(u.quantizer)), []).append(u)
+    merged = 0
+    drop: set[str] = set()
+    for (root, _), uses in groups.items():
+        if len({id(u.quantizer) for u in uses}) < 2:
+            continue
+        order = {n: i for i, n in enumerate(gm.graph.nodes)}  # afresh: earlier groups inserted nodes
+        uses.sort(key=lambda u: order[u.node])
+        first = next((u for u in uses if u.layer), uses[0])  # a layer's input quantizer keeps its name
+        canon = first.quantizer
+        path = f"{first.node.target}.input_quantizer" if first.layer else str(first.node.target)
+        others = list(dict.fromkeys(u.quantizer.name for u in uses if u.quantizer is not canon))
+        canon.shared_with = tuple(canon.shared_with) + tuple(n for n in others if n not in canon.shared_with)
+        merged += len(others)
+        for u in uses:
+            if u.layer:
+                _get(gm, u.node.target).input_quantizer = canon
+                if u.chain:  # read the tensor itself, not an identity of it (one marker, one Q/DQ)
+                    u.node.replace_input_with(u.chain[-1], root)
+                    for c in reversed(u.chain):
+                        if not c.users:
+                            gm.graph.erase_node(c)
+        nodes = [u for u in uses if not u.layer]
+        if not nodes:
+            continue
+        # one call of the shared quantizer on the tensor itself; data movement after it (q(f(x)) = f(q(x)))
+        readers = [r for u in nodes for r in (u.chain[:1] or list(u.node.users))]
+        with gm.graph.inserting_before(min(readers, key=lambda r: order[r])):
+            qn = gm.graph.call_module(path, (root,))
+        for u in nodes:
+            if u.chain:
+                u.node.replace_all_uses_with(u.chain[-1])
+                u.chain[0].replace_input_with(root, qn)
+            else:
+                u.node.replace_all_uses_with(qn)
+            gm.graph.erase_node(u.node)
+            if u.node.target != path:
+                drop.add(str(u.node.target))
+    if merged:
+        gm.graph.lint()
+        gm.recompile()
+        for target in drop:
+            gm.delete_submodule(target)
+    return merged
+
+
+def share_quantizers(model: nn.Module) -> int:
+    """The placement rule "one quantizer per tensor and grid", applied to a prepared model in place: where
+    one tensor (itself, through exact identities, or for a quantizer node of the graph through data movement
+    alone: slicing, reshapes, zero padding) feeds several activation quantizers with the same bits and
+    symmetry, they become one `ActQuantizer` module. A layer's input quantizer is kept (and keeps its name);
+    the others are recorded in its `shared_with`, and a graph quantizer moves onto the tensor itself, ahead
+    of the data movement. Returns how many quantizers were merged away."""
+    return sum(_share_graph(m) for m in list(model.modules()) if isinstance(m, fx.GraphModule))
+
+
+def tensor_quantizers(model: nn.Module) -> dict[str, list[ActQuantizer]]:
+    """Every tensor read by activation quantizers (through exact identities and data movement), by
+    "graph path:node name", with the distinct quantizers that read it: after `share_quantizers`, at most
+    one per grid (bits, symmetry)."""
+    out: dict[str, list[ActQuantizer]] = {}
+    for path, m in model.named_modules():
+        if not isinstance(m, fx.GraphModule):
+            continue
+        for u in _uses(m, single_user=False):
+            qs = out.setdefault(f"{path}:{u.root.name}", [])
+            if all(q is not u.quantizer for q in qs):
+                qs.append(u.quantizer)
+    return out
+
+
+def shared_quantizers(model: nn.Module) -> dict[str, tuple[str, ...]]:
+    """Shared activation quantizers: name -> the other placements it serves."""
+    return {m.name: tuple(m.shared_with) for m in model.modules() if isinstance(m, ActQuantizer) and m.shared_with}
+
+
 # ----------------------------------------------------------------------------- public
 @dataclass
 class Unit:
-    """A reconstruction unit: a block (several layers, optimised on its output) or a single layer."""
+    """A reconstruction unit: a block (several layers, optimised on its output) or a single layer.
+
+    `inherited`: ids of activation quantizers an earlier unit owns (a quantizer shared by layers of several
+    units belongs to the first of them, which learns it; later ones use it as it was left)."""
 
     name: str
     module: nn.Module
     kind: str  # "block" | "layer"
+    inherited: frozenset[int] = frozenset()
 
     def weight_quantizers(self) -> list[WeightQuantizer]:
         return [m for m in self.module.modules() if isinstance(m, WeightQuantizer)]
 
     def act_quantizers(self) -> list[ActQuantizer]:
-        return [m for m in self.module.modules() if isinstance(m, ActQuantizer)]
+        """The activation quantizers this unit owns (and learns)."""
+        return [m for m in self.module.modules() if isinstance(m, ActQuantizer) and id(m) not in self.inherited]
+
+    def layers(self) -> list[nn.Module]:
+        if isinstance(self.module, QUANT_LAYERS):
+            return [self.module]
+        return [m for m in self.module.modules() if isinstance(m, QUANT_LAYERS)]
+
+
+def assign_owners(all_units: list[Unit]) -> list[Unit]:
+    """Give each activation quantizer to the first unit (in the given order) that contains it; returns the
+    units with `inherited` set."""
+    seen: set[int] = set()
+    out = []
+    for u in all_units:
+        ids = {id(m) for m in u.module.modules() if isinstance(m, ActQuantizer)}
+        out.append(Unit(u.name, u.module, u.kind, frozenset(ids & seen)))
+        seen |= ids
+    return out
 
     def layers(self) -> list[nn.Module]:
         if isinstance(self.module, QUANT_LAYERS):
@@ -340,6 +539,8 @@ def prepare(model: nn.Module, cfg: QuantConfig) -> fx.GraphModule:
             layer.weight_quantizer.bits = cfg.first_last_bits
             if layer.input_quantizer is not None:
                 layer.input_quantizer.bits = cfg.first_last_bits
+    if cfg.share_quantizers and not cfg.weight_only:  # after the bit policy: only equal grids merge
+        share_quantizers(gm)
     gm.mixq_units = _units(gm, blocks, order)  # type: ignore[attr-defined]
     return gm
 
@@ -360,7 +561,7 @@ def units(gm: nn.Module) -> list[Unit]:
     for name in gm.mixq_units:  # type: ignore[attr-defined]
         m = _get(gm, name)
         out.append(Unit(name, m, "layer" if isinstance(m, QUANT_LAYERS) else "block"))
-    return out
+    return assign_owners(out)
 
 
 def quantizers(model: nn.Module) -> dict[str, WeightQuantizer | ActQuantizer]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -74,8 +75,8 @@ def rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
     return torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
 
 
-# export mode: (marker op, ids of the quantizers that emit it); None outside `export_markers`
-_EXPORT: tuple[Callable[[torch.Tensor, str], torch.Tensor], frozenset[int]] | None = None
+# export mode: the marker op; None outside `export_markers` (which quantizers emit it: their `_emit` flag)
+_EXPORT: Callable[[torch.Tensor, str], torch.Tensor] | None = None
 
 
 @contextlib.contextmanager
@@ -85,12 +86,18 @@ def export_markers(model: nn.Module, op: Callable[[torch.Tensor, str], torch.Ten
     fake-quantizing, and the others pass x through. Which ones emit is decided here, before tracing (the
     tracer cannot branch on a buffer). The op is injected, so quant/ depends on no ONNX module."""
     global _EXPORT
-    emit = frozenset(id(m) for m in model.modules() if isinstance(m, _Base) and m.exported())
-    prev, _EXPORT = _EXPORT, (op, emit)
+    # a flag on each emitting quantizer, not a set of ids: torch.export may trace a copy of the model (it
+    # does when a quantizer is shared by two layers), and a copy keeps its attributes
+    emit = [m for m in model.modules() if isinstance(m, _Base) and m.exported()]
+    prev, _EXPORT = _EXPORT, op
+    for m in emit:
+        m._emit = True
     try:
         yield
     finally:
         _EXPORT = prev
+        for m in emit:
+            m._emit = False
 
 
 def exporting() -> bool:
@@ -109,6 +116,7 @@ class _Base(nn.Module):
         self.bits = int(bits)
         self.symmetric = bool(symmetric)
         self.enabled = True
+        self._emit = False  # set by `export_markers` while this quantizer emits its marker
 
     @property
     def spec(self) -> QuantSpec:
@@ -126,7 +134,7 @@ class _Base(nn.Module):
     def apply_spec(self, spec: QuantSpec) -> None:
         """Take bits and sign from a stored record; refuses a record of another quantizer."""
         mine = self.spec
-        for f in ("name", "kind", "placement", "symmetric", "axis", "block_size"):
+        for f in ("name", "kind", "placement", "symmetric", "axis", "block_size", "shared_with"):
             if getattr(spec, f) != getattr(mine, f):
                 raise ValueError(f"record of {spec.name} has {f} {getattr(spec, f)!r}, quantizer {mine.name} has "
                                  f"{getattr(mine, f)!r}")
@@ -139,6 +147,11 @@ class _Base(nn.Module):
         return f"{self.name!r}, bits={self.bits}, range=[{lo},{hi}], symmetric={self.symmetric}"
 
 
+# shared quantizer -> (weak reference to its input, the input's version, its QDrop output): while learning with
+# QDrop, every consumer of the one tensor gets the one random draw (outside the modules: never deep-copied)
+_LAST_DRAW: weakref.WeakKeyDictionary[nn.Module, tuple[Any, int, torch.Tensor]] = weakref.WeakKeyDictionary()
+
+
 class ActQuantizer(_Base):
     """Per-tensor activation quantizer with an LSQ step size and optional QDrop."""
 
@@ -146,7 +159,8 @@ class ActQuantizer(_Base):
 
     def __init__(self, name: str, bits: int, symmetric: bool = True, placement: str = "input"):
         super().__init__(name, bits, symmetric)
-        self.placement = placement  # input (of a Conv/Gemm/MatMul) | residual (identity input of an add)
+        self.placement = placement  # input (of a Conv/Gemm) | residual (identity input of an add) | matmul
+        self.shared_with: tuple[str, ...] = ()  # placements merged into this one (graph.share_quantizers)
         self.signed = True
         self.scale = nn.Parameter(torch.tensor(1.0))
         self.register_buffer("zero_point", torch.tensor(0.0))
@@ -160,7 +174,8 @@ class ActQuantizer(_Base):
 
     @property
     def spec(self) -> QuantSpec:
-        return QuantSpec(self.name, "act", self.placement, self.bits, self.signed, self.symmetric)
+        return QuantSpec(self.name, "act", self.placement, self.bits, self.signed, self.symmetric,
+                         shared_with=tuple(self.shared_with))
 
     @property
     def observed_min(self) -> float:
@@ -197,15 +212,24 @@ class ActQuantizer(_Base):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _EXPORT is not None:
-            return _EXPORT[0](x, self.name) if id(self) in _EXPORT[1] else x
+            return _EXPORT(x, self.name) if self._emit else x
         if self.observing:
             self.observe(x)
             return x
         if not self.enabled or not bool(self.initialized):
             return x
+        drop = self.learning and self.drop_prob > 0
+        if drop and self.shared_with:  # the other consumers of the one tensor read the same draw
+            last = _LAST_DRAW.get(self)
+            if last is not None and last[0]() is x and last[1] == x._version:
+                return last[2]
         xq = self.fake_quant(x)
-        if self.learning and self.drop_prob > 0:  # QDrop: element-wise, keep the float value with p
+        if drop:  # QDrop: element-wise, keep the float value with p
             xq = xq + keep_mask(x, self.drop_prob) * (x - xq)
+            if self.shared_with:  # a shared quantizer quantizes its tensor once per forward, as the engine does
+                _LAST_DRAW[self] = (weakref.ref(x), x._version, xq)
+        elif self.shared_with:
+            _LAST_DRAW.pop(self, None)
         return xq
 
     def codes(self, x: torch.Tensor) -> torch.Tensor:
@@ -307,7 +331,7 @@ class WeightQuantizer(_Base):
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if _EXPORT is not None:
-            return _EXPORT[0](w.detach(), self.name) if id(self) in _EXPORT[1] else w
+            return _EXPORT(w.detach(), self.name) if self._emit else w
         if not self.enabled or not bool(self.initialized):
             return w
         s, zp = self._s_zp(w)
@@ -341,14 +365,15 @@ class WeightQuantizer(_Base):
 SUPPORTED_BITS = tuple(range(2, 9))
 
 # key -> accepted JSON shape: "str", "bool", "int" (not bool), "num" (int or float, not bool),
-# "int?" (int or null), "null", "ints" / "nums" (lists of those)
+# "int?" (int or null), "null", "ints" / "nums" / "strs" (lists of those)
 _COMMON_FIELDS = {"name": "str", "kind": "str", "placement": "str", "bits": "int", "signed": "bool",
                   "symmetric": "bool", "qmin": "int", "qmax": "int"}
-_ACT_FIELDS = {**_COMMON_FIELDS, "axis": "null", "scale": "num", "zero_point": "num"}
+_ACT_FIELDS = {**_COMMON_FIELDS, "axis": "null", "scale": "num", "zero_point": "num", "shared_with": "strs"}
 _WEIGHT_FIELDS = {**_COMMON_FIELDS, "axis": "int", "block_size": "int?", "scale_shape": "ints",
                   "scale": "nums", "zero_point": "nums", "shape": "ints"}
-# added to format 1 with block scales: folders written before lack them (no blocks, per-channel scales)
-_LATER_FIELDS = {"block_size": None, "scale_shape": None}
+# added to format 1 with block scales: folders written before lack them (no blocks, per-channel scales);
+# "shared_with" only in records of shared activation quantizers (graph.share_quantizers)
+_LATER_FIELDS = {"block_size": None, "scale_shape": None, "shared_with": None}
 
 
 def _is(v: Any, kind: str) -> bool:
@@ -364,7 +389,7 @@ def _is(v: Any, kind: str) -> bool:
         return v is None or _is(v, "int")
     if kind == "null":
         return v is None
-    if kind in ("ints", "nums"):
+    if kind in ("ints", "nums", "strs"):
         return isinstance(v, list) and all(_is(x, kind[:-1]) for x in v)
     raise ValueError(kind)
 
@@ -412,7 +437,7 @@ def validate_record(
         raise bad(f"kind {kind!r} is neither 'act' nor 'weight'")
     for key, want in (_ACT_FIELDS if kind == "act" else _WEIGHT_FIELDS).items():
         if key not in record:
-            if kind == "weight" and key in _LATER_FIELDS:
+            if key in _LATER_FIELDS:
                 continue
             raise bad(f"record lacks {key!r}")
         if not _is(record[key], want):
@@ -503,7 +528,7 @@ def validate_record(
 
 _TYPE_WORDS = {"str": "a string", "bool": "true or false", "int": "an integer", "num": "a number",
                "int?": "an integer or null", "null": "null", "ints": "a list of integers",
-               "nums": "a list of numbers"}
+               "nums": "a list of numbers", "strs": "a list of strings"}
 
 
 def _scale_shape(shape: tuple[int, ...], axis: int, block: int | None, bad: Any) -> tuple[int, ...]:
@@ -530,6 +555,9 @@ def _match_quantizer(record: Mapping[str, Any], q: ActQuantizer | WeightQuantize
             raise bad(f"block_size {record.get('block_size')} in quant.json, the model's is {q.block_size}")
     elif record["placement"] != q.placement:
         raise bad(f"placement {record['placement']!r} in quant.json, the model's is {q.placement!r}")
+    elif list(record.get("shared_with") or []) != list(q.shared_with):
+        raise bad(f"serves also {list(record.get('shared_with') or [])} in quant.json, the model's quantizer serves "
+                  f"also {list(q.shared_with)} (quantizer sharing, config share_quantizers)")
 
 
 # ----------------------------------------------------------------------------- scale search

@@ -25,7 +25,16 @@ from ..methods import METHODS, Method, Phase
 from ..progress import Progress, progress_bar
 from ..threads import tick
 from .config import QuantConfig
-from .graph import Unit, example_input, execution_order, prepare, quantizers, set_quant_state, units
+from .graph import (
+    Unit,
+    assign_owners,
+    example_input,
+    execution_order,
+    prepare,
+    quantizers,
+    set_quant_state,
+    units,
+)
 from .modules import QUANT_LAYERS
 from .quantizer import ActQuantizer, WeightQuantizer, keep_mask, search_act_scale, search_weight_scale
 
@@ -150,7 +159,8 @@ def init_scales(gm: nn.Module, calib: torch.Tensor, cfg: QuantConfig, bar: Progr
 
 
 def _set_units_enabled(all_units: list[Unit], upto: int) -> None:
-    """Quantizers on for units [0, upto), off for the rest."""
+    """Quantizers on for units [0, upto), off for the rest (a shared activation quantizer goes with the unit
+    that owns it, the first that uses it: `Unit.act_quantizers` leaves it out of the later ones)."""
     for i, u in enumerate(all_units):
         for q in u.weight_quantizers() + u.act_quantizers():
             q.enabled = i < upto
@@ -253,7 +263,7 @@ def _units_for(gm: nn.Module, method: Method) -> list[Unit]:
         return units(gm)
     layers = [Unit(n, m, "layer") for n, m in gm.named_modules() if isinstance(m, QUANT_LAYERS)]
     order = execution_order(gm, {u.name: u.module for u in layers}, example_input(gm))
-    return sorted(layers, key=lambda u: order.index(u.name) if u.name in order else 1 << 30)
+    return assign_owners(sorted(layers, key=lambda u: order.index(u.name) if u.name in order else 1 << 30))
 
 
 def _run_phases(unit: Unit, phases: list[Phase], q_in: torch.Tensor, fp_in: torch.Tensor, fp_out: torch.Tensor,

@@ -16,7 +16,7 @@ from typing import Any
 
 SUPPORTED_BITS = tuple(range(2, 9))
 KINDS = ("act", "weight")
-PLACEMENTS = ("input", "residual", "weight")
+PLACEMENTS = ("input", "residual", "matmul", "weight")
 
 
 def int_range(bits: int, signed: bool, narrow: bool) -> tuple[int, int]:
@@ -32,12 +32,15 @@ def int_range(bits: int, signed: bool, narrow: bool) -> tuple[int, int]:
 class QuantSpec:
     name: str
     kind: str  # "act" | "weight"
-    placement: str  # act: "input" (of a Conv/Gemm/MatMul) | "residual" (identity input of an add); "weight"
+    placement: str  # act: "input" (of a Conv/Gemm) | "residual" (identity input of an add) | "matmul"; "weight"
     bits: int
     signed: bool  # act: False for post-ReLU inputs on an unsigned grid; weight: == symmetric
     symmetric: bool  # zero point 0 (TensorRT-deployable)
     axis: int | None = None  # weights: the output-channel axis of the per-channel scale
     block_size: int | None = None  # INT4 weight-only GEMMs: one scale per block of input features
+    # act: the other placements this quantizer also serves (graph.share_quantizers: one tensor, one grid, one
+    # quantizer), by the names their own quantizers have when sharing is off; () when it serves one consumer
+    shared_with: tuple[str, ...] = ()
 
     def grid(self) -> tuple[int, int]:
         """(qmin, qmax): asymmetric grids are unsigned [0, 2^b-1]; symmetric weights use the narrow signed
@@ -71,9 +74,11 @@ class QuantSpec:
     def to_record(self, scale: Any, zero_point: Any, **extra: Any) -> dict[str, Any]:
         """The quant.json record (key order fixed: the files are compared byte for byte)."""
         lo, hi = self.grid()
-        rec: dict[str, Any] = {"name": self.name, "kind": self.kind, "placement": self.placement,
-                               "bits": self.bits, "signed": self.signed, "symmetric": self.symmetric,
-                               "axis": self.axis, "qmin": lo, "qmax": hi}
+        rec: dict[str, Any] = {"name": self.name, "kind": self.kind, "placement": self.placement}
+        if self.shared_with:  # only then: records of unshared quantizers stay as they always were
+            rec["shared_with"] = list(self.shared_with)
+        rec.update({"bits": self.bits, "signed": self.signed, "symmetric": self.symmetric,
+                    "axis": self.axis, "qmin": lo, "qmax": hi})
         if self.kind == "weight":
             rec["block_size"] = self.block_size
             rec.update(extra)
@@ -86,4 +91,5 @@ class QuantSpec:
         """The spec of a quant.json record (validated by `quantizer.validate_record` first)."""
         return cls(name=str(rec["name"]), kind=str(rec["kind"]), placement=str(rec["placement"]),
                    bits=int(rec["bits"]), signed=bool(rec["signed"]), symmetric=bool(rec["symmetric"]),
-                   axis=rec.get("axis"), block_size=rec.get("block_size"))
+                   axis=rec.get("axis"), block_size=rec.get("block_size"),
+                   shared_with=tuple(str(v) for v in rec.get("shared_with") or ()))

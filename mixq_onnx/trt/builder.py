@@ -11,6 +11,7 @@ import datetime as _dt
 import json
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,18 @@ from .layers import LayerInfo, parse_builder_log, parse_inspector_json
 PLAN_FORMAT = "mixq-onnx.plan/1"
 RTX_CAPABILITIES = {"7.5": "SM75", "8.0": "SM80", "8.6": "SM86", "8.9": "SM89", "12.0": "SM120", "12.1": "SM121"}
 RTX_PORTABLE = "portable"  # TensorRT-RTX default: every supported GPU from sm80 on (Turing needs 7.5 explicitly)
+
+
+class EngineRefused(MixqError):
+    """The built engine fails a requirement of the build (`build --max-handoffs`): a verdict, exit code 1; no
+    plan is written."""
+
+    exit_code = 1
+
+
+#: `build_engine(accept=...)`: called with the engine's layers and the input shapes at the profile's OPT before
+#: anything is written; raising (EngineRefused) leaves no plan behind.
+Accept = Callable[[list[LayerInfo], dict[str, list[int]]], None]
 
 
 @dataclass
@@ -181,8 +194,9 @@ def _inspector_layers(trt: Any, logger: Any, plan_bytes: bytes) -> list[LayerInf
 
 
 def build_engine(onnx_path: str | Path, plan_path: str | Path, cfg: BuildConfig | None = None,
-                 verbose: bool = False) -> BuildResult:
-    """Build `plan_path` (atomically) and `plan_path`.json from a QDQ ONNX graph."""
+                 verbose: bool = False, accept: Accept | None = None) -> BuildResult:
+    """Build `plan_path` (atomically) and `plan_path`.json from a QDQ ONNX graph. `accept(layers, shapes)`
+    judges the engine before anything is written: when it raises, no plan (nor plan.json) is left behind."""
     cfg = (cfg or BuildConfig()).validate()
     onnx_path, plan_path = Path(onnx_path), Path(plan_path)
     if not onnx_path.is_file():
@@ -231,12 +245,6 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, cfg: BuildConfig 
         errs = logger.errors()
         raise MixqError(f"{_label(trt)} could not build {onnx_path}: " + (errs[-1] if errs else "no log")[:400])
     plan_bytes = bytes(memoryview(serialized))
-    with atomic_path(plan_path) as tmp:
-        tmp.write_bytes(plan_bytes)
-    if cache is not None and cache_file is not None:
-        with atomic_path(cache_file) as tmp:
-            tmp.write_bytes(bytes(memoryview(cache.serialize())))
-
     layers: list[LayerInfo] = []
     source = "builder-log"
     if gpu is not None and cfg.backend == "tensorrt":
@@ -246,6 +254,14 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, cfg: BuildConfig 
             layers = []
     if not layers:
         layers, source = parse_builder_log(m for _, m in logger.messages), "builder-log"
+    if accept is not None:  # before the plan is written: a refused engine leaves nothing behind
+        accept(layers, {i["name"]: list(i["opt"]) for i in shapes})
+
+    with atomic_path(plan_path) as tmp:
+        tmp.write_bytes(plan_bytes)
+    if cache is not None and cache_file is not None:
+        with atomic_path(cache_file) as tmp:
+            tmp.write_bytes(bytes(memoryview(cache.serialize())))
 
     outputs = []
     for i in range(network.num_outputs):

@@ -3,7 +3,9 @@
 The engine's layer list (captured at build time) says which datatypes each kernel reads; the
 ONNX graph says which nodes were meant to be quantized and how many MACs each compute node
 does. Joining them by the `[ONNX Layer: …]` metadata shows where quantization did not survive
-the build: float compute, stray requantize layers, unfused 4-bit Clips, bypassed quantizers.
+the build: float compute, stray requantize layers, unfused 4-bit Clips, bypassed quantizers; and the
+hand-offs, conversions between kernels that cost bandwidth (reformat/requantize layers, tensors passed
+in float between non-compute kernels), which `build --max-handoffs` bounds.
 """
 from __future__ import annotations
 
@@ -24,11 +26,12 @@ MOVE_OPS = {"Slice", "Pad", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqu
             "Identity", "Expand", "Tile", "MaxPool", "Shape", "Cast", "Clip", "Relu"}
 _COMPUTE_LAYER = re.compile(r"conv|correlation|gemm|matmul|matrixmultiply|fullyconnected|deconv", re.IGNORECASE)
 _REFORMAT_LAYER = re.compile(r"reformat|requant|shuffle", re.IGNORECASE)
+_HANDOFF_LAYER = re.compile(r"reformat|requant", re.IGNORECASE)  # a kernel that only converts a tensor
 INT8 = {"Int8", "UInt8"}
-#: What the summary's "float hand-offs" count means, in one sentence.
-HANDOFF_NOTE = ("(a float hand-off is a tensor that one non-compute kernel passes to the next in float rather than "
-                "int8, where the engine converts between int8 and float between kernels: reformat/requantize work "
-                "that costs bandwidth and time, not accuracy)")
+#: What the summary's "hand-offs" count means, in one sentence.
+HANDOFF_NOTE = ("(a hand-off is a conversion between kernels: a reformat/requantize layer, or a float hand-off, a "
+                "tensor that one non-compute kernel passes to the next in float rather than int8, where the engine "
+                "converts between int8 and float between kernels; either costs bandwidth and time, not accuracy)")
 LOW_WEIGHTS = {"Int8", "UInt8", "Int4", "FP8", "FP4"}
 
 
@@ -70,12 +73,30 @@ class PrecisionReport:
     shapes: dict[str, list[int]] = field(default_factory=dict)
     # float activations passed between two non-compute kernels (extra bandwidth, not a precision loss)
     float_handoffs: list[dict[str, Any]] = field(default_factory=list)
+    # kernels that only convert a tensor: TensorRT's reformat layers, standalone requantize (DQ -> Q) layers
+    reformat_layers: list[dict[str, Any]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+
+    @property
+    def handoffs(self) -> int:
+        """Hand-offs: reformat/requantize layers plus float hand-offs between non-compute kernels (what
+        `build --max-handoffs` bounds)."""
+        return len(self.reformat_layers) + len(self.float_handoffs)
+
+    def handoff_lines(self) -> list[str]:
+        """One line per hand-off: the conversion layers, then the float tensors (from kernel -> to kernel)."""
+        out = [f"{li['type']} layer {li['layer']}" + (f" ({', '.join(li['onnx_nodes'][:3])})" if li["onnx_nodes"] else "")
+               for li in self.reformat_layers]
+        for h in self.float_handoffs:
+            dims = "x".join("?" if d < 0 else str(d) for d in h.get("dims") or [])
+            out.append(f"{h.get('dtype', 'Float')} {dims} {h.get('from', '?')} -> {h.get('to', '?')}")
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["int8_mac_fraction"] = round(self.int8_mac_fraction, 6)
         d["fallbacks"] = [asdict(f) for f in self.fallbacks]
+        d["handoffs"] = self.handoffs
         return d
 
     def summary(self, max_lines: int = 20) -> str:
@@ -98,12 +119,14 @@ class PrecisionReport:
             lines.append(f"int4 weight layers: {len(self.int4_weight_layers)} "
                          f"({100 * self.int4_weight_macs / max(self.total_macs, 1):.2f} % of MACs)")
         lines.append(f"fallbacks: {len(self.fallbacks)}  standalone clip layers: {len(self.standalone_clips)}  "
+                     f"hand-offs: {self.handoffs} = {len(self.reformat_layers)} reformat/requantize layers + "
                      f"float hand-offs between non-compute kernels: {len(self.float_handoffs)}")
         lines.append(f"  {HANDOFF_NOTE}")
-        for f in self.fallbacks[:max_lines]:
-            lines.append(f"  fallback: {f}")
-        if len(self.fallbacks) > max_lines:
-            lines.append(f"  … {len(self.fallbacks) - max_lines} more (use --json)")
+        for kind, items in (("fallback", [str(f) for f in self.fallbacks]), ("hand-off", self.handoff_lines())):
+            for item in items[:max_lines]:
+                lines.append(f"  {kind}: {item}")
+            if len(items) > max_lines:
+                lines.append(f"  … {len(items) - max_lines} more {kind}s (use --json)")
         return "\n".join(lines)
 
 
@@ -304,9 +327,12 @@ def analyze(onnx_path: str | Path, layers: list[LayerInfo], input_shapes: dict[s
 
     # requantize / reformat layers and standalone Clips
     clips: list[dict[str, str]] = []
+    reformats: list[dict[str, Any]] = []
     for li in layers:
         ops = {n: g.op(n) for n in li.onnx_nodes}
         qdq = [n for n, o in ops.items() if o in QDQ_OPS]
+        if _HANDOFF_LAYER.search(f"{li.layer_type} {li.name}"):
+            reformats.append({"layer": li.name, "type": li.layer_type, "onnx_nodes": list(li.onnx_nodes)})
         if _REFORMAT_LAYER.search(li.layer_type) and qdq:
             for n in qdq:
                 fall(n, li.name, f"gained a {li.layer_type} layer")
@@ -318,6 +344,8 @@ def analyze(onnx_path: str | Path, layers: list[LayerInfo], input_shapes: dict[s
             if not input_quant and (has_dq_then_q or any(o == "Clip" for o in ops.values())):
                 for n in qdq:
                     fall(n, li.name, "standalone requantize layer (not fused into a neighbour)")
+            if not input_quant and has_dq_then_q and not any(r["layer"] == li.name for r in reformats):
+                reformats.append({"layer": li.name, "type": "requantize", "onnx_nodes": list(li.onnx_nodes)})
         clip_only = bool(ops) and all(o in QDQ_OPS | {"Clip", "Cast", "Identity"} for o in ops.values())
         for n, o in ops.items():
             if o != "Clip" or n not in g.nodes:
@@ -361,7 +389,8 @@ def analyze(onnx_path: str | Path, layers: list[LayerInfo], input_shapes: dict[s
     return PrecisionReport(int8_mac_fraction=(int8_macs / total) if total else 0.0, total_macs=total,
                            int8_macs=int8_macs, int4_weight_macs=int4_macs, fallbacks=fallbacks,
                            standalone_clips=clips, int4_weight_layers=int4_layers, unmapped=unmapped,
-                           compute=compute, layers=table, shapes=dict(input_shapes), float_handoffs=handoffs)
+                           compute=compute, layers=table, shapes=dict(input_shapes), float_handoffs=handoffs,
+                           reformat_layers=reformats)
 
 
 # ModelProto's first bytes: field 1 (ir_version, a small varint), then one of its other fields' tags

@@ -1,0 +1,336 @@
+"""One activation quantizer per tensor and grid (issue 15): the placement rule on tiny networks, one Q/DQ per
+shared tensor in the export, reconstruction of shared scales, old (per-consumer) result folders, the `check`
+warning, and `build --max-handoffs`."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import one_line_error
+
+from mixq_onnx.errors import MixqError
+from mixq_onnx.methods import METHODS, Method, Phase, register_method
+from mixq_onnx.models import load_model
+from mixq_onnx.models.cifar_resnet import CifarResNet
+from mixq_onnx.models.preprocessing import ATTR, Preprocessing
+from mixq_onnx.onnx import export_qdq
+from mixq_onnx.onnx.check import check_model, report
+from mixq_onnx.onnx.graph import GraphIndex
+from mixq_onnx.onnx.verify import verify_onnx
+from mixq_onnx.quant import QuantConfig, load_quantized, quantize, quantizers, save_quantized
+from mixq_onnx.quant.graph import (
+    Unit,
+    assign_owners,
+    prepare,
+    shared_quantizers,
+    tensor_quantizers,
+)
+from mixq_onnx.quant.modules import QUANT_LAYERS
+
+
+def tiny_cifar_resnet() -> torch.nn.Module:
+    """ResNet-8 in the He et al. CIFAR layout (one BasicBlock per stage, "option A" shortcuts), random weights."""
+    torch.manual_seed(0)
+    m = CifarResNet(depth=8).eval()
+    setattr(m, ATTR, Preprocessing(input_size=(3, 32, 32)))
+    return m
+
+
+def _model(spec: str) -> torch.nn.Module:
+    if spec == "tiny_cifar_resnet":
+        return tiny_cifar_resnet()
+    size = None if spec.startswith("cifar") else (224 if spec.startswith("deit") else 64)
+    return load_model(spec, random_init=True, **({"input_size": size} if size else {}))
+
+
+def _per_grid(qs) -> Counter:
+    return Counter((q.bits, q.symmetric) for q in qs)
+
+
+# (model, merged quantizers): every residual block input feeds its first conv and the residual add
+# (subsampling shortcuts too: their slicing and zero padding commute with quantization); timm's downsampling
+# blocks feed conv1 and the downsample conv from one tensor; DeiT's residual stream feeds LayerNorms, which
+# are not quantized, so nothing there is shared
+CASES = [("tiny_cifar_resnet", 3), ("cifar_resnet20", 9), ("resnet18", 8), ("mobilenetv2_100", 10),
+         ("deit_tiny_patch16_224", 0)]
+
+
+@pytest.mark.parametrize("spec,merged", CASES)
+def test_placement_rule_shares_one_quantizer_per_tensor_and_grid(spec, merged):
+    torch.set_num_threads(1)
+    model = _model(spec)
+    off = prepare(model, QuantConfig(wbits=4, abits=4, share_quantizers=False))
+    on = prepare(model, QuantConfig(wbits=4, abits=4))
+    acts_off = [q for q in quantizers(off).values() if q.kind == "act"]
+    acts_on = [q for q in quantizers(on).values() if q.kind == "act"]
+    assert len(acts_off) - len(acts_on) == merged
+    shared = shared_quantizers(on)
+    assert sum(len(v) for v in shared.values()) == merged and len(shared) == merged  # here: pairs
+    assert not shared_quantizers(off)
+    # per consumer, some tensors carry two quantizers of one grid; shared, every tensor carries at most one
+    assert sum(max(_per_grid(qs).values()) > 1 for qs in tensor_quantizers(off).values()) == merged
+    assert all(max(_per_grid(qs).values()) == 1 for qs in tensor_quantizers(on).values())
+    # a layer's input quantizer keeps its name, and the names it replaces are recorded on it
+    for name, others in shared.items():
+        assert name.endswith(".input") and all(o not in quantizers(on) for o in others)
+        assert {o for o in others} <= {q.name for q in acts_off}
+    # the same function either way (float until scales are set)
+    x = torch.randn(2, *getattr(model, ATTR).input_size)
+    with torch.no_grad():
+        assert torch.equal(on(x), off(x))
+
+
+class TwoConvs(torch.nn.Module):
+    """The input image feeds two convolutions; the first in execution order is the "first layer"."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv_a = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.conv_b = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = torch.nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv_a(x) + self.conv_b(x)).mean((2, 3)))
+
+
+def test_only_equal_grids_are_shared():
+    """8-bit first layer (the first/last policy) and a 4-bit one on the same tensor keep two quantizers; with
+    no policy both are 4-bit and share one. Weight-only configs have no activation quantizer to share."""
+    model = TwoConvs().eval()
+    setattr(model, ATTR, Preprocessing(input_size=(3, 8, 8)))
+    gm = prepare(model, QuantConfig(wbits=4, abits=4, first_last_bits=8))
+    assert (gm.conv_a.input_quantizer.bits, gm.conv_b.input_quantizer.bits) == (8, 4)
+    assert gm.conv_a.input_quantizer is not gm.conv_b.input_quantizer and not shared_quantizers(gm)
+    gm = prepare(model, QuantConfig(wbits=4, abits=4, first_last_bits=None))
+    assert gm.conv_a.input_quantizer is gm.conv_b.input_quantizer
+    assert shared_quantizers(gm) == {"conv_a.input": ("conv_b.input",)}
+    gm = prepare(model, QuantConfig(wbits=4, abits=16, first_last_bits=None))
+    assert not shared_quantizers(gm) and all(q.kind == "weight" for q in quantizers(gm).values())
+
+
+# ----------------------------------------------------------------------------- export
+@pytest.fixture(scope="module")
+def r20():
+    """ResNet-20 (random weights) W4A4, round to nearest: shared and per consumer."""
+    torch.set_num_threads(1)
+    model = load_model("cifar_resnet20", random_init=True)
+    calib = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    out = {share: quantize(model, QuantConfig(wbits=4, abits=4, method="rtn", share_quantizers=share), calib,
+                           progress=False) for share in (False, True)}
+    return model, out
+
+
+@pytest.mark.parametrize("layout", ["integer", "dq-scales"])
+def test_export_writes_one_qdq_per_shared_tensor(r20, layout, tmp_path):
+    _, qm = r20
+    path = export_qdq(qm[True], tmp_path / "m.onnx", layout=layout)
+    g = GraphIndex.load(path)
+    qnodes = [n for n in g.nodes if n.op_type == "QuantizeLinear"]
+    per_tensor = Counter(g.quantizer_input(n) for n in qnodes)
+    assert max(per_tensor.values()) == 1  # each float tensor is quantized once
+    by_q = g.quantizer_nodes()
+    acts = [q for q in quantizers(qm[True]).values() if q.kind == "act"]
+    assert len(qnodes) == len(acts) == 20
+    for name in shared_quantizers(qm[True]):
+        q = [n for n in by_q[name] if n.op_type == "QuantizeLinear"]
+        dqs = [n for n in by_q[name] if n.op_type == "DequantizeLinear"]
+        assert len(q) == 1 and len(dqs) <= 2
+        readers = {u.op_type for d in dqs for u in g.users(d.output[0])}
+        assert "Conv" in readers and readers <= {"Conv", "Add", "Slice"}  # conv1 and the residual add
+        if layout == "dq-scales" and name.startswith(("layer1", "layer2.1", "layer2.2", "layer3.1", "layer3.2")):
+            assert len(dqs) == 1  # identity blocks: one Q/DQ pair whose DQ feeds conv1 and the add
+    rep = report(check_model(path))
+    assert rep["ok"] and not [v for v in rep["violations"] if v["rule"] == "duplicate-qdq"], rep["violations"][:3]
+
+
+def test_shared_export_is_exact_in_onnxruntime(r20, tmp_path):
+    _, qm = r20
+    path = export_qdq(qm[True], tmp_path / "m.onnx")
+    images = torch.randint(0, 256, (16, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    v = verify_onnx(path, qm[True], images)
+    assert v.top1_agreement == 100.0 and v.max_abs_diff == 0.0 and v.code_mismatch_fraction == 0.0
+    assert v.optimized_top1_agreement is not None  # onnxruntime's optimised session takes the graph too
+
+
+def test_check_warns_on_duplicate_qdq_pairs(r20, tmp_path):
+    """Per consumer, round to nearest gives the conv1 input and the identity of a block the same scale: two
+    Q/DQ pairs on one tensor that one would do. A warning, not a failure."""
+    _, qm = r20
+    path = export_qdq(qm[False], tmp_path / "per_consumer.onnx")
+    rep = report(check_model(path))
+    dup = [v for v in rep["violations"] if v["rule"] == "duplicate-qdq"]
+    assert rep["ok"] and len(dup) == 7 and all(v["severity"] == "warning" for v in dup)  # the 7 identity blocks
+    assert all(".add.identity/QuantizeLinear" in v["node"] for v in dup)
+
+
+def test_cli_check_prints_the_warning_and_exits_0(r20, tmp_path, run_cli):
+    _, qm = r20
+    path = export_qdq(qm[False], tmp_path / "per_consumer.onnx")
+    r = run_cli("check", path)
+    assert r.code == 0 and "warning: [duplicate-qdq]" in r.out + r.err
+
+
+# ----------------------------------------------------------------------------- result folders
+def test_old_per_consumer_folder_loads_and_exports_as_before(r20, tmp_path):
+    """A quant.json written before sharing has no "share_quantizers" in its config and one record per consumer
+    (the identity quantizers too): it loads with that layout and exports the same graph, byte for byte."""
+    model, qm = r20
+    save_quantized(qm[False], tmp_path / "old")
+    meta = json.loads((tmp_path / "old" / "quant.json").read_text())
+    assert "share_quantizers" not in meta["config"]  # the format before this change
+    assert not any("shared_with" in r for r in meta["quantizers"])
+    assert sum(r["name"].endswith(".identity") for r in meta["quantizers"]) == 9
+    again = load_quantized(load_model("cifar_resnet20", random_init=True), tmp_path / "old")
+    assert not again.mixq_config.share_quantizers and not shared_quantizers(again)
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(again(x), qm[False](x))
+    a = export_qdq(qm[False], tmp_path / "a.onnx")
+    b = export_qdq(again, tmp_path / "b.onnx")
+    assert _without_stack_traces(a) == _without_stack_traces(b)
+
+
+def _without_stack_traces(path: Path) -> bytes:
+    """The graph's bytes less the exporter's per-node stack traces, which name torch.fx's generated-code
+    counter (`<eval_with_key>.N`): it differs between two models traced in one process, not between runs."""
+    import onnx
+
+    m = onnx.load(str(path))
+    for n in m.graph.node:
+        keep = [p for p in n.metadata_props if "stack_trace" not in p.key]
+        del n.metadata_props[:]
+        n.metadata_props.extend(keep)
+    return m.SerializeToString()
+
+
+def test_shared_folder_records_and_checks_sharing(r20, tmp_path):
+    model, qm = r20
+    out = save_quantized(qm[True], tmp_path / "new")
+    meta = json.loads((out / "quant.json").read_text())
+    assert meta["config"]["share_quantizers"] is True
+    rec = {r["name"]: r for r in meta["quantizers"]}
+    assert rec["layer1.0.conv1.input"]["shared_with"] == ["layer1.0.add.identity"]
+    assert list(rec["layer1.0.conv1.input"])[:4] == ["name", "kind", "placement", "shared_with"]
+    assert "layer1.0.add.identity" not in rec and "shared_with" not in rec["layer1.0.conv2.input"]
+    again = load_quantized(load_model("cifar_resnet20", random_init=True), out)
+    assert shared_quantizers(again) == shared_quantizers(qm[True])
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(again(x), qm[True](x))
+    # an edited record that no longer says what it serves, or a config that says "per consumer", is refused
+    q = out / "quant.json"
+    edited = json.loads(q.read_text())
+    del next(r for r in edited["quantizers"] if r["name"] == "layer1.0.conv1.input")["shared_with"]
+    q.write_text(json.dumps(edited))
+    with pytest.raises(MixqError, match=r"quantizer layer1\.0\.conv1\.input: serves also \[\]"):
+        load_quantized(model, out)
+    edited = dict(meta)
+    edited["config"] = {k: v for k, v in meta["config"].items() if k != "share_quantizers"}
+    q.write_text(json.dumps(edited))
+    with pytest.raises(MixqError, match="only in the model"):
+        load_quantized(model, out)
+
+
+# ----------------------------------------------------------------------------- reconstruction
+def test_block_reconstruction_learns_the_shared_scale():
+    """QDrop's block unit owns the shared quantizer (conv1 input and residual identity) and learns its step."""
+    torch.set_num_threads(1)
+    model = load_model("cifar_resnet20", random_init=True)
+    calib = torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    rtn = quantize(model, QuantConfig(wbits=4, abits=4, method="rtn"), calib, progress=False)
+    qd = quantize(model, QuantConfig(wbits=4, abits=4, method="qdrop", iters=8, batch_size=8), calib, progress=False)
+    for name in shared_quantizers(qd):
+        assert float(quantizers(qd)[name].scale) != float(quantizers(rtn)[name].scale), name  # learned
+    units = {u["name"]: u for u in qd.mixq_report["units"]}
+    assert units["layer1.0"]["grad_ascale"]["mean"] > 0
+
+
+def test_qdrop_draws_once_for_all_consumers_of_a_shared_quantizer():
+    """While learning with QDrop, the consumers of a shared quantizer read one draw (the engine quantizes the
+    tensor once); an unshared quantizer, or another tensor, draws afresh."""
+    torch.set_num_threads(1)
+    gm = prepare(load_model("cifar_resnet20", random_init=True), QuantConfig(wbits=4, abits=4))
+    block = gm.layer1.get_submodule("0")
+    q = block.conv1.input_quantizer
+    assert q.shared_with
+    for m in (q, block.conv2.input_quantizer):
+        m.initialized.fill_(True)
+        m.learning, m.drop_prob = True, 0.5
+    x = torch.rand(2, 16, 32, 32)
+    seen = []
+    h = q.register_forward_hook(lambda _m, _a, out: seen.append(out))
+    try:
+        block(x)
+    finally:
+        h.remove()
+    assert len(seen) == 2 and seen[0] is seen[1]  # conv1 and the shortcut: one draw
+    assert q(x.clone()) is not seen[0]
+    lone = block.conv2.input_quantizer
+    assert not torch.equal(lone(x), lone(x))  # unshared: a draw per call
+    q.learning = False
+    assert q(x) is not q(x) and torch.equal(q(x), q(x))  # no QDrop: plain, deterministic fake quantization
+
+
+@pytest.fixture
+def layerwise_lsq():
+    """A layer-granularity method that learns activation steps (none of the registered ones does)."""
+
+    @register_method
+    class LayerLSQ(Method):
+        name = "layer-lsq-test"
+        help = "layer-wise rounding and activation steps"
+        granularity = "layer"
+        phases = (Phase(learn_round=True, learn_act=True),)
+
+    yield LayerLSQ
+    METHODS.unregister("layer-lsq-test")
+
+
+def test_a_quantizer_shared_by_two_units_belongs_to_the_first(layerwise_lsq):
+    """timm resnet18's layer2.0: conv1 and downsample.0 read the block input through one quantizer. With layers
+    as units, conv1's unit (first in execution order) learns it; the downsample unit uses it as left."""
+    torch.set_num_threads(1)
+    model = load_model("resnet18", random_init=True, input_size=32)
+    calib = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    gm = prepare(model, QuantConfig(wbits=4, abits=4))
+    shared = gm.layer2.get_submodule("0").conv1.input_quantizer
+    assert gm.layer2.get_submodule("0").downsample.get_submodule("0").input_quantizer is shared
+    owned = assign_owners([Unit(n, m, "layer") for n, m in gm.named_modules() if isinstance(m, QUANT_LAYERS)])
+    has = [u.name for u in owned if any(q is shared for q in u.act_quantizers())]
+    assert has == ["layer2.0.conv1"]
+    qm = quantize(model, QuantConfig(wbits=4, abits=4, method="layer-lsq-test", iters=2, batch_size=4), calib,
+                  progress=False)
+    units = {u["name"]: u for u in qm.mixq_report["units"]}
+    assert units["layer2.0.conv1"]["grad_ascale"] and not units["layer2.0.downsample.0"]["grad_ascale"]
+    off = quantize(model, QuantConfig(wbits=4, abits=4, method="layer-lsq-test", iters=2, batch_size=4,
+                                      share_quantizers=False), calib, progress=False)
+    assert {u["name"]: u for u in off.mixq_report["units"]}["layer2.0.downsample.0"]["grad_ascale"]
+
+
+# ----------------------------------------------------------------------------- engine
+def test_build_max_handoffs(r20, tmp_path, run_cli):
+    pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx not installed")
+    _, qm = r20
+    per = export_qdq(qm[False], tmp_path / "per_consumer.onnx")
+    shared = export_qdq(qm[True], tmp_path / "shared.onnx")
+    plan = tmp_path / "per.plan"
+    r = run_cli("build", per, "--out", plan, "--max-handoffs", "0")
+    msg = one_line_error(r, code=1)
+    assert "hand-offs, more than --max-handoffs 0" in msg and "no plan written" in msg
+    assert not plan.exists() and not Path(f"{plan}.json").exists()
+    r = run_cli("build", per, "--out", plan, "--json")
+    assert r.code == 0 and json.loads(r.last_line)["handoffs"] > 0  # the subsampling shortcuts' float copies
+    plan2 = tmp_path / "shared.plan"
+    r = run_cli("build", shared, "--out", plan2, "--max-handoffs", "0", "--json")
+    assert r.code == 0, r.err
+    out = json.loads(r.last_line)
+    assert out["handoffs"] == 0 and out["int8_mac_fraction"] >= 0.99 and plan2.is_file()
+    r = run_cli("inspect", plan2, "--json")
+    rep = json.loads(r.last_line)
+    assert rep["handoffs"] == 0 and rep["float_handoffs"] == [] and rep["reformat_layers"] == []
+    assert len(rep["layers"]) < len(json.loads(run_cli("inspect", plan, "--json").last_line)["layers"])
+    r = run_cli("build", shared, "--out", plan2, "--max-handoffs", "-1")
+    assert r.code == 2 and "--max-handoffs" in r.err
