@@ -195,7 +195,15 @@ def render_table(results: list[dict[str, Any]]) -> list[str]:
         ho = r.get("handoffs") or {}
         eng = r.get("engine_error")
         hand = (f"{ho.get('reformat', '–')} / {ho.get('requantize', '–')} / {ho.get('float', '–')}" if ho else "–")
-        note = r.get("note", "")
+        notes = [r["note"]] if r.get("note") else []
+        fl = r.get("float_compute_nodes")
+        if fl:
+            notes.append(f"{len(fl)} of {r.get('compute_nodes')} conv/GEMM left float in the graph ({', '.join(fl[:2])})")
+        if r.get("fp16"):
+            notes.append("FP16 casts/initializers in the graph")
+        if r.get("eval_error"):
+            notes.append(f"onnxruntime: `{r['eval_error']}`")
+        note = "; ".join(notes)
         if eng:
             note = (note + "; " if note else "") + f"engine: `{eng}`"
         size = r.get("size_bytes")
@@ -246,8 +254,9 @@ def goals(results: list[dict[str, Any]]) -> list[str]:
             mine = max((r for r in ours if r.get("top1") is not None), key=lambda r: r["top1"])
             d = mine["top1"] - best["top1"]
             verdict = "met" if d >= -0.1 else f"missed by {-d - 0.1:.2f} pp beyond the 0.1 pp allowance"
-            out.append(f"- {m} W8A8 top-1: mixq-onnx {label(mine)} {mine['top1']:.2f} % vs best peer {label(best)} "
-                       f"{best['top1']:.2f} % (Δ {d:+.2f} pp): {verdict}.")
+            out.append(f"- {m} W8A8 top-1: {label(mine)} {mine['top1']:.2f} % (agreement {_f(mine.get('agreement'))} %) "
+                       f"vs best peer {label(best)} {best['top1']:.2f} % (agreement {_f(best.get('agreement'))} %), "
+                       f"Δ {d:+.2f} pp: {verdict}.")
         eng_peers = [r for r in peers if r.get("engine_layers") is not None]
         eng_ours = [r for r in ours if r.get("engine_layers") is not None]
         if eng_peers and eng_ours:
@@ -405,7 +414,9 @@ def measure_engine(onnx_path: Path, plan: Path) -> dict[str, Any]:
     ops = {n.name: n.op_type for n in onnx.load(str(onnx_path)).graph.node}
     ho = engine_handoffs(rep.layers, ops)
     ho["float"] = len(rep.float_handoffs)
+    float_nodes = [c.node for c in rep.compute if not c.quantized]
     return {"engine_layers": len(rep.layers), "int8_mac_fraction": round(rep.int8_mac_fraction, 4),
+            "float_compute_nodes": float_nodes, "compute_nodes": len(rep.compute),
             "handoffs": ho, "fallbacks": len(rep.fallbacks), "build_s": round(build_s, 1),
             "layer_types": sorted({li["type"] for li in rep.layers})}
 
@@ -488,7 +499,7 @@ def run_row(r: dict[str, Any], info: dict[str, Any]) -> dict[str, Any]:
     try:
         res.update(quantize_row(r, info, out))
     except (RuntimeError, subprocess.SubprocessError, OSError, json.JSONDecodeError, KeyError) as e:
-        res.update(status="failed", error=str(e)[:400])
+        res.update(status="failed", error=short_error(str(e), 300))
         return res
     res["status"] = "ok"
     res.setdefault("quantize_s", res["wall_s"])
@@ -496,7 +507,11 @@ def run_row(r: dict[str, Any], info: dict[str, Any]) -> dict[str, Any]:
         return res
     q = Path(res["onnx"])
     res["size_bytes"] = q.stat().st_size
-    m = onnx.load(str(q))
+    try:
+        m = onnx.load(str(q))
+    except Exception as e:  # noqa: BLE001 - protobuf's DecodeError and friends
+        res.update(status="failed", error=f"the tool's output is not an ONNX model: {first_last(str(e))}"[:400])
+        return res
     res["qdq"] = count_qdq(m)
     res["opset"] = max((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), default=None)
     if MODELS[r["model"]][2]:
@@ -508,11 +523,23 @@ def run_row(r: dict[str, Any], info: dict[str, Any]) -> dict[str, Any]:
             res["agreement"] = float((pred == np.load(WORK / r["model"] / "fp_pred.npy")).mean() * 100)
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types
             res["eval_error"] = first_last(str(e))[:300]
+    res["fp16"] = any(i.data_type == onnx.TensorProto.FLOAT16 for i in m.graph.initializer) or any(
+        n.op_type == "Cast" and any(a.name == "to" and a.i == onnx.TensorProto.FLOAT16 for a in n.attribute)
+        for n in m.graph.node)
     try:
         res.update(measure_engine(q, out / "q.plan"))
     except Exception as e:  # noqa: BLE001 - TensorRT and the parser raise many types
-        res["engine_error"] = first_last(str(e))[:300]
+        res["engine_error"] = short_error(str(e))
     return res
+
+
+def short_error(text: str, limit: int = 320) -> str:
+    """first_last, with the work tree's paths made relative and cut to `limit` characters."""
+    # TensorRT-RTX without a GPU appends a CUDA-runtime line to every parser error: the cause is the line before
+    text = "\n".join(ln for ln in text.replace(str(ROOT) + "/", "").splitlines() if "catchCudaError" not in ln)
+    text = re.sub(r"rejected \S+\.onnx: ", "rejected the graph: ", text)
+    t = first_last(text)
+    return t if len(t) <= limit else t[: limit - 1] + "…"
 
 
 # --------------------------------------------------------------------------- report
@@ -579,7 +606,8 @@ def render(results: list[dict[str, Any]], command: str) -> str:
     lines = [
         "## peers: mixq-onnx against other INT8 PTQ tools (issue 15)",
         "",
-        f"`{command}` · {stamp()}",
+        "Rows measured by " + ", ".join(f"`{c}`" for c in dict.fromkeys(
+            [r["bench_cmd"] for r in results if r.get("bench_cmd")] or [command])) + f" · rendered {stamp()}",
         "",
         "Same inputs for every tool: 1,024 calibration images (the `calib --generator real --num 1024` cache of "
         "`cifar10_train_calib.npz`, exported as `runs/peers/calib1024.npz` and, preprocessed, as the peers' "
@@ -658,6 +686,7 @@ def main() -> None:
             t = time.perf_counter()
             res = run_row(r, infos[r["model"]])
             res["date"] = time.strftime("%Y-%m-%d %H:%M")
+            res["bench_cmd"] = command
             (RESULTS / f"{r['id']}.json").write_text(json.dumps(res, indent=1))
             print(f"{r['id']}: {res['status']} top1 {res.get('top1')} agree {res.get('agreement')} "
                   f"quantize {res.get('quantize_s')} s, engine {res.get('engine_layers')} layers "

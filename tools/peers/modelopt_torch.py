@@ -8,6 +8,7 @@ points at the work tree so the network definition is the one every other row use
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import time
 from pathlib import Path
@@ -46,7 +47,11 @@ def main() -> None:
     t2 = time.perf_counter()
     onnx_bytes, _ = get_onnx_bytes_and_metadata(model, (calib[:2],), dynamic_axes={"x": {0: "batch"}},
                                                  model_name=Path(a.out).stem)
-    Path(a.out).write_bytes(onnx_bytes)
+    # the exporter returns its OnnxBytes container (JSON of base64 files): write the .onnx it holds
+    files = json.loads(onnx_bytes)["onnx_model"]
+    if len(files) != 1:
+        raise SystemExit(f"expected one ONNX file, got {sorted(files)} (external data)")
+    Path(a.out).write_bytes(base64.b64decode(next(iter(files.values()))))
     t3 = time.perf_counter()
     Path(a.json).write_text(json.dumps({
         "tool": f"nvidia-modelopt {version('nvidia-modelopt')} (torch {torch.__version__})",
