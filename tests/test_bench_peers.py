@@ -79,6 +79,8 @@ def test_rows_quick_and_filters():
     assert ref == ["resnet20-qdrop-ref-w4a4", "resnet20-mixq-qdrop-w4a4-asym-pt", "resnet20-qdrop-ref-w2a4",
                    "resnet20-mixq-qdrop-w2a4-asym-pt"]  # interleaved
     assert not any(r["model"] == "resnet18" and r.get("method") == "qdrop" for r in full)  # random weights: rtn
+    timm = {r["variant"] for r in full if r["model"] == "resnet18" and r["tool"] != "mixq"}
+    assert timm == {"minmax", "minmax-float-bias", "int8-max", "int8"}  # max calibration at 224 px
     assert {r["tool"] for r in bp.rows(["resnet8"], only="ort")} == {"ort"}
     assert len({r["id"] for r in full}) == len(full)
 

@@ -24,6 +24,7 @@ Resumable: each row's result is a json under runs/peers/results/; finished rows 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -83,11 +84,17 @@ def rows(models: list[str], only: str = "all", quick: bool = False) -> list[dict
                 if quick and (w, a) != (4, 4):
                     continue
                 add("mixq", "mixq", f"qdrop-w{w}a{a}", w, a, method="qdrop")
-        for cal in ("minmax", "entropy", "percentile"):
+        # random-weight models (224 px) measure engine structure only, which the calibrator does not change:
+        # max calibration there (ORT's histogram calibrators keep every activation of all 1,024 images in memory,
+        # about 20 GB at 224 px)
+        for cal in ("minmax", "entropy", "percentile") if real else ("minmax",):
             add("ort", "ort", cal, calibrator=cal)
         # the same with float biases: ORT's default INT32 bias DQ is not parsed by TensorRT(-RTX)
         add("ort", "ort", "minmax-float-bias", calibrator="minmax", float_bias=True)
-        add("modelopt", "modelopt-onnx", "int8")
+        if real:
+            add("modelopt", "modelopt-onnx", "int8")
+        else:
+            add("modelopt", "modelopt-onnx", "int8-max", calibration_method="max")
         add("modelopt", "modelopt-torch", "int8")
         if m == "resnet20" and not quick:  # the reference comparison, interleaved: ref, mixq, ref, mixq
             for w, a in ((4, 4), (2, 4)):
@@ -181,7 +188,7 @@ def render_table(results: list[dict[str, Any]]) -> list[str]:
              "int8 MAC | reformat / requant / float hand-offs | ONNX KiB | note |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---|---:|---|"]
     order = {m: i for i, m in enumerate(MODELS)}
-    tools = {"mixq": 0, "ort": 1, "modelopt-onnx": 2, "modelopt-torch": 3, "qdrop-ref": 4}
+    tools = TOOL_ORDER
     for r in sorted(results, key=lambda r: (order.get(r["model"], 99), r.get("group") == "ref",
                                             tools.get(r["tool"], 9), -r["abits"], -r["wbits"], r["variant"])):
         if r.get("group") == "ref":
@@ -454,10 +461,14 @@ def quantize_row(r: dict[str, Any], info: dict[str, Any], out: Path) -> dict[str
                "--calibrator", r["calibrator"], "--out", str(q), "--json", str(side)]
         if r.get("float_bias"):
             cmd.append("--float-bias")
+        if not MODELS[r["model"]][2]:
+            cmd += ["--max-intermediate", "4"]
     elif r["tool"] == "modelopt-onnx":
         py = ensure_venv("modelopt")
         cmd = [str(py), str(DRIVERS / "modelopt_onnx.py"), "--fp", info["fp_onnx"], "--calib", info["calib_npy"],
                "--out", str(q), "--json", str(side)]
+        if r.get("calibration_method"):
+            cmd += ["--calibration-method", r["calibration_method"]]
     elif r["tool"] == "modelopt-torch":
         py = ensure_venv("modelopt")
         cmd = [str(py), str(DRIVERS / "modelopt_torch.py"), "--model", info["spec"], "--data", info["data"],
@@ -512,6 +523,7 @@ def run_row(r: dict[str, Any], info: dict[str, Any]) -> dict[str, Any]:
     except Exception as e:  # noqa: BLE001 - protobuf's DecodeError and friends
         res.update(status="failed", error=f"the tool's output is not an ONNX model: {first_last(str(e))}"[:400])
         return res
+    res["sha256"] = hashlib.sha256(q.read_bytes()).hexdigest()
     res["qdq"] = count_qdq(m)
     res["opset"] = max((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), default=None)
     if MODELS[r["model"]][2]:
@@ -547,52 +559,96 @@ def load_results() -> list[dict[str, Any]]:
     return [json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))]
 
 
+TOOL_ORDER = {"mixq": 0, "ort": 1, "modelopt-onnx": 2, "modelopt-torch": 3, "qdrop-ref": 4}
+
+
 def plot(results: list[dict[str, Any]], path: Path) -> Path | None:
-    from mixq_onnx.plotting import bar_labels, data_limits, method_colour, save_figure, style
+    """docs/peers.png: W8A8 top-1 (the float graph's as a dashed line) and engine layers (hand-offs hatched,
+    'no engine' where the builder refused the graph), one group of bars per model, in the shared style."""
+    from mixq_onnx.plotting import FP_COLOUR, bar_labels, data_limits, method_colour, save_figure, style
 
     ok = [r for r in results if r.get("status") == "ok" and r.get("group") != "ref"]
-    w8 = [r for r in ok if r["wbits"] == 8 and r["abits"] == 8]
+    w8 = sorted([r for r in ok if r["wbits"] == 8 and r["abits"] == 8],
+                key=lambda r: (TOOL_ORDER.get(r["tool"], 9), r["variant"]))
     if not w8:
         return None
     models = [m for m in MODELS if any(r["model"] == m for r in w8)]
-    labels = []
-    for r in w8:
-        if label(r) not in labels:
-            labels.append(label(r))
+    labels = list(dict.fromkeys(label(r) for r in w8))
     colour_key = {lb: ("rtn" if "rtn" in lb else "qdrop" if "qdrop" in lb else lb) for lb in labels}
+    fps = {m: json.loads((WORK / m / "prepared.json").read_text()).get("fp_top1")
+           for m in models if (WORK / m / "prepared.json").is_file()}
     with style() as plt:
-        fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+        fig, axes = plt.subplots(1, 2, figsize=(5.5 + 2.2 * len(models), 4.0))
         width = 0.8 / max(len(labels), 1)
-        for panel, (key, title) in enumerate((("top1", "W8A8 top-1 % (onnxruntime, optimisations off)"),
-                                              ("engine_layers", "TensorRT-RTX engine layers (hand-offs hatched)"))):
+        for panel, (key, title) in enumerate((("top1", "W8A8 top-1 % (dashed: float model)"),
+                                              ("engine_layers", "TensorRT-RTX engine layers (hatched: hand-offs)"))):
             ax = axes[panel]
             vals = []
             for i, lb in enumerate(labels):
-                xs, ys, hs = [], [], []
+                xs, ys, hs, missing = [], [], [], []
                 for j, m in enumerate(models):
                     r = next((r for r in w8 if r["model"] == m and label(r) == lb), None)
-                    if r is None or r.get(key) is None:
+                    x = j + (i - (len(labels) - 1) / 2) * width
+                    if r is None:
                         continue
-                    xs.append(j + (i - (len(labels) - 1) / 2) * width)
+                    if r.get(key) is None:
+                        missing.append(x)
+                        continue
+                    xs.append(x)
                     ys.append(r[key])
                     hs.append(sum((r.get("handoffs") or {}).values()))
-                if not xs:
-                    continue
                 c = method_colour(colour_key[lb], list(colour_key.values()))
-                ax.bar(xs, ys, width * 0.95, color=c, label=lb)
+                ax.bar(xs, ys, width * 0.92, color=c, label=lb if panel == 0 else None)
                 if key == "engine_layers":
-                    ax.bar(xs, hs, width * 0.95, color="none", edgecolor="#222222", hatch="///", linewidth=0)
-                bar_labels(ax, xs, ys, [f"{y:.1f}" if key == "top1" else f"{y:.0f}" for y in ys], fontsize=5.5)
+                    ax.bar(xs, hs, width * 0.92, color="none", edgecolor="#222222", hatch="///", linewidth=0)
+                    for x in missing:
+                        ax.annotate("no engine", (x, 0), xytext=(0, 3), textcoords="offset points", rotation=90,
+                                    ha="center", va="bottom", fontsize=6, color=c)
+                bar_labels(ax, xs, ys, [f"{y:.2f}" if key == "top1" else f"{y:.0f}" for y in ys], fontsize=5.5)
                 vals += ys
+            if key == "top1":
+                for j, m in enumerate(models):
+                    if fps.get(m) is not None:
+                        ax.hlines(fps[m], j - 0.45, j + 0.45, colors=FP_COLOUR, linestyles="dashed", linewidth=0.9)
+                real = [v for v in vals if v > 20] + [v for v in fps.values() if v is not None]
+                if real:
+                    ax.set_ylim(*data_limits(real, pad=0.15, lo=0, hi=100))
             ax.set_xticks(range(len(models)))
             ax.set_xticklabels(models)
             ax.set_title(title)
-            if key == "top1" and vals:
-                real = [v for v in vals if v > 20]
-                if real:
-                    ax.set_ylim(*data_limits(real, pad=0.15, lo=0, hi=100))
-        axes[0].legend(loc="upper left", bbox_to_anchor=(0, -0.12), ncol=4)
+        fig.legend(loc="lower center", bbox_to_anchor=(0.5, -0.06), ncol=min(len(labels), 4))
         return save_figure(fig, path)
+
+
+def findings(results: list[dict[str, Any]]) -> list[str]:
+    """What the rows show about the tools' graphs, stated only where the measured rows show it."""
+    ok = [r for r in results if r.get("status") == "ok" and r.get("group") != "ref"]
+    out = []
+    int32 = sorted({r["model"] for r in ok if r["tool"] == "ort" and "Int32" in (r.get("engine_error") or "")})
+    if int32:
+        out.append(f"- onnxruntime's default `QuantizeBias` writes each bias as an INT32 initializer behind a "
+                   f"DequantizeLinear; TensorRT-RTX's parser accepts only 8-bit/4-bit/FP8/FP4 DQ inputs, so those "
+                   f"graphs build no engine ({', '.join(int32)}). With `QuantizeBias=False` (the *minmax-float-bias* "
+                   f"rows) the same quantization builds.")
+    for m in dict.fromkeys(r["model"] for r in ok):
+        by = {r["variant"]: r for r in ok if r["model"] == m and r["tool"] == "ort"}
+        if "minmax" in by and "entropy" in by and by["minmax"].get("sha256") == by["entropy"].get("sha256"):
+            out.append(f"- {m}: onnxruntime's Entropy calibrator wrote the very graph MinMax wrote (same sha256). "
+                       f"Its defaults (`num_bins` = `num_quantized_bins` = 128) leave the KL search a single "
+                       f"candidate threshold, the histogram's whole range, unless later batches widen it.")
+    mo = [r for r in ok if r["tool"] == "modelopt-onnx" and (r.get("fp16") or r.get("float_compute_nodes"))]
+    if mo:
+        r = mo[0]
+        out.append(f"- ModelOpt ONNX (`--quantize_mode int8`, defaults) converts the rest of the graph to FP16 "
+                   f"and leaves {', '.join(r.get('float_compute_nodes') or []) or 'no'} unquantized "
+                   f"({r['model']}): the classifier runs as one FP16 layer, one layer fewer than an INT8 GEMM "
+                   f"followed by its float rescale epilogue.")
+    ho = [r for r in ok if r["tool"] == "modelopt-torch" and (r.get("handoffs") or {}).get("float")]
+    if ho:
+        out.append("- ModelOpt PyTorch (`INT8_DEFAULT_CFG`) quantizes the inputs of its quantized modules (Conv, Linear, "
+                   "pooling) but not the residual Adds' identity inputs: those read float tensors, which the engine passes between kernels in float "
+                   "(" + ", ".join(f"{r['model']} {r['handoffs']['float']}" for r in ho) + " float hand-offs).")
+    return out
 
 
 def render(results: list[dict[str, Any]], command: str) -> str:
@@ -631,6 +687,9 @@ def render(results: list[dict[str, Any]], command: str) -> str:
             f"{m} {e['engine_layers']} layers" for m, e in fp_eng.items() if e) + ".")
         lines.append("")
     lines += render_table(results)
+    f = findings(results)
+    if f:
+        lines += ["", "What the graphs show:", ""] + f
     lines += ["", "### QDrop: mixq-onnx against the reference code (wimh966/QDrop)", "",
               f"ResNet-20, the same 1,024 images, {FAST_ITERS} iterations per block (mixq-onnx's `--preset fast`); the "
               "reference keeps its own W2A4 config otherwise (asymmetric MSE-observed quantizers, AdaRound weights, "

@@ -20,9 +20,12 @@ def main() -> None:
     ap.add_argument("--calib", required=True, help=".npy float32 NCHW (already normalised)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--json", required=True)
+    ap.add_argument("--calibration-method", default=None, help="max / entropy [default: the tool's (entropy)]")
     a = ap.parse_args()
     argv = ["modelopt.onnx.quantization", "--onnx_path", a.fp, "--quantize_mode", "int8",
             "--calibration_data_path", a.calib, "--calibration_eps", "cpu", "--output_path", a.out]
+    if a.calibration_method:
+        argv += ["--calibration_method", a.calibration_method]
     from importlib.metadata import version
 
     t0 = time.perf_counter()
