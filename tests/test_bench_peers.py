@@ -112,13 +112,13 @@ def test_goals_and_reference_table():
            {"model": "resnet20", "group": "ref", "tool": "qdrop-ref", "variant": "w4a4", "wbits": 4, "abits": 4,
             "status": "ok", "top1": 79.0, "wall_s": 200.0, "quantize_s": 180.0},
            {"model": "resnet20", "group": "ref", "tool": "mixq", "variant": "qdrop-w4a4-asym-pt", "wbits": 4,
-            "abits": 4, "status": "ok", "top1": 79.5, "wall_s": 100.0}]
+            "abits": 4, "status": "ok", "top1": 79.5, "wall_s": 100.0, "quantize_in_s": 90.0}]
     g = "\n".join(bp.goals(res))
     assert "missed by 0.05 pp" in g  # 81.05 vs 81.2: 0.15 below, 0.05 past the allowance
     assert "42 layers, 0 hand-offs" in g and "met." in g
-    assert "top-1 Δ +0.50 pp (met)" in g and "100 s vs 200 s (met)" in g
+    assert "top-1 Δ +0.50 pp (met)" in g and "quantize 90 s vs 180 s (met)" in g
     ref = bp.render_ref(res)
-    assert "| 79.00 | 79.50 | +0.50 | 200 | 100 | 0.50 |" in ref[2]
+    assert "| 79.00 | 79.50 | +0.50 | – | – | 180 | 90 | 0.50 | 200 | 100 |" in ref[2]
     assert bp.render_ref([]) == ["(not run yet)"]
 
 
@@ -127,3 +127,15 @@ def test_goals_and_reference_table():
                                                ("modelopt-onnx", "int8", "modelopt-onnx int8")])
 def test_label(tool, variant, want):
     assert bp.label({"tool": tool, "variant": variant}) == want
+
+
+def test_paired_se():
+    import numpy as np
+
+    a = np.zeros(16, bool)
+    b = a.copy()
+    b[:4] = True  # 4 discordant images of 16
+    ha, hb = np.packbits(a).tobytes().hex(), np.packbits(b).tobytes().hex()
+    assert bp.paired_se(ha, hb, 16) == pytest.approx(100 * 2 / 16)
+    assert bp.paired_se(ha, ha, 16) == 0
+    assert bp.paired_se(None, hb, 16) is None
