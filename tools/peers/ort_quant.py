@@ -21,8 +21,6 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--json", required=True)
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--max-intermediate", type=int, default=None,
-                    help="minmax: CalibMaxIntermediateOutputs (merge ranges every N batches; bounds memory, same result)")
     ap.add_argument("--float-bias", action="store_true",
                     help="extra_options QuantizeBias=False: keep biases float (TensorRT parses no INT32 bias DQ)")
     a = ap.parse_args()
@@ -60,8 +58,7 @@ def main() -> None:
     quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, calibrate_method=method,
                     extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
-                                   **({"QuantizeBias": False} if a.float_bias else {}),
-                                   **({"CalibMaxIntermediateOutputs": a.max_intermediate} if a.max_intermediate else {})})
+                                   **({"QuantizeBias": False} if a.float_bias else {}),})
     t2 = time.perf_counter()
     pre.unlink(missing_ok=True)
     Path(a.json).write_text(json.dumps({
