@@ -707,6 +707,17 @@ def findings(results: list[dict[str, Any]]) -> list[str]:
                            "runs the classifier (and what feeds it after the last block) in FP16: one fused GEMM+bias layer, "
                            "where an INT8 GEMM (mixq-onnx, onnxruntime) needs its float rescale epilogue as a second "
                            "layer.")
+    qd = [r for r in ok if r["tool"] == "mixq" and r.get("method") == "qdrop" and (r.get("handoffs") or {}).get("float")]
+    if qd:
+        rtn = {r["model"]: (r.get("handoffs") or {}).get("float") for r in ok
+               if r["tool"] == "mixq" and r["variant"] == "rtn-w8a8"}
+        out.append("- mixq-onnx qdrop learns its own step size for each quantizer, so a block's output gets one for "
+                   "the next convolution's input and another for the residual identity: the engine's epilogue "
+                   "writes the tensor twice, as INT8 for the convolution and as float for the identity, which the "
+                   "next block quantizes again (float hand-offs: " + ", ".join(
+                       f"{r['model']} {r['variant']} {r['handoffs']['float']}" for r in qd)
+                   + "; rtn, whose two quantizers share a range: " + ", ".join(f"{m} {v}" for m, v in rtn.items())
+                   + "). Same layer count, more memory traffic.")
     ho = [r for r in ok if r["tool"] == "modelopt-torch" and (r.get("handoffs") or {}).get("float")]
     if ho:
         out.append("- ModelOpt PyTorch (`INT8_DEFAULT_CFG`) quantizes the inputs of its quantized modules (Conv, Linear, "
