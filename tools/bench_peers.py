@@ -596,61 +596,84 @@ def load_results() -> list[dict[str, Any]]:
 TOOL_ORDER = {"mixq": 0, "ort": 1, "modelopt-onnx": 2, "modelopt-torch": 3, "qdrop-ref": 4}
 
 
+def plot_key(r: dict[str, Any]) -> str:
+    """One colour per tool setting; ModelOpt ONNX's max-calibrated timm rows share its default's."""
+    if r["tool"] == "mixq":
+        return f"mixq-onnx {r.get('method', 'rtn')} W{r['wbits']}A{r['abits']}"
+    if r["tool"] == "modelopt-onnx":
+        return "ModelOpt ONNX int8"
+    if r["tool"] == "modelopt-torch":
+        return "ModelOpt PyTorch int8"
+    return f"onnxruntime {r['variant']}"
+
+
 def plot(results: list[dict[str, Any]], path: Path) -> Path | None:
-    """docs/peers.png: W8A8 top-1 (the float graph's as a dashed line) and engine layers (hand-offs hatched,
-    'no engine' where the builder refused the graph), one group of bars per model, in the shared style."""
-    from mixq_onnx.plotting import FP_COLOUR, bar_labels, data_limits, method_colour, save_figure, style
+    """docs/peers.png, W8A8 rows, one group of bars per model: top-1 change from the float model (real
+    models), engine layers relative to mixq-onnx rtn's engine, and hand-off layers; in the shared style."""
+    from mixq_onnx.plotting import MINUS, SPARE_COLOURS, method_colour, save_figure, style
 
     ok = [r for r in results if r.get("status") == "ok" and r.get("group") != "ref"]
     w8 = sorted([r for r in ok if r["wbits"] == 8 and r["abits"] == 8],
-                key=lambda r: (TOOL_ORDER.get(r["tool"], 9), r["variant"]))
+                key=lambda r: (TOOL_ORDER.get(r["tool"], 9), r.get("method") != "rtn", r["variant"]))
     if not w8:
         return None
+    keys = list(dict.fromkeys(plot_key(r) for r in w8))
+    peers = [k for k in keys if not k.startswith("mixq")]
+    colours = {k: method_colour("rtn" if " rtn " in k else "qdrop") if k.startswith("mixq")
+               else SPARE_COLOURS[peers.index(k) % len(SPARE_COLOURS)] for k in keys}
     models = [m for m in MODELS if any(r["model"] == m for r in w8)]
-    labels = list(dict.fromkeys(label(r) for r in w8))
-    colour_key = {lb: ("rtn" if "rtn" in lb else "qdrop" if "qdrop" in lb else lb) for lb in labels}
-    fps = {m: json.loads((WORK / m / "prepared.json").read_text()).get("fp_top1")
-           for m in models if (WORK / m / "prepared.json").is_file()}
+    base = {r["model"]: r for r in w8 if r["tool"] == "mixq" and r["variant"] == "rtn-w8a8"}
+
+    def value(panel: str, r: dict[str, Any]) -> float | None:
+        if panel == "top1":
+            return None if r.get("top1") is None or r.get("fp_top1") is None else r["top1"] - r["fp_top1"]
+        if r.get("engine_layers") is None:
+            return None
+        if panel == "layers":
+            b = base.get(r["model"])
+            return None if b is None or b.get("engine_layers") is None else r["engine_layers"] - b["engine_layers"]
+        return float(sum((r.get("handoffs") or {}).values()))
+
+    panels = (("top1", "W8A8 top-1 change from float (pp)"),
+              ("layers", "engine layers − mixq-onnx rtn W8A8's (label: count)"),
+              ("handoffs", "hand-offs (reformat + requantize + float)"))
     with style() as plt:
-        fig, axes = plt.subplots(1, 2, figsize=(5.5 + 2.2 * len(models), 4.0))
-        width = 0.8 / max(len(labels), 1)
-        for panel, (key, title) in enumerate((("top1", "W8A8 top-1 % (dashed: float model)"),
-                                              ("engine_layers", "TensorRT-RTX engine layers (hatched: hand-offs)"))):
-            ax = axes[panel]
-            vals = []
-            for i, lb in enumerate(labels):
-                xs, ys, hs, missing = [], [], [], []
-                for j, m in enumerate(models):
-                    r = next((r for r in w8 if r["model"] == m and label(r) == lb), None)
-                    x = j + (i - (len(labels) - 1) / 2) * width
+        fig, axes = plt.subplots(1, 3, figsize=(4.2 + 2.6 * len(models), 3.8))
+        width = 0.84 / max(len(keys), 1)
+        for ax, (panel, title) in zip(axes, panels):
+            ms = [m for m in models if panel != "top1" or MODELS[m][2]]
+            for i, k in enumerate(keys):
+                for j, m in enumerate(ms):
+                    r = next((r for r in w8 if r["model"] == m and plot_key(r) == k), None)
                     if r is None:
                         continue
-                    if r.get(key) is None:
-                        missing.append(x)
+                    x = j + (i - (len(keys) - 1) / 2) * width
+                    v = value(panel, r)
+                    if v is None:
+                        if panel != "top1":
+                            ax.annotate("no engine", (x, 0), xytext=(0, 2), textcoords="offset points", rotation=90,
+                                        ha="center", va="bottom", fontsize=5, color=colours[k])
                         continue
-                    xs.append(x)
-                    ys.append(r[key])
-                    hs.append(sum((r.get("handoffs") or {}).values()))
-                c = method_colour(colour_key[lb], list(colour_key.values()))
-                ax.bar(xs, ys, width * 0.92, color=c, label=lb if panel == 0 else None)
-                if key == "engine_layers":
-                    ax.bar(xs, hs, width * 0.92, color="none", edgecolor="#222222", hatch="///", linewidth=0)
-                    for x in missing:
-                        ax.annotate("no engine", (x, 0), xytext=(0, 3), textcoords="offset points", rotation=90,
-                                    ha="center", va="bottom", fontsize=6, color=c)
-                bar_labels(ax, xs, ys, [f"{y:.2f}" if key == "top1" else f"{y:.0f}" for y in ys], fontsize=5.5)
-                vals += ys
-            if key == "top1":
-                for j, m in enumerate(models):
-                    if fps.get(m) is not None:
-                        ax.hlines(fps[m], j - 0.45, j + 0.45, colors=FP_COLOUR, linestyles="dashed", linewidth=0.9)
-                real = [v for v in vals if v > 20] + [v for v in fps.values() if v is not None]
-                if real:
-                    ax.set_ylim(*data_limits(real, pad=0.15, lo=0, hi=100))
-            ax.set_xticks(range(len(models)))
-            ax.set_xticklabels(models)
+                    low = (r.get("int8_mac_fraction") if r.get("int8_mac_fraction") is not None else 1.0) < 0.99
+                    ax.bar([x], [v], width * 0.9, color=colours[k], hatch="////" if low else None,
+                           edgecolor="white" if low else None, linewidth=0)
+                    if panel == "top1":
+                        t = f"{'+' if v > 0 else MINUS if v < 0 else ''}{abs(v):.2f}"
+                    elif panel == "layers":
+                        t = f"{r['engine_layers']}"
+                    else:
+                        t = f"{v:.0f}"
+                    ax.annotate(t, (x, v), xytext=(0, 2 if v >= 0 else -2), textcoords="offset points",
+                                rotation=90, ha="center", va="bottom" if v >= 0 else "top", fontsize=5.5)
+            ax.axhline(0, color="#333333", linewidth=0.6)
+            ax.set_xticks(range(len(ms)))
+            ax.set_xticklabels(ms)
             ax.set_title(title)
-        fig.legend(loc="lower center", bbox_to_anchor=(0.5, -0.06), ncol=min(len(labels), 4))
+            ax.margins(y=0.25)
+        handles = [plt.Rectangle((0, 0), 1, 1, color=colours[k]) for k in keys]
+        handles.append(plt.Rectangle((0, 0), 1, 1, facecolor="#999999", hatch="////", edgecolor="white"))
+        fig.legend(handles, keys + ["hatched: engine runs < 99 % of its MACs in INT8"], loc="upper center",
+                   bbox_to_anchor=(0.5, 0.0), ncol=min(len(keys) + 1, 5))
         return save_figure(fig, path)
 
 
