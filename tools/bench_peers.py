@@ -75,7 +75,7 @@ def rows(models: list[str], only: str = "all", quick: bool = False) -> list[dict
     for m in models:
         real = MODELS[m][2]
 
-        def add(group: str, tool: str, variant: str, w: int = 8, a: int = 8, **kw: Any) -> None:
+        def add(group: str, tool: str, variant: str, w: int = 8, a: int = 8, m: str = m, **kw: Any) -> None:
             out.append({"id": f"{m}-{tool}-{variant}", "model": m, "group": group, "tool": tool, "variant": variant,
                         "wbits": w, "abits": a, **kw})
         add("mixq", "mixq", "rtn-w8a8", method="rtn")
@@ -534,9 +534,6 @@ def quantize_row(r: dict[str, Any], info: dict[str, Any], out: Path) -> dict[str
 
 
 def run_row(r: dict[str, Any], info: dict[str, Any]) -> dict[str, Any]:
-    import numpy as np
-    import onnx
-
     out = WORK / r["model"] / r["id"]
     out.mkdir(parents=True, exist_ok=True)
     res: dict[str, Any] = {**r, "fp_top1": info.get("fp_top1"), "threads": THREADS}
@@ -547,6 +544,21 @@ def run_row(r: dict[str, Any], info: dict[str, Any]) -> dict[str, Any]:
         return res
     res["status"] = "ok"
     res.setdefault("quantize_s", res["wall_s"])
+    return measure(res, info)
+
+
+def measure(res: dict[str, Any], info: dict[str, Any]) -> dict[str, Any]:
+    """Everything judged on the tool's output (ONNX graph, onnxruntime accuracy, engine); `--remeasure` reruns
+    this alone on finished rows."""
+    import numpy as np
+    import onnx
+
+    r, out = res, WORK / res["model"] / res["id"]
+    qj = out / "quant" / "quant.json"
+    if r["tool"] == "mixq" and qj.is_file():
+        rep = json.loads(qj.read_text()).get("report", {})
+        res.setdefault("quantize_in_s", rep.get("seconds"))
+        res.setdefault("holdout", rep.get("holdout"))
     if "onnx" not in res:
         return res
     q = Path(res["onnx"])
@@ -825,12 +837,24 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="threads of every tool (OMP_NUM_THREADS) [1]")
     ap.add_argument("--redo", action="store_true", help="re-run rows that have a result")
     ap.add_argument("--render", action="store_true", help="only rewrite the docs section and plot from the results")
+    ap.add_argument("--remeasure", action="store_true",
+                    help="re-judge finished rows (graph, onnxruntime accuracy, engine) without re-quantizing")
     a = ap.parse_args()
     global THREADS
     THREADS = a.threads
     command = "python tools/bench_peers.py " + " ".join(shlex.quote(x) for x in sys.argv[1:])
     RESULTS.mkdir(parents=True, exist_ok=True)
-    if not a.render:
+    if a.remeasure:
+        for p in sorted(RESULTS.glob("*.json")):
+            res = json.loads(p.read_text())
+            if res.get("status") != "ok" or res["model"] not in a.models.split(","):
+                continue
+            for k in ("engine_error", "eval_error"):
+                res.pop(k, None)
+            res = measure(res, prepare(res["model"]))
+            p.write_text(json.dumps(res, indent=1))
+            print(f"remeasured {res['id']}", flush=True)
+    elif not a.render:
         if not (SHARED / "models").is_dir():
             sys.exit(f"../shared not found at {SHARED}")
         models = ["resnet20"] if a.quick else [m for m in a.models.split(",") if m]

@@ -97,15 +97,13 @@ def main() -> None:
     torch.Tensor.cuda = lambda self, *args, **kw: self  # the reference's observers call .cuda(); CPU here
 
     import imagenet_utils  # noqa: F401 - the reference's (DataSaverHook for recon)
-    from easydict import EasyDict
     from fold_bn import search_fold_and_remove_bn
     from main_imagenet import quantize_model
-    from recon import reconstruction
-
     from qdrop.model.resnet import BasicBlock
     from qdrop.quantization.observer import ObserverBase
     from qdrop.quantization.quantized_module import QuantizedBlock, QuantizedLayer
     from qdrop.quantization.state import disable_all, enable_calibration_woquantization, enable_quantization
+    from recon import reconstruction
 
     cfg_path = root / "exp" / "w2a4" / "r18" / "config.yaml"
     config = imagenet_utils.parse_config(str(cfg_path))
