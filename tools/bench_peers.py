@@ -190,7 +190,8 @@ def render_table(results: list[dict[str, Any]]) -> list[str]:
     order = {m: i for i, m in enumerate(MODELS)}
     tools = TOOL_ORDER
     for r in sorted(results, key=lambda r: (order.get(r["model"], 99), r.get("group") == "ref",
-                                            tools.get(r["tool"], 9), -r["abits"], -r["wbits"], r["variant"])):
+                                            tools.get(r["tool"], 9), -r["abits"], -r["wbits"],
+                                            r.get("method", "") != "rtn", r["variant"])):
         if r.get("group") == "ref":
             continue  # in the reference table
         fp = r.get("fp_top1")
@@ -214,7 +215,10 @@ def render_table(results: list[dict[str, Any]]) -> list[str]:
             notes.append(f"onnxruntime: `{r['eval_error']}`")
         note = "; ".join(notes)
         if eng:
-            note = (note + "; " if note else "") + f"engine: `{eng}`"
+            m32 = re.search(r"\((\S+): input has type (\w+) but must have type ([^.]+)\.", eng)
+            eng = (f"no engine: the parser refuses `{m32.group(1)}` ({m32.group(2)} input; it takes "
+                   f"{m32.group(3)})" if m32 else f"engine: `{eng}`")
+            note = (note + "; " if note else "") + eng
         size = r.get("size_bytes")
         lines.append(
             f"| {model} | {label(r)} | W{r['wbits']}A{r['abits']} | {_f(r.get('top1'))} | {_f(r.get('agreement'))} | "
@@ -520,6 +524,9 @@ def quantize_row(r: dict[str, Any], info: dict[str, Any], out: Path) -> dict[str
     elif r["tool"] == "qdrop-ref":
         py = ensure_venv("qdrop")
         src = ensure_qdrop_src()
+        head = run(["git", "-C", str(src), "rev-parse", "HEAD"])
+        extra["reference_commit"] = (head.stdout.strip() if head.returncode == 0 else
+                                     (src / "COMMIT").read_text().strip() if (src / "COMMIT").is_file() else "?")
         cmd = [str(py), str(DRIVERS / "qdrop_ref.py"), "--qdrop", str(src), "--checkpoint", info["checkpoint"],
                "--data", info["data"], "--wbits", str(r["wbits"]), "--abits", str(r["abits"]), "--iters",
                str(FAST_ITERS), "--threads", str(THREADS), "--json", str(side)]
@@ -608,6 +615,29 @@ def short_error(text: str, limit: int = 320) -> str:
     text = re.sub(r"rejected \S+\.onnx: ", "rejected the graph: ", text)
     t = first_last(text)
     return t if len(t) <= limit else t[: limit - 1] + "…"
+
+
+def claim(row_id: str) -> bool:
+    """Mark a row as being run by this process (two bench processes may share the results folder); a claim
+    whose process is gone is taken over."""
+    f = RESULTS / f"{row_id}.running"
+    for _ in range(2):
+        try:
+            fd = os.open(f, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid = int(f.read_text().strip() or 0)
+                os.kill(pid, 0)
+                return False
+            except (ValueError, ProcessLookupError, FileNotFoundError):
+                f.unlink(missing_ok=True)
+                continue
+            except PermissionError:
+                return False
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        return True
+    return False
 
 
 # --------------------------------------------------------------------------- report
@@ -705,10 +735,11 @@ def findings(results: list[dict[str, Any]]) -> list[str]:
     out = []
     int32 = sorted({r["model"] for r in ok if r["tool"] == "ort" and "Int32" in (r.get("engine_error") or "")})
     if int32:
+        err = next(r["engine_error"] for r in ok if "Int32" in (r.get("engine_error") or ""))
         out.append(f"- onnxruntime's default `QuantizeBias` writes each bias as an INT32 initializer behind a "
                    f"DequantizeLinear; TensorRT-RTX's parser accepts only 8-bit/4-bit/FP8/FP4 DQ inputs, so those "
-                   f"graphs build no engine ({', '.join(int32)}). With `QuantizeBias=False` (the *minmax-float-bias* "
-                   f"rows) the same quantization builds.")
+                   f"graphs build no engine ({', '.join(int32)}; the error's first and last lines: `{err}`). With "
+                   f"`QuantizeBias=False` (the *minmax-float-bias* rows) the same quantization builds.")
     same = []
     for m in dict.fromkeys(r["model"] for r in ok):
         by = {r["variant"]: r for r in ok if r["model"] == m and r["tool"] == "ort"}
@@ -790,7 +821,12 @@ def render(results: list[dict[str, Any]], command: str) -> str:
         p = WORK / m / "prepared.json"
         if p.is_file():
             fp_eng[m] = json.loads(p.read_text()).get("fp_engine")
-    versions = sorted({r.get("tool_version") for r in ok if r.get("tool_version")})
+    versions = sorted({r.get("tool_version") for r in ok if r.get("tool_version") and r["tool"] != "qdrop-ref"})
+    if any(r["tool"] == "qdrop-ref" for r in ok):
+        commit = next((r.get("reference_commit") for r in ok if r.get("reference_commit")), None)
+        if commit is None and (QDROP_SRC / "COMMIT").is_file():
+            commit = (QDROP_SRC / "COMMIT").read_text().strip()
+        versions.append(f"wimh966/QDrop at {commit[:12] if commit else '?'}")
     lines = [
         "## peers: mixq-onnx against other INT8 PTQ tools (issue 15)",
         "",
@@ -892,6 +928,9 @@ def main() -> None:
         for r in todo:
             if not a.redo and (RESULTS / f"{r['id']}.json").is_file():
                 continue  # another bench process finished it meanwhile
+            if not claim(r["id"]):
+                print(f"{r['id']}: another bench process is running it", flush=True)
+                continue
             if r["model"] not in infos:
                 print(f"prepare {r['model']} ...", flush=True)
                 infos[r["model"]] = prepare(r["model"])
@@ -904,6 +943,7 @@ def main() -> None:
                   f"quantize {res.get('quantize_s')} s, engine {res.get('engine_layers')} layers "
                   f"{res.get('handoffs')} ({time.perf_counter() - t:.0f} s) {res.get('error') or res.get('engine_error') or ''}",
                   flush=True)
+            (RESULTS / f"{r['id']}.running").unlink(missing_ok=True)
             results = load_results()
             update_section("peers", render(results, command))
     results = load_results()
