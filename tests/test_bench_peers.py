@@ -139,3 +139,29 @@ def test_paired_se():
     assert bp.paired_se(ha, hb, 16) == pytest.approx(100 * 2 / 16)
     assert bp.paired_se(ha, ha, 16) == 0
     assert bp.paired_se(None, hb, 16) is None
+
+
+def test_parser_error_is_short_in_the_table_and_whole_in_the_findings():
+    err = ("the TensorRT-RTX ONNX parser rejected the graph: b_DequantizeLinear: Invalid Node - b_DequantizeLinear … "
+           "ITensor::getDimensions: Error Code 4: API Usage Error (b_DequantizeLinear: input has type Int32 but must "
+           "have type FP8, FP4, Int4, Int8, or UInt8. In checkType at x)")
+    r = _ok(engine_layers=None, handoffs=None, engine_error=err)
+    row = bp.render_table([r])[2]
+    assert "no engine: the parser refuses `b_DequantizeLinear` (Int32 input; it takes FP8, FP4, Int4, Int8, or UInt8)" in row
+    f = "\n".join(bp.findings([r]))
+    assert "QuantizeBias" in f and err in f
+
+
+def test_short_error_drops_the_cuda_line_and_paths():
+    text = (f"the TensorRT-RTX ONNX parser rejected {bp.ROOT}/runs/x/q.onnx: n: Invalid Node - n\n"
+            "ITensor::getDimensions: Error Code 4: bad type\n"
+            "[checkMacros.cpp::catchCudaError::250] Error Code 1: Cuda Runtime (In catchCudaError at /_src/")
+    assert bp.short_error(text) == ("the TensorRT-RTX ONNX parser rejected the graph: n: Invalid Node - n … "
+                                    "ITensor::getDimensions: Error Code 4: bad type")
+
+
+def test_claim(tmp_path, monkeypatch):
+    monkeypatch.setattr(bp, "RESULTS", tmp_path)
+    assert bp.claim("row") and not bp.claim("row")  # held by this (live) process
+    (tmp_path / "row.running").write_text("999999999")  # a gone process: taken over
+    assert bp.claim("row")
