@@ -377,7 +377,9 @@ def cli(*args: str) -> str:
     """`python -m mixq_onnx.cli ...` from the work tree; the last stdout line."""
     res = run([sys.executable, "-m", "mixq_onnx.cli", *args], env=base_env(), cwd=ROOT)
     if res.returncode != 0:
-        raise RuntimeError(first_last(res.stderr or res.stdout))
+        text = (res.stderr or res.stdout).strip()
+        raise RuntimeError(first_last(text) if text else f"exit status {res.returncode} and no output"
+                           + (" (killed by a signal)" if res.returncode < 0 else ""))
     return res.stdout.strip().splitlines()[-1]
 
 
