@@ -721,7 +721,7 @@ def plot(results: list[dict[str, Any]], path: Path) -> Path | None:
                                 rotation=90, ha="center", va="bottom" if v >= 0 else "top", fontsize=5.5)
             ax.axhline(0, color="#333333", linewidth=0.6)
             ax.set_xticks(range(len(ms)))
-            ax.set_xticklabels(ms)
+            ax.set_xticklabels([m.replace("_100", "") for m in ms])
             ax.set_title(title)
             ax.margins(y=0.25)
         handles = [plt.Rectangle((0, 0), 1, 1, color=colours[k]) for k in keys]
