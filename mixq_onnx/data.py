@@ -165,3 +165,13 @@ def report_data(pre: Preprocessing, source_hw: tuple[int, int] | None, subset: s
     for ln in lines:
         out(ln)
     return lines
+
+
+def read_for_model(path: str | os.PathLike, pre: Preprocessing, limit: int | None = None, *,
+                   log: Callable[[str], None] | None = None) -> LabelledData:
+    """`read_labelled` at the model's input size, then `report_data` through `log` (None: silent): what `eval`
+    and `eval --engine` feed their model, and the lines that say so."""
+    d = read_labelled(path, pre.input_size[1], limit)
+    if log is not None:
+        report_data(pre, d.source_hw, d.subset, log=log, resized_on_load=d.resized_on_load)
+    return d

@@ -108,3 +108,27 @@ def snapshot(*roots: Path) -> dict[str, tuple[int, int]]:
             st = p.lstat()
             out[str(p)] = (st.st_size if p.is_file() else -1, st.st_mtime_ns if p.is_file() else 0)
     return out
+
+
+# A small user model file (`path.py:make`); `{side_effect}` is a line run at import (tests of the
+# code-safety rules write one that leaves a marker).
+SMALL_NET_PY = '''
+import pathlib
+import torch.nn as nn
+
+{side_effect}
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).relu().mean((2, 3)))
+
+
+def make():
+    return Net()
+'''

@@ -6,26 +6,22 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SMALL_NET_PY
 
 from mixq_onnx.models import load_model
 from mixq_onnx.quant import QuantConfig, quantize, save_quantized
 
-UNSUPPORTED = '''
-import torch, torch.nn as nn
+UNSUPPORTED = SMALL_NET_PY.format(side_effect="import torch") + '''
 
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.fc = nn.Linear(8, 10)
-
+class Unsupported(Net):
     def forward(self, x):
         y = torch.relu(self.conv(x))
         y = y + torch.histc(y, bins=4).mean()  # no ONNX translation
         return self.fc(y.mean((2, 3)))
 
+
 def net():
-    return Net()
+    return Unsupported()
 '''
 
 

@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import SMALL_NET_PY as NET
 from conftest import one_line_error, snapshot
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -40,27 +41,6 @@ from mixq_onnx.quant.io import (
     validate_quantized_model,
 )
 from mixq_onnx.quant.quantizer import quantizer_state, validate_record
-
-NET = '''
-import pathlib
-import torch.nn as nn
-
-{side_effect}
-
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.fc = nn.Linear(8, 10)
-
-    def forward(self, x):
-        return self.fc(self.conv(x).relu().mean((2, 3)))
-
-
-def make():
-    return Net()
-'''
 
 CONV = "layer1.0.conv1.weight"  # a 4-bit weight quantizer of cifar_resnet20 (first/last layers are 8-bit)
 ACT = "layer1.0.conv1.input"

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import SMALL_NET_PY as NET
 from conftest import one_line_error
 
 from mixq_onnx.errors import MixqError
@@ -20,27 +21,6 @@ from mixq_onnx.models import load_model
 from mixq_onnx.quant import QuantConfig, quantize, save_quantized
 from mixq_onnx.quant.io import folder_model, load_quantized_dir, read_quant_json
 from mixq_onnx.utils import atomic_write_json, current_umask
-
-NET = '''
-import pathlib
-import torch.nn as nn
-
-{side_effect}
-
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.fc = nn.Linear(8, 10)
-
-    def forward(self, x):
-        return self.fc(self.conv(x).relu().mean((2, 3)))
-
-
-def make():
-    return Net()
-'''
 
 
 def _sha(p: Path) -> str:

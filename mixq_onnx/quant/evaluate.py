@@ -81,7 +81,7 @@ def evaluate_data(data: str | os.PathLike, *, quantized: str | os.PathLike | Non
     """What `mixq-onnx eval` computes: a result folder against its float model (top-1 agreement), or a float
     model alone (`model`: nn.Module or `ModelOptions`), on an npz or image folder read at the model's input
     size. `limit`: `pick_subset`'s seeded sample; `log` gets the `data:` / `preprocessing:` lines."""
-    from ..data import read_labelled, report_data
+    from ..data import read_for_model
     from ..models import ModelOptions, load_model
     from .io import load_result
 
@@ -92,9 +92,7 @@ def evaluate_data(data: str | os.PathLike, *, quantized: str | os.PathLike | Non
     else:
         raise MixqError("eval needs a model (--model) or a result folder (--quantized)")
     pre = get_preprocessing(qmodel)
-    d = read_labelled(data, pre.input_size[1], limit)
-    if log is not None:
-        report_data(pre, d.source_hw, d.subset, log=log, resized_on_load=d.resized_on_load)
+    d = read_for_model(data, pre, limit, log=log)
     res = evaluate(qmodel, d.images, d.labels, fp_model=fp, batch_size=batch_size, progress=progress)
     res.subset = d.subset
     return res

@@ -125,7 +125,7 @@ def evaluate_engine_data(plan_path: str | Path, data: str | Path, *, model: Any 
     input preprocessing is the model's (`model`: nn.Module or `ModelOptions`), else the recorded model's of
     a result folder (`quantized`), else the one the plan recorded at build time. `limit`: `pick_subset`'s
     seeded sample; `log` (a callable taking one line) gets the `data:` / `preprocessing:` lines."""
-    from ..data import read_labelled, report_data
+    from ..data import read_for_model
     from ..errors import MixqError
     from ..models import ModelOptions, Preprocessing, get_preprocessing, load_model
     from ..quant.io import load_source_model
@@ -140,9 +140,7 @@ def evaluate_engine_data(plan_path: str | Path, data: str | Path, *, model: Any 
         pre = Preprocessing.from_dict(meta["preprocessing"])
     else:
         raise MixqError(f"{plan_path} records no input preprocessing: pass --model or --quantized")
-    d = read_labelled(data, pre.input_size[1], limit)
-    if log is not None:
-        report_data(pre, d.source_hw, d.subset, log=log, resized_on_load=d.resized_on_load)
+    d = read_for_model(data, pre, limit, log=log)
     res = evaluate_engine(plan_path, d.images, d.labels, preprocessing=pre, batch_size=batch_size, backend=backend)
     res.subset = d.subset
     return res
