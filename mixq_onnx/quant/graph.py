@@ -476,11 +476,6 @@ def assign_owners(all_units: list[Unit]) -> list[Unit]:
         seen |= ids
     return out
 
-    def layers(self) -> list[nn.Module]:
-        if isinstance(self.module, QUANT_LAYERS):
-            return [self.module]
-        return [m for m in self.module.modules() if isinstance(m, QUANT_LAYERS)]
-
 
 def _find_blocks(model: nn.Module) -> dict[str, nn.Module]:
     types = block_types()
