@@ -165,3 +165,25 @@ def test_claim(tmp_path, monkeypatch):
     assert bp.claim("row") and not bp.claim("row")  # held by this (live) process
     (tmp_path / "row.running").write_text("999999999")  # a gone process: taken over
     assert bp.claim("row")
+
+
+def test_findings_name_the_quantizer_layout_of_each_mixq_row(tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.setattr(bp, "WORK", tmp_path)
+
+    def row(variant: str, method: str, floats: int, shared: bool | None) -> dict:
+        r = _ok(tool="mixq", variant=variant, method=method, handoffs={"reformat": 0, "requantize": 0, "float": floats})
+        r["id"] = f"{r['model']}-mixq-{variant}"
+        q = tmp_path / r["model"] / r["id"] / "quant"
+        q.mkdir(parents=True)
+        cfg = {"share_quantizers": True} if shared else {}
+        (q / "quant.json").write_text(json.dumps({"config": cfg}))
+        return r
+
+    rtn, old, new = row("rtn-w8a8", "rtn", 0, True), row("qdrop-w4a4", "qdrop", 10, None), row("qdrop-w2a4", "qdrop", 0, True)
+    f = "\n".join(bp.findings([rtn, old, new]))
+    assert "more float hand-offs than rtn's" in f and "qdrop-w4a4 10" in f and "qdrop-w2a4 0" not in f
+    assert "shared layout" in f and "2 of 3" in f and old["id"] in f
+    f = "\n".join(bp.findings([rtn, new]))
+    assert "more float hand-offs" not in f and "2 of 2" in f and "per consumer" not in f

@@ -731,6 +731,16 @@ def plot(results: list[dict[str, Any]], path: Path) -> Path | None:
         return save_figure(fig, path)
 
 
+def mixq_layout(r: dict[str, Any]) -> str:
+    """"shared" when the row's result folder quantizes each tensor once (quant.json config
+    `share_quantizers`), else "per consumer" (the layout before sharing, or `--no-share-quantizers`)."""
+    qj = WORK / r["model"] / r["id"] / "quant" / "quant.json"
+    try:
+        return "shared" if json.loads(qj.read_text())["config"].get("share_quantizers") else "per consumer"
+    except (OSError, ValueError, KeyError):
+        return "unknown"
+
+
 def findings(results: list[dict[str, Any]]) -> list[str]:
     """What the rows show about the tools' graphs, stated only where the measured rows show it."""
     ok = [r for r in results if r.get("status") == "ok" and r.get("group") != "ref"]
@@ -785,17 +795,24 @@ def findings(results: list[dict[str, Any]]) -> list[str]:
                            "runs the classifier (and what feeds it after the last block) in FP16: one fused GEMM+bias layer, "
                            "where an INT8 GEMM (mixq-onnx, onnxruntime) needs its float rescale epilogue as a second "
                            "layer.")
-    qd = [r for r in ok if r["tool"] == "mixq" and r.get("method") == "qdrop" and (r.get("handoffs") or {}).get("float")]
+    rtn = {r["model"]: (r.get("handoffs") or {}).get("float", 0) for r in ok
+           if r["tool"] == "mixq" and r["variant"] == "rtn-w8a8"}
+    qd = [r for r in ok if r["tool"] == "mixq" and r.get("method") == "qdrop"
+          and (r.get("handoffs") or {}).get("float", 0) > rtn.get(r["model"], 0)]
     if qd:
-        rtn = {r["model"]: (r.get("handoffs") or {}).get("float") for r in ok
-               if r["tool"] == "mixq" and r["variant"] == "rtn-w8a8"}
-        out.append("- mixq-onnx qdrop learns its own step size for each quantizer, so a block's output gets one for "
-                   "the next convolution's input and another for the residual identity: the engine's epilogue "
-                   "writes the tensor twice, as INT8 for the convolution and as float for the identity, which the "
-                   "next block quantizes again (float hand-offs: " + ", ".join(
-                       f"{r['model']} {r['variant']} {r['handoffs']['float']}" for r in qd)
-                   + "; rtn, whose two quantizers share a range: " + ", ".join(f"{m} {v}" for m, v in rtn.items())
-                   + "). Same layer count, more memory traffic.")
+        out.append("- mixq-onnx qdrop rows with more float hand-offs than rtn's: a per-consumer layout "
+                   "(`--no-share-quantizers`, or a result folder written before quantizer sharing) learns one step "
+                   "for the next convolution's input and another for the residual identity, so the engine writes "
+                   "the tensor twice, as INT8 and as float (" + ", ".join(
+                       f"{r['model']} {r['variant']} {r['handoffs']['float']}" for r in qd) + "; rtn: "
+                   + ", ".join(f"{m} {v}" for m, v in rtn.items()) + ").")
+    layouts = {r["id"]: mixq_layout(r) for r in ok if r["tool"] == "mixq"}
+    shared = sorted(k for k, v in layouts.items() if v == "shared")
+    if shared:
+        out.append(f"- mixq-onnx rows in the shared layout (one quantizer per tensor and grid, the default): "
+                   f"{len(shared)} of {len(layouts)}"
+                   + (f"; per consumer (measured before sharing): {', '.join(sorted(k for k, v in layouts.items() if v != 'shared'))}"
+                      if len(shared) < len(layouts) else "") + ".")
     for m in dict.fromkeys(r["model"] for r in ok):
         rq = {label(r): r["handoffs"]["requantize"] for r in ok if r["model"] == m and r.get("handoffs")
               and r["wbits"] == 8 and r["abits"] == 8}
