@@ -51,6 +51,10 @@ def register(cli: click.Group) -> None:
     @click.option("--step-lr", type=float, default=2e-3, show_default=True,
                   help="LSQ step sizes in the hard-quantization phases (lsq, and nipq's final phase).")
     @click.option("--final-lr", type=float, default=None, help="Weights in the final phase [default: --lr].")
+    @click.option("--max-update", type=float, default=0.01, show_default=True,
+                  help="Trust region: one SGD step moves a weight or step tensor by at most this fraction of its norm "
+                       "(its gradient is scaled down first). Lower it (e.g. 0.001) for a network whose gradients "
+                       "dwarf its weights, such as a BN-folded one fed raw 0..255 pixels.")
     @click.option("--budget-weight", type=float, default=1.0, show_default=True, help="nipq: weight of the budget penalty.")
     @click.option("--loss", type=click.Choice(["auto", "ce", "kd"]), default="auto", show_default=True,
                   help="auto: KD on a cache, CE on labelled data; ce needs labels; kd on labelled data adds KD "
@@ -101,8 +105,8 @@ def register(cli: click.Group) -> None:
                         wbits=o["wbits"] or 4, abits=o["abits"] or 4, max_bits=o["max_bits"],
                         first_last_bits=o["first_last_bits"] or None, noise=o["noise"], epochs=o["epochs"],
                         final_epochs=o["final_epochs"], lr=o["lr"], qlr=o["qlr"], step_lr=o["step_lr"], final_lr=o["final_lr"],
-                        batch_size=o["batch_size"], seed=o["seed"], kd_weight=kd_weight,
-                        budget_weight=o["budget_weight"])
+                        max_update=o["max_update"], batch_size=o["batch_size"], seed=o["seed"],
+                        kd_weight=kd_weight, budget_weight=o["budget_weight"])
         cfg.validate()  # bad options fail before the model loads
         out = check_output_dir(o["out"], o["overwrite"])
         model = load_model(ModelOptions(o["model"], o["checkpoint"], o["random_weights"], o["mean"], o["std"],

@@ -129,6 +129,34 @@ def stage_tune(jobs: int) -> str:
     return "\n".join(["| candidate | qat args | W bits | A bits | held-out top-1 |", "|---|---|---:|---:|---:|", *lines])
 
 
+def collapsed(results: dict[tuple[str, str], dict]) -> str:
+    """The rows that ended at chance level (top-1 below 15 %), said plainly."""
+    bad = [f"{n} {i} ({v['top1']:.2f} %)" for (n, i), v in results.items() if v["top1"] < 15]
+    if not bad:
+        return "No row ended at chance level."
+    return ("At chance level (training diverged; the loss is at or above chance from the first epoch, see each "
+            "folder's qat.json): " + ", ".join(bad) + ".")
+
+
+def allocation(nets: list[str]) -> str:
+    """Mean learned bits of each stage (the name's first part), for the NIPQ rows' result folders."""
+    out = []
+    for n in nets:
+        for rid in ("nipq-4", "nipq-3"):
+            qj = WORK / f"{n}-{rid}" / "qat.json"
+            if not qj.exists():
+                continue
+            stages: dict[str, dict[str, list[int]]] = {}
+            for q in json.loads(qj.read_text())["quantizers"]:
+                if q["fixed"]:
+                    continue
+                stages.setdefault(q["name"].split(".")[0], {"weight": [], "act": []})[q["kind"]].append(q["bits"])
+            out.append(f"- {n} {rid}: " + "; ".join(
+                f"{st} {sum(v['weight']) / max(1, len(v['weight'])):.1f} / {sum(v['act']) / max(1, len(v['act'])):.1f}"
+                for st, v in stages.items()))
+    return "\n".join(out)
+
+
 def w2a4_gbops(net: str) -> float:
     """GBOPs of the LSQ W2A4 row (first/last layer 8-bit): the budget NIPQ gets to spend its own way."""
     return json.loads((WORK / f"{net}-lsq-w2a4" / "eval.json").read_text())["achieved"]["gbops"]
@@ -255,12 +283,11 @@ W4A4 = {mean('nipq-4') - PTQ_QDROP_W4A4[nets[0]]:+.2f} pp (bar â‰¥ 0); NIPQ@3 âˆ
 Read with the table: every row ran with the code of the commit stamped above. NIPQ's activation range
 starts at 6 (non-negative) or 3 (signed), as in the official code, raised to the observed 99.9th percentile
 of |x| where that is larger: on ResNet-20 no range changes (every percentile is below its default), on
-ResNet-8 the stem's raw 0..255 input starts at 255 (before this, the noise phase clipped it to [0, 6] and
-every ResNet-8 NIPQ row collapsed to chance). On ResNet-20 NIPQ trails LSQ because of its
-allocation: LSQ trained at exactly the bits NIPQ froze reaches 89.2 % on the held-out images, against
-91.6 % at uniform 4 bits; the budget's pull on each bit-width is proportional to the tensor's size and the
-task loss reaches the bits only at second order through zero-mean noise, so on 8 epochs the large early
-activations get 3 bits (2 at target 3) and the small late ones 6.
+ResNet-8 the stem's raw 0..255 input starts at 255 (before, the noise phase clipped it to [0, 6]).
+{collapsed(results)}
+
+Where NIPQ put the bits (mean learned bits per stage, weights / activations, first and last layer excluded):
+{allocation(nets)}
 
 Deployment of `{nets[0]}-nipq-4`: check {'ok' if dep['check'].get('ok', not dep['check'].get('errors')) else 'FAILED'};
 verify ({ver.get('layout')} layout, {ver.get('n')} images): top-1 agreement {ver.get('top1_agreement')} %,

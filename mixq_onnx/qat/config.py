@@ -64,7 +64,7 @@ class QATConfig:
             if v is not None and not (math.isfinite(v) and v > 0):
                 raise MixqError(f"{opt} must be positive, got {v}")
         if not (math.isfinite(self.max_update) and self.max_update > 0):
-            raise MixqError(f"the weights' trust region (max_update) must be positive, got {self.max_update}")
+            raise MixqError(f"--max-update must be positive, got {self.max_update}")
         if self.batch_size < 1:
             raise MixqError(f"--batch-size must be at least 1, got {self.batch_size}")
         if not (math.isfinite(self.kd_weight) and self.kd_weight >= 0):
