@@ -894,6 +894,12 @@ def render(results: list[dict[str, Any]], command: str) -> str:
               "at 400 iterations, not the algorithms at convergence (20,000 iterations per block is about 50x these "
               "times on this CPU, not run).", ""]
     lines += render_ref(results)
+    ref_mixq = [r for r in ok if r.get("group") == "ref" and r["tool"] == "mixq"]
+    if ref_mixq:
+        lines += ["", "mixq-onnx's quantizer layout in these rows: " + ", ".join(
+            f"{r['variant']} {mixq_layout(r)}" for r in ref_mixq) + " (per consumer: measured before quantizer "
+            "sharing; the reference, like the shared layout, quantizes each block's output once, and that one tensor "
+            "feeds both the next block's first convolution and its shortcut)."]
     lines += ["", "### Goals (measured, not tuned for)", ""] + goals(results)
     missing = [r for r in results if r.get("status") != "ok"]
     lines += ["", "### Not measured yet / failed", ""]
