@@ -23,6 +23,9 @@ import tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 # import name -> distribution, for modules whose distribution is not installed where this runs
+# folders whose scripts never run in the project's environment: tools/peers/ holds the drivers that
+# tools/bench_peers.py runs inside each peer tool's own virtual environment (ModelOpt, the QDrop checkout)
+FOREIGN = ("tools/peers",)
 ALIASES = {"PIL": "pillow", "cv2": "opencv-python", "yaml": "pyyaml", "sklearn": "scikit-learn",
            "tensorrt_rtx": "tensorrt-rtx-cu13", "onnx_ir": "onnx-ir", "cuda": "cuda-python"}
 
@@ -43,6 +46,8 @@ def imports(folder: Path, root: Path = ROOT) -> dict[str, str]:
     """Top-level module name -> first file importing it (absolute imports only)."""
     seen: dict[str, str] = {}
     for f in sorted(folder.rglob("*.py")):
+        if any(f.relative_to(root).as_posix().startswith(d + "/") for d in FOREIGN):
+            continue
         for node in ast.walk(ast.parse(f.read_text(), str(f))):
             if isinstance(node, ast.Import):
                 names = [a.name for a in node.names]
