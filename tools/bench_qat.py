@@ -134,6 +134,27 @@ def stage_tune(jobs: int) -> str:
     return "\n".join(["| candidate | qat args | W bits | A bits | held-out top-1 |", "|---|---|---:|---:|---:|", *lines])
 
 
+def verify_cause(ver: dict) -> str:
+    """Where verify's outputs differ, what its own diagnosis says (first diverging quantizer, codes differing,
+    and the difference left when onnxruntime's codes are forced into PyTorch)."""
+    if not ver.get("max_abs_diff"):
+        return ""
+    return (f" (first quantizer whose codes differ: `{ver.get('first_divergence')}`, a share "
+            f"{ver.get('propagated_code_mismatch'):.3g} of its codes; with onnxruntime's codes forced into PyTorch "
+            f"the max |diff| is {ver.get('forced_max_abs_diff')}: the arithmetic is exact, and the one float "
+            "reduction left, the average pool before the classifier, sums in a different order in PyTorch and "
+            "onnxruntime, which moves a value across a rounding boundary of the classifier's input quantizer)")
+
+
+def intended(ins: dict) -> str:
+    """`inspect`'s per-layer intended grid (the learned bits) on the engine's precision, counted."""
+    counts: dict[str, int] = {}
+    for c in ins.get("compute", []):
+        k = f"{c.get('bits')} on {c.get('precision')}"
+        counts[k] = counts.get(k, 0) + 1
+    return ", ".join(f"{k} × {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1])) or "–"
+
+
 def collapsed(results: dict[tuple[str, str], dict]) -> str:
     """The rows that ended at chance level (top-1 below 15 %), said plainly."""
     bad = [f"{n} {i} ({v['top1']:.2f} %)" for (n, i), v in results.items() if v["top1"] < 15]
@@ -305,8 +326,9 @@ Where NIPQ put the bits (mean learned bits per stage, weights / activations, fir
 
 Deployment of `{nets[0]}-nipq-4`: check {'ok' if dep['check'].get('ok', not dep['check'].get('errors')) else 'FAILED'};
 verify ({ver.get('layout')} layout, {ver.get('n')} images): top-1 agreement {ver.get('top1_agreement')} %,
-max |diff| {ver.get('max_abs_diff')};
-TensorRT-RTX: {'int8 MAC fraction ' + str(ins.get('int8_mac_fraction')) if ins else dep.get('build_error', '?')}.
+max |diff| {ver.get('max_abs_diff')}{verify_cause(ver)};
+TensorRT-RTX: {'int8 MAC fraction ' + str(ins.get('int8_mac_fraction')) + f", {len(ins.get('layers', []))} engine layers, {ins.get('handoffs')} hand-offs, {len(ins.get('fallbacks') or [])} fallbacks" if ins else dep.get('build_error', '?')}.
+`inspect`'s intended grid beside each compute layer's engine precision: {intended(ins)}.
 
 {RESNET8_LR}
 What was tried, on the 500 held-out train images only. Round 2 (`--stage tune`, the settings above, run
