@@ -52,8 +52,8 @@ def register(cli: click.Group) -> None:
                   help="LSQ step sizes in the hard-quantization phases (lsq, and nipq's final phase).")
     @click.option("--final-lr", type=float, default=None, help="Weights in the final phase [default: --lr].")
     @click.option("--max-update", type=float, default=0.01, show_default=True,
-                  help="Trust region: one SGD step moves a weight or step tensor by at most this fraction of its norm "
-                       "(its gradient is scaled down first). Lower it (e.g. 0.001) for a network whose gradients "
+                  help="Trust region: each weight or step tensor's gradient is scaled down so that lr x |grad| is at "
+                       "most this fraction of the tensor's norm (momentum can add up over steps). Lower it (e.g. 0.001) for a network whose gradients "
                        "dwarf its weights, such as a BN-folded one fed raw 0..255 pixels.")
     @click.option("--budget-weight", type=float, default=1.0, show_default=True, help="nipq: weight of the budget penalty.")
     @click.option("--loss", type=click.Choice(["auto", "ce", "kd"]), default="auto", show_default=True,

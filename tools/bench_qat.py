@@ -34,7 +34,7 @@ schedule above otherwise; one run each). At lr 1e-3 the NIPQ noise phase diverge
 batch 0.49 -> 4.4 within 10 steps while the bits are still above 6; with the weights frozen it stays at 0.46,
 so the weight steps, not the bits, break it: ResNet-8 is BN-folded and fed raw 0..255 pixels). Lowering the lr
 alone left LSQ W2A4 and the data-free NIPQ rows diverged (top-1 10 % on the test set at lr 3e-4,
-`--max-update` 0.01); the tighter trust region (one step moves a tensor by at most 0.1 % of its norm) trains
+`--max-update` 0.01); the tighter trust region (lr·|grad| at most 0.1 % of each tensor's norm) trains
 them all:
 
 | lr | --max-update | LSQ W4A4 | NIPQ @4 | NIPQ @4, data-free |
@@ -104,7 +104,7 @@ bits the steps diverge; LSQ trained at the bits NIPQ froze reached 28.6 %, 89.2 
     (WORK / "tune_v3.md", """Round 3, after the rounds above: LSQ steps learned as logs (commit e962d0d, reverted), tried
 because ResNet-8 diverged (top-1 10 %). The cause was the weights, not the steps: ResNet-8's BN-folded stem,
 fed 0..255 pixels, has a gradient 3,300x its weight norm, so lr 1e-3 blew it up; the trust region on weight
-steps (one step moves a tensor by at most 1 % of its norm) fixes it (1 epoch on 1,024 images, held-out top-1:
+steps (lr·|grad| at most 1 % of each tensor's norm) fixes it (1 epoch on 1,024 images, held-out top-1:
 75.6 % with linear steps at 2e-3, 74.4 % with log steps at 1e-1). On ResNet-20 (where the trust region
 does not act: at the first batch lr * |grad| / |w| is at most 0.0067) log steps were worse than linear
 ones at 2e-3 (91.6 %), so the linear steps stayed:"""),

@@ -35,7 +35,7 @@ class QATConfig:
     qlr: float = 2e-2  # nipq's noise-phase quantizer parameters (theta_b, theta_alpha)
     step_lr: float = 2e-3  # LSQ step sizes in the hard phases (both methods); 10x lower than qlr, see docs
     final_lr: float | None = None  # weights in the final phase [default: lr]
-    max_update: float = 0.01  # trust region: one SGD step moves a weight or step tensor by at most this fraction
+    max_update: float = 0.01  # trust region: lr * |grad| of a weight or step tensor <= this fraction of its norm
     batch_size: int = 128
     seed: int = 0
     kd_weight: float = 0.0  # labelled data: weight of KD from the FP model next to CE (cache: KD only)
