@@ -315,7 +315,9 @@ same schedule), because one seed moves top-1 by a few tenths of a point, the siz
 Over the seeds: NIPQ@4 − LSQ W4A4 = {mean('nipq-4') - mean('lsq-w4a4'):+.2f} pp (bar +0.3); NIPQ@4 − PTQ QDrop
 W4A4 = {mean('nipq-4') - PTQ_QDROP_W4A4[nets[0]]:+.2f} pp (bar ≥ 0); NIPQ@3 − LSQ W3A3 = {mean('nipq-3') - mean('lsq-w3a3'):+.2f} pp (bar +1.0).
 
-Read with the table: every row ran with the code of the commit stamped above. NIPQ's activation range
+Read with the table: rows are cached in runs/bench_qat/ and reused; these were trained with the `qat` code of
+commit 2691eee (the later commits up to the one stamped above add only the `--max-update` option, its default
+unchanged, and reporting). NIPQ's activation range
 starts at 6 (non-negative) or 3 (signed), as in the official code, raised to the observed 99.9th percentile
 of |x| where that is larger: on ResNet-20 no range changes (every percentile is below its default), on
 ResNet-8 the stem's raw 0..255 input starts at 255 (before, the noise phase clipped it to [0, 6]).
