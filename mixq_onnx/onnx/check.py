@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from .graph import GraphIndex, load_model
+from .graph import DATA_MOVE_OPS, GraphIndex, load_model
 
 MAX_OPSET = 24
 _LAYER_OPS = ("Conv", "Gemm", "MatMul")
@@ -132,9 +132,6 @@ def _layer_out(g: GraphIndex, tensor: str) -> bool:
     return p is not None and p.op_type in _LAYER_OPS
 
 
-_MOVE_OPS = ("Identity", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Slice", "Pad")
-
-
 def _dq_through_moves(g: GraphIndex, tensor: str) -> Any | None:
     """The DequantizeLinear `tensor` comes from, directly or through data movement that per-tensor quantization
     commutes with (reshapes, transposes, slices, zero padding): a shared quantizer's DQ sits on the tensor
@@ -144,7 +141,7 @@ def _dq_through_moves(g: GraphIndex, tensor: str) -> Any | None:
         if dq is not None:
             return dq
         p = g.producer.get(tensor)
-        if p is None or p.op_type not in _MOVE_OPS or not p.input:
+        if p is None or p.op_type not in DATA_MOVE_OPS or not p.input:
             return None
         if p.op_type == "Pad":
             value = g.value(p.input[2]) if len(p.input) > 2 and p.input[2] else None

@@ -19,6 +19,10 @@ import numpy as np
 
 from ..errors import MixqError
 
+#: Ops that only move their first input's values (or pad them with zeros): per-tensor quantization commutes
+#: with them, so a DQ may sit on either side (the exporter's `sink_dequantize`, check's `residual-identity`).
+DATA_MOVE_OPS = ("Slice", "Pad", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity")
+
 QUANTIZER_KEY = "mixq.quantizer"  # node metadata: the quantizer's name in the PyTorch model
 BITS_KEY = "mixq.bits"  # node metadata: that quantizer's bit width
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")

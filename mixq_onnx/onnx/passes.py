@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from .graph import DATA_MOVE_OPS
+
 _LABELS3 = ("q", "k", "v")
 
 
@@ -300,13 +302,10 @@ def _is_act_dq(node) -> bool:
     return q is not None and q.op_type == "QuantizeLinear" and sc is not None and sc.size == 1
 
 
-_MOVE_OPS = ("Slice", "Pad", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity")
-
-
 def _moves_codes(node) -> bool:
     """A node that only moves its first input's values (or pads it with zeros): on integer codes it means the
     same as on their dequantized values."""
-    if node.op_type not in _MOVE_OPS or node.domain not in ("", "ai.onnx"):
+    if node.op_type not in DATA_MOVE_OPS or node.domain not in ("", "ai.onnx"):
         return False
     if node.op_type == "Pad":
         mode = node.attributes.get("mode")
