@@ -333,6 +333,11 @@ def _load_user_model(o: dict[str, Any]):
               help="One activation quantizer per tensor and grid: a tensor feeding several quantized consumers "
                    "(a block's first conv and its residual add) is quantized once, so the engine writes it once, "
                    "in INT8. --no-share-quantizers: one quantizer per consumer (the layout before sharing).")
+@click.option("--integer-pools/--no-integer-pools", default=True, show_default=True,
+              help="An average pool that a quantized layer reads (the global pool before the classifier) gets a "
+                   "quantizer on its input at that layer's bits and averages integer codes: exact in every runtime "
+                   "(verify max |diff| 0) and an INT8 pool in the engine. --no-integer-pools: the pool runs in "
+                   "float (the layout before this rule).")
 @click.option("--preset", type=click.Choice(PRESETS), default="fast", show_default=True,
               help="paper: 20k iterations/unit, the papers' learning rates; fast: far fewer iterations (CPU).")
 @click.option("--iters", type=POSITIVE, default=None, help="Iterations per unit (overrides the preset).")
@@ -371,6 +376,7 @@ def quantize(**o: Any) -> None:
         first_last_bits=o["first_last_bits"] or None, preset=o["preset"], iters=o["iters"],
         num_samples=o["num_samples"], batch_size=o["batch_size"], seed=o["seed"],
         block_size=int(o["block_size"]) if o["block_size"] else None, share_quantizers=o["share_quantizers"],
+        integer_pools=o["integer_pools"],
     ).validate()  # bad options fail before the model loads
     out = check_output_dir(o["out"], o["overwrite"])  # before the work, not after it
     clock = [("start", time.perf_counter())]

@@ -67,7 +67,13 @@ def test_integer_layout_structure(r20_real, tmp_path):
         assert float(inits[adq.input[1]]) == 1.0 and np.all(inits[wdq.input[1]] == 1.0)
         assert inits[wdq.input[0]].dtype == np.int8 and len(n.input) == 2  # bias moved after the rescale
         qn = prod[adq.input[0]]
-        assert qn.op_type == "QuantizeLinear" and float(inits[qn.input[1]]) == float(qs[f"{mod.name}.input"].scale)
+        if qn.op_type == "Reshape":  # the classifier: its Q sits right after the integer pool, ahead of the flatten
+            qn = prod[qn.input[0]]
+            src = {p.key: p.value for p in qn.metadata_props}["mixq.requantize"]
+            want = np.float32(qs[f"{mod.name}.input"].scale.detach()) / np.float32(qs[src].scale.detach())
+        else:
+            want = float(qs[f"{mod.name}.input"].scale)
+        assert qn.op_type == "QuantizeLinear" and float(inits[qn.input[1]]) == float(want)
         (mul,) = users[n.output[0]]
         assert mul.op_type == "Mul"
         assert np.array_equal(inits[mul.input[1]].reshape(-1), mod.rescale().numpy())  # bit for bit

@@ -141,13 +141,16 @@ def test_quant_config_parts_and_flat_interface():
         QuantConfig(extra={})
     # quant.json's config: flat, the same keys in the same order, "extra": {} kept
     d = QuantConfig(wbits=4, abits=4, method="qdrop", iters=100).resolved().to_dict()
-    # a new config shares quantizers: "share_quantizers": true, just before "extra"
-    shared = {**{k: v for k, v in QDROP_DICT.items() if k != "extra"}, "share_quantizers": True, "extra": {}}
+    # a new config shares quantizers and quantizes pools: "share_quantizers": true, "integer_pools": true, just
+    # before "extra"
+    shared = {**{k: v for k, v in QDROP_DICT.items() if k != "extra"}, "share_quantizers": True,
+              "integer_pools": True, "extra": {}}
     assert d == shared and list(d) == list(shared)
-    assert QuantConfig.from_dict(d).share_quantizers
+    assert QuantConfig.from_dict(d).share_quantizers and QuantConfig.from_dict(d).integer_pools
     old = QuantConfig.from_dict(QDROP_DICT)  # an old file reads back: one quantizer per consumer, as it recorded
-    assert not old.share_quantizers and old.to_dict() == QDROP_DICT and list(old.to_dict()) == list(QDROP_DICT)
-    assert QuantConfig(share_quantizers=False).resolved().to_dict().keys() == QDROP_DICT.keys()
+    assert not old.share_quantizers and not old.integer_pools
+    assert old.to_dict() == QDROP_DICT and list(old.to_dict()) == list(QDROP_DICT)
+    assert QuantConfig(share_quantizers=False, integer_pools=False).resolved().to_dict().keys() == QDROP_DICT.keys()
     paper = QuantConfig(preset="paper").resolved()
     assert (paper.iters, paper.lr_round, paper.lr_act, paper.batch_size) == (20000, 1e-3, 4e-5, 32)
     assert QuantConfig(lr_act=1.0).resolved().lr_act == 1.0  # set values win over defaults

@@ -133,7 +133,7 @@ def test_export_writes_one_qdq_per_shared_tensor(r20, layout, tmp_path):
     assert max(per_tensor.values()) == 1  # each float tensor is quantized once
     by_q = g.quantizer_nodes()
     acts = [q for q in quantizers(qm[True]).values() if q.kind == "act"]
-    assert len(qnodes) == len(acts) == 20
+    assert len(qnodes) == len(acts) == 21  # 19 conv inputs and identities, the pool's input, the classifier's
     for name in shared_quantizers(qm[True]):
         q = [n for n in by_q[name] if n.op_type == "QuantizeLinear"]
         dqs = [n for n in by_q[name] if n.op_type == "DequantizeLinear"]

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from .graph import DATA_MOVE_OPS, GraphIndex, load_model
+from .graph import DATA_MOVE_OPS, POOL_OPS, REQUANT_KEY, GraphIndex, load_model
 
 MAX_OPSET = 24
 _LAYER_OPS = ("Conv", "Gemm", "MatMul")
@@ -244,10 +244,19 @@ def _int_clip(g: GraphIndex) -> Iterator[Finding]:
             yield g.label(p), "Clip in the integer domain between Q and DQ; clip the float input before the Q instead"
 
 
+def _requantized(g: GraphIndex, pool: Any) -> bool:
+    """The pool's output goes (through its range Clip) only into a QuantizeLinear marked `mixq.requantize`."""
+    after = g.users(pool.output[0])
+    if len(after) == 1 and after[0].op_type == "Clip":
+        after = g.users(after[0].output[0])
+    return len(after) == 1 and after[0].op_type == "QuantizeLinear" and REQUANT_KEY in g.meta(after[0])
+
+
 @rule("qdq-scale-pair")
 def _qdq_scale_pair(g: GraphIndex) -> Iterator[Finding]:
     """Q -> DQ with different scales. Only the integer layout's DQ(codes, scale 1) is legitimate, and only
-    when every reader is a Conv/Gemm/MatMul whose output is rescaled by a constant Mul."""
+    when every reader is a Conv/Gemm/MatMul whose output is rescaled by a constant Mul, or an average pool
+    whose output is requantized (passes.integer_pools: its [Clip ->] Q carries `mixq.requantize`)."""
     const = g.folded_constants()
     for n in _nodes(g, "DequantizeLinear"):
         q = g.producer.get(n.input[0])
@@ -257,6 +266,8 @@ def _qdq_scale_pair(g: GraphIndex) -> Iterator[Finding]:
         if q.op_type != "QuantizeLinear" or sq is None or sd is None or np.array_equal(sq, sd):
             continue
         for u in g.users(n.output[0]):
+            if u.op_type in POOL_OPS and _requantized(g, u):
+                continue
             after = g.users(u.output[0]) if u.op_type in _LAYER_OPS else []
             if not (len(after) == 1 and after[0].op_type == "Mul" and any(i in const for i in after[0].input)):
                 yield g.label(n), (f"DQ scale {float(sd.reshape(-1)[0]):.6g} differs from its Q's "

@@ -9,7 +9,9 @@ replaces each marker by the Q/DQ of its quantizer record (the same objects `quan
   directly on the Conv input, as TensorRT's fusions need).
 - layout "integer" (default, `passes.integer_gemms`): the quantized Conv/Gemm/MatMul reads DQ(scale 1)
   codes and weights and is followed by Mul(s_x*s_w) per output channel and the bias Add, so
-  onnxruntime's fp32 accumulation is exact and equals the PyTorch layer's integer mode bit for bit.
+  onnxruntime's fp32 accumulation is exact and equals the PyTorch layer's integer mode bit for bit;
+  a quantized average pool (`passes.integer_pools`) averages DQ(scale 1) codes and requantizes them onto
+  its consumer's grid, Q(s_y / s_x), before any data movement: one INT8 pooling layer in TensorRT.
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ from .passes import (
     fold_pads,
     fold_weight_transposes,
     integer_gemms,
+    integer_pools,
     name_nodes,
     replace_uses,
     sink_dequantize,
@@ -125,7 +128,7 @@ def insert_qdq(model, qs: dict[str, Any]) -> dict[str, int]:
             if not spec.symmetric:
                 inputs.append(add_initializer(graph, f"{safe}.zero_point", zp.astype(np.uint8)))
             dq = ir.node("DequantizeLinear", inputs, attributes=attrs, name=f"{safe}/DequantizeLinear",
-                         metadata_props=bits_meta)
+                         metadata_props=dict(bits_meta))
             graph.insert_before(node, dq)
             out = dq.outputs[0]
             out.name = f"{safe}.dq"
@@ -141,17 +144,17 @@ def insert_qdq(model, qs: dict[str, Any]) -> dict[str, int]:
             if spec.needs_clip():
                 lo_v = add_initializer(graph, f"{safe}.clip_lo", np.array((lo - zp) * s, dtype=np.float32))
                 hi_v = add_initializer(graph, f"{safe}.clip_hi", np.array((hi - zp) * s, dtype=np.float32))
-                clip = ir.node("Clip", [x, lo_v, hi_v], name=f"{safe}/Clip", metadata_props=bits_meta)
+                clip = ir.node("Clip", [x, lo_v, hi_v], name=f"{safe}/Clip", metadata_props=dict(bits_meta))
                 graph.insert_before(node, clip)
                 src = clip.outputs[0]
                 src.name = f"{safe}.clipped"
                 counts["clip"] += 1
             qn = ir.node("QuantizeLinear", [src, scale_v, zp_v], name=f"{safe}/QuantizeLinear",
-                         metadata_props=bits_meta)
+                         metadata_props=dict(bits_meta))
             graph.insert_before(node, qn)
             qn.outputs[0].name = f"{safe}.q"
             dq = ir.node("DequantizeLinear", [qn.outputs[0], scale_v, zp_v], name=f"{safe}/DequantizeLinear",
-                         metadata_props=bits_meta)
+                         metadata_props=dict(bits_meta))
             graph.insert_before(node, dq)
             out = dq.outputs[0]
             out.name = f"{safe}.dq"
@@ -210,6 +213,7 @@ def export_qdq(qmodel: nn.Module, out: str | os.PathLike, layout: str = "integer
     float summation order makes near-ties differ between runtimes."""
     from ..quant.graph import quantizers
     from ..quant.io import validate_quantized_model
+    from ..quant.modules import QuantPool
 
     if layout not in LAYOUTS:
         raise MixqError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
@@ -228,6 +232,10 @@ def export_qdq(qmodel: nn.Module, out: str | os.PathLike, layout: str = "integer
     name_nodes(model)
     if layout == "integer":
         counts["integer_gemms"] = integer_gemms(model)
+        pools = integer_pools(model, {m.input_quantizer.name: m.output_quantizer.name
+                                      for m in qmodel.modules() if isinstance(m, QuantPool)})
+        if pools:  # only then: graphs without pool quantizers keep their counts (and bytes) as before
+            counts["integer_pools"] = pools
     finalize_model(model, {
         "mixq.layout": layout,
         "mixq.preprocessing": _preprocessing(qmodel),

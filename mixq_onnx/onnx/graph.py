@@ -23,8 +23,12 @@ from ..errors import MixqError
 #: with them, so a DQ may sit on either side (the exporter's `sink_dequantize`, check's `residual-identity`).
 DATA_MOVE_OPS = ("Slice", "Pad", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity")
 
+#: Average pools: on integer codes (passes.integer_pools) their fp32 sums are exact in any order.
+POOL_OPS = ("AveragePool", "GlobalAveragePool", "ReduceMean")
+
 QUANTIZER_KEY = "mixq.quantizer"  # node metadata: the quantizer's name in the PyTorch model
 BITS_KEY = "mixq.bits"  # node metadata: that quantizer's bit width
+REQUANT_KEY = "mixq.requantize"  # Q metadata: it reads the mean codes of this (pool) quantizer (passes.integer_pools)
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 
 

@@ -13,6 +13,10 @@ arithmetic of an INT8 kernel and of the PyTorch layer in integer mode. onnxrunti
 of integer products is then exact, so its output is bit-identical to PyTorch's; TensorRT folds the
 Mul and Add into the same INT8 kernel's epilogue as it would fold the DQ scales.
 
+`integer_pools`: an average pool of quantized codes (`quant.modules.QuantPool`) dequantizes them with scale 1
+and multiplies the mean by s_x once: sums of integers are exact in fp32, so onnxruntime equals PyTorch bit
+for bit, where summing scaled values rounds differently in each runtime's order.
+
 `add_initializer` and `replace_uses` are the onnx-ir building blocks the exporter shares.
 
 Rewrites of a loaded ModelProto (copies for other tools, never the exported graph itself):
@@ -26,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from .graph import DATA_MOVE_OPS
+from .graph import DATA_MOVE_OPS, POOL_OPS, REQUANT_KEY
 
 _LABELS3 = ("q", "k", "v")
 
@@ -482,7 +486,89 @@ def integer_gemms(model) -> int:
     return len(todo)
 
 
-# Kept for export.py, which still imports these by their old names; new code uses the public ones.
+def _consumer_q(pool, name: str) -> tuple[list, Any, Any] | None:
+    """From a pool's output: (data moves, Clip or None, QuantizeLinear of quantizer `name`) when that Q alone
+    reads the pool through a chain of single-reader data moves (and its range Clip), else None."""
+    chain: list = []
+    cur = pool
+    for _ in range(16):
+        if cur.outputs[0].is_graph_output():
+            return None
+        nxt = _single_user(cur.outputs[0])
+        if nxt is None or nxt.inputs[0] is not cur.outputs[0]:
+            return None
+        if _moves_codes(nxt) and nxt.op_type != "Pad":  # codes padded with 0 mean the zero point's value
+            chain.append(nxt)
+            cur = nxt
+            continue
+        clip = nxt if nxt.op_type == "Clip" else None
+        q = _single_user(clip.outputs[0]) if clip is not None else nxt
+        if q is None or q.op_type != "QuantizeLinear" or q.metadata_props.get("mixq.quantizer") != name \
+                or (clip is not None and clip.outputs[0].is_graph_output()) or q.outputs[0].is_graph_output():
+            return None
+        return chain, clip, q
+    return None
+
+
+def integer_pools(model, pools: dict[str, str]) -> int:
+    """pool(DQ(q_x, s_x)) -> data moves -> [Clip] -> Q(s_y)  ==>  pool(DQ(q_x, 1)) -> [Clip] -> Q(s_y / s_x) ->
+    data moves (on INT8 codes), for each pool whose DQ belongs to a key of `pools` (the input quantizer of a
+    `QuantPool`) and whose Q to its value (the consumer's input quantizer). That is `QuantPool`'s integer form:
+    the mean of integer codes (exact fp32 sums) requantized straight onto the consumer's grid; with the Q
+    right after the pool, TensorRT runs one INT8 pooling layer. Returns the number of pools rewritten."""
+    import onnx_ir as ir
+
+    graph = model.graph
+    todo = []
+    for node in graph:
+        if node.op_type not in POOL_OPS or node.domain not in ("", "ai.onnx") or not node.inputs:
+            continue
+        dq = node.inputs[0].producer() if node.inputs[0] is not None else None
+        if not _is_act_dq(dq) or dq.metadata_props["mixq.quantizer"] not in pools:
+            continue
+        found = _consumer_q(node, pools[dq.metadata_props["mixq.quantizer"]])
+        if found is not None and _const_array(found[2].inputs[1]) is not None:
+            todo.append((node, dq, *found))
+    if not todo:
+        return 0
+    taken = _value_names(graph)
+    one = add_initializer(graph, _unique(graph, "mixq.pool_unit_scale", taken), np.array(1.0, np.float32))
+    for node, dq, chain, clip, q in todo:
+        s_in = np.float32(_const_array(dq.inputs[1]).reshape(()))
+        s_out = np.float32(_const_array(q.inputs[1]).reshape(()))
+        factor = np.float32(s_out / s_in)  # fp32 division, as QuantPool.requant_factor
+        # the codes: DQ with scale 1 (in place when the pool alone reads it)
+        if _single_user(dq.outputs[0]) is node:
+            dq.replace_input_with(1, one)
+        else:
+            new = ir.node("DequantizeLinear", [dq.inputs[0], one, *dq.inputs[2:]], name=f"{dq.name}_int",
+                          metadata_props=dict(dq.metadata_props))
+            graph.insert_after(dq, new)
+            new.outputs[0].name = f"{dq.outputs[0].name}.int"
+            new.outputs[0].type, new.outputs[0].shape = dq.outputs[0].type, dq.outputs[0].shape
+            node.replace_input_with(0, new.outputs[0])
+        name = q.metadata_props["mixq.quantizer"]
+        q.replace_input_with(1, add_initializer(graph, _unique(graph, f"{name}.requant_scale", taken), factor))
+        q.metadata_props[REQUANT_KEY] = dq.metadata_props["mixq.quantizer"]
+        if clip is not None:  # the grid's range on the pool's code scale: (lo - zp) * s_y -> (lo - zp) * factor
+            for i in (1, 2):
+                bound = float(_const_array(clip.inputs[i]).reshape(()))
+                code = round(bound / float(s_out))
+                clip.replace_input_with(i, add_initializer(
+                    graph, _unique(graph, f"{name}.requant_clip", taken), np.array(code * float(factor), np.float32)))
+        if chain:  # pool -> [Clip] -> Q -> data moves -> (the Q's readers)
+            first = clip if clip is not None else q
+            readers = list(q.outputs[0].uses())
+            first.replace_input_with(0, node.outputs[0])
+            for user, idx in readers:
+                user.replace_input_with(idx, chain[-1].outputs[0])
+            chain[0].replace_input_with(0, q.outputs[0])
+            for c in chain:
+                c.outputs[0].type = q.outputs[0].type
+            moved = ([clip] if clip is not None else []) + [q]
+            graph.remove(moved)
+            graph.insert_after(node, moved)
+    return len(todo)
 
 
 # --------------------------------------------------------------------------- ModelProto rewrites

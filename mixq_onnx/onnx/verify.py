@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import MixqError
-from .graph import GraphIndex
+from .graph import REQUANT_KEY, GraphIndex
 
 
 @dataclass
@@ -104,7 +104,14 @@ def match_quantizers(graph: Any, qs: dict[str, Any], path: Path | str = "graph")
             zp = index.value(qn.input[2]) if len(qn.input) > 2 else None
             g_scale = float(scale.reshape(-1)[0])
             g_zp = int(zp.reshape(-1)[0]) if zp is not None else 0
-            if np.float32(g_scale) != np.float32(float(q.scale.detach())) or g_zp != round(float(q.zero_point)):
+            want = np.float32(float(q.scale.detach()))
+            src = index.meta(qn).get(REQUANT_KEY)
+            if src is not None:  # an integer pool's requantization: the Q reads codes of `src`'s grid
+                if src not in qs:
+                    raise MixqError(f"{path} does not match the quantized model: {name} requantizes codes of "
+                                    f"{src}, which the model does not have")
+                want = np.float32(want / np.float32(float(qs[src].scale.detach())))
+            if np.float32(g_scale) != want or g_zp != round(float(q.zero_point)):
                 raise MixqError(f"{path} does not match the quantized model: quantizer {name} has scale "
                                 f"{float(q.scale.detach()):.6g}, the graph's is {g_scale:.6g}")
         else:
@@ -125,7 +132,7 @@ def verify_onnx(path: str | os.PathLike, qmodel: nn.Module, images: torch.Tensor
     from ..models import get_preprocessing
     from ..progress import progress_bar
     from ..quant.graph import quantizers
-    from ..quant.modules import QUANT_LAYERS
+    from ..quant.modules import QUANT_LAYERS, QuantPool
     from ..quant.quantizer import ActQuantizer
 
     path = Path(path)
@@ -134,6 +141,13 @@ def verify_onnx(path: str | os.PathLike, qmodel: nn.Module, images: torch.Tensor
     q_nodes = [n for n in index.nodes if n.op_type == "QuantizeLinear" and index.quantizer_of(n) is not None]
     q_outputs = {n.output[0]: index.quantizer_of(n) for n in q_nodes}  # Q output -> its quantizer
     q_float_in = {n.output[0]: index.quantizer_input(n) for n in q_nodes}  # -> the float tensor it sees
+    # an integer pool's requantization (passes.integer_pools): that tensor is a mean of codes; quantizer ->
+    # the Q's scale, s_y / s_x, by which onnxruntime divides it
+    requant = {index.quantizer_of(n): float(index.value(n.input[1]).reshape(-1)[0]) for n in q_nodes
+               if REQUANT_KEY in index.meta(n)}
+    # consumers of an integer pool: PyTorch hands them codes already requantized (QuantPool), so their input is
+    # on the grid, not the float mean onnxruntime's Q may see; the pool's own quantizer is compared instead
+    pool_out = {m.output_quantizer.name for m in qmodel.modules() if isinstance(m, QuantPool) and m.integer_mode()}
     match_quantizers(index, quantizers(qmodel), path)
     acts = {n: q for n, q in quantizers(qmodel).items() if isinstance(q, ActQuantizer) and q.enabled}
     missing = sorted(set(acts) - set(q_outputs.values()))
@@ -166,14 +180,20 @@ def verify_onnx(path: str | os.PathLike, qmodel: nn.Module, images: torch.Tensor
         differ = int((oc != tc).sum())
         if not state["forced"]:
             mism[name] += differ
-            iso = m.codes(torch.from_numpy(ort_x)).numpy()
+            if name in requant:  # codes from the mean of the pool's codes, on the same input
+                lo, hi = m.qrange
+                zp = float(m.zero_point)
+                iso = np.clip(np.rint(ort_x / np.float32(requant[name])) + zp, lo, hi)
+            else:
+                iso = m.codes(torch.from_numpy(ort_x)).numpy()
             mism_iso[name] += int((ort_codes != iso.reshape(ort_codes.shape)).sum())
             total[name] += tc.numel()
             return None
         mism_seg[name] += differ
         scale = m.scale.detach()
-        d = (torch.from_numpy(ort_x).reshape(x_t.shape) - x_t).abs().max() / scale
-        step[name] = max(step[name], float(d))
+        if name not in pool_out:
+            d = (torch.from_numpy(ort_x).reshape(x_t.shape) - x_t).abs().max() / scale
+            step[name] = max(step[name], float(d))
         return ((oc - m.zero_point) * scale).to(out.dtype)  # continue from onnxruntime's codes
 
     hooks = [q.register_forward_hook(lambda m, a, o, name=name: hook(m, a, o, name)) for name, q in acts.items()]

@@ -62,20 +62,22 @@ class QuantConfig:
     holdout: float = 0.1  # calibration fraction held out for the generalisation gap
     seed: int = 0
     share_quantizers: bool = True  # one quantizer per tensor and grid (graph.share_quantizers); quant.json without it: False
+    integer_pools: bool = True  # average pools read integer codes (graph.quantize_pools); quant.json without it: False
     params: ReconParams = field(default_factory=ReconParams)
 
     def __init__(self, wbits: int = 4, abits: int = 4, method: str = "qdrop", symmetric: bool = True,
                  first_last_bits: int | None = 8, preset: str = "fast", *, batch_size: int | None = None,
                  num_samples: int | None = None, p_norm: float = 2.4, scale_grid: int = 80,
                  block_size: int | None = None, holdout: float = 0.1, seed: int = 0,
-                 share_quantizers: bool = True, params: ReconParams | None = None, **learning: Any):
+                 share_quantizers: bool = True, integer_pools: bool = True, params: ReconParams | None = None,
+                 **learning: Any):
         unknown = sorted(set(learning) - set(PARAM_NAMES))
         if unknown:
             raise TypeError(f"QuantConfig() got an unexpected keyword argument {unknown[0]!r}")
         self.wbits, self.abits, self.method, self.symmetric = wbits, abits, method, symmetric
         self.first_last_bits, self.preset, self.batch_size, self.num_samples = first_last_bits, preset, batch_size, num_samples
         self.p_norm, self.scale_grid, self.block_size, self.holdout, self.seed = p_norm, scale_grid, block_size, holdout, seed
-        self.share_quantizers = share_quantizers
+        self.share_quantizers, self.integer_pools = share_quantizers, integer_pools
         self.params = replace(params if params is not None else ReconParams(), **learning)
 
     def validate(self) -> QuantConfig:
@@ -98,8 +100,9 @@ class QuantConfig:
                 raise MixqError(f"{opt} must be a positive integer, got {v!r}")
         if self.scale_grid < 1:
             raise MixqError(f"scale_grid must be at least 1, got {self.scale_grid}")
-        if not isinstance(self.share_quantizers, bool):
-            raise MixqError(f"share_quantizers must be true or false, got {self.share_quantizers!r}")
+        for key in ("share_quantizers", "integer_pools"):
+            if not isinstance(getattr(self, key), bool):
+                raise MixqError(f"{key} must be true or false, got {getattr(self, key)!r}")
         if not 0 <= self.drop_prob <= 1:
             raise MixqError(f"--drop-prob must be in [0, 1], got {self.drop_prob}")
         return self
@@ -126,13 +129,16 @@ class QuantConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """quant.json's "config": the flat keys of `DICT_KEYS`, then "share_quantizers": true when quantizers are
-        shared (absent otherwise, as in every quant.json written before sharing existed, so those files and the
-        graphs exported from them stay the same byte for byte), then "extra": {} — the key of a removed field
-        (QuantConfig.extra, never used), kept so that files stay the same value for value."""
+        shared and "integer_pools": true when pools are quantized (each absent otherwise, as in every quant.json
+        written before the rule existed, so those files and the graphs exported from them stay the same byte
+        for byte), then "extra": {} — the key of a removed field (QuantConfig.extra, never used), kept so that
+        files stay the same value for value."""
         d = {k: getattr(self, k) for k in DICT_KEYS}
         d["beta"] = list(self.beta)
         if self.share_quantizers:
             d["share_quantizers"] = True
+        if self.integer_pools:
+            d["integer_pools"] = True
         d["extra"] = {}
         return d
 
@@ -140,12 +146,13 @@ class QuantConfig:
     def from_dict(cls, d: dict[str, Any]) -> QuantConfig:
         """Read `to_dict`'s form (flat, as every quant.json has it); unknown keys (such as "extra") are ignored.
         A config without "share_quantizers" (written before sharing, or with it off) places one quantizer per
-        consumer, as its file records."""
+        consumer, as its file records; one without "integer_pools" has no pool quantizers."""
         names = {f.name for f in fields(cls) if f.name != "params"} | set(PARAM_NAMES)
         kw = {k: v for k, v in d.items() if k in names}
         if "beta" in kw:
             kw["beta"] = tuple(kw["beta"])
         kw.setdefault("share_quantizers", False)
+        kw.setdefault("integer_pools", False)
         return cls(**kw)
 
 

@@ -6,6 +6,9 @@ Q/DQ (TensorRT's placement rules):
 - MatMul inputs (attention q·kᵀ and attn·v) quantized;
 - a residual add gets a quantizer on its identity input only, never between a conv and the add it
   feeds (TensorRT fuses that add into the conv's epilogue);
+- an average pool whose output a quantized layer reads (the global pool before a classifier) gets a
+  quantizer on its input, at that layer's bits (`quantize_pools`): the pool then averages integer codes,
+  exactly in every runtime, and TensorRT runs it in INT8 (DQ -> pool -> Q);
 - one quantizer per tensor and grid (`share_quantizers`, on unless the config says otherwise): where one
   tensor feeds several quantized consumers with the same grid (a block input feeding its first conv and
   the residual add, or two convs), they share one `ActQuantizer`, so the export writes one Q/DQ whose
@@ -30,7 +33,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..errors import MixqError
 from ..registry import Registry, resolve
 from .config import QuantConfig
-from .modules import QUANT_LAYERS, QuantConv2d, QuantLinear
+from .modules import QUANT_LAYERS, QuantConv2d, QuantLinear, QuantPool
 from .quantizer import ActQuantizer, WeightQuantizer
 
 KEEP_ATTRS = ("mixq_preprocessing", "mixq_source", "num_classes", "pretrained_cfg", "default_cfg")
@@ -265,6 +268,114 @@ def _transform(module: nn.Module, prefix: str, leaves: Iterable[nn.Module], cfg:
     gm.recompile()
     gm.delete_all_unused_submodules()  # the folded BatchNorms
     return gm
+
+
+# ----------------------------------------------------------------------------- integer pools
+class SpatialMean(nn.Module):
+    """`x.mean(dims, keepdim)` over the last two axes, as a module (a `QuantPool` wraps modules)."""
+
+    def __init__(self, dims: tuple[int, ...], keepdim: bool):
+        super().__init__()
+        self.dims, self.keepdim = dims, keepdim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(self.dims, keepdim=self.keepdim)
+
+    def extra_repr(self) -> str:
+        return f"dims={self.dims}, keepdim={self.keepdim}"
+
+
+_SPATIAL_DIMS = ({2, 3}, {-1, -2})
+
+
+def _spatial_mean(node: fx.Node) -> SpatialMean | None:
+    """A `mean` over the two spatial axes of an NCHW tensor (`x.mean((2, 3))`, `torch.mean(x, (-2, -1))`)."""
+    if not ((node.op == "call_method" and node.target == "mean") or
+            (node.op == "call_function" and node.target is torch.mean)):
+        return None
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+    if not isinstance(dims, (tuple, list)) or set(dims) not in _SPATIAL_DIMS or len(dims) != 2 \
+            or not isinstance(keepdim, bool) or "dtype" in node.kwargs:
+        return None
+    return SpatialMean(tuple(dims), keepdim)
+
+
+def _exact_pool(m: nn.Module) -> bool:
+    """An average pool whose every output is (sum of codes) / (window size): no padding, no ceil mode."""
+    if isinstance(m, nn.AdaptiveAvgPool2d):
+        return m.output_size in (1, (1, 1), [1, 1])
+    if isinstance(m, nn.AvgPool2d):
+        return (m.padding in (0, (0, 0)) and not m.ceil_mode and m.divisor_override is None)
+    return False
+
+
+def _pool_consumer(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
+    """The quantized layer that alone reads `node`'s output (through data movement and nn.Flatten)."""
+    cur = node
+    for _ in range(16):
+        if len(cur.users) != 1:
+            return None
+        nxt = next(iter(cur.users))
+        if nxt.op == "call_module" and nxt.args and nxt.args[0] is cur:
+            m = _get(gm, nxt.target)
+            if isinstance(m, QUANT_LAYERS):
+                return m if isinstance(m.input_quantizer, ActQuantizer) else None
+            if isinstance(m, nn.Flatten) or _moves_data(gm, nxt):
+                cur = nxt
+                continue
+            return None
+        if nxt.args and nxt.args[0] is cur and _moves_data(gm, nxt):
+            cur = nxt
+            continue
+        return None
+    return None
+
+
+def quantize_pools(model: nn.Module) -> int:
+    """The placement rule "pools average integer codes", applied to a prepared model in place: an average pool
+    (`nn.AdaptiveAvgPool2d(1)`, `nn.AvgPool2d` without padding, or a `mean` over the two spatial axes, which
+    becomes a `SpatialMean` module) whose output a quantized layer alone reads
+    becomes a `QuantPool` with an input quantizer (placement "pool") at that layer's bits and symmetry, which
+    requantizes onto the layer's own input quantizer. Call it after the bit policy has set the layer's bits and
+    after `share_quantizers` has settled the layer's quantizer. Returns how many pools it quantized."""
+    n = 0
+    for path, gm in list(model.named_modules()):
+        if not isinstance(gm, fx.GraphModule):
+            continue
+        prefix = f"{path}." if path else ""
+        calls: dict[str, int] = {}
+        for node in gm.graph.nodes:
+            if node.op == "call_module":
+                calls[node.target] = calls.get(node.target, 0) + 1
+        changed = False
+        for node in list(gm.graph.nodes):
+            mean = _spatial_mean(node)
+            if mean is None and (node.op != "call_module" or calls[node.target] != 1
+                                 or not _exact_pool(_get(gm, node.target))):
+                continue
+            layer = _pool_consumer(gm, node)
+            if layer is None:
+                continue
+            iq = layer.input_quantizer
+            target = node.target if mean is None else f"mixq_{node.name}"
+            name = f"{prefix}{target}"
+            q = ActQuantizer(f"{name}.input", iq.bits, iq.symmetric, placement="pool")
+            pool = QuantPool(_get(gm, node.target) if mean is None else mean, name, q, layer.name, iq)
+            if mean is None:
+                _set(gm, node.target, pool)
+            else:  # the method call becomes a call of the module
+                gm.add_submodule(target, pool)
+                with gm.graph.inserting_before(node):
+                    new = gm.graph.call_module(target, (node.args[0],))
+                node.replace_all_uses_with(new)
+                gm.graph.erase_node(node)
+                changed = True
+            n += 1
+        if changed:
+            gm.graph.lint()
+            gm.recompile()
+    return n
 
 
 # ----------------------------------------------------------------------------- quantizer sharing
@@ -536,6 +647,8 @@ def prepare(model: nn.Module, cfg: QuantConfig) -> fx.GraphModule:
                 layer.input_quantizer.bits = cfg.first_last_bits
     if cfg.share_quantizers and not cfg.weight_only:  # after the bit policy: only equal grids merge
         share_quantizers(gm)
+    if cfg.integer_pools and not cfg.weight_only:  # after both: a pool takes its consumer's bits and quantizer
+        quantize_pools(gm)
     gm.mixq_units = _units(gm, blocks, order)  # type: ignore[attr-defined]
     return gm
 

@@ -122,3 +122,49 @@ class QuantLinear(_QuantLayer):
 
 
 QUANT_LAYERS = (QuantConv2d, QuantLinear)
+
+class QuantPool(nn.Module):
+    """An average pool that reads the integer codes of its input and writes those of its consumer, as an INT8
+    pooling kernel does.
+
+    The pool's input gets its own quantizer (placement "pool", at the bits of the quantized layer the pooled
+    tensor feeds: `graph.quantize_pools`); `output_quantizer` is that layer's input quantizer (the same
+    object). Once both are frozen, the pool averages integer codes, whose fp32 sums are exact in any order,
+    and requantizes the mean m straight onto the consumer's grid: code = round(m / (s_out / s_in)). The
+    exported graph computes exactly that, DQ(codes, 1) -> pool -> Q(s_out / s_in)
+    (`mixq_onnx.onnx.passes.integer_pools`), which TensorRT runs as one INT8 pooling layer. A float pool
+    would sum scaled values in an order each runtime picks, and one value moved across a rounding boundary
+    of the next quantizer changes the classifier's input code."""
+
+    def __init__(self, pool: nn.Module, name: str, quantizer: ActQuantizer, consumer: str,
+                 output_quantizer: ActQuantizer):
+        super().__init__()
+        self.pool = pool
+        self.name = name
+        self.input_quantizer = quantizer
+        self.output_quantizer = output_quantizer  # the consumer's input quantizer (held there too)
+        self.consumer = consumer  # the quantized layer whose input the pooled tensor is
+
+    def integer_mode(self) -> bool:
+        """True once both quantizers are frozen (evaluation, export checks): the integer-domain form."""
+        if exporting():
+            return False
+        return all(q.enabled and not q.observing and not q.learning and bool(q.initialized)
+                   for q in (self.input_quantizer, self.output_quantizer))
+
+    def requant_factor(self) -> torch.Tensor:
+        """fp32(s_out) / fp32(s_in): the exporter writes this very value as the Q scale after the pool."""
+        return self.output_quantizer.scale.detach().float() / self.input_quantizer.scale.detach().float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        iq, oq = self.input_quantizer, self.output_quantizer
+        if self.integer_mode():
+            mean = self.pool(torch.round(iq(x) / iq.scale.detach()))  # codes relative to the zero point
+            lo, hi = oq.qrange
+            zp = oq.zero_point
+            code = torch.clamp(torch.round(mean / self.requant_factor()) + zp, lo, hi) - zp
+            return code * oq.scale.detach()  # the consumer re-quantizes it to the same code
+        return self.pool(iq(x))
+
+    def extra_repr(self) -> str:
+        return f"consumer={self.consumer!r}"

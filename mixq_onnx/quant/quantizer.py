@@ -159,7 +159,7 @@ class ActQuantizer(_Base):
 
     def __init__(self, name: str, bits: int, symmetric: bool = True, placement: str = "input"):
         super().__init__(name, bits, symmetric)
-        self.placement = placement  # input (of a Conv/Gemm) | residual (identity input of an add) | matmul
+        self.placement = placement  # input (of a Conv/Gemm) | residual (identity input of an add) | matmul | pool
         self.shared_with: tuple[str, ...] = ()  # placements merged into this one (graph.share_quantizers)
         self.signed = True
         self.scale = nn.Parameter(torch.tensor(1.0))

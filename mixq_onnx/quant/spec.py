@@ -16,7 +16,7 @@ from typing import Any
 
 SUPPORTED_BITS = tuple(range(2, 9))
 KINDS = ("act", "weight")
-PLACEMENTS = ("input", "residual", "matmul", "weight")
+PLACEMENTS = ("input", "residual", "matmul", "pool", "weight")
 
 
 def int_range(bits: int, signed: bool, narrow: bool) -> tuple[int, int]:
@@ -32,7 +32,8 @@ def int_range(bits: int, signed: bool, narrow: bool) -> tuple[int, int]:
 class QuantSpec:
     name: str
     kind: str  # "act" | "weight"
-    placement: str  # act: "input" (of a Conv/Gemm) | "residual" (identity input of an add) | "matmul"; "weight"
+    placement: str  # act: "input" (of a Conv/Gemm) | "residual" (identity input of an add) | "matmul" | "pool"
+    # (input of an average pool a quantized layer reads); "weight"
     bits: int
     signed: bool  # act: False for post-ReLU inputs on an unsigned grid; weight: == symmetric
     symmetric: bool  # zero point 0 (TensorRT-deployable)

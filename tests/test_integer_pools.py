@@ -1,0 +1,193 @@
+"""Integer pools (`quant.graph.quantize_pools`, `onnx.passes.integer_pools`): an average pool that a quantized
+layer reads gets a quantizer on its input, averages integer codes and requantizes the mean straight onto
+its consumer's grid. onnxruntime then computes exactly what PyTorch does (max |diff| 0, also where the
+window is not a power of two), and TensorRT runs the pool as one INT8 layer."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.nn as nn
+from conftest import RESNET8, RESNET20, TEST_NPZ, TRAIN_NPZ, need_shared
+
+from mixq_onnx.errors import MixqError
+from mixq_onnx.models import get_preprocessing, load_model
+from mixq_onnx.models.preprocessing import ATTR, Preprocessing
+from mixq_onnx.onnx import export_qdq
+from mixq_onnx.onnx.check import check_model, report
+from mixq_onnx.onnx.graph import REQUANT_KEY
+from mixq_onnx.onnx.verify import match_quantizers, verify_onnx
+from mixq_onnx.quant import QuantConfig, load_quantized, prepare, quantize, quantizers, save_quantized
+from mixq_onnx.quant.modules import QuantPool
+
+
+class PoolNet(nn.Module):
+    """conv-bn-relu, conv-relu, then one of the three pool spellings, flatten, classifier."""
+
+    def __init__(self, pool: str, size: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.bn = nn.BatchNorm2d(16)
+        self.conv2 = nn.Conv2d(16, 24, 3, padding=1)
+        self.kind = pool
+        self.pool = {"adaptive": nn.AdaptiveAvgPool2d(1), "avg": nn.AvgPool2d(size)}.get(pool, nn.Identity())
+        self.fc = nn.Linear(24, 10)
+        setattr(self, ATTR, Preprocessing(input_size=(3, size, size)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv2(torch.relu(self.bn(self.conv1(x)))))
+        x = x.mean((2, 3)) if self.kind == "mean" else torch.flatten(self.pool(x), 1)
+        return self.fc(x)
+
+
+def _net(pool: str, size: int) -> nn.Module:
+    torch.manual_seed(0)
+    m = PoolNet(pool, size).eval()
+    with torch.no_grad():
+        m.bn.running_mean.uniform_(-0.2, 0.2)
+        m.bn.running_var.uniform_(0.5, 2.0)
+    return m
+
+
+def _images(n: int, size: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (n, size, size, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+def _quantized(pool: str, size: int, **cfg):
+    model = _net(pool, size)
+    calib = get_preprocessing(model)(_images(64, size, seed=1))
+    kw = dict(wbits=4, abits=4, method="rtn", scale_grid=10)
+    kw.update(cfg)
+    return quantize(model, QuantConfig(**kw), calib, progress=False)
+
+
+@pytest.mark.parametrize("pool", ["adaptive", "avg", "mean"])
+def test_pool_gets_a_quantizer_at_its_consumers_grid(pool):
+    q = _quantized(pool, 8)
+    pools = [m for m in q.modules() if isinstance(m, QuantPool)]
+    assert len(pools) == 1
+    p = pools[0]
+    assert p.input_quantizer.spec.placement == "pool" and p.consumer == "fc"
+    assert p.output_quantizer is q.fc.input_quantizer  # one object: the consumer's own quantizer
+    assert p.input_quantizer.bits == q.fc.input_quantizer.bits == 8  # the last layer's bits (first/last policy)
+    assert p.input_quantizer.name in quantizers(q)
+    off = prepare(_net(pool, 8), QuantConfig(wbits=4, abits=4, integer_pools=False))
+    assert not any(isinstance(m, QuantPool) for m in off.modules())
+
+
+def test_integer_pool_is_exact_and_on_the_consumers_grid():
+    """PyTorch's integer form equals the mean of the codes requantized by round(m / (s_out / s_in))."""
+    q = _quantized("adaptive", 8)
+    p = next(m for m in q.modules() if isinstance(m, QuantPool))
+    x = torch.rand(4, 24, 8, 8) * 3
+    assert p.integer_mode()
+    y = p(x)
+    iq, oq = p.input_quantizer, p.output_quantizer
+    codes = iq.codes(x).to(torch.float64)
+    want = torch.clamp(torch.round(codes.mean((2, 3), keepdim=True).float() / p.requant_factor()), *oq.qrange)
+    assert torch.equal(y, want * oq.scale.detach())
+    assert torch.equal(oq.codes(y), want)  # the consumer reads the very same codes
+
+
+@pytest.mark.parametrize("pool,size,bits", [("adaptive", 7, 8), ("avg", 5, 8), ("mean", 6, 8), ("adaptive", 7, 4)])
+def test_export_is_bit_exact_with_any_window(pool, size, bits, tmp_path):
+    """Windows of 49, 25 and 36 values (not powers of two), and a 4-bit classifier input (its range Clip
+    moves in front of the requantizing Q): onnxruntime equals PyTorch to the last bit."""
+    q = _quantized(pool, size, first_last_bits=None if bits == 4 else 8)
+    path = export_qdq(q, tmp_path / "m.onnx")
+    assert report(check_model(path))["ok"]
+    m = onnx.load(str(path))
+    nodes = list(m.graph.node)
+    pool_node = next(n for n in nodes if n.op_type in ("AveragePool", "GlobalAveragePool", "ReduceMean"))
+    after = [n for n in nodes if pool_node.output[0] in n.input]
+    if bits == 4:
+        assert [n.op_type for n in after] == ["Clip"]
+        after = [n for n in nodes if after[0].output[0] in n.input]
+    assert [n.op_type for n in after] == ["QuantizeLinear"]  # right after the pool: one INT8 pooling layer
+    qpool = next(mod for mod in q.modules() if isinstance(mod, QuantPool))
+    assert {p.key: p.value for p in after[0].metadata_props}[REQUANT_KEY] == qpool.input_quantizer.name
+    rep = verify_onnx(path, q, _images(300, size, seed=2))
+    assert rep.max_abs_diff == 0.0 and rep.top1_agreement == 100.0, rep
+    assert rep.code_mismatch_fraction == 0.0 and rep.propagated_code_mismatch == 0.0, rep.first_divergence
+    assert rep.segment_step_diff == 0.0
+
+
+def test_verify_refuses_a_tampered_requantization(tmp_path):
+    q = _quantized("adaptive", 8)
+    m = onnx.load(str(export_qdq(q, tmp_path / "m.onnx")))
+    qn = next(n for n in m.graph.node if any(p.key == REQUANT_KEY for p in n.metadata_props))
+    init = next(i for i in m.graph.initializer if i.name == qn.input[1])
+    init.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(init) * np.float32(1.01), init.name))
+    with pytest.raises(MixqError, match="fc.input has scale"):
+        match_quantizers(m, quantizers(q))
+
+
+def test_check_flags_a_pool_of_codes_that_is_not_requantized(tmp_path):
+    q = _quantized("adaptive", 8)
+    path = export_qdq(q, tmp_path / "m.onnx")
+    m = onnx.load(str(path))
+    for n in m.graph.node:  # the Q after the pool loses its mark: the pool's DQ(scale 1) is then unexplained
+        if any(p.key == REQUANT_KEY for p in n.metadata_props):
+            keep = [p for p in n.metadata_props if p.key != REQUANT_KEY]
+            del n.metadata_props[:]
+            n.metadata_props.extend(keep)
+    bad = tmp_path / "bad.onnx"
+    onnx.save(m, str(bad))
+    rules = {v.rule for v in check_model(bad) if v.severity == "error"}
+    assert "qdq-scale-pair" in rules and report(check_model(path))["ok"]
+
+
+def test_result_folder_round_trip_and_old_folders(tmp_path):
+    q = _quantized("adaptive", 8)
+    save_quantized(q, tmp_path / "new")
+    meta = json.loads((tmp_path / "new" / "quant.json").read_text())
+    assert meta["config"]["integer_pools"] is True
+    assert [r["placement"] for r in meta["quantizers"] if r["name"] == "pool.input"] == ["pool"]
+    again = load_quantized(_net("adaptive", 8), tmp_path / "new")
+    x = get_preprocessing(q)(_images(16, 8, seed=3))
+    assert torch.equal(again(x), q(x))
+    # a folder written before the rule (no "integer_pools" in its config) has no pool quantizer, and loads so
+    old = _quantized("adaptive", 8, integer_pools=False)
+    save_quantized(old, tmp_path / "old")
+    meta = json.loads((tmp_path / "old" / "quant.json").read_text())
+    assert "integer_pools" not in meta["config"]
+    back = load_quantized(_net("adaptive", 8), tmp_path / "old")
+    assert not any(isinstance(m, QuantPool) for m in back.modules())
+    assert torch.equal(back(x), old(x))
+
+
+@need_shared(RESNET20, TRAIN_NPZ, TEST_NPZ)
+def test_resnet20_w2a4_is_bit_exact_on_real_images(tmp_path):
+    """The case the float pool broke: W2A4 on the real ResNet-20, 1,000 real test images."""
+    torch.set_num_threads(1)
+    model = load_model("cifar_resnet20", RESNET20)
+    calib = get_preprocessing(model)(torch.from_numpy(np.load(TRAIN_NPZ)["x"][:128]))
+    q = quantize(model, QuantConfig(wbits=2, abits=4, method="qdrop", iters=20, scale_grid=20), calib,
+                 progress=False)
+    path = export_qdq(q, tmp_path / "m.onnx")
+    rep = verify_onnx(path, q, torch.from_numpy(np.load(TEST_NPZ)["x"][:1000]))
+    assert rep.max_abs_diff == 0.0 and rep.code_mismatch_fraction == 0.0 and rep.propagated_code_mismatch == 0.0
+
+
+@need_shared(RESNET8)
+def test_resnet8_pool_runs_int8_in_the_engine(tmp_path):
+    """TensorRT-RTX builds ResNet-8's pool as one INT8 -> INT8 pooling layer: no float hand-off around it."""
+    pytest.importorskip("tensorrt_rtx")
+    from mixq_onnx.trt.builder import BuildConfig, build_engine, plan_layers, read_plan_meta
+    from mixq_onnx.trt.inspect import inspect_plan
+
+    model = load_model("mlperf_tiny_resnet8", RESNET8)
+    calib = get_preprocessing(model)(_images(32, 32, seed=4))
+    q = quantize(model, QuantConfig(wbits=8, abits=8, method="rtn", scale_grid=10), calib, progress=False)
+    path = export_qdq(q, tmp_path / "m.onnx")
+    plan = tmp_path / "m.plan"
+    build_engine(path, plan, BuildConfig(batch=(1, 2, 4)))
+    layers = plan_layers(read_plan_meta(plan))
+    pools = [li for li in layers if "pool" in li.layer_type.lower() or "pool" in li.name.lower()]
+    assert pools and all(t.dtype == "Int8" for li in pools for t in li.inputs + li.outputs), \
+        [(li.layer_type, [t.dtype for t in li.inputs], [t.dtype for t in li.outputs]) for li in pools]
+    rep = inspect_plan(plan, path)
+    assert rep.int8_mac_fraction == 1.0 and rep.handoffs == 0, rep.float_handoffs
