@@ -149,7 +149,7 @@ def test_result_folder_never_runs_the_code_it_names(code_world, spec):
         assert not marker.exists()
     # trusting it does import it: the file really would have run
     q = load_quantized_dir(qdir, trust_model_code=True)
-    assert marker.exists() and len(quantizers(q)) == 4
+    assert marker.exists() and len(quantizers(q)) == 5  # conv and fc weights and inputs, the pool's input
 
 
 def test_cli_export_and_verify_never_run_the_code_a_folder_names(code_world, run_cli):
@@ -176,7 +176,7 @@ def test_user_model_must_be_the_recorded_one(code_world, r20, tmp_path):
     qdir = code_world["qdir"]  # recorded spec: good.py (made from 'good.py:make' in the cwd) and its sha256
     size = (3, 16, 16)
     same = load_model(f"{code_world['tmp'] / 'good.py'}:make", random_init=True, input_size=size)
-    assert len(quantizers(load_quantized(same, qdir))) == 4  # the same file, spelled differently
+    assert len(quantizers(load_quantized(same, qdir))) == 5  # the same file, spelled differently
     (code_world["tmp"] / "other.py").write_text((code_world["tmp"] / "good.py").read_text() + "# edited\n")
     other = load_model("other.py:make", random_init=True, input_size=size)
     with pytest.raises(MixqError, match=r"model file other.py does not match .*quant.json: its sha256 is"):

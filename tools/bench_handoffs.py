@@ -152,9 +152,7 @@ def render(rows: list[dict], spread: list[dict], backend: str) -> str:
             "Where `verify`'s max abs diff is not 0 (top-1 agreement still 100 %), the first quantizer whose codes "
             "differ is " + ", ".join(sorted({f"`{r['verify_first_divergence']}`" for r in diverged})) + " in "
             + ", ".join(f"{'shared' if r['share'] else 'per consumer'} W{r['wbits']}A{r['abits']}" for r in diverged)
-            + ": the input of the classifier, right after the global average pool, the one float reduction whose "
-            "summation order differs between PyTorch and onnxruntime (section export); a value at a rounding "
-            "boundary there flips one code, with or without sharing.")
+            + ".")
     return "\n".join(lines)
 
 

@@ -741,6 +741,16 @@ def mixq_layout(r: dict[str, Any]) -> str:
         return "unknown"
 
 
+def mixq_pools(r: dict[str, Any]) -> bool | None:
+    """Whether the row's result folder averages integer codes in its global pool (quant.json config
+    `integer_pools`); None when the folder cannot be read."""
+    qj = WORK / r["model"] / r["id"] / "quant" / "quant.json"
+    try:
+        return bool(json.loads(qj.read_text())["config"].get("integer_pools"))
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 def findings(results: list[dict[str, Any]]) -> list[str]:
     """What the rows show about the tools' graphs, stated only where the measured rows show it."""
     ok = [r for r in results if r.get("status") == "ok" and r.get("group") != "ref"]
@@ -813,6 +823,13 @@ def findings(results: list[dict[str, Any]]) -> list[str]:
                    f"{len(shared)} of {len(layouts)}"
                    + (f"; per consumer (measured before sharing): {', '.join(sorted(k for k, v in layouts.items() if v != 'shared'))}"
                       if len(shared) < len(layouts) else "") + ".")
+    pools = {r["id"]: mixq_pools(r) for r in ok if r["tool"] == "mixq" and r.get("group") != "ref"}
+    if any(v is not None for v in pools.values()):
+        ints = sorted(k for k, v in pools.items() if v)
+        out.append(f"- mixq-onnx rows whose global pool averages INT8 codes (integer pools, the default): {len(ints)} "
+                   f"of {len(pools)}" + (f"; float pool (measured before integer pools): "
+                                         f"{', '.join(sorted(k for k, v in pools.items() if not v))}"
+                                         if len(ints) < len(pools) else "") + ".")
     for m in dict.fromkeys(r["model"] for r in ok):
         rq = {label(r): r["handoffs"]["requantize"] for r in ok if r["model"] == m and r.get("handoffs")
               and r["wbits"] == 8 and r["abits"] == 8}

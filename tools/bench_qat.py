@@ -139,11 +139,12 @@ def verify_cause(ver: dict) -> str:
     and the difference left when onnxruntime's codes are forced into PyTorch)."""
     if not ver.get("max_abs_diff"):
         return ""
+    forced = ver.get("forced_max_abs_diff")
     return (f" (first quantizer whose codes differ: `{ver.get('first_divergence')}`, a share "
             f"{ver.get('propagated_code_mismatch'):.3g} of its codes; with onnxruntime's codes forced into PyTorch "
-            f"the max |diff| is {ver.get('forced_max_abs_diff')}: the arithmetic is exact, and the one float "
-            "reduction left, the average pool before the classifier, sums in a different order in PyTorch and "
-            "onnxruntime, which moves a value across a rounding boundary of the classifier's input quantizer)")
+            f"the max |diff| is {forced}"
+            + (": the arithmetic between quantizers is exact, so a float reduction upstream of that quantizer "
+               "rounds differently in the two runtimes)" if not forced else ")"))
 
 
 def intended(ins: dict) -> str:
