@@ -191,3 +191,26 @@ def test_resnet8_pool_runs_int8_in_the_engine(tmp_path):
         [(li.layer_type, [t.dtype for t in li.inputs], [t.dtype for t in li.outputs]) for li in pools]
     rep = inspect_plan(plan, path)
     assert rep.int8_mac_fraction == 1.0 and rep.handoffs == 0, rep.float_handoffs
+
+
+def test_nipq_learns_the_pool_quantizers_bits_and_lsq_keeps_its_consumers():
+    """The pool's input quantizer is no layer's input: the first/last policy does not fix it, so NIPQ's budget
+    sets its bits like any activation's; LSQ keeps the bits `quantize` gives it (its consumer's)."""
+    from mixq_onnx.qat import QATConfig
+    from mixq_onnx.qat import train as qat_train
+    from mixq_onnx.training import TrainData
+
+    model = _net("adaptive", 8)
+    data = TrainData(get_preprocessing(model)(_images(48, 8, seed=5)), torch.randint(0, 10, (48,), generator=torch.Generator().manual_seed(5)),
+                     "random")
+    rows = {}
+    for method, kw in (("nipq", dict(target_bits=3.0)), ("lsq", dict(wbits=3, abits=3))):
+        q = qat_train(model, QATConfig(method=method, epochs=1, final_epochs=1, batch_size=16, **kw), data,
+                      progress=False)
+        rows[method] = {r["name"]: r for r in q.mixq_qat_report["quantizers"]}
+        pool = next(m for m in q.modules() if isinstance(m, QuantPool))
+        assert pool.output_quantizer is q.fc.input_quantizer  # still one object after the QAT swaps
+    nipq, lsq = rows["nipq"]["pool.input"], rows["lsq"]["pool.input"]
+    assert nipq["placement"] == "pool" and not nipq["fixed"] and nipq["bits"] < 8, nipq
+    assert rows["nipq"]["fc.input"]["fixed"] and rows["nipq"]["fc.input"]["bits"] == 8
+    assert lsq["bits"] == 8

@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from ..quant.config import QuantConfig
 from ..quant.graph import prepare, quantizers
-from ..quant.modules import QUANT_LAYERS, QuantPool
+from ..quant.modules import QUANT_LAYERS
 from ..quant.quantizer import ActQuantizer, WeightQuantizer, search_act_scale, search_weight_scale
 from ..quant.reconstruct import init_scales
 from ..training import TrainConfig, TrainData
@@ -78,8 +78,8 @@ def _fixed_bits(gm: nn.Module, cfg: QATConfig) -> dict[str, int]:
             out[m.weight_quantizer.name] = cfg.first_last_bits
             if m.input_quantizer is not None:
                 out[m.input_quantizer.name] = cfg.first_last_bits
-        elif isinstance(m, QuantPool) and m.consumer in first_last:  # the pool before the classifier: its grid
-            out[m.input_quantizer.name] = cfg.first_last_bits
+    # (a pool's input quantizer is no layer's: NIPQ learns its bits like any activation's, and the budget
+    # counts them; `quantize` and LSQ give it its consumer's bits)
     return out
 
 
