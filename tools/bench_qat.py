@@ -167,7 +167,7 @@ def collapsed(results: dict[tuple[str, str], dict]) -> str:
 
 #: the commit whose `qat` code trained the cached rows (older rows are kept aside under runs/bench_qat/old_*)
 TRAINED_AT = "5a7ee4a"
-HISTORY = (
+ROWS_HISTORY = (
     "Before integer pools (commit 8396109's rows, the classifier reading a float pool), the seed means were "
     "LSQ W4A4 84.56, NIPQ@4 84.68, LSQ W3A3 81.24, NIPQ@3 80.88. A first run with integer pools that fixed the "
     "pool's quantizer at 8 bits in NIPQ too (the first/last policy applied to it) gave NIPQ@4 84.74 / 84.28 / "
@@ -331,7 +331,7 @@ Over the seeds: NIPQ@4 − LSQ W4A4 = {mean('nipq-4') - mean('lsq-w4a4'):+.2f} p
 W4A4 = {mean('nipq-4') - PTQ_QDROP_W4A4[nets[0]]:+.2f} pp (bar ≥ 0); NIPQ@3 − LSQ W3A3 = {mean('nipq-3') - mean('lsq-w3a3'):+.2f} pp (bar +1.0).
 
 Read with the table: rows are cached in runs/bench_qat/ and reused; these were trained with the `qat` code of
-commit {TRAINED_AT}. {HISTORY} NIPQ's activation range
+commit {TRAINED_AT}. {ROWS_HISTORY} NIPQ's activation range
 starts at 6 (non-negative) or 3 (signed), as in the official code, raised to the observed 99.9th percentile
 of |x| where that is larger: on ResNet-20 no range changes (every percentile is below its default), on
 ResNet-8 the stem's raw 0..255 input starts at 255 (before, the noise phase clipped it to [0, 6]).
