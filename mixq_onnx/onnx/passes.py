@@ -563,8 +563,11 @@ def integer_pools(model, pools: dict[str, str]) -> int:
             for user, idx in readers:
                 user.replace_input_with(idx, chain[-1].outputs[0])
             chain[0].replace_input_with(0, q.outputs[0])
-            for c in chain:
-                c.outputs[0].type = q.outputs[0].type
+            zp = q.inputs[2] if len(q.inputs) > 2 else None
+            codes_type = ir.TensorType(zp.const_value.dtype if zp is not None and zp.const_value is not None
+                                       else ir.DataType.UINT8)  # ONNX: no zero point means uint8
+            for v in [q.outputs[0]] + [c.outputs[0] for c in chain]:
+                v.type = codes_type
             moved = ([clip] if clip is not None else []) + [q]
             graph.remove(moved)
             graph.insert_after(node, moved)
