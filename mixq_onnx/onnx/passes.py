@@ -409,6 +409,22 @@ def _weight_channels(node, wdq) -> tuple[int, list[int]] | None:
     return c, shape
 
 
+def _codes_of(graph, dq, one, in_place: bool):
+    """The integer codes a mixq activation DQ dequantizes: the DQ itself with scale 1 when `in_place` (every
+    reader is being rewritten to read codes), else a new DQ(codes, 1) beside it. Returns the codes value."""
+    import onnx_ir as ir
+
+    if in_place and not dq.outputs[0].is_graph_output():
+        dq.replace_input_with(1, one)
+        return dq.outputs[0]
+    new = ir.node("DequantizeLinear", [dq.inputs[0], one, *dq.inputs[2:]], name=f"{dq.name}_int",
+                  metadata_props=dict(dq.metadata_props))
+    graph.insert_after(dq, new)
+    new.outputs[0].name = f"{dq.outputs[0].name}.int"
+    new.outputs[0].type, new.outputs[0].shape = dq.outputs[0].type, dq.outputs[0].shape
+    return new.outputs[0]
+
+
 def integer_gemms(model) -> int:
     """Conv/Gemm/MatMul(DQ(q_x, s_x), DQ(W, s_w)) [+ b]  ==>  Conv/Gemm/MatMul(DQ(q_x, 1), DQ(W, 1))
     -> Mul(fp32(s_x * s_w)) [-> Add(b)]. Returns the number of layers rewritten."""
@@ -442,17 +458,8 @@ def integer_gemms(model) -> int:
     for node, adq, wdq, (c, shape), bias in todo:
         # the input codes: DQ with scale 1 (in place when every reader of the DQ is rewritten)
         if id(adq) not in int_dq:
-            if all(id(u) in rewritten and i == 0 for u, i in adq.outputs[0].uses()) \
-                    and not adq.outputs[0].is_graph_output():
-                adq.replace_input_with(1, one)
-                int_dq[id(adq)] = adq.outputs[0]
-            else:
-                new = ir.node("DequantizeLinear", [adq.inputs[0], one, *adq.inputs[2:]], name=f"{adq.name}_int",
-                              metadata_props=dict(adq.metadata_props))
-                graph.insert_after(adq, new)
-                new.outputs[0].name = f"{adq.outputs[0].name}.int"
-                new.outputs[0].type, new.outputs[0].shape = adq.outputs[0].type, adq.outputs[0].shape
-                int_dq[id(adq)] = new.outputs[0]
+            int_dq[id(adq)] = _codes_of(graph, adq, one, all(id(u) in rewritten and i == 0
+                                                               for u, i in adq.outputs[0].uses()))
         if node.inputs[0] is not int_dq[id(adq)]:
             node.replace_input_with(0, int_dq[id(adq)])
         sx = act_scale[id(adq)]
@@ -538,15 +545,9 @@ def integer_pools(model, pools: dict[str, str]) -> int:
         s_out = np.float32(_const_array(q.inputs[1]).reshape(()))
         factor = np.float32(s_out / s_in)  # fp32 division, as QuantPool.requant_factor
         # the codes: DQ with scale 1 (in place when the pool alone reads it)
-        if _single_user(dq.outputs[0]) is node:
-            dq.replace_input_with(1, one)
-        else:
-            new = ir.node("DequantizeLinear", [dq.inputs[0], one, *dq.inputs[2:]], name=f"{dq.name}_int",
-                          metadata_props=dict(dq.metadata_props))
-            graph.insert_after(dq, new)
-            new.outputs[0].name = f"{dq.outputs[0].name}.int"
-            new.outputs[0].type, new.outputs[0].shape = dq.outputs[0].type, dq.outputs[0].shape
-            node.replace_input_with(0, new.outputs[0])
+        codes = _codes_of(graph, dq, one, _single_user(dq.outputs[0]) is node)
+        if node.inputs[0] is not codes:
+            node.replace_input_with(0, codes)
         name = q.metadata_props["mixq.quantizer"]
         q.replace_input_with(1, add_initializer(graph, _unique(graph, f"{name}.requant_scale", taken), factor))
         q.metadata_props[REQUANT_KEY] = dq.metadata_props["mixq.quantizer"]
