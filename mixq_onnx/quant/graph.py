@@ -325,8 +325,8 @@ def _pool_consumer(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
                 cur = nxt
                 continue
             return None
-        if nxt.args and nxt.args[0] is cur and _moves_data(gm, nxt):
-            cur = nxt
+        if nxt.args and nxt.args[0] is cur and _moves_data(gm, nxt) and nxt.target is not F.pad:
+            cur = nxt  # (no padding: the exporter requantizes ahead of reshapes only, passes.integer_pools)
             continue
         return None
     return None
