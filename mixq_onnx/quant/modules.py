@@ -28,6 +28,12 @@ def tf_same_pads(h: int, w: int, k: tuple[int, int], s: tuple[int, int], d: tupl
     return pl, pr, pt, pb
 
 
+def frozen(q: ActQuantizer) -> bool:
+    """An activation quantizer whose scale is final (enabled, initialised, neither observing nor learning):
+    the modules that read it may then run their integer-domain form."""
+    return q.enabled and not q.observing and not q.learning and bool(q.initialized)
+
+
 class _QuantLayer(nn.Module):
     """Shared state: the (folded) float weight and bias, and the two quantizers."""
 
@@ -45,8 +51,7 @@ class _QuantLayer(nn.Module):
         iq, wq = self.input_quantizer, self.weight_quantizer
         if iq is None or exporting():
             return False  # exporting: the float form with placement markers
-        return (iq.enabled and not iq.observing and not iq.learning and wq.enabled and wq.mode == "int"
-                and not wq.block_size and bool(iq.initialized))
+        return frozen(iq) and wq.enabled and wq.mode == "int" and not wq.block_size
 
     def rescale(self) -> torch.Tensor:
         """Per-output-channel fp32 factor s_x * s_w (the exporter writes these very values)."""
@@ -123,6 +128,7 @@ class QuantLinear(_QuantLayer):
 
 QUANT_LAYERS = (QuantConv2d, QuantLinear)
 
+
 class QuantPool(nn.Module):
     """An average pool that reads the integer codes of its input and writes those of its consumer, as an INT8
     pooling kernel does.
@@ -149,8 +155,7 @@ class QuantPool(nn.Module):
         """True once both quantizers are frozen (evaluation, export checks): the integer-domain form."""
         if exporting():
             return False
-        return all(q.enabled and not q.observing and not q.learning and bool(q.initialized)
-                   for q in (self.input_quantizer, self.output_quantizer))
+        return frozen(self.input_quantizer) and frozen(self.output_quantizer)
 
     def requant_factor(self) -> torch.Tensor:
         """fp32(s_out) / fp32(s_in): the exporter writes this very value as the Q scale after the pool."""
