@@ -56,9 +56,6 @@ def register(cli: click.Group) -> None:
                        "most this fraction of the tensor's norm (momentum can add up over steps). Lower it (e.g. 0.001) for a network whose gradients "
                        "dwarf its weights, such as a BN-folded one fed raw 0..255 pixels.")
     @click.option("--budget-weight", type=float, default=1.0, show_default=True, help="nipq: weight of the budget penalty.")
-    @click.option("--budget-rate", type=float, default=0.0, show_default=True,
-                  help="nipq: dual ascent on the budget: each metric's Lagrange multiplier grows by this rate x its "
-                       "gap every step, so a tight target is reached during the noise phase (0: the fixed penalty).")
     @click.option("--loss", type=click.Choice(["auto", "ce", "kd"]), default="auto", show_default=True,
                   help="auto: KD on a cache, CE on labelled data; ce needs labels; kd on labelled data adds KD "
                        "(--kd-weight 1 unless given).")
@@ -109,8 +106,7 @@ def register(cli: click.Group) -> None:
                         first_last_bits=o["first_last_bits"] or None, noise=o["noise"], epochs=o["epochs"],
                         final_epochs=o["final_epochs"], lr=o["lr"], qlr=o["qlr"], step_lr=o["step_lr"], final_lr=o["final_lr"],
                         max_update=o["max_update"], batch_size=o["batch_size"], seed=o["seed"],
-                        kd_weight=kd_weight, budget_weight=o["budget_weight"],
-                        budget_rate=o["budget_rate"])
+                        kd_weight=kd_weight, budget_weight=o["budget_weight"])
         cfg.validate()  # bad options fail before the model loads
         out = check_output_dir(o["out"], o["overwrite"])
         model = load_model(ModelOptions(o["model"], o["checkpoint"], o["random_weights"], o["mean"], o["std"],

@@ -31,15 +31,7 @@ from ..quant.quantizer import ActQuantizer, WeightQuantizer, search_act_scale, s
 from ..quant.reconstruct import init_scales
 from ..training import TrainConfig, TrainData
 from ..training import train as run_loop
-from .budget import (
-    BudgetMultipliers,
-    Costs,
-    achieved,
-    budget_loss,
-    check_reachable,
-    measure_costs,
-    round_to_budget,
-)
+from .budget import Costs, achieved, budget_loss, check_reachable, measure_costs, round_to_budget
 from .config import QATConfig
 from .quantizers import QATActQuantizer, QATParams, QATWeightQuantizer, replace_quantizers, to_plain
 
@@ -208,15 +200,13 @@ def train(model: nn.Module, cfg: QATConfig, data: TrainData, *, teacher: nn.Modu
     history: list[dict[str, Any]] = []
     try:
         if not lsq:
-            mult = BudgetMultipliers.for_config(cfg)
-
             def extra(_m: nn.Module) -> dict[str, torch.Tensor]:
-                return {"budget": budget_loss({n: p.budget_bits() for n, p in qps.items()}, costs, cfg, mult)}
+                return {"budget": budget_loss({n: p.budget_bits() for n, p in qps.items()}, costs, cfg)}
 
             theta = [t for p in qps.values() for t in (p.theta_a, p.theta_b) if t is not None]
             h = run_loop(gm, data, tcfg, teacher=teacher, extra_loss=extra, progress=progress, desc="nipq",
                          params=[{"params": list(weights.values()), "lr": cfg.lr, "max_update": cfg.max_update}, {"params": theta, "lr": cfg.qlr}])
-            history.append({"phase": "noise", **h, **({"multipliers": mult.trace} if mult is not None else {})})
+            history.append({"phase": "noise", **h})
             cont = {n: p.continuous_bits() for n, p in qps.items()}
             bits, moves = round_to_budget(cont, learnable, fixed, costs, cfg)
             _freeze_bits(gm, bits, weights, data.inputs[:512], qcfg)
