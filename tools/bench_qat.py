@@ -108,6 +108,19 @@ steps (lr·|grad| at most 1 % of each tensor's norm) fixes it (1 epoch on 1,024 
 75.6 % with linear steps at 2e-3, 74.4 % with log steps at 1e-1). On ResNet-20 (where the trust region
 does not act: at the first batch lr * |grad| / |w| is at most 0.0067) log steps were worse than linear
 ones at 2e-3 (91.6 %), so the linear steps stayed:"""),
+    (WORK / "tune_v4.md", """Round 4 (2026-11-29), on the miss at 3 bits. The fixed budget penalty stops where the
+cross-entropy pushes back as hard: NIPQ@3's noise phase ends about 0.45 bit over the target in both averages
+(budget loss 0.93 in its last epoch; at 4 bits it reaches the target by epoch 3), so the freeze moves 22
+quantizers down a bit at once, untrained. Tried: dual ascent on the budget (a Lagrange multiplier per
+average, lambda += rate x gap every step, lambda * gap added to the penalty; commit 2185d2c, reverted in
+0ae4f9b). It pulls the bits down harder (unclipped, the first steps' 5-bit gap built lambda ~4 within 20
+steps and the activation average fell 0.8 bit under the target), and the network collapses at every rate
+tried: the noise phase's cross-entropy, already 0.42 -> 0.92 -> 1.95 -> 1.1 over the first epochs at 3 bits
+without it (a near-collapse in epoch 2, while the mean averages fall from about 6.5 to 3.9), goes to chance (2.3-3.0) and
+stays there. So the noise phase at 3 bits, not the budget's end point, is the fragile part.
+With KD from the FP model in both methods (one seed), NIPQ@3 stays
+below LSQ W3A3 (84.6 against 85.4). The held-out numbers of the main rows (trained on the other 4,500 images) are
+listed for scale; one seed of NIPQ@3 moves by 5 points:"""),
 ]
 
 
