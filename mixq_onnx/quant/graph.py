@@ -20,7 +20,6 @@ so each unit stays a callable submodule the reconstruction loop can run alone.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import operator
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -563,23 +562,13 @@ class Unit:
     module: nn.Module
     kind: str  # "block" | "layer"
     inherited: frozenset[int] = frozenset()
-    outputs: tuple[ActQuantizer, ...] = ()  # shared quantizers of this unit's output (it learns them on it)
-    inputs: tuple[ActQuantizer, ...] = ()  # shared quantizers of its input, which the producing unit learned
 
     def weight_quantizers(self) -> list[WeightQuantizer]:
         return [m for m in self.module.modules() if isinstance(m, WeightQuantizer)]
 
     def act_quantizers(self) -> list[ActQuantizer]:
         """The activation quantizers this unit owns (and learns)."""
-        return [m for m in self.module.modules()
-                if isinstance(m, ActQuantizer) and id(m) not in self.inherited] + list(self.outputs)
-
-    def run(self, x: torch.Tensor) -> torch.Tensor:
-        """The unit's output as reconstruction sees it: its module, then its output quantizers."""
-        out = self.module(x)
-        for q in self.outputs:
-            out = q(out)
-        return out
+        return [m for m in self.module.modules() if isinstance(m, ActQuantizer) and id(m) not in self.inherited]
 
     def layers(self) -> list[nn.Module]:
         if isinstance(self.module, QUANT_LAYERS):
@@ -597,38 +586,6 @@ def assign_owners(all_units: list[Unit]) -> list[Unit]:
         out.append(Unit(u.name, u.module, u.kind, frozenset(ids & seen)))
         seen |= ids
     return out
-
-
-def assign_producers(model: nn.Module, all_units: list[Unit], x: torch.Tensor) -> list[Unit]:
-    """A shared quantizer that reads one unit's output as it is (a residual block's output, read by the next
-    block's conv1 and its shortcut) moves to that unit: it learns the step on its own output, the block
-    output's error, as QDrop's blocks own their output quantizer; the consuming unit gets it as a
-    quantized input. Returns the units with `outputs`, `inputs` and `inherited` set."""
-    outs: list[tuple[torch.Tensor, int]] = []
-    reads: list[tuple[ActQuantizer, torch.Tensor]] = []
-    hooks = [u.module.register_forward_hook(lambda _m, _a, o, i=i: outs.append((o, i)))
-             for i, u in enumerate(all_units)]
-    hooks += [q.register_forward_pre_hook(lambda m, a: reads.append((m, a[0])))
-              for q in model.modules() if isinstance(q, ActQuantizer) and q.shared_with]
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    producer: dict[int, tuple[ActQuantizer, int]] = {}
-    for q, t in reads:
-        for o, i in outs:
-            if o is t:
-                producer[id(q)] = (q, i)
-    new = list(all_units)
-    for q, i in producer.values():
-        j = next((k for k, u in enumerate(new) if any(m is q for m in u.module.modules())), None)
-        if j is None or j <= i:
-            continue
-        new[i] = dataclasses.replace(new[i], outputs=new[i].outputs + (q,))
-        new[j] = dataclasses.replace(new[j], inputs=new[j].inputs + (q,), inherited=new[j].inherited | {id(q)})
-    return new
 
 
 def _find_blocks(model: nn.Module) -> dict[str, nn.Module]:

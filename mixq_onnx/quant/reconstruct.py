@@ -28,7 +28,6 @@ from .config import QuantConfig
 from .graph import (
     Unit,
     assign_owners,
-    assign_producers,
     example_input,
     execution_order,
     prepare,
@@ -105,7 +104,7 @@ def _rec_loss(out: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _eval_loss(module: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tgt: torch.Tensor, bs: int = 256) -> float:
+def _eval_loss(module: nn.Module, x: torch.Tensor, tgt: torch.Tensor, bs: int = 256) -> float:
     if len(x) == 0:
         return float("nan")
     tot = 0.0
@@ -226,7 +225,7 @@ def _reconstruct(unit: Unit, q_in: torch.Tensor, fp_in: torch.Tensor, fp_out: to
         x = q_in[idx]
         if drop > 0:  # QDrop on the block input: element-wise mix of quantized and float activations
             x = x + keep_mask(x, drop, gen) * (fp_in[idx] - x)
-        out = unit.run(x)
+        out = unit.module(x)
         loss = _rec_loss(out, fp_out[idx])
         if learn_round and it >= warm:
             t = (it - warm) / max(1, iters - warm)
@@ -326,7 +325,7 @@ def quantize(model: nn.Module, cfg: QuantConfig, calib: Any, *, progress: bool =
         for u in units(gm):
             _finalize_unit(u)
     else:
-        all_units = assign_producers(gm, _units_for(gm, method), calib[:2])
+        all_units = _units_for(gm, method)
         with progress_bar(len(all_units), name, "unit", enabled=progress) as bar:
             for i, unit in enumerate(all_units):
                 t0 = time.perf_counter()
@@ -335,11 +334,6 @@ def quantize(model: nn.Module, cfg: QuantConfig, calib: Any, *, progress: bool =
                 fp_in, fp_out = _capture(gm, unit.module, calib, want_out=True)
                 _set_units_enabled(all_units, i)
                 q_in, _ = _capture(gm, unit.module, calib)
-                if unit.inputs:  # quantized by the producing unit's output quantizer, ahead of QDrop's mix
-                    with torch.no_grad():
-                        for q in unit.inputs:
-                            q_in = q(q_in)
-                            q.enabled = False
                 for q in unit.weight_quantizers() + unit.act_quantizers():
                     q.enabled = True
                 if cfg.weight_only:
@@ -347,14 +341,12 @@ def quantize(model: nn.Module, cfg: QuantConfig, calib: Any, *, progress: bool =
                         q.enabled = False
                 tr = slice(0, n_train)
                 ho = slice(n_train, len(calib))
-                before = _eval_loss(unit.run, q_in[tr], fp_out[tr])
-                hold_before = _eval_loss(unit.run, q_in[ho], fp_out[ho])
+                before = _eval_loss(unit.module, q_in[tr], fp_out[tr])
+                hold_before = _eval_loss(unit.module, q_in[ho], fp_out[ho])
                 hist, iters_done = _run_phases(unit, phases, q_in, fp_in, fp_out, cfg, n_train, gen)
                 _finalize_unit(unit)
-                after = _eval_loss(unit.run, q_in[tr], fp_out[tr])
-                hold_after = _eval_loss(unit.run, q_in[ho], fp_out[ho])
-                for q in unit.inputs:
-                    q.enabled = True
+                after = _eval_loss(unit.module, q_in[tr], fp_out[tr])
+                hold_after = _eval_loss(unit.module, q_in[ho], fp_out[ho])
                 dt = time.perf_counter() - t0
                 reports.append(UnitReport(
                     name=unit.name, kind=unit.kind, iters=iters_done, loss_before=before, loss_after=after,
