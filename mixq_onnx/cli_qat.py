@@ -56,6 +56,14 @@ def register(cli: click.Group) -> None:
                        "most this fraction of the tensor's norm (momentum can add up over steps). Lower it (e.g. 0.001) for a network whose gradients "
                        "dwarf its weights, such as a BN-folded one fed raw 0..255 pixels.")
     @click.option("--budget-weight", type=float, default=1.0, show_default=True, help="nipq: weight of the budget penalty.")
+    @click.option("--budget-rate", type=float, default=0.1, show_default=True,
+                  help="nipq: dual ascent on the budget: each average's (or the GBOPs') Lagrange multiplier grows by "
+                       "this rate x its gap (clipped at 0.1 bit) every step, so a tight target is reached while the "
+                       "noise phase still trains (0: the fixed penalty alone, as the official code).")
+    @click.option("--range-init", type=click.Choice(["lp", "official"]), default="lp", show_default=True,
+                  help="nipq: initial ranges. lp: quantize's Lp-optimal range at the budget's bits (per channel for "
+                       "weights); official: max|w| per channel, 6 (non-negative activations) or 3 (signed), or the "
+                       "observed 99.9th percentile of |x| where larger.")
     @click.option("--loss", type=click.Choice(["auto", "ce", "kd"]), default="auto", show_default=True,
                   help="auto: KD on a cache, CE on labelled data; ce needs labels; kd on labelled data adds KD "
                        "(--kd-weight 1 unless given).")
@@ -77,10 +85,11 @@ def register(cli: click.Group) -> None:
         layer's weights and activations learn their own bits under a budget) or LSQ at fixed bits.
 
         \b
-        NIPQ: b = 2 + 12 sigmoid(theta_b) from 8 bits, range softplus(theta_alpha) from max|w| per channel
-        (weights), 6 (non-negative activations) or 3 (signed), or the observed 99.9th percentile of |x| where
-        larger; pseudo-quantization noise while training; then
-        the bits are rounded, moved onto the budget and frozen, and --final-epochs quantize for real.
+        NIPQ: b = 2 + 12 sigmoid(theta_b) from 8 bits, range softplus(theta_alpha) from the Lp-optimal range
+        at the budget's bits (--range-init official: max|w| per channel, 6 or 3 for activations, as the
+        official code); pseudo-quantization noise while training, the budget a penalty plus a Lagrange
+        multiplier (--budget-rate); then the bits are rounded, moved onto the budget and frozen, and
+        --final-epochs quantize for real.
         \b
         Deployment mapping: learned bits are capped by --max-bits. Weights use the narrow signed grid
         [-(2^(b-1)-1), 2^(b-1)-1] (per channel, scale alpha/qmax) in INT8. Activations keep quantize's
@@ -106,7 +115,8 @@ def register(cli: click.Group) -> None:
                         first_last_bits=o["first_last_bits"] or None, noise=o["noise"], epochs=o["epochs"],
                         final_epochs=o["final_epochs"], lr=o["lr"], qlr=o["qlr"], step_lr=o["step_lr"], final_lr=o["final_lr"],
                         max_update=o["max_update"], batch_size=o["batch_size"], seed=o["seed"],
-                        kd_weight=kd_weight, budget_weight=o["budget_weight"])
+                        kd_weight=kd_weight, budget_weight=o["budget_weight"],
+                        budget_rate=o["budget_rate"], range_init=o["range_init"])
         cfg.validate()  # bad options fail before the model loads
         out = check_output_dir(o["out"], o["overwrite"])
         model = load_model(ModelOptions(o["model"], o["checkpoint"], o["random_weights"], o["mean"], o["std"],

@@ -117,6 +117,63 @@ def test_the_budget_raises_or_lowers_the_learned_bits(tiny):
     assert learned[8.0] > 5.5 and learned[2.0] < 4.5, learned
 
 
+def test_dual_ascent_reaches_a_target_the_fixed_penalty_stops_short_of():
+    """A task loss that pulls every bit-width up (as the cross-entropy does at low bits) against the budget
+    penalty: the fixed penalty settles where the two pulls balance, 3 bits over the target; the
+    multipliers keep growing until both averages sit on it."""
+    from mixq_onnx.qat.budget import BudgetMultipliers, budget_loss
+
+    costs = Costs(sizes={"w1": 100, "w2": 300, "a1": 50, "a2": 50},
+                  kinds={"w1": "weight", "w2": "weight", "a1": "act", "a2": "act"})
+    total = {"weight": 400, "act": 100}
+    cfg = QATConfig(target_bits=3.0).validate()
+    ends = {}
+    for rate in (0.0, 0.05):
+        bits = {n: torch.tensor(8.0, requires_grad=True) for n in costs.kinds}
+        opt = torch.optim.SGD(bits.values(), lr=0.1)
+        mult = BudgetMultipliers.for_config(QATConfig(target_bits=3.0, budget_rate=rate).validate())
+        for _ in range(1000):
+            task = sum(0.25 * (8.0 - b) ** 2 * costs.sizes[n] / total[costs.kinds[n]]  # pull up
+                       for n, b in bits.items())
+            opt.zero_grad()
+            (task + budget_loss(bits, costs, cfg, mult)).backward()
+            opt.step()
+        ends[rate] = {k: float(average_bits({n: b.detach() for n, b in bits.items()}, costs, k))
+                      for k in ("weight", "act")}
+    assert all(v > 4.0 for v in ends[0.0].values()), ends  # the fixed penalty stops well above 3 bits
+    assert all(abs(v - 3.0) < 0.05 for v in ends[0.05].values()), ends
+    assert mult is not None and all(v > 0 for v in mult.values.values()) and mult.trace
+
+
+def test_range_bits_is_the_uniform_width_the_budget_stands_for():
+    from mixq_onnx.qat.budget import range_bits
+
+    costs = Costs(sizes={"w": 100, "a": 100}, kinds={"w": "weight", "a": "act"}, layers=[("l", "w", "a", 1_000_000)])
+    assert range_bits(costs, ["w", "a"], {}, QATConfig(target_bits=3.4).validate()) == 3
+    assert range_bits(costs, ["w", "a"], {}, QATConfig(target_bits=3.6).validate()) == 4
+    # GBOPs = 1e6 MACs * b * b / 1e9: 0.016 at 4 bits, 0.025 at 5
+    assert range_bits(costs, ["w", "a"], {}, QATConfig(target_gbops=0.017).validate()) == 4
+    assert range_bits(costs, ["w", "a"], {}, QATConfig(target_gbops=0.024).validate()) == 5
+
+
+def test_lp_ranges_start_at_the_budgets_grid_inside_the_official_ones(tiny):
+    """--range-init lp starts each learned range at quantize's Lp-optimal clip for the budget's bits, which
+    at 3 bits clips: below max|w| for weights and below the official 6 / 3 (or the 99.9th percentile) for
+    activations."""
+    model, data = tiny
+    reps = {}
+    for init in ("official", "lp"):
+        cfg = QATConfig(target_bits=3.0, epochs=1, final_epochs=0, batch_size=16, range_init=init,
+                        first_last_bits=None)
+        reps[init] = {r["name"]: r for r in qat_train(model, cfg, data, progress=False).mixq_qat_report["quantizers"]}
+    learned = [n for n, r in reps["lp"].items() if not r["fixed"]]
+    assert learned and {r["kind"] for n, r in reps["lp"].items() if n in learned} == {"weight", "act"}
+    live = [n for n in learned if reps["official"][n]["alpha_init"] > 1e-6]  # timm zero-inits each block's last BN
+    assert len(live) > len(learned) // 2
+    for n in live:
+        assert 0 < reps["lp"][n]["alpha_init"] < reps["official"][n]["alpha_init"], n
+
+
 def test_round_to_budget_lands_within_the_tolerance_and_moves_the_nearest_first():
     costs = Costs(sizes={"a": 100, "b": 300, "c": 600, "x": 1000}, kinds={"a": "weight", "b": "weight",
                                                                           "c": "weight", "x": "act"})
@@ -236,6 +293,8 @@ def test_qat_end_to_end_then_eval_export_check_verify(world, tmp_path, run_cli):
     (["--target-bits", "4", "--loss", "ce"], "--loss ce needs labels"),
     (["--target-bits", "2", "--first-last-bits", "8"], "out of reach"),
     (["--target-bits", "4", "--max-update", "0"], "--max-update must be positive"),
+    (["--target-bits", "4", "--budget-rate", "-1"], "--budget-rate must be >= 0"),
+    (["--target-bits", "4", "--range-init", "max"], "--range-init"),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
 def test_bad_input_is_one_line_exit_2_and_no_output(world, tmp_path, run_cli, args, needle):
     root, cache = world

@@ -10,6 +10,7 @@ from ..errors import MixqError
 
 QAT_METHODS = ("nipq", "lsq")
 NOISES = ("hist", "uniform")
+RANGE_INITS = ("lp", "official")
 MIN_BITS, TRAIN_MAX_BITS = 2, 14  # NIPQ's bit-width range: b = 2 + 12 * sigmoid(theta_b)
 
 
@@ -41,12 +42,16 @@ class QATConfig:
     kd_weight: float = 0.0  # labelled data: weight of KD from the FP model next to CE (cache: KD only)
     temperature: float = 4.0
     budget_weight: float = 1.0  # weight of the budget penalty (nipq)
+    budget_rate: float = 0.1  # nipq: dual-ascent rate of the budget's multipliers (0: the fixed penalty alone)
+    range_init: str = "lp"  # nipq: initial ranges from the Lp search at the budget's bits, or "official"
     init_bits: float = 8.0  # nipq: starting bit-width of the learned quantizers
     tolerance: float = 0.05  # rounding to the budget: average bits within this (GBOPs: this fraction)
 
     def validate(self) -> QATConfig:
         if self.method not in QAT_METHODS:
             raise MixqError(f"unknown QAT method {self.method!r}: choose one of {', '.join(QAT_METHODS)}")
+        if self.range_init not in RANGE_INITS:
+            raise MixqError(f"--range-init must be one of {', '.join(RANGE_INITS)}, got {self.range_init!r}")
         if self.noise not in NOISES:
             raise MixqError(f"--noise must be one of {', '.join(NOISES)}, got {self.noise!r}")
         if self.epochs < 1:
@@ -87,6 +92,8 @@ class QATConfig:
             raise MixqError(f"--target-gbops must be positive, got {self.target_gbops}")
         if not (math.isfinite(self.budget_weight) and self.budget_weight >= 0):
             raise MixqError(f"--budget-weight must be >= 0, got {self.budget_weight}")
+        if not (math.isfinite(self.budget_rate) and self.budget_rate >= 0):
+            raise MixqError(f"--budget-rate must be >= 0, got {self.budget_rate}")
         if not MIN_BITS <= self.init_bits < TRAIN_MAX_BITS:
             raise MixqError(f"init_bits must be in [{MIN_BITS}, {TRAIN_MAX_BITS}), got {self.init_bits}")
         if not (math.isfinite(self.tolerance) and self.tolerance > 0):

@@ -31,7 +31,16 @@ from ..quant.quantizer import ActQuantizer, WeightQuantizer, search_act_scale, s
 from ..quant.reconstruct import init_scales
 from ..training import TrainConfig, TrainData
 from ..training import train as run_loop
-from .budget import Costs, achieved, budget_loss, check_reachable, measure_costs, round_to_budget
+from .budget import (
+    BudgetMultipliers,
+    Costs,
+    achieved,
+    budget_loss,
+    check_reachable,
+    measure_costs,
+    range_bits,
+    round_to_budget,
+)
 from .config import QATConfig
 from .quantizers import QATActQuantizer, QATParams, QATWeightQuantizer, replace_quantizers, to_plain
 
@@ -83,9 +92,28 @@ def _fixed_bits(gm: nn.Module, cfg: QATConfig) -> dict[str, int]:
     return out
 
 
+def _lp_ranges(gm: nn.Module, sample: torch.Tensor, qcfg: QuantConfig, fixed: dict[str, int],
+               bits: int) -> dict[str, torch.Tensor]:
+    """NIPQ's `--range-init lp`: each quantizer's range (step x qmax, per channel for weights) from quantize's
+    Lp search at `bits` (the fixed ones at their own), the grid the budget aims at. The quantizers are left as
+    they were (uninitialised, at their bits)."""
+    qs = quantizers(gm)
+    was = {n: q.bits for n, q in qs.items()}
+    try:
+        for n, q in qs.items():
+            q.bits = fixed.get(n, bits)
+        init_scales(gm, sample, qcfg)
+        return {n: (q.scale.detach() * q.spec.grid()[1]).reshape(-1).clone() for n, q in qs.items()}
+    finally:
+        for n, q in qs.items():
+            q.bits = was[n]
+
+
 def _training_quantizers(gm: nn.Module, cfg: QATConfig, weights: dict[str, torch.Tensor],
-                         fixed: dict[str, int], ranges: dict[str, tuple[float, float]]) -> None:
-    """Swap every quantizer for its training form, initialised for the method."""
+                         fixed: dict[str, int], ranges: dict[str, tuple[float, float]],
+                         lp: dict[str, torch.Tensor] | None = None) -> None:
+    """Swap every quantizer for its training form, initialised for the method (NIPQ's ranges from `lp` where
+    given, else the official max|w| / 6 / 3)."""
 
     def make(q: nn.Module) -> nn.Module:
         if cfg.method == "lsq":  # init_scales ran: each plain quantizer holds its Lp-searched step and sign
@@ -94,13 +122,16 @@ def _training_quantizers(gm: nn.Module, cfg: QATConfig, weights: dict[str, torch
                           cap=cfg.max_bits, noise=cfg.noise)
             p.start_hard(q.scale.detach())
         elif isinstance(q, WeightQuantizer):
-            p = QATParams(weights[q.name].detach().abs().flatten(1).amax(1).clamp(min=1e-8), signed=True,
+            alpha = lp[q.name] if lp is not None else weights[q.name].detach().abs().flatten(1).amax(1)
+            p = QATParams(alpha.clamp(min=1e-8), signed=True,
                           learn_bits=q.name not in fixed, bits=fixed.get(q.name, cfg.init_bits),
                           cap=cfg.max_bits, noise=cfg.noise)
         else:
             lo, high = ranges.get(q.name, (-1.0, 0.0))
             unsigned = lo >= 0
-            p = QATParams(torch.tensor(max(6.0 if unsigned else 3.0, high)), signed=not unsigned,
+            alpha = lp[q.name].amax().clamp(min=1e-8) if lp is not None else \
+                torch.tensor(max(6.0 if unsigned else 3.0, high))
+            p = QATParams(alpha, signed=not unsigned,
                           learn_bits=q.name not in fixed, bits=fixed.get(q.name, cfg.init_bits),
                           cap=cfg.max_bits, noise=cfg.noise)
         return QATWeightQuantizer(q, p) if isinstance(q, WeightQuantizer) else QATActQuantizer(q, p)
@@ -138,8 +169,8 @@ def _clamp_steps(steps: list[nn.Parameter]):
 
 
 def _report(gm: nn.Module, cfg: QATConfig, costs: Costs, cont: dict[str, float], fixed: dict[str, int],
-            moves: list[dict[str, Any]], history: list[dict[str, Any]], data: TrainData, seconds: float
-            ) -> dict[str, Any]:
+            moves: list[dict[str, Any]], history: list[dict[str, Any]], data: TrainData, seconds: float,
+            alpha0: dict[str, float]) -> dict[str, Any]:
     rows = []
     bits = {}
     for name, q in quantizers(gm).items():
@@ -149,7 +180,7 @@ def _report(gm: nn.Module, cfg: QATConfig, costs: Costs, cont: dict[str, float],
         rows.append({"name": name, "kind": q.kind, "placement": q.spec.placement, "bits": q.bits,
                      "learned_bits": round(cont[name], 4), "fixed": name in fixed, "signed": q.spec.signed,
                      "grid": list(q.spec.grid()), "size": costs.sizes[name],
-                     "alpha": round(sum(alpha) / len(alpha), 6),
+                     "alpha": round(sum(alpha) / len(alpha), 6), "alpha_init": alpha0[name],
                      **({"alpha_per_channel": [round(a, 6) for a in alpha]} if q.kind == "weight" else {})})
     target = ({"bits": cfg.target_bits} if cfg.target_bits is not None else
               {"gbops": cfg.target_gbops} if cfg.target_gbops is not None else None)
@@ -190,8 +221,11 @@ def train(model: nn.Module, cfg: QATConfig, data: TrainData, *, teacher: nn.Modu
         ranges: dict[str, tuple[float, float]] = {}
     else:
         ranges = _observe_ranges(gm, sample)
-    _training_quantizers(gm, cfg, weights, fixed, ranges)
+    lp = _lp_ranges(gm, sample, qcfg, fixed, range_bits(costs, learnable, fixed, cfg)) \
+        if not lsq and cfg.range_init == "lp" else None
+    _training_quantizers(gm, cfg, weights, fixed, ranges, lp)
     qps: dict[str, QATParams] = {n: q.qat for n, q in quantizers(gm).items()}
+    alpha0 = {n: round(float(p.alpha().detach().mean()), 6) for n, p in qps.items()}  # reported: where ranges began
     for w in weights.values():
         w.requires_grad_(True)
 
@@ -200,13 +234,15 @@ def train(model: nn.Module, cfg: QATConfig, data: TrainData, *, teacher: nn.Modu
     history: list[dict[str, Any]] = []
     try:
         if not lsq:
+            mult = BudgetMultipliers.for_config(cfg)
+
             def extra(_m: nn.Module) -> dict[str, torch.Tensor]:
-                return {"budget": budget_loss({n: p.budget_bits() for n, p in qps.items()}, costs, cfg)}
+                return {"budget": budget_loss({n: p.budget_bits() for n, p in qps.items()}, costs, cfg, mult)}
 
             theta = [t for p in qps.values() for t in (p.theta_a, p.theta_b) if t is not None]
             h = run_loop(gm, data, tcfg, teacher=teacher, extra_loss=extra, progress=progress, desc="nipq",
                          params=[{"params": list(weights.values()), "lr": cfg.lr, "max_update": cfg.max_update}, {"params": theta, "lr": cfg.qlr}])
-            history.append({"phase": "noise", **h})
+            history.append({"phase": "noise", **h, **({"multipliers": mult.trace} if mult is not None else {})})
             cont = {n: p.continuous_bits() for n, p in qps.items()}
             bits, moves = round_to_budget(cont, learnable, fixed, costs, cfg)
             _freeze_bits(gm, bits, weights, data.inputs[:512], qcfg)
@@ -235,7 +271,7 @@ def train(model: nn.Module, cfg: QATConfig, data: TrainData, *, teacher: nn.Modu
         abits=max((b for n, b in all_bits.items() if costs.kinds[n] == "act"), default=8), method="rtn",
         first_last_bits=cfg.first_last_bits, batch_size=cfg.batch_size, seed=cfg.seed)
     gm.mixq_calibration = None  # type: ignore[attr-defined]
-    rep = _report(gm, cfg, costs, cont, fixed, moves, history, data, time.perf_counter() - t0)
+    rep = _report(gm, cfg, costs, cont, fixed, moves, history, data, time.perf_counter() - t0, alpha0)
     gm.mixq_qat_report = rep  # type: ignore[attr-defined]
     gm.mixq_report = {k: rep[k] for k in ("method", "target", "achieved", "mode", "data", "seconds")}  # type: ignore[attr-defined]
     return gm
