@@ -56,14 +56,15 @@ def register(cli: click.Group) -> None:
                        "most this fraction of the tensor's norm (momentum can add up over steps). Lower it (e.g. 0.001) for a network whose gradients "
                        "dwarf its weights, such as a BN-folded one fed raw 0..255 pixels.")
     @click.option("--budget-weight", type=float, default=1.0, show_default=True, help="nipq: weight of the budget penalty.")
-    @click.option("--budget-rate", type=float, default=0.1, show_default=True,
+    @click.option("--budget-rate", type=float, default=0.0, show_default=True,
                   help="nipq: dual ascent on the budget: each average's (or the GBOPs') Lagrange multiplier grows by "
                        "this rate x its gap (clipped at 0.1 bit) every step, so a tight target is reached while the "
-                       "noise phase still trains (0: the fixed penalty alone, as the official code).")
-    @click.option("--range-init", type=click.Choice(["lp", "official"]), default="lp", show_default=True,
-                  help="nipq: initial ranges. lp: quantize's Lp-optimal range at the budget's bits (per channel for "
-                       "weights); official: max|w| per channel, 6 (non-negative activations) or 3 (signed), or the "
-                       "observed 99.9th percentile of |x| where larger.")
+                       "noise phase still trains (0: the fixed penalty alone, as the official code). 0.1 with "
+                       "--range-init lp made ResNet-20's labelled 3-bit NIPQ stable (docs/benchmarks.md, qat).")
+    @click.option("--range-init", type=click.Choice(["official", "lp"]), default="official", show_default=True,
+                  help="nipq: initial ranges. official: max|w| per channel, 6 (non-negative activations) or 3 "
+                       "(signed), or the observed 99.9th percentile of |x| where larger; lp: quantize's Lp-optimal "
+                       "range at the budget's bits (per channel for weights).")
     @click.option("--loss", type=click.Choice(["auto", "ce", "kd"]), default="auto", show_default=True,
                   help="auto: KD on a cache, CE on labelled data; ce needs labels; kd on labelled data adds KD "
                        "(--kd-weight 1 unless given).")
@@ -85,11 +86,11 @@ def register(cli: click.Group) -> None:
         layer's weights and activations learn their own bits under a budget) or LSQ at fixed bits.
 
         \b
-        NIPQ: b = 2 + 12 sigmoid(theta_b) from 8 bits, range softplus(theta_alpha) from the Lp-optimal range
-        at the budget's bits (--range-init official: max|w| per channel, 6 or 3 for activations, as the
-        official code); pseudo-quantization noise while training, the budget a penalty plus a Lagrange
-        multiplier (--budget-rate); then the bits are rounded, moved onto the budget and frozen, and
-        --final-epochs quantize for real.
+        NIPQ: b = 2 + 12 sigmoid(theta_b) from 8 bits, range softplus(theta_alpha) from max|w| per channel
+        (weights), 6 (non-negative activations) or 3 (signed), or the observed 99.9th percentile of |x| where
+        larger (--range-init lp: the Lp-optimal range at the budget's bits); pseudo-quantization noise while
+        training, the budget a penalty (plus a Lagrange multiplier with --budget-rate); then the bits are
+        rounded, moved onto the budget and frozen, and --final-epochs quantize for real.
         \b
         Deployment mapping: learned bits are capped by --max-bits. Weights use the narrow signed grid
         [-(2^(b-1)-1), 2^(b-1)-1] (per channel, scale alpha/qmax) in INT8. Activations keep quantize's

@@ -10,7 +10,7 @@ from ..errors import MixqError
 
 QAT_METHODS = ("nipq", "lsq")
 NOISES = ("hist", "uniform")
-RANGE_INITS = ("lp", "official")
+RANGE_INITS = ("official", "lp")
 MIN_BITS, TRAIN_MAX_BITS = 2, 14  # NIPQ's bit-width range: b = 2 + 12 * sigmoid(theta_b)
 
 
@@ -42,8 +42,8 @@ class QATConfig:
     kd_weight: float = 0.0  # labelled data: weight of KD from the FP model next to CE (cache: KD only)
     temperature: float = 4.0
     budget_weight: float = 1.0  # weight of the budget penalty (nipq)
-    budget_rate: float = 0.1  # nipq: dual-ascent rate of the budget's multipliers (0: the fixed penalty alone)
-    range_init: str = "lp"  # nipq: initial ranges from the Lp search at the budget's bits, or "official"
+    budget_rate: float = 0.0  # nipq: dual-ascent rate of the budget's multipliers (0: the fixed penalty alone)
+    range_init: str = "official"  # nipq: initial ranges as the official code, or "lp" (the budget's Lp clip)
     init_bits: float = 8.0  # nipq: starting bit-width of the learned quantizers
     tolerance: float = 0.05  # rounding to the budget: average bits within this (GBOPs: this fraction)
 
