@@ -126,7 +126,9 @@ class BudgetMultipliers:
     so the bits reach the budget while the noise phase can still adapt the weights to them; the allocation is
     still NIPQ's (each layer's bits move by the task loss's gradient against its share of the budget). The
     clip bounds how fast the pull strengthens: unclipped, the first steps' 5-bit gap built lambda ~4 within 20
-    steps, the bits fell far below the target and ResNet-20 collapsed to chance."""
+    steps, the bits fell far below the target and ResNet-20 collapsed to chance. Even clipped it needs stable
+    ranges: with the official ones (max|w|, 6) ResNet-20's 3-bit noise phase collapsed at every rate tried; with
+    `range_init="lp"` it meets the budget by step ~150 of 216 (docs/benchmarks.md, section qat, round 4)."""
 
     TRACE_EVERY = 10
 
