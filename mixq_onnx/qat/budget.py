@@ -189,6 +189,7 @@ def range_bits(costs: Costs, learnable: list[str], fixed: Mapping[str, int], cfg
     nearest to it. NIPQ's `--range-init lp` searches its initial ranges at these bits."""
     if cfg.target_bits is not None:
         return int(min(max(round(cfg.target_bits), 2), cfg.max_bits))
+
     def gap(b: int) -> float:
         return abs(float(gbops({n: fixed.get(n, b) for n in costs.kinds}, costs)) - float(cfg.target_gbops))
 

@@ -95,8 +95,8 @@ def _fixed_bits(gm: nn.Module, cfg: QATConfig) -> dict[str, int]:
 def _lp_ranges(gm: nn.Module, sample: torch.Tensor, qcfg: QuantConfig, fixed: dict[str, int],
                bits: int) -> dict[str, torch.Tensor]:
     """NIPQ's `--range-init lp`: each quantizer's range (step x qmax, per channel for weights) from quantize's
-    Lp search at `bits` (the fixed ones at their own), the grid the budget aims at. The quantizers are left as
-    they were (uninitialised, at their bits)."""
+    Lp search at `bits` (the fixed ones at their own), the grid the budget aims at. The quantizers get their
+    bits back; the steps `init_scales` leaves on them are replaced by the training forms that follow."""
     qs = quantizers(gm)
     was = {n: q.bits for n, q in qs.items()}
     try:
