@@ -363,13 +363,13 @@ def _load_user_model(o: dict[str, Any]):
 @compute_command("quantize")
 def quantize(**o: Any) -> None:
     """Learn rounding and quantizer step sizes on a calibration cache; write quant.json + weights."""
-    import torch
 
     from .calib import load_calibration
     from .data import report_data
     from .quant import QuantConfig, save_quantized, summarize
     from .quant import quantize as run_quantize
     from .quant.io import check_output_dir
+    from .training import resolve_device
 
     cfg = QuantConfig(
         wbits=o["wbits"], abits=o["abits"], method=o["method"], symmetric=o["symmetric"],
@@ -378,6 +378,7 @@ def quantize(**o: Any) -> None:
         block_size=int(o["block_size"]) if o["block_size"] else None, share_quantizers=o["share_quantizers"],
         integer_pools=o["integer_pools"],
     ).validate()  # bad options fail before the model loads
+    dev = resolve_device(o["device"])
     out = check_output_dir(o["out"], o["overwrite"])  # before the work, not after it
     clock = [("start", time.perf_counter())]
     model = _load_user_model(o)
@@ -386,7 +387,6 @@ def quantize(**o: Any) -> None:
     clock.append(("load_calibration", time.perf_counter()))
     report_data(ds.preprocessing, tuple(ds.images.shape[1:3]), ds.subset(cfg.resolved().num_samples),
                 log=lambda m: click.echo(m, err=True), quiet=o["quiet"])
-    dev = torch.device(o["device"] or ("cuda" if torch.cuda.is_available() else "cpu"))
     qmodel = run_quantize(model.to(dev), cfg, ds, progress=not o["quiet"])  # records the cache's provenance
     clock.append(("quantize", time.perf_counter()))
     save_quantized(qmodel.cpu(), out, overwrite=o["overwrite"])
@@ -509,6 +509,8 @@ def eval_cmd(**o: Any) -> None:
 @click.option("--eval-data", type=click.Path(), default=None, help="Labelled images: FP top-1 before and after.")
 @click.option("--cache-root", type=click.Path(file_okay=False), default=None,
               help="Cache root [default: $MIXQ_CACHE_ROOT or ./calib_cache].")
+@click.option("--device", default=None,
+              help="torch device to train on (cpu, cuda, cuda:1) [default: cuda if this torch sees a GPU, else cpu].")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @compute_command("robustify")
 def robustify(**o: Any) -> None:
@@ -517,13 +519,14 @@ def robustify(**o: Any) -> None:
     from .quant.evaluate import evaluate_data
     from .robust import RobustConfig, check_writable, save_checkpoint
     from .robust import robustify as run_robustify
-    from .training import kd_weight_for, load_training_data
+    from .training import kd_weight_for, load_training_data, resolve_device
 
     cfg = RobustConfig(symreg=o["beta"], pairing=o["symreg_pairing"], satnl=o["satnl"],
                        learn_alpha=not o["fixed_alpha"], sam=o["sam"], rho=o["rho"], epochs=o["epochs"],
                        lr=o["lr"], batch_size=o["batch_size"], seed=o["seed"],
                        kd_weight=o["kd_weight"] if o["kd_weight"] is not None else 0.0).validate()
     out = check_writable(o["out"])
+    dev = resolve_device(o["device"])
     model = _load_user_model(o)
     notes: list[str] = []
     data = load_training_data(o["data_src"], model, cache_root=o["cache_root"], limit=o["limit"], log=notes.append)
@@ -532,7 +535,8 @@ def robustify(**o: Any) -> None:
     eval_notes: list[str] = []
     before = evaluate_data(o["eval_data"], model=model, log=eval_notes.append).top1 if o["eval_data"] else None
     _echo_notes([("eval " + n) if n.startswith("data:") else n for n in eval_notes], o["quiet"])
-    model, rep = run_robustify(model, cfg, data, progress=not o["quiet"])
+    model, rep = run_robustify(model.to(dev), cfg, data, progress=not o["quiet"])
+    model = model.cpu()
     after = evaluate_data(o["eval_data"], model=model).top1 if o["eval_data"] else None
     save_checkpoint(model, out, {"recipe": {**cfg.__dict__, "model": o["model"], "checkpoint": o["checkpoint"],
                                             "data": data.source, "loss": o["loss"]},

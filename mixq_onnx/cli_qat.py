@@ -79,6 +79,9 @@ def register(cli: click.Group) -> None:
                   help="Cache root [default: $MIXQ_CACHE_ROOT or ./calib_cache].")
     @click.option("--overwrite", is_flag=True,
                   help="Replace quant.json, weights.safetensors, qat.json and bits.png in a non-empty --out.")
+    @click.option("--device", default=None,
+                  help="torch device to train on (cpu, cuda, cuda:1) [default: cuda if this torch sees a GPU, else "
+                       "cpu]. The images stay in host memory; results match the CPU's up to float rounding.")
     @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
     @compute_command("qat")
     def qat(**o: Any) -> None:
@@ -105,7 +108,7 @@ def register(cli: click.Group) -> None:
         from .qat import QATConfig, save_qat, summary
         from .qat import train as run_qat
         from .quant.io import check_output_dir
-        from .training import kd_weight_for, load_training_data
+        from .training import kd_weight_for, load_training_data, resolve_device
 
         lsq = o["method"] == "lsq"
         if not lsq and (o["wbits"] is not None or o["abits"] is not None):
@@ -119,6 +122,7 @@ def register(cli: click.Group) -> None:
                         kd_weight=kd_weight, budget_weight=o["budget_weight"],
                         budget_rate=o["budget_rate"], range_init=o["range_init"])
         cfg.validate()  # bad options fail before the model loads
+        dev = resolve_device(o["device"])
         out = check_output_dir(o["out"], o["overwrite"])
         model = load_model(ModelOptions(o["model"], o["checkpoint"], o["random_weights"], o["mean"], o["std"],
                                         o["input_size"]))
@@ -130,7 +134,7 @@ def register(cli: click.Group) -> None:
             if line.startswith("warning:"):  # checks can still refuse the run with a one-line error
                 click.echo(line, err=True)
         torch.manual_seed(cfg.seed)
-        qmodel = run_qat(model, cfg, data, progress=not o["quiet"])
+        qmodel = run_qat(model, cfg, data, progress=not o["quiet"], device=dev).cpu()
         for line in notes:
             if not o["quiet"] and not line.startswith("warning:"):
                 click.echo(line, err=True)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from .errors import MixqError
 from .progress import progress_bar
 from .threads import tick
+from .utils import full_fp32
 
 
 @dataclass
@@ -97,6 +98,31 @@ def kd_weight_for(data: TrainData, loss: str, kd_weight: float) -> float:
     return kd_weight
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """Where `model` computes: its first parameter's (or buffer's) device, the CPU for an empty module."""
+    for t in (*model.parameters(), *model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """`--device` as given, else CUDA when this torch sees a GPU, else the CPU; a bad or absent device is
+    a one-line MixqError, not a traceback from the first tensor moved there."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise MixqError(f"--device {device!r} is not a torch device (cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise MixqError(f"--device {device}: this torch sees no CUDA GPU")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise MixqError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type not in ("cpu", "cuda"):
+        raise MixqError(f"--device {device}: only cpu and cuda are supported")
+    return dev
+
+
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
     t = temperature
     return F.kl_div(F.log_softmax(student / t, 1), F.log_softmax(teacher / t, 1), log_target=True,
@@ -106,7 +132,8 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) ->
 def _asam_perturb(params: list[nn.Parameter], rho: float) -> list[torch.Tensor | None]:
     """ASAM (Kwon et al. 2021): step to w + rho * T^2 g / ||T g|| with T = |w| (element-wise)."""
     grads = [(p.grad * p.detach().abs()) if p.grad is not None else None for p in params]
-    norm = torch.sqrt(sum((g.pow(2).sum() for g in grads if g is not None), torch.tensor(0.0))).clamp(min=1e-12)
+    zero = torch.zeros((), device=params[0].device)
+    norm = torch.sqrt(sum((g.pow(2).sum() for g in grads if g is not None), zero)).clamp(min=1e-12)
     eps = []
     with torch.no_grad():
         for p, g in zip(params, grads):
@@ -134,6 +161,7 @@ def _trust_region(opt: torch.optim.Optimizer) -> None:
                 p.grad.mul_(cap / step)
 
 
+@full_fp32()
 def train(model: nn.Module, data: TrainData, cfg: TrainConfig, *, teacher: nn.Module | None = None,
           extra_loss: Callable[[nn.Module], dict[str, torch.Tensor]] | None = None,
           params: list[nn.Parameter] | list[dict[str, Any]] | None = None, progress: bool = True,
@@ -146,7 +174,9 @@ def train(model: nn.Module, data: TrainData, cfg: TrainConfig, *, teacher: nn.Mo
     `on_step(step, total)` runs after every optimiser step (e.g. to keep learned ranges positive).
     A group with "max_update": r never moves a tensor by more than r times its norm in one step (its gradient
     is scaled down first): a trust region for layers whose gradient dwarfs their weights, such as a BN-folded
-    first convolution fed 0..255 pixels (ResNet-8's: gradient norm 3,300x its weight norm)."""
+    first convolution fed 0..255 pixels (ResNet-8's: gradient norm 3,300x its weight norm).
+    Training runs on the device of `model`'s parameters (the teacher on its own): the images stay in host
+    memory and each batch is copied over, so the image order and the CPU results do not depend on it."""
     cfg.validate()
     if not data.labelled and teacher is None:
         raise MixqError("unlabelled data (a calibration cache) trains by distillation: a teacher model is needed")
@@ -162,6 +192,8 @@ def train(model: nn.Module, data: TrainData, cfg: TrainConfig, *, teacher: nn.Mo
     total = cfg.epochs * steps_per_epoch
     if teacher is not None:
         teacher.eval()
+    dev = model_device(model)
+    t_dev = model_device(teacher) if teacher is not None else dev
     bar = progress_bar(total, desc, "step", enabled=progress)
     history: list[dict[str, float]] = []
     step = 0
@@ -185,12 +217,12 @@ def train(model: nn.Module, data: TrainData, cfg: TrainConfig, *, teacher: nn.Mo
             for s in range(0, n, cfg.batch_size):
                 tick()
                 idx = order[s:s + cfg.batch_size]
-                x = data.inputs[idx]
-                y = data.labels[idx] if data.labels is not None else None
+                x = data.inputs[idx].to(dev, non_blocking=True)
+                y = data.labels[idx].to(dev, non_blocking=True) if data.labels is not None else None
                 t_logits = None
                 if teacher is not None:
                     with torch.no_grad():
-                        t_logits = teacher(x)
+                        t_logits = teacher(x.to(t_dev)).to(dev)
                 for g in opt.param_groups:
                     g["lr"] = g["base_lr"] * 0.5 * (1 + math.cos(math.pi * step / total))
                 opt.zero_grad(set_to_none=True)

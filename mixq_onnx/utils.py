@@ -93,3 +93,19 @@ def shared_root() -> Path:
     if env:
         return Path(env)
     return Path(__file__).resolve().parent.parent.parent / "shared"
+
+
+@contextlib.contextmanager
+def full_fp32() -> Iterator[None]:
+    """Float32 convolutions and matrix products on a CUDA GPU, not TF32 (cuDNN convolutions default to TF32 on
+    Ampere and later: a 10-bit mantissa, about 1e-3 relative per product). Quantization searches and learns
+    rounding decisions and steps from small differences, and its results are compared with the CPU's; the
+    previous settings come back on exit. Usable as a decorator."""
+    import torch
+
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved

@@ -109,7 +109,7 @@ def budget_loss(bits: Bits, costs: Costs, cfg: QATConfig,
     the target), nearly L1: a constant pull the task loss pushes back against. With `multipliers`, plus their
     Lagrangian term (which also advances them by one step)."""
     gaps = budget_gaps(bits, costs, cfg)
-    loss = sum(F.smooth_l1_loss(g, torch.zeros(()), beta=_beta(cfg)) for g in gaps.values())
+    loss = sum(F.smooth_l1_loss(g, torch.zeros_like(g), beta=_beta(cfg)) for g in gaps.values())
     if multipliers is not None:
         loss = loss + multipliers.term(gaps)
     return cfg.budget_weight * loss

@@ -82,7 +82,7 @@ def rounding_errors(x: torch.Tensor, alpha: torch.Tensor, n_lv: torch.Tensor, si
     elsewhere. With a scalar range, a random 2^16-value subsample of a large tensor (enough for 256 bins)."""
     x = x.detach()
     if alpha.numel() == 1 and x.numel() > SUBSAMPLE:
-        x = torch.index_select(x.reshape(-1), 0, torch.randint(0, x.numel(), (SUBSAMPLE,), dtype=torch.int32))
+        x = torch.index_select(x.reshape(-1), 0, torch.randint(0, x.numel(), (SUBSAMPLE,), dtype=torch.int32).to(x.device))
     a = alpha.detach()
     v = x / a * n_lv.detach()
     inside = (x < a) & ((x > -a) if signed else (x > 0))

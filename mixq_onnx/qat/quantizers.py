@@ -47,10 +47,10 @@ class QATParams(nn.Module):
     def bits(self, stochastic: bool) -> torch.Tensor:
         """Bits the forward uses: b (+ U(-0.5, 0.5) when `stochastic`), rounded and capped with STEs."""
         if self.theta_b is None:
-            return torch.tensor(float(self.fixed_bits))
+            return torch.tensor(float(self.fixed_bits), device=self.theta_a.device)
         b = bits_of(self.theta_b)
         if stochastic:
-            b = b + (torch.rand(()) - 0.5)
+            b = b + (torch.rand((), device=b.device) - 0.5)
         return cap_ste(round_ste(b), self.cap)
 
     def budget_bits(self) -> torch.Tensor:

@@ -29,8 +29,9 @@ from ..quant.graph import prepare, quantizers
 from ..quant.modules import QUANT_LAYERS
 from ..quant.quantizer import ActQuantizer, WeightQuantizer, search_act_scale, search_weight_scale
 from ..quant.reconstruct import init_scales
-from ..training import TrainConfig, TrainData
+from ..training import TrainConfig, TrainData, model_device
 from ..training import train as run_loop
+from ..utils import full_fp32
 from .budget import (
     BudgetMultipliers,
     Costs,
@@ -191,23 +192,27 @@ def _report(gm: nn.Module, cfg: QATConfig, costs: Costs, cont: dict[str, float],
             "seconds": round(seconds, 2)}
 
 
+@full_fp32()
 def train(model: nn.Module, cfg: QATConfig, data: TrainData, *, teacher: nn.Module | None = None,
-          progress: bool = True) -> nn.Module:
+          progress: bool = True, device: str | torch.device | None = None) -> nn.Module:
     """Quantization-aware training of `model` (left unchanged); returns the fake-quant model with its
     report in `mixq_qat_report` (per quantizer bits, learned bits and alpha, achieved budget, losses).
-    The KD teacher defaults to a frozen copy of `model` (needed on a cache, and with `kd_weight` > 0)."""
+    The KD teacher defaults to a frozen copy of `model` (needed on a cache, and with `kd_weight` > 0).
+    Training runs on `device` (default: `model`'s), and the returned model stays there; the images stay in
+    host memory and go over a batch at a time."""
     cfg = cfg.validate()
+    dev = torch.device(device) if device is not None else model_device(model)
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
     torch.set_flush_denormal(True)
     if teacher is None and (not data.labelled or cfg.kd_weight > 0):
-        teacher = copy.deepcopy(model).eval()
+        teacher = copy.deepcopy(model).to(dev).eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
     lsq = cfg.method == "lsq"
     qcfg = QuantConfig(wbits=cfg.wbits if lsq else 8, abits=cfg.abits if lsq else 8, method="rtn",
                        first_last_bits=cfg.first_last_bits, batch_size=cfg.batch_size, seed=cfg.seed)
-    gm = prepare(model, qcfg)
+    gm = prepare(model, qcfg).to(dev)
     costs = measure_costs(gm)
     fixed = _fixed_bits(gm, cfg) if not lsq else {n: q.bits for n, q in quantizers(gm).items()}
     learnable = [n for n in costs.kinds if n not in fixed]
@@ -215,7 +220,7 @@ def train(model: nn.Module, cfg: QATConfig, data: TrainData, *, teacher: nn.Modu
         check_reachable(costs, learnable, fixed, cfg)  # before any training
     layers = [m for m in gm.modules() if isinstance(m, QUANT_LAYERS)]
     weights = {m.weight_quantizer.name: m.weight for m in layers}
-    sample = data.inputs[:SIGN_SAMPLES]
+    sample = data.inputs[:SIGN_SAMPLES].to(dev)
     if lsq:
         init_scales(gm, sample, qcfg)
         ranges: dict[str, tuple[float, float]] = {}
@@ -224,6 +229,7 @@ def train(model: nn.Module, cfg: QATConfig, data: TrainData, *, teacher: nn.Modu
     lp = _lp_ranges(gm, sample, qcfg, fixed, range_bits(costs, learnable, fixed, cfg)) \
         if not lsq and cfg.range_init == "lp" else None
     _training_quantizers(gm, cfg, weights, fixed, ranges, lp)
+    gm.to(dev)  # the new learned parameters (in place: `weights` still holds the layers' own)
     qps: dict[str, QATParams] = {n: q.qat for n, q in quantizers(gm).items()}
     alpha0 = {n: round(float(p.alpha().detach().mean()), 6) for n, p in qps.items()}  # reported: where ranges began
     for w in weights.values():
@@ -245,7 +251,7 @@ def train(model: nn.Module, cfg: QATConfig, data: TrainData, *, teacher: nn.Modu
             history.append({"phase": "noise", **h, **({"multipliers": mult.trace} if mult is not None else {})})
             cont = {n: p.continuous_bits() for n, p in qps.items()}
             bits, moves = round_to_budget(cont, learnable, fixed, costs, cfg)
-            _freeze_bits(gm, bits, weights, data.inputs[:512], qcfg)
+            _freeze_bits(gm, bits, weights, data.inputs[:512].to(dev), qcfg)
         else:
             cont = {n: float(b) for n, b in fixed.items()}
             moves = []

@@ -63,7 +63,7 @@ def save_quantized(qmodel: nn.Module, out: str | os.PathLike, extra: dict[str, A
     for name, q in quantizers(qmodel).items():
         rec, ts = quantizer_state(q)
         records.append(rec)
-        tensors.update({f"{name}.{k}": v for k, v in ts.items()})
+        tensors.update({f"{name}.{k}": v.detach().cpu() for k, v in ts.items()})  # a model on a GPU too
     weights = save(tensors, metadata={"format": str(FORMAT)})
     meta = {
         "format": FORMAT,

@@ -63,12 +63,18 @@ _SHIFTS = torch.arange(8, dtype=torch.uint8)
 
 
 def keep_mask(like: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Float {0,1} mask, 1 with probability p. p = 0.5 unpacks random bits (4x cheaper than rand on CPU)."""
+    """Float {0,1} mask, 1 with probability p. p = 0.5 unpacks random bits (4x cheaper than rand on CPU).
+    A CPU `generator` (quantize's seeded one) draws on the CPU for a tensor on a GPU too, and the mask is
+    copied over: the same seed drops the same values on either device."""
     n = like.numel()
-    if p == 0.5 and n % 64 == 0 and like.device.type == "cpu":
+    if like.device.type != "cpu" and (generator is None or generator.device.type != "cpu"):
+        return (torch.rand(like.shape, generator=generator, device=like.device) < p).to(like.dtype)
+    if p == 0.5 and n % 64 == 0:
         r = torch.randint(-(2**63), 2**63 - 1, (n // 64,), dtype=torch.int64, generator=generator).view(torch.uint8)
-        return ((r.unsqueeze(-1) >> _SHIFTS) & 1).view(like.shape).to(like.dtype)
-    return (torch.rand(like.shape, generator=generator, device=like.device) < p).to(like.dtype)
+        mask = ((r.unsqueeze(-1) >> _SHIFTS) & 1).view(like.shape)
+    else:
+        mask = torch.rand(like.shape, generator=generator) < p
+    return mask.to(device=like.device, dtype=like.dtype)
 
 
 def rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
@@ -576,9 +582,9 @@ def search_weight_scale(w: torch.Tensor, q: WeightQuantizer, p: float = 2.4, gri
     else:
         wc = w.detach().transpose(0, q.axis).flatten(1) if q.axis != 0 else w.detach().flatten(1)
     lo, hi = q.qrange
-    best_err = torch.full((wc.shape[0],), float("inf"))
-    best_s = torch.ones(wc.shape[0])
-    best_zp = torch.zeros(wc.shape[0])
+    best_err = torch.full((wc.shape[0],), float("inf"), device=wc.device)
+    best_s = torch.ones(wc.shape[0], device=wc.device)
+    best_zp = torch.zeros(wc.shape[0], device=wc.device)
     if q.symmetric:
         amax = wc.abs().amax(1).clamp(min=1e-8)
     else:

@@ -24,6 +24,7 @@ import torch.nn as nn
 from ..methods import METHODS, Method, Phase
 from ..progress import Progress, progress_bar
 from ..threads import tick
+from ..utils import full_fp32
 from .config import QuantConfig
 from .graph import (
     Unit,
@@ -285,6 +286,7 @@ def _run_phases(unit: Unit, phases: list[Phase], q_in: torch.Tensor, fp_in: torc
     return hist, done
 
 
+@full_fp32()
 def quantize(model: nn.Module, cfg: QuantConfig, calib: Any, *, progress: bool = True) -> nn.Module:
     """Return a fake-quantized copy of `model` with learned rounding/scales.
 

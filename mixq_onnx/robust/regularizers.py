@@ -117,7 +117,7 @@ def apply_satnl(model: nn.Module, learn_alpha: bool = True) -> list[SatNL]:
     """Reparametrise every regularised layer's weight; returns the SatNL modules (their alphas)."""
     mods = []
     for _, m in regularized_layers(model):
-        sat = SatNL(ALPHA_MARGIN * float(m.weight.detach().abs().max().clamp(min=1e-8)), learn_alpha)
+        sat = SatNL(ALPHA_MARGIN * float(m.weight.detach().abs().max().clamp(min=1e-8)), learn_alpha).to(m.weight.device)
         parametrize.register_parametrization(m, "weight", sat)
         mods.append(sat)
     return mods
