@@ -81,7 +81,8 @@ def register(cli: click.Group) -> None:
                   help="Replace quant.json, weights.safetensors, qat.json and bits.png in a non-empty --out.")
     @click.option("--device", default=None,
                   help="torch device to train on (cpu, cuda, cuda:1) [default: cuda if this torch sees a GPU, else "
-                       "cpu]. The images stay in host memory; results match the CPU's up to float rounding.")
+                       "cpu]. The images stay in host memory; a GPU run differs from a CPU run only by float rounding "
+                       "(full float32, no TF32), which training carries on: almost all integer codes agree.")
     @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
     @compute_command("qat")
     def qat(**o: Any) -> None:
