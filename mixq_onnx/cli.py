@@ -369,7 +369,7 @@ def quantize(**o: Any) -> None:
     from .quant import QuantConfig, save_quantized, summarize
     from .quant import quantize as run_quantize
     from .quant.io import check_output_dir
-    from .training import resolve_device
+    from .utils import resolve_device
 
     cfg = QuantConfig(
         wbits=o["wbits"], abits=o["abits"], method=o["method"], symmetric=o["symmetric"],
@@ -519,7 +519,8 @@ def robustify(**o: Any) -> None:
     from .quant.evaluate import evaluate_data
     from .robust import RobustConfig, check_writable, save_checkpoint
     from .robust import robustify as run_robustify
-    from .training import kd_weight_for, load_training_data, resolve_device
+    from .training import kd_weight_for, load_training_data
+    from .utils import resolve_device
 
     cfg = RobustConfig(symreg=o["beta"], pairing=o["symreg_pairing"], satnl=o["satnl"],
                        learn_alpha=not o["fixed_alpha"], sam=o["sam"], rho=o["rho"], epochs=o["epochs"],

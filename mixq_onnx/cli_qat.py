@@ -109,7 +109,8 @@ def register(cli: click.Group) -> None:
         from .qat import QATConfig, save_qat, summary
         from .qat import train as run_qat
         from .quant.io import check_output_dir
-        from .training import kd_weight_for, load_training_data, resolve_device
+        from .training import kd_weight_for, load_training_data
+        from .utils import resolve_device
 
         lsq = o["method"] == "lsq"
         if not lsq and (o["wbits"] is not None or o["abits"] is not None):

@@ -16,7 +16,7 @@ import torch
 from conftest import one_line_error
 
 from mixq_onnx.errors import MixqError
-from mixq_onnx.training import resolve_device
+from mixq_onnx.utils import resolve_device
 
 TINY = ["--model", "test_resnet", "--input-size", "32", "--random-weights"]
 STEP_REL = 0.1  # largest relative difference of a learned step between a CPU and a GPU run (see below)

@@ -24,7 +24,7 @@ import torch.nn as nn
 from ..errors import MixqError
 from ..progress import progress_bar
 from ..registry import FILTERS, PROMPT_STRATEGIES
-from ..utils import atomic_write_json, sha256_bytes, sha256_file
+from ..utils import atomic_write_json, resolve_device, sha256_bytes, sha256_file
 from . import cache as C
 from .classes import load_classes, resolve_classes
 from .generators import GENERATORS, GenContext
@@ -224,7 +224,7 @@ def make_calibration_cache(
     if model is None and (gen_cls.needs_model or cfg.filter):
         what = f"--generator {cfg.generator}" if gen_cls.needs_model else f"--filter {cfg.filter}"
         raise MixqError(f"{what} needs --model (and --checkpoint)")
-    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = resolve_device(device)
     if model is not None:
         model = model.eval().to(dev)
     size = cfg.size or gen_cls.default_size(model, cfg.options)
