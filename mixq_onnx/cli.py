@@ -15,7 +15,7 @@ import click
 # are imported inside the command bodies, so --help, --version and argument errors answer at once
 # (tests/test_cli_startup.py checks this).
 from . import __version__
-from .cli_common import CONTEXT, POSITIVE, compute_command
+from .cli_common import CONTEXT, POSITIVE, augment_option, compute_command
 from .cli_common import emit_json as _emit_json
 from .cli_qat import register as _register_qat
 from .cli_trt import register as _register_trt
@@ -501,6 +501,7 @@ def eval_cmd(**o: Any) -> None:
 @click.option("--rho", type=float, default=0.5, show_default=True, help="ASAM neighbourhood size.")
 @click.option("--epochs", type=int, default=10, show_default=True, help="Passes over the training images.")
 @click.option("--lr", type=float, default=1e-3, show_default=True, help="SGD learning rate (cosine to 0).")
+@augment_option()
 @click.option("--batch-size", type=POSITIVE, default=128, show_default=True, help="Training images per SGD step.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the training image order.")
 @click.option("--limit", type=POSITIVE, default=None, metavar="N",
@@ -524,7 +525,7 @@ def robustify(**o: Any) -> None:
 
     cfg = RobustConfig(symreg=o["beta"], pairing=o["symreg_pairing"], satnl=o["satnl"],
                        learn_alpha=not o["fixed_alpha"], sam=o["sam"], rho=o["rho"], epochs=o["epochs"],
-                       lr=o["lr"], batch_size=o["batch_size"], seed=o["seed"],
+                       lr=o["lr"], batch_size=o["batch_size"], seed=o["seed"], augment=o["augment"],
                        kd_weight=o["kd_weight"] if o["kd_weight"] is not None else 0.0).validate()
     out = check_writable(o["out"])
     dev = resolve_device(o["device"])

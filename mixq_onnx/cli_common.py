@@ -17,6 +17,15 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 POSITIVE = click.IntRange(min=1)  # counts and sizes: 0 or a negative number is bad input, never "all"
 
 
+def augment_option() -> Callable:
+    """`--augment` of the commands that train on the shared loop (qat, robustify)."""
+    from .registry import AUGMENTS
+
+    return click.option("--augment", type=click.Choice(AUGMENTS), default="none", show_default=True,
+                        help="flip-crop: each training image mirrored left-right with probability 1/2 and shifted "
+                             "by up to 1/8 of its size (reflect padding); seeded.")
+
+
 def emit_json(obj: Any) -> None:
     """One JSON object (or list) on one stdout line, keys sorted: the `--json` output of every command."""
     click.echo(json.dumps(obj, sort_keys=True))

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from .cli_common import CONTEXT, POSITIVE, compute_command
+from .cli_common import CONTEXT, POSITIVE, augment_option, compute_command
 from .errors import MixqError
 
 #: The model flags, taken from `robustify` so both commands spell and document them the same way.
@@ -69,6 +69,7 @@ def register(cli: click.Group) -> None:
                   help="auto: KD on a cache, CE on labelled data; ce needs labels; kd on labelled data adds KD "
                        "(--kd-weight 1 unless given).")
     @click.option("--kd-weight", type=float, default=None, help="KD weight next to CE on labelled data [default: 0].")
+    @augment_option()
     @click.option("--batch-size", type=POSITIVE, default=128, show_default=True, help="Training images per SGD step.")
     @click.option("--seed", type=int, default=0, show_default=True,
                   help="Seed of the training image order and of the noise.")
@@ -122,7 +123,7 @@ def register(cli: click.Group) -> None:
                         final_epochs=o["final_epochs"], lr=o["lr"], qlr=o["qlr"], step_lr=o["step_lr"], final_lr=o["final_lr"],
                         max_update=o["max_update"], batch_size=o["batch_size"], seed=o["seed"],
                         kd_weight=kd_weight, budget_weight=o["budget_weight"],
-                        budget_rate=o["budget_rate"], range_init=o["range_init"])
+                        budget_rate=o["budget_rate"], range_init=o["range_init"], augment=o["augment"])
         cfg.validate()  # bad options fail before the model loads
         dev = resolve_device(o["device"])
         out = check_output_dir(o["out"], o["overwrite"])

@@ -161,3 +161,7 @@ register_prompt_strategy(PromptStrategy(
     mixes=True, embeds=True))
 register_prompt_strategy(PromptStrategy(
     "none", "no class conditioning", "mixq_onnx.calib.prompts:plan_unconditioned", conditioned=False))
+
+
+#: Training-image augmentations of the shared training loop (`mixq_onnx.training.augment_batch`).
+AUGMENTS = ("none", "flip-crop")

@@ -21,8 +21,27 @@ import torch.nn.functional as F
 
 from .errors import MixqError
 from .progress import progress_bar
+from .registry import AUGMENTS
 from .threads import tick
 from .utils import full_fp32
+
+
+def augment_batch(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """The standard small-image augmentation, on preprocessed images [N, C, H, W]: each image mirrored left-right
+    with probability 1/2 and shifted by up to H/8 pixels each way (reflect padding, then a random H x W crop).
+    Why: a few thousand labelled images over several epochs overfit without it. Draws come from `gen` (CPU), so
+    a seed gives the same batches on every device."""
+    n, _, h, w = x.shape
+    pad = max(1, h // 8)
+    flip = torch.rand(n, generator=gen) < 0.5
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+    x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    xp = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    rows = (dy[:, None] + torch.arange(h)[None, :])[:, None, :, None].expand(n, x.shape[1], h, w + 2 * pad)
+    x = xp.gather(2, rows)
+    cols = (dx[:, None] + torch.arange(w)[None, :])[:, None, None, :].expand(n, x.shape[1], h, w)
+    return x.gather(3, cols)
 
 
 @dataclass
@@ -35,6 +54,7 @@ class TrainConfig:
     temperature: float = 4.0
     sam: str | None = None  # None | "asam" (adaptive sharpness-aware minimisation)
     rho: float = 0.5
+    augment: str = "none"  # "none" | "flip-crop": each batch randomly mirrored and shifted (`augment_batch`)
 
     def validate(self) -> TrainConfig:
         if self.epochs < 1:
@@ -45,6 +65,8 @@ class TrainConfig:
             raise MixqError(f"--sam must be asam, got {self.sam!r}")
         if self.kd_weight < 0:
             raise MixqError(f"the KD weight must be >= 0, got {self.kd_weight}")
+        if self.augment not in AUGMENTS:
+            raise MixqError(f"--augment must be one of {', '.join(AUGMENTS)}, got {self.augment!r}")
         return self
 
 
@@ -164,6 +186,7 @@ def train(model: nn.Module, data: TrainData, cfg: TrainConfig, *, teacher: nn.Mo
         raise MixqError("unlabelled data (a calibration cache) trains by distillation: a teacher model is needed")
     torch.set_flush_denormal(True)
     gen = torch.Generator().manual_seed(cfg.seed)
+    aug_gen = torch.Generator().manual_seed(cfg.seed + 7919)  # its own stream: the image order stays the same
     params = params if params is not None else [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9)
     for g in opt.param_groups:
@@ -199,7 +222,10 @@ def train(model: nn.Module, data: TrainData, cfg: TrainConfig, *, teacher: nn.Mo
             for s in range(0, n, cfg.batch_size):
                 tick()
                 idx = order[s:s + cfg.batch_size]
-                x = data.inputs[idx].to(dev, non_blocking=True)
+                x = data.inputs[idx]
+                if cfg.augment == "flip-crop":
+                    x = augment_batch(x, aug_gen)
+                x = x.to(dev, non_blocking=True)
                 y = data.labels[idx].to(dev, non_blocking=True) if data.labels is not None else None
                 t_logits = None
                 if teacher is not None:

@@ -295,6 +295,7 @@ def test_qat_end_to_end_then_eval_export_check_verify(world, tmp_path, run_cli):
     (["--target-bits", "4", "--max-update", "0"], "--max-update must be positive"),
     (["--target-bits", "4", "--budget-rate", "-1"], "--budget-rate must be >= 0"),
     (["--target-bits", "4", "--range-init", "max"], "--range-init"),
+    (["--target-bits", "4", "--augment", "mixup"], "--augment"),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
 def test_bad_input_is_one_line_exit_2_and_no_output(world, tmp_path, run_cli, args, needle):
     root, cache = world

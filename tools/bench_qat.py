@@ -134,6 +134,15 @@ noise phase's cross-entropy at 0.45-0.66 (0.56-0.95 with dual ascent at 0.1, whi
 the `-lp` rows), not defaults: see the table. With KD from the FP model in both methods (one seed, official ranges),
 NIPQ@3 stays below LSQ W3A3 (84.6 against 85.4). The held-out numbers of the main rows (trained on the other
 4,500 images) are listed for scale; one seed of NIPQ@3 with the official ranges moves by 5 points:"""),
+    (WORK / "tune_v5.md", """Round 5 (2026-11-30): training-image augmentation, `--augment flip-crop` (each image mirrored with
+probability 1/2 and shifted by up to 4 pixels, reflect padding), in the shared training loop, for every row
+alike; one seed, `python tools/sweep_qat_device.py --device cpu --jobs 2 --threads 1 --seeds 0 --only
+lsq-w3a3,nipq-3-lp,lsq-w4a4,nipq-4 --extra "--augment flip-crop" --out runs/aug_cpu`. A schedule is one
+choice for all rows, so it would be adopted only if it raised the held-out top-1 across them; it lowered three
+of the four (by 0.4 to 2.6 points; the fourth moved +0.2, inside one seed's noise), so the table keeps the
+schedule without augmentation and `--augment` stays an option, off by default. A reading, not measured: eight
+epochs here mostly adapt the network to these JPEG images (the QAT rows beat the float model's 81.02 % by about
+4 points on the test set), and mirrored and shifted copies slow that down:"""),
 ]
 
 

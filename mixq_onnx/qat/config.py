@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from ..errors import MixqError
+from ..registry import AUGMENTS
 
 QAT_METHODS = ("nipq", "lsq")
 NOISES = ("hist", "uniform")
@@ -41,6 +42,7 @@ class QATConfig:
     seed: int = 0
     kd_weight: float = 0.0  # labelled data: weight of KD from the FP model next to CE (cache: KD only)
     temperature: float = 4.0
+    augment: str = "none"  # "flip-crop": random mirror and shift of each training image (the shared loop's)
     budget_weight: float = 1.0  # weight of the budget penalty (nipq)
     budget_rate: float = 0.0  # nipq: dual-ascent rate of the budget's multipliers (0: the fixed penalty alone)
     range_init: str = "official"  # nipq: initial ranges as the official code, or "lp" (the budget's Lp clip)
@@ -56,6 +58,8 @@ class QATConfig:
             raise MixqError(f"--noise must be one of {', '.join(NOISES)}, got {self.noise!r}")
         if self.epochs < 1:
             raise MixqError(f"--epochs must be at least 1, got {self.epochs}")
+        if self.augment not in AUGMENTS:
+            raise MixqError(f"--augment must be one of {', '.join(AUGMENTS)}, got {self.augment!r}")
         if self.final_epochs < 0:
             raise MixqError(f"--final-epochs must be at least 0, got {self.final_epochs}")
         if not 2 <= self.max_bits <= 8:

@@ -236,7 +236,7 @@ def train(model: nn.Module, cfg: QATConfig, data: TrainData, *, teacher: nn.Modu
         w.requires_grad_(True)
 
     tcfg = TrainConfig(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed,
-                       kd_weight=cfg.kd_weight, temperature=cfg.temperature)
+                       kd_weight=cfg.kd_weight, temperature=cfg.temperature, augment=cfg.augment)
     history: list[dict[str, Any]] = []
     try:
         if not lsq:
@@ -261,7 +261,7 @@ def train(model: nn.Module, cfg: QATConfig, data: TrainData, *, teacher: nn.Modu
         steps = [p.step for p in qps.values()]
         for i, (phase, epochs, lr) in enumerate(phases):
             pcfg = TrainConfig(epochs=epochs, lr=lr, batch_size=cfg.batch_size, seed=cfg.seed + 1 + i,
-                               kd_weight=cfg.kd_weight, temperature=cfg.temperature)
+                               kd_weight=cfg.kd_weight, temperature=cfg.temperature, augment=cfg.augment)
             h = run_loop(gm, data, pcfg, teacher=teacher, progress=progress, desc=f"{cfg.method} {phase}",
                          params=[{"params": list(weights.values()), "lr": lr, "max_update": cfg.max_update}, {"params": steps, "lr": cfg.step_lr, "max_update": cfg.max_update}],
                          on_step=_clamp_steps(steps))

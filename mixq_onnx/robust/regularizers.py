@@ -26,6 +26,7 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from ..errors import MixqError
+from ..registry import AUGMENTS
 
 PAIRINGS = ("1:1", "2:2")
 ALPHA_MARGIN = 1.001
@@ -46,6 +47,7 @@ class RobustConfig:
     batch_size: int = 128
     seed: int = 0
     kd_weight: float = 0.0  # labelled data: KD next to CE (a calibration cache always trains by KD)
+    augment: str = "none"  # "flip-crop": random mirror and shift of each training image (the shared loop's)
 
     def validate(self) -> RobustConfig:
         if not self.symreg >= 0:
@@ -58,6 +60,8 @@ class RobustConfig:
             raise MixqError(f"--sam must be asam, got {self.sam!r}")
         if not (self.lr > 0 and self.rho > 0 and self.batch_size >= 1):
             raise MixqError("--lr and --rho must be positive and --batch-size at least 1")
+        if self.augment not in AUGMENTS:
+            raise MixqError(f"--augment must be one of {', '.join(AUGMENTS)}, got {self.augment!r}")
         return self
 
 

@@ -30,7 +30,7 @@ def robustify(model: nn.Module, cfg: RobustConfig, data: TrainData, *, teacher: 
         def extra(m: nn.Module) -> dict:
             return {"symreg": cfg.symreg * symreg_loss(m, cfg.pairing)}
     tcfg = TrainConfig(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed,
-                       kd_weight=cfg.kd_weight, sam=cfg.sam, rho=cfg.rho)
+                       kd_weight=cfg.kd_weight, sam=cfg.sam, rho=cfg.rho, augment=cfg.augment)
     try:
         hist = train(model, data, tcfg, teacher=teacher, extra_loss=extra, progress=progress)
     finally:
