@@ -169,10 +169,10 @@ def heldout_main_rows() -> str:
 
 VERDICT = """The rule chooses neither. At 3 bits `--budget-rate 0.2` has the lowest held-out mean of the three
 (84.73 against LSQ W3A3's 85.80 and the `-lp` rows' 85.60); at 4 bits `--budget-rate 0.03` holds out 88.67
-against LSQ W4A4's 90.67. Its test mean at 3 bits, 82.23, would be +1.26 pp over LSQ W3A3's 80.97 (section
+against LSQ W4A4's 90.67. Its test mean at 3 bits, 82.23, would be +1.26 pp over LSQ W3A3's 80.97 (seeds 0-2 of section
 qat): choosing it for that would be choosing on the test set, so the bar stays unmet and section qat keeps
 its rows. The 500 held-out images cannot separate rows this close: they rank the `-lp` rows 0.2 below LSQ at
-3 bits, where the 5,000 test images put them 0.77 above."""
+3 bits, where the 5,000 test images put them 0.77 above (seeds 0-2)."""
 
 
 KD_NOTE = """The KD rows (labelled data, CE plus KD from the float model at T = 4) hold out lower than CE alone on
