@@ -165,3 +165,9 @@ register_prompt_strategy(PromptStrategy(
 
 #: Training-image augmentations of the shared training loop (`mixq_onnx.training.augment_batch`).
 AUGMENTS = ("none", "flip-crop")
+
+
+def check_augment(augment: str) -> None:
+    """The one-line error every training config (TrainConfig, QATConfig, RobustConfig) gives a bad augment."""
+    if augment not in AUGMENTS:
+        raise MixqError(f"--augment must be one of {', '.join(AUGMENTS)}, got {augment!r}")

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from .errors import MixqError
 from .progress import progress_bar
-from .registry import AUGMENTS
+from .registry import check_augment
 from .threads import tick
 from .utils import full_fp32
 
@@ -65,8 +65,7 @@ class TrainConfig:
             raise MixqError(f"--sam must be asam, got {self.sam!r}")
         if self.kd_weight < 0:
             raise MixqError(f"the KD weight must be >= 0, got {self.kd_weight}")
-        if self.augment not in AUGMENTS:
-            raise MixqError(f"--augment must be one of {', '.join(AUGMENTS)}, got {self.augment!r}")
+        check_augment(self.augment)
         return self
 
 

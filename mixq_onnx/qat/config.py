@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from ..errors import MixqError
-from ..registry import AUGMENTS
+from ..registry import check_augment
 
 QAT_METHODS = ("nipq", "lsq")
 NOISES = ("hist", "uniform")
@@ -58,8 +58,7 @@ class QATConfig:
             raise MixqError(f"--noise must be one of {', '.join(NOISES)}, got {self.noise!r}")
         if self.epochs < 1:
             raise MixqError(f"--epochs must be at least 1, got {self.epochs}")
-        if self.augment not in AUGMENTS:
-            raise MixqError(f"--augment must be one of {', '.join(AUGMENTS)}, got {self.augment!r}")
+        check_augment(self.augment)
         if self.final_epochs < 0:
             raise MixqError(f"--final-epochs must be at least 0, got {self.final_epochs}")
         if not 2 <= self.max_bits <= 8:

@@ -26,7 +26,7 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from ..errors import MixqError
-from ..registry import AUGMENTS
+from ..registry import check_augment
 
 PAIRINGS = ("1:1", "2:2")
 ALPHA_MARGIN = 1.001
@@ -60,8 +60,7 @@ class RobustConfig:
             raise MixqError(f"--sam must be asam, got {self.sam!r}")
         if not (self.lr > 0 and self.rho > 0 and self.batch_size >= 1):
             raise MixqError("--lr and --rho must be positive and --batch-size at least 1")
-        if self.augment not in AUGMENTS:
-            raise MixqError(f"--augment must be one of {', '.join(AUGMENTS)}, got {self.augment!r}")
+        check_augment(self.augment)
         return self
 
 
