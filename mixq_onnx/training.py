@@ -28,11 +28,11 @@ from .utils import full_fp32
 
 def augment_batch(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """The standard small-image augmentation, on preprocessed images [N, C, H, W]: each image mirrored left-right
-    with probability 1/2 and shifted by up to H/8 pixels each way (reflect padding, then a random H x W crop).
+    with probability 1/2 and shifted by up to min(H, W)/8 pixels each way (reflect padding, then a random H x W crop).
     Why: a few thousand labelled images over several epochs overfit without it. Draws come from `gen` (CPU), so
     a seed gives the same batches on every device."""
     n, _, h, w = x.shape
-    pad = max(1, h // 8)
+    pad = min(max(1, min(h, w) // 8), min(h, w) - 1)  # reflect padding needs pad < size; a 1-pixel image stays put
     flip = torch.rand(n, generator=gen) < 0.5
     dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
     dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
