@@ -23,7 +23,7 @@ from .errors import MixqError
 from .progress import progress_bar
 from .registry import check_augment
 from .threads import tick
-from .utils import full_fp32
+from .utils import full_fp32, model_device
 
 
 def augment_batch(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -117,13 +117,6 @@ def kd_weight_for(data: TrainData, loss: str, kd_weight: float) -> float:
     if loss == "kd" and data.labelled and kd_weight == 0:
         return 1.0
     return kd_weight
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """Where `model` computes: its first parameter's (or buffer's) device, the CPU for an empty module."""
-    for t in (*model.parameters(), *model.buffers()):
-        return t.device
-    return torch.device("cpu")
 
 
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:

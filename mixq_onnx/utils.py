@@ -131,3 +131,13 @@ def resolve_device(device: Any) -> Any:
     if dev.type not in ("cpu", "cuda"):
         raise MixqError(f"--device {device}: only cpu and cuda are supported")
     return dev
+
+
+def model_device(model: Any, fallback: Any = None) -> Any:
+    """Where `model` computes: its first parameter's device, else its first buffer's, else `fallback`
+    (default: the CPU) for a module with neither."""
+    import torch
+
+    for t in (*model.parameters(), *model.buffers()):
+        return t.device
+    return fallback if fallback is not None else torch.device("cpu")

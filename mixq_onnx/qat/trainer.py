@@ -29,9 +29,9 @@ from ..quant.graph import prepare, quantizers
 from ..quant.modules import QUANT_LAYERS
 from ..quant.quantizer import ActQuantizer, WeightQuantizer, search_act_scale, search_weight_scale
 from ..quant.reconstruct import init_scales
-from ..training import TrainConfig, TrainData, model_device
+from ..training import TrainConfig, TrainData
 from ..training import train as run_loop
-from ..utils import full_fp32
+from ..utils import full_fp32, model_device
 from .budget import (
     BudgetMultipliers,
     Costs,

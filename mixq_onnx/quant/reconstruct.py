@@ -24,7 +24,7 @@ import torch.nn as nn
 from ..methods import METHODS, Method, Phase
 from ..progress import Progress, progress_bar
 from ..threads import tick
-from ..utils import full_fp32
+from ..utils import full_fp32, model_device
 from .config import QuantConfig
 from .graph import (
     Unit,
@@ -310,7 +310,7 @@ def quantize(model: nn.Module, cfg: QuantConfig, calib: Any, *, progress: bool =
         if not isinstance(calib, torch.Tensor):  # a CalibrationSet
             provenance = calib.provenance(min(len(calib), cfg.num_samples))
             calib = calib.tensor(cfg.num_samples)
-        dev = next(iter(model.parameters()), torch.empty(0)).device
+        dev = model_device(model)
         calib = calib[: cfg.num_samples].to(dev)
         setup.update(1)
         t_start = time.perf_counter()

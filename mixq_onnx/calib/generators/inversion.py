@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from ...errors import MixqError
 from ...models import get_preprocessing
 from ...threads import tick
+from ...utils import model_device
 from ..prompts import ImagePlan
 from .base import Generator, ShardOutput, register
 
@@ -70,14 +71,6 @@ def bn_layers(model: nn.Module) -> list[nn.BatchNorm2d]:
         m for m in model.modules()
         if isinstance(m, nn.BatchNorm2d) and m.running_mean is not None and m.running_var is not None
     ]
-
-
-def _model_device(model: nn.Module, fallback: torch.device) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    for b in model.buffers():
-        return b.device
-    return fallback
 
 
 class _Synth(nn.Module):
@@ -241,7 +234,7 @@ class InversionGenerator(Generator):
         o = self._options()
         if self._uses_ce(o):
             pre = get_preprocessing(model)
-            dev = _model_device(model, self.ctx.device)
+            dev = model_device(model, self.ctx.device)
             was_training = model.training
             model.eval()
             try:
@@ -303,7 +296,7 @@ class InversionGenerator(Generator):
         o = self._options()
         torch.set_flush_denormal(True)
         pre = get_preprocessing(model)
-        dev = _model_device(model, self.ctx.device)
+        dev = model_device(model, self.ctx.device)
         n = len(plans)
         if n == 0:
             s = self.ctx.size
