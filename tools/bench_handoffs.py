@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmd import ROOT, stamp, update_section  # noqa: E402
+from benchmd import ROOT, commit, stamp, update_section  # noqa: E402
 
 sys.path.insert(0, str(ROOT))  # this checkout's package, whatever is installed
 
@@ -243,11 +243,14 @@ def row(w: int, a: int, share: bool, seed: int, images, labels, full: bool) -> d
             "fallbacks": len(rep.fallbacks)}
 
 
-def render(rows: list[dict], spread: list[dict], backend: str) -> str:
+def render(rows: list[dict], spread: list[dict], backend: str, measured_at: str | None = None) -> str:
+    """The section; `measured_at`: the commit the rows were measured at, where only re-rendered (--render)."""
     lines = [
         "## handoffs: one quantizer per tensor and grid (issue 15)",
         "",
-        f"`python tools/bench_handoffs.py` · {stamp()} · {backend}",
+        f"`python tools/bench_handoffs.py` · {stamp()} · {backend}"
+        + (f" · rows measured at commit {measured_at} (runs/bench_handoffs/results.json), re-rendered"
+           if measured_at else ""),
         "",
         "ResNet-20 (`../shared/models/resnet20-12fca82f.th`), `quantize --method qdrop --preset fast --threads 1` "
         "on a real calibration cache of 1,024 images (`cifar10_train_calib.npz`), first and last layer 8-bit, "
@@ -328,7 +331,8 @@ def main() -> None:
         import tensorrt_rtx
 
         res = json.loads((WORK / "results.json").read_text())
-        text = render(res["rows"], res["seeds"], f"backend tensorrt-rtx {tensorrt_rtx.__version__}")
+        text = render(res["rows"], res["seeds"], f"backend tensorrt-rtx {tensorrt_rtx.__version__}",
+                      res.get("commit", "?"))
         print(text)
         if not args.no_doc:
             update_section("handoffs", text)
@@ -357,7 +361,8 @@ def main() -> None:
         print(json.dumps(r), flush=True)
         (rows if seed == 0 else []).append(r)
         spread.append(r)
-    (WORK / "results.json").write_text(json.dumps({"rows": rows, "seeds": spread}, indent=2) + "\n")
+    (WORK / "results.json").write_text(json.dumps({"rows": rows, "seeds": spread, "commit": commit()}, indent=2)
+                                       + "\n")
     import tensorrt_rtx
 
     text = render(rows, spread, f"backend tensorrt-rtx {tensorrt_rtx.__version__}")

@@ -25,12 +25,17 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {platform.system()} (no GPU)"
 
 
-def stamp() -> str:
+def commit() -> str:
+    """This checkout's short commit ("?" without git)."""
     try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True).stdout.strip()
     except OSError:
-        rev = "?"
-    return f"{time.strftime('%Y-%m-%d')} · commit {rev} · {machine()}"
+        return "?"
+
+
+def stamp() -> str:
+    return f"{time.strftime('%Y-%m-%d')} · commit {commit()} · {machine()}"
 
 
 def update_section(name: str, body: str) -> None:
