@@ -51,7 +51,12 @@ W2A4_TRIED = """W2A4 sharing cost, what was tried (shared W2A4, seeds 0-5, the s
 
 None recovers the per-consumer mean; what still differs is the one step where there were two. Letting the step
 follow conv1 alone, or re-choosing it on the logits after the block's rounding has settled (the rounding was
-learned for the step it had), both lose more than the default. At W2A4 this is a trade
+learned for the step it had), both lose more than the default. Where the default's one step lands (the 9
+residual blocks x 6 seeds, from the quant.json files): per consumer, conv1's input learns a step 1.17x the
+shortcut's (1.04-1.32x); shared, the one step is 1.04x the per-consumer shortcut's (1.00-1.14x) and 0.89x
+conv1's (0.81-0.98x). The block-output error the reconstruction minimises is dominated by the shortcut,
+whose rounding reaches the output unfiltered, so the one step follows the shortcut and conv1 reads a grid
+finer than it chose. At W2A4 this is a trade
 the user makes: `--no-share-quantizers` keeps the two steps (+0.7 pp over six seeds) and the engine's 10
 hand-offs; the default removes the hand-offs. Issue 15's limit (no more than 0.2 pp lost) is missed at W2A4 by
 about 0.5 pp and held at W4A4."""
