@@ -80,10 +80,18 @@ def rows(net: str) -> list[dict]:
 SEED_ROWS = ("lsq-w4a4", "nipq-4", "nipq-4-lp", "lsq-w3a3", "nipq-3", "nipq-3-lp")  # ResNet-20
 # the top of NIPQ's search space (--max-bits 8) on the same schedule and seeds: how much room the bars leave
 CEILING = {"id": "lsq-w8a8", "mode": "ce", "args": ["--method", "lsq", "--wbits", 8, "--abits", 8]}
+#: Round 6: five-fold cross-validation over all 5,000 train images (fold k: index_within_class % 5 == k, 1,000
+#: images, 100 per class; trained on the other 4,000), because 500 held-out images cannot rank rows that differ
+#: by tenths of a point. The candidates were fixed before any of their folds ran.
+CV_FOLDS = 5
+CV_CANDIDATES = {
+    "lsq-w3a3": ["--method", "lsq", "--wbits", 3, "--abits", 3],
+    "nipq-3-lp": ["--method", "nipq", "--target-bits", 3, *LP],
+    "nipq-3-lp-uniform": ["--method", "nipq", "--target-bits", 3, *LP, "--noise", "uniform"],
+}
 # round 6's pick: the NIPQ@3 candidate with the highest cross-validated top-1 (stage cv), then run on the test
 # set over the bars' seeds, once
-CV_PICK = {"id": "nipq-3-lp-uniform", "mode": "ce",
-           "args": ["--method", "nipq", "--target-bits", 3, *LP, "--noise", "uniform"]}
+CV_PICK = {"id": "nipq-3-lp-uniform", "mode": "ce", "args": CV_CANDIDATES["nipq-3-lp-uniform"]}
 
 
 def run_row(net: str, row: dict, gbops: dict[str, float], seed: int = 0) -> dict:
@@ -163,17 +171,6 @@ seeds, once (round 6's pick above). The folds differ by up to 5 points and five 
 half a point of standard error on a difference; the `-lp` row comes out 0.42 below LSQ W3A3 here, where the
 test set puts it 0.63 above:"""),
 ]
-
-
-#: Round 6: five-fold cross-validation over all 5,000 train images (fold k: index_within_class % 5 == k, 1,000
-#: images, 100 per class; trained on the other 4,000), because 500 held-out images cannot rank rows that differ
-#: by tenths of a point. The candidates were fixed before any of their folds ran.
-CV_FOLDS = 5
-CV_CANDIDATES = {
-    "lsq-w3a3": ["--method", "lsq", "--wbits", 3, "--abits", 3],
-    "nipq-3-lp": ["--method", "nipq", "--target-bits", 3, *LP],
-    "nipq-3-lp-uniform": ["--method", "nipq", "--target-bits", 3, *LP, "--noise", "uniform"],
-}
 
 
 def cv_folds() -> list[tuple[Path, Path]]:
