@@ -101,12 +101,7 @@ class QuantConv2d(_QuantLayer):
             acc = self._conv(self._integer_input(x), self.weight_quantizer.int_values(), None)
             return self._finish(acc, [1, -1, 1, 1])
         if self.input_quantizer is not None:
-            from .quantizer import IN_LAYER
-            IN_LAYER[0] += 1
-            try:
-                x = self.input_quantizer(x)
-            finally:
-                IN_LAYER[0] -= 1
+            x = self.input_quantizer(x)
         return self._conv(x, self.weight_quantizer(self.weight), self.bias)
 
     def extra_repr(self) -> str:
@@ -124,12 +119,7 @@ class QuantLinear(_QuantLayer):
         if self.integer_mode():
             return self._finish(F.linear(self._integer_input(x), self.weight_quantizer.int_values()), [-1])
         if self.input_quantizer is not None:
-            from .quantizer import IN_LAYER
-            IN_LAYER[0] += 1
-            try:
-                x = self.input_quantizer(x)
-            finally:
-                IN_LAYER[0] -= 1
+            x = self.input_quantizer(x)
         return F.linear(x, self.weight_quantizer(self.weight), self.bias)
 
     def extra_repr(self) -> str:

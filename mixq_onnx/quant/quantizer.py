@@ -156,7 +156,6 @@ class _Base(nn.Module):
 # shared quantizer -> (weak reference to its input, the input's version, its QDrop output): while learning with
 # QDrop, every consumer of the one tensor gets the one random draw (outside the modules: never deep-copied)
 _LAST_DRAW: weakref.WeakKeyDictionary[nn.Module, tuple[Any, int, torch.Tensor]] = weakref.WeakKeyDictionary()
-IN_LAYER = [0]  # EXPERIMENT: >0 while a layer calls its input quantizer
 
 
 class ActQuantizer(_Base):
@@ -226,11 +225,10 @@ class ActQuantizer(_Base):
         if not self.enabled or not bool(self.initialized):
             return x
         drop = self.learning and self.drop_prob > 0
-        graph_use = self.learning and bool(self.shared_with) and IN_LAYER[0] == 0
         if drop and self.shared_with:  # the other consumers of the one tensor read the same draw
             last = _LAST_DRAW.get(self)
             if last is not None and last[0]() is x and last[1] == x._version:
-                return last[2].detach() if graph_use else last[2]
+                return last[2]
         xq = self.fake_quant(x)
         if drop:  # QDrop: element-wise, keep the float value with p
             xq = xq + keep_mask(x, self.drop_prob) * (x - xq)
@@ -238,7 +236,7 @@ class ActQuantizer(_Base):
                 _LAST_DRAW[self] = (weakref.ref(x), x._version, xq)
         elif self.shared_with:
             _LAST_DRAW.pop(self, None)
-        return xq.detach() if graph_use else xq
+        return xq
 
     def codes(self, x: torch.Tensor) -> torch.Tensor:
         """Integer codes this quantizer assigns to x (what the INT8 kernel sees)."""
