@@ -328,18 +328,6 @@ def quantize(model: nn.Module, cfg: QuantConfig, calib: Any, *, progress: bool =
             _finalize_unit(u)
     else:
         all_units = _units_for(gm, method)
-        # EXPERIMENT e4: after each unit, its shared activation steps are re-chosen on the task: the step
-        # multiplier with the least KL between the logits (units [0, i] quantized, the rest float) and FP's
-        import torch.nn.functional as F
-        set_quant_state(gm, weights=False, acts=False)
-        with torch.no_grad():
-            fp_logp = torch.cat([gm(calib[s:s + 256]) for s in range(0, len(calib), 256)]).log_softmax(1)
-
-        def _kl() -> float:
-            with torch.no_grad():
-                lg = torch.cat([gm(calib[s:s + 256]) for s in range(0, n_train, 256)])[:n_train]
-                return float(F.kl_div(lg.log_softmax(1), fp_logp[:n_train], log_target=True, reduction="batchmean"))
-        polish = []
         with progress_bar(len(all_units), name, "unit", enabled=progress) as bar:
             for i, unit in enumerate(all_units):
                 t0 = time.perf_counter()
@@ -359,22 +347,6 @@ def quantize(model: nn.Module, cfg: QuantConfig, calib: Any, *, progress: bool =
                 hold_before = _eval_loss(unit.module, q_in[ho], fp_out[ho])
                 hist, iters_done = _run_phases(unit, phases, q_in, fp_in, fp_out, cfg, n_train, gen)
                 _finalize_unit(unit)
-                shared = [q for q in unit.act_quantizers() if q.shared_with]
-                if shared:
-                    set_quant_state(gm, weights=False, acts=False)
-                    _set_units_enabled(all_units, i + 1)
-                    for q in shared:
-                        s0 = q.scale.detach().clone()
-                        best = (_kl(), 1.0)
-                        for g in (0.7, 0.8, 0.9, 1.12, 1.25, 1.4):
-                            with torch.no_grad():
-                                q.scale.copy_(s0 * g)
-                            best = min(best, (_kl(), g))
-                        with torch.no_grad():
-                            q.scale.copy_(s0 * best[1])
-                        polish.append((q.name, best[1], best[0]))
-                    for q in unit.weight_quantizers() + unit.act_quantizers():
-                        q.enabled = True
                 after = _eval_loss(unit.module, q_in[tr], fp_out[tr])
                 hold_after = _eval_loss(unit.module, q_in[ho], fp_out[ho])
                 dt = time.perf_counter() - t0
@@ -397,8 +369,6 @@ def quantize(model: nn.Module, cfg: QuantConfig, calib: Any, *, progress: bool =
         "holdout": n_hold, "seconds": round(time.perf_counter() - t_start, 2),
         "units": [asdict(r) for r in reports],
     }
-    if method.phases:
-        gm.mixq_report["polish"] = polish  # type: ignore[attr-defined]
     return gm.eval()
 
 
