@@ -46,8 +46,8 @@ W2A4_TRIED = """W2A4 sharing cost, what was tried (shared W2A4, seeds 0-5, the s
 |---|---|---:|
 | independent QDrop draws for the two consumers of a shared quantizer (the one-draw-per-tensor reuse in `ActQuantizer.forward` switched off) | 73.16, 73.00, 72.98, 72.88, 72.34, 73.46 | 72.97 |
 | the shared quantizer learned by the block that produces the tensor, on that block's output error, QDrop's own layout (commit bb8d2d9, reverted in 0f11eb2) | 72.78, 73.34, 73.30, 72.76, 73.04, 73.04 | 73.04 |
-| the shared step learned from conv1's use alone (the shortcut reads it detached), so that it follows conv1's coarser step (2026-11-30, a change run from a worktree; exp_e3_stopgrad) | 71.88, 73.98, 71.76, 72.18, 72.60, 73.12 | 72.59 |
-| after each block, its shared step re-chosen on the task: the multiplier in 0.7, 0.8, 0.9, 1, 1.12, 1.25, 1.4 with the least KL divergence between the logits (blocks so far quantized, the rest float) and the float model's, on the 922 reconstruction images (2026-11-30, a worktree; exp_e4_klpolish) | 72.52, 73.40, 72.98, 72.60, 72.56, 72.78 | 72.81 |
+| the shared step learned from conv1's use alone (the shortcut reads it detached), so that it follows conv1's coarser step (2026-11-30, commit 2438d70, reverted in efdf97a; runs/bench_handoffs/exp_e3_stopgrad) | 71.88, 73.98, 71.76, 72.18, 72.60, 73.12 | 72.59 |
+| after each block, its shared step re-chosen on the task: the multiplier in 0.7, 0.8, 0.9, 1, 1.12, 1.25, 1.4 with the least KL divergence between the logits (blocks so far quantized, the rest float) and the float model's, on the 922 reconstruction images (2026-11-30, commit b03415b, reverted in bc4dd95; runs/bench_handoffs/exp_e4_klpolish) | 72.52, 73.40, 72.98, 72.60, 72.56, 72.78 | 72.81 |
 
 None recovers the per-consumer mean; what still differs is the one step where there were two. Letting the step
 follow conv1 alone, or re-choosing it on the logits after the block's rounding has settled (the rounding was
