@@ -73,7 +73,7 @@ def rows(net: str) -> list[dict]:
         out.append({"id": "lsq-w2a4", "mode": "ce", "args": ["--method", "lsq", "--wbits", 2, "--abits", 4]})
         for suffix, extra in (("", []), ("-lp", LP)):
             out.append({"id": f"nipq-gbops-w2a4{suffix}", "mode": "ce",
-                        "args": ["--method", "nipq", "--target-gbops", "W2A4", *extra]})
+                        "args": ["--method", "nipq", "--target-gbops", "gbops-of:lsq-w2a4", *extra]})
     return out
 
 
@@ -96,7 +96,17 @@ CV_PICK = {"id": "nipq-3-lp-uniform", "mode": "ce", "args": CV_CANDIDATES["nipq-
 GBOPS_W4A4 = {"id": "nipq-gbops-w4a4", "mode": "ce", "args": ["--method", "nipq", "--target-gbops", "gbops-of:lsq-w4a4"]}
 
 
-def run_row(net: str, row: dict, gbops: dict[str, float], seed: int = 0) -> dict:
+def schedule_args(net: str) -> list:
+    """`qat` flags of the network's schedule."""
+    return [x for k, v in schedule(net).items() for x in (f"--{k}", v)]
+
+
+def after_rows(row: dict) -> bool:
+    """The row's budget is another row's result ("gbops-of:"): it runs once that row has finished."""
+    return any(str(a).startswith("gbops-of:") for a in row["args"])
+
+
+def run_row(net: str, row: dict, seed: int = 0) -> dict:
     out = WORK / (f"{net}-{row['id']}" + (f"-s{seed}" if seed else ""))
     res = out / "eval.json"
     if res.exists():
@@ -104,14 +114,12 @@ def run_row(net: str, row: dict, gbops: dict[str, float], seed: int = 0) -> dict
     tr, _ = split_data()
     data = str(tr) if row["mode"] == "ce" else inversion_cache(net)
     def arg(a: object) -> object:
-        if a == "W2A4":
-            return f"{gbops[net]:.6f}"
         if str(a).startswith("gbops-of:"):
             return f"{row_gbops(net, str(a).removeprefix('gbops-of:')):.6f}"
         return a
 
     args = [arg(a) for a in row["args"]] + (["--seed", seed] if seed else [])
-    sched = [x for k, v in schedule(net).items() for x in (f"--{k}", v)]
+    sched = schedule_args(net)
     t0 = time.time()
     if not (out / "quant.json").exists():
         cli("qat", *model_args(net), "--data", data, *sched, *args, "--out", out, "-q")
@@ -203,7 +211,7 @@ def stage_cv(ids: list[str], jobs: int) -> str:
     1,000; the mean over the folds is top-1 over all 5,000 train images, each predicted by a model that never
     trained on it. Differences against the first candidate with their standard error over the folds."""
     pairs = cv_folds()
-    sched = [x for k, v in SCHEDULE.items() for x in (f"--{k}", v)]
+    sched = schedule_args("resnet20")
 
     def one(cand: str, k: int) -> float:
         out = WORK / "cv" / f"resnet20-{cand}-f{k}"
@@ -239,7 +247,7 @@ def history() -> str:
 
 def stage_tune(jobs: int) -> str:
     tr, ho = split_data()
-    sched = [x for k, v in SCHEDULE.items() for x in (f"--{k}", v)]
+    sched = schedule_args("resnet20")
 
     def one(tag: str, args: list) -> str:
         out = WORK / "tune2" / f"resnet20-{tag}"
@@ -323,20 +331,19 @@ def allocation(nets: list[str]) -> str:
     return "\n".join(out)
 
 
+def achieved(net: str, rid: str) -> dict:
+    """What a finished row (seed 0) achieved: average bits and GBOPs."""
+    return json.loads((WORK / f"{net}-{rid}" / "eval.json").read_text())["achieved"]
+
+
 def achieved_bits(net: str, rid: str) -> str:
-    """The average bits and GBOPs a finished row (seed 0) achieved."""
-    ach = json.loads((WORK / f"{net}-{rid}" / "eval.json").read_text())["achieved"]
+    ach = achieved(net, rid)
     return f"W {ach['weight_bits']:.2f} / A {ach['act_bits']:.2f} bits, {ach['gbops']:.4f} GBOPs, seed 0"
 
 
 def row_gbops(net: str, rid: str) -> float:
     """GBOPs a finished row (seed 0) achieved: a budget NIPQ gets to spend its own way."""
-    return json.loads((WORK / f"{net}-{rid}" / "eval.json").read_text())["achieved"]["gbops"]
-
-
-def w2a4_gbops(net: str) -> float:
-    """GBOPs of the LSQ W2A4 row (first/last layer 8-bit)."""
-    return row_gbops(net, "lsq-w2a4")
+    return achieved(net, rid)["gbops"]
 
 
 def deploy_cache(row: str) -> Path:
@@ -402,23 +409,21 @@ and last layer fixed at 8 bits (they count in the averages). Top-1 on the 500 he
     for net in nets:
         inversion_cache(net)
     results: dict[tuple[str, str], dict] = {}
-    gbops: dict[str, float] = {}
-    first = [(n, r) for n in nets for r in rows(n) if not r["id"].startswith("nipq-gbops")]
+    first = [(n, r) for n in nets for r in rows(n) if not after_rows(r)]
     with ThreadPoolExecutor(a.jobs) as ex:
-        futs = {(n, r["id"]): ex.submit(run_row, n, r, gbops) for n, r in first}
+        futs = {(n, r["id"]): ex.submit(run_row, n, r) for n, r in first}
         for k, f in futs.items():
             results[k] = f.result()
     for n in nets:
         for r in rows(n):
-            if r["id"].startswith("nipq-gbops"):
-                gbops[n] = w2a4_gbops(n)
-                results[(n, r["id"])] = run_row(n, r, gbops)
+            if after_rows(r):
+                results[(n, r["id"])] = run_row(n, r)
     if a.rows_only:
         return
     seeded = [(nets[0], r, sd) for r in rows(nets[0]) if r["id"] in SEED_ROWS for sd in range(1, a.seeds)]
     seeded += [(nets[0], r, sd) for r in (CEILING, CV_PICK, GBOPS_W4A4) for sd in range(max(1, a.seeds))]
     with ThreadPoolExecutor(a.jobs) as ex:
-        futs2 = {(n, r["id"], sd): ex.submit(run_row, n, r, gbops, sd) for n, r, sd in seeded}
+        futs2 = {(n, r["id"], sd): ex.submit(run_row, n, r, sd) for n, r, sd in seeded}
         by_seed = {k: f.result()["top1"] for k, f in futs2.items()}
     for rid in SEED_ROWS:
         by_seed[(nets[0], rid, 0)] = results[(nets[0], rid)]["top1"]
