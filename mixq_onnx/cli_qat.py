@@ -65,6 +65,8 @@ def register(cli: click.Group) -> None:
                   help="nipq: initial ranges. official: max|w| per channel, 6 (non-negative activations) or 3 "
                        "(signed), or the observed 99.9th percentile of |x| where larger; lp: quantize's Lp-optimal "
                        "range at the budget's bits (per channel for weights).")
+    @click.option("--init-bits", type=float, default=8.0, show_default=True,
+                  help="nipq: the bit-width every learned quantizer starts the noise phase at, in [2, 14).")
     @click.option("--loss", type=click.Choice(["auto", "ce", "kd"]), default="auto", show_default=True,
                   help="auto: KD on a cache, CE on labelled data; ce needs labels; kd on labelled data adds KD "
                        "(--kd-weight 1 unless given).")
@@ -91,7 +93,7 @@ def register(cli: click.Group) -> None:
         layer's weights and activations learn their own bits under a budget) or LSQ at fixed bits.
 
         \b
-        NIPQ: b = 2 + 12 sigmoid(theta_b) from 8 bits, range softplus(theta_alpha) from max|w| per channel
+        NIPQ: b = 2 + 12 sigmoid(theta_b) from --init-bits (8), range softplus(theta_alpha) from max|w| per channel
         (weights), 6 (non-negative activations) or 3 (signed), or the observed 99.9th percentile of |x| where
         larger (--range-init lp: the Lp-optimal range at the budget's bits); pseudo-quantization noise while
         training, the budget a penalty (plus a Lagrange multiplier with --budget-rate); then the bits are
@@ -123,7 +125,8 @@ def register(cli: click.Group) -> None:
                         final_epochs=o["final_epochs"], lr=o["lr"], qlr=o["qlr"], step_lr=o["step_lr"], final_lr=o["final_lr"],
                         max_update=o["max_update"], batch_size=o["batch_size"], seed=o["seed"],
                         kd_weight=kd_weight, budget_weight=o["budget_weight"],
-                        budget_rate=o["budget_rate"], range_init=o["range_init"], augment=o["augment"])
+                        budget_rate=o["budget_rate"], range_init=o["range_init"], augment=o["augment"],
+                        init_bits=o["init_bits"])
         cfg.validate()  # bad options fail before the model loads
         dev = resolve_device(o["device"])
         out = check_output_dir(o["out"], o["overwrite"])

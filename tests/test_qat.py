@@ -238,14 +238,14 @@ def test_qat_end_to_end_then_eval_export_check_verify(world, tmp_path, run_cli):
     root, cache = world
     out = tmp_path / "nipq"
     r = run_cli("qat", *TINY, "--data", cache, "--target-bits", "4", "--epochs", "1", "--final-epochs", "1",
-                "--batch-size", "16", "--max-update", "0.005", "--out", out)
+                "--batch-size", "16", "--max-update", "0.005", "--init-bits", "7", "--out", out)
     assert r.code == 0, r.err
     assert r.last_line == str(out)
     assert sorted(p.name for p in out.iterdir()) == ["bits.png", "qat.json", "quant.json", "weights.safetensors"]
     assert (out / "bits.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rep = json.loads((out / "qat.json").read_text())
     assert rep["method"] == "nipq" and rep["mode"] == "data-free (KD)" and rep["target"] == {"bits": 4.0}
-    assert rep["config"]["max_update"] == 0.005
+    assert rep["config"]["max_update"] == 0.005 and rep["config"]["init_bits"] == 7.0
     assert abs(rep["achieved"]["weight_bits"] - 4) <= 0.05 and abs(rep["achieved"]["act_bits"] - 4) <= 0.05
     assert all("alpha" in q and "learned_bits" in q for q in rep["quantizers"])
     assert "nipq: weights" in r.err and "GBOPs" in r.err and "qat:" in r.err.splitlines()[-1]
@@ -296,6 +296,8 @@ def test_qat_end_to_end_then_eval_export_check_verify(world, tmp_path, run_cli):
     (["--target-bits", "4", "--budget-rate", "-1"], "--budget-rate must be >= 0"),
     (["--target-bits", "4", "--range-init", "max"], "--range-init"),
     (["--target-bits", "4", "--augment", "mixup"], "--augment"),
+    (["--target-bits", "4", "--init-bits", "14"], "--init-bits must be in [2, 14)"),
+    (["--target-bits", "4", "--init-bits", "nan"], "--init-bits must be in [2, 14)"),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
 def test_bad_input_is_one_line_exit_2_and_no_output(world, tmp_path, run_cli, args, needle):
     root, cache = world

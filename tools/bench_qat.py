@@ -7,7 +7,7 @@ each class; the other 500 are held out for choosing hyper-parameters); data-free
 original on a BN-inversion cache. Top-1 on all 5,000 cifar10_test_dev.npz images.
 
     python tools/bench_qat.py --stage tune     # candidates on the 500 held-out images
-    python tools/bench_qat.py --stage cv       # CV_CANDIDATES, five-fold cross-validation on the train images
+    python tools/bench_qat.py --stage cv       # CV_ROUNDS' latest round (--round N), five-fold cross-validation on the train images
     python tools/bench_qat.py                  # every row, then the export / check / verify / build row
     python tools/bench_qat.py --models resnet20 --only main
 """
@@ -84,11 +84,22 @@ CEILING = {"id": "lsq-w8a8", "mode": "ce", "args": ["--method", "lsq", "--wbits"
 #: images, 100 per class; trained on the other 4,000), because 500 held-out images cannot rank rows that differ
 #: by tenths of a point. The candidates were fixed before any of their folds ran.
 CV_FOLDS = 5
-CV_CANDIDATES = {
-    "lsq-w3a3": ["--method", "lsq", "--wbits", 3, "--abits", 3],
-    "nipq-3-lp": ["--method", "nipq", "--target-bits", 3, *LP],
-    "nipq-3-lp-uniform": ["--method", "nipq", "--target-bits", 3, *LP, "--noise", "uniform"],
+CV_ROUNDS = {  # round: candidates, the first the baseline of the differences; each fixed before any fold ran
+    6: {
+        "lsq-w3a3": ["--method", "lsq", "--wbits", 3, "--abits", 3],
+        "nipq-3-lp": ["--method", "nipq", "--target-bits", 3, *LP],
+        "nipq-3-lp-uniform": ["--method", "nipq", "--target-bits", 3, *LP, "--noise", "uniform"],
+    },
+    # round 7, NIPQ@4: the default, uniform noise (round 6's pick at 3 bits), and the noise phase started at
+    # 5 bits instead of 8 (more of it spent near the bits it ends at); rule as round 6's
+    7: {
+        "lsq-w4a4": ["--method", "lsq", "--wbits", 4, "--abits", 4],
+        "nipq-4": ["--method", "nipq", "--target-bits", 4],
+        "nipq-4-uniform": ["--method", "nipq", "--target-bits", 4, "--noise", "uniform"],
+        "nipq-4-init5": ["--method", "nipq", "--target-bits", 4, "--init-bits", 5],
+    },
 }
+CV_CANDIDATES = {c: args for cands in CV_ROUNDS.values() for c, args in cands.items()}
 # round 6's pick: the NIPQ@3 candidate with the highest cross-validated top-1 (stage cv), then run on the test
 # set over the bars' seeds, once
 CV_PICK = {"id": "nipq-3-lp-uniform", "mode": "ce", "args": CV_CANDIDATES["nipq-3-lp-uniform"]}
@@ -377,8 +388,10 @@ def main() -> None:
     ap.add_argument("--models", default="resnet20,resnet8")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--stage", choices=["tune", "cv", "main"], default="main",
-                    help="tune: candidates on the 500 held-out images; cv: CV_CANDIDATES by five-fold "
-                         "cross-validation over the 5,000 train images (runs/bench_qat/tune_v6.md); main: the rows")
+                    help="tune: candidates on the 500 held-out images; cv: a round of CV_ROUNDS by five-fold "
+                         "cross-validation over the 5,000 train images (runs/bench_qat/tune_vN.md); main: the rows")
+    ap.add_argument("--round", type=int, choices=sorted(CV_ROUNDS), default=max(CV_ROUNDS),
+                    help="--stage cv: which round [the latest]")
     ap.add_argument("--seeds", type=int, default=3, help="seeds of the bars' rows on the first model [3]")
     ap.add_argument("--rows-only", action="store_true", help="train and evaluate the rows; no deployment, no docs")
     a = ap.parse_args()
@@ -386,8 +399,8 @@ def main() -> None:
     WORK.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     if a.stage == "cv":
-        body = stage_cv(list(CV_CANDIDATES), a.jobs)
-        (WORK / "tune_v6.md").write_text(body + "\n")
+        body = stage_cv(list(CV_ROUNDS[a.round]), a.jobs)
+        (WORK / f"tune_v{a.round}.md").write_text(body + "\n")
         print(body)
         return
     if a.stage == "tune":

@@ -98,7 +98,7 @@ class QATConfig:
         if not (math.isfinite(self.budget_rate) and self.budget_rate >= 0):
             raise MixqError(f"--budget-rate must be >= 0, got {self.budget_rate}")
         if not MIN_BITS <= self.init_bits < TRAIN_MAX_BITS:
-            raise MixqError(f"init_bits must be in [{MIN_BITS}, {TRAIN_MAX_BITS}), got {self.init_bits}")
+            raise MixqError(f"--init-bits must be in [{MIN_BITS}, {TRAIN_MAX_BITS}), got {self.init_bits}")
         if not (math.isfinite(self.tolerance) and self.tolerance > 0):
             raise MixqError(f"the budget tolerance must be positive, got {self.tolerance}")
         return self
