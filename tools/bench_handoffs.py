@@ -59,7 +59,20 @@ whose rounding reaches the output unfiltered, so the one step follows the shortc
 finer than it chose. At W2A4 this is a trade
 the user makes: `--no-share-quantizers` keeps the two steps (+0.7 pp over six seeds) and the engine's 10
 hand-offs; the default removes the hand-offs. Issue 15's limit (no more than 0.2 pp lost) is missed at W2A4 by
-about 0.5 pp and held at W4A4."""
+about 0.5 pp and held at W4A4.
+
+Is the cost an artefact of the fast preset's short reconstruction? Both layouts again at five times its
+iterations (2026-11-30, the same `quantize` command as the rows above plus `--iters 2000`, seeds 0-5, one
+thread each, two at a time; runs/bench_handoffs/exp_iters2000; about 300 s of reconstruction each, 3.7x the
+fast preset's):
+
+| W2A4, 2,000 iterations per unit | seeds 0-5 | mean | Δ mean pp |
+|---|---|---:|---:|
+| per consumer | 78.80, 78.06, 77.80, 78.64, 77.44, 77.88 | 78.10 | – |
+| shared | 77.22, 78.24, 78.24, 76.98, 77.22, 77.68 | 77.60 | -0.51 ± 0.31 |
+
+Longer reconstruction lifts both layouts by about 4.5 pp (73.65 and 72.94 at 400 iterations), and one step
+still costs about half a point: the cost is not a short-schedule effect."""
 
 
 #: `--diagnose`: the per-consumer W2A4 folders re-evaluated with their two block-input steps made one, no
