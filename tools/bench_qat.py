@@ -99,10 +99,9 @@ CV_ROUNDS = {  # round: candidates, the first the baseline of the differences; e
         "nipq-4-init5": ["--method", "nipq", "--target-bits", 4, "--init-bits", 5],
     },
 }
-CV_CANDIDATES = {c: args for cands in CV_ROUNDS.values() for c, args in cands.items()}
 # round 6's pick: the NIPQ@3 candidate with the highest cross-validated top-1 (stage cv), then run on the test
 # set over the bars' seeds, once
-CV_PICK = {"id": "nipq-3-lp-uniform", "mode": "ce", "args": CV_CANDIDATES["nipq-3-lp-uniform"]}
+CV_PICK = {"id": "nipq-3-lp-uniform", "mode": "ce", "args": CV_ROUNDS[6]["nipq-3-lp-uniform"]}
 # NIPQ spending LSQ W4A4's compute (its GBOPs, "gbops-of:" a row of the same net) its own way, not its average bits
 GBOPS_W4A4 = {"id": "nipq-gbops-w4a4", "mode": "ce", "args": ["--method", "nipq", "--target-gbops", "gbops-of:lsq-w4a4"]}
 
@@ -227,7 +226,7 @@ def cv_folds() -> list[tuple[Path, Path]]:
     return pairs
 
 
-def stage_cv(ids: list[str], jobs: int) -> str:
+def stage_cv(cands: dict[str, list], jobs: int) -> str:
     """Each candidate trained on every fold's 4,000 images (seed 0, the main schedule), top-1 on the fold's other
     1,000; the mean over the folds is top-1 over all 5,000 train images, each predicted by a model that never
     trained on it. Differences against the first candidate with their standard error over the folds."""
@@ -239,13 +238,14 @@ def stage_cv(ids: list[str], jobs: int) -> str:
         res = out / "eval.json"
         if not res.exists():
             if not (out / "quant.json").exists():
-                cli("qat", *model_args("resnet20"), "--data", pairs[k][0], *sched, *CV_CANDIDATES[cand], "--out", out,
+                cli("qat", *model_args("resnet20"), "--data", pairs[k][0], *sched, *cands[cand], "--out", out,
                     "-q")
             ev = json.loads(cli("eval", "--quantized", out, "--data", pairs[k][1], "--json"))
             res.write_text(json.dumps({"top1": ev["top1"], "n": ev["n"]}) + "\n")
             print(f"  cv {cand} fold {k}: top-1 {ev['top1']:.2f}", flush=True)
         return json.loads(res.read_text())["top1"]
 
+    ids = list(cands)
     with ThreadPoolExecutor(jobs) as ex:
         futs = {(c, k): ex.submit(one, c, k) for c in ids for k in range(CV_FOLDS)}
         top = {key: f.result() for key, f in futs.items()}
@@ -257,7 +257,7 @@ def stage_cv(ids: list[str], jobs: int) -> str:
         diffs = [top[(c, k)] - top[(base, k)] for k in range(CV_FOLDS)]
         delta = "–" if c == base else (f"{statistics.mean(diffs):+.2f} ± "
                                        f"{statistics.stdev(diffs) / math.sqrt(CV_FOLDS):.2f}")
-        lines.append(f"| {c} | `{' '.join(map(str, CV_CANDIDATES[c]))}` | {' | '.join(f'{v:.1f}' for v in vals)} | "
+        lines.append(f"| {c} | `{' '.join(map(str, cands[c]))}` | {' | '.join(f'{v:.1f}' for v in vals)} | "
                      f"{statistics.mean(vals):.2f} | {delta} |")
     return "\n".join(lines)
 
@@ -409,7 +409,7 @@ def main() -> None:
     WORK.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     if a.stage == "cv":
-        body = stage_cv(list(CV_ROUNDS[a.round]), a.jobs)
+        body = stage_cv(CV_ROUNDS[a.round], a.jobs)
         (WORK / f"tune_v{a.round}.md").write_text(body + "\n")
         print(body)
         return
