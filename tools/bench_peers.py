@@ -41,6 +41,7 @@ from benchmd import ROOT, stamp, update_section  # noqa: E402
 SHARED = Path(os.environ.get("MIXQ_SHARED", ROOT.parent / "shared"))
 WORK = ROOT / "runs" / "peers"
 RESULTS = WORK / "results"
+DRAWS = RESULTS / "draws"  # the calibration draws' rows (not the table's)
 VENVS = WORK / "venvs"
 QDROP_SRC = WORK / "QDrop"
 QDROP_URL = "https://github.com/wimh966/QDrop"
@@ -104,6 +105,23 @@ def rows(models: list[str], only: str = "all", quick: bool = False) -> list[dict
         keep = set(only.split(","))
         out = [r for r in out if r["group"] in keep or (r["tool"] in keep and r["tool"] not in GROUPS)]
     return out
+
+
+DRAW_MODEL = "resnet20"
+# the W8A8 rows re-run on other calibration samples: every tool whose table row is W8A8 on ResNet-20 (onnxruntime's
+# entropy calibrator writes minmax's graph, and its float-bias variant minmax's values: one row stands for them)
+DRAW_VARIANTS = (("mixq", "mixq", "rtn-w8a8", {"method": "rtn"}), ("mixq", "mixq", "qdrop-w8a8", {"method": "qdrop"}),
+                 ("ort", "ort", "minmax", {"calibrator": "minmax"}),
+                 ("ort", "ort", "percentile", {"calibrator": "percentile"}),
+                 ("modelopt", "modelopt-onnx", "int8", {}), ("modelopt", "modelopt-torch", "int8", {}))
+
+
+def draw_rows(draws: list[int]) -> list[dict[str, Any]]:
+    """ResNet-20 W8A8 on calibration draws (`calib --seed s`, s >= 1): is a tool's lead at the table's one sample
+    of 1,024 images a property of the tool or of that sample?"""
+    return [{"id": f"{DRAW_MODEL}-draw{s}-{tool}-{variant}", "model": DRAW_MODEL, "draw": s, "group": group,
+             "tool": tool, "variant": variant, "wbits": 8, "abits": 8, **kw}
+            for s in draws for group, tool, variant, kw in DRAW_VARIANTS]
 
 
 # --------------------------------------------------------------------------- pure helpers (tested)
@@ -384,20 +402,28 @@ def cli(*args: str) -> str:
 
 
 # --------------------------------------------------------------------------- shared inputs
-def calib_cache(size: int | None = None) -> str:
+def calib_cache(size: int | None = None, seed: int = 0) -> str:
     """The real-image cache: the 1,024 images at their own 32 px, or (`size`) the same images resized by the real
-    generator to a larger model's input (mixq-onnx refuses to upscale a cache more than 4x on the fly)."""
+    generator to a larger model's input (mixq-onnx refuses to upscale a cache more than 4x on the fly). `seed`:
+    another seeded sample of 1,024 of the 5,000 train images (the calibration draws; 0 is the table's)."""
     return cli("calib", "--generator", "real", "--num", str(N_CALIB), "--source", str(CALIB_NPZ), "--cache-root",
-               str(CACHE_ROOT), "-q", "--threads", str(THREADS), *(["--size", str(size)] if size else []))
+               str(CACHE_ROOT), "-q", "--threads", str(THREADS), *(["--size", str(size)] if size else []),
+               *(["--seed", str(seed)] if seed else []))
 
 
-def prepare(model_name: str) -> dict[str, Any]:
+def model_dir(model_name: str, draw: int = 0) -> Path:
+    """A model's prepared inputs and rows: runs/peers/<model>/, or runs/peers/<model>-draw<seed>/ for a draw."""
+    return WORK / (model_name if not draw else f"{model_name}-draw{draw}")
+
+
+def prepare(model_name: str, draw: int = 0) -> dict[str, Any]:
     """Per model: data.npz (calib_x, test_x float32 NCHW normalised, test_y), calib_x.npy, fp.onnx and the FP
-    graph's test predictions (ORT, optimisations off). Cached under runs/peers/<model>/."""
+    graph's test predictions (ORT, optimisations off). Cached under `model_dir` (a draw: its own calibration
+    sample, no float engine)."""
     import numpy as np
     import torch
 
-    d = WORK / model_name
+    d = model_dir(model_name, draw)
     info_path = d / "prepared.json"
     if info_path.is_file():
         return json.loads(info_path.read_text())
@@ -412,9 +438,11 @@ def prepare(model_name: str) -> dict[str, Any]:
     model = load_model(spec, str(SHARED / ck) if ck else None, random_init=ck is None).eval()
     pre = get_preprocessing(model)
     size = pre.input_size[1]
-    cache = calib_cache(None if size <= 32 else size)
+    cache = calib_cache(None if size <= 32 else size, draw)
     images, records = load_images(Path(cache))
     common = WORK / ("calib1024.npz" if size <= 32 else f"calib1024-{size}px.npz")  # the identical images for anyone
+    if draw:
+        common = d / "calib1024.npz"
     if not common.is_file():
         np.savez(common, x=images.numpy(), y=np.array([r.get("label", -1) for r in records], dtype=np.int64),
                  source_index=np.array([r.get("source_index", -1) for r in records], dtype=np.int64))
@@ -434,8 +462,9 @@ def prepare(model_name: str) -> dict[str, Any]:
         logits = ort_predict(fp, arrays["test_x"])
         np.save(d / "fp_pred.npy", logits.argmax(1))
         info["fp_top1"] = float((logits.argmax(1) == arrays["test_y"]).mean() * 100)
-        eng = measure_engine(fp, d / "fp.plan")
-        info["fp_engine"] = eng
+        if not draw:
+            info["fp_engine"] = measure_engine(fp, d / "fp.plan")
+    info["draw"] = draw
     info_path.write_text(json.dumps(info, indent=1))
     return info
 
@@ -553,7 +582,7 @@ def quantize_row(r: dict[str, Any], info: dict[str, Any], out: Path) -> dict[str
 
 
 def run_row(r: dict[str, Any], info: dict[str, Any]) -> dict[str, Any]:
-    out = WORK / r["model"] / r["id"]
+    out = model_dir(r["model"], r.get("draw", 0)) / r["id"]
     out.mkdir(parents=True, exist_ok=True)
     res: dict[str, Any] = {**r, "fp_top1": info.get("fp_top1"), "threads": THREADS}
     try:
@@ -572,7 +601,7 @@ def measure(res: dict[str, Any], info: dict[str, Any]) -> dict[str, Any]:
     import numpy as np
     import onnx
 
-    r, out = res, WORK / res["model"] / res["id"]
+    r, out = res, model_dir(res["model"], res.get("draw", 0)) / res["id"]
     qj = out / "quant" / "quant.json"
     if r["tool"] == "mixq" and qj.is_file():
         rep = json.loads(qj.read_text()).get("report", {})
@@ -596,13 +625,15 @@ def measure(res: dict[str, Any], info: dict[str, Any]) -> dict[str, Any]:
             logits = ort_predict(q, d["test_x"])
             pred = logits.argmax(1)
             res["top1"] = float((pred == d["test_y"]).mean() * 100)
-            res["agreement"] = float((pred == np.load(WORK / r["model"] / "fp_pred.npy")).mean() * 100)
+            res["agreement"] = float((pred == np.load(out.parent / "fp_pred.npy")).mean() * 100)
             res["correct_hex"] = np.packbits(pred == d["test_y"]).tobytes().hex()  # paired comparisons
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types
             res["eval_error"] = first_last(str(e))[:300]
     res["fp16"] = any(i.data_type == onnx.TensorProto.FLOAT16 for i in m.graph.initializer) or any(
         n.op_type == "Cast" and any(a.name == "to" and a.i == onnx.TensorProto.FLOAT16 for a in n.attribute)
         for n in m.graph.node)
+    if r.get("draw"):
+        return res  # a calibration draw measures accuracy only: the engine's structure is the table's row
     try:
         res.update(measure_engine(q, out / "q.plan"))
     except Exception as e:  # noqa: BLE001 - TensorRT and the parser raise many types
@@ -645,6 +676,47 @@ def claim(row_id: str) -> bool:
 # --------------------------------------------------------------------------- report
 def load_results() -> list[dict[str, Any]]:
     return [json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))]
+
+
+def load_draws() -> list[dict[str, Any]]:
+    return [json.loads(p.read_text()) for p in sorted(DRAWS.glob("*.json"))]
+
+
+def render_draws(results: list[dict[str, Any]], draws: list[dict[str, Any]]) -> list[str]:
+    """Top-1 per calibration draw (draw 0: the table's row), the mean, and each tool's mean difference from
+    mixq-onnx qdrop W8A8 with the standard error over the draws (the spread of the paired differences, which
+    holds the test set's noise and the sample's)."""
+    base = {(r["tool"], r["variant"]): r for r in results if r.get("status") == "ok" and r["model"] == DRAW_MODEL}
+    ok = [r for r in draws if r.get("status") == "ok" and r.get("top1") is not None]
+    seeds = sorted({r["draw"] for r in ok})
+    if not seeds:
+        return []
+    cols = [0] + seeds
+    top: dict[tuple[str, str], dict[int, float]] = {}
+    for _, tool, variant, _ in DRAW_VARIANTS:
+        b = base.get((tool, variant))
+        top[(tool, variant)] = {0: b["top1"]} if b and b.get("top1") is not None else {}
+    for r in ok:
+        top.setdefault((r["tool"], r["variant"]), {})[r["draw"]] = r["top1"]
+    ref = top.get(("mixq", "qdrop-w8a8"), {})
+    lines = ["| tool / setting | " + " | ".join(f"draw {c}" for c in cols) + " | mean | Δ mean vs mixq qdrop w8a8 |",
+             "|---|" + "---:|" * (len(cols) + 2)]
+    for (tool, variant), v in top.items():
+        have = [c for c in cols if c in v]
+        if not have:
+            continue
+        mean = sum(v[c] for c in have) / len(have)
+        both = [c for c in have if c in ref]
+        delta = "–"
+        if (tool, variant) != ("mixq", "qdrop-w8a8") and len(both) >= 2:
+            d = [v[c] - ref[c] for c in both]
+            md = sum(d) / len(d)
+            sd = (sum((x - md) ** 2 for x in d) / (len(d) - 1)) ** 0.5
+            delta = f"{md:+.2f} ± {sd / len(d) ** 0.5:.2f} ({len(d)} draws)"
+        name = label({"tool": tool, "variant": variant})
+        lines.append(f"| {name} | " + " | ".join(f"{v[c]:.2f}" if c in v else "–" for c in cols)
+                     + f" | {mean:.2f} | {delta} |")
+    return lines
 
 
 TOOL_ORDER = {"mixq": 0, "ort": 1, "modelopt-onnx": 2, "modelopt-torch": 3, "qdrop-ref": 4}
@@ -926,6 +998,17 @@ def render(results: list[dict[str, Any]], command: str) -> str:
             "sharing; the reference, like the shared layout, quantizes each block's output once, and that one tensor "
             "feeds both the next block's first convolution and its shortcut)."]
     lines += ["", "### Goals (measured, not tuned for)", ""] + goals(results)
+    draws = load_draws()
+    table = render_draws(results, draws)
+    if table:
+        cmds = ", ".join(f"`{c}`" for c in dict.fromkeys(r["bench_cmd"] for r in draws if r.get("bench_cmd")))
+        lines += ["", f"### {DRAW_MODEL} W8A8 over calibration draws", "",
+                  f"The W8A8 goal is read on one sample of 1,024 calibration images. The same W8A8 rows on other "
+                  f"samples (`calib --generator real --num {N_CALIB} --seed s`: another seeded 1,024 of the 5,000 "
+                  f"train images), judged as above on all 5,000 test images, accuracy only (the engines' structure "
+                  f"does not depend on the sample). Draw 0 is the table's row. Measured by {cmds}; the draws were "
+                  "chosen before any ran, and no setting was picked on them. *Δ mean*: the mean of the per-draw "
+                  "differences from mixq-onnx qdrop w8a8, ± their standard error over the draws.", ""] + table
     missing = [r for r in results if r.get("status") != "ok"]
     lines += ["", "### Not measured yet / failed", ""]
     have = {r["id"] for r in results}
@@ -952,6 +1035,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="threads of every tool (OMP_NUM_THREADS) [1]")
     ap.add_argument("--redo", action="store_true", help="re-run rows that have a result")
     ap.add_argument("--render", action="store_true", help="only rewrite the docs section and plot from the results")
+    ap.add_argument("--draws", default="",
+                    help=f"comma list of calibration seeds >= 1: run {DRAW_MODEL}'s W8A8 rows on those samples of "
+                         f"{N_CALIB} images instead of the table's rows (accuracy only)")
     ap.add_argument("--remeasure", action="store_true",
                     help="re-judge finished rows (graph, onnxruntime accuracy, engine) without re-quantizing")
     a = ap.parse_args()
@@ -976,23 +1062,32 @@ def main() -> None:
         bad = [m for m in models if m not in MODELS]
         if bad:
             sys.exit(f"unknown model(s): {', '.join(bad)}; choose from {', '.join(MODELS)}")
-        todo = [r for r in rows(models, a.only, a.quick) if a.redo or not (RESULTS / f"{r['id']}.json").is_file()]
+        draws = sorted({int(x) for x in a.draws.split(",") if x.strip()})
+        if any(d < 1 for d in draws):
+            sys.exit("--draws: seeds >= 1 (seed 0 is the table's sample)")
+
+        def result_path(r: dict[str, Any]) -> Path:
+            return (DRAWS if r.get("draw") else RESULTS) / f"{r['id']}.json"
+        DRAWS.mkdir(parents=True, exist_ok=True)
+        todo = draw_rows(draws) if draws else rows(models, a.only, a.quick)
+        todo = [r for r in todo if a.redo or not result_path(r).is_file()]
         print(f"{len(todo)} rows to run", flush=True)
-        infos: dict[str, dict[str, Any]] = {}
+        infos: dict[tuple[str, int], dict[str, Any]] = {}
         for r in todo:
-            if not a.redo and (RESULTS / f"{r['id']}.json").is_file():
+            if not a.redo and result_path(r).is_file():
                 continue  # another bench process finished it meanwhile
             if not claim(r["id"]):
                 print(f"{r['id']}: another bench process is running it", flush=True)
                 continue
-            if r["model"] not in infos:
-                print(f"prepare {r['model']} ...", flush=True)
-                infos[r["model"]] = prepare(r["model"])
+            key = (r["model"], r.get("draw", 0))
+            if key not in infos:
+                print(f"prepare {r['model']}{f' draw {key[1]}' if key[1] else ''} ...", flush=True)
+                infos[key] = prepare(*key)
             t = time.perf_counter()
-            res = run_row(r, infos[r["model"]])
+            res = run_row(r, infos[key])
             res["date"] = time.strftime("%Y-%m-%d %H:%M")
             res["bench_cmd"] = command
-            (RESULTS / f"{r['id']}.json").write_text(json.dumps(res, indent=1))
+            result_path(r).write_text(json.dumps(res, indent=1))
             print(f"{r['id']}: {res['status']} top1 {res.get('top1')} agree {res.get('agreement')} "
                   f"quantize {res.get('quantize_s')} s, engine {res.get('engine_layers')} layers "
                   f"{res.get('handoffs')} ({time.perf_counter() - t:.0f} s) {res.get('error') or res.get('engine_error') or ''}",
