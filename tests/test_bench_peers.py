@@ -187,3 +187,26 @@ def test_findings_name_the_quantizer_layout_of_each_mixq_row(tmp_path, monkeypat
     assert "shared layout" in f and "2 of 3" in f and old["id"] in f
     f = "\n".join(bp.findings([rtn, new]))
     assert "more float hand-offs" not in f and "2 of 2" in f and "per consumer" not in f
+
+
+def test_draw_rows_ids_and_table():
+    rs = bp.draw_rows([1, 2])
+    assert len(rs) == 2 * len(bp.DRAW_VARIANTS) and all(r["wbits"] == r["abits"] == 8 for r in rs)
+    assert {r["draw"] for r in rs} == {1, 2} and len({r["id"] for r in rs}) == len(rs)
+    assert bp.model_dir("resnet20", 2).name == "resnet20-draw2" and bp.model_dir("resnet20").name == "resnet20"
+    table0 = [{"status": "ok", "model": "resnet20", "tool": "mixq", "variant": "qdrop-w8a8", "top1": 81.0},
+              {"status": "ok", "model": "resnet20", "tool": "modelopt-onnx", "variant": "int8", "top1": 81.4}]
+    draws = [{"status": "ok", "draw": 1, "tool": "mixq", "variant": "qdrop-w8a8", "top1": 81.2},
+             {"status": "ok", "draw": 1, "tool": "modelopt-onnx", "variant": "int8", "top1": 81.0},
+             {"status": "ok", "draw": 2, "tool": "mixq", "variant": "qdrop-w8a8", "top1": 80.8},
+             {"status": "ok", "draw": 2, "tool": "modelopt-onnx", "variant": "int8", "top1": 81.0},
+             {"status": "failed", "draw": 2, "tool": "mixq", "variant": "rtn-w8a8"}]
+    lines = bp.render_draws(table0, draws)
+    assert lines[0].startswith("| tool / setting | draw 0 | draw 1 | draw 2 | mean |")
+    mo = next(ln for ln in lines if ln.startswith("| modelopt-onnx int8 "))
+    # differences +0.4, -0.2, +0.2: mean +0.13, sd 0.306, se 0.18
+    assert "| 81.40 | 81.00 | 81.00 | 81.13 | +0.13 ± 0.18 (3 draws) |" in mo
+    ours = next(ln for ln in lines if ln.startswith("| mixq-onnx qdrop w8a8 "))
+    assert ours.endswith("| 81.00 | – |")
+    assert not any("rtn" in ln for ln in lines)  # a failed row and no table row: nothing to show
+    assert bp.render_draws(table0, []) == []

@@ -10,7 +10,7 @@ import torch
 
 from mixq_onnx.models import get_preprocessing, load_model
 from mixq_onnx.onnx import export_qdq
-from mixq_onnx.onnx.verify import _session, verify_onnx
+from mixq_onnx.onnx.verify import ort_session, verify_onnx
 from mixq_onnx.quant import QuantConfig, quantize, quantizers
 from mixq_onnx.quant.graph import shared_quantizers
 
@@ -58,7 +58,7 @@ def test_dq_outputs_on_declared_grid(exported, r20_w4a4):
     m = onnx.load(p)
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in m.graph.initializer}
     dqs = [n for n in m.graph.node if n.op_type == "DequantizeLinear" and not n.name.endswith(".weight/DequantizeLinear")]
-    sess = _session(p, optimized=False, extra_outputs=[n.output[0] for n in dqs])
+    sess = ort_session(p, optimized=False, extra_outputs=[n.output[0] for n in dqs])
     x = get_preprocessing(r20_w4a4)(torch.randint(0, 256, (8, 32, 32, 3), dtype=torch.uint8)).numpy()
     names = [o.name for o in sess.get_outputs()]
     outs = dict(zip(names, sess.run(names, {"input": x})))

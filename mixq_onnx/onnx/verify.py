@@ -57,7 +57,9 @@ class VerifyReport:
         return bad
 
 
-def _session(path: Path, optimized: bool, extra_outputs: list[str] | None = None):
+def ort_session(path: Path | str, optimized: bool, extra_outputs: list[str] | None = None):
+    """An onnxruntime CPU session: `optimized=False` is ORT_DISABLE_ALL (exact QDQ semantics, what `verify`
+    judges); `extra_outputs` also returns those intermediate tensors (the integer codes `verify` compares)."""
     import onnx
     import onnxruntime as ort
 
@@ -153,8 +155,8 @@ def verify_onnx(path: str | os.PathLike, qmodel: nn.Module, images: torch.Tensor
     missing = sorted(set(acts) - set(q_outputs.values()))
     if missing:
         raise MixqError(f"{path} does not match the quantized model: no Q/DQ for {', '.join(missing[:3])}")
-    exact = _session(path, optimized=False, extra_outputs=list(q_outputs) + list(q_float_in.values()))
-    opt = _session(path, optimized=True)
+    exact = ort_session(path, optimized=False, extra_outputs=list(q_outputs) + list(q_float_in.values()))
+    opt = ort_session(path, optimized=True)
     in_name = exact.get_inputs()[0].name
     out_names = [o.name for o in exact.get_outputs()]
     pre = get_preprocessing(qmodel)
