@@ -202,11 +202,12 @@ def test_draw_rows_ids_and_table():
              {"status": "ok", "draw": 2, "tool": "modelopt-onnx", "variant": "int8", "top1": 81.0},
              {"status": "failed", "draw": 2, "tool": "mixq", "variant": "rtn-w8a8"}]
     lines = bp.render_draws(table0, draws)
-    assert lines[0].startswith("| tool / setting | draw 0 | draw 1 | draw 2 | mean |")
+    assert lines[0].startswith("| tool / setting | draw 0 | draw 1 | draw 2 | mean top-1 | mean agree % |")
     mo = next(ln for ln in lines if ln.startswith("| modelopt-onnx int8 "))
     # differences +0.4, -0.2, +0.2: mean +0.13, sd 0.306, se 0.18
-    assert "| 81.40 | 81.00 | 81.00 | 81.13 | +0.13 ± 0.18 (3 draws) |" in mo
+    assert "| 81.40 | 81.00 | 81.00 | 81.13 | – | +0.13 ± 0.18 (3 draws) |" in mo
     ours = next(ln for ln in lines if ln.startswith("| mixq-onnx qdrop w8a8 "))
-    assert ours.endswith("| 81.00 | – |")
+    assert ours.endswith("| 81.00 | – | – |")
+    assert lines[-1].endswith("Δ -0.13 pp: missed by 0.03 pp beyond the 0.1 pp allowance.")
     assert not any("rtn" in ln for ln in lines)  # a failed row and no table row: nothing to show
     assert bp.render_draws(table0, []) == []
