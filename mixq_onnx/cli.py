@@ -65,6 +65,15 @@ def model_options(required: bool = False) -> Callable:
     return deco
 
 
+def _csv(ctx, param, value: str | None) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    items = tuple(v for v in value.replace(" ", ",").split(",") if v)
+    if not items:
+        raise click.BadParameter(f"expected a comma-separated list, got {value!r}")
+    return items
+
+
 @click.group(context_settings=CONTEXT)
 @click.version_option(__version__, "-V", "--version", prog_name="mixq-onnx")
 def cli() -> None:
@@ -338,6 +347,12 @@ def _load_user_model(o: dict[str, Any]):
                    "quantizer on its input at that layer's bits and averages integer codes: exact in every runtime "
                    "(verify max |diff| 0) and an INT8 pool in the engine. --no-integer-pools: the pool runs in "
                    "float (the layout before this rule).")
+@click.option("--float-layers", default=None, metavar="NAMES", callback=_csv,
+              help="Leave these Conv2d/Linear layers unquantized: a comma list of module names or fnmatch patterns "
+                   "(`linear`, `'layer3.*.conv2'`). They get no quantizer, stay float in the QDQ graph and run in "
+                   "float in the engine; the first/last-layer policy still counts them as the network's ends. "
+                   "ModelOpt's ONNX PTQ leaves a classifier this way: one engine layer fewer (GEMM and bias fused) "
+                   "for a float hand-off into it.")
 @click.option("--preset", type=click.Choice(PRESETS), default="fast", show_default=True,
               help="paper: 20k iterations/unit, the papers' learning rates; fast: far fewer iterations (CPU).")
 @click.option("--iters", type=POSITIVE, default=None, help="Iterations per unit (overrides the preset).")
@@ -376,7 +391,7 @@ def quantize(**o: Any) -> None:
         first_last_bits=o["first_last_bits"] or None, preset=o["preset"], iters=o["iters"],
         num_samples=o["num_samples"], batch_size=o["batch_size"], seed=o["seed"],
         block_size=int(o["block_size"]) if o["block_size"] else None, share_quantizers=o["share_quantizers"],
-        integer_pools=o["integer_pools"],
+        integer_pools=o["integer_pools"], float_layers=o["float_layers"] or (),
     ).validate()  # bad options fail before the model loads
     dev = resolve_device(o["device"])
     out = check_output_dir(o["out"], o["overwrite"])  # before the work, not after it
@@ -546,15 +561,6 @@ def robustify(**o: Any) -> None:
     if before is not None:
         click.echo(f"FP top-1 {before:.2f} % -> {after:.2f} %", err=True)
     click.echo(str(out))
-
-
-def _csv(ctx, param, value: str | None) -> tuple[str, ...] | None:
-    if value is None:
-        return None
-    items = tuple(v for v in value.replace(" ", ",").split(",") if v)
-    if not items:
-        raise click.BadParameter(f"expected a comma-separated list, got {value!r}")
-    return items
 
 
 @cli.command(context_settings=CONTEXT)

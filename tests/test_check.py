@@ -293,3 +293,20 @@ def test_every_rule_has_a_planted_violation():
     assert len(RULES) >= 18
     missing = sorted(set(RULES) - _planted_rules())
     assert not missing, f"lint rules without a planted-violation test in {__file__}: {missing}"
+
+
+def test_float_layer_tag():
+    """A conv `--float-layers` left float (tagged `mixq.float_layer`): a warning, and no unquantized-input /
+    unquantized-weight / residual-identity errors; the tag on a conv that reads a DQ all the same: an error."""
+    m = clean_model()
+    conv = _node(m, "conv")
+    w = numpy_helper.from_array(np.ones((4, 4, 3, 3), np.float32), "w_float")
+    m.graph.initializer.append(w)
+    conv.input[:] = ["x", "w_float", "b"]
+    conv.metadata_props.add(key="mixq.float_layer", value="conv")
+    vs = lint(m)
+    assert {(v.rule, v.node, v.severity) for v in vs} == {("float-layer", "conv", "warning")}
+    tagged = clean_model()
+    _node(tagged, "conv").metadata_props.add(key="mixq.float_layer", value="conv")
+    bad = [v for v in lint(tagged) if v.rule == "float-layer"]
+    assert [(v.node, v.severity) for v in bad] == [("conv", "error")] and "reads a DequantizeLinear" in bad[0].message

@@ -121,15 +121,20 @@ def _layer_weight_dq(g: GraphIndex) -> Iterator[tuple[Any, Any]]:
             yield n, dq
 
 
-def _layer_out(g: GraphIndex, tensor: str) -> bool:
-    """Is `tensor` a Conv/Gemm/MatMul output, possibly behind the constant Mul and Add that follow it (the
-    integer layout's rescale and bias; a Linear's bias on 3-D input)?"""
+def _layer_of(g: GraphIndex, tensor: str) -> Any | None:
+    """The Conv/Gemm/MatMul whose output `tensor` is, possibly behind the constant Mul and Add that follow it
+    (the integer layout's rescale and bias; a Linear's bias on 3-D input), else None."""
     const = g.folded_constants()
     p = g.producer.get(tensor)
     for _ in range(2):
         if p is not None and p.op_type in ("Add", "Mul") and len(p.input) == 2 and sum(i in const for i in p.input) == 1:
             p = g.producer.get(next(i for i in p.input if i not in const))
-    return p is not None and p.op_type in _LAYER_OPS
+    return p if p is not None and p.op_type in _LAYER_OPS else None
+
+
+def _layer_out(g: GraphIndex, tensor: str) -> bool:
+    """Is `tensor` a Conv/Gemm/MatMul output (`_layer_of`)?"""
+    return _layer_of(g, tensor) is not None
 
 
 def _dq_through_moves(g: GraphIndex, tensor: str) -> Any | None:
@@ -278,9 +283,12 @@ def _qdq_scale_pair(g: GraphIndex) -> Iterator[Finding]:
 # --------------------------------------------------------------------------- layers
 @rule("unquantized-input")
 def _unquantized_input(g: GraphIndex) -> Iterator[Finding]:
-    """A Conv/Gemm/MatMul data input without Q/DQ (a warning in weight-only graphs)."""
+    """A Conv/Gemm/MatMul data input without Q/DQ (a warning in weight-only graphs; none on a layer
+    `--float-layers` left float, which `float-layer` reports)."""
     const, soft = g.folded_constants(), _soft(g)
     for n in _nodes(g, *_LAYER_OPS):
+        if g.float_layer_of(n):
+            continue
         data_in = [n.input[0]] + ([n.input[1]] if n.op_type == "MatMul" and n.input[1] not in const else [])
         for i in data_in:
             if _from_dq(g, i) is None:
@@ -289,12 +297,29 @@ def _unquantized_input(g: GraphIndex) -> Iterator[Finding]:
 
 @rule("unquantized-weight")
 def _unquantized_weight(g: GraphIndex) -> Iterator[Finding]:
-    """A constant Conv/Gemm/MatMul weight without DequantizeLinear (a warning in weight-only graphs)."""
+    """A constant Conv/Gemm/MatMul weight without DequantizeLinear (a warning in weight-only graphs; none on a
+    layer `--float-layers` left float)."""
     const, soft = g.folded_constants(), _soft(g)
     for n in _nodes(g, *_LAYER_OPS):
+        if g.float_layer_of(n):
+            continue
         w = n.input[1]
         if _from_dq(g, w) is None and w in const:
             yield g.label(n), f"weight {w!r} has no DequantizeLinear", soft
+
+
+@rule("float-layer", "warning")
+def _float_layer(g: GraphIndex) -> Iterator[Finding]:
+    """A layer `quantize --float-layers` left float (on purpose; a warning, so that it shows): it runs in float
+    in the engine. One that has a Q/DQ all the same is an error: the graph is not what its folder records."""
+    for n in _nodes(g, *_LAYER_OPS):
+        mod = g.float_layer_of(n)
+        if not mod:
+            continue
+        if any(_from_dq(g, i) is not None for i in n.input[:2]):
+            yield g.label(n), f"marked float (--float-layers {mod}) but it reads a DequantizeLinear", "error"
+        else:
+            yield g.label(n), f"left float by --float-layers ({mod}): runs in float in the engine"
 
 
 @rule("block-axis")
@@ -395,12 +420,15 @@ def _qdq_conv_add(g: GraphIndex) -> Iterator[Finding]:
 @rule("residual-identity")
 def _residual_identity(g: GraphIndex) -> Iterator[Finding]:
     """The identity input of a conv + identity residual add has no Q/DQ, directly or through data movement
-    (not checked in weight-only graphs)."""
+    (not checked in weight-only graphs, nor where the conv is a layer `--float-layers` left float)."""
     if _weight_only(g):
         return
     for n in _activation_adds(g):
-        sides = [_layer_out(g, i) for i in n.input]
+        layers = [_layer_of(g, i) for i in n.input]
+        sides = [x is not None for x in layers]
         if sides.count(True) == 1:
+            if g.float_layer_of(layers[sides.index(True)]):
+                continue  # the conv runs in float (--float-layers): so does its add, by request
             ident = n.input[sides.index(False)]
             if _dq_through_moves(g, ident) is None:
                 yield g.label(n), (f"identity input {ident!r} of the residual add has no Q/DQ: "

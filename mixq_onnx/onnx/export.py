@@ -36,6 +36,7 @@ from .passes import (
     fold_weight_transposes,
     integer_gemms,
     integer_pools,
+    mark_float_layers,
     name_nodes,
     replace_uses,
     sink_dequantize,
@@ -229,6 +230,9 @@ def export_qdq(qmodel: nn.Module, out: str | os.PathLike, layout: str = "integer
     sunk = sink_dequantize(model, {n for n, q in qs.items() if getattr(q, "shared_with", ())})
     if sunk:  # only then: graphs without shared quantizers keep their counts (and bytes) as before
         counts["dq_after_moves"] = sunk
+    floats = getattr(qmodel, "mixq_float_layers", ())
+    if floats:  # only then: graphs without float layers keep their counts (and bytes) as before
+        counts["float_layers"] = mark_float_layers(model, floats)
     name_nodes(model)
     if layout == "integer":
         counts["integer_gemms"] = integer_gemms(model)

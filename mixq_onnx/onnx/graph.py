@@ -29,6 +29,7 @@ POOL_OPS = ("AveragePool", "GlobalAveragePool", "ReduceMean")
 QUANTIZER_KEY = "mixq.quantizer"  # node metadata: the quantizer's name in the PyTorch model
 BITS_KEY = "mixq.bits"  # node metadata: that quantizer's bit width
 REQUANT_KEY = "mixq.requantize"  # Q metadata: it reads the mean codes of this (pool) quantizer (passes.integer_pools)
+FLOAT_LAYER_KEY = "mixq.float_layer"  # Conv/Gemm/MatMul metadata: a layer `--float-layers` left float (its module)
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 
 
@@ -221,6 +222,13 @@ class GraphIndex:
             return int(v) if v is not None else None
         except ValueError:
             return None
+
+    @staticmethod
+    def float_layer_of(node: Any | None) -> str | None:
+        """The module a Conv/Gemm/MatMul implements when `--float-layers` left it float on purpose, else None."""
+        if node is None:
+            return None
+        return next((p.value for p in node.metadata_props if p.key == FLOAT_LAYER_KEY), None)
 
     def quantizer_nodes(self, ops: Iterable[str] = QDQ_OPS) -> dict[str, list[Any]]:
         """Quantizer name -> its nodes among `ops`, in graph order (a split weight has several DQs)."""

@@ -25,12 +25,13 @@ inference in `inspect`), `expose_outputs` (intermediate tensors as outputs for `
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .graph import DATA_MOVE_OPS, POOL_OPS, REQUANT_KEY
+from .graph import DATA_MOVE_OPS, FLOAT_LAYER_KEY, POOL_OPS, REQUANT_KEY
 
 _LABELS3 = ("q", "k", "v")
 
@@ -745,8 +746,8 @@ def name_nodes(model) -> None:
         if node.name and "/" in node.name and node.op_type in ("QuantizeLinear", "DequantizeLinear", "Clip") and \
                 "mixq.quantizer" in node.metadata_props:
             continue
-        path = None
-        if node.op_type in ("Conv", "Gemm", "MatMul"):  # a quantized layer: named after its weight quantizer
+        path = node.metadata_props.get(FLOAT_LAYER_KEY)  # a float layer: named after its module
+        if path is None and node.op_type in ("Conv", "Gemm", "MatMul"):  # a quantized layer: after its weight quantizer
             for v in node.inputs:
                 p = v.producer() if v is not None else None
                 q = p.metadata_props.get("mixq.quantizer", "") if p is not None else ""
@@ -757,6 +758,23 @@ def name_nodes(model) -> None:
         k = seen.get(base, 0)
         seen[base] = k + 1
         node.name = base if k == 0 else f"{base}_{k}"
+
+
+def mark_float_layers(model, layers: Iterable[str]) -> int:
+    """Tag the Conv/Gemm/MatMul of each module in `layers` (left float by `--float-layers`) with
+    `mixq.float_layer` = its module path, so that `check` and `inspect` tell a float layer asked for from a
+    missing Q/DQ, and `name_nodes` names it after its module. The node is found by its weight, the
+    initializer the exporter names after the parameter (`<module>.weight`): a plain conv inside a traced
+    block carries only the block in its namespace."""
+    want, n = set(layers), 0
+    for node in model.graph:
+        if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.inputs) < 2 or node.inputs[1] is None:
+            continue
+        w = node.inputs[1].name or ""
+        if w.endswith(".weight") and w[: -len(".weight")] in want:
+            node.metadata_props[FLOAT_LAYER_KEY] = w[: -len(".weight")]
+            n += 1
+    return n
 
 
 def module_path(node) -> str | None:

@@ -7,6 +7,7 @@ fill `params`, and `cfg.iters`, `cfg.lr_round`, ... read and write `cfg.params`.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -63,14 +64,17 @@ class QuantConfig:
     seed: int = 0
     share_quantizers: bool = True  # one quantizer per tensor and grid (graph.share_quantizers); quant.json without it: False
     integer_pools: bool = True  # average pools read integer codes (graph.quantize_pools); quant.json without it: False
+    # Conv2d/Linear left unquantized (module names or fnmatch patterns): no quantizer, float in the graph and the
+    # engine; `graph.prepare` refuses a pattern that matches no layer
+    float_layers: tuple[str, ...] = ()
     params: ReconParams = field(default_factory=ReconParams)
 
     def __init__(self, wbits: int = 4, abits: int = 4, method: str = "qdrop", symmetric: bool = True,
                  first_last_bits: int | None = 8, preset: str = "fast", *, batch_size: int | None = None,
                  num_samples: int | None = None, p_norm: float = 2.4, scale_grid: int = 80,
                  block_size: int | None = None, holdout: float = 0.1, seed: int = 0,
-                 share_quantizers: bool = True, integer_pools: bool = True, params: ReconParams | None = None,
-                 **learning: Any):
+                 share_quantizers: bool = True, integer_pools: bool = True, float_layers: Sequence[str] = (),
+                 params: ReconParams | None = None, **learning: Any):
         unknown = sorted(set(learning) - set(PARAM_NAMES))
         if unknown:
             raise TypeError(f"QuantConfig() got an unexpected keyword argument {unknown[0]!r}")
@@ -78,6 +82,7 @@ class QuantConfig:
         self.first_last_bits, self.preset, self.batch_size, self.num_samples = first_last_bits, preset, batch_size, num_samples
         self.p_norm, self.scale_grid, self.block_size, self.holdout, self.seed = p_norm, scale_grid, block_size, holdout, seed
         self.share_quantizers, self.integer_pools = share_quantizers, integer_pools
+        self.float_layers = (float_layers,) if isinstance(float_layers, str) else tuple(float_layers)
         self.params = replace(params if params is not None else ReconParams(), **learning)
 
     def validate(self) -> QuantConfig:
@@ -103,6 +108,9 @@ class QuantConfig:
         for key in ("share_quantizers", "integer_pools"):
             if not isinstance(getattr(self, key), bool):
                 raise MixqError(f"{key} must be true or false, got {getattr(self, key)!r}")
+        bad = [p for p in self.float_layers if not isinstance(p, str) or not p.strip() or "," in p]
+        if bad:
+            raise MixqError(f"--float-layers: each entry is a layer name or pattern (no commas, not empty), got {bad[0]!r}")
         if not 0 <= self.drop_prob <= 1:
             raise MixqError(f"--drop-prob must be in [0, 1], got {self.drop_prob}")
         return self
@@ -129,9 +137,9 @@ class QuantConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """quant.json's "config": the flat keys of `DICT_KEYS`, then "share_quantizers": true when quantizers are
-        shared and "integer_pools": true when pools are quantized (each absent otherwise, as in every quant.json
-        written before the rule existed, so those files and the graphs exported from them stay the same byte
-        for byte), then "extra": {} — the key of a removed field (QuantConfig.extra, never used), kept so that
+        shared, "integer_pools": true when pools are quantized and "float_layers" when some layers stay float (each
+        absent otherwise, as in every quant.json written before the rule existed, so those files and the graphs
+        exported from them stay the same byte for byte), then "extra": {} — the key of a removed field (QuantConfig.extra, never used), kept so that
         files stay the same value for value."""
         d = {k: getattr(self, k) for k in DICT_KEYS}
         d["beta"] = list(self.beta)
@@ -139,6 +147,8 @@ class QuantConfig:
             d["share_quantizers"] = True
         if self.integer_pools:
             d["integer_pools"] = True
+        if self.float_layers:  # only then: files without float layers stay as they were
+            d["float_layers"] = list(self.float_layers)
         d["extra"] = {}
         return d
 
@@ -151,6 +161,11 @@ class QuantConfig:
         kw = {k: v for k, v in d.items() if k in names}
         if "beta" in kw:
             kw["beta"] = tuple(kw["beta"])
+        if "float_layers" in kw:
+            fl = kw["float_layers"]
+            if not isinstance(fl, list):
+                raise MixqError(f"config float_layers must be a list of layer names, got {fl!r}")
+            kw["float_layers"] = tuple(fl)
         kw.setdefault("share_quantizers", False)
         kw.setdefault("integer_pools", False)
         return cls(**kw)

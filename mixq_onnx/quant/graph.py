@@ -20,6 +20,7 @@ so each unit stays a callable submodule the reconstruction loop can run alone.
 from __future__ import annotations
 
 import copy
+import fnmatch
 import operator
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -235,6 +236,21 @@ def _is_matmul(node: fx.Node) -> bool:
         node.op == "call_method" and node.target in ("matmul", "bmm"))
 
 
+def is_float_layer(name: str, cfg: QuantConfig) -> bool:
+    """`name` (a module path) matches one of `cfg.float_layers` (exact names or fnmatch patterns)."""
+    return any(fnmatch.fnmatchcase(name, p) for p in cfg.float_layers)
+
+
+def _check_float_layers(model: nn.Module, cfg: QuantConfig) -> None:
+    """A pattern that matches no Conv2d/Linear is a typo: say so, with the layer names, before any work."""
+    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    for p in cfg.float_layers:
+        if not any(fnmatch.fnmatchcase(n, p) for n in names):
+            few = ", ".join(names[:6]) + (f", … ({len(names)} in all)" if len(names) > 6 else "")
+            raise MixqError(f"--float-layers {p!r} matches no Conv2d/Linear layer of {type(model).__name__} "
+                            f"(its layers: {few})")
+
+
 def _transform(module: nn.Module, prefix: str, leaves: Iterable[nn.Module], cfg: QuantConfig) -> fx.GraphModule:
     gm = trace(module, leaves)
     _fold_graph_bn(gm)
@@ -244,6 +260,8 @@ def _transform(module: nn.Module, prefix: str, leaves: Iterable[nn.Module], cfg:
             continue
         m = _get(gm, node.target)
         name = prefix + node.target
+        if isinstance(m, (nn.Conv2d, nn.Linear)) and is_float_layer(name, cfg):
+            continue  # --float-layers: stays the float module, with no quantizer
         if isinstance(m, nn.Conv2d) and m.padding_mode == "zeros" and not cfg.block_size:
             _set(gm, node.target, QuantConv2d(m, name, cfg.wbits, abits, cfg.symmetric))
         elif isinstance(m, nn.Linear) and not (cfg.block_size and m.in_features % cfg.block_size):
@@ -623,6 +641,7 @@ def prepare(model: nn.Module, cfg: QuantConfig) -> fx.GraphModule:
     """Fold BN and insert (uninitialised) quantizers; the returned model computes in float until
     scales are set. Raises MixqError for a model with no quantizable layer."""
     cfg.validate()
+    _check_float_layers(model, cfg)
     model = copy.deepcopy(model).eval()
     _disable_fused_attn(model)
     blocks = _find_blocks(model)
@@ -636,11 +655,17 @@ def prepare(model: nn.Module, cfg: QuantConfig) -> fx.GraphModule:
     layers = {n: m for n, m in gm.named_modules() if isinstance(m, QUANT_LAYERS)}
     if not layers:
         raise MixqError(f"model {type(model).__name__} has no quantizable layer (Conv2d/Linear)")
-    order = execution_order(gm, layers, example_input(gm))
+    floats = {n: m for n, m in gm.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and not
+              isinstance(m, QUANT_LAYERS) and is_float_layer(n, cfg)}
+    gm.mixq_float_layers = tuple(floats)  # type: ignore[attr-defined]
+    # the first/last policy is about the network's first and last layers: a float one takes it with it
+    every = execution_order(gm, {**layers, **floats}, example_input(gm))
+    order = [n for n in every if n in layers]
     gm.mixq_first_last = ()  # type: ignore[attr-defined]  # layers the first/last-layer policy set (QAT keeps them fixed)
-    if cfg.first_last_bits is not None and order and not cfg.block_size:
-        gm.mixq_first_last = tuple(dict.fromkeys((order[0], order[-1])))  # type: ignore[attr-defined]
-        for n in {order[0], order[-1]}:
+    if cfg.first_last_bits is not None and every and not cfg.block_size:
+        ends = [n for n in dict.fromkeys((every[0], every[-1])) if n in layers]
+        gm.mixq_first_last = tuple(ends)  # type: ignore[attr-defined]
+        for n in set(ends):
             layer = layers[n]
             layer.weight_quantizer.bits = cfg.first_last_bits
             if layer.input_quantizer is not None:

@@ -157,7 +157,10 @@ class _Graph:
 
     def grid(self, n: Any) -> str:
         """The bit widths the graph means a compute node to run at, from its operands' DQ `mixq.bits`:
-        "w4a4" (4-bit weights, 4-bit activations), "w4" (weight-only), "a8a8" (two activations), "" (float)."""
+        "w4a4" (4-bit weights, 4-bit activations), "w4" (weight-only), "a8a8" (two activations), "float" (a
+        layer `--float-layers` left float on purpose), "" (float, not asked for)."""
+        if self.index.float_layer_of(n):
+            return "float"
         parts = []
         for t in n.input[:2]:
             dq = self.dq_fed(t)
