@@ -36,7 +36,8 @@ def register(cli: click.Group) -> None:
     @click.option("--wbits", type=int, default=None, help="lsq: weight bits (2-8) [default: 4].")
     @click.option("--abits", type=int, default=None, help="lsq: activation bits (2-8) [default: 4].")
     @click.option("--max-bits", type=int, default=8, show_default=True,
-                  help="Cap of a learned bit-width (2-8) at deployment.")
+                  help="Cap of a learned bit-width at deployment (2-8), or 16: a layer whose weights or input "
+                       "learn more than 8 bits (up to NIPQ's 14) stays float, with no Q/DQ, and is listed as such.")
     @click.option("--first-last-bits", type=int, default=8, show_default=True,
                   help="Fixed bits of the first and last layer (0: learned like the rest).")
     @click.option("--noise", type=click.Choice(["hist", "uniform"]), default="hist", show_default=True,
@@ -104,6 +105,10 @@ def register(cli: click.Group) -> None:
         rules: non-negative ones on an unsigned b-bit grid up to 7 bits, on signed INT8 at 8 bits; every grid
         narrower than INT8 gets a Clip before its QuantizeLinear. Mixed precision needs no flag downstream:
         eval, export, check, verify, build and inspect read each quantizer's bits from quant.json.
+        With --max-bits 16, a Conv/Linear whose weights or input freeze above 8 bits stays float (quantize's
+        --float-layers, recorded in quant.json; FP16 or FP32 as TensorRT picks), keeps the checkpoint's weights
+        and is listed in the summary and qat.json ("float_layers", and "deployed": the averages with those
+        layers at 16 bits); a quantizer above 8 that is no layer's input (a shortcut's) gets 8.
         Only the weights (as integers) and the quantizers train; biases keep the checkpoint's values.
         """
         import torch

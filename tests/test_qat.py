@@ -16,7 +16,7 @@ from mixq_onnx.qat import QATConfig, average_bits, measure_costs, nipq_quant, ro
 from mixq_onnx.qat import train as qat_train
 from mixq_onnx.qat.budget import Costs
 from mixq_onnx.qat.noise import NoisyClip, rounding_errors
-from mixq_onnx.quant.graph import quantizers
+from mixq_onnx.quant.graph import prepare, quantizers
 from mixq_onnx.quant.quantizer import ActQuantizer, WeightQuantizer
 from mixq_onnx.training import TrainData
 
@@ -233,6 +233,51 @@ def test_after_the_final_phase_every_weight_and_activation_is_on_its_frozen_grid
     assert q.mixq_qat_report["achieved"]["weight_bits"] == round(average_bits(bits, costs, "weight"), 4)
 
 
+# ----------------------------------------------------------------------------- --max-bits 16: float layers
+def test_max_bits_16_leaves_layers_above_8_bits_float_through_the_folder_and_export(tiny, tmp_path):
+    from mixq_onnx.onnx import export_qdq
+    from mixq_onnx.onnx.check import check_model
+    from mixq_onnx.onnx.verify import verify_onnx
+    from mixq_onnx.quant import load_quantized, save_quantized
+    from mixq_onnx.quant.modules import QUANT_LAYERS
+
+    model, data = tiny
+    kw = dict(target_bits=8.0, init_bits=12.0, epochs=1, final_epochs=1, batch_size=16)
+    q = qat_train(model, QATConfig(max_bits=16, **kw), data, progress=False)
+    rep = q.mixq_qat_report
+    floats = [f["name"] for f in rep["float_layers"]]
+    assert floats and tuple(floats) == q.mixq_float_layers == q.mixq_config.float_layers
+    for f in rep["float_layers"]:  # each froze above 8 bits in its weights or its input
+        assert f["weight_bits"] > 8 or (f["input_bits"] or 0) > 8, f
+    mods = dict(q.named_modules())
+    assert all(type(mods[n]) in (torch.nn.Conv2d, torch.nn.Linear) for n in floats)  # float modules now
+    assert all(2 <= qz.bits <= 8 for qz in quantizers(q).values())
+    kept = [m.name for m in q.modules() if isinstance(m, QUANT_LAYERS)]
+    assert kept and not set(kept) & set(floats)
+    assert [ly["name"] for ly in rep["layers"] if ly.get("float")] == floats
+    assert rep["deployed"]["weight_bits"] > rep["achieved"]["weight_bits"]  # float layers count 16 bits
+    assert abs(rep["achieved"]["weight_bits"] - 8) <= 0.05  # the budget holds on the frozen bits
+    # the checkpoint's weights in the float layers (the folder rebuilds float parameters from it)
+    prepared = dict(prepare(model, q.mixq_config).named_modules())
+    for n in floats:
+        assert torch.equal(mods[n].weight, prepared[n].weight), n
+
+    save_quantized(q, tmp_path / "q")
+    back = load_quantized(model, tmp_path / "q")
+    x = data.inputs[:16]
+    with torch.no_grad():
+        assert torch.equal(back(x), q(x))
+    onnx_path = export_qdq(back, tmp_path / "q.onnx")
+    vs = check_model(onnx_path)
+    assert not [v for v in vs if v.severity == "error"], vs
+    assert sorted(v.node.split("/")[0] for v in vs if v.rule == "float-layer") == sorted(floats)
+    rep_v = verify_onnx(onnx_path, back, data.inputs[:32])
+    assert rep_v.top1_agreement == 100.0 and not rep_v.failures()
+
+    capped = qat_train(model, QATConfig(max_bits=8, **kw), data, progress=False)
+    assert "float_layers" not in capped.mixq_qat_report and not capped.mixq_float_layers
+
+
 # ----------------------------------------------------------------------------- CLI
 def test_qat_end_to_end_then_eval_export_check_verify(world, tmp_path, run_cli):
     root, cache = world
@@ -288,6 +333,7 @@ def test_qat_end_to_end_then_eval_export_check_verify(world, tmp_path, run_cli):
     ([], "needs a budget"),
     (["--target-bits", "4", "--epochs", "0"], "--epochs must be at least 1"),
     (["--target-bits", "4", "--max-bits", "1"], "--max-bits must be between 2 and 8"),
+    (["--target-bits", "4", "--max-bits", "12"], "--max-bits must be between 2 and 8, or 16"),
     (["--target-bits", "4", "--wbits", "4"], "nipq learns them"),
     (["--method", "lsq", "--target-bits", "4"], "budgets of --method nipq"),
     (["--target-bits", "4", "--loss", "ce"], "--loss ce needs labels"),

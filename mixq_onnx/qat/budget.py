@@ -188,12 +188,12 @@ def range_bits(costs: Costs, learnable: list[str], fixed: Mapping[str, int], cfg
     [2, max_bits] whose uniform assignment (the learned quantizers at b, the fixed ones at theirs) comes
     nearest to it. NIPQ's `--range-init lp` searches its initial ranges at these bits."""
     if cfg.target_bits is not None:
-        return int(min(max(round(cfg.target_bits), 2), cfg.max_bits))
+        return int(min(max(round(cfg.target_bits), 2), cfg.bits_cap))
 
     def gap(b: int) -> float:
         return abs(float(gbops({n: fixed.get(n, b) for n in costs.kinds}, costs)) - float(cfg.target_gbops))
 
-    return min(range(2, cfg.max_bits + 1), key=gap)
+    return min(range(2, cfg.bits_cap + 1), key=gap)
 
 
 def check_reachable(costs: Costs, learnable: list[str], fixed: Mapping[str, int], cfg: QATConfig) -> None:
@@ -202,14 +202,14 @@ def check_reachable(costs: Costs, learnable: list[str], fixed: Mapping[str, int]
         moving = set(_movable(metric, learnable, costs))
         if metric != "gbops" and not moving:
             continue
-        lo = {n: (2 if n in moving else fixed.get(n, cfg.max_bits)) for n in costs.kinds}
-        hi = {n: (cfg.max_bits if n in moving else fixed.get(n, cfg.max_bits)) for n in costs.kinds}
+        lo = {n: (2 if n in moving else fixed.get(n, cfg.bits_cap)) for n in costs.kinds}
+        hi = {n: (cfg.bits_cap if n in moving else fixed.get(n, cfg.bits_cap)) for n in costs.kinds}
         vmin, vmax = _value(metric, lo, costs), _value(metric, hi, costs)
         if not vmin - tol <= target <= vmax + tol:
             what = {"weight": "weight average bits", "act": "activation average bits", "gbops": "GBOPs"}[metric]
             opt = "--target-gbops" if metric == "gbops" else "--target-bits"
             raise MixqError(f"{opt} {target:g} is out of reach: the {what} of this model lie in "
-                            f"[{vmin:.4g}, {vmax:.4g}] with bits in [2, {cfg.max_bits}] and the first/last layers "
+                            f"[{vmin:.4g}, {vmax:.4g}] with bits in [2, {cfg.bits_cap}] and the first/last layers "
                             f"fixed (see --first-last-bits, --max-bits)")
 
 
@@ -221,7 +221,7 @@ def round_to_budget(cont: Mapping[str, float], learnable: list[str], fixed: Mapp
     its rounded-up bit first) among the moves that bring the metric closer. Returns the bits and the moves."""
     bits: dict[str, int] = {n: int(fixed[n]) for n in fixed}
     for n in learnable:
-        bits[n] = int(min(max(round(cont[n]), 2), cfg.max_bits))
+        bits[n] = int(min(max(round(cont[n]), 2), cfg.bits_cap))
     moves: list[dict[str, Any]] = []
     for metric, target, tol in _metrics(cfg):
         names = _movable(metric, learnable, costs)
@@ -233,7 +233,7 @@ def round_to_budget(cont: Mapping[str, float], learnable: list[str], fixed: Mapp
             best: tuple[float, float, str] | None = None
             for n in names:
                 new = bits[n] + step
-                if not 2 <= new <= cfg.max_bits:
+                if not 2 <= new <= cfg.bits_cap:
                     continue
                 trial = {**bits, n: new}
                 new_gap = _value(metric, trial, costs) - target

@@ -13,6 +13,7 @@ QAT_METHODS = ("nipq", "lsq")
 NOISES = ("hist", "uniform")
 RANGE_INITS = ("official", "lp")
 MIN_BITS, TRAIN_MAX_BITS = 2, 14  # NIPQ's bit-width range: b = 2 + 12 * sigmoid(theta_b)
+FLOAT_BITS = 16  # --max-bits 16: what a float layer counts as once deployed (FP16 or wider)
 
 
 @dataclass
@@ -28,7 +29,7 @@ class QATConfig:
     target_gbops: float | None = None  # sum over Conv/Linear of MACs * b_w * b_a, in 1e9
     wbits: int = 4  # lsq only
     abits: int = 4  # lsq only
-    max_bits: int = 8  # deployment cap of a learned bit-width
+    max_bits: int = 8  # deployment cap of a learned bit-width; 16: a layer that learns more than 8 stays float
     first_last_bits: int | None = 8  # None: the first and last layer learn their bits like the rest
     noise: str = "hist"  # nipq: "hist" (measured rounding-error histogram) or "uniform" U(-0.5, 0.5)
     epochs: int = 10  # nipq: noise phase; lsq: first phase (same schedule)
@@ -49,6 +50,11 @@ class QATConfig:
     init_bits: float = 8.0  # nipq: starting bit-width of the learned quantizers
     tolerance: float = 0.05  # rounding to the budget: average bits within this (GBOPs: this fraction)
 
+    @property
+    def bits_cap(self) -> int:
+        """The widest frozen bit-width: `max_bits`, or NIPQ's 14 under `--max-bits 16` (more than 8: float)."""
+        return min(self.max_bits, TRAIN_MAX_BITS)
+
     def validate(self) -> QATConfig:
         if self.method not in QAT_METHODS:
             raise MixqError(f"unknown QAT method {self.method!r}: choose one of {', '.join(QAT_METHODS)}")
@@ -61,9 +67,9 @@ class QATConfig:
         check_augment(self.augment)
         if self.final_epochs < 0:
             raise MixqError(f"--final-epochs must be at least 0, got {self.final_epochs}")
-        if not 2 <= self.max_bits <= 8:
-            raise MixqError(f"--max-bits must be between 2 and 8, got {self.max_bits}"
-                            + (" (FP16 layers above 8 bits are not implemented)" if self.max_bits > 8 else ""))
+        if not (2 <= self.max_bits <= 8 or self.max_bits == FLOAT_BITS):
+            raise MixqError(f"--max-bits must be between 2 and 8, or {FLOAT_BITS} (a layer that learns more than 8 "
+                            f"bits stays float), got {self.max_bits}")
         if self.first_last_bits is not None and not 2 <= self.first_last_bits <= 8:
             raise MixqError(f"--first-last-bits must be between 2 and 8 (0: learned), got {self.first_last_bits}")
         for opt, v in (("--lr", self.lr), ("--qlr", self.qlr), ("--step-lr", self.step_lr),

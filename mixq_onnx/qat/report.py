@@ -23,9 +23,19 @@ def summary(rep: dict[str, Any]) -> str:
             f" (target {t['gbops']:g} GBOPs)" if t else "")
     lines = [f"{rep['method']}: weights {a['weight_bits']:.3f} bits, activations {a['act_bits']:.3f} bits, "
              f"{a['gbops']:.4g} GBOPs{want}; {len(rep['moves'])} bit move(s) at freezing; {rep['seconds']:.1f} s"]
+    if rep.get("float_layers"):
+        d = rep["deployed"]
+        lines.append(f"  {len(rep['float_layers'])} layer(s) learned more than 8 bits and stay float (--max-bits 16): "
+                     + ", ".join(f"{f['name']} (W{f['weight_bits']}A{f['input_bits'] or '-'})"
+                                 for f in rep["float_layers"])
+                     + f"; deployed, counting them at 16 bits: weights {d['weight_bits']:.3f}, activations "
+                       f"{d['act_bits']:.3f} bits, {d['gbops']:.4g} GBOPs")
     by = {q["name"]: q for q in rep["quantizers"]}
     cells = []
     for layer in rep["layers"]:
+        if layer.get("float"):
+            cells.append(f"{layer['name']} float")
+            continue
         w = by[layer["weight"]]["bits"]
         a_ = by[layer["input"]]["bits"] if layer["input"] else "-"
         cells.append(f"{layer['name']} W{w}A{a_}")
@@ -44,21 +54,31 @@ def plot_bits(rep: dict[str, Any]) -> bytes:
 
     by = {q["name"]: q for q in rep["quantizers"]}
     labels, wb, ab, wl, al = [], [], [], [], []
+    floats = {f["name"]: f for f in rep.get("float_layers", [])}
     for layer in rep["layers"]:
+        if layer.get("float"):  # drawn at 16 bits (float), the bits it learned as dots
+            f = floats.get(layer["name"], {})
+            labels.append(f"{layer['name']} (float)")
+            wb.append(16)
+            ab.append(16 if f.get("input_bits") is not None else 0)
+            wl.append(f.get("learned_weight_bits", float("nan")))
+            li = f.get("learned_input_bits")
+            al.append(li if li is not None else float("nan"))
+            continue
         labels.append(layer["name"])
         wq = by[layer["weight"]]
         aq = by.get(layer["input"]) if layer["input"] else None
         wb.append(wq["bits"])
         wl.append(wq["learned_bits"])
         ab.append(aq["bits"] if aq else 0)
-        al.append(aq["learned_bits"] if aq else float("nan"))
+        al.append(aq["learned_bits"] if aq and aq["learned_bits"] is not None else float("nan"))
     for q in rep["quantizers"]:
         if q["kind"] == "act" and q["placement"] != "input":
             labels.append(q["name"])
             wb.append(0)
             wl.append(float("nan"))
             ab.append(q["bits"])
-            al.append(q["learned_bits"])
+            al.append(q["learned_bits"] if q["learned_bits"] is not None else float("nan"))  # None: no source
     n = len(labels)
     xs = list(range(n))
     top = max([8, *wb, *ab, *(v for v in (*wl, *al) if math.isfinite(v))])

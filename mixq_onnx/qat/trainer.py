@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import time
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -42,7 +43,7 @@ from .budget import (
     range_bits,
     round_to_budget,
 )
-from .config import QATConfig
+from .config import FLOAT_BITS, QATConfig
 from .quantizers import QATActQuantizer, QATParams, QATWeightQuantizer, replace_quantizers, to_plain
 
 SIGN_SAMPLES = 256  # images run to see which activations are non-negative (unsigned grids) and their ranges
@@ -120,13 +121,13 @@ def _training_quantizers(gm: nn.Module, cfg: QATConfig, weights: dict[str, torch
         if cfg.method == "lsq":  # init_scales ran: each plain quantizer holds its Lp-searched step and sign
             lo, hi = q.spec.grid()
             p = QATParams(q.scale.detach() * hi, signed=q.spec.signed, learn_bits=False, bits=q.bits,
-                          cap=cfg.max_bits, noise=cfg.noise)
+                          cap=cfg.bits_cap, noise=cfg.noise)
             p.start_hard(q.scale.detach())
         elif isinstance(q, WeightQuantizer):
             alpha = lp[q.name] if lp is not None else weights[q.name].detach().abs().flatten(1).amax(1)
             p = QATParams(alpha.clamp(min=1e-8), signed=True,
                           learn_bits=q.name not in fixed, bits=fixed.get(q.name, cfg.init_bits),
-                          cap=cfg.max_bits, noise=cfg.noise)
+                          cap=cfg.bits_cap, noise=cfg.noise)
         else:
             lo, high = ranges.get(q.name, (-1.0, 0.0))
             unsigned = lo >= 0
@@ -134,7 +135,7 @@ def _training_quantizers(gm: nn.Module, cfg: QATConfig, weights: dict[str, torch
                 torch.tensor(max(6.0 if unsigned else 3.0, high))
             p = QATParams(alpha, signed=not unsigned,
                           learn_bits=q.name not in fixed, bits=fixed.get(q.name, cfg.init_bits),
-                          cap=cfg.max_bits, noise=cfg.noise)
+                          cap=cfg.bits_cap, noise=cfg.noise)
         return QATWeightQuantizer(q, p) if isinstance(q, WeightQuantizer) else QATActQuantizer(q, p)
 
     replace_quantizers(gm, make)
@@ -160,6 +161,44 @@ def _freeze_bits(gm: nn.Module, bits: dict[str, int], weights: dict[str, torch.T
         q.qat.start_hard(q.scale.detach())
 
 
+def _float_layers(costs: Costs, bits: dict[str, int]) -> tuple[str, ...]:
+    """`--max-bits 16`: the Conv/Linear layers whose weight or input quantizer froze above 8 bits (INT8 is the
+    widest integer grid TensorRT runs) stay float. A shared input quantizer above 8 takes every layer it feeds."""
+    return tuple(name for name, w, a, _ in costs.layers if bits[w] > 8 or (a is not None and bits[a] > 8))
+
+
+def _rebuild_with_float_layers(model: nn.Module, gm: nn.Module, cfg: QATConfig, qcfg: QuantConfig,
+                               floats: tuple[str, ...], bits: dict[str, int], sample: torch.Tensor
+                               ) -> tuple[nn.Module, dict[str, torch.Tensor], dict[str, str], dict[str, int]]:
+    """The model `prepare` gives with `floats` left float (the placements the result folder rebuilds), carrying
+    the noise phase's weights. A float layer keeps the checkpoint's weights: a result folder stores only the
+    quantized layers' integers and rebuilds every float parameter from the checkpoint. Returns the model, its
+    layers' weights, each quantizer's source in the trained model (a quantizer that served a float layer too
+    is renamed after the consumers it has left, e.g. a block input now quantized for the shortcut alone) and
+    the bits: the source's, at most 8 (a quantizer that is no layer's input, such as a shortcut's, has no float
+    form). A placement the float layers create has no source and gets 8 bits: the output of a float
+    downsampling conv becomes the identity input of its block's add, quantized so that the add still fuses
+    into the INT8 conv beside it."""
+    gm2 = prepare(model, replace(qcfg, float_layers=floats)).to(sample.device)
+    old = {m.name: m for m in gm.modules() if isinstance(m, QUANT_LAYERS)}
+    layers = [m for m in gm2.modules() if isinstance(m, QUANT_LAYERS)]
+    with torch.no_grad():
+        for m in layers:
+            m.weight.copy_(old[m.name].weight)
+    src: dict[str, str] = {}
+    for n, q in quantizers(gm).items():
+        src.setdefault(n, n)
+        for other in getattr(q, "shared_with", ()):
+            src.setdefault(other, n)
+    names = list(quantizers(gm2))
+    src = {n: src[n] for n in names if n in src}
+    bits2 = {n: min(int(bits[src[n]]), 8) if n in src else 8 for n in names}
+    weights = {m.weight_quantizer.name: m.weight for m in layers}
+    _training_quantizers(gm2, cfg, weights, bits2, _observe_ranges(gm2, sample))
+    gm2.to(sample.device)
+    return gm2, weights, src, bits2
+
+
 def _clamp_steps(steps: list[nn.Parameter]):
     def on_step(step: int, total: int) -> None:
         with torch.no_grad():
@@ -171,25 +210,51 @@ def _clamp_steps(steps: list[nn.Parameter]):
 
 def _report(gm: nn.Module, cfg: QATConfig, costs: Costs, cont: dict[str, float], fixed: dict[str, int],
             moves: list[dict[str, Any]], history: list[dict[str, Any]], data: TrainData, seconds: float,
-            alpha0: dict[str, float]) -> dict[str, Any]:
+            alpha0: dict[str, float], frozen: dict[str, int], src: dict[str, str] | None = None,
+            floats: tuple[str, ...] = ()) -> dict[str, Any]:
+    """`costs`, `cont`, `fixed`, `alpha0` and `frozen` (the bits the budget froze) are keyed by the training
+    model's quantizers; `src` maps each of `gm`'s to its training quantizer (identity without float layers)."""
+    deployed = measure_costs(gm) if floats else costs  # the quantizers of the model as it ships
     rows = []
-    bits = {}
     for name, q in quantizers(gm).items():
-        bits[name] = q.bits
+        s = name if not floats else (src or {}).get(name)  # None: a placement the float layers created
         _, hi = q.spec.grid()
         alpha = (q.scale.detach().reshape(-1).double() * hi).tolist()
         rows.append({"name": name, "kind": q.kind, "placement": q.spec.placement, "bits": q.bits,
-                     "learned_bits": round(cont[name], 4), "fixed": name in fixed, "signed": q.spec.signed,
-                     "grid": list(q.spec.grid()), "size": costs.sizes[name],
-                     "alpha": round(sum(alpha) / len(alpha), 6), "alpha_init": alpha0[name],
+                     "learned_bits": round(cont[s], 4) if s else None, "fixed": s in fixed,
+                     "signed": q.spec.signed, "grid": list(q.spec.grid()), "size": deployed.sizes[name],
+                     "alpha": round(sum(alpha) / len(alpha), 6), "alpha_init": alpha0[s] if s else None,
                      **({"alpha_per_channel": [round(a, 6) for a in alpha]} if q.kind == "weight" else {})})
     target = ({"bits": cfg.target_bits} if cfg.target_bits is not None else
               {"gbops": cfg.target_gbops} if cfg.target_gbops is not None else None)
-    return {"method": cfg.method, "config": cfg.to_dict(), "data": data.source,
-            "mode": "labelled" if data.labelled else "data-free (KD)", "target": target,
-            "achieved": achieved(bits, costs), "moves": moves, "train": history, "quantizers": rows,
-            "layers": [{"name": n, "weight": w, "input": a, "macs": m} for n, w, a, m in costs.layers],
-            "seconds": round(seconds, 2)}
+    inputs = {m.name: (m.input_quantizer.name if m.input_quantizer is not None else None)
+              for m in gm.modules() if isinstance(m, QUANT_LAYERS)}
+    layers, float_rows = [], []
+    for n, w, a, m in costs.layers:
+        if n in floats:
+            layers.append({"name": n, "weight": None, "input": None, "macs": m, "float": True})
+            float_rows.append({"name": n, "weight_bits": frozen[w], "input_bits": frozen[a] if a else None,
+                               "learned_weight_bits": round(cont[w], 4),
+                               "learned_input_bits": round(cont[a], 4) if a else None, "macs": m})
+        else:
+            layers.append({"name": n, "weight": w, "input": inputs.get(n), "macs": m})
+    rep = {"method": cfg.method, "config": cfg.to_dict(), "data": data.source,
+           "mode": "labelled" if data.labelled else "data-free (KD)", "target": target,
+           "achieved": achieved(frozen, costs), "moves": moves, "train": history, "quantizers": rows,
+           "layers": layers, "seconds": round(seconds, 2)}
+    if floats:  # only then: reports without float layers keep their keys
+        # the shipped model's quantizers at their bits, and each float layer's weights and input at 16
+        bits = {r["name"]: r["bits"] for r in rows}
+        for n, w, a, m in costs.layers:
+            if n in floats:
+                kw, ka = f"{n}.weight (float)", (f"{n}.input (float)" if a else None)
+                deployed.kinds[kw], deployed.sizes[kw], bits[kw] = "weight", costs.sizes[w], FLOAT_BITS
+                if ka:
+                    deployed.kinds[ka], deployed.sizes[ka], bits[ka] = "act", costs.sizes[a], FLOAT_BITS
+                deployed.layers.append((n, kw, ka, m))
+        rep["float_layers"] = float_rows
+        rep["deployed"] = achieved(bits, deployed)
+    return rep
 
 
 @full_fp32()
@@ -210,6 +275,8 @@ def train(model: nn.Module, cfg: QATConfig, data: TrainData, *, teacher: nn.Modu
         for p in teacher.parameters():
             p.requires_grad_(False)
     lsq = cfg.method == "lsq"
+    floats: tuple[str, ...] = ()
+    src: dict[str, str] = {}
     qcfg = QuantConfig(wbits=cfg.wbits if lsq else 8, abits=cfg.abits if lsq else 8, method="rtn",
                        first_last_bits=cfg.first_last_bits, batch_size=cfg.batch_size, seed=cfg.seed)
     gm = prepare(model, qcfg).to(dev)
@@ -251,10 +318,20 @@ def train(model: nn.Module, cfg: QATConfig, data: TrainData, *, teacher: nn.Modu
             history.append({"phase": "noise", **h, **({"multipliers": mult.trace} if mult is not None else {})})
             cont = {n: p.continuous_bits() for n, p in qps.items()}
             bits, moves = round_to_budget(cont, learnable, fixed, costs, cfg)
+            frozen = dict(bits)
+            floats = _float_layers(costs, bits) if cfg.max_bits > 8 else ()
+            if floats:
+                for w in weights.values():
+                    w.requires_grad_(False)
+                gm, weights, src, bits = _rebuild_with_float_layers(model, gm, cfg, qcfg, floats, bits, sample)
+                qps = {n: q.qat for n, q in quantizers(gm).items()}
+                for w in weights.values():
+                    w.requires_grad_(True)
             _freeze_bits(gm, bits, weights, data.inputs[:512].to(dev), qcfg)
         else:
             cont = {n: float(b) for n, b in fixed.items()}
             moves = []
+            frozen = dict(fixed)
         phases = [("hard", cfg.epochs, cfg.lr)] if lsq else []
         if cfg.final_epochs > 0:
             phases.append(("final", cfg.final_epochs, cfg.final_lr or cfg.lr))
@@ -271,13 +348,14 @@ def train(model: nn.Module, cfg: QATConfig, data: TrainData, *, teacher: nn.Modu
             w.requires_grad_(False)
     replace_quantizers(gm, lambda q: to_plain(q, weights.get(q.name)))
     gm.eval()
-    all_bits = {n: q.bits for n, q in quantizers(gm).items()}
+    qs = quantizers(gm)
     gm.mixq_config = QuantConfig(  # type: ignore[attr-defined]  # placements to rebuild; bits come per record
-        wbits=max(b for n, b in all_bits.items() if costs.kinds[n] == "weight"),
-        abits=max((b for n, b in all_bits.items() if costs.kinds[n] == "act"), default=8), method="rtn",
-        first_last_bits=cfg.first_last_bits, batch_size=cfg.batch_size, seed=cfg.seed)
+        wbits=max(q.bits for q in qs.values() if q.kind == "weight"),
+        abits=max((q.bits for q in qs.values() if q.kind == "act"), default=8), method="rtn",
+        first_last_bits=cfg.first_last_bits, batch_size=cfg.batch_size, seed=cfg.seed, float_layers=floats)
     gm.mixq_calibration = None  # type: ignore[attr-defined]
-    rep = _report(gm, cfg, costs, cont, fixed, moves, history, data, time.perf_counter() - t0, alpha0)
+    rep = _report(gm, cfg, costs, cont, fixed, moves, history, data, time.perf_counter() - t0, alpha0, frozen, src,
+                  floats)
     gm.mixq_qat_report = rep  # type: ignore[attr-defined]
     gm.mixq_report = {k: rep[k] for k in ("method", "target", "achieved", "mode", "data", "seconds")}  # type: ignore[attr-defined]
     return gm
