@@ -340,16 +340,22 @@ def goals(results: list[dict[str, Any]]) -> list[str]:
                        f"{'met' if ok else 'missed (why: see What the graphs show)'}" + extra
                        + (f" (not compared: {', '.join(skipped)}, whose engines run less than 99 % of MACs in INT8)"
                           if skipped else "") + ".")
-        mo = [r for r in peers if r["tool"] == "modelopt-onnx" and r.get("engine_layers") is not None]
-        if ours_float and mo:
-            f, o = ours_float[0], mo[0]
-            hf, ho = sum((f.get("handoffs") or {}).values()), sum((o.get("handoffs") or {}).values())
-            same = ("the same" if (f["engine_layers"], hf) == (o["engine_layers"], ho) else
-                    "no more" if f["engine_layers"] <= o["engine_layers"] and hf <= ho else "more")
-            out.append(f"- {m} W8A8 engine with the classifier float as ModelOpt ONNX leaves it (`--float-layers "
+        if ours_float and eng_peers:
+            f = ours_float[0]
+            hf = sum((f.get("handoffs") or {}).values())
+            worse = [r for r in eng_peers
+                     if f["engine_layers"] > r["engine_layers"] or hf > sum((r.get("handoffs") or {}).values())]
+            def excess(r: dict[str, Any], f: dict[str, Any] = f, hf: int = hf) -> str:
+                hr = sum((r.get("handoffs") or {}).values())
+                more = [f"{f['engine_layers'] - r['engine_layers']} layer(s)" if f["engine_layers"] > r["engine_layers"]
+                        else "", f"{hf - hr} hand-off(s)" if hf > hr else ""]
+                return (f"{' and '.join(x for x in more if x)} more than {label(r)} ({r['engine_layers']} layers, "
+                        f"{hr} hand-offs)")
+            verdict = ("no more layers and hand-offs than any peer: met with this layout" if not worse else
+                       "; ".join(excess(r) for r in worse))
+            out.append(f"- {m} W8A8 engine with the classifier float, as ModelOpt ONNX leaves it (`--float-layers "
                        f"{f['float_layers']}`, {label(f)}; not counted above): {f['engine_layers']} layers, {hf} "
-                       f"hand-offs, against {label(o)}'s {o['engine_layers']} and {ho}: {same} layers and "
-                       f"hand-offs.")
+                       f"hand-offs; {verdict}.")
     ref = {r["wbits"] * 10 + r["abits"]: r for r in results if r.get("tool") == "qdrop-ref" and r.get("status") == "ok"}
     ours = {r["wbits"] * 10 + r["abits"]: r for r in results
             if r.get("group") == "ref" and r["tool"] == "mixq" and r.get("status") == "ok"}
