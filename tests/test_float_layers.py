@@ -127,7 +127,8 @@ def test_cli_float_layers(tmp_path, run_cli):
     assert "matches no Conv2d/Linear layer" in one_line_error(bad) and not (tmp_path / "bad").exists()
     ok = run_cli(*base, "--float-layers", "linear", "--out", tmp_path / "q")
     assert ok.code == 0, ok.err
-    assert json.loads((tmp_path / "q" / "quant.json").read_text())["config"]["float_layers"] == ["linear"]
+    meta = json.loads((tmp_path / "q" / "quant.json").read_text())
+    assert meta["config"]["float_layers"] == ["linear"] and meta["report"]["float_layers"] == ["linear"]
 
 
 def test_engine_runs_the_float_layer_in_float(float_folder, tmp_path):

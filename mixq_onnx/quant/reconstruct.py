@@ -369,12 +369,16 @@ def quantize(model: nn.Module, cfg: QuantConfig, calib: Any, *, progress: bool =
         "holdout": n_hold, "seconds": round(time.perf_counter() - t_start, 2),
         "units": [asdict(r) for r in reports],
     }
+    if getattr(gm, "mixq_float_layers", ()):  # only then: reports without float layers keep their keys
+        gm.mixq_report["float_layers"] = list(gm.mixq_float_layers)  # type: ignore[attr-defined]
     return gm.eval()
 
 
 def summarize(report: dict[str, Any]) -> str:
     lines = [f"{report['method']} W{report['wbits']}A{report['abits']}: {report['num_samples']} samples "
              f"({report['holdout']} held out), {report['seconds']:.1f} s"]
+    if report.get("float_layers"):
+        lines.append(f"left float (--float-layers): {', '.join(report['float_layers'])}")
     if report["units"]:
         lines.append(f"{'unit':24} {'loss before':>12} {'after':>10} {'gap':>9} {'|g_round|':>10} {'|g_act|':>9} {'it/s':>7}")
         for u in report["units"]:
