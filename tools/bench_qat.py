@@ -290,6 +290,12 @@ def stage_tune(jobs: int) -> str:
 FLOAT_ROWS = [
     {"id": "nipq-8", "mode": "ce", "args": ["--method", "nipq", "--target-bits", 8]},
     {"id": "nipq-8-max16", "mode": "ce", "args": ["--method", "nipq", "--target-bits", 8, "--max-bits", 16]},
+    # added after those two: started at 8 bits, no learned width left 8 by more than 0.04, so the budget never
+    # had a reason to move one above it. Started at 12 bits (NIPQ's range allows 14), the budget pulls the
+    # widths down to 8 on average and the layers that resist keep more
+    {"id": "nipq-8-init12", "mode": "ce", "args": ["--method", "nipq", "--target-bits", 8, "--init-bits", 12]},
+    {"id": "nipq-8-max16-init12", "mode": "ce",
+     "args": ["--method", "nipq", "--target-bits", 8, "--init-bits", 12, "--max-bits", 16]},
 ]
 
 
@@ -309,17 +315,22 @@ def stage_float(net: str, jobs: int) -> str:
         cap = 16 if "--max-bits" in map(str, r["args"]) else 8
         lines.append(f"| {r['id']} | {cap} | {a['weight_bits']:.3f} / {a['act_bits']:.3f} | {d['weight_bits']:.3f} / "
                      f"{d['act_bits']:.3f} | {d['gbops']:.4f} | {fl} | {res[r['id']]['top1']:.2f} |")
-    dep = deploy_row(net, "nipq-8-max16")
-    deploy_cache("nipq-8-max16").write_text(json.dumps(dep, indent=2) + "\n")
-    chk, ver, ins = dep["check"], dep["verify"], dep.get("inspect", {})
-    warn = [v for v in chk.get("violations", []) if v.get("severity") == "warning"]
-    deploy = (f"`nipq-8-max16` deployed: `check` {chk.get('errors', '?')} error(s), {len(warn)} warning(s) "
-              f"({', '.join(sorted({v['rule'] for v in warn})) or 'none'}); `verify` on 5,000 images: top-1 agreement "
-              f"{ver.get('top1_agreement', float('nan')):.2f} %, max |diff| {ver.get('max_abs_diff')}; engine "
-              + (f"{ins.get('engine_layers', len(ins.get('layers', [])))} layers, int8 MAC fraction "
-                 f"{ins.get('int8_mac_fraction', float('nan')):.4f}, intended grid on engine precision: {intended(ins)}"
-                 if ins else f"not built: {dep.get('build_error')}") + ".")
-    return "\n".join(lines) + "\n\n" + deploy
+    deployed = []
+    for r in FLOAT_ROWS:
+        if "--max-bits" not in map(str, r["args"]):
+            continue
+        dep = deploy_row(net, r["id"])
+        deploy_cache(r["id"]).write_text(json.dumps(dep, indent=2) + "\n")
+        chk, ver, ins = dep["check"], dep["verify"], dep.get("inspect", {})
+        warn = [v for v in chk.get("violations", []) if v.get("severity") == "warning"]
+        deployed.append(
+            f"- `{r['id']}` deployed: `check` {chk.get('errors', '?')} error(s), {len(warn)} warning(s) "
+            f"({', '.join(sorted({v['rule'] for v in warn})) or 'none'}); `verify` on 5,000 images: top-1 agreement "
+            f"{ver.get('top1_agreement', float('nan')):.2f} %, max |diff| {ver.get('max_abs_diff')}; engine "
+            + (f"{ins.get('engine_layers', len(ins.get('layers', [])))} layers, int8 MAC fraction "
+               f"{ins.get('int8_mac_fraction', float('nan')):.4f}, {ins.get('handoffs')} hand-offs, intended grid on "
+               f"engine precision: {intended(ins)}" if ins else f"not built: {dep.get('build_error')}") + ".")
+    return "\n".join(lines) + "\n\n" + "\n".join(deployed)
 
 
 def verify_cause(ver: dict) -> str:
@@ -462,7 +473,11 @@ bits; NIPQ's budget at 8 average bits, so that a layer can want more than INT8 g
 learned width is capped at 8; with 16 the frozen widths go up to NIPQ's 14 and a Conv/Linear whose weights or
 input froze above 8 stays float (checkpoint weights, no Q/DQ). *achieved*: the budget's averages on the frozen
 bits; *deployed*: the shipped quantizers, and each float layer's weights and input counted at 16 bits. Top-1 on
-all 5,000 images of `cifar10_test_dev.npz`; one seed (a demonstration of the path, not a bar).
+all 5,000 images of `cifar10_test_dev.npz`; one seed (a demonstration of the path, not a bar). The budget counts
+a width above 8 as what it learned, not as the 16 it deploys at, and one quantizer above 8 takes its whole layer
+to float (the issue's mapping): where the learned widths spread around the target, many layers go float and the
+deployed averages land far above it. A float layer also keeps the checkpoint's weights, which missed the noise
+phase the other layers trained through.
 
 {body}""")
         print(body)
