@@ -146,3 +146,21 @@ def test_engine_runs_the_float_layer_in_float(float_folder, tmp_path):
     assert all(c.precision == "int8" for c in rep.compute if c.bits != "float")
     assert 0.9 < rep.int8_mac_fraction < 1.0  # layer3.2.conv2's MACs run in float
     assert np.isfinite(rep.int8_mac_fraction)
+
+
+def test_float_linears_of_a_vit_are_found_in_the_graph(tmp_path):
+    """A Linear on 3-D input exports as a MatMul on a transposed constant (not `<module>.weight`), and a plain
+    layer inside a traced block has only the block in its namespace: the exporter finds it by its weight."""
+    model = load_model("test_vit", random_init=True, input_size=64).eval()
+    x = get_preprocessing(model)(torch.randint(0, 256, (4, 64, 64, 3), dtype=torch.uint8,
+                                               generator=torch.Generator().manual_seed(0)))
+    floats = ("blocks.0.mlp.fc1", "blocks.0.attn.qkv", "head")
+    q = quantize(model, QuantConfig(wbits=8, abits=8, method="rtn", scale_grid=5, float_layers=floats), x,
+                 progress=False)
+    p = export_qdq(q, tmp_path / "vit.onnx")
+    m = onnx.load(p)
+    tagged = {n.name: {pp.key: pp.value for pp in n.metadata_props}[FLOAT_LAYER_KEY] for n in m.graph.node
+              if any(pp.key == FLOAT_LAYER_KEY for pp in n.metadata_props)}
+    assert sorted(tagged.values()) == sorted(floats), tagged
+    assert {n.split("/")[0] for n in tagged} == set(floats)  # named after their modules
+    assert not [v for v in check_model(p) if v.severity == "error"]

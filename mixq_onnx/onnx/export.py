@@ -232,7 +232,12 @@ def export_qdq(qmodel: nn.Module, out: str | os.PathLike, layout: str = "integer
         counts["dq_after_moves"] = sunk
     floats = getattr(qmodel, "mixq_float_layers", ())
     if floats:  # only then: graphs without float layers keep their counts (and bytes) as before
-        counts["float_layers"] = mark_float_layers(model, floats)
+        mods = dict(qmodel.named_modules())
+        found = mark_float_layers(model, {f: mods[f].weight.detach().cpu().float().numpy() for f in floats})
+        lost = [f for f in floats if f not in found]
+        if lost:  # never write a graph whose float layers `check` would take for missing Q/DQ
+            raise MixqError(f"export: no Conv/Gemm/MatMul in the graph computes the float layer(s) {', '.join(lost)}")
+        counts["float_layers"] = len(found)
     name_nodes(model)
     if layout == "integer":
         counts["integer_gemms"] = integer_gemms(model)

@@ -25,7 +25,6 @@ inference in `inspect`), `expose_outputs` (intermediate tensors as outputs for `
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -760,21 +759,30 @@ def name_nodes(model) -> None:
         node.name = base if k == 0 else f"{base}_{k}"
 
 
-def mark_float_layers(model, layers: Iterable[str]) -> int:
-    """Tag the Conv/Gemm/MatMul of each module in `layers` (left float by `--float-layers`) with
-    `mixq.float_layer` = its module path, so that `check` and `inspect` tell a float layer asked for from a
-    missing Q/DQ, and `name_nodes` names it after its module. The node is found by its weight, the
-    initializer the exporter names after the parameter (`<module>.weight`): a plain conv inside a traced
-    block carries only the block in its namespace."""
-    want, n = set(layers), 0
+def mark_float_layers(model, layers: dict[str, np.ndarray]) -> set[str]:
+    """Tag the Conv/Gemm/MatMul of each module in `layers` (module path -> its float weight; left float by
+    `--float-layers`) with `mixq.float_layer` = that path, so that `check` and `inspect` tell a float layer asked
+    for from a missing Q/DQ, and `name_nodes` names it after its module. A node is its module's when its weight
+    is the initializer the exporter names after the parameter (`<module>.weight`), or else a constant equal
+    to the weight or, for a MatMul, to its transpose (a Linear on 3-D input, whose weight the exporter
+    transposes into a new constant); a plain layer inside a traced block carries only the block in its
+    namespace, so the namespace cannot tell. Returns the paths found."""
+    found: set[str] = set()
     for node in model.graph:
         if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.inputs) < 2 or node.inputs[1] is None:
             continue
-        w = node.inputs[1].name or ""
-        if w.endswith(".weight") and w[: -len(".weight")] in want:
-            node.metadata_props[FLOAT_LAYER_KEY] = w[: -len(".weight")]
-            n += 1
-    return n
+        w = node.inputs[1]
+        path = (w.name or "")[: -len(".weight")] if (w.name or "").endswith(".weight") else None
+        if path not in layers:
+            arr = _const_array(w)
+            path = next((p for p, ref in layers.items() if arr is not None and (
+                (arr.shape == ref.shape and np.array_equal(arr, ref)) or
+                (node.op_type == "MatMul" and ref.ndim == 2 and arr.shape == ref.T.shape and np.array_equal(arr, ref.T))
+            )), None)
+        if path is not None:
+            node.metadata_props[FLOAT_LAYER_KEY] = path
+            found.add(path)
+    return found
 
 
 def module_path(node) -> str | None:
