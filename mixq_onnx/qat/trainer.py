@@ -321,8 +321,6 @@ def train(model: nn.Module, cfg: QATConfig, data: TrainData, *, teacher: nn.Modu
             frozen = dict(bits)
             floats = _float_layers(costs, bits) if cfg.max_bits > 8 else ()
             if floats:
-                for w in weights.values():
-                    w.requires_grad_(False)
                 gm, weights, src, bits = _rebuild_with_float_layers(model, gm, cfg, qcfg, floats, bits, sample)
                 qps = {n: q.qat for n, q in quantizers(gm).items()}
                 for w in weights.values():

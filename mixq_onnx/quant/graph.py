@@ -655,8 +655,7 @@ def prepare(model: nn.Module, cfg: QuantConfig) -> fx.GraphModule:
     layers = {n: m for n, m in gm.named_modules() if isinstance(m, QUANT_LAYERS)}
     if not layers:
         raise MixqError(f"model {type(model).__name__} has no quantizable layer (Conv2d/Linear)")
-    floats = {n: m for n, m in gm.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and not
-              isinstance(m, QUANT_LAYERS) and is_float_layer(n, cfg)}
+    floats = {n: m for n, m in gm.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and is_float_layer(n, cfg)}
     gm.mixq_float_layers = tuple(floats)  # type: ignore[attr-defined]
     # the first/last policy is about the network's first and last layers: a float one takes it with it
     every = execution_order(gm, {**layers, **floats}, example_input(gm))
