@@ -857,10 +857,13 @@ def mixq_layout(r: dict[str, Any]) -> str:
 
 def mixq_pools(r: dict[str, Any]) -> bool | None:
     """Whether the row's result folder averages integer codes in its global pool (quant.json config
-    `integer_pools`); None when the folder cannot be read."""
+    `integer_pools`, and a pool quantizer: a pool that feeds a float classifier has none); None when the
+    folder cannot be read."""
     qj = WORK / r["model"] / r["id"] / "quant" / "quant.json"
     try:
-        return bool(json.loads(qj.read_text())["config"].get("integer_pools"))
+        meta = json.loads(qj.read_text())
+        return bool(meta["config"].get("integer_pools")) and any(q.get("placement") == "pool"
+                                                                  for q in meta["quantizers"])
     except (OSError, ValueError, KeyError):
         return None
 
@@ -949,8 +952,8 @@ def findings(results: list[dict[str, Any]]) -> list[str]:
     if any(v is not None for v in pools.values()):
         ints = sorted(k for k, v in pools.items() if v)
         out.append(f"- mixq-onnx rows whose global pool averages INT8 codes (integer pools, the default): {len(ints)} "
-                   f"of {len(pools)}" + (f"; float pool (measured before integer pools): "
-                                         f"{', '.join(sorted(k for k, v in pools.items() if not v))}"
+                   f"of {len(pools)}" + (f"; float pool (measured before integer pools, or feeding a float "
+                                         f"classifier): {', '.join(sorted(k for k, v in pools.items() if not v))}"
                                          if len(ints) < len(pools) else "") + ".")
     for m in dict.fromkeys(r["model"] for r in ok):
         rq = {label(r): r["handoffs"]["requantize"] for r in ok if r["model"] == m and r.get("handoffs")
