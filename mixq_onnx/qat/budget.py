@@ -10,7 +10,7 @@ b_a the bits of the layer's input quantizer: the official code's BOPs loss never
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -21,7 +21,7 @@ from ..errors import MixqError
 from ..quant.graph import example_input, quantizers
 from ..quant.modules import QUANT_LAYERS, QuantConv2d
 from ..quant.quantizer import ActQuantizer
-from .config import QATConfig
+from .config import FLOAT_BITS, QATConfig
 
 Bits = Mapping[str, Any]  # quantizer name -> bits (float, int or a 0-d tensor)
 
@@ -248,4 +248,36 @@ def round_to_budget(cont: Mapping[str, float], learnable: list[str], fixed: Mapp
             moves.append({"quantizer": n, "from": bits[n], "to": bits[n] + step, "learned": round(cont[n], 4),
                           "metric": metric})
             bits[n] += step
+    return bits, moves
+
+
+def round_with_float_layers(cont: Mapping[str, float], learnable: list[str], fixed: Mapping[str, int], costs: Costs,
+                            cfg: QATConfig) -> tuple[dict[str, int], list[dict[str, Any]]]:
+    """Freeze the bits under `--max-bits 16`, where a layer ships float (both its quantizers at 16 bits) as soon as
+    its weights or input froze above 8: the budget is met on those deployed widths. Candidates are the layers
+    with a rounded learned width above 8. They stay float only while the rest, at their own learned widths
+    (rounded, at most 8), leave the room: the candidate that learned least above 8 (size-weighted) goes back to
+    INT8 first. So a float layer is paid for by bits the budget left unused, never by pushing other layers below
+    what they learned. Then `round_to_budget` lands the rest (capped at 8) on the target, the float layers'
+    quantizers pinned at 16. Returns the bits (16 for a float layer's) and the moves."""
+    parts = {n: [w] + ([a] if a else []) for n, w, a, _ in costs.layers}
+    rounded = {n: min(max(round(cont[n]), 2), cfg.bits_cap) for n in learnable}
+    floats = [n for n, qs in parts.items() if any(rounded.get(q, 0) > 8 for q in qs)]
+    cap8 = replace(cfg, max_bits=8)
+
+    def pinned(fl: list[str]) -> dict[str, int]:
+        return {q: FLOAT_BITS for n in fl for q in parts[n]}
+
+    def fits(fl: list[str]) -> bool:
+        pin = pinned(fl)
+        trial = {**{n: min(b, 8) for n, b in rounded.items()}, **fixed, **pin}
+        return all(_value(m, trial, costs) <= t + tol for m, t, tol in _metrics(cfg))
+
+    def excess(n: str) -> float:
+        return sum(max(0.0, cont[q] - 8) * max(costs.sizes[q], 1) for q in parts[n] if q in cont)
+
+    while floats and not fits(floats):
+        floats.remove(min(floats, key=lambda n: (excess(n), n)))
+    pin = pinned(floats)
+    bits, moves = round_to_budget(cont, [n for n in learnable if n not in pin], {**fixed, **pin}, costs, cap8)
     return bits, moves

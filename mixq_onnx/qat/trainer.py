@@ -42,6 +42,7 @@ from .budget import (
     measure_costs,
     range_bits,
     round_to_budget,
+    round_with_float_layers,
 )
 from .config import FLOAT_BITS, QATConfig
 from .quantizers import QATActQuantizer, QATParams, QATWeightQuantizer, replace_quantizers, to_plain
@@ -317,7 +318,8 @@ def train(model: nn.Module, cfg: QATConfig, data: TrainData, *, teacher: nn.Modu
                          params=[{"params": list(weights.values()), "lr": cfg.lr, "max_update": cfg.max_update}, {"params": theta, "lr": cfg.qlr}])
             history.append({"phase": "noise", **h, **({"multipliers": mult.trace} if mult is not None else {})})
             cont = {n: p.continuous_bits() for n, p in qps.items()}
-            bits, moves = round_to_budget(cont, learnable, fixed, costs, cfg)
+            freeze = round_with_float_layers if cfg.max_bits > 8 else round_to_budget
+            bits, moves = freeze(cont, learnable, fixed, costs, cfg)
             frozen = dict(bits)
             floats = _float_layers(costs, bits) if cfg.max_bits > 8 else ()
             if floats:
