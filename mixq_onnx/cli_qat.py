@@ -105,10 +105,11 @@ def register(cli: click.Group) -> None:
         rules: non-negative ones on an unsigned b-bit grid up to 7 bits, on signed INT8 at 8 bits; every grid
         narrower than INT8 gets a Clip before its QuantizeLinear. Mixed precision needs no flag downstream:
         eval, export, check, verify, build and inspect read each quantizer's bits from quant.json.
-        With --max-bits 16, a Conv/Linear whose weights or input freeze above 8 bits stays float (quantize's
-        --float-layers, recorded in quant.json; FP16 or FP32 as TensorRT picks), keeps the checkpoint's weights
-        and is listed in the summary and qat.json ("float_layers", and "deployed": the averages with those
-        layers at 16 bits); a quantizer above 8 that is no layer's input (a shortcut's) gets 8.
+        With --max-bits 16, a Conv/Linear whose weights or input learned more than 8 bits can stay float
+        (quantize's --float-layers, recorded in quant.json; FP16 or FP32 as TensorRT picks) with the
+        checkpoint's weights. The freezing counts it at 16 bits: it stays float only while the other layers, at
+        their learned widths, leave that room in the budget. Float layers are listed in the summary and
+        qat.json ("float_layers"; "deployed": the shipped averages); a shortcut quantizer above 8 gets 8.
         Only the weights (as integers) and the quantizers train; biases keep the checkpoint's values.
         """
         import torch
