@@ -304,6 +304,16 @@ def test_float_layers_are_paid_for_by_bits_the_others_left_unused():
     # a tighter target leaves no room: every width back to INT8 and the rounding does the rest
     bits, _ = round_with_float_layers(cont, list(cont), {}, costs, QATConfig(target_bits=6.0, max_bits=16))
     assert max(bits.values()) <= 8 and abs(average_bits(bits, costs, "weight") - 6.0) <= 0.05
+    # two layers that read one input quantizer ship float together: l3 would ride along with l2 at 16 bits,
+    # so the pair has to fit as a pair (alone, l2 would fit: weights (3 + 16 + 5) / 3 = 8)
+    shared = Costs()
+    for name, kind, size in (("l1.w", "weight", 100), ("l1.a", "act", 300), ("l2.w", "weight", 100),
+                             ("l3.w", "weight", 100), ("x.a", "act", 100)):
+        shared.kinds[name], shared.sizes[name] = kind, size
+    shared.layers += [("l1", "l1.w", "l1.a", 1000), ("l2", "l2.w", "x.a", 1000), ("l3", "l3.w", "x.a", 1000)]
+    cont2 = {"l1.w": 3.0, "l1.a": 5.0, "l2.w": 11.0, "l3.w": 5.0, "x.a": 7.0}
+    bits, _ = round_with_float_layers(cont2, list(cont2), {}, shared, QATConfig(target_bits=8.0, max_bits=16))
+    assert max(bits.values()) <= 8, bits
 
 
 # ----------------------------------------------------------------------------- CLI

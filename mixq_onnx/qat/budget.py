@@ -260,7 +260,16 @@ def round_with_float_layers(cont: Mapping[str, float], learnable: list[str], fix
     INT8 first. So a float layer is paid for by bits the budget left unused, never by pushing other layers below
     what they learned. Then `round_to_budget` lands the rest (capped at 8) on the target, the float layers'
     quantizers pinned at 16. Returns the bits (16 for a float layer's) and the moves."""
-    parts = {n: [w] + ([a] if a else []) for n, w, a, _ in costs.layers}
+    # layers that share a quantizer (a block input read by its first conv and its downsampling conv) go float
+    # together: the unit is the group
+    groups: list[tuple[list[str], set[str]]] = []
+    for n, w, a, _ in costs.layers:
+        qs = {w} | ({a} if a else set())
+        joined = [g for g in groups if g[1] & qs]
+        for g in joined:
+            groups.remove(g)
+        groups.append(([x for g in joined for x in g[0]] + [n], set().union(qs, *(g[1] for g in joined))))
+    parts = {"+".join(names): sorted(qs) for names, qs in groups}
     rounded = {n: min(max(round(cont[n]), 2), cfg.bits_cap) for n in learnable}
     floats = [n for n, qs in parts.items() if any(rounded.get(q, 0) > 8 for q in qs)]
     cap8 = replace(cfg, max_bits=8)
