@@ -25,8 +25,9 @@ def summary(rep: dict[str, Any]) -> str:
              f"{a['gbops']:.4g} GBOPs{want}; {len(rep['moves'])} bit move(s) at freezing; {rep['seconds']:.1f} s"]
     if rep.get("float_layers"):
         d = rep["deployed"]
-        lines.append(f"  {len(rep['float_layers'])} layer(s) learned more than 8 bits and stay float (--max-bits 16): "
-                     + ", ".join(f"{f['name']} (W{f['weight_bits']}A{f['input_bits'] or '-'})"
+        lines.append(f"  {len(rep['float_layers'])} layer(s) stay float (--max-bits 16; each counts 16 bits): "
+                     + ", ".join(f"{f['name']} (learned W{f['learned_weight_bits']:.1f}"
+                                 f"A{'-' if f['learned_input_bits'] is None else format(f['learned_input_bits'], '.1f')})"
                                  for f in rep["float_layers"])
                      + f"; deployed, counting them at 16 bits: weights {d['weight_bits']:.3f}, activations "
                        f"{d['act_bits']:.3f} bits, {d['gbops']:.4g} GBOPs")
