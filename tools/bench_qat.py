@@ -469,9 +469,9 @@ def main() -> None:
 `python tools/bench_qat.py --stage float --models {nets[0]}` · {stamp()} · {time.time() - t0:.0f} s
 
 {nets[0]}, labelled (4,500 train images), the schedule of section qat ({sched}), first and last layer at 8
-bits; NIPQ's budget at 8 average bits, so that a layer can want more than INT8 gives. With `--max-bits 8` every
-learned width is capped at 8; with 16 the frozen widths go up to NIPQ's 14 and a Conv/Linear whose weights or
-input froze above 8 stays float (checkpoint weights, no Q/DQ). *achieved*: the budget's averages on the frozen
+bits; NIPQ's budget at 8 average bits, so that a layer can want more than INT8's 8 bits. With `--max-bits 8` every
+learned width is capped at 8; with 16 the learned widths go up to NIPQ's 14 and a Conv/Linear whose weights or
+input learned more than 8 can stay float (checkpoint weights, no Q/DQ). *achieved*: the budget's averages on the frozen
 bits; *deployed*: the shipped quantizers, and each float layer's weights and input counted at 16 bits. Top-1 on
 all 5,000 images of `cifar10_test_dev.npz`; one seed (a demonstration of the path, not a bar). One quantizer above
 8 takes its whole layer to float (the issue's mapping), and the freezing counts such a layer at 16 bits in the
