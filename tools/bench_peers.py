@@ -278,6 +278,11 @@ def render_ref(results: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def total_handoffs(r: dict[str, Any]) -> int:
+    """A row's engine hand-offs, all kinds (reformat, requantize, float)."""
+    return sum((r.get("handoffs") or {}).values())
+
+
 def paired_se(a_hex: str | None, b_hex: str | None, n: int) -> float | None:
     """Standard error (pp) of the top-1 difference of two models judged on the same n images, from their
     per-image correctness bits (packbits hex): sqrt(discordant) / n, as in McNemar's test."""
@@ -322,16 +327,16 @@ def goals(results: list[dict[str, Any]]) -> list[str]:
         skipped = [label(r) for r in peers if r.get("engine_layers") is not None and r not in eng_peers]
         eng_ours = [r for r in ours if r.get("engine_layers") is not None]
         if eng_peers and eng_ours:
-            mine = min(eng_ours, key=lambda r: (r["engine_layers"], sum((r.get("handoffs") or {}).values())))
+            mine = min(eng_ours, key=lambda r: (r["engine_layers"], total_handoffs(r)))
             fewest = min(eng_peers, key=lambda r: r["engine_layers"])
-            hmine = sum((mine.get("handoffs") or {}).values())
-            hbest = min(sum((r.get("handoffs") or {}).values()) for r in eng_peers)
+            hmine = total_handoffs(mine)
+            hbest = min(total_handoffs(r) for r in eng_peers)
             ok = mine["engine_layers"] <= fewest["engine_layers"] and hmine <= hbest
             full = [r for r in eng_peers if not r.get("float_compute_nodes") and not r.get("fp16")]
             extra = ""
             if full and len(full) < len(eng_peers):
                 f_l = min(r["engine_layers"] for r in full)
-                f_h = min(sum((r.get("handoffs") or {}).values()) for r in full)
+                f_h = min(total_handoffs(r) for r in full)
                 extra = (f"; against the peers whose every conv/GEMM runs INT8 (no FP16, no float layer): fewest "
                          f"{f_l} layers, {f_h} hand-offs, "
                          f"{'met' if mine['engine_layers'] <= f_l and hmine <= f_h else 'missed'}")
@@ -342,17 +347,15 @@ def goals(results: list[dict[str, Any]]) -> list[str]:
                           if skipped else "") + ".")
         if ours_float and eng_peers:
             f = ours_float[0]
-            hf = sum((f.get("handoffs") or {}).values())
-            worse = [r for r in eng_peers
-                     if f["engine_layers"] > r["engine_layers"] or hf > sum((r.get("handoffs") or {}).values())]
-            def excess(r: dict[str, Any], f: dict[str, Any] = f, hf: int = hf) -> str:
-                hr = sum((r.get("handoffs") or {}).values())
-                more = [f"{f['engine_layers'] - r['engine_layers']} layer(s)" if f["engine_layers"] > r["engine_layers"]
-                        else "", f"{hf - hr} hand-off(s)" if hf > hr else ""]
-                return (f"{' and '.join(x for x in more if x)} more than {label(r)} ({r['engine_layers']} layers, "
-                        f"{hr} hand-offs)")
-            verdict = ("no more layers and hand-offs than any peer: met with this layout" if not worse else
-                       "; ".join(excess(r) for r in worse))
+            hf = total_handoffs(f)
+            over = []  # each peer this layout has more layers or hand-offs than, and by how much
+            for r in eng_peers:
+                more = [f"{f['engine_layers'] - r['engine_layers']} layer(s)"] if f["engine_layers"] > r["engine_layers"] else []
+                more += [f"{hf - total_handoffs(r)} hand-off(s)"] if hf > total_handoffs(r) else []
+                if more:
+                    over.append(f"{' and '.join(more)} more than {label(r)} ({r['engine_layers']} layers, "
+                                f"{total_handoffs(r)} hand-offs)")
+            verdict = "; ".join(over) or "no more layers and hand-offs than any peer: met with this layout"
             out.append(f"- {m} W8A8 engine with the classifier float, as ModelOpt ONNX leaves it (`--float-layers "
                        f"{f['float_layers']}`, {label(f)}; not counted above): {f['engine_layers']} layers, {hf} "
                        f"hand-offs; {verdict}.")
@@ -800,7 +803,7 @@ def plot(results: list[dict[str, Any]], path: Path) -> Path | None:
         if panel == "layers":
             b = base.get(r["model"])
             return None if b is None or b.get("engine_layers") is None else r["engine_layers"] - b["engine_layers"]
-        return float(sum((r.get("handoffs") or {}).values()))
+        return float(total_handoffs(r))
 
     panels = (("top1", "W8A8 top-1 change from float (pp)"),
               ("layers", "engine layers − mixq-onnx rtn W8A8's (label: count)"),
