@@ -146,6 +146,11 @@ def test_engine_runs_the_float_layer_in_float(float_folder, tmp_path):
     assert all(c.precision == "int8" for c in rep.compute if c.bits != "float")
     assert 0.9 < rep.int8_mac_fraction < 1.0  # layer3.2.conv2's MACs run in float
     assert np.isfinite(rep.int8_mac_fraction)
+    # the float layers read float tensors from non-compute kernels by design: their precision, not hand-offs
+    float_layers = {c.layer for c in rep.compute if c.bits == "float"}
+    by_name = {li["name"]: li for li in rep.layers}
+    assert len(float_layers) == 2 and all("Float" in by_name[n]["inputs"] for n in float_layers)
+    assert not [h for h in rep.float_handoffs if h["to"] in float_layers], rep.handoff_lines()
 
 
 def test_float_linears_of_a_vit_are_found_in_the_graph(tmp_path):

@@ -31,7 +31,8 @@ INT8 = {"Int8", "UInt8"}
 #: What the summary's "hand-offs" count means, in one sentence.
 HANDOFF_NOTE = ("(a hand-off is a conversion between kernels: a reformat/requantize layer, or a float hand-off, a "
                 "tensor that one non-compute kernel passes to the next in float rather than int8, where the engine "
-                "converts between int8 and float between kernels; either costs bandwidth and time, not accuracy)")
+                "converts between int8 and float between kernels; either costs bandwidth and time, not accuracy; "
+                "the float input of a layer the graph leaves float is that layer's precision, not a hand-off)")
 LOW_WEIGHTS = {"Int8", "UInt8", "Int4", "FP8", "FP4"}
 
 
@@ -378,8 +379,14 @@ def analyze(onnx_path: str | Path, layers: list[LayerInfo], input_shapes: dict[s
                         fall(v, li.name, f"reads the unquantized {t.dtype} tensor {x!r} that also feeds a "
                                          f"QuantizeLinear (its Q/DQ pair is bypassed)")
 
+    # A compute node the graph leaves float (a float layer, a weight-only GEMM) reads float activations by
+    # design: its engine layer's float input is that layer's precision (reported above as its compute precision
+    # and in int8_mac_fraction), not a conversion between kernels.
+    float_compute_layers = {c.layer for c in compute if c.layer is not None and c.quantized != "int8"}
     handoffs = []
     for li in layers:
+        if li.name in float_compute_layers:
+            continue
         for t in li.inputs:
             src = tensor_producer.get(t.name)
             if (src is not None and t.dtype not in INT8 and not _COMPUTE_LAYER.search(src.layer_type)
