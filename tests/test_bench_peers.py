@@ -211,3 +211,29 @@ def test_draw_rows_ids_and_table():
     assert lines[-1].endswith("Δ -0.13 pp: missed by 0.03 pp beyond the 0.1 pp allowance.")
     assert not any("rtn" in ln for ln in lines)  # a failed row and no table row: nothing to show
     assert bp.render_draws(table0, []) == []
+
+
+def test_engine_rows_and_their_goal_lines():
+    rows = bp.engine_rows(["resnet20", "resnet18"])
+    ids = [r["id"] for r in rows]
+    assert ids[:4] == ["resnet20-engines-mixq-rtn-w8a8", "resnet20-engines-mixq-rtn-w8a8-float-classifier",
+                       "resnet20-engines-ort-minmax-float-bias", "resnet20-engines-modelopt-onnx-int8"]
+    assert ids[-2:] == ["resnet20-engines-modelopt-torch-int8", "resnet18-engines-modelopt-torch-int8"]  # slow last
+    assert "resnet18-engines-modelopt-onnx-int8-max" in ids and rows[1]["float_layers"] == "linear"
+
+    def ok(r, layers, ho, mac=1.0, **kw):
+        return {**r, "status": "ok", "engine_layers": layers, "int8_mac_fraction": mac,
+                "handoffs": {"reformat": 0, "requantize": 0, "float": ho}, **kw}
+    r20 = [ok(rows[0], 42, 0, top1=80.84), ok(rows[1], 41, 0, float_compute_nodes=["linear/Gemm"]),
+           ok(rows[2], 42, 0), ok(rows[3], 41, 0), ok(rows[-2], 43, 10),
+           {**rows[4], "status": "failed", "error": "boom"}]
+    text = bp.render_engines(r20, "python tools/bench_peers.py --engines")
+    assert "| resnet20 | mixq-onnx rtn w8a8 | 80.84 | 42 | 1.000 | 0 / 0 / 0 | 0 | – |" in text
+    assert "| resnet20 | mixq-onnx rtn w8a8 float classifier | – | 41 | 1.000 | 0 / 0 / 0 | 0 | linear/Gemm |" in text
+    assert ("- resnet20, mixq-onnx rtn w8a8: 42 layers, 0 hand-offs; missed: fewer layers or hand-offs in "
+            "modelopt-onnx int8 (41 layers, 0 hand-offs)") in text
+    assert "- resnet20, mixq-onnx rtn w8a8 float classifier: 41 layers, 0 hand-offs; met" in text
+    assert "Not measured or failed: resnet18-engines-mixq-rtn-w8a8" in text and "(boom)" in text
+    # a peer below 99 % INT8 MACs is no yardstick
+    low = [ok(rows[1], 41, 0), ok(rows[3], 40, 0, mac=0.5)]
+    assert "float classifier: no peer engine to compare with" in bp.render_engines(low, "x")

@@ -20,6 +20,8 @@ Resumable: each row's result is a json under runs/peers/results/; finished rows 
     python tools/bench_peers.py --models resnet20 --only ref   # the QDrop reference comparison
     python tools/bench_peers.py --threads 1                    # everything (hours on 2 cores)
     python tools/bench_peers.py --render                       # rewrite docs/benchmarks.md + docs/peers.png only
+    python tools/bench_peers.py --engines --threads 1          # engine structure of the W8A8 graphs only
+                                                               # (section "peers-engines"; the table untouched)
 """
 from __future__ import annotations
 
@@ -113,6 +115,75 @@ def rows(models: list[str], only: str = "all", quick: bool = False) -> list[dict
         keep = set(only.split(","))
         out = [r for r in out if r["group"] in keep or (r["tool"] in keep and r["tool"] not in GROUPS)]
     return out
+
+
+ENGINES = RESULTS / "engines"  # --engines rows (not the table's)
+
+
+def engine_rows(models: list[str]) -> list[dict[str, Any]]:
+    """The W8A8 graphs whose engines the goal "no more layers or hand-offs than any peer" compares: mixq-onnx
+    rtn (the INT8 classifier, the default, and the float classifier), onnxruntime minmax with float biases (the
+    one onnxruntime graph TensorRT parses), ModelOpt ONNX and ModelOpt PyTorch. Ordered so that every model's
+    first four rows come before the slow ModelOpt PyTorch ones."""
+    first, last = [], []
+    for m in models:
+        def add(to: list[dict[str, Any]], tool: str, variant: str, group: str, m: str = m, **kw: Any) -> None:
+            to.append({"id": f"{m}-engines-{tool}-{variant}", "model": m, "group": group, "tool": tool,
+                       "variant": variant, "wbits": 8, "abits": 8, "engines": True, **kw})
+        add(first, "mixq", "rtn-w8a8", "mixq", method="rtn")
+        add(first, "mixq", "rtn-w8a8-float-classifier", "mixq", method="rtn", float_layers=CLASSIFIER[m])
+        add(first, "ort", "minmax-float-bias", "ort", calibrator="minmax", float_bias=True)
+        if MODELS[m][2]:
+            add(first, "modelopt-onnx", "int8", "modelopt")
+        else:
+            add(first, "modelopt-onnx", "int8-max", "modelopt", calibration_method="max")
+        add(last, "modelopt-torch", "int8", "modelopt")
+    return first + last
+
+
+def render_engines(rows_: list[dict[str, Any]], command: str) -> str:
+    """Section "peers-engines": each W8A8 graph's engine, hand-offs as `inspect` counts them now, and the
+    engine goal per mixq-onnx layout."""
+    lines = ["## peers-engines: W8A8 engines under inspect's hand-off count since 2026-11-30 (issue 15)", "",
+             f"`{command}` · {stamp()}", "",
+             "The engines of the peers table's W8A8 graphs, re-made and re-built with the same tools, images and "
+             "builder settings (`--batch 1:8:32`, TensorRT-RTX on this CPU), and counted by `inspect` as it counts "
+             "since 2026-11-30: a float hand-off is a "
+             "tensor that one non-compute kernel passes to another in float; the input of a compute layer that the "
+             "graph leaves float (a float classifier) is that layer's precision (counted in int8 MAC and the float "
+             "compute nodes), not a conversion. Until then `inspect` also counted that input, so the peers table "
+             "above (its rows were built before) gives the float-classifier rows and ModelOpt ONNX one float "
+             "hand-off each: the float classifier's input. Top-1: all 5,000 test images, onnxruntime, "
+             "optimisations off (real checkpoints only).", "",
+             "| model | tool / setting | top-1 % | engine layers | int8 MAC | reformat / requant / float hand-offs "
+             "| hand-offs | float compute nodes |", "|---|---|---:|---:|---:|---|---:|---|"]
+    ok = [r for r in rows_ if r.get("status") == "ok" and r.get("engine_layers")]
+    for r in rows_:
+        ho = r.get("handoffs") or {}
+        err = r.get("error") or r.get("engine_error")
+        lines.append(f"| {r['model']} | {label(r)} | {_f(r.get('top1'))} | {r.get('engine_layers', '–')} | "
+                     f"{_f(r.get('int8_mac_fraction'), '.3f')} | "
+                     + (f"{ho.get('reformat', 0)} / {ho.get('requantize', 0)} / {ho.get('float', 0)}" if ho else "–")
+                     + f" | {total_handoffs(r) if ho else '–'} | "
+                     + (", ".join(r.get("float_compute_nodes") or []) or "–") + (f" ({err})" if err else "") + " |")
+    lines += ["", "The engine goal (no more engine layers and no more hand-offs than any peer), per mixq-onnx "
+              "layout, against every peer row above whose engine built and runs at least 99 % of its MACs in "
+              "INT8:", ""]
+    for m in dict.fromkeys(r["model"] for r in rows_):
+        peers = [r for r in ok if r["model"] == m and r["tool"] != "mixq" and r.get("int8_mac_fraction", 0) >= 0.99]
+        for r in (r for r in ok if r["model"] == m and r["tool"] == "mixq"):
+            if not peers:
+                lines.append(f"- {m}, {label(r)}: no peer engine to compare with")
+                continue
+            worse = [f"{label(p)} ({p['engine_layers']} layers, {total_handoffs(p)} hand-offs)" for p in peers
+                     if p["engine_layers"] < r["engine_layers"] or total_handoffs(p) < total_handoffs(r)]
+            verdict = "met" if not worse else "missed: fewer layers or hand-offs in " + "; ".join(worse)
+            lines.append(f"- {m}, {label(r)}: {r['engine_layers']} layers, {total_handoffs(r)} hand-offs; "
+                         f"{verdict}")
+    missing = [r["id"] for r in rows_ if r.get("status") != "ok"]
+    if missing:
+        lines += ["", "Not measured or failed: " + ", ".join(missing)]
+    return "\n".join(lines)
 
 
 DRAW_MODEL = "resnet20"
@@ -1075,6 +1146,33 @@ def render(results: list[dict[str, Any]], command: str) -> str:
     return "\n".join(lines)
 
 
+def run_engines(models: list[str], command: str, redo: bool) -> None:
+    """--engines: the engine rows, resumable like the table's, rendered into their own section."""
+    bad = [m for m in models if m not in MODELS]
+    if bad:
+        sys.exit(f"unknown model(s): {', '.join(bad)}; choose from {', '.join(MODELS)}")
+    ENGINES.mkdir(parents=True, exist_ok=True)
+    todo = engine_rows(models)
+    infos: dict[str, dict[str, Any]] = {}
+    for r in todo:
+        path = ENGINES / f"{r['id']}.json"
+        if (path.is_file() and not redo) or not claim(r["id"]):
+            continue
+        if r["model"] not in infos:
+            print(f"prepare {r['model']} ...", flush=True)
+            infos[r["model"]] = prepare(r["model"])
+        res = run_row(r, infos[r["model"]])
+        res["date"] = time.strftime("%Y-%m-%d %H:%M")
+        res["bench_cmd"] = command
+        path.write_text(json.dumps(res, indent=1))
+        (RESULTS / f"{r['id']}.running").unlink(missing_ok=True)
+        print(f"{r['id']}: {res['status']} top1 {res.get('top1')} engine {res.get('engine_layers')} layers "
+              f"{res.get('handoffs')} {res.get('error') or res.get('engine_error') or ''}", flush=True)
+    done = {p.stem: json.loads(p.read_text()) for p in ENGINES.glob("*.json")}
+    everything = engine_rows([m for m in MODELS if any(k.startswith(f"{m}-") for k in done)])
+    update_section("peers-engines", render_engines([done.get(r["id"], r) for r in everything], command))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default=",".join(MODELS), help=f"comma list of {', '.join(MODELS)}")
@@ -1086,6 +1184,9 @@ def main() -> None:
     ap.add_argument("--draws", default="",
                     help=f"comma list of calibration seeds >= 1: run {DRAW_MODEL}'s W8A8 rows on those samples of "
                          f"{N_CALIB} images instead of the table's rows (accuracy only)")
+    ap.add_argument("--engines", action="store_true",
+                    help="only the W8A8 graphs' engines (mixq rtn, its float classifier, onnxruntime minmax float "
+                         "bias, ModelOpt ONNX and PyTorch) of --models, into section peers-engines")
     ap.add_argument("--remeasure", action="store_true",
                     help="re-judge finished rows (graph, onnxruntime accuracy, engine) without re-quantizing")
     a = ap.parse_args()
@@ -1093,6 +1194,9 @@ def main() -> None:
     THREADS = a.threads
     command = "python tools/bench_peers.py " + " ".join(shlex.quote(x) for x in sys.argv[1:])
     RESULTS.mkdir(parents=True, exist_ok=True)
+    if a.engines:
+        run_engines([m for m in a.models.split(",") if m], command, a.redo)
+        return
     if a.remeasure:
         for p in sorted(RESULTS.glob("*.json")):
             res = json.loads(p.read_text())
