@@ -1153,28 +1153,42 @@ def render(results: list[dict[str, Any]], command: str) -> str:
     return "\n".join(lines)
 
 
+def run_rows(todo: list[dict[str, Any]], result_path: Any, command: str, redo: bool,
+             after: Any = None) -> None:
+    """Run each row not yet done (or all, `redo`) that no other bench process has claimed, preparing each
+    (model, draw) once; write its result json, then call `after()` (a re-render)."""
+    infos: dict[tuple[str, int], dict[str, Any]] = {}
+    for r in todo:
+        if not redo and result_path(r).is_file():
+            continue  # done, or another bench process finished it meanwhile
+        if not claim(r["id"]):
+            print(f"{r['id']}: another bench process is running it", flush=True)
+            continue
+        key = (r["model"], r.get("draw", 0))
+        if key not in infos:
+            print(f"prepare {r['model']}{f' draw {key[1]}' if key[1] else ''} ...", flush=True)
+            infos[key] = prepare(*key)
+        t = time.perf_counter()
+        res = run_row(r, infos[key])
+        res["date"] = time.strftime("%Y-%m-%d %H:%M")
+        res["bench_cmd"] = command
+        result_path(r).write_text(json.dumps(res, indent=1))
+        print(f"{r['id']}: {res['status']} top1 {res.get('top1')} agree {res.get('agreement')} "
+              f"quantize {res.get('quantize_s')} s, engine {res.get('engine_layers')} layers "
+              f"{res.get('handoffs')} ({time.perf_counter() - t:.0f} s) {res.get('error') or res.get('engine_error') or ''}",
+              flush=True)
+        (RESULTS / f"{r['id']}.running").unlink(missing_ok=True)
+        if after is not None:
+            after()
+
+
 def run_engines(models: list[str], command: str, redo: bool) -> None:
     """--engines: the engine rows, resumable like the table's, rendered into their own section."""
     bad = [m for m in models if m not in MODELS]
     if bad:
         sys.exit(f"unknown model(s): {', '.join(bad)}; choose from {', '.join(MODELS)}")
     ENGINES.mkdir(parents=True, exist_ok=True)
-    todo = engine_rows(models)
-    infos: dict[str, dict[str, Any]] = {}
-    for r in todo:
-        path = ENGINES / f"{r['id']}.json"
-        if (path.is_file() and not redo) or not claim(r["id"]):
-            continue
-        if r["model"] not in infos:
-            print(f"prepare {r['model']} ...", flush=True)
-            infos[r["model"]] = prepare(r["model"])
-        res = run_row(r, infos[r["model"]])
-        res["date"] = time.strftime("%Y-%m-%d %H:%M")
-        res["bench_cmd"] = command
-        path.write_text(json.dumps(res, indent=1))
-        (RESULTS / f"{r['id']}.running").unlink(missing_ok=True)
-        print(f"{r['id']}: {res['status']} top1 {res.get('top1')} engine {res.get('engine_layers')} layers "
-              f"{res.get('handoffs')} {res.get('error') or res.get('engine_error') or ''}", flush=True)
+    run_rows(engine_rows(models), lambda r: ENGINES / f"{r['id']}.json", command, redo)
     done = {p.stem: json.loads(p.read_text()) for p in ENGINES.glob("*.json")}
     everything = engine_rows([m for m in MODELS if any(k.startswith(f"{m}-") for k in done)])
     update_section("peers-engines", render_engines([done.get(r["id"], r) for r in everything], command))
@@ -1231,29 +1245,8 @@ def main() -> None:
         todo = draw_rows(draws) if draws else rows(models, a.only, a.quick)
         todo = [r for r in todo if a.redo or not result_path(r).is_file()]
         print(f"{len(todo)} rows to run", flush=True)
-        infos: dict[tuple[str, int], dict[str, Any]] = {}
-        for r in todo:
-            if not a.redo and result_path(r).is_file():
-                continue  # another bench process finished it meanwhile
-            if not claim(r["id"]):
-                print(f"{r['id']}: another bench process is running it", flush=True)
-                continue
-            key = (r["model"], r.get("draw", 0))
-            if key not in infos:
-                print(f"prepare {r['model']}{f' draw {key[1]}' if key[1] else ''} ...", flush=True)
-                infos[key] = prepare(*key)
-            t = time.perf_counter()
-            res = run_row(r, infos[key])
-            res["date"] = time.strftime("%Y-%m-%d %H:%M")
-            res["bench_cmd"] = command
-            result_path(r).write_text(json.dumps(res, indent=1))
-            print(f"{r['id']}: {res['status']} top1 {res.get('top1')} agree {res.get('agreement')} "
-                  f"quantize {res.get('quantize_s')} s, engine {res.get('engine_layers')} layers "
-                  f"{res.get('handoffs')} ({time.perf_counter() - t:.0f} s) {res.get('error') or res.get('engine_error') or ''}",
-                  flush=True)
-            (RESULTS / f"{r['id']}.running").unlink(missing_ok=True)
-            results = load_results()
-            update_section("peers", render(results, command))
+        run_rows(todo, result_path, command, a.redo,
+                 after=lambda: update_section("peers", render(load_results(), command)))
     results = load_results()
     plot(results, ROOT / "docs" / "peers.png")
     update_section("peers", render(results, command))
