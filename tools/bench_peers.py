@@ -120,25 +120,19 @@ def rows(models: list[str], only: str = "all", quick: bool = False) -> list[dict
 ENGINES = RESULTS / "engines"  # --engines rows (not the table's)
 
 
+# the table's W8A8 rows whose engines --engines re-makes
+ENGINE_VARIANTS = {("mixq", "rtn-w8a8"), ("mixq", "rtn-w8a8-float-classifier"), ("ort", "minmax-float-bias"),
+                   ("modelopt-onnx", "int8"), ("modelopt-onnx", "int8-max"), ("modelopt-torch", "int8")}
+
+
 def engine_rows(models: list[str]) -> list[dict[str, Any]]:
-    """The W8A8 graphs whose engines the goal "no more layers or hand-offs than any peer" compares: mixq-onnx
-    rtn (the INT8 classifier, the default, and the float classifier), onnxruntime minmax with float biases (the
-    one onnxruntime graph TensorRT parses), ModelOpt ONNX and ModelOpt PyTorch. Ordered so that every model's
-    first four rows come before the slow ModelOpt PyTorch ones."""
-    first, last = [], []
-    for m in models:
-        def add(to: list[dict[str, Any]], tool: str, variant: str, group: str, m: str = m, **kw: Any) -> None:
-            to.append({"id": f"{m}-engines-{tool}-{variant}", "model": m, "group": group, "tool": tool,
-                       "variant": variant, "wbits": 8, "abits": 8, "engines": True, **kw})
-        add(first, "mixq", "rtn-w8a8", "mixq", method="rtn")
-        add(first, "mixq", "rtn-w8a8-float-classifier", "mixq", method="rtn", float_layers=CLASSIFIER[m])
-        add(first, "ort", "minmax-float-bias", "ort", calibrator="minmax", float_bias=True)
-        if MODELS[m][2]:
-            add(first, "modelopt-onnx", "int8", "modelopt")
-        else:
-            add(first, "modelopt-onnx", "int8-max", "modelopt", calibration_method="max")
-        add(last, "modelopt-torch", "int8", "modelopt")
-    return first + last
+    """The W8A8 graphs whose engines the goal "no more layers or hand-offs than any peer" compares (the table's
+    rows of `ENGINE_VARIANTS`, under ids of their own): mixq-onnx rtn (the INT8 classifier, the default, and the
+    float classifier), onnxruntime minmax with float biases (the one onnxruntime graph TensorRT parses), ModelOpt
+    ONNX and ModelOpt PyTorch; the slow ModelOpt PyTorch rows after every model's others."""
+    sel = [{**r, "id": f"{r['model']}-engines-{r['tool']}-{r['variant']}"} for r in rows(models)
+           if (r["tool"], r["variant"]) in ENGINE_VARIANTS]
+    return sorted(sel, key=lambda r: r["tool"] == "modelopt-torch")  # stable: the table's order otherwise
 
 
 def render_engines(rows_: list[dict[str, Any]], command: str) -> str:
