@@ -52,6 +52,9 @@ def register(cli: click.Group) -> None:
     @click.option("--step-lr", type=float, default=2e-3, show_default=True,
                   help="LSQ step sizes in the hard-quantization phases (lsq, and nipq's final phase).")
     @click.option("--final-lr", type=float, default=None, help="Weights in the final phase [default: --lr].")
+    @click.option("--schedule", type=click.Choice(["restart", "continuous"]), default="restart", show_default=True,
+                  help="restart: each phase anneals its own cosine to 0; continuous: the phases are consecutive "
+                       "slices of one cosine over --epochs + --final-epochs (the official NIPQ code's scheduler).")
     @click.option("--max-update", type=float, default=0.01, show_default=True,
                   help="Trust region: each weight or step tensor's gradient is scaled down so that lr x |grad| is at "
                        "most this fraction of the tensor's norm (momentum can add up over steps). Lower it (e.g. 0.001) for a network whose gradients "
@@ -132,7 +135,7 @@ def register(cli: click.Group) -> None:
                         max_update=o["max_update"], batch_size=o["batch_size"], seed=o["seed"],
                         kd_weight=kd_weight, budget_weight=o["budget_weight"],
                         budget_rate=o["budget_rate"], range_init=o["range_init"], augment=o["augment"],
-                        init_bits=o["init_bits"])
+                        init_bits=o["init_bits"], schedule=o["schedule"])
         cfg.validate()  # bad options fail before the model loads
         dev = resolve_device(o["device"])
         out = check_output_dir(o["out"], o["overwrite"])

@@ -55,6 +55,9 @@ class TrainConfig:
     sam: str | None = None  # None | "asam" (adaptive sharpness-aware minimisation)
     rho: float = 0.5
     augment: str = "none"  # "none" | "flip-crop": each batch randomly mirrored and shifted (`augment_batch`)
+    # the part of one cosine schedule this run covers, as fractions of it: (0, 1) anneals from lr to 0; a stage
+    # that trains in phases gives each phase its slice, so the phases continue one schedule instead of restarting
+    lr_window: tuple[float, float] = (0.0, 1.0)
 
     def validate(self) -> TrainConfig:
         if self.epochs < 1:
@@ -66,6 +69,9 @@ class TrainConfig:
         if self.kd_weight < 0:
             raise MixqError(f"the KD weight must be >= 0, got {self.kd_weight}")
         check_augment(self.augment)
+        a, b = self.lr_window
+        if not 0.0 <= a < b <= 1.0:
+            raise MixqError(f"the lr window must satisfy 0 <= start < end <= 1, got {self.lr_window}")
         return self
 
 
@@ -191,6 +197,7 @@ def train(model: nn.Module, data: TrainData, cfg: TrainConfig, *, teacher: nn.Mo
         teacher.eval()
     dev = model_device(model)
     t_dev = model_device(teacher) if teacher is not None else dev
+    w0, w1 = cfg.lr_window
     bar = progress_bar(total, desc, "step", enabled=progress)
     history: list[dict[str, float]] = []
     step = 0
@@ -224,7 +231,7 @@ def train(model: nn.Module, data: TrainData, cfg: TrainConfig, *, teacher: nn.Mo
                     with torch.no_grad():
                         t_logits = teacher(x.to(t_dev)).to(dev)
                 for g in opt.param_groups:
-                    g["lr"] = g["base_lr"] * 0.5 * (1 + math.cos(math.pi * step / total))
+                    g["lr"] = g["base_lr"] * 0.5 * (1 + math.cos(math.pi * (w0 + (w1 - w0) * step / total)))
                 opt.zero_grad(set_to_none=True)
                 terms = losses(x, y, t_logits)
                 loss = sum(terms.values())

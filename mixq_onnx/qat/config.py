@@ -12,6 +12,7 @@ from ..registry import check_augment
 QAT_METHODS = ("nipq", "lsq")
 NOISES = ("hist", "uniform")
 RANGE_INITS = ("official", "lp")
+SCHEDULES = ("restart", "continuous")
 MIN_BITS, TRAIN_MAX_BITS = 2, 14  # NIPQ's bit-width range: b = 2 + 12 * sigmoid(theta_b)
 FLOAT_BITS = 16  # --max-bits 16: what a float layer counts as once deployed (FP16 or wider)
 
@@ -38,6 +39,9 @@ class QATConfig:
     qlr: float = 2e-2  # nipq's noise-phase quantizer parameters (theta_b, theta_alpha)
     step_lr: float = 2e-3  # LSQ step sizes in the hard phases (both methods); 10x lower than qlr, see docs
     final_lr: float | None = None  # weights in the final phase [default: lr]
+    # restart: each phase anneals its own cosine from its lr to 0; continuous: the phases are consecutive slices
+    # of one cosine over epochs + final_epochs, as the official NIPQ code's single scheduler
+    schedule: str = "restart"
     max_update: float = 0.01  # trust region: lr * |grad| of a weight or step tensor <= this fraction of its norm
     batch_size: int = 128
     seed: int = 0
@@ -60,6 +64,8 @@ class QATConfig:
             raise MixqError(f"unknown QAT method {self.method!r}: choose one of {', '.join(QAT_METHODS)}")
         if self.range_init not in RANGE_INITS:
             raise MixqError(f"--range-init must be one of {', '.join(RANGE_INITS)}, got {self.range_init!r}")
+        if self.schedule not in SCHEDULES:
+            raise MixqError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.noise not in NOISES:
             raise MixqError(f"--noise must be one of {', '.join(NOISES)}, got {self.noise!r}")
         if self.epochs < 1:
@@ -108,6 +114,13 @@ class QATConfig:
         if not (math.isfinite(self.tolerance) and self.tolerance > 0):
             raise MixqError(f"the budget tolerance must be positive, got {self.tolerance}")
         return self
+
+    def lr_windows(self) -> tuple[tuple[float, float], tuple[float, float]]:
+        """The slices of one cosine that the first phase (noise / LSQ's hard phase) and the final phase cover."""
+        if self.schedule == "restart" or self.final_epochs == 0:
+            return (0.0, 1.0), (0.0, 1.0)
+        cut = self.epochs / (self.epochs + self.final_epochs)
+        return (0.0, cut), (cut, 1.0)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -303,8 +303,10 @@ def train(model: nn.Module, cfg: QATConfig, data: TrainData, *, teacher: nn.Modu
     for w in weights.values():
         w.requires_grad_(True)
 
+    first_window, final_window = cfg.lr_windows()
     tcfg = TrainConfig(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed,
-                       kd_weight=cfg.kd_weight, temperature=cfg.temperature, augment=cfg.augment)
+                       kd_weight=cfg.kd_weight, temperature=cfg.temperature, augment=cfg.augment,
+                       lr_window=first_window)
     history: list[dict[str, Any]] = []
     try:
         if not lsq:
@@ -332,13 +334,14 @@ def train(model: nn.Module, cfg: QATConfig, data: TrainData, *, teacher: nn.Modu
             cont = {n: float(b) for n, b in fixed.items()}
             moves = []
             frozen = dict(fixed)
-        phases = [("hard", cfg.epochs, cfg.lr)] if lsq else []
+        phases = [("hard", cfg.epochs, cfg.lr, first_window)] if lsq else []
         if cfg.final_epochs > 0:
-            phases.append(("final", cfg.final_epochs, cfg.final_lr or cfg.lr))
+            phases.append(("final", cfg.final_epochs, cfg.final_lr or cfg.lr, final_window))
         steps = [p.step for p in qps.values()]
-        for i, (phase, epochs, lr) in enumerate(phases):
+        for i, (phase, epochs, lr, window) in enumerate(phases):
             pcfg = TrainConfig(epochs=epochs, lr=lr, batch_size=cfg.batch_size, seed=cfg.seed + 1 + i,
-                               kd_weight=cfg.kd_weight, temperature=cfg.temperature, augment=cfg.augment)
+                               kd_weight=cfg.kd_weight, temperature=cfg.temperature, augment=cfg.augment,
+                               lr_window=window)
             h = run_loop(gm, data, pcfg, teacher=teacher, progress=progress, desc=f"{cfg.method} {phase}",
                          params=[{"params": list(weights.values()), "lr": lr, "max_update": cfg.max_update}, {"params": steps, "lr": cfg.step_lr, "max_update": cfg.max_update}],
                          on_step=_clamp_steps(steps))
