@@ -379,6 +379,7 @@ def test_qat_end_to_end_then_eval_export_check_verify(world, tmp_path, run_cli):
     (["--target-bits", "4", "--max-update", "0"], "--max-update must be positive"),
     (["--target-bits", "4", "--budget-rate", "-1"], "--budget-rate must be >= 0"),
     (["--target-bits", "4", "--range-init", "max"], "--range-init"),
+    (["--target-bits", "4", "--schedule", "cyclic"], "--schedule"),
     (["--target-bits", "4", "--augment", "mixup"], "--augment"),
     (["--target-bits", "4", "--init-bits", "14"], "--init-bits must be in [2, 14)"),
     (["--target-bits", "4", "--init-bits", "nan"], "--init-bits must be in [2, 14)"),
@@ -412,3 +413,36 @@ def test_nipq_initial_activation_range_covers_an_input_that_is_not_normalised(ti
     from mixq_onnx.training import kd_loss
 
     assert kd < 0.05 * float(kd_loss(s, t, cfg.temperature)), kd
+
+
+def test_continuous_schedule_gives_each_phase_its_slice_of_one_cosine():
+    """`--schedule continuous`: the phases are consecutive slices of one cosine, as the official NIPQ scheduler;
+    the training loop really anneals along the slice it is given (measured on the weight displacement)."""
+    from mixq_onnx.training import TrainConfig, train
+
+    assert QATConfig(epochs=6, final_epochs=2).lr_windows() == ((0.0, 1.0), (0.0, 1.0))
+    assert QATConfig(epochs=6, final_epochs=2, schedule="continuous").lr_windows() == ((0.0, 0.75), (0.75, 1.0))
+    assert QATConfig(epochs=6, final_epochs=0, schedule="continuous").lr_windows()[0] == (0.0, 1.0)
+    with pytest.raises(MixqError, match="--schedule"):
+        QATConfig(method="lsq", schedule="cyclic").validate()
+    with pytest.raises(MixqError, match="lr window"):
+        TrainConfig(lr_window=(0.5, 0.5)).validate()
+
+    class Fixed(torch.nn.Module):  # logits that do not depend on w: w moves by the extra loss sum(w) alone
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.flatten(1)[:, :10]
+
+    data = TrainData(torch.randn(40, 1, 4, 4), torch.arange(40) % 10, "random")
+    for window in ((0.0, 1.0), (0.75, 1.0), (0.25, 0.5)):
+        m = Fixed()
+        cfg = TrainConfig(epochs=3, lr=0.1, batch_size=8, kd_weight=0.0, lr_window=window)
+        train(m, data, cfg, extra_loss=lambda mod: {"lin": mod.w.sum()}, params=[m.w], progress=False)
+        total, buf, want = 15, 0.0, 0.0  # SGD momentum 0.9 on a constant gradient of 1
+        for t in range(total):
+            buf = 0.9 * buf + 1.0
+            want -= 0.1 * 0.5 * (1 + math.cos(math.pi * (window[0] + (window[1] - window[0]) * t / total))) * buf
+        assert float(m.w.detach()) == pytest.approx(want, rel=1e-5), window
