@@ -174,7 +174,9 @@ def test_resnet20_w2a4_is_bit_exact_on_real_images(tmp_path):
 
 @need_shared(RESNET8)
 def test_resnet8_pool_runs_int8_in_the_engine(tmp_path):
-    """TensorRT-RTX builds ResNet-8's pool as one INT8 -> INT8 pooling layer: no float hand-off around it."""
+    """ResNet-8's `avg_pool2d(x, 8)` covers its whole 8x8 input: the exporter writes it as a global mean
+    (ReduceMean, `passes.global_average_pools`), and TensorRT-RTX fuses it into the kernel of the last residual
+    add, which writes the classifier's INT8 codes: no pooling layer of its own, no float hand-off around it."""
     pytest.importorskip("tensorrt_rtx")
     from mixq_onnx.trt.builder import BuildConfig, build_engine, plan_layers, read_plan_meta
     from mixq_onnx.trt.inspect import inspect_plan
@@ -183,14 +185,18 @@ def test_resnet8_pool_runs_int8_in_the_engine(tmp_path):
     calib = get_preprocessing(model)(_images(32, 32, seed=4))
     q = quantize(model, QuantConfig(wbits=8, abits=8, method="rtn", scale_grid=10), calib, progress=False)
     path = export_qdq(q, tmp_path / "m.onnx")
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert "AveragePool" not in ops and ops.count("ReduceMean") == 1
     plan = tmp_path / "m.plan"
     build_engine(path, plan, BuildConfig(batch=(1, 2, 4)))
     layers = plan_layers(read_plan_meta(plan))
-    pools = [li for li in layers if "pool" in li.layer_type.lower() or "pool" in li.name.lower()]
-    assert pools and all(t.dtype == "Int8" for li in pools for t in li.inputs + li.outputs), \
-        [(li.layer_type, [t.dtype for t in li.inputs], [t.dtype for t in li.outputs]) for li in pools]
+    assert not [li for li in layers if "pool" in li.layer_type.lower()]
+    host = [li for li in layers if "pool/ReduceMean" in li.onnx_nodes]
+    assert len(host) == 1 and [t.dtype for t in host[0].outputs] == ["Int8"], \
+        [(li.layer_type, li.onnx_nodes, [t.dtype for t in li.outputs]) for li in host]
     rep = inspect_plan(plan, path)
     assert rep.int8_mac_fraction == 1.0 and rep.handoffs == 0, rep.float_handoffs
+    assert len(layers) == 28  # 29 with the AveragePool as exported before
 
 
 def test_nipq_learns_the_pool_quantizers_bits_and_lsq_keeps_its_consumers():
@@ -214,3 +220,35 @@ def test_nipq_learns_the_pool_quantizers_bits_and_lsq_keeps_its_consumers():
     assert nipq["placement"] == "pool" and not nipq["fixed"] and nipq["bits"] < 8, nipq
     assert rows["nipq"]["fc.input"]["fixed"] and rows["nipq"]["fc.input"]["bits"] == 8
     assert lsq["bits"] == 8
+
+
+class WindowNet(nn.Module):
+    """conv, then an average pool of `kernel` (stride = kernel, optional padding) on a 6x6 map."""
+
+    def __init__(self, kernel: int, padding: int = 0):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.pool = nn.AvgPool2d(kernel, padding=padding)
+        setattr(self, ATTR, Preprocessing(input_size=(3, 6, 6)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(self.pool(torch.relu(self.conv(x))), 1)
+
+
+@pytest.mark.parametrize("kernel,padding,global_mean", [(6, 0, True), (3, 0, False), (6, 1, False)])
+def test_only_a_whole_window_average_pool_exports_as_a_global_mean(kernel, padding, global_mean, tmp_path):
+    """`passes.global_average_pools`: a window that is the whole unpadded input becomes ReduceMean (what
+    TensorRT fuses into the kernel before it); a smaller or padded window stays an AveragePool. The float
+    graph computes what PyTorch does either way."""
+    import onnxruntime as ort
+
+    from mixq_onnx.onnx.export import export_fp
+
+    torch.manual_seed(0)
+    m = WindowNet(kernel, padding).eval()
+    path = export_fp(m, tmp_path / "fp.onnx")
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert ("ReduceMean" in ops, "AveragePool" in ops) == (global_mean, not global_mean), ops
+    x = torch.randn(5, 3, 6, 6)
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
+    np.testing.assert_allclose(got, m(x).detach().numpy(), rtol=1e-5, atol=1e-6)

@@ -34,6 +34,7 @@ from .passes import (
     add_initializer,
     fold_pads,
     fold_weight_transposes,
+    global_average_pools,
     integer_gemms,
     integer_pools,
     mark_float_layers,
@@ -226,6 +227,9 @@ def export_qdq(qmodel: nn.Module, out: str | os.PathLike, layout: str = "integer
     counts = insert_qdq(model, qs)
     fold_weight_transposes(model)
     fold_pads(model)
+    means = global_average_pools(model)
+    if means:  # only then: graphs without such pools keep their counts (and bytes) as before
+        counts["global_average_pools"] = means
     split_fused_qkv(model)
     sunk = sink_dequantize(model, {n for n, q in qs.items() if getattr(q, "shared_with", ())})
     if sunk:  # only then: graphs without shared quantizers keep their counts (and bytes) as before
@@ -279,6 +283,7 @@ def export_int4_weight_only(model: nn.Module, out: str | os.PathLike, block_size
 def export_fp(model: nn.Module, out: str | os.PathLike) -> Path:
     """The plain float model (baselines)."""
     m = torch_export(model, with_markers=False)
+    global_average_pools(m)
     name_nodes(m)
     finalize_model(m, {"mixq.fp": "true", "mixq.preprocessing": _preprocessing(model)})
     return save_model(m, out)

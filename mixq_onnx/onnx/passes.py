@@ -17,6 +17,11 @@ Mul and Add into the same INT8 kernel's epilogue as it would fold the DQ scales.
 and multiplies the mean by s_x once: sums of integers are exact in fp32, so onnxruntime equals PyTorch bit
 for bit, where summing scaled values rounds differently in each runtime's order.
 
+`global_average_pools`: an AveragePool whose window is its whole (static) spatial input, without padding, is a
+global mean; it becomes ReduceMean over the spatial axes, the form `AdaptiveAvgPool2d` exports to. TensorRT(-RTX)
+fuses that reduction into the kernel before it, where it runs an AveragePool as a layer of its own (ResNet-8's
+`avg_pool2d(x, 8)`: one engine layer and one float hand-off fewer).
+
 `add_initializer` and `replace_uses` are the onnx-ir building blocks the exporter shares.
 
 Rewrites of a loaded ModelProto (copies for other tools, never the exported graph itself):
@@ -692,6 +697,45 @@ def fold_weight_transposes(model) -> int:
         out.shape = node.outputs[0].shape
         replace_uses(node.outputs[0], out)
         model.graph.remove(node, safe=True)
+        n += 1
+    return n
+
+
+def global_average_pools(model) -> int:
+    """AveragePool(kernel = the input's spatial size, no padding, no dilation) ==> ReduceMean(spatial axes,
+    keepdims=1). The same mean of the same elements; returns the number of pools rewritten."""
+    import onnx_ir as ir
+
+    graph = model.graph
+    n = 0
+    for node in list(graph):
+        if node.op_type != "AveragePool" or node.domain not in ("", "ai.onnx") or not node.inputs:
+            continue
+        x = node.inputs[0]
+        shape = x.shape if x is not None else None
+        kernel = node.attributes.get("kernel_shape")
+        if shape is None or kernel is None or len(shape) < 3:
+            continue
+        spatial = [d if isinstance(d, int) else None for d in list(shape)[2:]]
+        ks = list(kernel.as_ints())
+        pads = node.attributes.get("pads")
+        dil = node.attributes.get("dilations")
+        auto = node.attributes.get("auto_pad")
+        if (None in spatial or spatial != ks or (pads is not None and any(pads.as_ints()))
+                or (dil is not None and any(d != 1 for d in dil.as_ints()))
+                or (auto is not None and auto.as_string() not in ("NOTSET", "VALID"))):
+            continue
+        taken = _value_names(graph)
+        axes = add_initializer(graph, _unique(graph, f"{node.name or 'pool'}.axes", taken),
+                               np.arange(2, len(shape), dtype=np.int64))
+        mean = ir.node("ReduceMean", [x, axes], attributes={"keepdims": 1}, name=node.name,
+                       metadata_props=dict(node.metadata_props))
+        old, out = node.outputs[0], mean.outputs[0]
+        out.shape, out.type = old.shape, old.type
+        graph.insert_before(node, mean)
+        replace_uses(old, out)
+        graph.remove(node, safe=True)
+        out.name = old.name
         n += 1
     return n
 
