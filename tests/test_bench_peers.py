@@ -237,3 +237,15 @@ def test_engine_rows_and_their_goal_lines():
     # a peer below 99 % INT8 MACs is no yardstick
     low = [ok(rows[1], 41, 0), ok(rows[3], 40, 0, mac=0.5)]
     assert "float classifier: no peer engine to compare with" in bp.render_engines(low, "x")
+
+
+def test_the_table_is_not_re_rendered_over_rows_whose_results_are_gone(tmp_path):
+    """A new machine has no runs/peers/results: re-rendering section peers from what is on disk would drop
+    measured rows, so the models the section shows without a result file are named (and the section kept)."""
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text("<!-- begin:peers -->\n| model | tool |\n|---|---|\n| resnet20 (FP 81.02) | mixq |\n"
+                   "| resnet8 (FP 76.44) | ort |\n| mobilenetv2_100 (random weights) | ort |\n<!-- end:peers -->\n")
+    have = [{"model": "resnet20"}, {"model": "mobilenetv2_100"}]
+    assert bp.unbacked_models(have, doc) == ["resnet8"]
+    assert bp.unbacked_models(have + [{"model": "resnet8"}], doc) == []
+    assert bp.unbacked_models([], tmp_path / "none.md") == []

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmd import ROOT, stamp, update_section  # noqa: E402
+from benchmd import DOC, ROOT, stamp, update_section  # noqa: E402
 
 SHARED = Path(os.environ.get("MIXQ_SHARED", ROOT.parent / "shared"))
 WORK = ROOT / "runs" / "peers"
@@ -805,6 +805,28 @@ def load_results() -> list[dict[str, Any]]:
     return [json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))]
 
 
+def unbacked_models(results: list[dict[str, Any]], doc: Path = DOC) -> list[str]:
+    """Models whose rows section "peers" shows now but which have no result file on disk (a new machine, a
+    cleaned runs/): re-rendering from the results would drop those measured rows."""
+    text = doc.read_text() if doc.exists() else ""
+    m = re.search(r"<!-- begin:peers -->(.*?)<!-- end:peers -->", text, re.S)
+    have = {r["model"] for r in results}
+    return [name for name in MODELS if m and name not in have
+            and re.search(rf"^\| {re.escape(name)} \(", m.group(1), re.M)]
+
+
+def write_table(command: str, anyway: bool = False) -> None:
+    """Section "peers" and its plot from the results on disk, unless that would drop rows the section shows."""
+    results = load_results()
+    lost = unbacked_models(results)
+    if lost and not anyway:
+        print(f"kept section peers as it is: it shows rows of {', '.join(lost)}, which have no results under "
+              f"{RESULTS} (re-run them, or --render-anyway to drop them)", flush=True)
+        return
+    plot(results, ROOT / "docs" / "peers.png")
+    update_section("peers", render(results, command))
+
+
 def load_draws() -> list[dict[str, Any]]:
     return [json.loads(p.read_text()) for p in sorted(DRAWS.glob("*.json"))]
 
@@ -1221,6 +1243,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="threads of every tool (OMP_NUM_THREADS) [1]")
     ap.add_argument("--redo", action="store_true", help="re-run rows that have a result")
     ap.add_argument("--render", action="store_true", help="only rewrite the docs section and plot from the results")
+    ap.add_argument("--render-anyway", action="store_true",
+                    help="rewrite section peers even where it would drop rows of models with no results on disk")
     ap.add_argument("--draws", default="",
                     help=f"comma list of calibration seeds >= 1: run {DRAW_MODEL}'s W8A8 rows on those samples of "
                          f"{N_CALIB} images instead of the table's rows (accuracy only)")
@@ -1264,11 +1288,8 @@ def main() -> None:
         todo = draw_rows(draws) if draws else rows(models, a.only, a.quick)
         todo = [r for r in todo if a.redo or not result_path(r).is_file()]
         print(f"{len(todo)} rows to run", flush=True)
-        run_rows(todo, result_path, command, a.redo,
-                 after=lambda: update_section("peers", render(load_results(), command)))
-    results = load_results()
-    plot(results, ROOT / "docs" / "peers.png")
-    update_section("peers", render(results, command))
+        run_rows(todo, result_path, command, a.redo, after=lambda: write_table(command, a.render_anyway))
+    write_table(command, a.render_anyway)
 
 
 if __name__ == "__main__":
