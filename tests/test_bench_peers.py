@@ -249,3 +249,8 @@ def test_the_table_is_not_re_rendered_over_rows_whose_results_are_gone(tmp_path)
     assert bp.unbacked_models(have, doc) == ["resnet8"]
     assert bp.unbacked_models(have + [{"model": "resnet8"}], doc) == []
     assert bp.unbacked_models([], tmp_path / "none.md") == []
+    doc.write_text(doc.read_text().replace("<!-- end:peers -->", "### resnet20 W8A8 over calibration draws\n"
+                                           "<!-- end:peers -->"))
+    every = have + [{"model": "resnet8"}]
+    assert bp.unbacked_models(every, doc, []) == ["resnet20's calibration draws"]
+    assert bp.unbacked_models(every, doc, [{"model": "resnet20", "draw": 1}]) == []

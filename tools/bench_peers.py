@@ -812,20 +812,25 @@ def load_results() -> list[dict[str, Any]]:
     return [json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))]
 
 
-def unbacked_models(results: list[dict[str, Any]], doc: Path = DOC) -> list[str]:
+def unbacked_models(results: list[dict[str, Any]], doc: Path = DOC,
+                    draws: list[dict[str, Any]] | None = None) -> list[str]:
     """Models whose rows section "peers" shows now but which have no result file on disk (a new machine, a
-    cleaned runs/): re-rendering from the results would drop those measured rows."""
+    cleaned runs/), and its calibration-draws table when no draw has a result: re-rendering from the results
+    would drop those measured rows."""
     text = doc.read_text() if doc.exists() else ""
     m = re.search(r"<!-- begin:peers -->(.*?)<!-- end:peers -->", text, re.S)
     have = {r["model"] for r in results}
-    return [name for name in MODELS if m and name not in have
+    lost = [name for name in MODELS if m and name not in have
             and re.search(rf"^\| {re.escape(name)} \(", m.group(1), re.M)]
+    if m and "over calibration draws" in m.group(1) and not draws:
+        lost.append(f"{DRAW_MODEL}'s calibration draws")
+    return lost
 
 
 def write_table(command: str, anyway: bool = False) -> None:
     """Section "peers" and its plot from the results on disk, unless that would drop rows the section shows."""
     results = load_results()
-    lost = unbacked_models(results)
+    lost = unbacked_models(results, DOC, load_draws())
     if lost and not anyway:
         print(f"kept section peers as it is: it shows rows of {', '.join(lost)}, which have no results under "
               f"{RESULTS} (re-run them, or --render-anyway to drop them)", flush=True)
