@@ -147,9 +147,11 @@ def render_engines(rows_: list[dict[str, Any]], command: str) -> str:
              "since 2026-11-30: a float hand-off is a "
              "tensor that one non-compute kernel passes to another in float; the input of a compute layer that the "
              "graph leaves float (a float classifier) is that layer's precision (counted in int8 MAC and the float "
-             "compute nodes), not a conversion. Until then `inspect` also counted that input, so the peers table "
-             "above (its rows were built before) counts one float hand-off more in every float-classifier row and "
-             "every ModelOpt ONNX row: the float classifier's input. Top-1: all 5,000 test images, onnxruntime, "
+             "compute nodes), not a conversion (until then `inspect` also counted that input: one float hand-off more "
+             "in every float-classifier row and every ModelOpt ONNX row). These rows are the table's W8A8 graphs "
+             "made on their own (`--engines`, minutes instead of the table's hours), so that the engine goal can be "
+             "re-measured after a change to the exporter or to `inspect`; the table above was re-made with the same "
+             "code on 2026-11-30 and agrees with them. Top-1: all 5,000 test images, onnxruntime, "
              "optimisations off (real checkpoints only).", "",
              "| model | tool / setting | top-1 % | engine layers | int8 MAC | reformat / requant / float hand-offs "
              "| hand-offs | float compute nodes |", "|---|---|---:|---:|---:|---|---:|---|"]
