@@ -55,6 +55,9 @@ def register(cli: click.Group) -> None:
     @click.option("--schedule", type=click.Choice(["restart", "continuous"]), default="restart", show_default=True,
                   help="restart: each phase anneals its own cosine to 0; continuous: the phases are consecutive "
                        "slices of one cosine over --epochs + --final-epochs (the official NIPQ code's scheduler).")
+    @click.option("--train-biases/--no-train-biases", default=False, show_default=True,
+                  help="Also learn each quantized layer's float bias (the folded BatchNorm shift, which quantization "
+                       "moves), with the weights' learning rate; stored in weights.safetensors.")
     @click.option("--max-update", type=float, default=0.01, show_default=True,
                   help="Trust region: each weight or step tensor's gradient is scaled down so that lr x |grad| is at "
                        "most this fraction of the tensor's norm (momentum can add up over steps). Lower it (e.g. 0.001) for a network whose gradients "
@@ -113,7 +116,8 @@ def register(cli: click.Group) -> None:
         checkpoint's weights. The freezing counts it at 16 bits: it stays float only while the other layers, at
         their learned widths, leave that room in the budget. Float layers are listed in the summary and
         qat.json ("float_layers"; "deployed": the shipped averages); a shortcut quantizer above 8 gets 8.
-        Only the weights (as integers) and the quantizers train; biases keep the checkpoint's values.
+        Only the weights (as integers) and the quantizers train; biases keep the checkpoint's values unless
+        --train-biases (then the result folder stores them).
         """
         import torch
 
@@ -135,7 +139,8 @@ def register(cli: click.Group) -> None:
                         max_update=o["max_update"], batch_size=o["batch_size"], seed=o["seed"],
                         kd_weight=kd_weight, budget_weight=o["budget_weight"],
                         budget_rate=o["budget_rate"], range_init=o["range_init"], augment=o["augment"],
-                        init_bits=o["init_bits"], schedule=o["schedule"])
+                        init_bits=o["init_bits"], schedule=o["schedule"],
+                        train_biases=o["train_biases"])
         cfg.validate()  # bad options fail before the model loads
         dev = resolve_device(o["device"])
         out = check_output_dir(o["out"], o["overwrite"])

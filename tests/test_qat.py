@@ -446,3 +446,57 @@ def test_continuous_schedule_gives_each_phase_its_slice_of_one_cosine():
             buf = 0.9 * buf + 1.0
             want -= 0.1 * 0.5 * (1 + math.cos(math.pi * (window[0] + (window[1] - window[0]) * t / total))) * buf
         assert float(m.w.detach()) == pytest.approx(want, rel=1e-5), window
+
+
+@pytest.mark.parametrize("method", ["nipq", "lsq"])
+def test_train_biases_learns_the_biases_and_the_folder_carries_them_bit_exact(tiny, tmp_path, method):
+    """`--train-biases`: the quantized layers' (folded) biases move with the weights; the result folder stores
+    them, so the rebuilt model, its export and verify all use the trained ones; without it they stay the
+    checkpoint's and the folder stores none. A damaged stored bias is refused, not loaded."""
+    from safetensors.torch import load, save
+
+    from mixq_onnx.onnx import export_qdq
+    from mixq_onnx.onnx.verify import verify_onnx
+    from mixq_onnx.quant import load_quantized, save_quantized
+    from mixq_onnx.quant.modules import QUANT_LAYERS
+
+    model, data = tiny
+    kw = dict(epochs=1, final_epochs=1, batch_size=16, lr=0.05)
+    kw.update(target_bits=4.0, init_bits=6.0) if method == "nipq" else kw.update(method="lsq")
+    q = qat_train(model, QATConfig(train_biases=True, **kw), data, progress=False)
+    plain = qat_train(model, QATConfig(**kw), data, progress=False)
+    ref = {m.name: m.bias for m in prepare(model, q.mixq_config).modules() if isinstance(m, QUANT_LAYERS)}
+    got = {m.name: m.bias for m in q.modules() if isinstance(m, QUANT_LAYERS) and m.bias is not None}
+    assert set(q.mixq_trained_biases) == set(got) and got
+    assert all(not torch.equal(got[n], ref[n]) for n in got)  # every bias moved
+    assert all(torch.equal(m.bias, ref[m.name]) for m in plain.modules() if isinstance(m, QUANT_LAYERS) and m.bias is not None)
+
+    save_quantized(q, tmp_path / "q")
+    save_quantized(plain, tmp_path / "plain")
+    meta = json.loads((tmp_path / "q" / "quant.json").read_text())
+    assert sorted(meta["trained_biases"]) == sorted(got)
+    assert "trained_biases" not in json.loads((tmp_path / "plain" / "quant.json").read_text())
+    back = load_quantized(model, tmp_path / "q")
+    x = data.inputs[:16]
+    with torch.no_grad():
+        assert torch.equal(back(x), q(x))
+    onnx_path = export_qdq(back, tmp_path / "q.onnx")
+    rep = verify_onnx(onnx_path, back, data.inputs[:32])
+    assert rep.top1_agreement == 100.0 and rep.max_abs_diff == 0.0 and not rep.failures()
+
+    # a stored bias of the wrong shape, or one that is not finite, is a one-line error naming the layer
+    name = sorted(got)[0]
+    wpath = tmp_path / "q" / "weights.safetensors"
+    for bad in (torch.zeros(3), torch.full_like(got[name], float("nan"))):
+        ts = load(wpath.read_bytes())
+        ts[f"{name}.bias"] = bad
+        blob = save(ts, metadata={"format": "1"})
+        import hashlib
+
+        meta["weights_sha256"] = hashlib.sha256(blob).hexdigest()
+        d = tmp_path / f"bad{bad.numel()}"
+        d.mkdir()
+        (d / "weights.safetensors").write_bytes(blob)
+        (d / "quant.json").write_text(json.dumps(meta))
+        with pytest.raises(MixqError, match=f"trained bias of {name}"):
+            load_quantized(model, d)

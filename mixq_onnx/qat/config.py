@@ -42,6 +42,9 @@ class QATConfig:
     # restart: each phase anneals its own cosine from its lr to 0; continuous: the phases are consecutive slices
     # of one cosine over epochs + final_epochs, as the official NIPQ code's single scheduler
     schedule: str = "restart"
+    # also learn each quantized layer's float bias (the folded BatchNorm shift), stored in the result folder; both
+    # papers fine-tune every parameter, BN's affine shift included (False: biases keep the checkpoint's values)
+    train_biases: bool = False
     max_update: float = 0.01  # trust region: lr * |grad| of a weight or step tensor <= this fraction of its norm
     batch_size: int = 128
     seed: int = 0

@@ -12,8 +12,9 @@
 4. both: `final_epochs` of hard quantization (LSQ steps, STE) on the deployed grids.
 5. plain quantizers again: weights frozen as integers, bits in each spec (`quantizers.to_plain`).
 
-Only the weights (stored as integers) and the quantizers learn: biases and other float parameters keep the
-checkpoint's values, because a result folder rebuilds them from the recorded checkpoint.
+Only the weights (stored as integers), the quantizers and, with `train_biases`, the quantized layers' biases
+learn (the result folder then stores those biases); every other float parameter keeps the checkpoint's value,
+because a result folder rebuilds it from the recorded checkpoint.
 """
 from __future__ import annotations
 
@@ -186,6 +187,8 @@ def _rebuild_with_float_layers(model: nn.Module, gm: nn.Module, cfg: QATConfig, 
     with torch.no_grad():
         for m in layers:
             m.weight.copy_(old[m.name].weight)
+            if m.bias is not None:  # the noise phase's, with `train_biases` (else the checkpoint's either way)
+                m.bias.copy_(old[m.name].bias)
     src: dict[str, str] = {}
     for n, q in quantizers(gm).items():
         src.setdefault(n, n)
@@ -198,6 +201,13 @@ def _rebuild_with_float_layers(model: nn.Module, gm: nn.Module, cfg: QATConfig, 
     _training_quantizers(gm2, cfg, weights, bits2, _observe_ranges(gm2, sample))
     gm2.to(sample.device)
     return gm2, weights, src, bits2
+
+
+def _trained(weights: dict[str, torch.Tensor], gm: nn.Module, cfg: QATConfig) -> list[torch.Tensor]:
+    """What trains beside the quantizers: the quantized layers' weights, and their biases with `train_biases`."""
+    biases = [m.bias for m in gm.modules() if isinstance(m, QUANT_LAYERS) and m.bias is not None] \
+        if cfg.train_biases else []
+    return [*weights.values(), *biases]
 
 
 def _clamp_steps(steps: list[nn.Parameter]):
@@ -300,7 +310,8 @@ def train(model: nn.Module, cfg: QATConfig, data: TrainData, *, teacher: nn.Modu
     gm.to(dev)  # the new learned parameters (in place: `weights` still holds the layers' own)
     qps: dict[str, QATParams] = {n: q.qat for n, q in quantizers(gm).items()}
     alpha0 = {n: round(float(p.alpha().detach().mean()), 6) for n, p in qps.items()}  # reported: where ranges began
-    for w in weights.values():
+    trained = _trained(weights, gm, cfg)
+    for w in trained:
         w.requires_grad_(True)
 
     first_window, final_window = cfg.lr_windows()
@@ -317,7 +328,7 @@ def train(model: nn.Module, cfg: QATConfig, data: TrainData, *, teacher: nn.Modu
 
             theta = [t for p in qps.values() for t in (p.theta_a, p.theta_b) if t is not None]
             h = run_loop(gm, data, tcfg, teacher=teacher, extra_loss=extra, progress=progress, desc="nipq",
-                         params=[{"params": list(weights.values()), "lr": cfg.lr, "max_update": cfg.max_update}, {"params": theta, "lr": cfg.qlr}])
+                         params=[{"params": trained, "lr": cfg.lr, "max_update": cfg.max_update}, {"params": theta, "lr": cfg.qlr}])
             history.append({"phase": "noise", **h, **({"multipliers": mult.trace} if mult is not None else {})})
             cont = {n: p.continuous_bits() for n, p in qps.items()}
             freeze = round_with_float_layers if cfg.max_bits > 8 else round_to_budget
@@ -327,7 +338,8 @@ def train(model: nn.Module, cfg: QATConfig, data: TrainData, *, teacher: nn.Modu
             if floats:
                 gm, weights, src, bits = _rebuild_with_float_layers(model, gm, cfg, qcfg, floats, bits, sample)
                 qps = {n: q.qat for n, q in quantizers(gm).items()}
-                for w in weights.values():
+                trained = _trained(weights, gm, cfg)
+                for w in trained:
                     w.requires_grad_(True)
             _freeze_bits(gm, bits, weights, data.inputs[:512].to(dev), qcfg)
         else:
@@ -343,11 +355,11 @@ def train(model: nn.Module, cfg: QATConfig, data: TrainData, *, teacher: nn.Modu
                                kd_weight=cfg.kd_weight, temperature=cfg.temperature, augment=cfg.augment,
                                lr_window=window)
             h = run_loop(gm, data, pcfg, teacher=teacher, progress=progress, desc=f"{cfg.method} {phase}",
-                         params=[{"params": list(weights.values()), "lr": lr, "max_update": cfg.max_update}, {"params": steps, "lr": cfg.step_lr, "max_update": cfg.max_update}],
+                         params=[{"params": trained, "lr": lr, "max_update": cfg.max_update}, {"params": steps, "lr": cfg.step_lr, "max_update": cfg.max_update}],
                          on_step=_clamp_steps(steps))
             history.append({"phase": phase, **h})
     finally:
-        for w in weights.values():
+        for w in trained:
             w.requires_grad_(False)
     replace_quantizers(gm, lambda q: to_plain(q, weights.get(q.name)))
     gm.eval()
@@ -357,6 +369,9 @@ def train(model: nn.Module, cfg: QATConfig, data: TrainData, *, teacher: nn.Modu
         abits=max((q.bits for q in qs.values() if q.kind == "act"), default=8), method="rtn",
         first_last_bits=cfg.first_last_bits, batch_size=cfg.batch_size, seed=cfg.seed, float_layers=floats)
     gm.mixq_calibration = None  # type: ignore[attr-defined]
+    if cfg.train_biases:  # the result folder stores these (`save_quantized`); the rest comes from the checkpoint
+        gm.mixq_trained_biases = tuple(m.name for m in gm.modules()  # type: ignore[attr-defined]
+                                       if isinstance(m, QUANT_LAYERS) and m.bias is not None)
     rep = _report(gm, cfg, costs, cont, fixed, moves, history, data, time.perf_counter() - t0, alpha0, frozen, src,
                   floats)
     gm.mixq_qat_report = rep  # type: ignore[attr-defined]

@@ -25,6 +25,7 @@ from ..errors import MixqError
 from ..utils import atomic_path, sha256_file
 from .config import QuantConfig
 from .graph import prepare, quantizers
+from .modules import QUANT_LAYERS
 from .quantizer import ActQuantizer, WeightQuantizer, quantizer_state, validate_record
 from .spec import QuantSpec
 
@@ -32,6 +33,7 @@ QUANT_JSON = "quant.json"
 WEIGHTS = "weights.safetensors"
 WEIGHTS_SHA256 = "weights_sha256"  # in quant.json: ties it to the weights written with it
 MODEL_SHA256 = "model_sha256"  # in quant.json's model: the sha256 of a `file.py:factory` spec's file
+TRAINED_BIASES = "trained_biases"  # in quant.json: layers whose bias weights.safetensors holds ("LAYER.bias")
 FORMAT = 1
 _TENSOR_KEYS = ("scale", "zero_point", "int")
 
@@ -64,6 +66,8 @@ def save_quantized(qmodel: nn.Module, out: str | os.PathLike, extra: dict[str, A
         rec, ts = quantizer_state(q)
         records.append(rec)
         tensors.update({f"{name}.{k}": v.detach().cpu() for k, v in ts.items()})  # a model on a GPU too
+    trained = _trained_biases(qmodel)
+    tensors.update({f"{name}.bias": b.detach().cpu().clone() for name, b in trained.items()})
     weights = save(tensors, metadata={"format": str(FORMAT)})
     meta = {
         "format": FORMAT,
@@ -75,6 +79,7 @@ def save_quantized(qmodel: nn.Module, out: str | os.PathLike, extra: dict[str, A
         "quantizers": records,
         "report": getattr(qmodel, "mixq_report", None),
         **({"calibration": qmodel.mixq_calibration} if getattr(qmodel, "mixq_calibration", None) else {}),
+        **({TRAINED_BIASES: list(trained)} if trained else {}),
         **(extra or {}),
         WEIGHTS_SHA256: hashlib.sha256(weights).hexdigest(),
     }
@@ -90,6 +95,18 @@ def save_quantized(qmodel: nn.Module, out: str | os.PathLike, extra: dict[str, A
     except OSError as e:
         raise MixqError(f"cannot write {out}: {e.strerror or e}") from None
     return out
+
+
+def _trained_biases(qmodel: nn.Module) -> dict[str, torch.Tensor]:
+    """Layer name -> bias of the layers whose biases a stage trained (`qat --train-biases` sets
+    `mixq_trained_biases`); every other float parameter is rebuilt from the recorded checkpoint."""
+    names = set(getattr(qmodel, "mixq_trained_biases", ()))
+    if not names:
+        return {}
+    out = {m.name: m.bias for m in qmodel.modules() if isinstance(m, QUANT_LAYERS) and m.name in names}
+    if set(out) != names or any(b is None for b in out.values()):
+        raise ValueError(f"save_quantized: trained biases of layers the model lacks: {sorted(names - set(out))[:3]}")
+    return out  # type: ignore[return-value]
 
 
 def model_file(spec: str) -> Path | None:
@@ -155,7 +172,7 @@ def _write_file(path: Path, data: bytes) -> None:
 
 # ----------------------------------------------------------------------------- reading
 _TOP_LEVEL = {"config": (dict,), "model": (dict, type(None)), "quantizers": (list,)}
-_OPTIONAL = {"units": (list,), "report": (dict, type(None)), WEIGHTS_SHA256: (str,)}
+_OPTIONAL = {"units": (list,), "report": (dict, type(None)), WEIGHTS_SHA256: (str,), TRAINED_BIASES: (list,)}
 _SOURCE = {"spec": (str,), "checkpoint": (str, type(None)), "checkpoint_sha256": (str, type(None)),
            "random_init": (bool,), "preprocessing": (dict,)}
 _SOURCE_OPTIONAL = {MODEL_SHA256: (str, type(None))}  # folders from before it have none: nothing to check
@@ -339,6 +356,7 @@ def load_quantized(model: nn.Module, qdir: str | os.PathLike) -> nn.Module:
             q.zero_point = zp.reshape(()).clone()
             q.initialized.fill_(True)
             q.scale.requires_grad_(False)
+    _load_biases(gm, meta.get(TRAINED_BIASES, []), tensors, where)
     gm.mixq_config = cfg  # type: ignore[attr-defined]
     gm.mixq_report = meta.get("report")  # type: ignore[attr-defined]
     gm.mixq_quant_meta = meta  # type: ignore[attr-defined]
@@ -347,6 +365,27 @@ def load_quantized(model: nn.Module, qdir: str | os.PathLike) -> nn.Module:
             if isinstance(q, ActQuantizer):
                 q.enabled = False
     return gm.eval()
+
+
+def _load_biases(gm: nn.Module, names: list[Any], tensors: Mapping[str, torch.Tensor], where: str) -> None:
+    """Put the stored biases of `names` (quant.json's trained_biases) into their layers, each checked: a
+    quantized layer of the model with a bias, a finite float tensor of that bias's shape."""
+    layers = {m.name: m for m in gm.modules() if isinstance(m, QUANT_LAYERS)}
+    if len(set(map(str, names))) != len(names):
+        raise MixqError(f"{where}: {TRAINED_BIASES} names a layer twice")
+    for name in names:
+        m = layers.get(name) if isinstance(name, str) else None
+        if m is None or m.bias is None:
+            raise MixqError(f"{where}: {TRAINED_BIASES} names {name!r}, not a quantized layer with a bias")
+        t = tensors.get(f"{name}.bias")
+        if t is None:
+            raise MixqError(f"weights.safetensors lacks the trained bias of {name}")
+        if tuple(t.shape) != tuple(m.bias.shape) or not t.is_floating_point() or not bool(torch.isfinite(t).all()):
+            raise MixqError(f"the trained bias of {name} in weights.safetensors is not {tuple(m.bias.shape)} finite "
+                            f"floats (shape {tuple(t.shape)}, {t.dtype})")
+        with torch.no_grad():
+            m.bias.copy_(t.to(m.bias.dtype))
+    gm.mixq_trained_biases = tuple(names)  # type: ignore[attr-defined]
 
 
 def validate_quantized_model(qmodel: nn.Module) -> None:
