@@ -632,7 +632,13 @@ trained again on the same folds, with the same arguments ({sched}) but `--seed 1
 noise), to see how far a reseed alone moves a five-fold mean. Fixed before its runs; a diagnostic, nothing is
 chosen on it.
 
-{body}""")
+{body}
+
+Reading: the last column is what the seed alone does to a five-fold mean. The changes rounds 7 and 8 made to
+NIPQ@4 moved its mean by -0.14 to -0.68 pp (sections qat and qat-schedule), within that; round 9's trained
+biases (-1.02 ± 0.15 pp, section qat-biases) and LSQ's gains in rounds 8 and 9 (+0.46, +0.56) are about one
+to two reseeds. A later round should train every fold at two seeds or more before its rule reads a
+difference.""")
         print(body)
         return
     if a.stage == "float":
