@@ -289,13 +289,21 @@ SCHEDULE_RESTART_CV = {"lsq-w4a4": [90.3, 86.8, 90.2, 91.2, 88.8], "nipq-4": [91
 #: it). `--train-biases` learns them. The rule and the comparison are round 8's, against the same restart numbers
 #: (rounds 6 and 7): it becomes `qat`'s default and the table's only if it raises the cross-validated mean of each
 #: of the four candidates; otherwise it stays an option and nothing new runs on the test set.
-SHARED_ROUNDS = {"schedule": ("continuous", ["--schedule", "continuous"]), "biases": ("biases", ["--train-biases"])}
+#: stage: (the runs' and columns' tag, the qat arguments of the change, how the verdict names the change)
+SHARED_ROUNDS = {"schedule": ("continuous", ["--schedule", "continuous"], "One cosine"),
+                 "biases": ("biases", ["--train-biases"], "Training the biases")}
 
 
-def stage_schedule(jobs: int, stage: str = "schedule") -> tuple[str, bool]:
+def fold_delta(old: list[float], new: list[float]) -> str:
+    """Mean of the per-fold differences new - old, ± their standard error over the folds."""
+    diffs = [b - a for a, b in zip(old, new)]
+    return f"{statistics.mean(diffs):+.2f} ± {statistics.stdev(diffs) / math.sqrt(len(diffs)):.2f}"
+
+
+def stage_shared_change(jobs: int, stage: str) -> tuple[str, bool]:
     """Round 8 (`schedule`: `--schedule continuous`) or 9 (`biases`: `--train-biases`): every candidate with the
     change over the five folds, against its restart numbers. Returns the table and whether the rule adopts it."""
-    tag, extra = SHARED_ROUNDS[stage]
+    tag, extra, change = SHARED_ROUNDS[stage]
     cont = {c: [*a, *extra] for c, a in SCHEDULE_CANDS.items()}
     with ThreadPoolExecutor(jobs) as ex:
         checks = {c: ex.submit(cv_run, c, a, 0) for c, a in SCHEDULE_CANDS.items()}
@@ -308,12 +316,10 @@ def stage_schedule(jobs: int, stage: str = "schedule") -> tuple[str, bool]:
     for c in SCHEDULE_CANDS:
         old = SCHEDULE_RESTART_CV[c]
         new = [top[(c, k)] for k in range(CV_FOLDS)]
-        diffs = [b - a for a, b in zip(old, new)]
-        d = statistics.mean(diffs)
-        raised.append(d > 0)
+        raised.append(statistics.mean(new) > statistics.mean(old))
         lines.append(f"| {c} | {' / '.join(f'{v:.1f}' for v in old)} | {statistics.mean(old):.2f} | "
                      f"{rerun[c]:.1f} (recorded {old[0]:.1f}) | {' / '.join(f'{v:.1f}' for v in new)} | "
-                     f"{statistics.mean(new):.2f} | {d:+.2f} ± {statistics.stdev(diffs) / math.sqrt(CV_FOLDS):.2f} |")
+                     f"{statistics.mean(new):.2f} | {fold_delta(old, new)} |")
     means = {(c, "restart"): statistics.mean(SCHEDULE_RESTART_CV[c]) for c in SCHEDULE_CANDS}
     means.update({(c, tag): statistics.mean(top[(c, k)] for k in range(CV_FOLDS)) for c in SCHEDULE_CANDS})
     gaps = "; ".join(f"NIPQ@{b} − LSQ W{b}A{b}: restart {means[(n, 'restart')] - means[(lq, 'restart')]:+.2f} pp, "
@@ -321,7 +327,6 @@ def stage_schedule(jobs: int, stage: str = "schedule") -> tuple[str, bool]:
                      for b, n, lq in ((4, "nipq-4", "lsq-w4a4"), (3, "nipq-3-lp-uniform", "lsq-w3a3")))
     up = [c for c, r in zip(SCHEDULE_CANDS, raised) if r]
     down = [c for c, r in zip(SCHEDULE_CANDS, raised) if not r]
-    change = {"schedule": "One cosine", "biases": "Training the biases"}[stage]
     lines += ["", f"{change} raised {', '.join(up) or 'none'} and lowered {', '.join(down) or 'none'}. "
               f"The bars' differences on these folds: {gaps}."]
     return "\n".join(lines), all(raised)
@@ -335,6 +340,7 @@ SEED_CANDS = {"lsq-w4a4": SCHEDULE_CANDS["lsq-w4a4"], "nipq-4": SCHEDULE_CANDS["
 
 
 def stage_seeds(jobs: int) -> str:
+    """SEED_CANDS at seed 1 on every fold, against their seed-0 folds of rounds 6 and 7."""
     with ThreadPoolExecutor(jobs) as ex:
         futs = {(c, k): ex.submit(cv_run, f"{c}-seed1", [*a, "--seed", 1], k) for c, a in SEED_CANDS.items()
                 for k in range(CV_FOLDS)}
@@ -344,10 +350,8 @@ def stage_seeds(jobs: int) -> str:
     for c in SEED_CANDS:
         old = SCHEDULE_RESTART_CV[c]
         new = [top[(c, k)] for k in range(CV_FOLDS)]
-        diffs = [b - a for a, b in zip(old, new)]
         lines.append(f"| {c} | {' / '.join(f'{v:.1f}' for v in old)} | {statistics.mean(old):.2f} | "
-                     f"{' / '.join(f'{v:.1f}' for v in new)} | {statistics.mean(new):.2f} | "
-                     f"{statistics.mean(diffs):+.2f} ± {statistics.stdev(diffs) / math.sqrt(CV_FOLDS):.2f} |")
+                     f"{' / '.join(f'{v:.1f}' for v in new)} | {statistics.mean(new):.2f} | {fold_delta(old, new)} |")
     gap0 = statistics.mean(SCHEDULE_RESTART_CV["nipq-4"]) - statistics.mean(SCHEDULE_RESTART_CV["lsq-w4a4"])
     gap1 = statistics.mean(top[("nipq-4", k)] - top[("lsq-w4a4", k)] for k in range(CV_FOLDS))
     lines += ["", f"NIPQ@4 − LSQ W4A4 on these folds: seed 0 {gap0:+.2f} pp, seed 1 {gap1:+.2f} pp."]
@@ -557,7 +561,7 @@ def main() -> None:
         print(body)
         return
     if a.stage == "schedule":
-        body, adopt = stage_schedule(a.jobs)
+        body, adopt = stage_shared_change(a.jobs, "schedule")
         (WORK / "tune_v8.md").write_text(body + "\n")
         sched = ", ".join(f"{k} {v}" for k, v in SCHEDULE.items())
         ep, fe = SCHEDULE["epochs"], SCHEDULE["final-epochs"]
@@ -589,7 +593,7 @@ runs 120 noise epochs and 3 fine-tuning epochs, so its noise phase has converged
         print(body)
         return
     if a.stage == "biases":
-        body, adopt = stage_schedule(a.jobs, "biases")
+        body, adopt = stage_shared_change(a.jobs, "biases")
         (WORK / "tune_v9.md").write_text(body + "\n")
         sched = ", ".join(f"{k} {v}" for k, v in SCHEDULE.items())
         verdict = ("it raised all four, so `--train-biases` becomes the default and the table's" if adopt else
