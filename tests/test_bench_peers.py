@@ -211,6 +211,21 @@ def test_draw_rows_ids_and_table():
     assert lines[-1].endswith("Δ -0.13 pp: missed by 0.03 pp beyond the 0.1 pp allowance.")
     assert not any("rtn" in ln for ln in lines)  # a failed row and no table row: nothing to show
     assert bp.render_draws(table0, []) == []
+    # ResNet-56's draws: its own rows only, and the verdict takes mixq-onnx's better setting (here rtn)
+    rs56 = bp.draw_rows([1], ["resnet56"])
+    assert {r["model"] for r in rs56} == {"resnet56"} and rs56[0]["id"].startswith("resnet56-draw1-")
+    t56 = [{"status": "ok", "model": "resnet56", "tool": "mixq", "variant": v, "top1": t}
+           for v, t in (("rtn-w8a8", 83.2), ("qdrop-w8a8", 83.1))]
+    t56.append({"status": "ok", "model": "resnet56", "tool": "modelopt-torch", "variant": "int8", "top1": 83.4})
+    d56 = [{"status": "ok", "model": "resnet56", "draw": 1, "tool": "mixq", "variant": "rtn-w8a8", "top1": 83.3},
+           {"status": "ok", "model": "resnet56", "draw": 1, "tool": "mixq", "variant": "qdrop-w8a8", "top1": 83.0},
+           {"status": "ok", "model": "resnet56", "draw": 1, "tool": "modelopt-torch", "variant": "int8",
+            "top1": 83.2}]
+    lines56 = bp.render_draws(table0 + t56, draws + d56, "resnet56")
+    assert lines56[0].startswith("| tool / setting | draw 0 | draw 1 | mean top-1 |")  # resnet20's draw 2 absent
+    assert lines56[-1].endswith("mixq-onnx rtn w8a8 83.25 % vs best peer modelopt-torch int8 83.30 %, "
+                                "Δ -0.05 pp: met.")
+    assert bp.render_draws(table0 + t56, draws + d56, "resnet20") == lines
 
 
 def test_engine_rows_and_their_goal_lines():
@@ -254,3 +269,6 @@ def test_the_table_is_not_re_rendered_over_rows_whose_results_are_gone(tmp_path)
     every = have + [{"model": "resnet8"}]
     assert bp.unbacked_models(every, doc, []) == ["resnet20's calibration draws"]
     assert bp.unbacked_models(every, doc, [{"model": "resnet20", "draw": 1}]) == []
+    doc.write_text(doc.read_text().replace("<!-- end:peers -->", "### resnet56 W8A8 over calibration draws\n"
+                                           "<!-- end:peers -->"))
+    assert bp.unbacked_models(every, doc, [{"model": "resnet20", "draw": 1}]) == ["resnet56's calibration draws"]
