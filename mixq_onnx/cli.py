@@ -15,13 +15,13 @@ import click
 # are imported inside the command bodies, so --help, --version and argument errors answer at once
 # (tests/test_cli_startup.py checks this).
 from . import __version__
-from .cli_common import CONTEXT, POSITIVE, augment_option, compute_command
+from .cli_common import CONTEXT, FINITE, POSITIVE, FiniteFloat, augment_option, compute_command
 from .cli_common import emit_json as _emit_json
 from .cli_qat import register as _register_qat
 from .cli_trt import register as _register_trt
 from .errors import MixqError
 from .methods import METHODS, PRESETS
-from .registry import FILTERS, PROMPT_STRATEGIES
+from .registry import FILTERS, GENERATOR_MODULES, PROMPT_STRATEGIES
 
 
 def _floats(ctx, param, value: str | None) -> tuple[float, ...] | None:
@@ -112,7 +112,7 @@ class _Count(click.IntRange):
 
 
 @cli.command(context_settings=CONTEXT)
-@click.option("--generator", type=click.Choice(["diffusion", "inversion", "real", "noise"]), default="diffusion",
+@click.option("--generator", type=GENERATOR_MODULES.choice(), default="diffusion",
               show_default=True,
               help="diffusion: text-to-image pipeline on class prompts; inversion: synthesise from the model's "
                    "BatchNorm statistics (no diffusion weights, offline); real: import --source; noise: Gaussian.")
@@ -136,19 +136,19 @@ class _Count(click.IntRange):
                    "mixup-embed: Dirichlet-weighted text embeddings; none: no class conditioning.")
 @click.option("--k", type=_Count(2), default=2, show_default=True, help="Classes per mixup prompt (2 <= k <= classes).")
 @click.option("--template", default=None, help="Mixup template with k '{}' slots [default: 'a photo of a {} and a {}'].")
-@click.option("--alpha", type=float, default=1.0, show_default=True,
+@click.option("--alpha", type=FINITE, default=1.0, show_default=True,
               help="Dirichlet concentration of mixing weights (mixup-embed; inversion soft targets).")
 @click.option("--gloss", is_flag=True, help="Append WordNet glosses to ImageNet names ('kite, a bird of prey …').")
 @click.option("--pipeline", default="stable-diffusion-v1-5/stable-diffusion-v1-5", show_default=True,
               help="diffusers pipeline: hub id (from the local HF cache when offline) or a local folder.")
 @click.option("--revision", default=None, help="Hub revision of --pipeline.")
 @click.option("--steps", type=_Count(1), default=25, show_default=True, help="Diffusion denoising steps.")
-@click.option("--guidance", type=float, default=7.5, show_default=True, help="Classifier-free guidance scale.")
+@click.option("--guidance", type=FINITE, default=7.5, show_default=True, help="Classifier-free guidance scale.")
 @click.option("--scheduler", default=None, help="diffusers scheduler class, e.g. DPMSolverMultistepScheduler.")
 @click.option("--negative-prompt", default=None, help="Negative prompt for every image.")
 @click.option("--batch-size", type=_Count(1), default=4, show_default=True, help="Diffusion images per forward pass.")
 @click.option("--iters", type=_Count(0), default=None, help="Inversion: optimisation steps per shard.")
-@click.option("--lr", type=float, default=None, help="Inversion: learning rate.")
+@click.option("--lr", type=FINITE, default=None, help="Inversion: learning rate.")
 @click.option("--source", type=click.Path(), default=None, help="real: an npz (x uint8 NHWC, y) or an image folder.")
 @click.option("--skip-bad-images", is_flag=True,
               help="real, folder --source: leave out images that do not decode (a warning each; the skipped files "
@@ -503,7 +503,7 @@ def eval_cmd(**o: Any) -> None:
                    "folder: cross-entropy, plus KD with --kd-weight).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False),
               help="Output .safetensors (a plain state dict; OUT.json holds the recipe and report).")
-@click.option("--symreg", "beta", type=float, default=0.0, show_default=True, metavar="BETA",
+@click.option("--symreg", "beta", type=FINITE, default=0.0, show_default=True, metavar="BETA",
               help="SymReg weight: pairs each channel's i-th smallest and largest weights (0 = off).")
 @click.option("--symreg-pairing", type=click.Choice(["1:1", "2:2"]), default="1:1", show_default=True,
               help="2:2 pairs sums of adjacent sorted weights (half the terms).")
@@ -511,11 +511,11 @@ def eval_cmd(**o: Any) -> None:
 @click.option("--fixed-alpha", is_flag=True, help="SatNL: keep alpha at the initial max |w| instead of learning it.")
 @click.option("--loss", type=click.Choice(["auto", "ce", "kd"]), default="auto", show_default=True,
               help="auto: KD on a cache, CE on labelled data; ce needs labels.")
-@click.option("--kd-weight", type=float, default=None, help="KD weight next to CE on labelled data [default: 0].")
+@click.option("--kd-weight", type=FINITE, default=None, help="KD weight next to CE on labelled data [default: 0].")
 @click.option("--sam", type=click.Choice(["asam"]), default=None, help="Adaptive sharpness-aware minimisation.")
-@click.option("--rho", type=float, default=0.5, show_default=True, help="ASAM neighbourhood size.")
+@click.option("--rho", type=FINITE, default=0.5, show_default=True, help="ASAM neighbourhood size.")
 @click.option("--epochs", type=int, default=10, show_default=True, help="Passes over the training images.")
-@click.option("--lr", type=float, default=1e-3, show_default=True, help="SGD learning rate (cosine to 0).")
+@click.option("--lr", type=FINITE, default=1e-3, show_default=True, help="SGD learning rate (cosine to 0).")
 @augment_option()
 @click.option("--batch-size", type=POSITIVE, default=128, show_default=True, help="Training images per SGD step.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the training image order.")
@@ -601,10 +601,7 @@ def robustify(**o: Any) -> None:
 def sweep(**o: Any) -> None:
     """Quantize one float checkpoint (and the --compare ones) at every bit-width x method x seed, evaluate
     each, and write a table and a plot of top-1 against bit-width: where does the network fall off?"""
-    import dataclasses
-
-    from .models import load_model
-    from .sweep import SweepConfig, SweepModel, check_sweep_dir, run_sweep, sweep_table
+    from .sweep import SweepConfig, check_sweep_dir, run_sweep, sweep_models, sweep_table
 
     try:
         seeds = tuple(int(s) for s in o["seeds"])
@@ -615,20 +612,7 @@ def sweep(**o: Any) -> None:
                       batch_size=o["batch_size"], symmetric=o["symmetric"],
                       first_last_bits=o["first_last_bits"] or None, limit=o["limit"]).validate()
     check_sweep_dir(o["out"])
-    base = _model_options(o)
-    entries = [(o["label"] or (Path(base.checkpoint).stem if base.checkpoint else base.spec), base.checkpoint)]
-    for c in o["compare"]:
-        label, sep, path = c.partition("=")
-        if not sep:
-            label, path = Path(c).stem, c
-        if not label or not path:
-            raise MixqError(f"--compare {c!r}: expected [LABEL=]CHECKPOINT")
-        entries.append((label, path))
-    prep = {"spec": base.spec, "mean": base.mean, "std": base.std, "input_size": base.input_size}
-    models = []
-    for label, ckpt in entries:
-        opts = base if ckpt == base.checkpoint else dataclasses.replace(base, checkpoint=ckpt, random_init=False)
-        models.append(SweepModel.of(label, load_model(opts), {**prep, "checkpoint": ckpt}))
+    models = sweep_models(_model_options(o), o["compare"], o["label"])
     doc = run_sweep(models, cfg, o["calib_ref"], o["data"], o["out"], cache_root=o["cache_root"],
                     progress=not o["quiet"], log=(lambda m: _echo_notes([m], True)) if o["quiet"] else None)
     if not o["quiet"]:
@@ -716,7 +700,7 @@ def check(onnx_path: str, as_json: bool) -> None:
 @click.option("--limit", type=POSITIVE, default=None, metavar="N",
               help="Compare on a seeded, class-stratified sample of N images (a random one for unlabelled data), "
                    "never the first N.")
-@click.option("--min-agreement", type=click.FloatRange(0, 100), default=99.9, show_default=True, metavar="PERCENT",
+@click.option("--min-agreement", type=FiniteFloat(0, 100), default=99.9, show_default=True, metavar="PERCENT",
               help="Exit 1 when the exact run's top-1 agreement with PyTorch is below this.")
 @click.option("--json", "as_json", is_flag=True, help="Last stdout line: one JSON object (with the subset used).")
 @click.option("--trust-model-code", is_flag=True,
@@ -734,26 +718,18 @@ def verify(**o: Any) -> None:
     2 bad input, including a graph exported from another result folder (names the first quantizer
     whose bits, scale or integer weights differ).
     """
-    from .data import read_labelled, report_data
-    from .models import get_preprocessing
-    from .onnx.verify import verify_onnx
-    from .quant.io import load_result
+    from .onnx.verify import verify_data
 
-    if not Path(o["onnx_path"]).is_file():
-        raise MixqError(f"ONNX model not found: {o['onnx_path']}")
-    _, model = load_result(o["quantized"], _result_model(o), o["trust_model_code"])
-    pre = get_preprocessing(model)
-    data = read_labelled(o["data"], pre.input_size[1], o["limit"])
-    images = data.images
-    rep = verify_onnx(o["onnx_path"], model, images, progress=not o["quiet"])
-    notes: list[str] = []  # shown once the graph is accepted (a refused graph stays one error line)
-    report_data(pre, data.source_hw, data.subset, log=notes.append, resized_on_load=data.resized_on_load)
+    notes: list[str] = []
+    rep = verify_data(o["onnx_path"], o["data"], quantized=o["quantized"], model=_result_model(o),
+                      trust_model_code=o["trust_model_code"], limit=o["limit"], log=notes.append,
+                      progress=not o["quiet"])
     _echo_notes(notes)
     for w in rep.warnings:
         click.echo(f"warning: {w}", err=True)
     failures = rep.failures(o["min_agreement"])
     if o["as_json"]:
-        _emit_json({**rep.to_dict(), "ok": not failures, "failures": failures, "subset": data.subset})
+        _emit_json({**rep.to_dict(), "ok": not failures, "failures": failures})
     else:
         click.echo(f"layout {rep.layout}; exact run: top-1 agreement {rep.top1_agreement:.2f} % on {rep.n} images, max |diff| "
                    f"{rep.max_abs_diff:.4g}, mean |diff| {rep.mean_abs_diff:.3g}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -15,6 +16,22 @@ import click
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 POSITIVE = click.IntRange(min=1)  # counts and sizes: 0 or a negative number is bad input, never "all"
+
+
+class FiniteFloat(click.FloatRange):
+    """A float option that refuses nan and inf (click's FLOAT and FloatRange take them, and a NaN learning rate
+    or weight passes every `x <= 0` check after it)."""
+
+    name = "number"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        v = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(v):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return super().convert(v, param, ctx)
+
+
+FINITE = FiniteFloat()
 
 
 def augment_option() -> Callable:

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from .cli_common import CONTEXT, POSITIVE, augment_option, compute_command
+from .cli_common import CONTEXT, FINITE, POSITIVE, augment_option, compute_command
 from .errors import MixqError
 
 #: The model flags, taken from `robustify` so both commands spell and document them the same way.
@@ -27,10 +27,10 @@ def register(cli: click.Group) -> None:
                        "--abits with LSQ steps (the baseline), on the same schedule.")
     @click.option("--out", required=True, type=click.Path(), help="Output directory (quant.json, weights.safetensors, "
                                                                   "qat.json, bits.png).")
-    @click.option("--target-bits", type=float, default=None, metavar="B",
+    @click.option("--target-bits", type=FINITE, default=None, metavar="B",
                   help="nipq budget: average bits of the weights (by parameter count) and of the activations (by "
                        "tensor size), each, in [2, 8]; the frozen bits land within 0.05 when the layers allow it.")
-    @click.option("--target-gbops", type=float, default=None, metavar="G",
+    @click.option("--target-gbops", type=FINITE, default=None, metavar="G",
                   help="nipq budget instead: sum over Conv/Linear of k*k*Cin*Cout/groups*H*W*b_w*b_a per image, "
                        "in 1e9 (within 5 %).")
     @click.option("--wbits", type=int, default=None, help="lsq: weight bits (2-8) [default: 4].")
@@ -46,24 +46,24 @@ def register(cli: click.Group) -> None:
                   help="nipq: noise epochs; lsq: first-phase epochs.")
     @click.option("--final-epochs", type=int, default=2, show_default=True,
                   help="Hard-quantization fine-tuning with frozen bits (STE) at the end (0: none).")
-    @click.option("--lr", type=float, default=1e-3, show_default=True, help="Weights: SGD, cosine to 0 per phase.")
-    @click.option("--qlr", type=float, default=2e-2, show_default=True,
+    @click.option("--lr", type=FINITE, default=1e-3, show_default=True, help="Weights: SGD, cosine to 0 per phase.")
+    @click.option("--qlr", type=FINITE, default=2e-2, show_default=True,
                   help="nipq: learned bits and ranges in the noise phase.")
-    @click.option("--step-lr", type=float, default=2e-3, show_default=True,
+    @click.option("--step-lr", type=FINITE, default=2e-3, show_default=True,
                   help="LSQ step sizes in the hard-quantization phases (lsq, and nipq's final phase).")
-    @click.option("--final-lr", type=float, default=None, help="Weights in the final phase [default: --lr].")
+    @click.option("--final-lr", type=FINITE, default=None, help="Weights in the final phase [default: --lr].")
     @click.option("--schedule", type=click.Choice(["restart", "continuous"]), default="restart", show_default=True,
                   help="restart: each phase anneals its own cosine to 0; continuous: the phases are consecutive "
                        "slices of one cosine over --epochs + --final-epochs (the official NIPQ code's scheduler).")
     @click.option("--train-biases/--no-train-biases", default=False, show_default=True,
                   help="Also learn each quantized layer's float bias (the folded BatchNorm shift, which quantization "
                        "moves), with the weights' learning rate; stored in weights.safetensors.")
-    @click.option("--max-update", type=float, default=0.01, show_default=True,
+    @click.option("--max-update", type=FINITE, default=0.01, show_default=True,
                   help="Trust region: each weight or step tensor's gradient is scaled down so that lr x |grad| is at "
                        "most this fraction of the tensor's norm (momentum can add up over steps). Lower it (e.g. 0.001) for a network whose gradients "
                        "dwarf its weights, such as a BN-folded one fed raw 0..255 pixels.")
-    @click.option("--budget-weight", type=float, default=1.0, show_default=True, help="nipq: weight of the budget penalty.")
-    @click.option("--budget-rate", type=float, default=0.0, show_default=True,
+    @click.option("--budget-weight", type=FINITE, default=1.0, show_default=True, help="nipq: weight of the budget penalty.")
+    @click.option("--budget-rate", type=FINITE, default=0.0, show_default=True,
                   help="nipq: dual ascent on the budget: each average's (or the GBOPs') Lagrange multiplier grows by "
                        "this rate x its gap (clipped at 0.1 bit) every step, so a tight target is reached while the "
                        "noise phase still trains (0: the fixed penalty alone, as the official code). 0.1 with "
@@ -72,12 +72,12 @@ def register(cli: click.Group) -> None:
                   help="nipq: initial ranges. official: max|w| per channel, 6 (non-negative activations) or 3 "
                        "(signed), or the observed 99.9th percentile of |x| where larger; lp: quantize's Lp-optimal "
                        "range at the budget's bits (per channel for weights).")
-    @click.option("--init-bits", type=float, default=8.0, show_default=True,
+    @click.option("--init-bits", type=FINITE, default=8.0, show_default=True,
                   help="nipq: the bit-width every learned quantizer starts the noise phase at, in [2, 14).")
     @click.option("--loss", type=click.Choice(["auto", "ce", "kd"]), default="auto", show_default=True,
                   help="auto: KD on a cache, CE on labelled data; ce needs labels; kd on labelled data adds KD "
                        "(--kd-weight 1 unless given).")
-    @click.option("--kd-weight", type=float, default=None, help="KD weight next to CE on labelled data [default: 0].")
+    @click.option("--kd-weight", type=FINITE, default=None, help="KD weight next to CE on labelled data [default: 0].")
     @augment_option()
     @click.option("--batch-size", type=POSITIVE, default=128, show_default=True, help="Training images per SGD step.")
     @click.option("--seed", type=int, default=0, show_default=True,

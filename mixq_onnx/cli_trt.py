@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .cli_common import CONTEXT, emit_json
+from .cli_common import CONTEXT, FiniteFloat, emit_json
 from .errors import MixqError
 
 _backend_opt = click.option("--backend", type=click.Choice(["tensorrt", "tensorrt-rtx"]), default=None,
@@ -30,7 +30,7 @@ def register(cli: click.Group) -> None:
                        "several [default: portable, sm80 and newer].")
     @click.option("--opt-level", type=click.IntRange(0, 5), default=None, help="Builder optimisation level.")
     @click.option("--no-timing-cache", is_flag=True, help="Do not read or write PLAN.timing-cache (tensorrt).")
-    @click.option("--require-int8", type=click.FloatRange(0, 1), default=None, metavar="FRACTION",
+    @click.option("--require-int8", type=FiniteFloat(0, 1), default=None, metavar="FRACTION",
                   help="Exit 1 when less than this share of Conv/Gemm/MatMul MACs runs int8 x int8.")
     @click.option("--max-handoffs", type=click.IntRange(min=0), default=None, metavar="N",
                   help="Exit 1, writing no plan, when the engine has more than N hand-offs (reformat/requantize "
@@ -46,22 +46,15 @@ def register(cli: click.Group) -> None:
         Writes PLAN atomically, PLAN.json (ONNX sha256, backend, version, targets, shapes, options,
         layer information) and prints the per-layer precision summary of `inspect`.
         """
-        from .trt.builder import BuildConfig, EngineRefused, build_engine, parse_batch
-        from .trt.inspect import analyze, inspect_plan
+        from .trt.builder import BuildConfig, build_engine, parse_batch
+        from .trt.builder import max_handoffs as handoff_limit
+        from .trt.inspect import inspect_plan
 
         cfg = BuildConfig(backend=backend or "tensorrt-rtx", batch=parse_batch(batch), workspace_mib=workspace_mib,
                           compute_capabilities=tuple(ccs), optimization_level=opt_level,
                           timing_cache=not no_timing_cache)
         plan = Path(out) if out else Path(onnx_path).with_suffix(".plan")
-
-        def accept(layers, shapes) -> None:
-            if max_handoffs is None:
-                return
-            n = analyze(onnx_path, layers, shapes).handoffs
-            if n > max_handoffs:
-                raise EngineRefused(f"the engine has {n} hand-offs, more than --max-handoffs {max_handoffs} "
-                                    f"(no plan written; build without the limit and run inspect to list them)")
-
+        accept = handoff_limit(onnx_path, max_handoffs) if max_handoffs is not None else None
         res = build_engine(onnx_path, plan, cfg, verbose=verbose, accept=accept)
         rep = inspect_plan(plan, onnx_path)
         for w in rep.warnings:
@@ -117,10 +110,19 @@ def register(cli: click.Group) -> None:
 
         from .trt.builder import read_plan_meta
         from .trt.runtime import run_plan
+        from .utils import atomic_path, check_output_file, make_parent
 
         meta = read_plan_meta(plan)
+        if out:
+            check_output_file(out, inputs=(plan,), refuse_suffixes=(".plan", ".onnx", ".json"))
         if input_paths:
-            xs = [np.load(p) for p in input_paths]
+            xs = []
+            for p in input_paths:
+                try:
+                    xs.append(np.load(p, allow_pickle=False))
+                except (OSError, ValueError) as e:
+                    raise MixqError(f"--input {p}: not a readable .npy array ({type(e).__name__}: "
+                                    f"{str(e).splitlines()[0] if str(e) else 'no message'})") from None
         else:
             rng = np.random.default_rng(0)
             xs = [rng.standard_normal(i["opt"]).astype(np.float32) for i in meta["inputs"]]
@@ -129,7 +131,9 @@ def register(cli: click.Group) -> None:
             click.echo(f"{k}: shape {list(v.shape)} dtype {v.dtype} mean {float(v.mean()):.5g} "
                        f"argmax[:8] {v.reshape(len(v), -1).argmax(1)[:8].tolist() if v.ndim else v}")
         if out:
-            np.savez(out, **outs)
+            make_parent(out)
+            with atomic_path(out) as tmp, open(tmp, "wb") as f:
+                np.savez(f, **outs)
             click.echo(out)
 
     @cli.command(context_settings=CONTEXT)

@@ -7,8 +7,8 @@ this module and the registries built on it at start-up, so nothing here or in th
 onnx or any other heavy module at module level; an implementation is named as "package.module:attr" and
 imported on first use (`resolve`).
 
-The calibration registries live here (the `calib` package imports torch when it loads): `FILTERS` and
-`PROMPT_STRATEGIES`. The method registry is `mixq_onnx.methods.METHODS`; block types are in
+The calibration registries live here (the `calib` package imports torch when it loads): `GENERATOR_MODULES`,
+`FILTERS` and `PROMPT_STRATEGIES`. The method registry is `mixq_onnx.methods.METHODS`; block types are in
 `mixq_onnx.quant.graph.BLOCK_TYPES`.
 """
 from __future__ import annotations
@@ -92,6 +92,15 @@ class Registry(Mapping[str, T], Generic[T]):
                 pass
 
         return RegistryChoice()
+
+
+# --------------------------------------------------------------------------- calibration generators
+#: name -> the module that defines its `calib.generators.Generator` subclass (decorated with `register`, under the
+#: same name). `mixq_onnx.calib.generators` imports every module listed here when it loads, and `calib
+#: --generator` lists these names: adding a generator is its module plus one line here.
+GENERATOR_MODULES: Registry[str] = Registry("generator")
+for _name in ("diffusion", "inversion", "real", "noise"):
+    GENERATOR_MODULES.register(_name, f"mixq_onnx.calib.generators.{_name}")
 
 
 # --------------------------------------------------------------------------- calibration filters

@@ -14,7 +14,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,6 +104,31 @@ class SweepModel:
         source = dict(source or {})
         fixed = {k: v for k, v in source.items() if k != "checkpoint"}  # the path may move; the weights decide
         return cls(label, model, sha256_bytes(canonical_json([model_identity(model), fixed]).encode()), source)
+
+
+def sweep_models(base: Any, compare: Sequence[str] = (), label: str | None = None) -> list[SweepModel]:
+    """The line families of `sweep --model ... [--compare [LABEL=]CKPT ...]`: `base` (a `models.ModelOptions`)
+    under `label` (default: its checkpoint's file name, or the model name), then each compared checkpoint of the
+    same model and preprocessing, loaded now. Their `source` (spec, preprocessing, checkpoint path) goes into
+    each cell's identity, so this is what decides which finished cells a re-run reuses."""
+    import dataclasses
+
+    from .models import load_model
+
+    entries = [(label or (Path(base.checkpoint).stem if base.checkpoint else base.spec), base.checkpoint)]
+    for c in compare:
+        name, sep, path = c.partition("=")
+        if not sep:
+            name, path = Path(c).stem, c
+        if not name or not path:
+            raise MixqError(f"--compare {c!r}: expected [LABEL=]CHECKPOINT")
+        entries.append((name, path))
+    prep = {"spec": base.spec, "mean": base.mean, "std": base.std, "input_size": base.input_size}
+    models = []
+    for name, ckpt in entries:
+        opts = base if ckpt == base.checkpoint else dataclasses.replace(base, checkpoint=ckpt, random_init=False)
+        models.append(SweepModel.of(name, load_model(opts), {**prep, "checkpoint": ckpt}))
+    return models
 
 
 def model_identity(model: nn.Module) -> str:

@@ -8,6 +8,7 @@ plus KD when `kd_weight` > 0 and a teacher is given.
 """
 from __future__ import annotations
 
+import copy
 import math
 import os
 from collections.abc import Callable
@@ -62,17 +63,32 @@ class TrainConfig:
     def validate(self) -> TrainConfig:
         if self.epochs < 1:
             raise MixqError(f"--epochs must be at least 1, got {self.epochs}")
-        if not (self.lr > 0 and self.batch_size >= 1 and self.temperature > 0 and self.rho > 0):
+        if not (0 < self.lr < math.inf and self.batch_size >= 1 and 0 < self.temperature < math.inf
+                and 0 < self.rho < math.inf):
             raise MixqError("--lr, --rho and the temperature must be positive, --batch-size at least 1")
         if self.sam not in (None, "asam"):
             raise MixqError(f"--sam must be asam, got {self.sam!r}")
-        if self.kd_weight < 0:
+        if not 0 <= self.kd_weight < math.inf:
             raise MixqError(f"the KD weight must be >= 0, got {self.kd_weight}")
         check_augment(self.augment)
         a, b = self.lr_window
         if not 0.0 <= a < b <= 1.0:
             raise MixqError(f"the lr window must satisfy 0 <= start < end <= 1, got {self.lr_window}")
         return self
+
+
+def default_teacher(model: nn.Module, data: TrainData, kd_weight: float,
+                    device: str | torch.device | None = None) -> nn.Module | None:
+    """The KD teacher a stage trains with when none is given: a frozen copy of `model` as it is now (the original
+    checkpoint), needed on a cache (KD alone) and with `kd_weight` > 0; None otherwise."""
+    if data.labelled and kd_weight <= 0:
+        return None
+    teacher = copy.deepcopy(model)
+    if device is not None:
+        teacher = teacher.to(device)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher.eval()
 
 
 @dataclass

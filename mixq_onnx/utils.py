@@ -40,7 +40,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     mode = path.stat().st_mode & 0o777 if path.is_file() else 0o666 & ~current_umask()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise MixqError(f"cannot write {path}: {e.strerror or e}") from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -52,6 +55,44 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def check_output_file(path: str | os.PathLike, *, what: str = "--out", inputs: tuple[Any, ...] = (),
+                      refuse_suffixes: tuple[str, ...] = ()) -> Path:
+    """Refuse, before any work, an output file the command could not write or must not write: an empty path,
+    a directory, a path under a regular file or a read-only folder, a suffix in `refuse_suffixes`, or one of
+    the command's own `inputs` (a file, or a folder the output would land inside). Creates nothing: the
+    missing folders are made at write time (`make_parent`)."""
+    if not str(path).strip():
+        raise MixqError(f"{what} is empty: give a file path")
+    p = Path(path)
+    if p.is_dir():
+        raise MixqError(f"{what} {p} is a directory: give a file path")
+    target = p.resolve()
+    for i in inputs:
+        if i is None:
+            continue
+        src = Path(i).resolve()
+        if target == src or (src.is_dir() and src in target.parents):
+            raise MixqError(f"{what} {p} would overwrite the input {i}: write somewhere else")
+    if p.suffix.lower() in refuse_suffixes:
+        raise MixqError(f"{what} {p} ends in {p.suffix}: pick another name (it would read as the input's kind)")
+    anc = target.parent
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir():
+        raise MixqError(f"cannot write {p}: {anc} is a file, not a folder")
+    if not os.access(anc, os.W_OK | os.X_OK):
+        raise MixqError(f"cannot write {p}: the folder {anc} is read-only")
+    return p
+
+
+def make_parent(path: str | os.PathLike) -> None:
+    """Create the folders above an output file at write time (after the work), as a one-line error if it fails."""
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise MixqError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def current_umask() -> int:

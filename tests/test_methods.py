@@ -87,6 +87,28 @@ def test_cli_choices_are_the_registries():
     assert list(_option("quantize", "preset").type.choices) == list(PRESETS)
     assert list(_option("calib", "filter_").type.choices) == list(FILTERS)
     assert list(_option("calib", "strategy").type.choices) == list(PROMPT_STRATEGIES)
+    from mixq_onnx.calib.generators import GENERATORS
+    from mixq_onnx.registry import GENERATOR_MODULES
+
+    assert list(_option("calib", "generator").type.choices) == list(GENERATOR_MODULES) == list(GENERATORS)
+
+
+def test_cli_lists_kept_light_match_the_library():
+    """Options whose values live in packages that import torch (qat, robust, quant, trt) spell them out in the
+    CLI, which loads no torch at start-up; they must stay the library's lists."""
+    from mixq_onnx.qat.config import NOISES, QAT_METHODS, RANGE_INITS, SCHEDULES
+    from mixq_onnx.quant.config import BLOCK_SIZES
+    from mixq_onnx.robust.regularizers import PAIRINGS
+    from mixq_onnx.trt.backend import BACKENDS
+
+    for command, name, values in (("qat", "method", QAT_METHODS), ("qat", "noise", NOISES),
+                                  ("qat", "schedule", SCHEDULES), ("qat", "range_init", RANGE_INITS),
+                                  ("robustify", "symreg_pairing", PAIRINGS),
+                                  ("quantize", "block_size", [str(b) for b in BLOCK_SIZES]),
+                                  ("export", "block_size", [str(b) for b in BLOCK_SIZES]),
+                                  ("build", "backend", list(BACKENDS)), ("run", "backend", list(BACKENDS)),
+                                  ("bench", "backend", list(BACKENDS))):
+        assert list(_option(command, name).type.choices) == list(values), (command, name)
 
 
 def test_phases_under_weight_only():

@@ -382,7 +382,8 @@ def test_qat_end_to_end_then_eval_export_check_verify(world, tmp_path, run_cli):
     (["--target-bits", "4", "--schedule", "cyclic"], "--schedule"),
     (["--target-bits", "4", "--augment", "mixup"], "--augment"),
     (["--target-bits", "4", "--init-bits", "14"], "--init-bits must be in [2, 14)"),
-    (["--target-bits", "4", "--init-bits", "nan"], "--init-bits must be in [2, 14)"),
+    (["--target-bits", "4", "--init-bits", "nan"], "'nan' is not a finite number"),  # the CLI's FINITE type
+    (["--target-bits", "4", "--lr", "inf"], "'inf' is not a finite number"),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
 def test_bad_input_is_one_line_exit_2_and_no_output(world, tmp_path, run_cli, args, needle):
     root, cache = world
@@ -391,6 +392,13 @@ def test_bad_input_is_one_line_exit_2_and_no_output(world, tmp_path, run_cli, ar
     line = one_line_error(run_cli("qat", *TINY, "--data", cache, "--out", out, "--epochs", "1", *args))
     assert needle in line, line
     assert not out.exists() and snapshot(tmp_path) == before
+
+
+def test_the_config_itself_refuses_nan_without_the_cli():
+    with pytest.raises(MixqError, match=r"--init-bits must be in \[2, 14\)"):
+        QATConfig(target_bits=4, init_bits=float("nan")).validate()
+    with pytest.raises(MixqError, match="--lr must be positive"):
+        QATConfig(target_bits=4, lr=float("nan")).validate()
 
 
 def test_nipq_initial_activation_range_covers_an_input_that_is_not_normalised(tiny):

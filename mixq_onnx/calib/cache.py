@@ -46,6 +46,9 @@ def shard_name(i: int) -> str:
     return f"shard-{i:05d}.safetensors"
 
 
+MAX_NUM = 100_000  # images of one cache (`calib --num`): a recipe asking for more is not one calib wrote
+
+
 def recipe_hash(recipe: dict[str, Any]) -> str:
     """The cache key: a cache lives in `<root>/<recipe_hash(recipe)>/`."""
     return sha256_bytes(canonical_json(recipe).encode())[:16]
@@ -87,6 +90,8 @@ def decode_shard(data: bytes) -> tuple[torch.Tensor, list[dict[str, Any]]]:
     header = json.loads(data[8 : 8 + n])
     meta = header.get("__metadata__") or {}
     images = load(data)["images"]
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:  # what `encode_shard` writes
+        raise ValueError(f"shard images must be uint8 [n,H,W,3], got {images.dtype} {tuple(images.shape)}")
     return images, json.loads(meta.get("records", "[]"))
 
 
@@ -212,6 +217,8 @@ def _check_manifest(m: dict[str, Any], path: Path) -> dict[str, Any]:
 
     if not isinstance(m.get("recipe"), dict):
         raise bad("no 'recipe' object")
+    if "hash" in m and m["hash"] != recipe_hash(m["recipe"]):  # every reader, not only `cache verify`
+        raise bad(f"its recipe does not hash to the recorded hash {m['hash']} (an edited recipe)")
     if not isinstance(m.get("shards"), list) or not isinstance(m.get("images"), list):
         raise bad("no 'shards' or 'images' list")
     for i, s in enumerate(m["shards"]):
@@ -226,8 +233,9 @@ def _check_manifest(m: dict[str, Any], path: Path) -> dict[str, Any]:
 
 
 def _check_recipe(r: dict[str, Any], path: Path) -> dict[str, Any]:
-    if not _is_count(r.get("num"), 1) or not _is_count(r.get("shard_size"), 1):
-        raise CorruptCacheError(f"cache {path} has an invalid {RECIPE}: 'num' and 'shard_size' must be integers >= 1")
+    if not _is_count(r.get("num"), 1) or not _is_count(r.get("shard_size"), 1) or r["num"] > MAX_NUM:
+        raise CorruptCacheError(f"cache {path} has an invalid {RECIPE}: 'num' and 'shard_size' must be integers >= 1, "
+                                f"'num' at most {MAX_NUM}")
     return r
 
 
@@ -331,8 +339,6 @@ def verify(path: Path) -> VerifyResult:
         return VerifyResult(path, False, 0, [str(e)])
     recipe = m["recipe"]
     problems: list[str] = []
-    if "hash" in m and m["hash"] != recipe_hash(recipe):
-        problems.append(f"the manifest's recipe does not hash to its recorded hash {m['hash']} (edited recipe)")
     shard_records: list[dict[str, Any]] = []
     all_read = True
     count = 0

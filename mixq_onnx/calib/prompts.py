@@ -44,8 +44,8 @@ class PromptConfig:
                 raise MixqError(f"--k must be at least 2 for {self.strategy} prompts, got {self.k}")
             if self.k > num_classes:
                 raise MixqError(f"--k {self.k} exceeds the number of classes ({num_classes})")
-        if self.alpha <= 0:
-            raise MixqError(f"--alpha must be positive, got {self.alpha}")
+        if not 0 < self.alpha < float("inf"):
+            raise MixqError(f"--alpha must be a positive finite number, got {self.alpha}")
         if self.template is not None and spec.template_slots and self.template.count("{}") != self.k:
             raise MixqError(f"--template needs exactly {self.k} '{{}}' placeholders for k={self.k}")
 

@@ -31,7 +31,7 @@ from .generators import GENERATORS, GenContext
 from .prompts import PromptConfig, plan_images
 
 #: Largest `--num`: the whole cache is loaded into memory by quantize (and by --filter while scoring).
-MAX_NUM = 100_000
+MAX_NUM = C.MAX_NUM
 #: Stored side lengths: at least 8 pixels, at most 1024 (the largest diffusion resolution, SDXL's).
 MIN_SIZE, MAX_SIZE = 8, 1024
 

@@ -1,6 +1,7 @@
 """The preprocessing a model expects, carried with the model so one calibration cache serves many models."""
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -8,11 +9,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..errors import MixqError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 #: Attribute under which `load_model` stores a model's `Preprocessing`.
 ATTR = "mixq_preprocessing"
+MAX_SIDE = 4096  # pixels: a larger input is a typo (or a hostile quant.json), not a vision model's
+MAX_CHANNELS = 16
 
 
 @dataclass(frozen=True)
@@ -27,6 +32,21 @@ class Preprocessing:
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
     interpolation: str = "bilinear"
+
+    def __post_init__(self) -> None:
+        """Refuse values that would crash later or quietly give garbage (a zero std, NaN, a size of 0 or of a
+        gigapixel), whether they come from --mean/--std/--input-size or from a received quant.json."""
+        size = self.input_size
+        if len(size) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in size) or size[0] > MAX_CHANNELS \
+                or max(size[1:]) > MAX_SIDE:
+            raise MixqError(f"preprocessing input size {list(size)} is not C,H,W with 1 <= C <= {MAX_CHANNELS} and "
+                            f"1 <= H, W <= {MAX_SIDE} (--input-size takes 32, 32,32 or 3,32,32)")
+        for name, vals in (("mean", self.mean), ("std", self.std)):
+            if len(vals) not in (1, size[0]) or not all(math.isfinite(v) for v in vals):
+                raise MixqError(f"preprocessing {name} {list(vals)} must be {size[0]} finite numbers (one per "
+                                f"input channel) or one (--{name})")
+        if not all(v > 0 for v in self.std):
+            raise MixqError(f"preprocessing std {list(self.std)} must be positive (--std)")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

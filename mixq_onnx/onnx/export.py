@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import MixqError
-from ..utils import atomic_path
+from ..utils import atomic_path, check_output_file, make_parent
 from .markers import DOMAIN, marker_mode, translation_table
 from .passes import (
     add_initializer,
@@ -192,12 +192,12 @@ def save_model(model, out: str | os.PathLike) -> Path:
     import onnx_ir as ir
 
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     proto = ir.to_proto(model)
     try:
         onnx.checker.check_model(proto, full_check=False)
     except Exception as e:  # noqa: BLE001
         raise MixqError(f"exported graph fails onnx.checker: {str(e).splitlines()[0][:200]}") from None
+    make_parent(out)
     with atomic_path(out) as tmp:
         onnx.save(proto, str(tmp))
     return out
@@ -307,6 +307,9 @@ def export_onnx(out: str | os.PathLike, *, quantized: str | os.PathLike | None =
         raise MixqError(f"--quantized {quantized} is not a directory")
     if fp and int4_weight_only:
         raise MixqError("--fp and --int4-weight-only exclude each other")
+    if quantized is not None:
+        read_quant_json(quantized)  # not a result folder: that is the error, before any about --out
+    check_output_file(out, inputs=(quantized,), refuse_suffixes=(".plan", ".json", ".safetensors"))
     if fp:
         return export_fp(user_model() if model is not None else load_source_model(quantized, trust_model_code), out)
     if int4_weight_only and quantized is None:

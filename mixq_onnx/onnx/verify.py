@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ class VerifyReport:
     layout: str = "dq-scales"  # export layout recorded in the graph (integer: bit-exact by construction)
     nan_outputs: int = 0  # output values that are NaN or inf in either runtime (a verdict on its own)
     warnings: list[str] = field(default_factory=list)
+    subset: str | None = None  # which images (`verify_data`: all N, or the seeded sample `limit` drew)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -69,10 +71,17 @@ def ort_session(path: Path | str, optimized: bool, extra_outputs: list[str] | No
     so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimized
                                    else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     so.log_severity_level = 3
-    if extra_outputs:
-        m = expose_outputs(onnx.load(str(path)), extra_outputs)
-        return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    try:
+        if extra_outputs:
+            m = expose_outputs(onnx.load(str(path)), extra_outputs)
+            return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    except MixqError:
+        raise
+    except Exception as e:  # noqa: BLE001 - onnxruntime's and onnx's own types (InvalidGraph, Fail, ValidationError)
+        text = str(e).strip()
+        first = text.splitlines()[0][:300] if text else "no message"
+        raise MixqError(f"onnxruntime cannot load {path} ({type(e).__name__}: {first})") from None
 
 
 def _nanmax(acc: float, d: np.ndarray) -> float:
@@ -125,6 +134,30 @@ def match_quantizers(graph: Any, qs: dict[str, Any], path: Path | str = "graph")
             w = q.int_weight.to(torch.int64).reshape(-1).numpy()
             if g.size != w.size or int(g.sum()) != int(w.sum()) or int((g * g).sum()) != int((w * w).sum()):
                 raise MixqError(f"{path} does not match the quantized model: the integer weights of {name} differ")
+
+
+def verify_data(onnx_path: str | os.PathLike, data: str | os.PathLike, *, quantized: str | os.PathLike,
+                model: Any = None, trust_model_code: bool = False, limit: int | None = None, batch_size: int = 250,
+                log: Callable[[str], None] | None = None, progress: bool = False) -> VerifyReport:
+    """What `mixq-onnx verify` computes: the graph at `onnx_path` against the result folder `quantized` it was
+    exported from (`model`: a `ModelOptions` replacing its recorded model, as `load_result` takes), on an npz or
+    image folder read at the model's input size. `limit`: `pick_subset`'s seeded sample, named in the report's
+    `subset`; `log` gets the `data:` / `preprocessing:` lines once the graph is accepted (a refused graph stays
+    one error)."""
+    from ..data import read_labelled, report_data
+    from ..models import get_preprocessing
+    from ..quant.io import load_result
+
+    if not Path(onnx_path).is_file():
+        raise MixqError(f"ONNX model not found: {onnx_path}")
+    _, qmodel = load_result(quantized, model, trust_model_code)
+    pre = get_preprocessing(qmodel)
+    d = read_labelled(data, pre.input_size[1], limit)
+    rep = verify_onnx(onnx_path, qmodel, d.images, batch_size, progress=progress)
+    if log is not None:
+        report_data(pre, d.source_hw, d.subset, log=log, resized_on_load=d.resized_on_load)
+    rep.subset = d.subset
+    return rep
 
 
 def verify_onnx(path: str | os.PathLike, qmodel: nn.Module, images: torch.Tensor, batch_size: int = 250, *,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from ..quant.spec import int_range
 from .config import MIN_BITS, TRAIN_MAX_BITS
 
 N_BINS = 256
@@ -72,9 +73,9 @@ def sample_noise(err: torch.Tensor, shape: torch.Size | tuple[int, ...], mode: s
 
 
 def levels(bits: torch.Tensor, signed: bool) -> torch.Tensor:
-    """Positive levels of NIPQ's grid at (possibly fractional, STE-rounded) `bits`: 2^(b-1)-1 signed, 2^b-1
-    unsigned. A training-time proxy only: deployed grids come from `QuantSpec.grid()`."""
-    return 2 ** (bits - 1) - 1 if signed else 2**bits - 1
+    """Positive levels of NIPQ's grid at (possibly fractional, STE-rounded) `bits`: the top of `int_range`'s
+    grid (2^(b-1)-1 signed, 2^b-1 unsigned) at those widths."""
+    return int_range(bits, signed, narrow=True)[1]
 
 
 def rounding_errors(x: torch.Tensor, alpha: torch.Tensor, n_lv: torch.Tensor, signed: bool) -> torch.Tensor:

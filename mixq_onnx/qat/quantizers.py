@@ -8,14 +8,13 @@ Phases: "noise" (NIPQ: learned bits theta_b and range theta_alpha, pseudo-quanti
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..quant.quantizer import ActQuantizer, WeightQuantizer, weight_round
+from ..quant.quantizer import ActQuantizer, WeightQuantizer, lsq_grad_scale, per_sample, weight_round
 from .noise import bits_of, cap_ste, inverse_softplus, levels, lsq_quant, nipq_quant, round_ste, theta_of
 
 
@@ -83,15 +82,14 @@ class QATWeightQuantizer(WeightQuantizer):
         self.qat = params
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        shape = [1] * w.ndim
-        shape[self.axis] = -1
+        shape = self.broadcast_shape(w)
         p = self.qat
         if p.phase == "float":  # observing the float network (the hard phase's step search)
             return w
         if p.phase == "noise":
             return p.noise_forward(w, p.alpha().view(shape), self.training)
         lo, hi = self.spec.grid()
-        g = 1.0 / math.sqrt(max(1, w.numel() // w.shape[self.axis]) * max(hi, 1))
+        g = lsq_grad_scale(max(1, w.numel() // w.shape[self.axis]), hi)
         return lsq_quant(w, p.step.view(shape), lo, hi, g, weight_round)
 
 
@@ -116,9 +114,7 @@ class QATActQuantizer(ActQuantizer):
         if p.phase == "noise":
             return p.noise_forward(x, p.alpha().reshape(()), self.training)
         lo, hi = self.spec.grid()
-        per_sample = x[0].numel() if x.ndim > 1 else x.numel()
-        g = 1.0 / math.sqrt(per_sample * max(hi, 1))
-        return lsq_quant(x, p.step.reshape(()), lo, hi, g)
+        return lsq_quant(x, p.step.reshape(()), lo, hi, lsq_grad_scale(per_sample(x), hi))
 
 
 def replace_quantizers(model: nn.Module, make: Callable[[nn.Module], nn.Module | None]) -> int:

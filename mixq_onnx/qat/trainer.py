@@ -18,7 +18,6 @@ because a result folder rebuilds it from the recorded checkpoint.
 """
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import replace
 from typing import Any
@@ -31,7 +30,7 @@ from ..quant.graph import prepare, quantizers
 from ..quant.modules import QUANT_LAYERS
 from ..quant.quantizer import ActQuantizer, WeightQuantizer, search_act_scale, search_weight_scale
 from ..quant.reconstruct import init_scales
-from ..training import TrainConfig, TrainData
+from ..training import TrainConfig, TrainData, default_teacher
 from ..training import train as run_loop
 from ..utils import full_fp32, model_device
 from .budget import (
@@ -281,10 +280,8 @@ def train(model: nn.Module, cfg: QATConfig, data: TrainData, *, teacher: nn.Modu
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
     torch.set_flush_denormal(True)
-    if teacher is None and (not data.labelled or cfg.kd_weight > 0):
-        teacher = copy.deepcopy(model).to(dev).eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
+    if teacher is None:
+        teacher = default_teacher(model, data, cfg.kd_weight, dev)
     lsq = cfg.method == "lsq"
     floats: tuple[str, ...] = ()
     src: dict[str, str] = {}

@@ -445,6 +445,8 @@ def folder_model(qdir: str | os.PathLike, spec: str | None = None, checkpoint: s
                             + (f" (the file with sha256 {sha[:12]}…)" if sha else ""))
     try:
         pre = Preprocessing.from_dict(src["preprocessing"])
+    except MixqError as e:
+        raise MixqError(f"{where}: model {e}") from None
     except (KeyError, TypeError, ValueError) as e:
         raise MixqError(f"{where}: model preprocessing is not valid ({type(e).__name__}: {e})") from None
     return ModelOptions(spec, None if checkpoint is None else str(checkpoint), random_init,

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import MixqError
-from .spec import QuantSpec
+from .spec import SUPPORTED_BITS, QuantSpec
 
 ZETA, GAMMA = 1.1, -0.1
 
@@ -111,13 +111,24 @@ def exporting() -> bool:
     return _EXPORT is not None
 
 
+def per_sample(x: torch.Tensor) -> int:
+    """Elements of one sample of an activation (the whole tensor when it has no batch axis)."""
+    return x[0].numel() if x.ndim > 1 else x.numel()
+
+
+def lsq_grad_scale(elements: int, qmax: int) -> float:
+    """LSQ's step-gradient scale 1 / sqrt(N * Q_P) (Esser et al. 2020): N the elements one step serves (per
+    sample for activations, per channel for weights), Q_P the grid's top."""
+    return 1.0 / math.sqrt(elements * max(qmax, 1))
+
+
 class _Base(nn.Module):
     kind = "base"
 
     def __init__(self, name: str, bits: int, symmetric: bool = True):
         super().__init__()
-        if not 2 <= bits <= 8:
-            raise ValueError(f"bits must be in 2..8, got {bits}")
+        if bits not in SUPPORTED_BITS:
+            raise ValueError(f"bits must be in {SUPPORTED_BITS[0]}..{SUPPORTED_BITS[-1]}, got {bits}")
         self.name = name
         self.bits = int(bits)
         self.symmetric = bool(symmetric)
@@ -210,9 +221,7 @@ class ActQuantizer(_Base):
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
         lo, hi = self.qrange
         if self.learning and (self.scale.requires_grad or x.requires_grad):
-            per_sample = x[0].numel() if x.ndim > 1 else x.numel()
-            g = 1.0 / math.sqrt(per_sample * max(hi, 1))
-            return _LSQ.apply(x, self.scale, self.zero_point, float(lo), float(hi), g)
+            return _LSQ.apply(x, self.scale, self.zero_point, float(lo), float(hi), lsq_grad_scale(per_sample(x), hi))
         q = torch.clamp(torch.round(x / self.scale) + self.zero_point, lo, hi)
         return (q - self.zero_point) * self.scale
 
@@ -275,7 +284,8 @@ class WeightQuantizer(_Base):
         return QuantSpec(self.name, "weight", "weight", self.bits, self.symmetric, self.symmetric, self.axis,
                          self.block_size)
 
-    def _shape(self, w: torch.Tensor) -> list[int]:
+    def broadcast_shape(self, w: torch.Tensor) -> list[int]:
+        """The view that broadcasts a per-channel scale against `w` ([1, .., -1 at the axis, .., 1])."""
         shape = [1] * w.ndim
         shape[self.axis] = -1
         return shape
@@ -294,7 +304,7 @@ class WeightQuantizer(_Base):
                 return t.reshape(out, nb, 1).expand(out, nb, self.block_size).reshape(out, k)
 
             return expand(self.scale), expand(self.zero_point)
-        shape = self._shape(w)
+        shape = self.broadcast_shape(w)
         return self.scale.view(shape), self.zero_point.view(shape)
 
     def scale_shape(self, w_shape: torch.Size | tuple[int, ...]) -> tuple[int, ...]:
@@ -345,13 +355,13 @@ class WeightQuantizer(_Base):
 
     def int_values(self) -> torch.Tensor:
         """Frozen integers minus zero point, as float (the integer-domain operand of the layer)."""
-        return self.int_weight.float() - self.zero_point.view(self._shape(self.int_weight))
+        return self.int_weight.float() - self.zero_point.view(self.broadcast_shape(self.int_weight))
 
     def finalize(self, w: torch.Tensor) -> None:
         """Freeze the current decisions (hard rounding) as stored integers."""
         mode = "hard" if self.mode in ("soft", "hard") else self.mode
         ints = self.integers(w, mode).detach()
-        self.int_weight = ints.round().to(torch.int8 if self.symmetric else torch.uint8)
+        self.int_weight = ints.round().to(getattr(torch, self.spec.container_dtype()))
         self.mode = "int"
         self.alpha = None
         self.w_floor = torch.empty(0)
@@ -368,7 +378,6 @@ class WeightQuantizer(_Base):
 
 
 # ----------------------------------------------------------------------------- validation
-SUPPORTED_BITS = tuple(range(2, 9))
 
 # key -> accepted JSON shape: "str", "bool", "int" (not bool), "num" (int or float, not bool),
 # "int?" (int or null), "null", "ints" / "nums" / "strs" (lists of those)
@@ -456,7 +465,8 @@ def validate_record(
             raise bad(f"placement {record['placement']!r} of a weight quantizer, expected 'weight'")
         if record["signed"] != sym:
             raise bad(f"signed {record['signed']} disagrees with symmetric {sym} (weights are signed iff symmetric)")
-    grid = QuantSpec.from_record(record).grid()
+    spec = QuantSpec.from_record(record)
+    grid = spec.grid()
     lo, hi = grid
     if (record["qmin"], record["qmax"]) != grid:
         raise bad(f"qmin/qmax [{record['qmin']}, {record['qmax']}] disagree with the grid [{lo}, {hi}] of "
@@ -473,7 +483,7 @@ def validate_record(
     assert scale is not None and zp is not None
     if kind == "weight":
         ints = tensors.get("int")
-        int_dtype = torch.int8 if sym else torch.uint8
+        int_dtype = getattr(torch, spec.container_dtype())
         if ints is None:
             raise bad("weights.safetensors lacks its integer weights")
         if not isinstance(ints, torch.Tensor) or ints.dtype != int_dtype:

@@ -14,14 +14,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-SUPPORTED_BITS = tuple(range(2, 9))
-KINDS = ("act", "weight")
-PLACEMENTS = ("input", "residual", "matmul", "pool", "weight")
+SUPPORTED_BITS = tuple(range(2, 9))  # deployable widths of a quantizer (its grid lives in an 8-bit container)
 
 
-def int_range(bits: int, signed: bool, narrow: bool) -> tuple[int, int]:
+def int_range(bits: Any, signed: bool, narrow: bool) -> tuple[Any, Any]:
     """Integer range of a b-bit grid: narrow signed [-(2^(b-1)-1), 2^(b-1)-1] (weights), full signed
-    [-2^(b-1), 2^(b-1)-1] or unsigned [0, 2^b-1]."""
+    [-2^(b-1), 2^(b-1)-1] or unsigned [0, 2^b-1]. `bits` may also be a tensor of (fractional) widths: NIPQ's
+    training-time grid takes its levels from here too."""
     if signed:
         hi = 2 ** (bits - 1) - 1
         return (-hi if narrow else -hi - 1), hi
@@ -50,25 +49,21 @@ class QuantSpec:
             return 0, 2**self.bits - 1
         return int_range(self.bits, self.signed, narrow=self.kind == "weight")
 
-    @property
-    def qmin(self) -> int:
-        return self.grid()[0]
-
-    @property
-    def qmax(self) -> int:
-        return self.grid()[1]
-
     def container(self) -> tuple[int, int]:
         """The 8-bit type the grid lives in on the graph (INT8, or UINT8 for asymmetric grids): a grid
         narrower than it needs a Clip before the QuantizeLinear."""
         return (-128, 127) if self.symmetric else (0, 255)
+
+    def container_dtype(self) -> str:
+        """The container's name as torch and numpy spell it: "int8" or "uint8"."""
+        return "int8" if self.symmetric else "uint8"
 
     def needs_clip(self) -> bool:
         return self.grid() != self.container()
 
     def describe(self) -> str:
         """e.g. "4-bit unsigned on UINT8" / "4-bit on INT8": the intended grid beside the engine's type."""
-        kind = "INT8" if self.container()[0] < 0 else "UINT8"
+        kind = self.container_dtype().upper()
         sign = "" if self.signed or not self.symmetric else " unsigned"
         return f"{self.bits}-bit{sign} on {kind}"
 

@@ -1,7 +1,6 @@
 """`robustify`: fine-tune a float model with SymReg and/or SatNL through the shared training loop."""
 from __future__ import annotations
 
-import copy
 import os
 from pathlib import Path
 from typing import Any
@@ -9,7 +8,7 @@ from typing import Any
 import torch.nn as nn
 
 from ..errors import MixqError
-from ..training import TrainConfig, TrainData, train
+from ..training import TrainConfig, TrainData, default_teacher, train
 from ..utils import atomic_write_bytes, atomic_write_json, sha256_bytes
 from .regularizers import RobustConfig, apply_satnl, remove_satnl, symreg_loss
 
@@ -20,10 +19,8 @@ def robustify(model: nn.Module, cfg: RobustConfig, data: TrainData, *, teacher: 
     report: per-epoch loss terms and, with SatNL, the learned alphas. The KD teacher defaults to a frozen
     copy of the model as given (the original checkpoint)."""
     cfg.validate()
-    if teacher is None and (not data.labelled or cfg.kd_weight > 0):
-        teacher = copy.deepcopy(model).eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
+    if teacher is None:
+        teacher = default_teacher(model, data, cfg.kd_weight)
     sats = apply_satnl(model, cfg.learn_alpha) if cfg.satnl else []
     extra = None
     if cfg.symreg > 0:

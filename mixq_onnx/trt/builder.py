@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import MixqError
-from ..utils import atomic_path, atomic_write_json, sha256_file
+from ..utils import atomic_path, atomic_write_json, check_output_file, make_parent, sha256_file
 from .backend import BACKENDS, cuda_version, gpu_info, import_backend, make_logger
 from .layers import LayerInfo, parse_builder_log, parse_inspector_json
 
@@ -36,6 +36,19 @@ class EngineRefused(MixqError):
 #: `build_engine(accept=...)`: called with the engine's layers and the input shapes at the profile's OPT before
 #: anything is written; raising (EngineRefused) leaves no plan behind.
 Accept = Callable[[list[LayerInfo], dict[str, list[int]]], None]
+
+
+def max_handoffs(onnx_path: str | Path, limit: int) -> Accept:
+    """An `accept` that refuses an engine with more than `limit` hand-offs (reformat/requantize layers plus
+    tensors passed in float between non-compute kernels, as `inspect` counts them): `build --max-handoffs`."""
+    def accept(layers: list[LayerInfo], shapes: dict[str, list[int]]) -> None:
+        from .inspect import analyze
+
+        n = analyze(onnx_path, layers, shapes).handoffs
+        if n > limit:
+            raise EngineRefused(f"the engine has {n} hand-offs, more than --max-handoffs {limit} "
+                                f"(no plan written; build without the limit and run inspect to list them)")
+    return accept
 
 
 @dataclass
@@ -202,8 +215,7 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, cfg: BuildConfig 
     if not onnx_path.is_file():
         raise MixqError(f"ONNX model not found: {onnx_path}")
     _require_onnx(onnx_path)
-    if plan_path.parent and not plan_path.parent.exists():
-        plan_path.parent.mkdir(parents=True, exist_ok=True)
+    check_output_file(plan_path, what="the plan", inputs=(onnx_path,), refuse_suffixes=(".onnx", ".json"))
     trt = import_backend(cfg.backend)
     gpu = gpu_info()
     if cfg.backend == "tensorrt" and gpu is None:
@@ -257,6 +269,7 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, cfg: BuildConfig 
     if accept is not None:  # before the plan is written: a refused engine leaves nothing behind
         accept(layers, {i["name"]: list(i["opt"]) for i in shapes})
 
+    make_parent(plan_path)
     with atomic_path(plan_path) as tmp:
         tmp.write_bytes(plan_bytes)
     if cache is not None and cache_file is not None:
@@ -319,11 +332,36 @@ def read_plan_meta(plan_path: str | Path) -> dict[str, Any]:
         meta = json.loads(mp.read_text())
     except (OSError, ValueError) as e:
         raise MixqError(f"cannot read {mp} ({type(e).__name__}): {hint}") from None
-    if meta.get("format") != PLAN_FORMAT or "plan_key" not in meta:
+    if not isinstance(meta, dict) or meta.get("format") != PLAN_FORMAT or "plan_key" not in meta:
         raise MixqError(f"{mp} is not a {PLAN_FORMAT} file: {hint}")
+    problem = _plan_meta_problem(meta)
+    if problem:
+        raise MixqError(f"{mp} is damaged ({problem}): {hint}")
     if meta.get("plan_sha256") and sha256_file(plan_path) != meta["plan_sha256"]:
         raise MixqError(f"{plan_path} does not match the sha256 recorded in {mp.name}: {hint}")
     return meta
+
+
+def _plan_meta_problem(meta: dict[str, Any]) -> str | None:
+    """What is wrong with the fields `inspect`, `run`, `bench` and `eval --engine` read, or None."""
+    for key in ("plan_key", "backend", "backend_version"):
+        if not isinstance(meta.get(key), str):
+            return f"{key} is not a string"
+    onnx_rec = meta.get("onnx")
+    if not isinstance(onnx_rec, dict) or not isinstance(onnx_rec.get("path"), str):
+        return "onnx.path is missing"
+    inputs = meta.get("inputs")
+    if not isinstance(inputs, list) or not all(
+            isinstance(i, dict) and isinstance(i.get("name"), str) and isinstance(i.get("opt"), list)
+            and all(isinstance(v, int) and v >= 1 for v in i["opt"]) for i in inputs):
+        return "inputs are not a list of {name, opt shape}"
+    if not isinstance(meta.get("options"), dict) or not isinstance(meta.get("layers", []), list):
+        return "options or layers are malformed"
+    try:
+        plan_layers(meta)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        return f"a layer record is malformed: {type(e).__name__} {e}"
+    return None
 
 
 def check_plan_key(meta: dict[str, Any], trt: Any, gpu: Any | None = None, backend: str | None = None) -> None:

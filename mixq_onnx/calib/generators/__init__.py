@@ -1,6 +1,12 @@
-"""Generator registry: `GENERATORS[name]`. Importing this package registers every generator
-(their modules import heavy libraries such as diffusers lazily)."""
-from . import diffusion, inversion, noise, real  # noqa: F401,E402
+"""Generator registry: `GENERATORS[name]`. Importing this package imports every module that
+`mixq_onnx.registry.GENERATOR_MODULES` names, and each registers its generator (heavy libraries such as
+diffusers load lazily inside them)."""
+import importlib
+
+from ...registry import GENERATOR_MODULES
 from .base import GENERATORS, GenContext, Generator, ShardOutput, register
+
+for _module in GENERATOR_MODULES.values():
+    importlib.import_module(_module)
 
 __all__ = ["GENERATORS", "GenContext", "Generator", "ShardOutput", "register"]

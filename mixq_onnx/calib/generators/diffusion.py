@@ -131,8 +131,8 @@ class DiffusionGenerator(Generator):
     def validate(self) -> None:
         if self.steps < 1:
             raise MixqError(f"--steps must be at least 1, got {self.steps}")
-        if self.guidance < 0:
-            raise MixqError(f"--guidance must be >= 0, got {self.guidance}")
+        if not 0 <= self.guidance < float("inf"):
+            raise MixqError(f"--guidance must be a finite number >= 0, got {self.guidance}")
         if self.batch_size < 1:
             raise MixqError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.ctx.size < 8 or self.ctx.size % 8:

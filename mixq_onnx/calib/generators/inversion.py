@@ -206,6 +206,9 @@ class InversionGenerator(Generator):
                 o[k] = v if isinstance(v, bool) else str(v).strip().lower() in ("1", "true", "yes", "on")
         except (TypeError, ValueError) as e:
             raise MixqError(f"bad inversion option: {e}") from None
+        bad = [k for k in ("lr", "latent_lr", "lr_min_ratio", "ce_weight") if not math.isfinite(o[k])]
+        if bad:
+            raise MixqError(f"inversion {', '.join(bad)} must be finite numbers")
         if o["iters"] < 0:
             raise MixqError(f"inversion iters must be >= 0, got {o['iters']}")
         if o["lr"] <= 0 or o["latent_lr"] < 0:

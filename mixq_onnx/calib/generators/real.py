@@ -171,7 +171,7 @@ class RealGenerator(Generator):
             self._picks = [int(j) for j in self._order(len(self._x))[: self.ctx.num]]
             total, skipped = len(self._x), 0
         else:
-            self._files, labels, self._class_names = folder_files(path)
+            self._files, labels, _ = folder_files(path)
             self._y = np.asarray(labels)
             self._picks = self._selection()[0]
             total, skipped = len(self._files), len(self._selection()[1])

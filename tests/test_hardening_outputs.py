@@ -1,0 +1,251 @@
+"""Hardening found by a review of every command with hostile input (2026-11-30): output paths that could not be
+written or would overwrite an input, preprocessing values that crashed later or gave garbage, received files
+(quant.json, PLAN.json, cache manifests) with damaged fields, graphs onnxruntime refuses, and NaN options.
+
+Every case asserts exit code 2, one `error:` line and no traceback, and that the command created or changed
+nothing (`snapshot`)."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from conftest import one_line_error, snapshot
+
+from mixq_onnx.calib import cache as C
+from mixq_onnx.errors import MixqError
+from mixq_onnx.models import load_model
+from mixq_onnx.models.preprocessing import Preprocessing
+from mixq_onnx.onnx import export_qdq
+from mixq_onnx.quant import QuantConfig, quantize, save_quantized
+from mixq_onnx.trt.builder import PLAN_FORMAT, meta_path_for
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict[str, Path]:
+    """A W8A8 result folder of a random-weight ResNet-20, its graph, and a tiny labelled npz."""
+    torch.set_num_threads(1)
+    d = tmp_path_factory.mktemp("outs")
+    model = load_model("cifar_resnet20", random_init=True)
+    calib = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    q = quantize(model, QuantConfig(wbits=8, abits=8, method="rtn"), calib, progress=False)
+    out = {"q8": save_quantized(q, d / "r20-w8a8"), "onnx8": export_qdq(q, d / "r20-w8a8.onnx")}
+    rng = np.random.default_rng(0)
+    out["npz"] = d / "data.npz"
+    np.savez(out["npz"], x=rng.integers(0, 256, (12, 32, 32, 3), dtype=np.uint8), y=np.arange(12) % 10)
+    return out
+
+
+def _clean(run_cli, watch: list[Path], *args) -> str:
+    before = snapshot(*watch)
+    msg = one_line_error(run_cli(*args))
+    assert snapshot(*watch) == before, "the failing command changed files"
+    return msg
+
+
+# ----------------------------------------------------------------------------- output paths
+def test_build_refuses_to_write_the_plan_over_its_graph_or_as_an_onnx_file(world, tmp_path, run_cli):
+    graph = tmp_path / "same.onnx"
+    shutil.copy(world["onnx8"], graph)
+    msg = _clean(run_cli, [tmp_path], "build", graph, "--out", graph)
+    assert "would overwrite the input" in msg
+    assert onnx.load(str(graph)).graph.node  # still the graph
+    msg = _clean(run_cli, [tmp_path], "build", graph, "--out", tmp_path / "other.onnx")
+    assert "ends in .onnx" in msg
+
+
+def test_build_and_export_refuse_an_output_under_a_file_or_an_empty_one(world, tmp_path, run_cli):
+    afile = tmp_path / "afile"
+    afile.write_text("user data")
+    msg = _clean(run_cli, [tmp_path, world["q8"]], "export", "--quantized", world["q8"], "--out", afile / "x.onnx")
+    assert "is a file, not a folder" in msg
+    msg = _clean(run_cli, [tmp_path, world["q8"]], "export", "--quantized", world["q8"], "--out", "")
+    assert "empty" in msg
+    msg = _clean(run_cli, [tmp_path], "build", world["onnx8"], "--out", afile / "x.plan")
+    assert "is a file, not a folder" in msg
+    assert afile.read_text() == "user data"
+
+
+def test_export_refuses_to_write_inside_its_result_folder(world, tmp_path, run_cli):
+    q = tmp_path / "q8"
+    shutil.copytree(world["q8"], q)
+    msg = _clean(run_cli, [tmp_path], "export", "--quantized", q, "--out", q / "graph.onnx")
+    assert "would overwrite the input" in msg
+    msg = _clean(run_cli, [tmp_path], "export", "--quantized", q, "--out", q / "weights.safetensors")
+    assert "weights.safetensors" in msg
+
+
+def test_a_failed_build_leaves_no_folders_behind(world, tmp_path, run_cli):
+    pytest.importorskip("tensorrt_rtx")
+    m = onnx.load(str(world["onnx8"]))
+    del m.graph.node[3]  # a dangling input: TensorRT-RTX's parser refuses the graph
+    broken = tmp_path / "broken.onnx"
+    onnx.save(m, str(broken))
+    _clean(run_cli, [tmp_path], "build", broken, "--out", tmp_path / "new" / "sub" / "x.plan")
+    assert not (tmp_path / "new").exists()
+
+
+def test_write_errors_at_write_time_are_one_line(tmp_path):
+    from mixq_onnx.utils import atomic_write_bytes, make_parent
+
+    ro = tmp_path / "afile"
+    ro.write_text("x")
+    with pytest.raises(MixqError, match="cannot write"):
+        atomic_write_bytes(ro / "y.bin", b"data")
+    with pytest.raises(MixqError, match="cannot write"):
+        make_parent(ro / "sub" / "y.bin")
+
+
+# ----------------------------------------------------------------------------- preprocessing values
+@pytest.mark.parametrize("flag,value,words", [("--input-size", "0", "input size"),
+                                              ("--input-size", "-5", "input size"),
+                                              ("--input-size", "1,2,3,4", "input size"),
+                                              ("--input-size", "100000", "input size"),
+                                              ("--std", "0,0,0", "must be positive"),
+                                              ("--mean", "nan,nan,nan", "finite"),
+                                              ("--mean", "0.5,0.5,0.5,0.5,0.5", "one per input channel")])
+def test_bad_preprocessing_flags_are_refused(world, tmp_path, run_cli, flag, value, words):
+    msg = _clean(run_cli, [tmp_path], "eval", "--model", "cifar_resnet20", "--random-weights", "--data",
+                 world["npz"], flag, value)
+    assert words in msg
+
+
+@pytest.mark.parametrize("field,value", [("input_size", [3, -4, 32]), ("mean", [0.5] * 5),
+                                         ("input_size", [3, 100000, 100000]), ("std", [0, 0, 0])])
+def test_a_received_folder_with_damaged_preprocessing_is_refused(world, tmp_path, run_cli, field, value):
+    q = tmp_path / "q8"
+    shutil.copytree(world["q8"], q)
+    meta = json.loads((q / "quant.json").read_text())
+    meta["model"]["preprocessing"][field] = value
+    (q / "quant.json").write_text(json.dumps(meta))
+    for cmd in (("eval", "--quantized", q, "--data", world["npz"]),
+                ("export", "--quantized", q, "--out", tmp_path / "g.onnx")):
+        msg = _clean(run_cli, [tmp_path], *cmd)
+        assert "preprocessing" in msg
+
+
+def test_preprocessing_itself_checks_its_values():
+    Preprocessing(input_size=(3, 32, 32))  # the defaults hold
+    for kw in ({"input_size": (3, 0, 32)}, {"input_size": (3, 32, 32), "std": (1.0, 0.0, 1.0)},
+               {"input_size": (3, 32, 32), "mean": (float("inf"), 0.0, 0.0)}):
+        with pytest.raises(MixqError):
+            Preprocessing(**kw)
+
+
+# ----------------------------------------------------------------------------- received plan metadata
+def _fake_plan(tmp_path: Path, graph: Path, **change) -> Path:
+    plan = tmp_path / "p.plan"
+    plan.write_bytes(b"not an engine")
+    meta = {"format": PLAN_FORMAT, "plan_key": "tensorrt-rtx-1.0-portable", "backend": "tensorrt-rtx",
+            "backend_version": "1.0", "target": "portable", "onnx": {"path": str(graph), "sha256": None},
+            "inputs": [{"name": "input", "min": [1, 3, 32, 32], "opt": [8, 3, 32, 32], "max": [32, 3, 32, 32]}],
+            "options": {"batch": [1, 8, 32]}, "layers": [{"name": "conv", "layer_type": "conv"}]}
+    meta.update(change)
+    meta_path_for(plan).write_text(json.dumps(meta))
+    return plan
+
+
+@pytest.mark.parametrize("change", [{"onnx": None}, {"inputs": [{"name": "input"}]}, {"layers": [{"x": 1}]},
+                                    {"layers": [{"name": "c", "layer_type": "conv", "inputs": [{"bogus": 1}]}]},
+                                    {"backend": 7}])
+def test_a_damaged_plan_json_is_a_rebuild_error(world, tmp_path, run_cli, change):
+    plan = _fake_plan(tmp_path, world["onnx8"], **change)
+    msg = _clean(run_cli, [tmp_path], "inspect", plan)
+    assert "is damaged" in msg and "rebuild" in msg
+
+
+def test_a_plan_json_that_is_not_an_object_is_a_rebuild_error(world, tmp_path, run_cli):
+    plan = _fake_plan(tmp_path, world["onnx8"])
+    meta_path_for(plan).write_text("[1, 2]")
+    for cmd in (("inspect", plan), ("run", plan), ("bench", plan)):
+        assert "rebuild" in _clean(run_cli, [tmp_path], *cmd)
+
+
+def test_run_refuses_an_input_that_is_not_an_array(world, tmp_path, run_cli):
+    plan = _fake_plan(tmp_path, world["onnx8"])
+    (tmp_path / "afile").write_text("text")
+    for bad in (tmp_path / "missing.npy", tmp_path / "afile"):
+        msg = _clean(run_cli, [tmp_path], "run", plan, "--input", bad)
+        assert "--input" in msg and "not a readable .npy array" in msg
+
+
+# ----------------------------------------------------------------------------- graphs onnxruntime refuses
+def test_verify_of_a_graph_onnxruntime_cannot_load_is_bad_input_not_a_verdict(world, tmp_path, run_cli):
+    m = onnx.load(str(world["onnx8"]))
+    for imp in m.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            imp.version = 99
+    g = tmp_path / "opset99.onnx"
+    onnx.save(m, str(g))
+    msg = _clean(run_cli, [tmp_path, world["q8"]], "verify", g, "--quantized", world["q8"], "--data", world["npz"])
+    assert "onnxruntime cannot load" in msg
+    msg = _clean(run_cli, [tmp_path, world["q8"]], "verify", world["onnx8"], "--quantized", world["q8"], "--data",
+                 world["npz"], "--min-agreement", "nan")
+    assert "finite" in msg
+
+
+# ----------------------------------------------------------------------------- caches and NaN options
+def test_cache_ls_answers_at_once_on_a_recipe_asking_for_too_many_images(tmp_path, run_cli):
+    root = tmp_path / "root"
+    (root / "abcd").mkdir(parents=True)
+    (root / "abcd" / "recipe.json").write_text(json.dumps({"num": 10**18, "shard_size": 1}))
+    r = run_cli("cache", "ls", "--cache-root", root)
+    assert r.code == 0 and "abcd" in r.out
+    msg = one_line_error(run_cli("cache", "info", "abcd", "--cache-root", root))
+    assert f"at most {C.MAX_NUM}" in msg
+
+
+def test_a_cache_whose_recipe_was_edited_is_refused_by_its_readers(tmp_path, run_cli):
+    r = run_cli("calib", "--generator", "noise", "--num", "4", "--size", "8", "--cache-root", tmp_path, "-q")
+    assert r.code == 0, r.err
+    cache = Path(r.last_line)
+    man = json.loads((cache / C.MANIFEST).read_text())
+    man["recipe"]["seed"] = 12345
+    (cache / C.MANIFEST).write_text(json.dumps(man))
+    with pytest.raises(MixqError, match="does not hash to the recorded hash"):
+        C.load_images(cache)
+    r = run_cli("cache", "verify", cache)
+    assert r.code == 1 and "does not hash to the recorded hash" in (r.out + r.err)
+
+
+def test_a_shard_rewritten_as_float_is_refused_even_with_a_matching_sha256(tmp_path, run_cli):
+    """Someone re-hashed the manifest after rewriting a shard as float32: the bytes match, the content is not
+    what calib writes."""
+    from mixq_onnx.utils import sha256_bytes
+
+    r = run_cli("calib", "--generator", "noise", "--num", "4", "--size", "8", "--cache-root", tmp_path, "-q")
+    cache = Path(r.last_line)
+    man = json.loads((cache / C.MANIFEST).read_text())
+    shard = cache / man["shards"][0]["file"]
+    images, records = C.decode_shard(shard.read_bytes())
+    from safetensors.torch import save
+
+    data = save({"images": images.float()}, metadata={"records": json.dumps(records)})
+    shard.write_bytes(data)
+    man["shards"][0]["sha256"] = sha256_bytes(data)
+    (cache / C.MANIFEST).write_text(json.dumps(man))
+    with pytest.raises(MixqError, match="uint8"):
+        C.load_images(cache)
+    r = run_cli("cache", "verify", cache)
+    assert r.code == 1 and "uint8" in (r.out + r.err)
+
+
+@pytest.mark.parametrize("args", [("--generator", "inversion", "--lr", "nan"),
+                                  ("--generator", "noise", "--alpha", "inf"),
+                                  ("--generator", "noise", "--guidance", "nan")])
+def test_nan_and_inf_options_are_refused(tmp_path, run_cli, args):
+    msg = _clean(run_cli, [tmp_path], "calib", *args, "--model", "cifar_resnet20", "--random-weights", "--num", "4",
+                 "--size", "32", "--cache-root", tmp_path / "c")
+    assert "not a finite number" in msg
+
+
+def test_training_configs_refuse_nan_weights():
+    from mixq_onnx.training import TrainConfig
+
+    for kw in ({"kd_weight": float("nan")}, {"lr": float("inf")}, {"rho": float("nan")}):
+        with pytest.raises(MixqError):
+            TrainConfig(**kw).validate()
