@@ -607,7 +607,7 @@ def sweep(**o: Any) -> None:
         seeds = tuple(int(s) for s in o["seeds"])
     except ValueError:
         raise MixqError(f"--seeds must be integers, got {','.join(o['seeds'])}") from None
-    cfg = SweepConfig(bits=o["bits"], methods=tuple(m.lower() for m in o["methods"]), seeds=seeds,
+    cfg = SweepConfig(bits=o["bits"], methods=tuple(o["methods"]), seeds=seeds,
                       preset=o["preset"], iters=o["iters"], num_samples=o["num_samples"],
                       batch_size=o["batch_size"], symmetric=o["symmetric"],
                       first_last_bits=o["first_last_bits"] or None, limit=o["limit"]).validate()

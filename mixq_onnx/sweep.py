@@ -62,6 +62,7 @@ class SweepConfig:
         if not self.bits or not self.methods or not self.seeds:
             raise MixqError("a sweep needs at least one bit-width, one method and one seed")
         self.bits = tuple(b.strip().upper() for b in self.bits)
+        self.methods = tuple(m.strip().lower() for m in self.methods)  # as the CLI spells them
         for b in self.bits:
             parse_bits(b)
         for m in self.methods:
@@ -107,14 +108,20 @@ class SweepModel:
 
 
 def sweep_models(base: Any, compare: Sequence[str] = (), label: str | None = None) -> list[SweepModel]:
-    """The line families of `sweep --model ... [--compare [LABEL=]CKPT ...]`: `base` (a `models.ModelOptions`)
+    """The line families of `sweep --model ... [--compare [LABEL=]CKPT ...]`: `base` (a `models.ModelOptions`, or a
+    model name)
     under `label` (default: its checkpoint's file name, or the model name), then each compared checkpoint of the
     same model and preprocessing, loaded now. Their `source` (spec, preprocessing, checkpoint path) goes into
     each cell's identity, so this is what decides which finished cells a re-run reuses."""
     import dataclasses
 
-    from .models import load_model
+    from .models import ModelOptions, load_model
 
+    if isinstance(base, str):
+        base = ModelOptions(base)
+    if not isinstance(base, ModelOptions):
+        raise MixqError(f"sweep_models takes a model name or models.ModelOptions, got {type(base).__name__}; an "
+                        "in-memory model goes in as SweepModel.of(label, model)")
     entries = [(label or (Path(base.checkpoint).stem if base.checkpoint else base.spec), base.checkpoint)]
     for c in compare:
         name, sep, path = c.partition("=")

@@ -46,6 +46,9 @@ def tiny():
     return model, TrainData(x, None, "random")
 
 
+PIXELS = torch.randint(0, 256, (32, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A 32-image noise cache and 48 labelled random images in an npz."""
@@ -275,7 +278,7 @@ def test_max_bits_16_leaves_layers_above_8_bits_float_through_the_folder_and_exp
     vs = check_model(onnx_path)
     assert not [v for v in vs if v.severity == "error"], vs
     assert sorted(v.node.split("/")[0] for v in vs if v.rule == "float-layer") == sorted(floats)
-    rep_v = verify_onnx(onnx_path, back, data.inputs[:32])
+    rep_v = verify_onnx(onnx_path, back, PIXELS)  # uint8 images: verify preprocesses them
     assert rep_v.top1_agreement == 100.0 and not rep_v.failures()
 
     capped = qat_train(model, QATConfig(max_bits=8, **kw), data, progress=False)
@@ -489,7 +492,7 @@ def test_train_biases_learns_the_biases_and_the_folder_carries_them_bit_exact(ti
     with torch.no_grad():
         assert torch.equal(back(x), q(x))
     onnx_path = export_qdq(back, tmp_path / "q.onnx")
-    rep = verify_onnx(onnx_path, back, data.inputs[:32])
+    rep = verify_onnx(onnx_path, back, PIXELS)  # uint8 images: verify preprocesses them
     assert rep.top1_agreement == 100.0 and rep.max_abs_diff == 0.0 and not rep.failures()
 
     # a stored bias of the wrong shape, or one that is not finite, is a one-line error naming the layer

@@ -44,7 +44,7 @@ class CalibConfig:
     num: int = 256
     seed: int = 0
     size: int | None = None  # stored side length; None: the generator's default
-    classes: str = "imagenet"  # imagenet | cifar10 | cifar100 | FILE | auto (from the model's class count)
+    classes: str = "auto"  # the CLI's default; imagenet | cifar10 | cifar100 | FILE | auto (from the model's class count)
     prompts: PromptConfig = field(default_factory=PromptConfig)
     shard_size: int | None = None  # None: the generator's default (inversion: its optimisation batch)
     options: dict[str, Any] = field(default_factory=dict)  # generator-specific

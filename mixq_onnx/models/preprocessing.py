@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -87,8 +88,14 @@ class Preprocessing:
         return mean, std
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 NHWC (or NCHW) images -> float NCHW model input."""
-        x = images
+        """uint8 NHWC (or NCHW) images -> float NCHW model input. Pixels only: an already preprocessed float
+        tensor (a `TrainData.inputs`, a `CalibrationSet`'s) would be normalised twice and give chance-level
+        accuracy without a word, so it is refused; numpy arrays (as `np.load` gives them) are taken as is."""
+        x = torch.from_numpy(images) if isinstance(images, np.ndarray) else images
+        if not isinstance(x, torch.Tensor) or x.dtype != torch.uint8:
+            kind = getattr(x, "dtype", type(x).__name__)
+            raise MixqError(f"images must be uint8 pixels (NHWC or NCHW), got {kind}: a preprocessed float tensor "
+                            "goes to the model (or to quantize) directly")
         if x.ndim == 3:
             x = x.unsqueeze(0)
         if x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):

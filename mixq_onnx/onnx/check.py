@@ -65,6 +65,8 @@ def rule(name: str, severity: str = "error") -> Callable[[Callable[[GraphIndex],
 
 
 def check_model(path: str | os.PathLike) -> list[Violation]:
+    """Every registered rule's violations on the graph at `path` (errors and warnings); the verdict of
+    `mixq-onnx check` is `report(violations)["ok"]`: no violation of severity "error"."""
     return lint(load_model(path))
 
 
@@ -79,6 +81,7 @@ def lint(model: Any) -> list[Violation]:
 
 
 def report(violations: list[Violation]) -> dict[str, Any]:
+    """The verdict and its counts: {"ok": no errors, "errors": N, "violations": [...]} (`check --json`)."""
     errors = [v for v in violations if v.severity == "error"]
     return {"ok": not errors, "errors": len(errors), "violations": [asdict(v) for v in violations]}
 

@@ -187,11 +187,14 @@ def finalize_model(model, meta: dict[str, Any]) -> None:
     del ir
 
 
+OTHER_KINDS = (".plan", ".json", ".safetensors", ".npz", ".npy", ".th", ".pt", ".pth")  # never an ONNX graph's name
+
+
 def save_model(model, out: str | os.PathLike) -> Path:
     import onnx
     import onnx_ir as ir
 
-    out = Path(out)
+    out = check_output_file(out, refuse_suffixes=OTHER_KINDS)
     proto = ir.to_proto(model)
     try:
         onnx.checker.check_model(proto, full_check=False)
@@ -309,7 +312,7 @@ def export_onnx(out: str | os.PathLike, *, quantized: str | os.PathLike | None =
         raise MixqError("--fp and --int4-weight-only exclude each other")
     if quantized is not None:
         read_quant_json(quantized)  # not a result folder: that is the error, before any about --out
-    check_output_file(out, inputs=(quantized,), refuse_suffixes=(".plan", ".json", ".safetensors"))
+    check_output_file(out, inputs=(quantized,), refuse_suffixes=OTHER_KINDS)
     if fp:
         return export_fp(user_model() if model is not None else load_source_model(quantized, trust_model_code), out)
     if int4_weight_only and quantized is None:

@@ -13,6 +13,7 @@ What each method learns in which phase is declared in `mixq_onnx.methods` (the r
 """
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..errors import MixqError
 from ..methods import METHODS, Method, Phase
 from ..progress import Progress, progress_bar
 from ..threads import tick
@@ -290,14 +292,25 @@ def _run_phases(unit: Unit, phases: list[Phase], q_in: torch.Tensor, fp_in: torc
 def quantize(model: nn.Module, cfg: QuantConfig, calib: Any, *, progress: bool = True) -> nn.Module:
     """Return a fake-quantized copy of `model` with learned rounding/scales.
 
-    `calib`: a preprocessed input tensor, or a `CalibrationSet` (its first `num_samples` images are used,
-    and its provenance, cache path, recipe hash and image count, goes into `quant.json`).
+    `calib`: a preprocessed input tensor, a `CalibrationSet` (its first `num_samples` images are used,
+    and its provenance, cache path, recipe hash and image count, goes into `quant.json`), or a cache's path
+    (as `make_calibration_cache` returns it), loaded here with `load_calibration` for `model`.
 
     The method (`cfg.method`) comes from the registry `mixq_onnx.methods.METHODS`. The result carries
     `mixq_config` and `mixq_report` (per-unit diagnostics).
     """
     cfg = cfg.validate().resolved()
     method = METHODS.lookup(cfg.method)
+    if isinstance(calib, (str, os.PathLike)):
+        from ..calib import load_calibration
+
+        calib = load_calibration(calib, model)
+    elif not isinstance(calib, torch.Tensor) and not hasattr(calib, "provenance"):
+        raise MixqError(f"quantize: calib must be a preprocessed float tensor, a CalibrationSet or a cache path, "
+                        f"got {type(calib).__name__}")
+    elif isinstance(calib, torch.Tensor) and not calib.is_floating_point():
+        raise MixqError(f"quantize: calib is {calib.dtype}; it takes preprocessed float inputs (the model's own "
+                        "preprocessing applied), or a CalibrationSet, which applies it")
     torch.manual_seed(cfg.seed)
     torch.set_flush_denormal(True)
     gen = torch.Generator().manual_seed(cfg.seed)

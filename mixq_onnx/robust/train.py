@@ -49,8 +49,10 @@ def check_writable(out: str | os.PathLike) -> Path:
 
 
 def save_checkpoint(model: nn.Module, out: str | os.PathLike, report: dict[str, Any]) -> Path:
-    """A plain state dict (safetensors) plus OUT.json (recipe, report, the checkpoint's sha256), each written
-    to a temporary sibling and renamed."""
+    """A plain state dict (safetensors) plus OUT.json (the `report` dict as given, and the checkpoint's
+    sha256), each written to a temporary sibling and renamed. `robustify` returns the training report only: a
+    caller that wants the recipe in OUT.json puts it into `report` (the CLI adds the config, model, checkpoint,
+    data and loss, and the float top-1 before and after)."""
     from safetensors.torch import save
 
     out = check_writable(out)

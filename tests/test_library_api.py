@@ -1,0 +1,86 @@
+"""The library used without the CLI, as a review found users tripping on it (2026-11-30): inputs of the wrong
+kind are one-line MixqErrors (never chance-level results or a raw AttributeError), and the library's defaults
+are the CLI's."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mixq_onnx.calib import CalibConfig, load_calibration, make_calibration_cache
+from mixq_onnx.errors import MixqError
+from mixq_onnx.models import ModelOptions, get_preprocessing, load_model
+from mixq_onnx.onnx import export_qdq
+from mixq_onnx.quant import QuantConfig, evaluate, quantize, save_quantized
+from mixq_onnx.sweep import SweepConfig, sweep_models
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    torch.set_num_threads(1)
+    d = tmp_path_factory.mktemp("lib")
+    model = load_model("cifar_resnet20", random_init=True)
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
+    y = np.arange(16) % 10
+    cache = make_calibration_cache(CalibConfig(generator="noise", num=8, size=32), d / "cache", model=model,
+                                   progress=False, log=lambda _m: None)
+    return {"dir": d, "model": model, "x": x, "y": y, "cache": cache}
+
+
+def test_evaluate_takes_pixels_and_refuses_preprocessed_floats(world):
+    model, x, y = world["model"], world["x"], world["y"]
+    as_tensor = evaluate(model, torch.from_numpy(x), torch.from_numpy(y))
+    as_numpy = evaluate(model, x, y)  # np.load's arrays work as they are
+    assert as_numpy.top1 == as_tensor.top1
+    floats = get_preprocessing(model)(torch.from_numpy(x))
+    with pytest.raises(MixqError, match="must be uint8 pixels"):
+        evaluate(model, floats, torch.from_numpy(y))
+
+
+def test_quantize_takes_a_cache_path_and_refuses_pixels(world):
+    model, cache = world["model"], world["cache"]
+    cfg = QuantConfig(wbits=8, abits=8, method="rtn", num_samples=8)
+    by_path = quantize(model, cfg, str(cache), progress=False)
+    by_set = quantize(model, cfg, load_calibration(cache, model), progress=False)
+    assert by_path.mixq_report.get("calibration") == by_set.mixq_report.get("calibration")
+    for a, b in zip(by_path.state_dict().values(), by_set.state_dict().values()):
+        assert torch.equal(a, b)
+    with pytest.raises(MixqError, match="preprocessed float inputs"):
+        quantize(model, cfg, torch.from_numpy(world["x"]), progress=False)
+    with pytest.raises(MixqError, match="got ndarray"):
+        quantize(model, cfg, world["x"], progress=False)
+
+
+def test_a_float_model_is_refused_by_the_quantized_model_writers(world):
+    d = world["dir"]
+    with pytest.raises(MixqError, match="no quantizers"):
+        export_qdq(world["model"], d / "float.onnx")
+    with pytest.raises(MixqError, match="no quantizers"):
+        save_quantized(world["model"], d / "float-folder")
+    assert not (d / "float.onnx").exists() and not (d / "float-folder").exists()
+
+
+def test_export_refuses_output_names_of_other_kinds(world):
+    q = quantize(world["model"], QuantConfig(wbits=8, abits=8, method="rtn", num_samples=8), str(world["cache"]),
+                 progress=False)
+    folder = save_quantized(q, world["dir"] / "q")
+    before = (folder / "quant.json").read_bytes()
+    with pytest.raises(MixqError, match="ends in .json"):
+        export_qdq(q, folder / "quant.json")
+    assert (folder / "quant.json").read_bytes() == before
+
+
+def test_library_defaults_are_the_clis():
+    from mixq_onnx.cli import cli
+
+    calib_classes = next(p for p in cli.commands["calib"].params if p.name == "classes").default
+    assert CalibConfig().classes == calib_classes == "auto"
+    assert SweepConfig(methods=("RTN", "QDrop")).validate().methods == ("rtn", "qdrop")
+
+
+def test_sweep_models_names_what_it_takes(world):
+    with pytest.raises(MixqError, match="SweepModel.of"):
+        sweep_models(world["model"])
+    (m,) = sweep_models(ModelOptions("cifar_resnet20", random_init=True))
+    assert m.label == "cifar_resnet20"
