@@ -110,6 +110,14 @@ def snapshot(*roots: Path) -> dict[str, tuple[int, int]]:
     return out
 
 
+def clean_error(run_cli, watch: list[Path], *args, code: int = 2) -> str:
+    """Run a command that must fail: one `error:` line, exit `code`, nothing under `watch` touched."""
+    before = snapshot(*watch)
+    msg = one_line_error(run_cli(*args), code)
+    assert snapshot(*watch) == before, "the failing command changed files"
+    return msg
+
+
 # A small user model file (`path.py:make`); `{side_effect}` is a line run at import (tests of the
 # code-safety rules write one that leaves a marker).
 SMALL_NET_PY = '''

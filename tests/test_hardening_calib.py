@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import one_line_error, snapshot
+from conftest import clean_error, one_line_error
 
 from mixq_onnx.calib import CalibConfig, CalibrationSet, load_images, make_calibration_cache, remove, verify
 from mixq_onnx.calib import cache as C
@@ -34,14 +34,6 @@ def make_cache(root: Path, num: int = 8, size: int = 16, shard: int = 4, seed: i
     """A tiny noise cache under `root` (the library call, no CLI)."""
     cfg = CalibConfig(generator="noise", num=num, size=size, shard_size=shard, seed=seed)
     return Path(make_calibration_cache(cfg, root, device="cpu", progress=False, log=lambda m: None))
-
-
-def clean_error(run_cli, watch: list[Path], *args, code: int = 2) -> str:
-    """Run a command that must fail: one `error:` line, exit `code`, nothing under `watch` touched."""
-    before = snapshot(*watch)
-    msg = one_line_error(run_cli(*args), code)
-    assert snapshot(*watch) == before, "the failing command changed files"
-    return msg
 
 
 def flip_byte(f: Path, at: int = -5) -> None:
@@ -465,7 +457,6 @@ def test_load_labelled_accepts_a_good_npz_and_a_folder(tmp_path):
 
 
 def test_skip_bad_images_is_for_real_images_only(tmp_path, run_cli):
-    from conftest import one_line_error
 
     root = tmp_path / "root"
     msg = one_line_error(run_cli("calib", "--generator", "noise", "--num", "4", "--size", "16", "--skip-bad-images",

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import one_line_error, snapshot
+from conftest import clean_error
 
 from mixq_onnx.models import load_model
 from mixq_onnx.onnx import export_qdq
@@ -40,18 +40,11 @@ def world(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
-def _run_clean(run_cli, watch: list[Path], *args) -> str:
-    before = snapshot(*watch)
-    msg = one_line_error(run_cli(*args))
-    assert snapshot(*watch) == before, "the failing command changed files"
-    return msg
-
-
 @pytest.mark.parametrize("opt,val", [("--num-samples", "0"), ("--num-samples", "-3"), ("--batch-size", "-4"),
                                      ("--batch-size", "0"), ("--iters", "0")])
 def test_quantize_rejects_non_positive_counts(world, tmp_path, run_cli, opt, val):
     out = tmp_path / "q"
-    msg = _run_clean(run_cli, [tmp_path, world["q8"]], "quantize", "--model", "cifar_resnet20", "--random-weights",
+    msg = clean_error(run_cli, [tmp_path, world["q8"]], "quantize", "--model", "cifar_resnet20", "--random-weights",
                      "--calib", tmp_path, "--method", "rtn", opt, val, "--out", out)
     assert opt in msg
     assert not out.exists()
@@ -67,12 +60,12 @@ def test_quant_config_rejects_non_positive_counts():
 
 @pytest.mark.parametrize("args", [("--limit", "0"), ("--limit", "-1"), ("--batch-size", "0")])
 def test_eval_rejects_non_positive_counts(world, run_cli, args):
-    msg = _run_clean(run_cli, [world["q8"]], "eval", "--quantized", world["q8"], "--data", world["npz"], *args)
+    msg = clean_error(run_cli, [world["q8"]], "eval", "--quantized", world["q8"], "--data", world["npz"], *args)
     assert args[0] in msg
 
 
 def test_eval_labels_outside_the_models_classes(world, run_cli):
-    msg = _run_clean(run_cli, [world["q8"]], "eval", "--quantized", world["q8"], "--data", world["npz_bad_labels"])
+    msg = clean_error(run_cli, [world["q8"]], "eval", "--quantized", world["q8"], "--data", world["npz_bad_labels"])
     assert "outside the model's 10 classes" in msg and "990" in msg
 
 
@@ -86,7 +79,7 @@ def test_verify_passes_its_own_graph(world, run_cli):
 
 
 def test_verify_refuses_a_graph_from_another_folder(world, run_cli):
-    msg = _run_clean(run_cli, [world["q4"], world["onnx8"].parent], "verify", world["onnx8"], "--quantized",
+    msg = clean_error(run_cli, [world["q4"], world["onnx8"].parent], "verify", world["onnx8"], "--quantized",
                      world["q4"], "--data", world["npz"])
     assert "does not match the quantized model" in msg and "quantizer" in msg
 
@@ -137,7 +130,7 @@ def test_quantize_out_keeps_the_users_files(world, tmp_path, run_cli):
     (out / "sub" / "keep.bin").write_bytes(b"\x01\x02")
     args = ["quantize", "--model", "cifar_resnet20", "--random-weights", "--calib", cache, "--method", "rtn",
             "--num-samples", "8", "--out", out, "-q"]
-    msg = _run_clean(run_cli, [tmp_path], *args)
+    msg = clean_error(run_cli, [tmp_path], *args)
     assert "--overwrite" in msg and "not empty" in msg
     r = run_cli(*args, "--overwrite")
     assert r.code == 0, r.err

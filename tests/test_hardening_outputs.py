@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import one_line_error, snapshot
+from conftest import clean_error, one_line_error
 
 from mixq_onnx.calib import cache as C
 from mixq_onnx.errors import MixqError
@@ -40,32 +40,25 @@ def world(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
-def _clean(run_cli, watch: list[Path], *args) -> str:
-    before = snapshot(*watch)
-    msg = one_line_error(run_cli(*args))
-    assert snapshot(*watch) == before, "the failing command changed files"
-    return msg
-
-
 # ----------------------------------------------------------------------------- output paths
 def test_build_refuses_to_write_the_plan_over_its_graph_or_as_an_onnx_file(world, tmp_path, run_cli):
     graph = tmp_path / "same.onnx"
     shutil.copy(world["onnx8"], graph)
-    msg = _clean(run_cli, [tmp_path], "build", graph, "--out", graph)
+    msg = clean_error(run_cli, [tmp_path], "build", graph, "--out", graph)
     assert "would overwrite the input" in msg
     assert onnx.load(str(graph)).graph.node  # still the graph
-    msg = _clean(run_cli, [tmp_path], "build", graph, "--out", tmp_path / "other.onnx")
+    msg = clean_error(run_cli, [tmp_path], "build", graph, "--out", tmp_path / "other.onnx")
     assert "ends in .onnx" in msg
 
 
 def test_build_and_export_refuse_an_output_under_a_file_or_an_empty_one(world, tmp_path, run_cli):
     afile = tmp_path / "afile"
     afile.write_text("user data")
-    msg = _clean(run_cli, [tmp_path, world["q8"]], "export", "--quantized", world["q8"], "--out", afile / "x.onnx")
+    msg = clean_error(run_cli, [tmp_path, world["q8"]], "export", "--quantized", world["q8"], "--out", afile / "x.onnx")
     assert "is a file, not a folder" in msg
-    msg = _clean(run_cli, [tmp_path, world["q8"]], "export", "--quantized", world["q8"], "--out", "")
+    msg = clean_error(run_cli, [tmp_path, world["q8"]], "export", "--quantized", world["q8"], "--out", "")
     assert "empty" in msg
-    msg = _clean(run_cli, [tmp_path], "build", world["onnx8"], "--out", afile / "x.plan")
+    msg = clean_error(run_cli, [tmp_path], "build", world["onnx8"], "--out", afile / "x.plan")
     assert "is a file, not a folder" in msg
     assert afile.read_text() == "user data"
 
@@ -73,9 +66,9 @@ def test_build_and_export_refuse_an_output_under_a_file_or_an_empty_one(world, t
 def test_export_refuses_to_write_inside_its_result_folder(world, tmp_path, run_cli):
     q = tmp_path / "q8"
     shutil.copytree(world["q8"], q)
-    msg = _clean(run_cli, [tmp_path], "export", "--quantized", q, "--out", q / "graph.onnx")
+    msg = clean_error(run_cli, [tmp_path], "export", "--quantized", q, "--out", q / "graph.onnx")
     assert "would overwrite the input" in msg
-    msg = _clean(run_cli, [tmp_path], "export", "--quantized", q, "--out", q / "weights.safetensors")
+    msg = clean_error(run_cli, [tmp_path], "export", "--quantized", q, "--out", q / "weights.safetensors")
     assert "weights.safetensors" in msg
 
 
@@ -85,7 +78,7 @@ def test_a_failed_build_leaves_no_folders_behind(world, tmp_path, run_cli):
     del m.graph.node[3]  # a dangling input: TensorRT-RTX's parser refuses the graph
     broken = tmp_path / "broken.onnx"
     onnx.save(m, str(broken))
-    _clean(run_cli, [tmp_path], "build", broken, "--out", tmp_path / "new" / "sub" / "x.plan")
+    clean_error(run_cli, [tmp_path], "build", broken, "--out", tmp_path / "new" / "sub" / "x.plan")
     assert not (tmp_path / "new").exists()
 
 
@@ -109,7 +102,7 @@ def test_write_errors_at_write_time_are_one_line(tmp_path):
                                               ("--mean", "nan,nan,nan", "finite"),
                                               ("--mean", "0.5,0.5,0.5,0.5,0.5", "one per input channel")])
 def test_bad_preprocessing_flags_are_refused(world, tmp_path, run_cli, flag, value, words):
-    msg = _clean(run_cli, [tmp_path], "eval", "--model", "cifar_resnet20", "--random-weights", "--data",
+    msg = clean_error(run_cli, [tmp_path], "eval", "--model", "cifar_resnet20", "--random-weights", "--data",
                  world["npz"], flag, value)
     assert words in msg
 
@@ -124,7 +117,7 @@ def test_a_received_folder_with_damaged_preprocessing_is_refused(world, tmp_path
     (q / "quant.json").write_text(json.dumps(meta))
     for cmd in (("eval", "--quantized", q, "--data", world["npz"]),
                 ("export", "--quantized", q, "--out", tmp_path / "g.onnx")):
-        msg = _clean(run_cli, [tmp_path], *cmd)
+        msg = clean_error(run_cli, [tmp_path], *cmd)
         assert "preprocessing" in msg
 
 
@@ -154,7 +147,7 @@ def _fake_plan(tmp_path: Path, graph: Path, **change) -> Path:
                                     {"backend": 7}])
 def test_a_damaged_plan_json_is_a_rebuild_error(world, tmp_path, run_cli, change):
     plan = _fake_plan(tmp_path, world["onnx8"], **change)
-    msg = _clean(run_cli, [tmp_path], "inspect", plan)
+    msg = clean_error(run_cli, [tmp_path], "inspect", plan)
     assert "is damaged" in msg and "rebuild" in msg
 
 
@@ -162,14 +155,14 @@ def test_a_plan_json_that_is_not_an_object_is_a_rebuild_error(world, tmp_path, r
     plan = _fake_plan(tmp_path, world["onnx8"])
     meta_path_for(plan).write_text("[1, 2]")
     for cmd in (("inspect", plan), ("run", plan), ("bench", plan)):
-        assert "rebuild" in _clean(run_cli, [tmp_path], *cmd)
+        assert "rebuild" in clean_error(run_cli, [tmp_path], *cmd)
 
 
 def test_run_refuses_an_input_that_is_not_an_array(world, tmp_path, run_cli):
     plan = _fake_plan(tmp_path, world["onnx8"])
     (tmp_path / "afile").write_text("text")
     for bad in (tmp_path / "missing.npy", tmp_path / "afile"):
-        msg = _clean(run_cli, [tmp_path], "run", plan, "--input", bad)
+        msg = clean_error(run_cli, [tmp_path], "run", plan, "--input", bad)
         assert "--input" in msg and "not a readable .npy array" in msg
 
 
@@ -181,9 +174,9 @@ def test_verify_of_a_graph_onnxruntime_cannot_load_is_bad_input_not_a_verdict(wo
             imp.version = 99
     g = tmp_path / "opset99.onnx"
     onnx.save(m, str(g))
-    msg = _clean(run_cli, [tmp_path, world["q8"]], "verify", g, "--quantized", world["q8"], "--data", world["npz"])
+    msg = clean_error(run_cli, [tmp_path, world["q8"]], "verify", g, "--quantized", world["q8"], "--data", world["npz"])
     assert "onnxruntime cannot load" in msg
-    msg = _clean(run_cli, [tmp_path, world["q8"]], "verify", world["onnx8"], "--quantized", world["q8"], "--data",
+    msg = clean_error(run_cli, [tmp_path, world["q8"]], "verify", world["onnx8"], "--quantized", world["q8"], "--data",
                  world["npz"], "--min-agreement", "nan")
     assert "finite" in msg
 
@@ -238,7 +231,7 @@ def test_a_shard_rewritten_as_float_is_refused_even_with_a_matching_sha256(tmp_p
                                   ("--generator", "noise", "--alpha", "inf"),
                                   ("--generator", "noise", "--guidance", "nan")])
 def test_nan_and_inf_options_are_refused(tmp_path, run_cli, args):
-    msg = _clean(run_cli, [tmp_path], "calib", *args, "--model", "cifar_resnet20", "--random-weights", "--num", "4",
+    msg = clean_error(run_cli, [tmp_path], "calib", *args, "--model", "cifar_resnet20", "--random-weights", "--num", "4",
                  "--size", "32", "--cache-root", tmp_path / "c")
     assert "not a finite number" in msg
 
