@@ -91,7 +91,7 @@ def cli() -> None:
       export    TensorRT-ready QDQ ONNX of a quantized model (or the float model with --fp)
       check     onnx.checker, shape inference and a TensorRT QDQ rules lint
       verify    onnxruntime against the PyTorch fake-quant model: agreement, integer-code mismatch
-      build     TensorRT / TensorRT-RTX engine (strongly typed: precision only from Q/DQ) + plan.json
+      build     TensorRT / TensorRT-RTX engine (strongly typed: precision only from Q/DQ) + PLAN.json
       inspect   per-layer engine precision: Int8 MAC share, INT4-weight GEMMs, fallbacks
       run       inference through an engine (NVIDIA GPU)
       bench     engine latency against an FP16 engine and onnxruntime (NVIDIA GPU)
@@ -121,8 +121,8 @@ class _Count(click.IntRange):
 @click.option("--seed", type=_Count(0), default=0, show_default=True,
               help="Recipe seed; image i uses a seed derived from (seed, i).")
 @click.option("--size", type=_Count(8, 1024), default=None,
-              help="Stored side length in pixels, 8 to 1024 (diffusion: a multiple of 8) [default: 512 for "
-                   "diffusion, else the model's input size].")
+              help="Stored side length in pixels, 8 to 1024 (diffusion: a multiple of 8) [default: real from an "
+                   "npz: the source's own; else the model's input size, or 224 without --model].")
 @click.option("--shard-size", type=_Count(1), default=None,
               help="Images per shard (the unit of resume; for inversion also the optimisation batch whose BN "
                    "statistics are matched) [default: inversion 256 for inputs up to 64 px, else 32; others 64]. Memory is checked before generating: about "
@@ -147,8 +147,8 @@ class _Count(click.IntRange):
 @click.option("--scheduler", default=None, help="diffusers scheduler class, e.g. DPMSolverMultistepScheduler.")
 @click.option("--negative-prompt", default=None, help="Negative prompt for every image.")
 @click.option("--batch-size", type=_Count(1), default=4, show_default=True, help="Diffusion images per forward pass.")
-@click.option("--iters", type=_Count(0), default=None, help="Inversion: optimisation steps per shard.")
-@click.option("--lr", type=FINITE, default=None, help="Inversion: learning rate.")
+@click.option("--iters", type=_Count(0), default=None, help="Inversion: optimisation steps per shard [default: 100].")
+@click.option("--lr", type=FINITE, default=None, help="Inversion: learning rate [default: 0.01].")
 @click.option("--source", type=click.Path(), default=None, help="real: an npz (x uint8 NHWC, y) or an image folder.")
 @click.option("--skip-bad-images", is_flag=True,
               help="real, folder --source: leave out images that do not decode (a warning each; the skipped files "
@@ -244,7 +244,11 @@ def cache_info(ref: str, cache_root: str | None, as_json: bool) -> None:
 @_root_opt
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout (path, ok, images, problems).")
 def cache_verify(ref: str, cache_root: str | None, as_json: bool) -> None:
-    """Re-hash every shard against the manifest; exit 1 naming any corrupt or missing shard."""
+    """Re-hash every shard against the manifest and check its images and records.
+
+    \b
+    Exit codes: 0 intact; 1 a corrupt, missing or altered shard or manifest (each named); 2 bad input (no such
+    cache)."""
     from .calib import resolve_cache, verify
 
     res = verify(resolve_cache(ref, Path(cache_root) if cache_root else None))
@@ -542,7 +546,7 @@ def robustify(**o: Any) -> None:
                        learn_alpha=not o["fixed_alpha"], sam=o["sam"], rho=o["rho"], epochs=o["epochs"],
                        lr=o["lr"], batch_size=o["batch_size"], seed=o["seed"], augment=o["augment"],
                        kd_weight=o["kd_weight"] if o["kd_weight"] is not None else 0.0).validate()
-    out = check_writable(o["out"])
+    out = check_writable(o["out"], inputs=(o["checkpoint"],))
     dev = resolve_device(o["device"])
     model = _load_user_model(o)
     notes: list[str] = []
@@ -587,7 +591,7 @@ def robustify(**o: Any) -> None:
 @click.option("--symmetric/--asymmetric", default=True, show_default=True,
               help="symmetric: TensorRT-deployable (zero point 0); asymmetric: the papers' setting.")
 @click.option("--first-last-bits", type=click.IntRange(0, 8), default=8, show_default=True,
-              help="Bits of the first and last layer (0: same as the rest).")
+              help="Bits of the first and last layer, 2-8 (0: same as the rest).")
 @click.option("--limit", type=POSITIVE, default=None, metavar="N",
               help="Evaluate every cell on the same seeded, class-stratified sample of N images (a random one for "
                    "unlabelled data), never the first N.")
@@ -666,9 +670,13 @@ def export(**o: Any) -> None:
 
 @cli.command(context_settings=CONTEXT)
 @click.argument("onnx_path", type=click.Path())
-@click.option("--json", "as_json", is_flag=True, help="Last stdout line: one JSON object.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Last stdout line: one JSON object (ok, errors, violations: rule, severity, node, message).")
 def check(onnx_path: str, as_json: bool) -> None:
-    """Lint a QDQ graph against TensorRT's rules; every violation names its node. Exit 1 on any error."""
+    """Lint a QDQ graph against TensorRT's rules; every violation names its node.
+
+    \b
+    Exit codes: 0 no error (warnings allowed); 1 at least one error; 2 bad input (no such file, not ONNX)."""
     from .onnx.check import check_model, report
 
     vs = check_model(onnx_path)

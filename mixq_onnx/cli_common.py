@@ -30,6 +30,10 @@ class FiniteFloat(click.FloatRange):
             self.fail(f"{value!r} is not a finite number", param, ctx)
         return super().convert(v, param, ctx)
 
+    def _describe_range(self) -> str:
+        """No bounds: show nothing (click's would print 'x<=None')."""
+        return "" if self.min is None and self.max is None else super()._describe_range()
+
 
 FINITE = FiniteFloat()
 

@@ -133,7 +133,8 @@ def register(cli: click.Group) -> None:
             raise MixqError("--wbits/--abits fix the bits of --method lsq; nipq learns them (use --target-bits)")
         kd_weight = o["kd_weight"] if o["kd_weight"] is not None else 0.0
         cfg = QATConfig(method=o["method"], target_bits=o["target_bits"], target_gbops=o["target_gbops"],
-                        wbits=o["wbits"] or 4, abits=o["abits"] or 4, max_bits=o["max_bits"],
+                        wbits=4 if o["wbits"] is None else o["wbits"],
+                        abits=4 if o["abits"] is None else o["abits"], max_bits=o["max_bits"],
                         first_last_bits=o["first_last_bits"] or None, noise=o["noise"], epochs=o["epochs"],
                         final_epochs=o["final_epochs"], lr=o["lr"], qlr=o["qlr"], step_lr=o["step_lr"], final_lr=o["final_lr"],
                         max_update=o["max_update"], batch_size=o["batch_size"], seed=o["seed"],

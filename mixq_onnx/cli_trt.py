@@ -31,7 +31,8 @@ def register(cli: click.Group) -> None:
     @click.option("--opt-level", type=click.IntRange(0, 5), default=None, help="Builder optimisation level.")
     @click.option("--no-timing-cache", is_flag=True, help="Do not read or write PLAN.timing-cache (tensorrt).")
     @click.option("--require-int8", type=FiniteFloat(0, 1), default=None, metavar="FRACTION",
-                  help="Exit 1 when less than this share of Conv/Gemm/MatMul MACs runs int8 x int8.")
+                  help="Exit 1 when less than this share of Conv/Gemm/MatMul MACs runs int8 x int8 (the plan is "
+                       "still written, to inspect).")
     @click.option("--max-handoffs", type=click.IntRange(min=0), default=None, metavar="N",
                   help="Exit 1, writing no plan, when the engine has more than N hand-offs (reformat/requantize "
                        "layers plus tensors passed in float between non-compute kernels, as `inspect` lists them).")
@@ -45,6 +46,10 @@ def register(cli: click.Group) -> None:
         \b
         Writes PLAN atomically, PLAN.json (ONNX sha256, backend, version, targets, shapes, options,
         layer information) and prints the per-layer precision summary of `inspect`.
+
+        \b
+        Exit codes: 0 built; 1 --require-int8 not met (plan written) or --max-handoffs exceeded (nothing
+        written); 2 bad input (not an ONNX graph, an output path it must not write, a graph the parser refuses).
         """
         from .trt.builder import BuildConfig, build_engine, parse_batch
         from .trt.builder import max_handoffs as handoff_limit
@@ -139,10 +144,11 @@ def register(cli: click.Group) -> None:
     @cli.command(context_settings=CONTEXT)
     @click.argument("plan", type=click.Path())
     @click.option("--fp-onnx", type=click.Path(dir_okay=False), default=None,
-                  help="Float ONNX (export --fp): built as an FP16 engine and timed beside the QDQ plan.")
+                  help="Float ONNX (export --fp): built as an FP16 engine and timed beside the QDQ plan (writes "
+                       "PLAN-stem.fp16.onnx, .fp16.plan and its .json beside the plan).")
     @click.option("--ort-onnx", type=click.Path(dir_okay=False), default=None,
                   help="Graph for the onnxruntime row [default: --fp-onnx, else the plan's ONNX].")
-    @click.option("--batch", type=int, default=None, help="Batch size [default: the profile's OPT].")
+    @click.option("--batch", type=click.IntRange(min=1), default=None, help="Batch size [default: the profile's OPT].")
     @click.option("--iters", type=int, default=200, show_default=True,
                   help="Timed runs per row (at least 1): p50/p99 and throughput come from these.")
     @click.option("--warmup", type=int, default=20, show_default=True,

@@ -242,3 +242,31 @@ def test_training_configs_refuse_nan_weights():
     for kw in ({"kd_weight": float("nan")}, {"lr": float("inf")}, {"rho": float("nan")}):
         with pytest.raises(MixqError):
             TrainConfig(**kw).validate()
+
+
+def test_float_options_show_no_empty_range_in_help(run_cli):
+    for cmd in ("calib", "robustify", "qat"):
+        r = run_cli(cmd, "--help")
+        assert r.code == 0 and "None" not in r.out.replace("[default: None]", ""), cmd
+
+
+def test_qat_wbits_zero_is_refused_not_read_as_the_default(tmp_path, run_cli):
+    msg = clean_error(run_cli, [tmp_path], "qat", "--model", "cifar_resnet20", "--random-weights", "--data", tmp_path,
+                      "--method", "lsq", "--wbits", "0", "--out", tmp_path / "o")
+    assert "--wbits must be between 2 and 8, got 0" in msg
+
+
+def test_robustify_refuses_to_overwrite_its_checkpoint_and_makes_a_new_folder(world, tmp_path, run_cli):
+    from safetensors.torch import save_file
+
+    ck = tmp_path / "ck.safetensors"
+    save_file({k: v.contiguous() for k, v in load_model("cifar_resnet20", random_init=True).state_dict().items()},
+              str(ck))
+    msg = clean_error(run_cli, [tmp_path], "robustify", "--model", "cifar_resnet20", "--checkpoint", ck, "--data",
+                      world["npz"], "--epochs", "1", "--out", ck)
+    assert "would overwrite the input" in msg
+    out = tmp_path / "new" / "r.safetensors"
+    r = run_cli("robustify", "--model", "cifar_resnet20", "--checkpoint", ck, "--data", world["npz"], "--epochs", "1",
+                "--batch-size", "8", "--out", out, "-q", "--threads", "1")
+    assert r.code == 0, r.err
+    assert out.is_file() and (tmp_path / "new" / "r.safetensors.json").is_file()

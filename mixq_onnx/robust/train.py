@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from ..errors import MixqError
 from ..training import TrainConfig, TrainData, default_teacher, train
-from ..utils import atomic_write_bytes, atomic_write_json, sha256_bytes
+from ..utils import atomic_write_bytes, atomic_write_json, check_output_file, make_parent, sha256_bytes
 from .regularizers import RobustConfig, apply_satnl, remove_satnl, symreg_loss
 
 
@@ -37,15 +37,13 @@ def robustify(model: nn.Module, cfg: RobustConfig, data: TrainData, *, teacher: 
                    "mode": "labelled" if data.labelled else "data-free (KD)"}
 
 
-def check_writable(out: str | os.PathLike) -> Path:
-    """Refuse an output the command could not write, before any training."""
+def check_writable(out: str | os.PathLike, inputs: tuple[Any, ...] = ()) -> Path:
+    """Refuse, before any training, an output the command could not or must not write (`utils.check_output_file`:
+    also one of `inputs`, such as the checkpoint being fine-tuned); its folders are made when it is written."""
     out = Path(out)
     if out.suffix != ".safetensors":
         raise MixqError(f"--out {out} must end in .safetensors")
-    parent = out.parent if str(out.parent) else Path(".")
-    if out.is_dir() or not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise MixqError(f"cannot write {out}: {'it is a directory' if out.is_dir() else 'its folder is missing or read-only'}")
-    return out
+    return check_output_file(out, inputs=inputs)
 
 
 def save_checkpoint(model: nn.Module, out: str | os.PathLike, report: dict[str, Any]) -> Path:
@@ -56,6 +54,7 @@ def save_checkpoint(model: nn.Module, out: str | os.PathLike, report: dict[str, 
     from safetensors.torch import save
 
     out = check_writable(out)
+    make_parent(out)
     data = save({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()})
     atomic_write_bytes(out, data)
     atomic_write_json(out.with_name(out.name + ".json"), {**report, "sha256": sha256_bytes(data)})
