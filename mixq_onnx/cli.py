@@ -167,7 +167,9 @@ def calib(**o: Any) -> None:
     """Make (or resume) a calibration cache of synthetic or real images.
 
     The cache lands in CACHE_ROOT/<recipe-hash>/; re-running the same command resumes it, and the
-    same recipe always gives byte-identical shards (also under `torchrun --nproc-per-node N`).
+    same recipe gives byte-identical shards at the same intra-op thread count (`--threads N`; the
+    automatic count follows the machine's load, and float sums, so the optimising generators' shards, depend
+    on it), also under `torchrun --nproc-per-node N`. Each shard records the thread count that made it.
     The last line of stdout is the cache path.
     """
     from .calib import CalibConfig, PromptConfig, make_calibration_cache
@@ -367,7 +369,7 @@ def _load_user_model(o: dict[str, Any]):
 @click.option("--batch-size", type=POSITIVE, default=None, help="Reconstruction batch [default: 32].")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of the reconstruction's randomness (mini-batch order, QDrop's random drops): the same "
-                   "seed, cache and options give the same quant.json.")
+                   "seed, cache, options and --threads give the same weights.safetensors and quant.json (timings aside).")
 @click.option("--cache-root", type=click.Path(file_okay=False), default=None,
               help="Where a --calib hash is looked up [default: $MIXQ_CACHE_ROOT or ./calib_cache].")
 @click.option("--out", "out", required=True, type=click.Path(), help="Output directory (quant.json, weights.safetensors).")

@@ -270,3 +270,33 @@ def test_robustify_refuses_to_overwrite_its_checkpoint_and_makes_a_new_folder(wo
                 "--batch-size", "8", "--out", out, "-q", "--threads", "1")
     assert r.code == 0, r.err
     assert out.is_file() and (tmp_path / "new" / "r.safetensors.json").is_file()
+
+
+def test_quantize_refuses_an_unwritable_out_before_the_work(tmp_path, run_cli):
+    (tmp_path / "notes.txt").write_text("user")
+    (tmp_path / "dl").symlink_to(tmp_path / "gone")
+    for out, words in ((tmp_path / "notes.txt" / "x", "is a file, not a folder"), (tmp_path / "dl", "dangling")):
+        msg = clean_error(run_cli, [tmp_path], "quantize", "--model", "cifar_resnet20", "--random-weights", "--calib",
+                          tmp_path / "no-cache", "--method", "rtn", "--out", out)
+        assert words in msg
+
+
+def test_calib_folders_made_by_another_process_are_not_ours(tmp_path, monkeypatch):
+    """Two calib runs creating the same missing cache root: the one that loses the mkdir race must wait for the
+    lock, not fail; and a failing one removes only folders it made that are still empty."""
+    from mixq_onnx.calib import run as R
+
+    root = tmp_path / "a" / "b"
+    real_mkdir = Path.mkdir
+
+    def racing_mkdir(self, *a, **k):  # the other process made this folder between the exists() and the mkdir()
+        if self == root.resolve() and not self.exists():
+            real_mkdir(self)
+        return real_mkdir(self, *a, **k)
+
+    monkeypatch.setattr(Path, "mkdir", racing_mkdir)
+    created = R._check_writable(root)
+    assert root.is_dir() and root.resolve() not in created
+    (root / "other-cache").mkdir()
+    R._remove_empty([tmp_path / "a", root.resolve()])
+    assert (root / "other-cache").is_dir()

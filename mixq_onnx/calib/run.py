@@ -10,7 +10,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -75,6 +74,16 @@ def _lib_versions() -> dict[str, str]:
     return out
 
 
+def _remove_empty(created: list[Path]) -> None:
+    """Undo `_check_writable`'s folders, deepest first, each only while it is still empty: a concurrent calib may
+    already be writing a cache under one of them."""
+    for d in reversed(created):
+        try:
+            d.rmdir()
+        except OSError:
+            pass
+
+
 def _check_writable(root: Path) -> list[Path]:
     """Create `root` if needed and prove it is writable; return the directories this created."""
     created: list[Path] = []
@@ -85,14 +94,18 @@ def _check_writable(root: Path) -> list[Path]:
         p = p.parent
     try:
         for d in reversed(missing):
-            d.mkdir()
+            try:
+                d.mkdir()
+            except FileExistsError:  # another calib made it a moment ago: it is not ours to remove
+                if not d.is_dir():
+                    raise
+                continue
             created.append(d)
         probe = root / f".probe.{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
-        for d in reversed(created):
-            shutil.rmtree(d, ignore_errors=True)
+        _remove_empty(created)
         raise MixqError(f"cache directory {root} is not writable: {e.strerror or e}") from None
     return created
 
@@ -257,8 +270,7 @@ def make_calibration_cache(
             try:
                 cache_dir.mkdir(exist_ok=True)
             except OSError as e:
-                for d in reversed(created):
-                    shutil.rmtree(d, ignore_errors=True)
+                _remove_empty(created)
                 raise MixqError(f"cannot create cache directory {cache_dir}: {e.strerror or e}") from None
             stack.enter_context(C.cache_lock(cache_dir, wait=wait_lock, log=log))
             if not (cache_dir / C.MANIFEST).is_file():  # else: finished by the process we waited for

@@ -141,10 +141,19 @@ def check_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Path:
     """Raise `MixqError` unless `save_quantized(..., out, overwrite=overwrite)` may write there: call it
     before a long quantization too, so a refusal does not come after the work."""
     out = Path(out)
+    if out.is_symlink() and not out.exists():
+        raise MixqError(f"{out} is a dangling symbolic link; choose another output path")
     if out.exists() and not out.is_dir():
         raise MixqError(f"{out} exists and is not a directory; choose another output path")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise MixqError(f"{out} exists and is not empty; pass --overwrite to replace its {QUANT_JSON} and {WEIGHTS}")
+    anc = out.resolve().parent
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir():
+        raise MixqError(f"cannot write {out}: {anc} is a file, not a folder")
+    if not os.access(anc, os.W_OK | os.X_OK):
+        raise MixqError(f"cannot write {out}: the folder {anc} is read-only")
     return out
 
 
