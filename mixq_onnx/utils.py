@@ -77,14 +77,20 @@ def check_output_file(path: str | os.PathLike, *, what: str = "--out", inputs: t
             raise MixqError(f"{what} {p} would overwrite the input {i}: write somewhere else")
     if p.suffix.lower() in refuse_suffixes:
         raise MixqError(f"{what} {p} ends in {p.suffix}: pick another name (it would read as the input's kind)")
-    anc = target.parent
+    check_can_create(p)
+    return p
+
+
+def check_can_create(path: str | os.PathLike) -> None:
+    """Refuse a path whose nearest existing ancestor is a regular file or a read-only folder (the missing
+    folders below it are made at write time)."""
+    anc = Path(path).resolve().parent
     while not anc.exists() and anc != anc.parent:
         anc = anc.parent
     if not anc.is_dir():
-        raise MixqError(f"cannot write {p}: {anc} is a file, not a folder")
+        raise MixqError(f"cannot write {path}: {anc} is a file, not a folder")
     if not os.access(anc, os.W_OK | os.X_OK):
-        raise MixqError(f"cannot write {p}: the folder {anc} is read-only")
-    return p
+        raise MixqError(f"cannot write {path}: the folder {anc} is read-only")
 
 
 def make_parent(path: str | os.PathLike) -> None:

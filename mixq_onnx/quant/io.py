@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import MixqError
-from ..utils import atomic_path, sha256_file
+from ..utils import atomic_path, check_can_create, sha256_file
 from .config import QuantConfig
 from .graph import prepare, quantizers
 from .modules import QUANT_LAYERS
@@ -147,13 +147,7 @@ def check_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Path:
         raise MixqError(f"{out} exists and is not a directory; choose another output path")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise MixqError(f"{out} exists and is not empty; pass --overwrite to replace its {QUANT_JSON} and {WEIGHTS}")
-    anc = out.resolve().parent
-    while not anc.exists() and anc != anc.parent:
-        anc = anc.parent
-    if not anc.is_dir():
-        raise MixqError(f"cannot write {out}: {anc} is a file, not a folder")
-    if not os.access(anc, os.W_OK | os.X_OK):
-        raise MixqError(f"cannot write {out}: the folder {anc} is read-only")
+    check_can_create(out)
     return out
 
 
