@@ -108,10 +108,9 @@ class SweepModel:
 
 
 def sweep_models(base: Any, compare: Sequence[str] = (), label: str | None = None) -> list[SweepModel]:
-    """The line families of `sweep --model ... [--compare [LABEL=]CKPT ...]`: `base` (a `models.ModelOptions`, or a
-    model name)
-    under `label` (default: its checkpoint's file name, or the model name), then each compared checkpoint of the
-    same model and preprocessing, loaded now. Their `source` (spec, preprocessing, checkpoint path) goes into
+    """The line families of `sweep --model ... [--compare [LABEL=]CKPT ...]`: `base` (a `models.ModelOptions`, or
+    a model name) under `label` (default: its checkpoint's file name, or the model name), then each compared
+    checkpoint of the same model and preprocessing, loaded now. Their `source` (spec, preprocessing, checkpoint path) goes into
     each cell's identity, so this is what decides which finished cells a re-run reuses."""
     import dataclasses
 

@@ -144,18 +144,18 @@ def verify_data(onnx_path: str | os.PathLike, data: str | os.PathLike, *, quanti
     image folder read at the model's input size. `limit`: `pick_subset`'s seeded sample, named in the report's
     `subset`; `log` gets the `data:` / `preprocessing:` lines once the graph is accepted (a refused graph stays
     one error)."""
-    from ..data import read_labelled, report_data
+    from ..data import read_for_model
     from ..models import get_preprocessing
     from ..quant.io import load_result
 
     if not Path(onnx_path).is_file():
         raise MixqError(f"ONNX model not found: {onnx_path}")
     _, qmodel = load_result(quantized, model, trust_model_code)
-    pre = get_preprocessing(qmodel)
-    d = read_labelled(data, pre.input_size[1], limit)
+    notes: list[str] = []
+    d = read_for_model(data, get_preprocessing(qmodel), limit, log=notes.append)
     rep = verify_onnx(onnx_path, qmodel, d.images, batch_size, progress=progress)
-    if log is not None:
-        report_data(pre, d.source_hw, d.subset, log=log, resized_on_load=d.resized_on_load)
+    for line in notes if log is not None else ():
+        log(line)
     rep.subset = d.subset
     return rep
 

@@ -57,9 +57,7 @@ def save_quantized(qmodel: nn.Module, out: str | os.PathLike, extra: dict[str, A
     from .. import __version__
     from ..models import model_source
 
-    if not hasattr(qmodel, "mixq_config"):
-        raise MixqError("save_quantized takes the model `quantize` or `qat.train` returned; this one has no "
-                        "quantizers")
+    require_quantized(qmodel)
     out = check_output_dir(out, overwrite)
     cfg: QuantConfig = qmodel.mixq_config  # type: ignore[attr-defined]
     src = model_source(qmodel)
@@ -394,14 +392,18 @@ def _load_biases(gm: nn.Module, names: list[Any], tensors: Mapping[str, torch.Te
     gm.mixq_trained_biases = tuple(names)  # type: ignore[attr-defined]
 
 
+def require_quantized(qmodel: nn.Module) -> None:
+    """Refuse a float model where a quantized one is needed (writers of result folders and graphs)."""
+    if not hasattr(qmodel, "mixq_config") or not quantizers(qmodel):
+        raise MixqError("the model has no quantizers: pass the model `quantize`, `qat.train` or `load_quantized` "
+                        "returned (a float model exports with export_fp)")
+
+
 def validate_quantized_model(qmodel: nn.Module) -> None:
     """Apply `validate_record` to every quantizer of a model in memory (what `export_qdq` writes)."""
     shapes = _weight_shapes(qmodel)
-    qs = quantizers(qmodel)
-    if not qs or not hasattr(qmodel, "mixq_config"):
-        raise MixqError("the model has no quantizers: pass the model `quantize`, `qat.train` or `load_quantized` "
-                        "returned (a float model exports with export_fp)")
-    for name, q in qs.items():
+    require_quantized(qmodel)
+    for name, q in quantizers(qmodel).items():
         if isinstance(q, WeightQuantizer) and q.mode != "int":
             raise MixqError(f"quantizer {name}: weights are not frozen to integers (mode {q.mode!r}); "
                             "quantize must finish before export")
