@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
+import re
+import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +34,47 @@ def canonical_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
 
 
+_HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40] or "host"
+
+
+def tmp_prefix(path: Path) -> str:
+    """The hidden prefix of `path`'s temporaries: `.NAME.HOST-PID.`, so that a later writer of the same
+    path can tell a killed process's leftover (`sweep_stale_tmp`) from a live writer's file."""
+    return f".{path.name}.{_HOST}-{os.getpid()}."
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: someone else's live process
+        return True
+    return True
+
+
+def sweep_stale_tmp(path: Path) -> None:
+    """Remove the temporaries of `path` (files or folders named by `tmp_prefix`) whose process on this host
+    has died: a SIGKILL mid-write leaves one beside the output, and only the next writer of the same path
+    can know it is garbage. Never touches another host's temporaries or a live process's."""
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.{re.escape(_HOST)}-(\d+)\..*\.tmp", re.DOTALL)
+    try:
+        candidates = path.parent.glob(glob.escape(f".{path.name}.{_HOST}-") + "*.tmp")
+        for f in candidates:
+            m = pattern.fullmatch(f.name)
+            if not m or _pid_alive(int(m.group(1))):
+                continue
+            if f.is_dir() and not f.is_symlink():
+                shutil.rmtree(f, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    f.unlink()
+    except OSError:  # an unreadable folder: the write itself will report it
+        pass
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling path; rename it onto `path` only if the block succeeds.
@@ -40,8 +85,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     mode = path.stat().st_mode & 0o777 if path.is_file() else 0o666 & ~current_umask()
+    sweep_stale_tmp(path)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=tmp_prefix(path), suffix=".tmp", dir=path.parent)
     except OSError as e:
         raise MixqError(f"cannot write {path}: {e.strerror or e}") from None
     os.close(fd)

@@ -283,19 +283,22 @@ def test_weights_from_another_save_are_detected(r20, r20_w8, tmp_path):
         load_quantized(model, d)
 
 
-def test_old_folders_without_sha256_load(r20, tmp_path):
-    """Folders from before the sha256 (and before block scales added block_size/scale_shape) still load."""
+def test_old_folders_without_block_fields_load_but_not_without_the_weights_sha256(r20, tmp_path):
+    """Folders from before block scales (no block_size/scale_shape) still load. A quant.json without the
+    weights' sha256 is refused: with the field deleted, swapped weights would otherwise load unchecked."""
     model, src = r20
     d = _copy(src, tmp_path / "old")
 
     def strip(m: dict[str, Any]) -> None:
-        m.pop("weights_sha256")
         for r in m["quantizers"]:
             r.pop("block_size", None)
             r.pop("scale_shape", None)
 
     _edit_json(d, strip)
     assert len(quantizers(load_quantized(model, d))) == len(quantizers(load_quantized(model, src)))
+    _edit_json(d, lambda m: m.pop("weights_sha256"))
+    with pytest.raises(MixqError, match=r"quant.json records no weights_sha256, so weights.safetensors cannot be checked"):
+        load_quantized(model, d)
 
 
 # ----------------------------------------------------------------------------- 3. validate every quantizer
@@ -380,7 +383,9 @@ BAD_FOLDERS: dict[str, tuple[Callable[[Path], None], str]] = {
     "sha-edited-weights": (lambda d: _edit_tensors(d, lambda ts: _set(ts[f"{CONV}.scale"], 0, 1.0), fix_sha=False),
                            "weights.safetensors does not match"),
     "truncated-weights": (lambda d: ((d / "weights.safetensors").write_bytes((d / "weights.safetensors").read_bytes()[:999]),
-                                     _edit_json(d, lambda m: m.pop("weights_sha256"))), "cannot read"),
+                                     _edit_json(d, lambda m: m.__setitem__("weights_sha256",
+                                                                           _sha(d / "weights.safetensors")))),
+                          "cannot read"),
 }
 
 

@@ -49,6 +49,14 @@ def shard_name(i: int) -> str:
 MAX_NUM = 100_000  # images of one cache (`calib --num`): a recipe asking for more is not one calib wrote
 
 
+def candidate_name(i: int) -> str:
+    """A `--filter` cache's candidate shard: scored, then replaced by the kept `shard_name` shards."""
+    return f"cand-{i:05d}.safetensors"
+
+
+LEFTOVER_PATTERNS = ("cand-*.safetensors", "*.stats.json", ".*.tmp")  # a writer's files, gone once sealed
+
+
 def recipe_hash(recipe: dict[str, Any]) -> str:
     """The cache key: a cache lives in `<root>/<recipe_hash(recipe)>/`."""
     return sha256_bytes(canonical_json(recipe).encode())[:16]
@@ -104,6 +112,8 @@ def read_shard_checked(path: Path, sha256: str) -> tuple[torch.Tensor, list[dict
     try:
         data = path.read_bytes()
     except FileNotFoundError:
+        if not (cache_dir / MANIFEST).is_file():  # `cache rm` renamed the folder away mid-read: not corruption
+            raise MixqError(f"cache {cache_dir} was removed while it was being read") from None
         raise CorruptCacheError(f"cache {cache_dir} is missing shard {name}: run `mixq-onnx cache verify`") from None
     except OSError as e:
         raise CorruptCacheError(f"cannot read shard {name} of cache {cache_dir}: {e.strerror or e}") from None
@@ -264,7 +274,13 @@ def resolve_cache(ref: str | os.PathLike, root: Path | None = None) -> Path:
 
 
 def _shard_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.glob("shard-*.safetensors"))
+    """Bytes of the cache's image files: sealed shards, and a filtered cache's candidates while it runs."""
+    total = 0
+    for pattern in ("shard-*.safetensors", "cand-*.safetensors"):
+        for f in path.glob(pattern):
+            with contextlib.suppress(OSError):  # removed meanwhile (a finishing writer)
+                total += f.stat().st_size
+    return total
 
 
 def info(path: Path) -> CacheInfo:
@@ -276,7 +292,9 @@ def info(path: Path) -> CacheInfo:
     recipe = _check_recipe(_read_json(path / RECIPE), path)
     num, ss = recipe["num"], recipe["shard_size"]
     total = -(-num // ss)
-    done = sum(1 for i in range(total) if shard_is_complete(path / shard_name(i), min(ss, num - i * ss)))
+    # an unfinished --filter cache writes its candidates first (cand-*), the kept shards only when sealing
+    name = candidate_name if recipe.get("filter") else shard_name
+    done = sum(1 for i in range(total) if shard_is_complete(path / name(i), min(ss, num - i * ss)))
     return CacheInfo(path, False, recipe, done * ss if done < total else num, done, total, _shard_bytes(path))
 
 

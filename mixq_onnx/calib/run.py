@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..errors import MixqError
+from ..errors import CacheLockedError, MixqError
 from ..progress import progress_bar
 from ..registry import FILTERS, PROMPT_STRATEGIES
 from ..utils import atomic_write_json, resolve_device, sha256_bytes, sha256_file
@@ -263,6 +263,7 @@ def make_calibration_cache(
 
     if (cache_dir / C.MANIFEST).is_file():
         log(f"cache already complete: {cache_dir}")
+        _sweep_leftovers(cache_dir)
         return cache_dir
     with contextlib.ExitStack() as stack:
         if rank == 0:
@@ -294,12 +295,8 @@ def _shard_ranges(n: int, ss: int) -> list[tuple[int, int]]:
     return [(s, min(s + ss, n)) for s in range(0, n, ss)]
 
 
-def _candidate_name(i: int) -> str:
-    return f"cand-{i:05d}.safetensors"
-
-
 def _generate_shards(gen, cfg: CalibConfig, cache_dir: Path, rank: int, world: int, progress: bool, log) -> None:
-    name = _candidate_name if cfg.filter else C.shard_name
+    name = C.candidate_name if cfg.filter else C.shard_name
     ranges = _shard_ranges(cfg.num, cfg.shard_size)
     mine = [(i, r) for i, r in enumerate(ranges) if i % world == rank]
     todo = [(i, r) for i, r in mine if not C.shard_is_complete(cache_dir / name(i), r[1] - r[0])]
@@ -343,7 +340,7 @@ def _generate_shards(gen, cfg: CalibConfig, cache_dir: Path, rank: int, world: i
 
 def _finalize(cfg, gen, recipe, key, cache_dir: Path, model, seconds: float, log) -> None:
     ranges = _shard_ranges(cfg.num, cfg.shard_size)
-    name = _candidate_name if cfg.filter else C.shard_name
+    name = C.candidate_name if cfg.filter else C.shard_name
     for i, (s, e) in enumerate(ranges):  # every rank's shards must be there before sealing
         if not C.shard_is_complete(cache_dir / name(i), e - s):
             raise MixqError(f"shard {name(i)} is missing after generation; re-run to resume")
@@ -372,8 +369,24 @@ def _finalize(cfg, gen, recipe, key, cache_dir: Path, model, seconds: float, log
         "images": images,
     }
     atomic_write_json(cache_dir / C.MANIFEST, manifest)
-    for f in list(cache_dir.glob("cand-*")) + list(cache_dir.glob("*.stats.json")):
-        f.unlink(missing_ok=True)
+    _remove_leftovers(cache_dir)
+
+
+def _remove_leftovers(cache_dir: Path) -> None:
+    for pattern in C.LEFTOVER_PATTERNS:
+        for f in cache_dir.glob(pattern):
+            f.unlink(missing_ok=True)
+
+
+def _sweep_leftovers(cache_dir: Path) -> None:
+    """A writer killed between sealing a cache and removing its working files (candidates, shard stats,
+    temporaries) left them for good: the next calib of the same recipe removes them, unless another
+    process holds the cache's lock."""
+    if not any(next(cache_dir.glob(p), None) for p in C.LEFTOVER_PATTERNS):
+        return
+    with contextlib.suppress(CacheLockedError, OSError):
+        with C.cache_lock(cache_dir, wait=False):
+            _remove_leftovers(cache_dir)
 
 
 def _apply_filter(cfg: CalibConfig, cache_dir: Path, model, ranges, log) -> None:
@@ -382,7 +395,7 @@ def _apply_filter(cfg: CalibConfig, cache_dir: Path, model, ranges, log) -> None
 
     imgs, recs = [], []
     for i in range(len(ranges)):
-        x, r = C.read_shard(cache_dir / _candidate_name(i))
+        x, r = C.read_shard(cache_dir / C.candidate_name(i))
         imgs.append(x)
         recs.extend(r)
     images = torch.cat(imgs)

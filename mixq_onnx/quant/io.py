@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import MixqError
-from ..utils import atomic_path, check_can_create, sha256_file
+from ..utils import atomic_path, check_can_create, sha256_file, sweep_stale_tmp, tmp_prefix
 from .config import QuantConfig
 from .graph import prepare, quantizers
 from .modules import QUANT_LAYERS
@@ -43,10 +43,10 @@ def save_quantized(qmodel: nn.Module, out: str | os.PathLike, extra: dict[str, A
                    overwrite: bool = False, files: Mapping[str, bytes] | None = None) -> Path:
     """Write `quant.json` and `weights.safetensors` for a model returned by `quantize`.
 
-    A new folder is written as a temporary sibling and renamed into place. An existing non-empty folder
-    is refused unless `overwrite`; then only the two files are replaced (each atomically, weights first,
-    quant.json last, recording the weights' sha256), so the user's other files stay and a reader never
-    pairs a new quant.json with old weights. `files` (name -> bytes, e.g. a stage's report and plot) go
+    A new folder, or an empty one, is written as a temporary sibling and renamed into place, so a kill
+    leaves no half result. An existing non-empty folder is refused unless `overwrite`; then only the two
+    files are replaced (each atomically, weights first, quant.json last, recording the weights' sha256),
+    so the user's other files stay and a reader never pairs a new quant.json with old weights. `files` (name -> bytes, e.g. a stage's report and plot) go
     into the same folder the same way, before quant.json."""
     files = dict(files or {})
     for name in files:
@@ -86,7 +86,7 @@ def save_quantized(qmodel: nn.Module, out: str | os.PathLike, extra: dict[str, A
     }
     text = (json.dumps(meta, indent=2) + "\n").encode()
     try:
-        if out.is_dir():  # empty, or --overwrite: replace just our files
+        if out.is_dir() and any(out.iterdir()):  # --overwrite: replace just our files, keep the user's
             _write_file(out / WEIGHTS, weights)
             for name, data in files.items():
                 _write_file(out / name, data)
@@ -152,17 +152,24 @@ def check_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Path:
 def _write_new_dir(out: Path, files: dict[str, bytes]) -> None:
     """Fill a temporary sibling folder, then rename it to `out` (never a half-written result folder)."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    sweep_stale_tmp(out)
+    tmp = out.with_name(f"{tmp_prefix(out)}{secrets.token_hex(4)}.tmp")
     tmp.mkdir()
     try:
+        if out.is_dir():  # an empty folder the user made: replaced in one rename, keeping its mode
+            os.chmod(tmp, out.stat().st_mode & 0o7777)
         for name, data in files.items():
             _write_file(tmp / name, data)
         try:
-            os.rename(tmp, out)
+            os.rename(tmp, out)  # POSIX: a folder may replace an empty folder, never a non-empty one
         except OSError:
-            if out.exists():
-                raise MixqError(f"{out} appeared while it was being written; nothing was changed in it") from None
-            raise
+            if out.is_dir() and not any(out.iterdir()):  # a mount point or a link to a folder: file by file,
+                for name in files:  # in the given order (quant.json last)
+                    os.replace(tmp / name, out / name)
+            elif out.exists():
+                raise MixqError(f"{out} was filled while it was being written; nothing was changed in it") from None
+            else:
+                raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -235,7 +242,7 @@ def _is_int(v: Any) -> bool:
 
 
 def _read_weights(qdir: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """weights.safetensors, checked against the sha256 that quant.json records (older folders have none)."""
+    """weights.safetensors, checked against the sha256 that quant.json must record."""
     from safetensors.torch import load
 
     path = qdir / WEIGHTS
@@ -244,11 +251,13 @@ def _read_weights(qdir: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
     except OSError as e:
         raise MixqError(f"cannot read {path}: {e.strerror or e}") from None
     want = meta.get(WEIGHTS_SHA256)
-    if want is not None:
-        have = hashlib.sha256(data).hexdigest()
-        if have != want.lower():
-            raise MixqError(f"{path} does not match {qdir / QUANT_JSON}: its sha256 is {have[:12]}…, quant.json records "
-                            f"{want[:12]}… (edited, or replaced by an interrupted --overwrite)")
+    if want is None:  # every writer records it: without it a swapped weights file would load unnoticed
+        raise MixqError(f"{qdir / QUANT_JSON} records no {WEIGHTS_SHA256}, so {WEIGHTS} cannot be checked against it: "
+                        "re-run the command that wrote the folder")
+    have = hashlib.sha256(data).hexdigest()
+    if have != want.lower():
+        raise MixqError(f"{path} does not match {qdir / QUANT_JSON}: its sha256 is {have[:12]}…, quant.json records "
+                        f"{want[:12]}… (edited, or replaced by an interrupted --overwrite)")
     try:
         tensors = load(data)
     except Exception as e:  # noqa: BLE001 - whatever the parser says, the file is unusable

@@ -1,0 +1,163 @@
+"""A writer killed at the worst moment (SIGKILL, injected in a child process at a named step) leaves
+nothing a later run trips over: no half result folder, no stale temporaries, no cache working files;
+and a reader whose cache is removed under it says so instead of calling the cache corrupt."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from mixq_onnx.calib import cache as C
+from mixq_onnx.calib import info, load_images, verify
+from mixq_onnx.errors import CorruptCacheError, MixqError
+from mixq_onnx.models import load_model
+from mixq_onnx.quant import QuantConfig, load_quantized, quantize, save_quantized
+from mixq_onnx.utils import atomic_write_bytes, tmp_prefix
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run_killed(script: str) -> None:
+    """Run `script` in a child (this checkout's package); it must die of SIGKILL, as injected."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    r = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == -signal.SIGKILL, (r.returncode, r.stderr[-2000:])
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+@pytest.fixture(scope="module")
+def qdir(tmp_path_factory) -> Path:
+    torch.set_num_threads(1)
+    model = load_model("cifar_resnet20", random_init=True)
+    calib = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    q = quantize(model, QuantConfig(wbits=4, abits=4, method="rtn"), calib, progress=False)
+    return save_quantized(q, tmp_path_factory.mktemp("q") / "r20")
+
+
+def test_a_save_killed_between_its_files_leaves_an_empty_folder_empty(qdir, tmp_path):
+    """`--out` made beforehand and empty: the result is built beside it and renamed onto it, so a kill after
+    the weights and before quant.json leaves the folder empty (it used to hold the weights alone, and the
+    re-run then demanded --overwrite). The re-run succeeds and sweeps the killed run's temporary folder."""
+    out = tmp_path / "out"
+    out.mkdir(mode=0o750)
+    _run_killed(f"""
+        import os, signal
+        import mixq_onnx.quant.io as qio
+        from mixq_onnx.models import load_model
+        model = qio.load_quantized(load_model("cifar_resnet20", random_init=True), {str(qdir)!r})
+        original, calls = qio._write_file, []
+        def write_then_die(path, data):
+            calls.append(path)
+            if len(calls) == 2:  # the weights are written; quant.json is next
+                os.kill(os.getpid(), signal.SIGKILL)
+            original(path, data)
+        qio._write_file = write_then_die
+        qio.save_quantized(model, {str(out)!r})
+    """)
+    assert out.is_dir() and not any(out.iterdir())
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+    assert len(leftovers) == 1 and leftovers[0].endswith(".tmp")  # the killed run's, named by its pid
+    model = load_model("cifar_resnet20", random_init=True)
+    save_quantized(load_quantized(model, qdir), out)  # no --overwrite needed: the folder is still empty
+    assert sorted(p.name for p in out.iterdir()) == ["quant.json", "weights.safetensors"]
+    assert (out.stat().st_mode & 0o777) == 0o750  # the user's folder keeps its mode
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.")] == []
+    load_quantized(model, out)
+
+
+def test_an_atomic_write_sweeps_only_dead_writers_temporaries_of_the_same_file(tmp_path):
+    target = tmp_path / "graph.onnx"
+    me = tmp_prefix(target)  # .graph.onnx.HOST-PID.
+    host = me.split(".")[-2].rsplit("-", 1)[0]
+    dead = tmp_path / f".graph.onnx.{host}-{_dead_pid()}.abc123.tmp"
+    dead_dir = tmp_path / f".graph.onnx.{host}-{_dead_pid()}.def456.tmp"
+    live = tmp_path / f".graph.onnx.{host}-{os.getppid()}.ghi789.tmp"
+    other_host = tmp_path / f".graph.onnx.{host}x-{_dead_pid()}.jkl012.tmp"
+    other_file = tmp_path / f".other.onnx.{host}-{_dead_pid()}.mno345.tmp"
+    users = tmp_path / ".graph.onnx.notes.tmp"
+    for f in (dead, live, other_host, other_file, users):
+        f.write_bytes(b"x")
+    dead_dir.mkdir()
+    (dead_dir / "quant.json").write_text("{}")
+    atomic_write_bytes(target, b"graph")
+    assert target.read_bytes() == b"graph"
+    assert not dead.exists() and not dead_dir.exists()
+    assert live.exists() and other_host.exists() and other_file.exists() and users.exists()
+
+
+def _calib_script(root: Path, kill_at: str) -> str:
+    return f"""
+        import os, signal
+        import mixq_onnx.calib.run as run
+        from mixq_onnx.calib import CalibConfig, make_calibration_cache
+        def die(*a, **k):
+            os.kill(os.getpid(), signal.SIGKILL)
+        run.{kill_at} = die
+        cfg = CalibConfig(generator="noise", num=12, shard_size=5, filter="energy", keep=7,
+                          model="cifar_resnet20", random_weights=True)
+        make_calibration_cache(cfg, {str(root)!r}, progress=False, log=lambda m: None)
+    """
+
+
+def _filtered_cache(root: Path) -> Path:
+    from mixq_onnx.calib import CalibConfig, make_calibration_cache
+
+    cfg = CalibConfig(generator="noise", num=12, shard_size=5, filter="energy", keep=7, model="cifar_resnet20",
+                      random_weights=True)
+    return make_calibration_cache(cfg, root, progress=False, log=lambda m: None)
+
+
+def test_cache_ls_counts_an_interrupted_filter_caches_candidates(tmp_path):
+    """Killed after generating every candidate, before scoring them: `cache ls` showed 0 images, as it
+    counted only the kept shards that sealing writes."""
+    _run_killed(_calib_script(tmp_path, "_apply_filter"))
+    (d,) = [p for p in tmp_path.iterdir() if C.is_cache_dir(p)]
+    s = info(d).summary()
+    assert s["status"] == "incomplete" and s["images"] == 12 and s["shards"] == "3/3", s
+    assert s["size_mb"] > 0
+    assert _filtered_cache(tmp_path) == d and verify(d).ok  # the re-run seals it from the candidates
+
+
+def test_calib_sweeps_working_files_a_kill_after_sealing_left(tmp_path):
+    """Killed after the manifest, before the candidates and shard stats were removed: they stayed for good.
+    The next calib of the same recipe finds the cache complete and removes them."""
+    _run_killed(_calib_script(tmp_path, "_remove_leftovers"))
+    (d,) = [p for p in tmp_path.iterdir() if C.is_cache_dir(p)]
+    assert (d / C.MANIFEST).is_file() and verify(d).ok
+    assert list(d.glob("cand-*")) and list(d.glob("*.stats.json"))
+    before = json.loads((d / C.MANIFEST).read_text())
+    assert _filtered_cache(tmp_path) == d
+    assert not list(d.glob("cand-*")) and not list(d.glob("*.stats.json"))
+    assert json.loads((d / C.MANIFEST).read_text()) == before and verify(d).ok
+    assert load_images(d)[0].shape[0] == 7
+
+
+def test_a_reader_whose_cache_is_removed_mid_read_says_removed_not_corrupt(tmp_path):
+    """`cache rm` renames the folder away; a reader that had read the manifest then finds no shard. That is
+    not corruption, and `cache verify` would send the user after a cache that no longer exists."""
+    from mixq_onnx.calib import CalibConfig, make_calibration_cache
+
+    d = make_calibration_cache(CalibConfig(generator="noise", num=4), tmp_path, progress=False, log=lambda m: None)
+    shard = json.loads((d / C.MANIFEST).read_text())["shards"][0]
+    C.remove(d, tmp_path)
+    with pytest.raises(MixqError, match="was removed while it was being read") as e:
+        C.read_shard_checked(d / shard["file"], shard["sha256"])
+    assert not isinstance(e.value, CorruptCacheError)
+    d2 = make_calibration_cache(CalibConfig(generator="noise", num=4, seed=1), tmp_path, progress=False,
+                                log=lambda m: None)
+    (d2 / json.loads((d2 / C.MANIFEST).read_text())["shards"][0]["file"]).unlink()
+    with pytest.raises(CorruptCacheError, match="is missing shard"):  # a shard gone from a live cache still is
+        load_images(d2)
