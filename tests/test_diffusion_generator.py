@@ -110,15 +110,22 @@ def test_batch_size_one_and_recipe(tiny_pipeline):
 
 
 def test_scheduler_swap_and_negative_prompt(tiny_pipeline):
+    """Each option changes the images on its own; without guidance (1.0) there is no unconditional branch,
+    so a negative prompt has nothing to replace and must change nothing."""
     ps = plans("single", 0, 2)
     base = make_gen(tiny_pipeline, "single").generate(0, ps).images
-    gen = make_gen(tiny_pipeline, "single", scheduler="DDIMScheduler", negative_prompt="blurry")
+    gen = make_gen(tiny_pipeline, "single", scheduler="DDIMScheduler")
     out = gen.generate(0, ps).images
-    assert type(gen.pipe.scheduler).__name__ == "DDIMScheduler"
-    assert gen.recipe()["scheduler"] == "DDIMScheduler" and gen.recipe()["negative_prompt"] == "blurry"
+    assert type(gen.pipe.scheduler).__name__ == "DDIMScheduler" and gen.recipe()["scheduler"] == "DDIMScheduler"
     assert out.shape == base.shape and not torch.equal(out, base)
-    nocfg = make_gen(tiny_pipeline, "mixup-embed", guidance=1.0).generate(0, plans("mixup-embed", 0, 2))
-    assert nocfg.images.shape == (2, SIZE, SIZE, 3)
+    neg = make_gen(tiny_pipeline, "single", negative_prompt="blurry")
+    assert neg.recipe()["negative_prompt"] == "blurry"
+    assert not torch.equal(neg.generate(0, ps).images, base)
+    mps = plans("mixup-embed", 0, 2)
+    nocfg = make_gen(tiny_pipeline, "mixup-embed", guidance=1.0).generate(0, mps).images
+    assert nocfg.shape == (2, SIZE, SIZE, 3)
+    assert torch.equal(make_gen(tiny_pipeline, "mixup-embed", guidance=1.0, negative_prompt="blurry")
+                       .generate(0, mps).images, nocfg)
 
 
 def test_offline_hub_id_fails_fast():

@@ -359,7 +359,8 @@ def test_qat_end_to_end_then_eval_export_check_verify(world, tmp_path, run_cli):
 
     # --overwrite replaces our files and keeps the user's; without it a non-empty folder is refused
     (lsq / "notes.txt").write_text("mine")
-    one_line_error(run_cli("qat", *TINY, "--data", cache, "--method", "lsq", "--epochs", "1", "--out", lsq, "-q"))
+    msg = one_line_error(run_cli("qat", *TINY, "--data", cache, "--method", "lsq", "--epochs", "1", "--out", lsq, "-q"))
+    assert "not empty" in msg and "--overwrite" in msg
     r = run_cli("qat", *TINY, "--data", cache, "--method", "lsq", "--epochs", "1", "--final-epochs", "0",
                 "--out", lsq, "--overwrite", "-q")
     assert r.code == 0, r.err

@@ -148,8 +148,20 @@ def test_cli_robustify_writes_a_plain_checkpoint_that_loads(noise_cache, tmp_pat
     side = json.loads((tmp_path / "robust.safetensors.json").read_text())
     assert side["report"]["mode"].startswith("data-free") and side["fp_top1_before"] is not None
     assert len(side["report"]["satnl_alphas"]) == 20 and "symreg" in side["report"]["train"]["epochs"][0]
-    m = load_model("cifar_resnet20", out)  # the plain model loads it
-    assert m is not None and r.last_line == str(out)
+    assert r.last_line == str(out)
+    import hashlib
+
+    from safetensors.torch import load_file
+
+    from mixq_onnx.quant.evaluate import evaluate_data
+
+    assert side["sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
+    saved = load_file(out)
+    m = load_model("cifar_resnet20", out)  # the plain model loads it, every tensor as saved
+    state = m.state_dict()
+    assert set(saved) == set(state) == set(load_model("cifar_resnet20", random_init=True).state_dict())
+    assert all(torch.equal(state[k], saved[k]) for k in saved)
+    assert evaluate_data(npz, model=m).top1 == side["fp_top1_after"]  # the model the sidecar describes
 
 
 @pytest.mark.parametrize("args,needle", [

@@ -252,7 +252,9 @@ def test_engine_matches_onnxruntime(graphs, w8_plan):
     x = np.random.default_rng(0).standard_normal((8, 3, 32, 32)).astype(np.float32)
     try:
         got = run_plan(w8_plan, [x])["output"]
-    except MixqError as e:  # e.g. a data-centre GPU that the RTX plan does not target
+    except MixqError as e:  # a data-centre GPU that the RTX plan does not target: any other error fails
+        if "rebuild" not in str(e):
+            raise
         pytest.skip(str(e))
     ref = ort.InferenceSession(str(graphs["w8a8"]), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
     assert (got.argmax(1) == ref.argmax(1)).mean() >= 0.75
