@@ -15,7 +15,15 @@ import click
 # are imported inside the command bodies, so --help, --version and argument errors answer at once
 # (tests/test_cli_startup.py checks this).
 from . import __version__
-from .cli_common import CONTEXT, FINITE, POSITIVE, FiniteFloat, augment_option, compute_command
+from .cli_common import (
+    CONTEXT,
+    FINITE,
+    POSITIVE,
+    FiniteFloat,
+    augment_option,
+    compute_command,
+    trust_model_code_option,
+)
 from .cli_common import emit_json as _emit_json
 from .cli_qat import register as _register_qat
 from .cli_trt import register as _register_trt
@@ -464,10 +472,7 @@ def _quantize_json(out: Path, report: dict[str, Any], clock: list[tuple[str, flo
 @click.option("--json", "as_json", is_flag=True,
               help="Last stdout line: one JSON object (top1, top5, n, subset, ...; with --quantized also the "
                    "float model's fp_top1 and fp_top5 and the top-1 agreement).")
-@click.option("--trust-model-code", is_flag=True,
-              help="Import the model file or module that DIR/quant.json names. A result folder from someone else "
-                   "never runs code otherwise: pass --model PATH.py:factory yourself (its file must have the "
-                   "sha256 the folder records). zoo and timm names need neither.")
+@trust_model_code_option()
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @compute_command("eval")
 def eval_cmd(**o: Any) -> None:
@@ -650,10 +655,7 @@ def sweep(**o: Any) -> None:
                    "of an INT8 kernel: onnxruntime is bit-identical to PyTorch, TensorRT builds the same INT8 "
                    "kernels. dq-scales: scales on the DQ nodes (the ModelOpt layout, for tools that expect it); "
                    "fp32 summation order then flips rare codes at rounding ties between runtimes.")
-@click.option("--trust-model-code", is_flag=True,
-              help="Import the model file or module that DIR/quant.json names. A result folder from someone else "
-                   "never runs code otherwise: pass --model PATH.py:factory yourself (its file must have the "
-                   "sha256 the folder records). zoo and timm names need neither.")
+@trust_model_code_option()
 def export(**o: Any) -> None:
     """Write a QDQ ONNX graph (opset 21, IR 10, dynamic batch) that TensorRT builds into INT8 kernels.
 
@@ -713,10 +715,7 @@ def check(onnx_path: str, as_json: bool) -> None:
 @click.option("--min-agreement", type=FiniteFloat(0, 100), default=99.9, show_default=True, metavar="PERCENT",
               help="Exit 1 when the exact run's top-1 agreement with PyTorch is below this.")
 @click.option("--json", "as_json", is_flag=True, help="Last stdout line: one JSON object (with the subset used).")
-@click.option("--trust-model-code", is_flag=True,
-              help="Import the model file or module that DIR/quant.json names. A result folder from someone else "
-                   "never runs code otherwise: pass --model PATH.py:factory yourself (its file must have the "
-                   "sha256 the folder records). zoo and timm names need neither.")
+@trust_model_code_option()
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @compute_command("verify")
 def verify(**o: Any) -> None:

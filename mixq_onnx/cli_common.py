@@ -38,6 +38,15 @@ class FiniteFloat(click.FloatRange):
 FINITE = FiniteFloat()
 
 
+def trust_model_code_option() -> Callable:
+    """--trust-model-code, the same words on every command that loads a result folder's model."""
+    return click.option(
+        "--trust-model-code", is_flag=True,
+        help="Import the model file or module that DIR/quant.json names. A result folder from someone else "
+             "never runs code otherwise: pass --model PATH.py:factory yourself (its file must have the "
+             "sha256 the folder records). zoo and timm names need neither.")
+
+
 def augment_option() -> Callable:
     """`--augment` of the commands that train on the shared loop (qat, robustify)."""
     from .registry import AUGMENTS

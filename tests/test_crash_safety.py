@@ -12,13 +12,13 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import torch
+from conftest import random_r20_w4a4
 
 from mixq_onnx.calib import cache as C
 from mixq_onnx.calib import info, load_images, verify
 from mixq_onnx.errors import CorruptCacheError, MixqError
 from mixq_onnx.models import load_model
-from mixq_onnx.quant import QuantConfig, load_quantized, quantize, save_quantized
+from mixq_onnx.quant import load_quantized, save_quantized
 from mixq_onnx.utils import atomic_write_bytes, tmp_prefix
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,11 +40,7 @@ def _dead_pid() -> int:
 
 @pytest.fixture(scope="module")
 def qdir(tmp_path_factory) -> Path:
-    torch.set_num_threads(1)
-    model = load_model("cifar_resnet20", random_init=True)
-    calib = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    q = quantize(model, QuantConfig(wbits=4, abits=4, method="rtn"), calib, progress=False)
-    return save_quantized(q, tmp_path_factory.mktemp("q") / "r20")
+    return save_quantized(random_r20_w4a4(4)[1], tmp_path_factory.mktemp("q") / "r20")
 
 
 def test_a_save_killed_between_its_files_leaves_an_empty_folder_empty(qdir, tmp_path):

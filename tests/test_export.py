@@ -7,6 +7,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import random_r20_w4a4
 
 from mixq_onnx.models import get_preprocessing, load_model
 from mixq_onnx.onnx import export_qdq
@@ -17,10 +18,7 @@ from mixq_onnx.quant.graph import shared_quantizers
 
 @pytest.fixture(scope="module")
 def r20_w4a4():
-    torch.set_num_threads(1)
-    model = load_model("cifar_resnet20", random_init=True)
-    calib = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    return quantize(model, QuantConfig(wbits=4, abits=4, method="rtn"), calib, progress=False)
+    return random_r20_w4a4(16)[1]
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SMALL_NET_PY
+from conftest import SMALL_NET_PY, random_r20_w4a4
 
 from mixq_onnx.models import load_model
 from mixq_onnx.quant import QuantConfig, quantize, save_quantized
@@ -27,11 +27,7 @@ def net():
 
 @pytest.fixture(scope="module")
 def r20_dir(tmp_path_factory) -> Path:
-    torch.set_num_threads(1)
-    model = load_model("cifar_resnet20", random_init=True)
-    calib = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    q = quantize(model, QuantConfig(wbits=4, abits=4, method="rtn"), calib, progress=False)
-    return save_quantized(q, tmp_path_factory.mktemp("q") / "r20")
+    return save_quantized(random_r20_w4a4(8)[1], tmp_path_factory.mktemp("q") / "r20")
 
 
 def _one_line_error(r) -> str:

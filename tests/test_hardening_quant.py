@@ -21,7 +21,7 @@ import onnx
 import pytest
 import torch
 from conftest import SMALL_NET_PY as NET
-from conftest import one_line_error, snapshot
+from conftest import one_line_error, random_r20_w4a4, snapshot
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import numpy_helper
@@ -50,10 +50,7 @@ ACT = "layer1.0.conv1.input"
 @pytest.fixture(scope="module")
 def r20(tmp_path_factory) -> tuple[torch.nn.Module, Path]:
     """A random-weight cifar_resnet20, quantized W4A4 with rtn on 8 random images, and its folder."""
-    torch.set_num_threads(1)
-    model = load_model("cifar_resnet20", random_init=True)
-    calib = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    q = quantize(model, QuantConfig(wbits=4, abits=4, method="rtn"), calib, progress=False)
+    model, q = random_r20_w4a4(8)
     return model, save_quantized(q, tmp_path_factory.mktemp("q") / "r20")
 
 
