@@ -6,6 +6,7 @@ Every case asserts exit code 2, one `error:` line and no traceback, and that the
 nothing (`snapshot`)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -136,7 +137,8 @@ def _fake_plan(tmp_path: Path, graph: Path, **change) -> Path:
     meta = {"format": PLAN_FORMAT, "plan_key": "tensorrt-rtx-1.0-portable", "backend": "tensorrt-rtx",
             "backend_version": "1.0", "target": "portable", "onnx": {"path": str(graph), "sha256": None},
             "inputs": [{"name": "input", "min": [1, 3, 32, 32], "opt": [8, 3, 32, 32], "max": [32, 3, 32, 32]}],
-            "options": {"batch": [1, 8, 32]}, "layers": [{"name": "conv", "layer_type": "conv"}]}
+            "options": {"batch": [1, 8, 32]}, "layers": [{"name": "conv", "layer_type": "conv"}],
+            "plan_sha256": hashlib.sha256(b"not an engine").hexdigest()}
     meta.update(change)
     meta_path_for(plan).write_text(json.dumps(meta))
     return plan
@@ -144,11 +146,13 @@ def _fake_plan(tmp_path: Path, graph: Path, **change) -> Path:
 
 @pytest.mark.parametrize("change", [{"onnx": None}, {"inputs": [{"name": "input"}]}, {"layers": [{"x": 1}]},
                                     {"layers": [{"name": "c", "layer_type": "conv", "inputs": [{"bogus": 1}]}]},
-                                    {"backend": 7}])
+                                    {"backend": 7}, {"plan_sha256": None}])
 def test_a_damaged_plan_json_is_a_rebuild_error(world, tmp_path, run_cli, change):
     plan = _fake_plan(tmp_path, world["onnx8"], **change)
     msg = clean_error(run_cli, [tmp_path], "inspect", plan)
     assert "is damaged" in msg and "rebuild" in msg
+    field = list(change)[0]
+    assert ("layer record" if field == "layers" else field) in msg  # the field that is wrong, not another one
 
 
 def test_a_plan_json_that_is_not_an_object_is_a_rebuild_error(world, tmp_path, run_cli):

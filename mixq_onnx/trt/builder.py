@@ -337,14 +337,14 @@ def read_plan_meta(plan_path: str | Path) -> dict[str, Any]:
     problem = _plan_meta_problem(meta)
     if problem:
         raise MixqError(f"{mp} is damaged ({problem}): {hint}")
-    if meta.get("plan_sha256") and sha256_file(plan_path) != meta["plan_sha256"]:
+    if sha256_file(plan_path) != meta["plan_sha256"]:
         raise MixqError(f"{plan_path} does not match the sha256 recorded in {mp.name}: {hint}")
     return meta
 
 
 def _plan_meta_problem(meta: dict[str, Any]) -> str | None:
     """What is wrong with the fields `inspect`, `run`, `bench` and `eval --engine` read, or None."""
-    for key in ("plan_key", "backend", "backend_version"):
+    for key in ("plan_key", "backend", "backend_version", "plan_sha256"):  # no sha256: nothing to check the plan by
         if not isinstance(meta.get(key), str):
             return f"{key} is not a string"
     onnx_rec = meta.get("onnx")
