@@ -145,7 +145,9 @@ class _Count(click.IntRange):
 @click.option("--k", type=_Count(2), default=2, show_default=True, help="Classes per mixup prompt (2 <= k <= classes).")
 @click.option("--template", default=None, help="Mixup template with k '{}' slots [default: 'a photo of a {} and a {}'].")
 @click.option("--alpha", type=FINITE, default=1.0, show_default=True,
-              help="Dirichlet concentration of mixing weights (mixup-embed; inversion soft targets).")
+              help="Dirichlet concentration of the mixing weights of --prompts mixup-embed (its text-embedding "
+                   "weights; with --generator inversion its soft targets). The other strategies mix classes "
+                   "equally and refuse another --alpha.")
 @click.option("--gloss", is_flag=True, help="Append WordNet glosses to ImageNet names ('kite, a bird of prey …').")
 @click.option("--pipeline", default="stable-diffusion-v1-5/stable-diffusion-v1-5", show_default=True,
               help="diffusers pipeline: hub id (from the local HF cache when offline) or a local folder.")
@@ -771,6 +773,9 @@ def main(argv: list[str] | None = None) -> None:
     except click.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
+    except click.exceptions.NoArgsIsHelpError as e:  # a bare `mixq-onnx` or `mixq-onnx cache`: show the help
+        click.echo(e.ctx.get_help() if e.ctx is not None else e.format_message())
+        sys.exit(0)
     except click.ClickException as e:
         msg = " ".join(e.format_message().split())
         click.echo(f"error: {msg}", err=True)

@@ -75,8 +75,17 @@ def compute_command(stage: str) -> Callable:
 
             desc = configure(threads)
             t0 = time.perf_counter()
-            rv = f(*args, **kw)
-            click.echo(f"{stage}: {time.perf_counter() - t0:.1f} s wall ({desc})", err=True)
+
+            def wall() -> None:
+                click.echo(f"{stage}: {time.perf_counter() - t0:.1f} s wall ({desc})", err=True)
+
+            try:
+                rv = f(*args, **kw)
+            except SystemExit as e:  # a bad verdict (exit 1) is a finished run: it gets its line too
+                if e.code in (None, 0, 1):
+                    wall()
+                raise
+            wall()
             return rv
 
         return wrapper

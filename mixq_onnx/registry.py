@@ -140,7 +140,8 @@ class PromptStrategy:
     class (then no class vocabulary is loaded). `mixes`: k >= 2 classes per image (`--k` applies, and the
     recipe records the k-slot mixup template). `template_slots`: `--template` must have k '{}' slots.
     `default_template`: recorded when `--template` is not given (strategies that do not mix).
-    `embeds`: images condition on a weighted mix of the text embeddings of `ImagePlan.sub_prompts`."""
+    `embeds`: images condition on a weighted mix of the text embeddings of `ImagePlan.sub_prompts`, with
+    Dirichlet(`--alpha`) weights (also inversion's soft targets); only such strategies take an `--alpha`."""
 
     name: str
     help: str

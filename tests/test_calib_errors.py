@@ -26,6 +26,11 @@ def _assert_clean_failure(res, root: Path, needle: str) -> None:
     (["--generator", "noise", "--num", "0"], "--num must be at least 1"),
     (["--generator", "real"], "needs --source"),
     (["--generator", "noise", "--filter", "energy", "--keep", "3", "--num", "2"], "--keep"),
+    # --alpha only sets mixup-embed's Dirichlet weights: elsewhere it would change the cache's hash alone
+    (["--generator", "inversion", "--model", "cifar_resnet20", "--random-weights", "--alpha", "0.2"],
+     "--prompts mixup does not draw any"),
+    (["--generator", "diffusion", "--classes", "cifar10", "--prompts", "single", "--alpha", "0.2"],
+     "--prompts single does not draw any"),
 ])
 def test_bad_options(tmp_path, run_cli, args, needle):
     root = tmp_path / "cache"
@@ -75,3 +80,19 @@ def test_unwritable_cache_dir_not_created(tmp_path, run_cli):
         assert not (parent / "deep").exists()
     finally:
         os.chmod(ro, 0o700)
+
+
+def test_alpha_shapes_mixup_embed_weights():
+    """The one strategy that takes --alpha draws its weights from Dirichlet(alpha): a small alpha gives
+    lopsided mixes, a large one near-equal ones."""
+    from mixq_onnx.calib.classes import load_classes
+    from mixq_onnx.calib.prompts import PromptConfig, plan_images
+
+    vocab = load_classes("cifar10")
+    spread = {}
+    for alpha in (0.2, 50.0):
+        cfg = PromptConfig("mixup-embed", alpha=alpha)
+        cfg.validate(len(vocab))
+        w = torch.tensor([p.weights for p in plan_images(cfg, vocab, 0, 0, 200)])
+        spread[alpha] = float((w.max(1).values - w.min(1).values).mean())
+    assert spread[0.2] > 0.6 and spread[50.0] < 0.15, spread

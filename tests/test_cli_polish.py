@@ -216,3 +216,13 @@ def test_timm_missing_weights_error_says_where_they_go(tmp_path):
     r = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert float(r.stdout.split()[-1]) == pytest.approx(float(sd["fc.weight"].double().sum()), abs=0)
+
+
+@pytest.mark.parametrize("args", [(), ("cache",)])
+def test_a_bare_command_shows_its_help(run_cli, args):
+    """click 8.2+ raises NoArgsIsHelpError for a group called without a subcommand; it used to come out as
+    one squashed `error: Usage: ...` line of 2,000+ characters with exit 2."""
+    r = run_cli(*args)
+    assert r.code == 0 and not r.err, r.err
+    assert r.out.startswith(f"Usage: mixq-onnx {' '.join(args)}".rstrip() + " [OPTIONS] COMMAND")
+    assert "\nCommands:\n" in r.out and len(r.out.splitlines()) > 8

@@ -12,6 +12,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import random_r20_w4a4
 
 from mixq_onnx.calib import cache as C
@@ -157,3 +158,46 @@ def test_a_reader_whose_cache_is_removed_mid_read_says_removed_not_corrupt(tmp_p
     (d2 / json.loads((d2 / C.MANIFEST).read_text())["shards"][0]["file"]).unlink()
     with pytest.raises(CorruptCacheError, match="is missing shard"):  # a shard gone from a live cache still is
         load_images(d2)
+
+
+def _noise_cache(root: Path, **kw) -> Path:
+    from mixq_onnx.calib import CalibConfig, make_calibration_cache
+
+    cfg = CalibConfig(generator="noise", num=12, shard_size=5, **kw)
+    return make_calibration_cache(cfg, root, progress=False, log=lambda m: None)
+
+
+@pytest.mark.parametrize("damage", ["missing", "flipped", "manifest"])
+def test_calib_re_run_regenerates_what_a_sealed_cache_lost(tmp_path, damage):
+    """A shard deleted or altered after sealing, or an unreadable manifest: `cache ls` said complete and
+    calib said "already complete", so only `cache rm` and a fresh run got the cache back. Now ls reports a
+    missing shard and calib makes the lost files again (noise is a function of seed and index: the same
+    bytes)."""
+    d = _noise_cache(tmp_path)
+    shards = {f.name: f.read_bytes() for f in d.glob("shard-*.safetensors")}
+    images = load_images(d)[0]
+    if damage == "missing":
+        (d / "shard-00001.safetensors").unlink()
+        with pytest.raises(CorruptCacheError, match="missing 1 shard"):
+            info(d)
+    elif damage == "flipped":
+        data = bytearray((d / "shard-00001.safetensors").read_bytes())
+        data[-1] ^= 1
+        (d / "shard-00001.safetensors").write_bytes(bytes(data))
+    else:
+        (d / C.MANIFEST).write_text("{")
+    assert not verify(d).ok
+    assert _noise_cache(tmp_path) == d
+    assert verify(d).ok and info(d).complete
+    assert {f.name: f.read_bytes() for f in d.glob("shard-*.safetensors")} == shards
+    assert torch.equal(load_images(d)[0], images)
+
+
+def test_a_filtered_cache_that_lost_a_kept_shard_is_filtered_again(tmp_path):
+    d = _filtered_cache(tmp_path)
+    before = load_images(d)
+    (d / "shard-00000.safetensors").unlink()
+    assert _filtered_cache(tmp_path) == d and verify(d).ok
+    after = load_images(d)
+    assert torch.equal(after[0], before[0]) and [r["index"] for r in after[1]] == [r["index"] for r in before[1]]
+    assert not list(d.glob("cand-*"))

@@ -95,7 +95,7 @@ def test_rm_refuses_a_symlink_out_of_the_root(tmp_path, root, run_cli):
     assert run_cli("cache", "rm", alias / own.name, "--cache-root", alias).code == 0 and not own.exists()
 
 
-def test_rm_refuses_dotdot_paths(tmp_path, root, run_cli):
+def test_rm_refuses_dotdot_paths(tmp_path, root, run_cli, monkeypatch):
     other = make_cache(tmp_path / "other", seed=3)
     dotted = root / ".." / "other" / other.name
     msg = clean_error(run_cli, [tmp_path], "cache", "rm", dotted)
@@ -105,6 +105,11 @@ def test_rm_refuses_dotdot_paths(tmp_path, root, run_cli):
     assert "'..'" in msg
     with pytest.raises(MixqError, match=r"'\.\.'"):
         remove(dotted, root)
+    # a root that itself climbs (../cache from a sibling folder) is the user's choice: its caches go by hash
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    monkeypatch.setenv("MIXQ_CACHE_ROOT", "../cache")
+    assert run_cli("cache", "rm", own.name[:6]).code == 0 and not own.exists()
 
 
 def test_rm_refuses_a_cache_whose_name_is_not_its_hash(tmp_path, root, run_cli):

@@ -5,6 +5,7 @@ outside the command's own output was created or changed.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -103,6 +104,7 @@ def test_verify_exits_1_below_min_agreement(world, tmp_path, run_cli):
     r = run_cli("verify", g, "--quantized", world["q8"], "--data", world["npz"])
     assert r.code == 1, (r.code, r.err)
     assert "FAILED" in r.out and "below 99.9 %" in r.out
+    assert re.match(r"verify: [\d.]+ s wall", r.err.splitlines()[-1]), r.err  # a bad verdict is a finished run
     r = run_cli("verify", g, "--quantized", world["q8"], "--data", world["npz"], "--min-agreement", "0")
     assert r.code == 0
 

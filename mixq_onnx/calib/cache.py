@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from ..errors import CacheLockedError, CorruptCacheError, MixqError
-from ..utils import atomic_write_bytes, canonical_json, sha256_bytes
+from ..utils import atomic_write_bytes, canonical_json, sha256_bytes, sha256_file
 
 MANIFEST = "manifest.json"
 RECIPE = "recipe.json"
@@ -288,6 +288,10 @@ def info(path: Path) -> CacheInfo:
     if (path / MANIFEST).is_file():
         m = load_manifest(path)
         n = len(m["shards"])
+        missing = [s["file"] for s in m["shards"] if not (path / s["file"]).is_file()]
+        if missing:  # cheap (no hashing): `cache verify` and a re-run of calib check the bytes
+            raise CorruptCacheError(f"cache {path} is missing {len(missing)} shard(s), first {missing[0]}: "
+                                    "re-run the same calib command to regenerate them")
         return CacheInfo(path, True, m["recipe"], len(m["images"]), n, n, _shard_bytes(path))
     recipe = _check_recipe(_read_json(path / RECIPE), path)
     num, ss = recipe["num"], recipe["shard_size"]
@@ -324,6 +328,24 @@ def load_manifest(path: Path) -> dict[str, Any]:
             raise MixqError(f"cache {path} is incomplete (no {MANIFEST}): re-run the same calib command to finish it")
         raise MixqError(f"{path} is not a calibration cache (no {MANIFEST})")
     return _check_manifest(_read_json(man), path)
+
+
+def damaged_shards(path: Path) -> list[str]:
+    """The files of a sealed cache that a re-run of its calib must make again: shards missing or whose
+    bytes no longer match the manifest's sha256, or [MANIFEST] when the manifest itself is unreadable."""
+    try:
+        m = load_manifest(path)
+    except CorruptCacheError:
+        return [MANIFEST]
+    bad = []
+    for s in m["shards"]:
+        try:
+            ok = sha256_file(path / s["file"]) == s["sha256"]
+        except OSError:
+            ok = False
+        if not ok:
+            bad.append(s["file"])
+    return bad
 
 
 @dataclass
@@ -414,7 +436,9 @@ def check_removable(path: str | os.PathLike, root: Path) -> None:
     if not os.fspath(path).strip():  # Path("") would silently become "."
         raise _refuse(Path(), "empty cache reference")
     path = Path(path)
-    if ".." in path.parts:
+    rparts = Path(root).parts  # a root given as ../caches is the user's choice: only what follows it counts
+    tail = path.parts[len(rparts):] if path.parts[:len(rparts)] == rparts else path.parts
+    if ".." in tail:
         raise _refuse(path, "'..' in a cache path")
     if path.is_symlink():
         raise _refuse(path, "it is a symbolic link, not a cache directory")

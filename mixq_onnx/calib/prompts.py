@@ -34,7 +34,7 @@ class PromptConfig:
     strategy: str = "mixup"
     k: int = 2
     template: str | None = None  # None: "a photo of a {} and a {}" generalised for k
-    alpha: float = 1.0  # Dirichlet(alpha) mixing weights (mixup-embed, inversion soft targets)
+    alpha: float = 1.0  # Dirichlet(alpha) mixing weights of `embeds` strategies (mixup-embed), 1.0 for others
     use_gloss: bool = False
 
     def validate(self, num_classes: int) -> None:
@@ -46,6 +46,9 @@ class PromptConfig:
                 raise MixqError(f"--k {self.k} exceeds the number of classes ({num_classes})")
         if not 0 < self.alpha < float("inf"):
             raise MixqError(f"--alpha must be a positive finite number, got {self.alpha}")
+        if self.alpha != 1.0 and not spec.embeds:  # it would change the cache's hash and nothing else
+            raise MixqError(f"--alpha sets the Dirichlet mixing weights of --prompts mixup-embed; --prompts "
+                            f"{self.strategy} does not draw any (drop --alpha, or use mixup-embed)")
         if self.template is not None and spec.template_slots and self.template.count("{}") != self.k:
             raise MixqError(f"--template needs exactly {self.k} '{{}}' placeholders for k={self.k}")
 

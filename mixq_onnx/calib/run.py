@@ -262,9 +262,15 @@ def make_calibration_cache(
     barrier = (lambda: torch.distributed.barrier()) if world > 1 else (lambda: None)
 
     if (cache_dir / C.MANIFEST).is_file():
-        log(f"cache already complete: {cache_dir}")
-        _sweep_leftovers(cache_dir)
-        return cache_dir
+        damaged = C.damaged_shards(cache_dir)
+        if not damaged:
+            log(f"cache already complete: {cache_dir}")
+            _sweep_leftovers(cache_dir)
+            return cache_dir
+        if world > 1:  # ranks must agree on what to redo before any of them changes the folder
+            raise MixqError(f"cache {cache_dir} is sealed but {_damage(damaged)}: re-run this calib in one process "
+                            "to regenerate them")
+        log(f"cache {cache_dir}: {_damage(damaged)}; regenerating")
     with contextlib.ExitStack() as stack:
         if rank == 0:
             created = _check_writable(root)
@@ -274,6 +280,8 @@ def make_calibration_cache(
                 _remove_empty(created)
                 raise MixqError(f"cannot create cache directory {cache_dir}: {e.strerror or e}") from None
             stack.enter_context(C.cache_lock(cache_dir, wait=wait_lock, log=log))
+            if (cache_dir / C.MANIFEST).is_file():  # sealed meanwhile, or damaged: unseal what must be redone
+                _unseal_damaged(cache_dir)
             if not (cache_dir / C.MANIFEST).is_file():  # else: finished by the process we waited for
                 for stale in cache_dir.glob(".*.tmp"):  # left by a killed writer
                     stale.unlink(missing_ok=True)
@@ -370,6 +378,25 @@ def _finalize(cfg, gen, recipe, key, cache_dir: Path, model, seconds: float, log
     }
     atomic_write_json(cache_dir / C.MANIFEST, manifest)
     _remove_leftovers(cache_dir)
+
+
+def _damage(files: list[str]) -> str:
+    if files == [C.MANIFEST]:
+        return "its manifest is unreadable"
+    return f"{len(files)} shard(s) are missing or changed (first {files[0]})"
+
+
+def _unseal_damaged(cache_dir: Path) -> None:
+    """Under the lock: remove the manifest and the shards a re-run must make again, so that generation
+    resumes as after a kill. With an unreadable manifest no shard can be trusted (their hashes are gone)."""
+    damaged = C.damaged_shards(cache_dir)
+    if not damaged:
+        return
+    shards = list(cache_dir.glob("shard-*.safetensors")) if damaged == [C.MANIFEST] else [
+        cache_dir / f for f in damaged]
+    (cache_dir / C.MANIFEST).unlink()
+    for f in shards:
+        f.unlink(missing_ok=True)
 
 
 def _remove_leftovers(cache_dir: Path) -> None:
