@@ -114,10 +114,11 @@ def register(cli: click.Group) -> None:
         import numpy as np
 
         from .trt.builder import read_plan_meta
-        from .trt.runtime import run_plan
+        from .trt.runtime import require_gpu, run_plan
         from .utils import atomic_path, check_output_file, make_parent
 
         meta = read_plan_meta(plan)
+        require_gpu()  # before any input is made: there is nothing to run them on
         if out:
             check_output_file(out, inputs=(plan,), refuse_suffixes=(".plan", ".onnx", ".json"))
         if input_paths:

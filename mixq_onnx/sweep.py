@@ -186,11 +186,19 @@ def read_sweep(out: str | os.PathLike) -> dict[str, Any]:
         return {"version": SWEEP_VERSION, "cells": []}
     try:
         doc = json.loads(p.read_text())
-    except (OSError, ValueError) as e:
-        raise MixqError(f"{p} is not readable JSON ({e}): move it away or choose a new --out") from None
+    except (OSError, ValueError, RecursionError) as e:
+        raise MixqError(f"{p} is not readable JSON ({type(e).__name__}): move it away or choose a new --out") from None
     if not isinstance(doc, dict) or doc.get("version") != SWEEP_VERSION or not isinstance(doc.get("cells"), list):
         raise MixqError(f"{p} is not a mixq-onnx sweep (version {SWEEP_VERSION}): choose a new --out")
+    for i, c in enumerate(doc["cells"]):
+        if not (isinstance(c, dict) and all(isinstance(c.get(k), str) for k in _CELL_STR)
+                and isinstance(c.get("top1"), (int, float)) and not isinstance(c.get("top1"), bool)):
+            raise MixqError(f"{p}: cell {i} is not a sweep cell ({', '.join(_CELL_STR)} strings and a numeric "
+                            "top1): choose a new --out")
     return doc
+
+
+_CELL_STR = ("key", "label", "method", "bits", "fingerprint")  # what a re-run and the table read of a cell
 
 
 def _fingerprint(*parts: Any) -> str:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import hashlib
 import json
@@ -9,6 +10,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,9 +19,36 @@ from typing import Any
 from .errors import MixqError
 
 
+class NotRegularFileError(OSError):
+    """A device, pipe or folder where a file was expected: read, it would never end (or never start)."""
+
+
+@contextlib.contextmanager
+def open_regular(path: str | os.PathLike) -> Iterator[Any]:
+    """Open `path` for reading only if it is (or links to) a regular file. A received folder may put
+    /dev/zero or a FIFO where its data should be; O_NONBLOCK keeps a FIFO from blocking the open itself."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise NotRegularFileError(errno.EINVAL, "not a regular file", str(path))
+        os.set_blocking(fd, True)
+        f = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    with f:
+        yield f
+
+
+def read_regular(path: str | os.PathLike) -> bytes:
+    """The bytes of a regular file (`open_regular`); OSError otherwise."""
+    with open_regular(path) as f:
+        return f.read()
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()

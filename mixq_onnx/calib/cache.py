@@ -19,6 +19,7 @@ import fcntl
 import json
 import os
 import shutil
+import stat
 import struct
 import time
 from collections.abc import Iterator
@@ -29,7 +30,7 @@ from typing import Any
 import torch
 
 from ..errors import CacheLockedError, CorruptCacheError, MixqError
-from ..utils import atomic_write_bytes, canonical_json, sha256_bytes, sha256_file
+from ..utils import atomic_write_bytes, canonical_json, read_regular, sha256_bytes, sha256_file
 
 MANIFEST = "manifest.json"
 RECIPE = "recipe.json"
@@ -110,7 +111,7 @@ def read_shard_checked(path: Path, sha256: str) -> tuple[torch.Tensor, list[dict
     """
     cache_dir, name = path.parent, path.name
     try:
-        data = path.read_bytes()
+        data = read_regular(path)
     except FileNotFoundError:
         if not (cache_dir / MANIFEST).is_file():  # `cache rm` renamed the folder away mid-read: not corruption
             raise MixqError(f"cache {cache_dir} was removed while it was being read") from None
@@ -149,7 +150,15 @@ def cache_lock(cache_dir: Path, wait: bool = True, poll_s: float = 1.0, log=prin
     `busy_hint` ends the CacheLockedError message: the caller knows which advice fits its command.
     """
     cache_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(cache_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:  # never through a link: the lock file is truncated and rewritten, and a received cache may hold one
+        fd = os.open(cache_dir / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise MixqError(f"{cache_dir / LOCK} is a symbolic link, not a lock this tool made: remove it") from None
+        raise MixqError(f"cannot open the lock of cache {cache_dir}: {e.strerror or e}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise MixqError(f"{cache_dir / LOCK} is not a regular file, not a lock this tool made: remove it")
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -207,8 +216,8 @@ def _read_json(path: Path) -> dict[str, Any]:
     """A cache's JSON file as a dict; anything else is a one-line CorruptCacheError."""
     try:
         obj = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CorruptCacheError(f"cannot read {path}: {e}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise CorruptCacheError(f"cannot read {path}: {' '.join(str(e).split())[:160] or type(e).__name__}") from None
     if not isinstance(obj, dict):
         raise CorruptCacheError(f"cannot read {path}: expected a JSON object, got {type(obj).__name__}")
     return obj
@@ -227,7 +236,9 @@ def _check_manifest(m: dict[str, Any], path: Path) -> dict[str, Any]:
 
     if not isinstance(m.get("recipe"), dict):
         raise bad("no 'recipe' object")
-    if "hash" in m and m["hash"] != recipe_hash(m["recipe"]):  # every reader, not only `cache verify`
+    if not isinstance(m.get("hash"), str):  # without it an edited recipe would pass unnoticed
+        raise bad("no recipe 'hash'")
+    if m["hash"] != recipe_hash(m["recipe"]):  # every reader, not only `cache verify`
         raise bad(f"its recipe does not hash to the recorded hash {m['hash']} (an edited recipe)")
     if not isinstance(m.get("shards"), list) or not isinstance(m.get("images"), list):
         raise bad("no 'shards' or 'images' list")
@@ -385,7 +396,7 @@ def verify(path: Path) -> VerifyResult:
     for s in m["shards"]:
         f = path / s["file"]
         try:
-            data = f.read_bytes()
+            data = read_regular(f)
         except FileNotFoundError:
             problems.append(f"missing shard {s['file']}")
             all_read = False

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..errors import CacheLockedError, MixqError
+from ..errors import MixqError
 from ..progress import progress_bar
 from ..registry import FILTERS, PROMPT_STRATEGIES
 from ..utils import atomic_write_json, resolve_device, sha256_bytes, sha256_file
@@ -82,6 +82,19 @@ def _remove_empty(created: list[Path]) -> None:
             d.rmdir()
         except OSError:
             pass
+
+
+def _undo_new_cache(cache_dir: Path, created: list[Path]) -> None:
+    """Remove a cache folder this run made, if it still holds only its recipe and lock (and temporaries)."""
+    try:
+        names = {p.name for p in cache_dir.iterdir() if not p.name.endswith(".tmp")}
+        if names <= {C.RECIPE, C.LOCK}:
+            for p in cache_dir.iterdir():
+                p.unlink()
+            cache_dir.rmdir()
+            _remove_empty(created)
+    except OSError:  # a concurrent writer got in: the folder is no longer only ours
+        pass
 
 
 def _check_writable(root: Path) -> list[Path]:
@@ -255,6 +268,10 @@ def make_calibration_cache(
     recipe = build_recipe(cfg, gen.recipe(), model, vocab, size)
     key = recipe_hash(recipe)
     cache_dir = root / key
+    if cache_dir.is_symlink() or (cache_dir.exists() and cache_dir.resolve().parent != root.resolve()):
+        # calib deletes and rewrites files in its cache folder: never in a folder elsewhere that a link names
+        raise MixqError(f"{cache_dir} is a symbolic link or leads out of the cache root: a cache this tool writes "
+                        "lives directly under its root; remove the link")
 
     rank, world = _dist_info()
     if world > 1 and not torch.distributed.is_initialized():
@@ -271,11 +288,15 @@ def make_calibration_cache(
             raise MixqError(f"cache {cache_dir} is sealed but {_damage(damaged)}: re-run this calib in one process "
                             "to regenerate them")
         log(f"cache {cache_dir}: {_damage(damaged)}; regenerating")
+    made_dir, created = False, []
     with contextlib.ExitStack() as stack:
         if rank == 0:
             created = _check_writable(root)
             try:
-                cache_dir.mkdir(exist_ok=True)
+                cache_dir.mkdir()
+                made_dir = True
+            except FileExistsError:
+                pass
             except OSError as e:
                 _remove_empty(created)
                 raise MixqError(f"cannot create cache directory {cache_dir}: {e.strerror or e}") from None
@@ -289,7 +310,12 @@ def make_calibration_cache(
         barrier()  # other ranks start only once rank 0 holds the lock and has cleaned up
         if not (cache_dir / C.MANIFEST).is_file():
             t0 = time.perf_counter()
-            _generate_shards(gen, cfg, cache_dir, rank, world, progress, log)
+            try:
+                _generate_shards(gen, cfg, cache_dir, rank, world, progress, log)
+            except MixqError:  # refused before any image (e.g. a pipeline that needs custom code): no half cache
+                if made_dir:
+                    _undo_new_cache(cache_dir, created)
+                raise
             barrier()
             if rank == 0:
                 _finalize(cfg, gen, recipe, key, cache_dir, model, time.perf_counter() - t0, log)
@@ -407,11 +433,11 @@ def _remove_leftovers(cache_dir: Path) -> None:
 
 def _sweep_leftovers(cache_dir: Path) -> None:
     """A writer killed between sealing a cache and removing its working files (candidates, shard stats,
-    temporaries) left them for good: the next calib of the same recipe removes them, unless another
-    process holds the cache's lock."""
+    temporaries) left them for good: the next calib of the same recipe removes them, unless the lock cannot
+    be taken (another process holds it, or it is not a lock this tool made): the cache itself is complete."""
     if not any(next(cache_dir.glob(p), None) for p in C.LEFTOVER_PATTERNS):
         return
-    with contextlib.suppress(CacheLockedError, OSError):
+    with contextlib.suppress(MixqError, OSError):
         with C.cache_lock(cache_dir, wait=False):
             _remove_leftovers(cache_dir)
 

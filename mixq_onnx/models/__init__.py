@@ -39,6 +39,7 @@ __all__ = [
     "ModelSource",
     "canonical_spec",
     "is_code_spec",
+    "is_hub_spec",
     "same_spec",
     "Preprocessing",
     "get_preprocessing",
@@ -74,6 +75,12 @@ def is_code_spec(spec: str) -> bool:
         return False
     target, _, fn = spec.rpartition(":")
     return bool(fn.isidentifier() and target)
+
+
+def is_hub_spec(spec: str) -> bool:
+    """True if building `spec` asks the Hugging Face hub (its config, at least): network access and writes
+    to the hub cache, which a spec read from someone else's file must not cause unasked."""
+    return spec.startswith(("hf-hub:", "hf_hub:"))
 
 
 def _spec_file(target: str) -> bool:

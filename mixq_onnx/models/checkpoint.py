@@ -60,7 +60,7 @@ def check_sidecar(path: Path, data: bytes) -> None:
         return
     try:
         rec = json.loads(side.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return  # not a mixq-onnx sidecar: nothing was recorded to check against
     want = rec.get("sha256") if isinstance(rec, dict) else None
     if isinstance(want, str) and hashlib.sha256(data).hexdigest() != want:

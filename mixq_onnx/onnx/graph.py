@@ -43,7 +43,7 @@ def load_model(path: str | os.PathLike, external_data: bool = True) -> Any:
     try:
         return onnx.load(str(path), load_external_data=external_data)
     except Exception as e:  # noqa: BLE001 - any parse failure means the file is not a readable ONNX model
-        raise MixqError(f"cannot read ONNX model {path}: {type(e).__name__}: {str(e)[:160]}") from None
+        raise MixqError(f"cannot read ONNX model {path}: {type(e).__name__}: {' '.join(str(e).split())[:400]}") from None
 
 
 def _constant_array(node: Any) -> np.ndarray | None:

@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from ..utils import atomic_path
 from .graph import DATA_MOVE_OPS, FLOAT_LAYER_KEY, POOL_OPS, REQUANT_KEY
 
 _LABELS3 = ("q", "k", "v")
@@ -637,7 +638,8 @@ def convert_to_fp16(src: str | Path, dst: str | Path) -> Path:
     g.node.extend(nodes)
     del g.value_info[:]
     dst = Path(dst)
-    onnx.save(m, str(dst))
+    with atomic_path(dst) as tmp:  # never through a link or half-written: bench writes it beside the plan
+        onnx.save(m, str(tmp))
     return dst
 
 

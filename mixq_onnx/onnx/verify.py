@@ -171,7 +171,7 @@ def verify_onnx(path: str | os.PathLike, qmodel: nn.Module, images: torch.Tensor
     from ..quant.quantizer import ActQuantizer
 
     path = Path(path)
-    index = GraphIndex.load(path, external_data=False)
+    index = GraphIndex.load(path)  # external data from the graph's folder, checked by onnx's loader
     layout = index.model_meta("mixq.layout", "dq-scales")
     q_nodes = [n for n in index.nodes if n.op_type == "QuantizeLinear" and index.quantizer_of(n) is not None]
     q_outputs = {n.output[0]: index.quantizer_of(n) for n in q_nodes}  # Q output -> its quantizer

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import MixqError
-from ..utils import atomic_path, check_can_create, sha256_file, sweep_stale_tmp, tmp_prefix
+from ..utils import atomic_path, check_can_create, read_regular, sha256_file, sweep_stale_tmp, tmp_prefix
 from .config import QuantConfig
 from .graph import prepare, quantizers
 from .modules import QUANT_LAYERS
@@ -247,7 +247,7 @@ def _read_weights(qdir: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
 
     path = qdir / WEIGHTS
     try:
-        data = path.read_bytes()
+        data = read_regular(path)
     except OSError as e:
         raise MixqError(f"cannot read {path}: {e.strerror or e}") from None
     want = meta.get(WEIGHTS_SHA256)
@@ -429,10 +429,10 @@ def folder_model(qdir: str | os.PathLike, spec: str | None = None, checkpoint: s
 
     A model file and a checkpoint, recorded or given, must have the sha256 quant.json records (checked
     before the file is read or imported; older folders record no model file hash, and nothing is then
-    compared). A recorded spec naming code (`file.py:factory`, `package.module:factory`) is used only with
-    `trust_model_code`: a result folder can come from anyone, and reading it must never run code the user
+    compared). A recorded spec naming code (`file.py:factory`, `package.module:factory`) or a hub model
+    (`hf-hub:…`, fetched from the network) is used only with `trust_model_code`: a result folder can come from anyone, and reading it must never run code the user
     did not choose. Zoo and timm names are always fine."""
-    from ..models import ModelOptions, Preprocessing, is_code_spec
+    from ..models import ModelOptions, Preprocessing, is_code_spec, is_hub_spec
 
     qdir = Path(qdir)
     meta = read_quant_json(qdir)
@@ -446,6 +446,9 @@ def folder_model(qdir: str | os.PathLike, spec: str | None = None, checkpoint: s
         if is_code_spec(rec_spec) and not trust_model_code:
             raise MixqError(f"{where} names model code {rec_spec!r}; pass --model SPEC (it must match) "
                             "or --trust-model-code")
+        if is_hub_spec(rec_spec) and not trust_model_code:
+            raise MixqError(f"{where} names a Hugging Face hub model {rec_spec!r}, which would be fetched; pass "
+                            "--model SPEC yourself or --trust-model-code")
         spec = rec_spec
     file, want = model_file(spec), src.get(MODEL_SHA256)
     if file is not None and model_file(rec_spec) is not None:  # the recorded file, or the user's copy of it

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import time
 import warnings
 from collections.abc import Callable
@@ -143,7 +144,9 @@ def _targets(trt: Any, cfg: BuildConfig, gpu: Any) -> tuple[str, list[str]]:
 
 
 def _require_onnx(onnx_path: Path) -> None:
-    """Refuse a file that is not an ONNX model before TensorRT's parser turns it into a confusing message."""
+    """Refuse a file that is not an ONNX model before TensorRT's parser turns it into a confusing message, and
+    a graph whose external data lies outside its folder (absolute, `..`, a symbolic link): onnx's loader checks
+    that, the TensorRT parsers do not and would read whatever the received graph names."""
     import onnx
 
     try:
@@ -151,6 +154,13 @@ def _require_onnx(onnx_path: Path) -> None:
     except Exception as e:  # noqa: BLE001 - any parse failure means the file is not ONNX
         raise MixqError(f"{onnx_path} is not an ONNX model ({type(e).__name__}); build takes the .onnx from "
                         "`mixq-onnx export`") from None
+    try:
+        from onnx.external_data_helper import load_external_data_for_model
+
+        load_external_data_for_model(proto, str(onnx_path.parent))
+    except Exception as e:  # noqa: BLE001 - onnx refuses locations outside the folder, links, short files
+        msg = " ".join(str(e).split())[:200] or type(e).__name__
+        raise MixqError(f"the external data of {onnx_path} is refused: {msg}") from None
     if not proto.graph.output or not proto.graph.node:
         raise MixqError(f"{onnx_path} is not an ONNX model with a graph (no nodes or outputs); build takes the .onnx "
                         "from `mixq-onnx export`")
@@ -330,7 +340,7 @@ def read_plan_meta(plan_path: str | Path) -> dict[str, Any]:
         raise MixqError(f"{mp} is missing, so the plan's backend and target are unknown: {hint}")
     try:
         meta = json.loads(mp.read_text())
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise MixqError(f"cannot read {mp} ({type(e).__name__}): {hint}") from None
     if not isinstance(meta, dict) or meta.get("format") != PLAN_FORMAT or "plan_key" not in meta:
         raise MixqError(f"{mp} is not a {PLAN_FORMAT} file: {hint}")
@@ -340,6 +350,10 @@ def read_plan_meta(plan_path: str | Path) -> dict[str, Any]:
     if sha256_file(plan_path) != meta["plan_sha256"]:
         raise MixqError(f"{plan_path} does not match the sha256 recorded in {mp.name}: {hint}")
     return meta
+
+
+MAX_DIM = 1 << 16  # PLAN.json shapes: a received file's shape is allocated by `run` and mapped by `inspect`
+MAX_ELEMENTS = 1 << 30
 
 
 def _plan_meta_problem(meta: dict[str, Any]) -> str | None:
@@ -353,8 +367,11 @@ def _plan_meta_problem(meta: dict[str, Any]) -> str | None:
     inputs = meta.get("inputs")
     if not isinstance(inputs, list) or not all(
             isinstance(i, dict) and isinstance(i.get("name"), str) and isinstance(i.get("opt"), list)
-            and all(isinstance(v, int) and v >= 1 for v in i["opt"]) for i in inputs):
-        return "inputs are not a list of {name, opt shape}"
+            and all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_DIM for v in i["opt"])
+            for i in inputs):
+        return f"inputs are not a list of {{name, opt shape}} with dimensions 1..{MAX_DIM}"
+    if any(math.prod(i["opt"]) > MAX_ELEMENTS for i in inputs):  # `run` makes a random batch of that shape
+        return f"an input's opt shape holds more than {MAX_ELEMENTS} elements"
     if not isinstance(meta.get("options"), dict) or not isinstance(meta.get("layers", []), list):
         return "options or layers are malformed"
     try:

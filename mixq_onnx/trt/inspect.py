@@ -433,16 +433,25 @@ def inspect_plan(plan_path: str | Path, onnx_path: str | Path | None = None) -> 
 
     refuse_onnx_as_plan(plan_path)
     meta = read_plan_meta(plan_path)
+    given = onnx_path is not None
     onnx_path = Path(onnx_path or meta["onnx"]["path"])
     if not onnx_path.is_file():
         raise MixqError(f"the plan's ONNX graph {onnx_path} is gone; pass --onnx PATH")
+    want = (meta.get("onnx") or {}).get("sha256")
+    try:
+        same = isinstance(want, str) and sha256_file(onnx_path) == want
+    except OSError as e:
+        raise MixqError(f"cannot read {onnx_path}: {e.strerror or e}") from None
+    if not given and not same:  # the path comes from a received PLAN.json: read only the graph it recorded
+        raise MixqError(f"{onnx_path}, the graph {Path(plan_path).name}.json names, is not the graph the plan was "
+                        "built from (its sha256 differs or is not recorded): pass --onnx PATH")
     layers = plan_layers(meta)
     if not layers:
         raise MixqError(f"{plan_path}.json holds no layer information; rebuild the plan with `mixq-onnx build`")
     shapes = {i["name"]: list(i["opt"]) for i in meta.get("inputs", [])}
     rep = analyze(onnx_path, layers, shapes)
-    want = (meta.get("onnx") or {}).get("sha256")
-    if want and sha256_file(onnx_path) != want:  # layers would be mapped onto a graph the plan was not built from
-        rep.warnings.append(f"{onnx_path} is not the graph the plan was built from (sha256 {want[:12]}… recorded in "
-                            f"{Path(plan_path).name}.json): the layer mapping below may be wrong")
+    if not same:  # --onnx given: the user's choice, but the layers may be mapped onto the wrong graph
+        rep.warnings.append(f"{onnx_path} is not the graph the plan was built from (sha256 "
+                            f"{(want or '?')[:12]}… recorded in {Path(plan_path).name}.json): the layer mapping "
+                            "below may be wrong")
     return rep

@@ -248,7 +248,15 @@ class DiffusionGenerator(Generator):
             except ImportError:
                 extra["torch_dtype"] = self.dtype
             t0 = time.perf_counter()
-            pipe = DiffusionPipeline.from_pretrained(where, trust_remote_code=False, **kwargs, **extra)
+            from diffusers.utils import logging as dlog
+
+            was_on = dlog.is_progress_bar_enabled()
+            dlog.disable_progress_bar()  # its per-component loading bar: calib's own bar says "loading the generator"
+            try:
+                pipe = DiffusionPipeline.from_pretrained(where, trust_remote_code=False, **kwargs, **extra)
+            finally:
+                if was_on:
+                    dlog.enable_progress_bar()
         except MixqError:
             raise
         except Exception as e:
