@@ -114,11 +114,10 @@ def register(cli: click.Group) -> None:
         import numpy as np
 
         from .trt.builder import read_plan_meta
-        from .trt.runtime import require_gpu, run_plan
+        from .trt.runtime import check_runnable, run_plan
         from .utils import atomic_path, check_output_file, make_parent
 
         meta = read_plan_meta(plan)
-        require_gpu()  # before any input is made: there is nothing to run them on
         if out:
             check_output_file(out, inputs=(plan,), refuse_suffixes=(".plan", ".onnx", ".json"))
         if input_paths:
@@ -130,6 +129,7 @@ def register(cli: click.Group) -> None:
                     raise MixqError(f"--input {p}: not a readable .npy array ({type(e).__name__}: "
                                     f"{str(e).splitlines()[0] if str(e) else 'no message'})") from None
         else:
+            check_runnable(plan, backend)  # before a random batch is made: there may be nothing to run it on
             rng = np.random.default_rng(0)
             xs = [rng.standard_normal(i["opt"]).astype(np.float32) for i in meta["inputs"]]
         outs = run_plan(plan, xs, backend)

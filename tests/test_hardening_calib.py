@@ -260,8 +260,8 @@ def test_ls_shows_a_broken_cache_and_info_fails_in_one_line(tmp_path, cache64, r
     _verify_fails(run_cli, cache64, "manifest.json")
     # valid JSON, wrong shape (and a shard path out of the cache): also broken, also one line
     recipe = json.loads((cache64 / C.RECIPE).read_text())
-    bad = {"recipe": recipe, "shards": [{"file": "../../etc/passwd", "sha256": "0", "count": 1, "start": 0}],
-           "images": []}
+    bad = {"recipe": recipe, "hash": C.recipe_hash(recipe),
+           "shards": [{"file": "../../etc/passwd", "sha256": "0", "count": 1, "start": 0}], "images": []}
     (cache64 / C.MANIFEST).write_text(json.dumps(bad))
     rows = {r["hash"]: r for r in json.loads(run_cli("cache", "ls", "--cache-root", root, "--json").last_line)}
     assert rows[cache64.name]["status"] == "broken" and "shard entry 0" in rows[cache64.name]["reason"]

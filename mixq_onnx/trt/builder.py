@@ -353,7 +353,7 @@ def read_plan_meta(plan_path: str | Path) -> dict[str, Any]:
 
 
 MAX_DIM = 1 << 16  # PLAN.json shapes: a received file's shape is allocated by `run` and mapped by `inspect`
-MAX_ELEMENTS = 1 << 30
+MAX_ELEMENTS = 1 << 28  # 1 GiB of float32
 
 
 def _plan_meta_problem(meta: dict[str, Any]) -> str | None:

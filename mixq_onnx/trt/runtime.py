@@ -39,15 +39,22 @@ def require_gpu() -> GpuInfo:
     return gpu
 
 
+def check_runnable(plan_path: str | Path, backend: str | None = None) -> tuple[dict[str, Any], Any, GpuInfo]:
+    """(PLAN.json, backend module, GPU) of a plan this host can run; one-line errors otherwise, a backend or
+    version mismatch before the GPU check (it says to rebuild, which no GPU would change)."""
+    meta = read_plan_meta(plan_path)
+    trt = import_backend(backend or meta["backend"])
+    check_plan_key(meta, trt, None, backend)
+    gpu = require_gpu()
+    check_plan_key(meta, trt, gpu, backend)
+    return meta, trt, gpu
+
+
 class Engine:
     """A deserialized plan with one execution context; `__call__` maps a CUDA/CPU tensor batch to outputs."""
 
     def __init__(self, plan_path: str | Path, backend: str | None = None):
-        meta = read_plan_meta(plan_path)
-        trt = import_backend(backend or meta["backend"])
-        check_plan_key(meta, trt, None, backend)  # version/backend mismatch: refuse before touching CUDA
-        gpu = require_gpu()
-        check_plan_key(meta, trt, gpu, backend)
+        meta, trt, gpu = check_runnable(plan_path, backend)
         import torch
 
         self.torch = torch
