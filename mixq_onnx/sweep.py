@@ -9,6 +9,7 @@ evaluation data); re-running the command reuses every cell whose fingerprint sti
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -22,7 +23,15 @@ from typing import Any
 import torch.nn as nn
 
 from .errors import MixqError
-from .utils import atomic_write_json, atomic_write_text, canonical_json, sha256_bytes, sha256_file
+from .utils import (
+    LOCK_NAME,
+    atomic_write_json,
+    atomic_write_text,
+    canonical_json,
+    folder_lock,
+    sha256_bytes,
+    sha256_file,
+)
 
 SWEEP_VERSION = 1
 DEFAULT_BITS = ("W8A8", "W4A8", "W4A4", "W3A3", "W2A4")
@@ -167,7 +176,7 @@ def check_sweep_dir(out: str | os.PathLike) -> Path:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise MixqError(f"--out {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not (out / "sweep.json").is_file():
+    if out.is_dir() and any(p.name != LOCK_NAME for p in out.iterdir()) and not (out / "sweep.json").is_file():
         raise MixqError(f"--out {out} is a non-empty folder without sweep.json: choose a new folder")
     parent = out.parent if str(out.parent) else Path(".")
     if not out.exists() and (not parent.is_dir() or not os.access(parent, os.W_OK)):
@@ -227,12 +236,7 @@ def run_sweep(models: list[SweepModel], cfg: SweepConfig, calib: Any, data: str 
     hash), evaluate top-1 on labelled `data`, and write sweep.json / sweep.md / sweep.png into `out`.
     Finished cells of an earlier run with the same fingerprint are reused. Returns the sweep document.
     `log` (default: stderr, above the progress bar) gets the `data:` / `preprocessing:` lines of each model
-    evaluated."""
-    from .calib import load_calibration
-    from .data import LabelledData, preprocessing_notes, read_labelled, report_data
-    from .models import get_preprocessing
-    from .quant import evaluate, quantize
-
+    evaluated. One sweep at a time writes a folder (`.lock` in it): a second waits, then reuses the cells."""
     cfg.validate()
     if not models:
         raise MixqError("a sweep needs at least one model")
@@ -241,6 +245,30 @@ def run_sweep(models: list[SweepModel], cfg: SweepConfig, calib: Any, data: str 
         raise MixqError(f"two checkpoints share the label {next(x for x in labels if labels.count(x) > 1)!r}: "
                         "name them LABEL=PATH")
     out = check_sweep_dir(out)
+    read_sweep(out)  # a damaged sweep.json is refused before anything is made (read again under the lock)
+    made, had_lock = not out.exists(), (out / LOCK_NAME).exists()
+    out.mkdir(parents=False, exist_ok=True)
+    try:
+        with folder_lock(out, log=log or _tqdm_write, what=f"sweep {out}"):  # one sweep at a time per --out
+            return _sweep_locked(models, cfg, calib, data, out, cache_root=cache_root, progress=progress, log=log)
+    except BaseException:
+        with contextlib.suppress(OSError):  # a lock this run made goes; so does its folder if still empty
+            if not had_lock:
+                (out / LOCK_NAME).unlink(missing_ok=True)
+            if made and not any(out.iterdir()):
+                out.rmdir()
+        raise
+
+
+def _sweep_locked(models: list[SweepModel], cfg: SweepConfig, calib: Any, data: str | os.PathLike, out: Path, *,
+                  cache_root: str | os.PathLike | None, progress: bool,
+                  log: Callable[[str], None] | None) -> dict[str, Any]:
+    """`run_sweep` under the folder's lock: sweep.json is read, extended and rewritten by one process."""
+    from .calib import load_calibration
+    from .data import LabelledData, preprocessing_notes, read_labelled, report_data
+    from .models import get_preprocessing
+    from .quant import evaluate, quantize
+
     doc = read_sweep(out)
     old = {c["key"]: c for c in doc["cells"] if isinstance(c, dict) and "key" in c}
     data_id = data_identity(data)
@@ -260,7 +288,6 @@ def run_sweep(models: list[SweepModel], cfg: SweepConfig, calib: Any, data: str 
     told: set[str] = set()  # models whose data:/preprocessing: lines were shown
     reused = 0
     try:
-        out.mkdir(parents=False, exist_ok=True)
         for sm in models:
             doc["models"].append({"label": sm.label, "identity": sm.identity, **sm.source})
         for sm, method, bits, seed in grid:

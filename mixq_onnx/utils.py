@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import glob
 import hashlib
 import json
@@ -63,6 +64,45 @@ def canonical_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
 
 
+LOCK_NAME = ".lock"
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path, *, wait: bool = True, log: Any = print, what: str | None = None,
+                busy_hint: str = "wait for it to finish", busy_error: type[MixqError] = MixqError) -> Iterator[None]:
+    """Hold `folder/.lock` (flock) so one writer at a time works in `folder`: the next waits (`log` says for
+    whom), or with `wait=False` fails with `busy_error`. The file holds the holder's pid; it is never opened
+    through a link (it is truncated and rewritten, and a received folder may hold one)."""
+    what = what or str(folder)
+    lock = folder / LOCK_NAME
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise MixqError(f"{lock} is a symbolic link, not a lock this tool made: remove it") from None
+        raise MixqError(f"cannot open the lock of {what}: {e.strerror or e}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise MixqError(f"{lock} is not a regular file, not a lock this tool made: remove it")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            if not wait:
+                raise busy_error(f"{what} is being written by another process (pid {holder}); {busy_hint}") from None
+            log(f"waiting for the lock of {what}, held by pid {holder}")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
 _HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40] or "host"
 
 
@@ -72,7 +112,8 @@ def tmp_prefix(path: Path) -> str:
     return f".{path.name}.{_HOST}-{os.getpid()}."
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` runs on this host (another user's counts as running)."""
     if pid == os.getpid():
         return True
     try:
@@ -93,7 +134,7 @@ def sweep_stale_tmp(path: Path) -> None:
         candidates = path.parent.glob(glob.escape(f".{path.name}.{_HOST}-") + "*.tmp")
         for f in candidates:
             m = pattern.fullmatch(f.name)
-            if not m or _pid_alive(int(m.group(1))):
+            if not m or pid_alive(int(m.group(1))):
                 continue
             if f.is_dir() and not f.is_symlink():
                 shutil.rmtree(f, ignore_errors=True)

@@ -19,6 +19,7 @@ from mixq_onnx.calib import cache as C
 from mixq_onnx.calib import info, load_images, verify
 from mixq_onnx.errors import CorruptCacheError, MixqError
 from mixq_onnx.models import load_model
+from mixq_onnx.onnx import export_qdq
 from mixq_onnx.quant import load_quantized, save_quantized
 from mixq_onnx.utils import atomic_write_bytes, tmp_prefix
 
@@ -44,12 +45,19 @@ def qdir(tmp_path_factory) -> Path:
     return save_quantized(random_r20_w4a4(4)[1], tmp_path_factory.mktemp("q") / "r20")
 
 
-def test_a_save_killed_between_its_files_leaves_an_empty_folder_empty(qdir, tmp_path):
-    """`--out` made beforehand and empty: the result is built beside it and renamed onto it, so a kill after
-    the weights and before quant.json leaves the folder empty (it used to hold the weights alone, and the
-    re-run then demanded --overwrite). The re-run succeeds and sweeps the killed run's temporary folder."""
-    out = tmp_path / "out"
-    out.mkdir(mode=0o750)
+@pytest.mark.parametrize("how", ["folder", "link"])
+def test_a_save_killed_between_its_files_leaves_an_empty_folder_empty(qdir, tmp_path, how):
+    """`--out` made beforehand and empty (or a link to such a folder): the result is built beside the folder
+    and renamed onto it, so a kill after the weights and before quant.json leaves the folder empty (it used to
+    hold the weights alone, and the re-run then demanded --overwrite). The re-run succeeds and sweeps the
+    killed run's temporary folder."""
+    real = tmp_path / "out"
+    real.mkdir(mode=0o750)
+    out = real
+    if how == "link":
+        out = tmp_path / "elsewhere" / "link"
+        out.parent.mkdir()
+        out.symlink_to(real, target_is_directory=True)
     _run_killed(f"""
         import os, signal
         import mixq_onnx.quant.io as qio
@@ -64,14 +72,15 @@ def test_a_save_killed_between_its_files_leaves_an_empty_folder_empty(qdir, tmp_
         qio._write_file = write_then_die
         qio.save_quantized(model, {str(out)!r})
     """)
-    assert out.is_dir() and not any(out.iterdir())
+    assert real.is_dir() and not any(real.iterdir())
     leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.")]
     assert len(leftovers) == 1 and leftovers[0].endswith(".tmp")  # the killed run's, named by its pid
     model = load_model("cifar_resnet20", random_init=True)
     save_quantized(load_quantized(model, qdir), out)  # no --overwrite needed: the folder is still empty
-    assert sorted(p.name for p in out.iterdir()) == ["quant.json", "weights.safetensors"]
-    assert (out.stat().st_mode & 0o777) == 0o750  # the user's folder keeps its mode
+    assert sorted(p.name for p in real.iterdir()) == ["quant.json", "weights.safetensors"]
+    assert (real.stat().st_mode & 0o777) == 0o750  # the user's folder keeps its mode
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.")] == []
+    assert how == "folder" or (out.is_symlink() and out.resolve() == real.resolve())
     load_quantized(model, out)
 
 
@@ -201,3 +210,70 @@ def test_a_filtered_cache_that_lost_a_kept_shard_is_filtered_again(tmp_path):
     after = load_images(d)
     assert torch.equal(after[0], before[0]) and [r["index"] for r in after[1]] == [r["index"] for r in before[1]]
     assert not list(d.glob("cand-*"))
+
+
+def test_ctrl_c_during_the_tensorrt_build_aborts_it_and_writes_nothing(tmp_path):
+    """A KeyboardInterrupt raised in TensorRT's logger callback is dropped by TensorRT: the build used to run
+    on, write its plan and exit 0. SIGINT is sent the moment the build starts (the child's instrumented
+    `build_serialized_network` says when)."""
+    trt = pytest.importorskip("tensorrt_rtx")
+    del trt
+    graph = export_qdq(random_r20_w4a4(4)[1], tmp_path / "g.onnx")
+    script = f"""
+        import os, signal, threading
+        import tensorrt_rtx as trt
+        started = threading.Event()
+        original = trt.Builder.build_serialized_network
+        def build(self, *a, **k):
+            started.set()
+            return original(self, *a, **k)
+        trt.Builder.build_serialized_network = build
+        threading.Thread(target=lambda: (started.wait(300), os.kill(os.getpid(), signal.SIGINT)), daemon=True).start()
+        from mixq_onnx.cli import main
+        main(["build", {str(graph)!r}, "--out", {str(tmp_path / "g.plan")!r}, "--backend", "tensorrt-rtx"])
+    """
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    r = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 130 and r.stderr.strip().splitlines()[-1] == "aborted", (r.returncode, r.stderr[-1000:])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.onnx"]
+
+
+def test_an_interrupted_cache_rm_is_finished_by_the_next_one(tmp_path):
+    """`cache rm` renames the cache to a hidden tomb and then deletes it: a kill mid-delete hid the rest from
+    `cache ls` for good. The next `cache rm` (or calib) under the root finishes dead processes' tombs."""
+    from mixq_onnx.calib import CalibConfig, list_caches, make_calibration_cache
+
+    make = lambda seed: make_calibration_cache(CalibConfig(generator="noise", num=4, seed=seed), tmp_path,  # noqa: E731
+                                               progress=False, log=lambda m: None)
+    a, b = make(0), make(1)
+    dead = tmp_path / f".{a.name}.removing.{_dead_pid()}.1796056074"
+    os.rename(a, dead)  # as a killed `cache rm` leaves it
+    live = tmp_path / f".{'f' * 16}.removing.{os.getppid()}.1796056074"
+    live.mkdir()
+    assert [c.path for c in list_caches(tmp_path)] == [b]
+    C.remove(b, tmp_path)
+    assert not dead.exists() and live.is_dir() and list_caches(tmp_path) == []
+
+
+def test_a_checkpoint_replaced_by_a_killed_save_still_loads(tmp_path):
+    """save_checkpoint (robustify) over an earlier checkpoint, killed between the checkpoint and its sidecar:
+    the new weights sat beside the old sha256, and every reader refused them as "changed after written"."""
+    from mixq_onnx.models.checkpoint import read_state_dict
+    from mixq_onnx.robust import save_checkpoint
+
+    out = tmp_path / "r.safetensors"
+    torch.manual_seed(0)
+    save_checkpoint(load_model("cifar_resnet20", random_init=True), out, {"run": 1})
+    _run_killed(f"""
+        import os, signal, torch
+        import mixq_onnx.robust.train as rt
+        from mixq_onnx.models import load_model
+        rt.atomic_write_json = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
+        torch.manual_seed(1)
+        rt.save_checkpoint(load_model("cifar_resnet20", random_init=True), {str(out)!r}, {{"run": 2}})
+    """)
+    torch.manual_seed(1)
+    new = load_model("cifar_resnet20", random_init=True).state_dict()
+    got = read_state_dict(out)
+    assert all(torch.equal(got[k], new[k]) for k in new) and not (tmp_path / "r.safetensors.json").exists()

@@ -118,3 +118,38 @@ def test_sweep_refuses_a_foreign_folder_and_a_tampered_checkpoint(world, tmp_pat
     ck.write_bytes(bytes(data))
     assert "sha256" in one_line_error(run_cli(*base, "--checkpoint", ck, "--out", tmp_path / "s2"))
     assert not (tmp_path / "s2").exists()
+
+
+def test_two_sweeps_into_one_folder_take_turns(tmp_path):
+    """Two sweeps into one --out used to interleave: one's sweep.json and sweep.md beside the other's plot,
+    or one's cells lost while both exited 0. The second now waits for the first's lock, then reuses its
+    cells and adds its own."""
+    import threading
+
+    from mixq_onnx.calib import CalibConfig, make_calibration_cache
+    from mixq_onnx.models import load_model
+    from mixq_onnx.sweep import SweepConfig, SweepModel, read_sweep, run_sweep
+
+    cache = make_calibration_cache(CalibConfig(generator="noise", num=8), tmp_path / "c", progress=False)
+    rng = np.random.default_rng(0)
+    npz = tmp_path / "d.npz"
+    np.savez(npz, x=rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8), y=np.arange(8) % 10)
+    model = SweepModel.of("r20", load_model("cifar_resnet20", random_init=True), {"spec": "cifar_resnet20"})
+    out, waited, errors = tmp_path / "out", [], []
+
+    def sweep(bits: str) -> None:
+        try:
+            run_sweep([model], SweepConfig(bits=(bits,), methods=("rtn",)), cache, npz, out, progress=False,
+                      log=waited.append)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=sweep, args=(b,)) for b in ("W8A8", "W4A4")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not errors, errors
+    keys = sorted(c["key"] for c in read_sweep(out)["cells"])
+    assert keys[0].startswith("r20|fp") and len(keys) == 2  # the last sweep's grid: fp + its bits
+    assert any("waiting for the lock of sweep" in w for w in waited), waited

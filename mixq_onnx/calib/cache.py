@@ -14,12 +14,10 @@ progress and never leaves a readable-but-corrupt file. Readers of a sealed cache
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import json
 import os
+import re
 import shutil
-import stat
 import struct
 import time
 from collections.abc import Iterator
@@ -30,11 +28,20 @@ from typing import Any
 import torch
 
 from ..errors import CacheLockedError, CorruptCacheError, MixqError
-from ..utils import atomic_write_bytes, canonical_json, read_regular, sha256_bytes, sha256_file
+from ..utils import (
+    LOCK_NAME,
+    atomic_write_bytes,
+    canonical_json,
+    folder_lock,
+    pid_alive,
+    read_regular,
+    sha256_bytes,
+    sha256_file,
+)
 
 MANIFEST = "manifest.json"
 RECIPE = "recipe.json"
-LOCK = ".lock"
+LOCK = LOCK_NAME
 FORMAT_VERSION = 1
 DEFAULT_ROOT = Path("calib_cache")
 
@@ -150,35 +157,9 @@ def cache_lock(cache_dir: Path, wait: bool = True, poll_s: float = 1.0, log=prin
     `busy_hint` ends the CacheLockedError message: the caller knows which advice fits its command.
     """
     cache_dir.mkdir(parents=True, exist_ok=True)
-    try:  # never through a link: the lock file is truncated and rewritten, and a received cache may hold one
-        fd = os.open(cache_dir / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            raise MixqError(f"{cache_dir / LOCK} is a symbolic link, not a lock this tool made: remove it") from None
-        raise MixqError(f"cannot open the lock of cache {cache_dir}: {e.strerror or e}") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise MixqError(f"{cache_dir / LOCK} is not a regular file, not a lock this tool made: remove it")
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            if e.errno not in (errno.EAGAIN, errno.EACCES):
-                raise
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
-            if not wait:
-                raise CacheLockedError(
-                    f"cache {cache_dir} is being written by another process (pid {holder}); {busy_hint}"
-                ) from None
-            log(f"waiting for cache lock held by pid {holder} ({cache_dir})")
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
+    with folder_lock(cache_dir, wait=wait, log=log, what=f"cache {cache_dir}", busy_hint=busy_hint,
+                     busy_error=CacheLockedError):
         yield
-    finally:
-        with contextlib.suppress(OSError):
-            fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
 
 
 @dataclass
@@ -487,6 +468,26 @@ def remove(path: str | os.PathLike, root: Path | None = None) -> None:
         tomb = path.with_name(f".{path.name}.removing.{os.getpid()}.{int(time.time())}")
         os.replace(path, tomb)
     shutil.rmtree(tomb, ignore_errors=True)
+    sweep_tombs(root)
+
+
+_TOMB = re.compile(r"\.[0-9a-f]{16}\.removing\.(\d+)\.\d+")
+
+
+def sweep_tombs(root: Path) -> int:
+    """Finish the removals an interrupted `cache rm` left: it renames a cache to a hidden `.HASH.removing.PID.T`
+    first, so a kill mid-delete hid the rest from `cache ls` for good. Only tombs whose process is gone."""
+    n = 0
+    try:
+        entries = list(root.iterdir()) if root.is_dir() else []
+    except OSError:
+        return 0
+    for d in entries:
+        m = _TOMB.fullmatch(d.name)
+        if m and d.is_dir() and not d.is_symlink() and not pid_alive(int(m.group(1))):
+            shutil.rmtree(d, ignore_errors=True)
+            n += 1
+    return n
 
 
 def load_images(path: Path) -> tuple[torch.Tensor, list[dict[str, Any]]]:

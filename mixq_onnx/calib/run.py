@@ -292,6 +292,7 @@ def make_calibration_cache(
     with contextlib.ExitStack() as stack:
         if rank == 0:
             created = _check_writable(root)
+            C.sweep_tombs(root)  # caches an interrupted `cache rm` was deleting
             try:
                 cache_dir.mkdir()
                 made_dir = True

@@ -87,6 +87,7 @@ def save_quantized(qmodel: nn.Module, out: str | os.PathLike, extra: dict[str, A
     text = (json.dumps(meta, indent=2) + "\n").encode()
     try:
         if out.is_dir() and any(out.iterdir()):  # --overwrite: replace just our files, keep the user's
+            sweep_stale_tmp(out.resolve())  # a killed earlier run's temporary folder beside it
             _write_file(out / WEIGHTS, weights)
             for name, data in files.items():
                 _write_file(out / name, data)
@@ -150,8 +151,11 @@ def check_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Path:
 
 
 def _write_new_dir(out: Path, files: dict[str, bytes]) -> None:
-    """Fill a temporary sibling folder, then rename it to `out` (never a half-written result folder)."""
+    """Fill a temporary sibling folder, then rename it to `out` (never a half-written result folder). A link
+    to an empty folder: the folder it names is replaced the same way, the link stays."""
     out.parent.mkdir(parents=True, exist_ok=True)
+    if out.is_symlink() and out.is_dir():
+        out = out.resolve()
     sweep_stale_tmp(out)
     tmp = out.with_name(f"{tmp_prefix(out)}{secrets.token_hex(4)}.tmp")
     tmp.mkdir()
@@ -163,9 +167,9 @@ def _write_new_dir(out: Path, files: dict[str, bytes]) -> None:
         try:
             os.rename(tmp, out)  # POSIX: a folder may replace an empty folder, never a non-empty one
         except OSError:
-            if out.is_dir() and not any(out.iterdir()):  # a mount point or a link to a folder: file by file,
-                for name in files:  # in the given order (quant.json last)
-                    os.replace(tmp / name, out / name)
+            if out.is_dir() and not any(out.iterdir()):  # a mount point (EBUSY, EXDEV): file by file inside it,
+                for name, data in files.items():  # each atomic, in the given order (quant.json last)
+                    _write_file(out / name, data)
             elif out.exists():
                 raise MixqError(f"{out} was filled while it was being written; nothing was changed in it") from None
             else:

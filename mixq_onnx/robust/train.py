@@ -56,6 +56,10 @@ def save_checkpoint(model: nn.Module, out: str | os.PathLike, report: dict[str, 
     out = check_writable(out)
     make_parent(out)
     data = save({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()})
+    side = out.with_name(out.name + ".json")
+    # the old sidecar goes first: a kill between the two writes then leaves a plain checkpoint that loads,
+    # not a new checkpoint beside an old sha256 that every reader refuses
+    side.unlink(missing_ok=True)
     atomic_write_bytes(out, data)
-    atomic_write_json(out.with_name(out.name + ".json"), {**report, "sha256": sha256_bytes(data)})
+    atomic_write_json(side, {**report, "sha256": sha256_bytes(data)})
     return out

@@ -7,18 +7,21 @@ records what the plan was built from and for (the plan key), and the engine's la
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import math
+import signal
+import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import MixqError
-from ..utils import atomic_path, atomic_write_json, check_output_file, make_parent, sha256_file
+from ..utils import atomic_path, atomic_write_json, check_output_file, make_parent, sha256_bytes, sha256_file
 from .backend import BACKENDS, cuda_version, gpu_info, import_backend, make_logger
 from .layers import LayerInfo, parse_builder_log, parse_inspector_json
 
@@ -216,6 +219,41 @@ def _inspector_layers(trt: Any, logger: Any, plan_bytes: bytes) -> list[LayerInf
     return parse_inspector_json(insp.get_engine_information(trt.LayerInformationFormat.JSON))
 
 
+@contextlib.contextmanager
+def _interruptible(trt: Any, config: Any) -> Iterator[Callable[[], bool]]:
+    """Make Ctrl-C stop a build. Raised inside TensorRT's callbacks (the logger's), a KeyboardInterrupt is
+    caught and dropped by TensorRT, and the build ran on to write its plan. Here SIGINT only sets a flag;
+    a progress monitor (where the backend has one) then cancels the build, and the caller raises."""
+    hit = threading.Event()
+    old = None
+    if threading.current_thread() is threading.main_thread():
+        old = signal.signal(signal.SIGINT, lambda *_: hit.set())
+    monitor = None
+    if hasattr(trt, "IProgressMonitor") and hasattr(config, "progress_monitor"):
+        class _Cancel(trt.IProgressMonitor):  # type: ignore[name-defined, misc]
+            def __init__(self) -> None:
+                trt.IProgressMonitor.__init__(self)
+
+            def phase_start(self, phase_name: str, parent_phase: Any, num_steps: int) -> None:
+                pass
+
+            def step_complete(self, phase_name: str, step: int) -> bool:
+                return not hit.is_set()  # False cancels the build
+
+            def phase_finish(self, phase_name: str) -> None:
+                pass
+
+        monitor = _Cancel()
+        config.progress_monitor = monitor
+    try:
+        yield hit.is_set
+    finally:
+        if monitor is not None:
+            config.progress_monitor = None
+        if old is not None:
+            signal.signal(signal.SIGINT, old)
+
+
 def build_engine(onnx_path: str | Path, plan_path: str | Path, cfg: BuildConfig | None = None,
                  verbose: bool = False, accept: Accept | None = None) -> BuildResult:
     """Build `plan_path` (atomically) and `plan_path`.json from a QDQ ONNX graph. `accept(layers, shapes)`
@@ -237,6 +275,7 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, cfg: BuildConfig 
     builder = trt.Builder(logger)
     strongly = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)  # TensorRT 11: the only mode
     network = builder.create_network(1 << int(strongly) if strongly is not None else 0)
+    onnx_sha256 = sha256_file(onnx_path)  # before the parser reads it: the graph this plan is built from
     _parse_onnx(trt, network, logger, onnx_path)
 
     config = builder.create_builder_config()
@@ -259,14 +298,17 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, cfg: BuildConfig 
         config.set_timing_cache(cache, ignore_mismatch=False)
 
     t0 = time.perf_counter()
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _interruptible(trt, config) as interrupted:
         warnings.simplefilter("ignore", DeprecationWarning)
         serialized = builder.build_serialized_network(network, config)
+    if interrupted():  # Ctrl-C during the build: nothing is written, the CLI says "aborted" (exit 130)
+        raise KeyboardInterrupt
     seconds = time.perf_counter() - t0
     if serialized is None:
         errs = logger.errors()
         raise MixqError(f"{_label(trt)} could not build {onnx_path}: " + (errs[-1] if errs else "no log")[:400])
     plan_bytes = bytes(memoryview(serialized))
+    plan_sha256 = sha256_bytes(plan_bytes)  # of what this build writes: a concurrent build's plan then mismatches
     layers: list[LayerInfo] = []
     source = "builder-log"
     if gpu is not None and cfg.backend == "tensorrt":
@@ -299,9 +341,9 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, cfg: BuildConfig 
         "targets": targets,
         "cuda_version": cuda_version(),
         "gpu": gpu.to_dict() if gpu is not None else None,
-        "onnx": {"path": str(onnx_path.resolve()), "sha256": sha256_file(onnx_path)},
+        "onnx": {"path": str(onnx_path.resolve()), "sha256": onnx_sha256},
         "preprocessing": _onnx_preprocessing(onnx_path),
-        "plan_sha256": sha256_file(plan_path),
+        "plan_sha256": plan_sha256,
         "plan_bytes": len(plan_bytes),
         "inputs": shapes,
         "outputs": outputs,

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import MixqError
+from ..utils import read_regular, sha256_bytes
 from .backend import GpuInfo, gpu_info, import_backend, make_logger
 from .builder import BuildConfig, build_engine, check_plan_key, read_plan_meta
 
@@ -61,7 +62,11 @@ class Engine:
         self.meta, self.trt, self.gpu = meta, trt, gpu
         self.logger = make_logger(trt)
         self.runtime = trt.Runtime(self.logger)
-        self.engine = self.runtime.deserialize_cuda_engine(Path(plan_path).read_bytes())
+        plan_bytes = read_regular(plan_path)  # the bytes loaded are the bytes checked (a rebuild may replace the file)
+        if sha256_bytes(plan_bytes) != meta["plan_sha256"]:
+            raise MixqError(f"{plan_path} changed since it was checked against its PLAN.json: rebuild it with "
+                            "`mixq-onnx build`")
+        self.engine = self.runtime.deserialize_cuda_engine(plan_bytes)
         if self.engine is None:
             errs = self.logger.errors()
             raise MixqError(f"{plan_path} does not deserialize on this host ({(errs[-1] if errs else '')[:200]}): "
