@@ -114,13 +114,13 @@ def tmp_prefix(path: Path) -> str:
 
 def pid_alive(pid: int) -> bool:
     """Whether process `pid` runs on this host (another user's counts as running)."""
-    if pid == os.getpid():
+    if pid <= 0 or pid == os.getpid():  # 0 would signal our own process group: never "dead"
         return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except OSError:  # EPERM: someone else's live process
+    except (OSError, OverflowError):  # EPERM: someone else's live process; a pid no kernel gives: not ours
         return True
     return True
 

@@ -94,14 +94,15 @@ def test_an_atomic_write_sweeps_only_dead_writers_temporaries_of_the_same_file(t
     other_host = tmp_path / f".graph.onnx.{host}x-{_dead_pid()}.jkl012.tmp"
     other_file = tmp_path / f".other.onnx.{host}-{_dead_pid()}.mno345.tmp"
     users = tmp_path / ".graph.onnx.notes.tmp"
-    for f in (dead, live, other_host, other_file, users):
+    odd = tmp_path / f".graph.onnx.{host}-99999999999999999999.pqr678.tmp"  # no such pid: kept, and no crash
+    for f in (dead, live, other_host, other_file, users, odd):
         f.write_bytes(b"x")
     dead_dir.mkdir()
     (dead_dir / "quant.json").write_text("{}")
     atomic_write_bytes(target, b"graph")
     assert target.read_bytes() == b"graph"
     assert not dead.exists() and not dead_dir.exists()
-    assert live.exists() and other_host.exists() and other_file.exists() and users.exists()
+    assert live.exists() and other_host.exists() and other_file.exists() and users.exists() and odd.exists()
 
 
 def _calib_script(root: Path, kill_at: str) -> str:
