@@ -186,6 +186,9 @@ def check_sweep_dir(out: str | os.PathLike) -> Path:
     return out
 
 
+_CELL_STR = ("key", "label", "method", "bits", "fingerprint")  # what a re-run and the table read of a cell
+
+
 def read_sweep(out: str | os.PathLike) -> dict[str, Any]:
     """An earlier `sweep.json` (checked), or an empty result."""
     import json
@@ -205,9 +208,6 @@ def read_sweep(out: str | os.PathLike) -> dict[str, Any]:
             raise MixqError(f"{p}: cell {i} is not a sweep cell ({', '.join(_CELL_STR)} strings and a numeric "
                             "top1): choose a new --out")
     return doc
-
-
-_CELL_STR = ("key", "label", "method", "bits", "fingerprint")  # what a re-run and the table read of a cell
 
 
 def _fingerprint(*parts: Any) -> str:

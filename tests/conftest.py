@@ -142,15 +142,16 @@ def make():
 '''
 
 
-def random_r20_w4a4(n_calib: int = 8):
-    """(float model, quantized model): a random-weight cifar_resnet20, rtn W4A4 on `n_calib` seeded random
-    images, on one thread. The fixture behind the tests that need any valid quantized network or folder."""
+def random_r20_rtn(n_calib: int = 8, bits: int = 4, model=None):
+    """(float model, quantized model): a random-weight cifar_resnet20 (or `model`), rtn W`bits`A`bits` on
+    `n_calib` seeded random images, on one thread. The fixture behind the tests that need any valid quantized
+    network or folder."""
     import torch
 
     from mixq_onnx.models import load_model
     from mixq_onnx.quant import QuantConfig, quantize
 
     torch.set_num_threads(1)
-    model = load_model("cifar_resnet20", random_init=True)
+    model = model if model is not None else load_model("cifar_resnet20", random_init=True)
     calib = torch.randn(n_calib, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    return model, quantize(model, QuantConfig(wbits=4, abits=4, method="rtn"), calib, progress=False)
+    return model, quantize(model, QuantConfig(wbits=bits, abits=bits, method="rtn"), calib, progress=False)

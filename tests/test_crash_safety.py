@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import random_r20_w4a4
+from conftest import random_r20_rtn
 
 from mixq_onnx.calib import cache as C
 from mixq_onnx.calib import info, load_images, verify
@@ -42,7 +42,7 @@ def _dead_pid() -> int:
 
 @pytest.fixture(scope="module")
 def qdir(tmp_path_factory) -> Path:
-    return save_quantized(random_r20_w4a4(4)[1], tmp_path_factory.mktemp("q") / "r20")
+    return save_quantized(random_r20_rtn(4)[1], tmp_path_factory.mktemp("q") / "r20")
 
 
 @pytest.mark.parametrize("how", ["folder", "link"])
@@ -219,7 +219,7 @@ def test_ctrl_c_during_the_tensorrt_build_aborts_it_and_writes_nothing(tmp_path)
     `build_serialized_network` says when)."""
     trt = pytest.importorskip("tensorrt_rtx")
     del trt
-    graph = export_qdq(random_r20_w4a4(4)[1], tmp_path / "g.onnx")
+    graph = export_qdq(random_r20_rtn(4)[1], tmp_path / "g.onnx")
     script = f"""
         import os, signal, threading
         import tensorrt_rtx as trt

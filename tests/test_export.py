@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import random_r20_w4a4
+from conftest import random_r20_rtn
 
 from mixq_onnx.models import get_preprocessing, load_model
 from mixq_onnx.onnx import export_qdq
@@ -18,7 +18,7 @@ from mixq_onnx.quant.graph import shared_quantizers
 
 @pytest.fixture(scope="module")
 def r20_w4a4():
-    return random_r20_w4a4(16)[1]
+    return random_r20_rtn(16)[1]
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SMALL_NET_PY, random_r20_w4a4
+from conftest import SMALL_NET_PY, random_r20_rtn
 
 from mixq_onnx.models import load_model
 from mixq_onnx.quant import QuantConfig, quantize, save_quantized
@@ -27,7 +27,7 @@ def net():
 
 @pytest.fixture(scope="module")
 def r20_dir(tmp_path_factory) -> Path:
-    return save_quantized(random_r20_w4a4(8)[1], tmp_path_factory.mktemp("q") / "r20")
+    return save_quantized(random_r20_rtn(8)[1], tmp_path_factory.mktemp("q") / "r20")
 
 
 def _one_line_error(r) -> str:

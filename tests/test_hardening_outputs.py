@@ -14,26 +14,22 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-import torch
-from conftest import clean_error, one_line_error
+from conftest import clean_error, one_line_error, random_r20_rtn
 
 from mixq_onnx.calib import cache as C
 from mixq_onnx.errors import MixqError
 from mixq_onnx.models import load_model
 from mixq_onnx.models.preprocessing import Preprocessing
 from mixq_onnx.onnx import export_qdq
-from mixq_onnx.quant import QuantConfig, quantize, save_quantized
+from mixq_onnx.quant import save_quantized
 from mixq_onnx.trt.builder import PLAN_FORMAT, meta_path_for
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> dict[str, Path]:
     """A W8A8 result folder of a random-weight ResNet-20, its graph, and a tiny labelled npz."""
-    torch.set_num_threads(1)
     d = tmp_path_factory.mktemp("outs")
-    model = load_model("cifar_resnet20", random_init=True)
-    calib = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    q = quantize(model, QuantConfig(wbits=8, abits=8, method="rtn"), calib, progress=False)
+    _, q = random_r20_rtn(8, bits=8)
     out = {"q8": save_quantized(q, d / "r20-w8a8"), "onnx8": export_qdq(q, d / "r20-w8a8.onnx")}
     rng = np.random.default_rng(0)
     out["npz"] = d / "data.npz"

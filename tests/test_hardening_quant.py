@@ -21,7 +21,7 @@ import onnx
 import pytest
 import torch
 from conftest import SMALL_NET_PY as NET
-from conftest import one_line_error, random_r20_w4a4, snapshot
+from conftest import one_line_error, random_r20_rtn, snapshot
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import numpy_helper
@@ -50,16 +50,14 @@ ACT = "layer1.0.conv1.input"
 @pytest.fixture(scope="module")
 def r20(tmp_path_factory) -> tuple[torch.nn.Module, Path]:
     """A random-weight cifar_resnet20, quantized W4A4 with rtn on 8 random images, and its folder."""
-    model, q = random_r20_w4a4(8)
+    model, q = random_r20_rtn(8)
     return model, save_quantized(q, tmp_path_factory.mktemp("q") / "r20")
 
 
 @pytest.fixture(scope="module")
 def r20_w8(r20, tmp_path_factory) -> Path:
     """The same network quantized W8A8: a second, different folder."""
-    model, _ = r20
-    calib = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    q = quantize(model, QuantConfig(wbits=8, abits=8, method="rtn"), calib, progress=False)
+    _, q = random_r20_rtn(8, bits=8, model=r20[0])
     return save_quantized(q, tmp_path_factory.mktemp("q8") / "r20")
 
 

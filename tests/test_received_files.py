@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import clean_error, random_r20_w4a4, snapshot
+from conftest import clean_error, random_r20_rtn, snapshot
 
 from mixq_onnx.calib import cache as C
 from mixq_onnx.onnx import export_qdq
@@ -24,7 +24,7 @@ from mixq_onnx.trt.builder import meta_path_for
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("recv")
-    _, q = random_r20_w4a4(8)
+    _, q = random_r20_rtn(8)
     out = {"q": save_quantized(q, d / "q"), "onnx": export_qdq(q, d / "m.onnx")}
     rng = np.random.default_rng(0)
     out["npz"] = d / "data.npz"

@@ -10,13 +10,12 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import random_r20_rtn
 
 trt = pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx-cu13 not installed (pip install 'mixq-onnx[trt-rtx]')")
 
 from mixq_onnx.errors import MixqError
-from mixq_onnx.models import load_model
 from mixq_onnx.onnx import export_fp, export_qdq
-from mixq_onnx.quant import QuantConfig, quantize
 from mixq_onnx.trt.backend import GpuInfo, gpu_info
 from mixq_onnx.trt.builder import BuildConfig, build_engine, check_plan_key, read_plan_meta
 from mixq_onnx.trt.inspect import inspect_plan
@@ -28,13 +27,10 @@ HAS_GPU = gpu_info() is not None
 @pytest.fixture(scope="module")
 def graphs(tmp_path_factory) -> dict[str, Path]:
     """Random-weight ResNet-20 exported as W8A8 and W4A4 QDQ graphs, plus the float graph."""
-    torch.set_num_threads(1)
     d = tmp_path_factory.mktemp("trt")
-    model = load_model("cifar_resnet20", random_init=True)
-    calib = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    out = {}
+    model, out = None, {}
     for b in (8, 4):
-        q = quantize(model, QuantConfig(wbits=b, abits=b, method="rtn"), calib, progress=False)
+        model, q = random_r20_rtn(16, bits=b, model=model)
         out[f"w{b}a{b}"] = export_qdq(q, d / f"r20_w{b}a{b}.onnx")
     out["fp"] = export_fp(model, d / "r20_fp.onnx")
     return out

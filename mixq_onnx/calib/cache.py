@@ -150,7 +150,7 @@ def shard_is_complete(path: Path, expected: int) -> bool:
 
 
 @contextlib.contextmanager
-def cache_lock(cache_dir: Path, wait: bool = True, poll_s: float = 1.0, log=print,
+def cache_lock(cache_dir: Path, wait: bool = True, log=print,
                busy_hint: str = "wait for it or re-run without --no-wait") -> Iterator[None]:
     """Serialise writers of one cache: the second waits (or fails with `wait=False`).
 

@@ -46,8 +46,8 @@ def save_quantized(qmodel: nn.Module, out: str | os.PathLike, extra: dict[str, A
     A new folder, or an empty one, is written as a temporary sibling and renamed into place, so a kill
     leaves no half result. An existing non-empty folder is refused unless `overwrite`; then only the two
     files are replaced (each atomically, weights first, quant.json last, recording the weights' sha256),
-    so the user's other files stay and a reader never pairs a new quant.json with old weights. `files` (name -> bytes, e.g. a stage's report and plot) go
-    into the same folder the same way, before quant.json."""
+    so the user's other files stay and a reader never pairs a new quant.json with old weights. `files`
+    (name -> bytes, e.g. a stage's report and plot) go into the same folder the same way, before quant.json."""
     files = dict(files or {})
     for name in files:
         if name in (QUANT_JSON, WEIGHTS) or Path(name).name != name or name.startswith("."):
@@ -434,8 +434,9 @@ def folder_model(qdir: str | os.PathLike, spec: str | None = None, checkpoint: s
     A model file and a checkpoint, recorded or given, must have the sha256 quant.json records (checked
     before the file is read or imported; older folders record no model file hash, and nothing is then
     compared). A recorded spec naming code (`file.py:factory`, `package.module:factory`) or a hub model
-    (`hf-hub:…`, fetched from the network) is used only with `trust_model_code`: a result folder can come from anyone, and reading it must never run code the user
-    did not choose. Zoo and timm names are always fine."""
+    (`hf-hub:…`, fetched from the network) is used only with `trust_model_code`: a result folder can come
+    from anyone, and reading it must never run code (or reach the network) the user did not choose. Zoo and
+    timm names are always fine."""
     from ..models import ModelOptions, Preprocessing, is_code_spec, is_hub_spec
 
     qdir = Path(qdir)
