@@ -68,10 +68,13 @@ def model_source(model: nn.Module) -> ModelSource | None:
     return getattr(model, SOURCE_ATTR, None)
 
 
+HUB_PREFIXES = ("hf-hub:", "hf_hub:")  # timm specs that name a Hugging Face hub model
+
+
 def is_code_spec(spec: str) -> bool:
     """True if `spec` names user code (`path/to/file.py:factory` or `package.module:factory`): building the
     model imports and runs that code, so a spec read from someone else's file must not be built unasked."""
-    if spec.startswith(("hf-hub:", "hf_hub:", "timm/")) or ":" not in spec:
+    if is_hub_spec(spec) or spec.startswith("timm/") or ":" not in spec:
         return False
     target, _, fn = spec.rpartition(":")
     return bool(fn.isidentifier() and target)
@@ -80,7 +83,7 @@ def is_code_spec(spec: str) -> bool:
 def is_hub_spec(spec: str) -> bool:
     """True if building `spec` asks the Hugging Face hub (its config, at least): network access and writes
     to the hub cache, which a spec read from someone else's file must not cause unasked."""
-    return spec.startswith(("hf-hub:", "hf_hub:"))
+    return spec.startswith(HUB_PREFIXES)
 
 
 def _spec_file(target: str) -> bool:
@@ -224,7 +227,7 @@ def _build(spec: str, checkpoint, random_init: bool, kwargs: dict[str, Any]) -> 
             raise MixqError(f"model factory {spec} failed: {type(e).__name__}: {e}") from None
         if not isinstance(model, nn.Module):
             raise MixqError(f"model factory {spec} returned {type(model).__name__}, not a torch.nn.Module")
-    elif timm.is_model(spec) or spec.startswith(("hf-hub:", "hf_hub:")):
+    elif timm.is_model(spec) or is_hub_spec(spec):
         pretrained = False
         if checkpoint is None and not random_init:
             if spec in ZOO:
