@@ -156,3 +156,14 @@ def test_int4_weight_only_errors(tmp_path, run_cli):
     assert r.code == 2 and "divides the input features of no Linear layer" in r.err and not out.exists()
     r = run_cli("export", "--int4-weight-only", "--fp", "--model", "cifar_resnet20", "--random-weights", "--out", out)
     assert r.code == 2 and "exclude each other" in r.err and not out.exists()
+
+
+def test_the_same_model_exports_the_same_bytes_twice_in_one_process(tmp_path):
+    """torch.onnx writes each node's Python stack (absolute source paths, a per-process FX counter) into the
+    graph: a second export in one process gave other bytes, and a plan built from the first no longer
+    matched a re-export (review, 2026-11-30). The exporter drops it."""
+    _, q = random_r20_rtn()
+    a, b = export_qdq(q, tmp_path / "a.onnx"), export_qdq(q, tmp_path / "b.onnx")
+    assert a.read_bytes() == b.read_bytes()
+    keys = {p.key for n in onnx.load(a).graph.node for p in n.metadata_props}
+    assert "pkg.torch.onnx.stack_trace" not in keys and "pkg.torch.onnx.name_scopes" in keys

@@ -84,3 +84,29 @@ def test_sweep_models_names_what_it_takes(world):
         sweep_models(world["model"])
     (m,) = sweep_models(ModelOptions("cifar_resnet20", random_init=True))
     assert m.label == "cifar_resnet20"
+
+
+def test_a_result_folder_keeps_its_preprocessing_in_the_library(world, tmp_path):
+    """A review (2026-11-30) found `evaluate_data(quantized=..., model=ModelOptions(...))` evaluating a folder
+    made with mean 0.5 / std 0.25 under the zoo's ImageNet statistics (other top-1, other agreement, and an
+    export recording the wrong normalisation), where the CLI used the recorded ones."""
+    from mixq_onnx.quant.evaluate import evaluate_data
+    from mixq_onnx.quant.io import load_result
+
+    ck = tmp_path / "ck.pt"
+    torch.save(world["model"].state_dict(), ck)
+    made_with = load_model(ModelOptions("cifar_resnet20", str(ck), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)))
+    q = quantize(made_with, QuantConfig(wbits=8, abits=8, method="rtn", num_samples=8), str(world["cache"]),
+                 progress=False)
+    save_quantized(q, tmp_path / "q")
+    fp, _ = load_result(tmp_path / "q", ModelOptions("cifar_resnet20", str(ck)))  # unset: the recorded ones
+    assert get_preprocessing(fp) == get_preprocessing(made_with) != get_preprocessing(world["model"])
+    np.savez(tmp_path / "d.npz", x=world["x"], y=world["y"])
+    recorded = evaluate_data(tmp_path / "d.npz", quantized=tmp_path / "q")
+    given = evaluate_data(tmp_path / "d.npz", quantized=tmp_path / "q", model=ModelOptions("cifar_resnet20", str(ck)))
+    assert (given.top1, given.fp_top1, given.agreement) == (recorded.top1, recorded.fp_top1, recorded.agreement)
+    # another preprocessing, asked for or carried by a loaded model, is refused, not silently used
+    for other in (ModelOptions("cifar_resnet20", str(ck), mean=(0.4, 0.4, 0.4)),
+                  load_model(ModelOptions("cifar_resnet20", str(ck)))):
+        with pytest.raises(MixqError, match="does not match the model's preprocessing: it was made with mean"):
+            load_result(tmp_path / "q", other)

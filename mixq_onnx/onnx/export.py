@@ -169,6 +169,9 @@ def insert_qdq(model, qs: dict[str, Any]) -> dict[str, int]:
     return counts
 
 
+STACK_TRACE_KEY = "pkg.torch.onnx.stack_trace"
+
+
 def finalize_model(model, meta: dict[str, Any]) -> None:
     import onnx_ir as ir
     from onnx_ir.passes.common import RemoveUnusedNodesPass, RemoveUnusedOpsetsPass
@@ -182,6 +185,11 @@ def finalize_model(model, meta: dict[str, Any]) -> None:
     from .. import __version__
 
     model.producer_version = __version__
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        # torch.onnx's Python stack per node: absolute source paths and a per-process FX counter, so the same
+        # folder exported twice in one process gave different bytes (and a built plan's graph hash no longer
+        # matched a re-export). Nothing reads it; the module names (name_scopes, class_hierarchy) stay.
+        node.metadata_props.pop(STACK_TRACE_KEY, None)
     for k, v in meta.items():
         model.metadata_props[k] = v if isinstance(v, str) else json.dumps(v, sort_keys=True)
     del ir

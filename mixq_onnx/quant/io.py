@@ -15,6 +15,7 @@ import os
 import secrets
 import shutil
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -314,9 +315,11 @@ def _check_model_matches(model: nn.Module, meta: dict[str, Any], qdir: Path) -> 
     from ..models import model_source, same_spec
 
     src, rec = model_source(model), meta["model"]
-    if src is None or rec is None:
-        return  # a model built in Python, or a folder that records no source: nothing to compare
     where = qdir / QUANT_JSON
+    if rec is not None:
+        _check_preprocessing(model, rec, where)
+    if src is None or rec is None:
+        return  # a model built in Python, or a folder that records no source: nothing more to compare
     rfile, gfile = model_file(rec["spec"]), model_file(src.spec)
     files = rfile is not None and gfile is not None and rec["spec"].rpartition(":")[2] == src.spec.rpartition(":")[2]
     if not files and not same_spec(rec["spec"], src.spec):
@@ -333,6 +336,32 @@ def _check_model_matches(model: nn.Module, meta: dict[str, Any], qdir: Path) -> 
 
         raise MixqError(f"{where} does not match the model: it was made from {show(want, rec['checkpoint'])}, "
                         f"the model given has {show(have, src.checkpoint)}")
+
+
+def _recorded_preprocessing(rec: dict[str, Any], where: str | os.PathLike) -> Any:
+    from ..models import Preprocessing
+
+    try:
+        return Preprocessing.from_dict(rec["preprocessing"])
+    except MixqError as e:
+        raise MixqError(f"{where}: model {e}") from None
+    except (KeyError, TypeError, ValueError) as e:
+        raise MixqError(f"{where}: model preprocessing is not valid ({type(e).__name__}: {e})") from None
+
+
+def _check_preprocessing(model: nn.Module, rec: dict[str, Any], where: str | os.PathLike) -> None:
+    """The model must see its inputs as the result was calibrated on them: a quantized model evaluated,
+    exported or verified under another mean, std or input size reports numbers for a model nobody made."""
+    from ..models import get_preprocessing
+
+    want, have = _recorded_preprocessing(rec, where), get_preprocessing(model)
+    if want != have:
+        def show(p: Any) -> str:
+            return f"mean {list(p.mean)}, std {list(p.std)}, input size {list(p.input_size)}, {p.interpolation}"
+
+        raise MixqError(f"{where} does not match the model's preprocessing: it was made with {show(want)}, the "
+                        f"model given has {show(have)} (leave --mean/--std/--input-size out, or load the model "
+                        "with the recorded ones)")
 
 
 def load_quantized(model: nn.Module, qdir: str | os.PathLike) -> nn.Module:
@@ -437,7 +466,7 @@ def folder_model(qdir: str | os.PathLike, spec: str | None = None, checkpoint: s
     (`hf-hub:…`, fetched from the network) is used only with `trust_model_code`: a result folder can come
     from anyone, and reading it must never run code (or reach the network) the user did not choose. Zoo and
     timm names are always fine."""
-    from ..models import ModelOptions, Preprocessing, is_code_spec, is_hub_spec
+    from ..models import ModelOptions, is_code_spec, is_hub_spec
 
     qdir = Path(qdir)
     meta = read_quant_json(qdir)
@@ -472,12 +501,7 @@ def folder_model(qdir: str | os.PathLike, spec: str | None = None, checkpoint: s
             sha = src["checkpoint_sha256"]
             raise MixqError(f"checkpoint recorded in {where} is missing: {checkpoint}; pass --checkpoint FILE"
                             + (f" (the file with sha256 {sha[:12]}…)" if sha else ""))
-    try:
-        pre = Preprocessing.from_dict(src["preprocessing"])
-    except MixqError as e:
-        raise MixqError(f"{where}: model {e}") from None
-    except (KeyError, TypeError, ValueError) as e:
-        raise MixqError(f"{where}: model preprocessing is not valid ({type(e).__name__}: {e})") from None
+    pre = _recorded_preprocessing(src, where)
     return ModelOptions(spec, None if checkpoint is None else str(checkpoint), random_init,
                         pre.mean if mean is None else tuple(mean), pre.std if std is None else tuple(std),
                         pre.input_size if input_size is None else input_size)
@@ -502,12 +526,21 @@ def load_result(qdir: str | os.PathLike, model: Any = None, trust_model_code: bo
     """(float model, quantized model) of a result folder, as every command that reads one needs them.
 
     The float model is the caller's `model` (an nn.Module or `ModelOptions`; checked against the recorded
-    spec and checkpoint sha256 by `load_quantized`) or, without one, the recorded model (see
-    `load_source_model` for when recorded model code is imported)."""
+    spec, checkpoint sha256 and preprocessing by `load_quantized`) or, without one, the recorded model (see
+    `load_source_model` for when recorded model code is imported). A `ModelOptions` that leaves mean, std or
+    input size unset takes the recorded ones, as the CLI's --model does."""
     from ..models import ModelOptions, load_model
 
     if model is None:
         fp = load_source_model(qdir, trust_model_code)
+    elif isinstance(model, ModelOptions):
+        rec = read_quant_json(qdir)["model"]
+        if rec is not None:
+            pre = _recorded_preprocessing(rec, Path(qdir) / QUANT_JSON)
+            model = replace(model, mean=pre.mean if model.mean is None else model.mean,
+                            std=pre.std if model.std is None else model.std,
+                            input_size=pre.input_size if model.input_size is None else model.input_size)
+        fp = load_model(model)
     else:
-        fp = load_model(model) if isinstance(model, ModelOptions) else model
+        fp = model
     return fp, load_quantized(fp, qdir)
