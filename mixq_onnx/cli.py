@@ -221,7 +221,7 @@ def cache_ls(cache_root: str | None, as_json: bool) -> None:
     """List the caches under the cache root (unreadable ones with status `broken` and the reason)."""
     from .calib import list_caches
 
-    rows = [c.summary() for c in list_caches(Path(cache_root) if cache_root else None)]
+    rows = [c.summary() for c in list_caches(cache_root)]
     if as_json:
         _emit_json(rows)
         return
@@ -241,9 +241,9 @@ def cache_ls(cache_root: str | None, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the recipe and summary as JSON.")
 def cache_info(ref: str, cache_root: str | None, as_json: bool) -> None:
     """Show one cache's recipe and status (REF: path, hash or hash prefix)."""
-    from .calib import info, resolve_cache
+    from .calib import info
 
-    ci = info(resolve_cache(ref, Path(cache_root) if cache_root else None))
+    ci = info(ref, cache_root)
     out = {**ci.summary(), "recipe": ci.recipe}
     if as_json:
         _emit_json(out)
@@ -261,9 +261,9 @@ def cache_verify(ref: str, cache_root: str | None, as_json: bool) -> None:
     \b
     Exit codes: 0 intact; 1 a corrupt, missing or altered shard or manifest (each named); 2 bad input (no such
     cache)."""
-    from .calib import resolve_cache, verify
+    from .calib import verify
 
-    res = verify(resolve_cache(ref, Path(cache_root) if cache_root else None))
+    res = verify(ref, cache_root)
     if as_json:
         _emit_json({"path": str(res.path), "ok": res.ok, "images": res.num_images, "problems": res.problems})
     elif res.ok:
@@ -281,15 +281,9 @@ def cache_verify(ref: str, cache_root: str | None, as_json: bool) -> None:
 def cache_rm(refs: tuple[str, ...], cache_root: str | None) -> None:
     """Remove caches (REF: path, hash or hash prefix). Only a cache directly under the cache root whose
     folder name is its recipe hash is removed; every REF is checked before any is removed."""
-    from .calib import default_root, remove, resolve_cache
-    from .calib.cache import check_removable
+    from .calib import remove
 
-    root = Path(cache_root) if cache_root else None
-    paths = [resolve_cache(ref, root) for ref in refs]
-    for p in paths:
-        check_removable(p, root or default_root())
-    for p in paths:
-        remove(p, root)
+    for p in remove(refs, cache_root):
         click.echo(f"removed {p}")
 
 

@@ -110,3 +110,34 @@ def test_a_result_folder_keeps_its_preprocessing_in_the_library(world, tmp_path)
                   load_model(ModelOptions("cifar_resnet20", str(ck)))):
         with pytest.raises(MixqError, match="does not match the model's preprocessing: it was made with mean"):
             load_result(tmp_path / "q", other)
+
+
+def test_calib_library_checks_what_the_cli_checks_before_touching_the_disk(tmp_path):
+    """`seed=-1` used to fail after the cache folder existed (an 'incomplete' cache left behind), and a
+    misspelt option ('iter') ran silently with the default (review, 2026-11-30)."""
+    root = tmp_path / "root"
+    with pytest.raises(MixqError, match="--seed must be at least 0, got -1"):
+        make_calibration_cache(CalibConfig(generator="noise", num=2, size=8, seed=-1), root, progress=False)
+    with pytest.raises(MixqError, match=r"unknown calibration option\(s\) 'iter': --generator inversion reads iters"):
+        make_calibration_cache(CalibConfig(generator="inversion", num=2, model="cifar_resnet20", random_weights=True,
+                                           options={"iter": 1}), root, progress=False)
+    assert not root.exists()
+
+
+def test_cache_functions_take_paths_strings_and_hash_prefixes(world, tmp_path):
+    from mixq_onnx.calib import info, list_caches, remove, verify
+
+    cache = world["cache"]
+    root, prefix = str(cache.parent), cache.name[:6]
+    assert info(prefix, root).path == info(str(cache)).path == cache
+    assert verify(prefix, root).ok and verify(str(cache)).ok
+    assert [c.path for c in list_caches(root)] == [cache]
+    with pytest.raises(MixqError, match="no calibration cache"):
+        verify("0" * 16, root)
+    # one bad reference among several removes nothing
+    other = make_calibration_cache(CalibConfig(generator="noise", num=2, size=8, seed=5), tmp_path / "r",
+                                   progress=False, log=lambda _m: None)
+    with pytest.raises(MixqError, match="no calibration cache"):
+        remove([other.name[:6], "f" * 16], tmp_path / "r")
+    assert other.is_dir()
+    assert remove([other.name[:6]], tmp_path / "r") == [other] and not other.exists()

@@ -20,7 +20,7 @@ import re
 import shutil
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -245,8 +245,9 @@ def is_cache_dir(path: Path) -> bool:
     return (path / RECIPE).is_file() or (path / MANIFEST).is_file()
 
 
-def resolve_cache(ref: str | os.PathLike, root: Path | None = None) -> Path:
-    """A cache directory given as a path, a hash, or a unique hash prefix under `root`.
+def resolve_cache(ref: str | os.PathLike, root: str | os.PathLike | None = None) -> Path:
+    """A cache directory given as a path, a hash, or a unique hash prefix under `root` (default: the cache
+    root). Every public function here takes such a reference, as the `cache` commands do.
 
     An empty reference is an error: as a prefix it would match every cache under the root.
     """
@@ -255,7 +256,7 @@ def resolve_cache(ref: str | os.PathLike, root: Path | None = None) -> Path:
     p = Path(ref)
     if p.is_dir() and is_cache_dir(p):
         return p
-    root = root or default_root()
+    root = Path(root) if root is not None else default_root()
     if root.is_dir():
         hits = [d for d in root.iterdir() if d.is_dir() and d.name.startswith(str(ref)) and is_cache_dir(d)]
         if len(hits) == 1:
@@ -275,8 +276,10 @@ def _shard_bytes(path: Path) -> int:
     return total
 
 
-def info(path: Path) -> CacheInfo:
-    """Status of one cache; CorruptCacheError (one line) when its manifest or recipe is unreadable."""
+def info(ref: str | os.PathLike, root: str | os.PathLike | None = None) -> CacheInfo:
+    """Status of one cache (a path, hash or hash prefix under `root`); CorruptCacheError (one line) when its
+    manifest or recipe is unreadable."""
+    path = resolve_cache(ref, root)
     if (path / MANIFEST).is_file():
         m = load_manifest(path)
         n = len(m["shards"])
@@ -294,10 +297,10 @@ def info(path: Path) -> CacheInfo:
     return CacheInfo(path, False, recipe, done * ss if done < total else num, done, total, _shard_bytes(path))
 
 
-def list_caches(root: Path | None = None) -> list[CacheInfo]:
+def list_caches(root: str | os.PathLike | None = None) -> list[CacheInfo]:
     """Every cache under `root`, unreadable ones included with status `broken` (hiding them would
     leave the user no way to see why a cache vanished)."""
-    root = root or default_root()
+    root = Path(root) if root is not None else default_root()
     if not root.is_dir():
         return []
     out = []
@@ -362,9 +365,11 @@ def _index_problem(indices: list[int], recipe: dict[str, Any], expected: int) ->
     return None
 
 
-def verify(path: Path) -> VerifyResult:
-    """Re-hash every shard against the manifest; check counts, that image indices are exactly 0..N-1,
-    and that the manifest's image records are the shards' own records."""
+def verify(ref: str | os.PathLike, root: str | os.PathLike | None = None) -> VerifyResult:
+    """Re-hash every shard of a cache (a path, hash or hash prefix under `root`) against the manifest; check
+    counts, that image indices are exactly 0..N-1, and that the manifest's image records are the shards' own
+    records. A missing cache is bad input (MixqError); a damaged one a failed result."""
+    path = resolve_cache(ref, root)
     try:
         m = load_manifest(path)
     except CorruptCacheError as e:  # an unreadable manifest is a failed verification, not bad input
@@ -458,17 +463,28 @@ def check_removable(path: str | os.PathLike, root: Path) -> None:
         raise _refuse(path, "its name is not the hash of its recipe, so it is not a cache this tool made")
 
 
-def remove(path: str | os.PathLike, root: Path | None = None) -> None:
-    """Delete one cache under `root` (default: the cache root), after `check_removable`; fails with
-    CacheLockedError while another process writes it."""
+def remove(refs: str | os.PathLike | Iterable[str | os.PathLike], root: str | os.PathLike | None = None
+           ) -> list[Path]:
+    """Delete caches under `root` (default: the cache root), each a path, hash or hash prefix; returns their
+    paths. Every one is resolved and passes `check_removable` before any is deleted, so one typo among
+    several removes nothing. Fails with CacheLockedError while another process writes one."""
     root = Path(root) if root is not None else default_root()
-    check_removable(path, root)
-    path = Path(path)
-    with cache_lock(path, wait=False, busy_hint="wait for it to finish, then run `cache rm` again"):
-        tomb = path.with_name(f".{path.name}.removing.{os.getpid()}.{int(time.time())}")
-        os.replace(path, tomb)
-    shutil.rmtree(tomb, ignore_errors=True)
+    refs = [refs] if isinstance(refs, (str, os.PathLike)) else list(refs)
+    if not refs:
+        raise MixqError("no cache to remove: give a cache path, hash or hash prefix")
+    for ref in refs:  # an empty reference is refused before it could resolve to anything
+        if not os.fspath(ref).strip():
+            raise _refuse(Path(), "empty cache reference")
+    paths = [resolve_cache(ref, root) for ref in refs]
+    for path in paths:
+        check_removable(path, root)
+    for path in paths:
+        with cache_lock(path, wait=False, busy_hint="wait for it to finish, then run `cache rm` again"):
+            tomb = path.with_name(f".{path.name}.removing.{os.getpid()}.{int(time.time())}")
+            os.replace(path, tomb)
+        shutil.rmtree(tomb, ignore_errors=True)
     sweep_tombs(root)
+    return paths
 
 
 _TOMB = re.compile(r"\.[0-9a-f]{16}\.removing\.(\d+)\.\d+")

@@ -212,6 +212,12 @@ def make_calibration_cache(
     if cfg.generator not in GENERATORS:
         raise MixqError(f"unknown generator {cfg.generator!r}: choose one of {', '.join(sorted(GENERATORS))}")
     gen_cls = GENERATORS[cfg.generator]
+    unknown = sorted(set(cfg.options) - {k for g in GENERATORS.values() for k in g.option_names})
+    if unknown:
+        raise MixqError(f"unknown calibration option(s) {', '.join(map(repr, unknown))}: --generator "
+                        f"{cfg.generator} reads {', '.join(gen_cls.option_names) or 'none'}")
+    if cfg.seed < 0:
+        raise MixqError(f"--seed must be at least 0, got {cfg.seed}")
     if cfg.options.get("skip_bad_images") and cfg.generator != "real":
         raise MixqError("--skip-bad-images only applies to --generator real")
     if not 1 <= cfg.num <= MAX_NUM:

@@ -44,6 +44,8 @@ class Generator(ABC):
     name: ClassVar[str]
     uses_prompts: ClassVar[bool] = False  # True: each image follows an ImagePlan's classes/prompt
     needs_model: ClassVar[bool] = False
+    #: the `CalibConfig.options` keys this generator reads; a key no generator reads is refused (a typo)
+    option_names: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, ctx: GenContext):
         self.ctx = ctx

@@ -108,6 +108,7 @@ class DiffusionGenerator(Generator):
     """Text-to-image diffusion; prompts come from the ImagePlans (mixup / single / mixup-embed)."""
 
     name = "diffusion"
+    option_names = tuple(DEFAULTS)
     uses_prompts = True
 
     def __init__(self, ctx):

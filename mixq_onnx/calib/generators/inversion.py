@@ -177,6 +177,7 @@ class InversionGenerator(Generator):
     """Genie-D style synthesis: latents + generator optimised to match the model's BN statistics."""
 
     name = "inversion"
+    option_names = tuple(DEFAULTS)
     uses_prompts = True
     needs_model = True
 

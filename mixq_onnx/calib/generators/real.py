@@ -85,6 +85,7 @@ class RealGenerator(Generator):
     that order, so `quantize --num-samples N` takes a random N as well), resized to `--size` if needed."""
 
     name = "real"
+    option_names = ("source", "skip_bad_images")
 
     @classmethod
     def default_size(cls, model: nn.Module | None, options: dict[str, Any]) -> int:
