@@ -29,7 +29,7 @@ from .cli_qat import register as _register_qat
 from .cli_trt import register as _register_trt
 from .errors import MixqError
 from .methods import METHODS, PRESETS
-from .registry import FILTERS, GENERATOR_MODULES, PROMPT_STRATEGIES
+from .registry import FILTERS, GENERATOR_MODULES, LOSSES, PROMPT_STRATEGIES
 
 
 def _floats(ctx, param, value: str | None) -> tuple[float, ...] | None:
@@ -398,7 +398,7 @@ def quantize(**o: Any) -> None:
 
     cfg = QuantConfig(
         wbits=o["wbits"], abits=o["abits"], method=o["method"], symmetric=o["symmetric"],
-        first_last_bits=o["first_last_bits"] or None, preset=o["preset"], iters=o["iters"],
+        first_last_bits=o["first_last_bits"], preset=o["preset"], iters=o["iters"],
         num_samples=o["num_samples"], batch_size=o["batch_size"], seed=o["seed"],
         block_size=int(o["block_size"]) if o["block_size"] else None, share_quantizers=o["share_quantizers"],
         integer_pools=o["integer_pools"], float_layers=o["float_layers"] or (),
@@ -516,7 +516,7 @@ def eval_cmd(**o: Any) -> None:
               help="2:2 pairs sums of adjacent sorted weights (half the terms).")
 @click.option("--satnl", is_flag=True, help="Train w = alpha*tanh(v/alpha) (one alpha per layer).")
 @click.option("--fixed-alpha", is_flag=True, help="SatNL: keep alpha at the initial max |w| instead of learning it.")
-@click.option("--loss", type=click.Choice(["auto", "ce", "kd"]), default="auto", show_default=True,
+@click.option("--loss", type=click.Choice(LOSSES), default="auto", show_default=True,
               help="auto: KD on a cache, CE on labelled data; ce needs labels.")
 @click.option("--kd-weight", type=FINITE, default=None, help="KD weight next to CE on labelled data [default: 0].")
 @click.option("--sam", type=click.Choice(["asam"]), default=None, help="Adaptive sharpness-aware minimisation.")
@@ -542,19 +542,18 @@ def robustify(**o: Any) -> None:
     from .quant.evaluate import evaluate_data
     from .robust import RobustConfig, check_writable, save_checkpoint
     from .robust import robustify as run_robustify
-    from .training import kd_weight_for, load_training_data
+    from .training import load_training_data
     from .utils import resolve_device
 
     cfg = RobustConfig(symreg=o["beta"], pairing=o["symreg_pairing"], satnl=o["satnl"],
                        learn_alpha=not o["fixed_alpha"], sam=o["sam"], rho=o["rho"], epochs=o["epochs"],
                        lr=o["lr"], batch_size=o["batch_size"], seed=o["seed"], augment=o["augment"],
-                       kd_weight=o["kd_weight"] if o["kd_weight"] is not None else 0.0).validate()
+                       kd_weight=o["kd_weight"] if o["kd_weight"] is not None else 0.0, loss=o["loss"]).validate()
     out = check_writable(o["out"], inputs=(o["checkpoint"],))
     dev = resolve_device(o["device"])
     model = _load_user_model(o)
     notes: list[str] = []
     data = load_training_data(o["data_src"], model, cache_root=o["cache_root"], limit=o["limit"], log=notes.append)
-    cfg.kd_weight = kd_weight_for(data, o["loss"], cfg.kd_weight)
     _echo_notes(notes, o["quiet"])
     eval_notes: list[str] = []
     before = evaluate_data(o["eval_data"], model=model, log=eval_notes.append).top1 if o["eval_data"] else None
@@ -562,8 +561,8 @@ def robustify(**o: Any) -> None:
     model, rep = run_robustify(model.to(dev), cfg, data, progress=not o["quiet"])
     model = model.cpu()
     after = evaluate_data(o["eval_data"], model=model).top1 if o["eval_data"] else None
-    save_checkpoint(model, out, {"recipe": {**cfg.__dict__, "model": o["model"], "checkpoint": o["checkpoint"],
-                                            "data": data.source, "loss": o["loss"]},
+    save_checkpoint(model, out, {"recipe": {**cfg.__dict__, "kd_weight": rep["kd_weight"], "model": o["model"],
+                                            "checkpoint": o["checkpoint"], "data": data.source},
                                  "report": rep, "fp_top1_before": before, "fp_top1_after": after})
     if before is not None:
         click.echo(f"FP top-1 {before:.2f} % -> {after:.2f} %", err=True)
@@ -617,7 +616,7 @@ def sweep(**o: Any) -> None:
     cfg = SweepConfig(bits=o["bits"], methods=tuple(o["methods"]), seeds=seeds,
                       preset=o["preset"], iters=o["iters"], num_samples=o["num_samples"],
                       batch_size=o["batch_size"], symmetric=o["symmetric"],
-                      first_last_bits=o["first_last_bits"] or None, limit=o["limit"]).validate()
+                      first_last_bits=o["first_last_bits"], limit=o["limit"]).validate()
     check_sweep_dir(o["out"])
     models = sweep_models(_model_options(o), o["compare"], o["label"])
     doc = run_sweep(models, cfg, o["calib_ref"], o["data"], o["out"], cache_root=o["cache_root"],

@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from .cli_common import CONTEXT, FINITE, POSITIVE, augment_option, compute_command
-from .errors import MixqError
+from .registry import LOSSES
 
 #: The model flags, taken from `robustify` so both commands spell and document them the same way.
 MODEL_PARAMS = ("model", "checkpoint", "random_weights", "mean", "std", "input_size")
@@ -74,7 +74,7 @@ def register(cli: click.Group) -> None:
                        "range at the budget's bits (per channel for weights).")
     @click.option("--init-bits", type=FINITE, default=8.0, show_default=True,
                   help="nipq: the bit-width every learned quantizer starts the noise phase at, in [2, 14).")
-    @click.option("--loss", type=click.Choice(["auto", "ce", "kd"]), default="auto", show_default=True,
+    @click.option("--loss", type=click.Choice(LOSSES), default="auto", show_default=True,
                   help="auto: KD on a cache, CE on labelled data; ce needs labels; kd on labelled data adds KD "
                        "(--kd-weight 1 unless given).")
     @click.option("--kd-weight", type=FINITE, default=None, help="KD weight next to CE on labelled data [default: 0].")
@@ -125,24 +125,20 @@ def register(cli: click.Group) -> None:
         from .qat import QATConfig, save_qat, summary
         from .qat import train as run_qat
         from .quant.io import check_output_dir
-        from .training import kd_weight_for, load_training_data
+        from .training import load_training_data
         from .utils import resolve_device
 
-        lsq = o["method"] == "lsq"
-        if not lsq and (o["wbits"] is not None or o["abits"] is not None):
-            raise MixqError("--wbits/--abits fix the bits of --method lsq; nipq learns them (use --target-bits)")
-        kd_weight = o["kd_weight"] if o["kd_weight"] is not None else 0.0
         cfg = QATConfig(method=o["method"], target_bits=o["target_bits"], target_gbops=o["target_gbops"],
-                        wbits=4 if o["wbits"] is None else o["wbits"],
-                        abits=4 if o["abits"] is None else o["abits"], max_bits=o["max_bits"],
-                        first_last_bits=o["first_last_bits"] or None, noise=o["noise"], epochs=o["epochs"],
+                        wbits=o["wbits"], abits=o["abits"], max_bits=o["max_bits"],
+                        first_last_bits=o["first_last_bits"], noise=o["noise"], epochs=o["epochs"],
                         final_epochs=o["final_epochs"], lr=o["lr"], qlr=o["qlr"], step_lr=o["step_lr"], final_lr=o["final_lr"],
                         max_update=o["max_update"], batch_size=o["batch_size"], seed=o["seed"],
-                        kd_weight=kd_weight, budget_weight=o["budget_weight"],
+                        kd_weight=o["kd_weight"] if o["kd_weight"] is not None else 0.0, loss=o["loss"],
+                        budget_weight=o["budget_weight"],
                         budget_rate=o["budget_rate"], range_init=o["range_init"], augment=o["augment"],
                         init_bits=o["init_bits"], schedule=o["schedule"],
                         train_biases=o["train_biases"])
-        cfg.validate()  # bad options fail before the model loads
+        cfg = cfg.validate()  # bad options fail before the model loads
         dev = resolve_device(o["device"])
         out = check_output_dir(o["out"], o["overwrite"])
         model = load_model(ModelOptions(o["model"], o["checkpoint"], o["random_weights"], o["mean"], o["std"],
@@ -150,7 +146,6 @@ def register(cli: click.Group) -> None:
         notes: list[str] = []  # data:/preprocessing: lines (report_data)
         data = load_training_data(o["data_src"], model, cache_root=o["cache_root"], limit=o["limit"],
                                   log=notes.append)
-        cfg.kd_weight = kd_weight_for(data, o["loss"], cfg.kd_weight)
         for line in notes:  # resize warnings before the long run; the rest after it, as training's budget
             if line.startswith("warning:"):  # checks can still refuse the run with a one-line error
                 click.echo(line, err=True)

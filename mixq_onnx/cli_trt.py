@@ -161,8 +161,6 @@ def register(cli: click.Group) -> None:
         """Latency p50/p99 and throughput: QDQ engine vs FP16 engine vs onnxruntime (NVIDIA GPU only)."""
         from .trt.runtime import bench as run_bench
 
-        if iters < 1 or warmup < 0:
-            raise MixqError("--iters must be >= 1 and --warmup >= 0")
         rep = run_bench(plan, fp_onnx, batch, iters, warmup, ort_onnx, backend)
         if as_json:
             emit_json(rep.to_dict())

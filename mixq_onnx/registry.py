@@ -175,6 +175,13 @@ register_prompt_strategy(PromptStrategy(
 
 #: Training-image augmentations of the shared training loop (`mixq_onnx.training.augment_batch`).
 AUGMENTS = ("none", "flip-crop")
+LOSSES = ("auto", "ce", "kd")  # a training stage's --loss: auto = KD on a cache, CE on labels (`kd_weight_for`)
+
+
+def check_loss(loss: str) -> None:
+    """The one-line error every training config (QATConfig, RobustConfig) gives a bad loss."""
+    if loss not in LOSSES:
+        raise MixqError(f"--loss must be one of {', '.join(LOSSES)}, got {loss!r}")
 
 
 def check_augment(augment: str) -> None:

@@ -76,6 +76,9 @@ class SweepConfig:
             parse_bits(b)
         for m in self.methods:
             METHODS.lookup(m)
+        if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in self.seeds):
+            raise MixqError(f"seeds must be integers of at least 0, got {', '.join(map(repr, self.seeds))}")
+        self.first_last_bits = self.first_last_bits or None  # 0, as the CLI's --first-last-bits 0: as the rest
         for name, seq in (("bit-width", self.bits), ("method", self.methods), ("seed", self.seeds)):
             if len(set(seq)) != len(seq):
                 raise MixqError(f"a {name} is listed twice: {', '.join(map(str, seq))}")

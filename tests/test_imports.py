@@ -46,6 +46,32 @@ def test_no_private_names_cross_modules():
     assert not bad, bad
 
 
+def test_no_private_attributes_of_other_modules():
+    """`from . import cache as C` then `C._x` is the same reach into another module's privates as importing
+    `_x` by name; the test above cannot see it."""
+    mods = {_modname(f) for f in PKG.rglob("*.py")}
+    bad = []
+    for f in sorted(PKG.rglob("*.py")):
+        mod, is_pkg = _modname(f), f.name == "__init__.py"
+        tree = ast.parse(f.read_text())
+        aliases: dict[str, str] = {}  # local name -> the project module it is bound to
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                target = _resolve(mod, is_pkg, node)
+                for a in node.names:
+                    if f"{target}.{a.name}" in mods:
+                        aliases[a.asname or a.name] = f"{target}.{a.name}"
+            elif isinstance(node, ast.Import):
+                for a in node.names:
+                    if a.name in mods and a.asname:
+                        aliases[a.asname] = a.name
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases \
+                    and node.attr.startswith("_") and not node.attr.startswith("__") and aliases[node.value.id] != mod:
+                bad.append(f"{mod}:{node.lineno} reads {aliases[node.value.id]}.{node.attr}")
+    assert not bad, bad
+
+
 def test_module_level_imports_have_no_cycle():
     graph: dict[str, set[str]] = {}
     mods = {_modname(f) for f in PKG.rglob("*.py")}

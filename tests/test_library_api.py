@@ -141,3 +141,60 @@ def test_cache_functions_take_paths_strings_and_hash_prefixes(world, tmp_path):
         remove([other.name[:6], "f" * 16], tmp_path / "r")
     assert other.is_dir()
     assert remove([other.name[:6]], tmp_path / "r") == [other] and not other.exists()
+
+
+def test_quantize_checks_a_calibration_set_as_it_checks_a_cache_path(world, tmp_path):
+    """An 8x8 cache for a 64-pixel model was refused through a path and taken through a CalibrationSet; a set
+    made for another model's preprocessing was taken too (review, 2026-11-30)."""
+    from mixq_onnx.calib import CalibrationSet
+
+    small = make_calibration_cache(CalibConfig(generator="noise", num=4, size=8), tmp_path / "c", progress=False,
+                                   log=lambda _m: None)
+    big = load_model("cifar_resnet20", random_init=True, input_size=64)
+    cfg = QuantConfig(wbits=8, abits=8, method="rtn")
+    for calib in (str(small), CalibrationSet(small, big)):
+        with pytest.raises(MixqError, match="more than 4x upscaling"):
+            quantize(big, cfg, calib, progress=False)
+    with pytest.raises(MixqError, match="preprocesses for another model"):
+        quantize(world["model"], cfg, CalibrationSet(world["cache"], big), progress=False)
+    assert quantize(world["model"], cfg, CalibrationSet(world["cache"], world["model"]), progress=False) is not None
+
+
+def test_library_configs_refuse_what_the_cli_refuses(world):
+    from mixq_onnx.qat import QATConfig
+    from mixq_onnx.robust import RobustConfig
+    from mixq_onnx.training import load_training_data
+
+    with pytest.raises(MixqError, match="nipq learns them"):
+        QATConfig(method="nipq", target_bits=4, wbits=2).validate()
+    assert (QATConfig(method="lsq").validate().wbits, QATConfig(method="lsq", abits=3).validate().abits) == (4, 3)
+    for cfg in (QATConfig(method="lsq", loss="kl"), RobustConfig(loss="kl")):
+        with pytest.raises(MixqError, match="--loss must be one of auto, ce, kd"):
+            cfg.validate()
+    # 0 means "as the rest" in every config, as --first-last-bits 0 does
+    assert QuantConfig(first_last_bits=0).validate().first_last_bits is None
+    assert QATConfig(method="lsq", first_last_bits=0).validate().first_last_bits is None
+    assert SweepConfig(first_last_bits=0).validate().first_last_bits is None
+    with pytest.raises(MixqError, match="seeds must be integers"):
+        SweepConfig(seeds=("0", "x")).validate()
+    # the loss is the library's: ce on a cache is refused by qat.train itself, before any training
+    from mixq_onnx.qat import train
+
+    data = load_training_data(str(world["cache"]), world["model"])
+    with pytest.raises(MixqError, match="--loss ce needs labels"):
+        train(world["model"], QATConfig(method="lsq", loss="ce", epochs=1), data, progress=False)
+
+
+def test_save_checkpoint_never_overwrites_the_checkpoint_the_model_came_from(world, tmp_path):
+    from safetensors.torch import save_file
+
+    from mixq_onnx.robust import save_checkpoint
+
+    ck = tmp_path / "ck.safetensors"
+    save_file({k: v.contiguous() for k, v in world["model"].state_dict().items()}, ck)
+    before = ck.read_bytes()
+    model = load_model(ModelOptions("cifar_resnet20", str(ck)))
+    with pytest.raises(MixqError, match="would overwrite the input"):
+        save_checkpoint(model, ck, {})
+    assert ck.read_bytes() == before
+    assert save_checkpoint(model, tmp_path / "new.safetensors", {}).is_file()

@@ -11,7 +11,7 @@ from .cache import (
     verify,
 )
 from .classes import ClassVocab, load_classes
-from .dataset import CalibrationSet, load_calibration
+from .dataset import CalibrationSet, check_calibration, load_calibration
 from .prompts import ImagePlan, PromptConfig, plan_images
 from .run import CalibConfig, make_calibration_cache
 
@@ -20,6 +20,7 @@ __all__ = [
     "CacheInfo",
     "CalibConfig",
     "CalibrationSet",
+    "check_calibration",
     "ClassVocab",
     "ImagePlan",
     "PromptConfig",

@@ -69,7 +69,13 @@ def load_calibration(ref: str | os.PathLike, model: nn.Module, cache_root: str |
                      ) -> CalibrationSet:
     """A cache (path, hash or hash prefix under `cache_root`) checked against `model`: images present, channel
     count, and no more than 4x upscaling to the model's input. One-line `MixqError`s for every failure."""
-    ds = CalibrationSet(ref, model, Path(cache_root) if cache_root else None)
+    return check_calibration(CalibrationSet(ref, model, Path(cache_root) if cache_root else None))
+
+
+def check_calibration(ds: CalibrationSet) -> CalibrationSet:
+    """`load_calibration`'s checks of a set against the preprocessing it was made for (images present, channel
+    count, at most 4x upscaling); `quantize` applies them to a `CalibrationSet` it is handed too. A
+    `CalibrationSet` itself may upscale further (as a Dataset it serves any model)."""
     if len(ds) == 0:
         raise MixqError(f"calibration cache {ds.path} holds no images")
     pre = ds.preprocessing

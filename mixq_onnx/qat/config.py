@@ -3,11 +3,11 @@ options with it before the model loads."""
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from ..errors import MixqError
-from ..registry import check_augment
+from ..registry import check_augment, check_loss
 
 QAT_METHODS = ("nipq", "lsq")
 NOISES = ("hist", "uniform")
@@ -28,10 +28,10 @@ class QATConfig:
     method: str = "nipq"
     target_bits: float | None = None  # average bits, of the weights and of the activations (each)
     target_gbops: float | None = None  # sum over Conv/Linear of MACs * b_w * b_a, in 1e9
-    wbits: int = 4  # lsq only
-    abits: int = 4  # lsq only
+    wbits: int | None = None  # lsq only [default: 4]; nipq learns the bits and refuses them
+    abits: int | None = None  # lsq only [default: 4]
     max_bits: int = 8  # deployment cap of a learned bit-width; 16: a layer that learns more than 8 stays float
-    first_last_bits: int | None = 8  # None: the first and last layer learn their bits like the rest
+    first_last_bits: int | None = 8  # None (or 0, as the CLI's --first-last-bits 0): learned like the rest
     noise: str = "hist"  # nipq: "hist" (measured rounding-error histogram) or "uniform" U(-0.5, 0.5)
     epochs: int = 10  # nipq: noise phase; lsq: first phase (same schedule)
     final_epochs: int = 2  # hard quantization with frozen bits (STE), both methods
@@ -49,6 +49,7 @@ class QATConfig:
     batch_size: int = 128
     seed: int = 0
     kd_weight: float = 0.0  # labelled data: weight of KD from the FP model next to CE (cache: KD only)
+    loss: str = "auto"  # auto: KD on a cache, CE on labels; ce needs labels; kd on labels: CE + KD (weight 1 if 0)
     temperature: float = 4.0
     augment: str = "none"  # "flip-crop": random mirror and shift of each training image (the shared loop's)
     budget_weight: float = 1.0  # weight of the budget penalty (nipq)
@@ -57,12 +58,17 @@ class QATConfig:
     init_bits: float = 8.0  # nipq: starting bit-width of the learned quantizers
     tolerance: float = 0.05  # rounding to the budget: average bits within this (GBOPs: this fraction)
 
+    def __post_init__(self) -> None:
+        if self.first_last_bits == 0:
+            self.first_last_bits = None
+
     @property
     def bits_cap(self) -> int:
         """The widest frozen bit-width: `max_bits`, or NIPQ's 14 under `--max-bits 16` (more than 8: float)."""
         return min(self.max_bits, TRAIN_MAX_BITS)
 
     def validate(self) -> QATConfig:
+        """The config to train with (lsq's unset bits filled in), or a one-line MixqError."""
         if self.method not in QAT_METHODS:
             raise MixqError(f"unknown QAT method {self.method!r}: choose one of {', '.join(QAT_METHODS)}")
         if self.range_init not in RANGE_INITS:
@@ -74,13 +80,14 @@ class QATConfig:
         if self.epochs < 1:
             raise MixqError(f"--epochs must be at least 1, got {self.epochs}")
         check_augment(self.augment)
+        check_loss(self.loss)
         if self.final_epochs < 0:
             raise MixqError(f"--final-epochs must be at least 0, got {self.final_epochs}")
         if not (2 <= self.max_bits <= 8 or self.max_bits == FLOAT_BITS):
             raise MixqError(f"--max-bits must be between 2 and 8, or {FLOAT_BITS} (a layer that learns more than 8 "
                             f"bits stays float), got {self.max_bits}")
         if self.first_last_bits is not None and not 2 <= self.first_last_bits <= 8:
-            raise MixqError(f"--first-last-bits must be between 2 and 8 (0: learned), got {self.first_last_bits}")
+            raise MixqError(f"--first-last-bits must be between 2 and 8 (0 or None: learned), got {self.first_last_bits}")
         for opt, v in (("--lr", self.lr), ("--qlr", self.qlr), ("--step-lr", self.step_lr),
                        ("--final-lr", self.final_lr),
                        ("the temperature", self.temperature)):
@@ -96,10 +103,14 @@ class QATConfig:
             if self.target_bits is not None or self.target_gbops is not None:
                 raise MixqError("--target-bits/--target-gbops are budgets of --method nipq; lsq trains fixed "
                                 "--wbits/--abits")
-            for opt, v in (("--wbits", self.wbits), ("--abits", self.abits)):
+            done = replace(self, wbits=4 if self.wbits is None else self.wbits,
+                           abits=4 if self.abits is None else self.abits)
+            for opt, v in (("--wbits", done.wbits), ("--abits", done.abits)):
                 if not 2 <= v <= 8:
                     raise MixqError(f"{opt} must be between 2 and 8, got {v}")
-            return self
+            return done
+        if self.wbits is not None or self.abits is not None:
+            raise MixqError("--wbits/--abits fix the bits of --method lsq; nipq learns them (use --target-bits)")
         if self.target_bits is not None and self.target_gbops is not None:
             raise MixqError("give one budget: --target-bits or --target-gbops, not both")
         if self.target_bits is None and self.target_gbops is None:

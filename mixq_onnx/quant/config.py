@@ -79,7 +79,8 @@ class QuantConfig:
         if unknown:
             raise TypeError(f"QuantConfig() got an unexpected keyword argument {unknown[0]!r}")
         self.wbits, self.abits, self.method, self.symmetric = wbits, abits, method, symmetric
-        self.first_last_bits, self.preset, self.batch_size, self.num_samples = first_last_bits, preset, batch_size, num_samples
+        self.first_last_bits = first_last_bits or None  # 0 (the CLI's --first-last-bits 0) means None
+        self.preset, self.batch_size, self.num_samples = preset, batch_size, num_samples
         self.p_norm, self.scale_grid, self.block_size, self.holdout, self.seed = p_norm, scale_grid, block_size, holdout, seed
         self.share_quantizers, self.integer_pools = share_quantizers, integer_pools
         self.float_layers = (float_layers,) if isinstance(float_layers, str) else tuple(float_layers)
@@ -94,7 +95,7 @@ class QuantConfig:
         if not (2 <= self.abits <= 8 or self.abits == 16):
             raise MixqError(f"--abits must be between 2 and 8 (or 16 for weight-only), got {self.abits}")
         if self.first_last_bits is not None and not 2 <= self.first_last_bits <= 8:
-            raise MixqError(f"--first-last-bits must be between 2 and 8, got {self.first_last_bits}")
+            raise MixqError(f"--first-last-bits must be between 2 and 8 (0 or None: as the rest), got {self.first_last_bits}")
         if self.block_size is not None:
             if self.block_size not in BLOCK_SIZES:
                 raise MixqError(f"--block-size must be one of {', '.join(map(str, BLOCK_SIZES))}, got {self.block_size}")

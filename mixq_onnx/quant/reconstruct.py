@@ -308,6 +308,15 @@ def quantize(model: nn.Module, cfg: QuantConfig, calib: Any, *, progress: bool =
     elif not isinstance(calib, torch.Tensor) and not hasattr(calib, "provenance"):
         raise MixqError(f"quantize: calib must be a preprocessed float tensor, a CalibrationSet or a cache path, "
                         f"got {type(calib).__name__}")
+    elif not isinstance(calib, torch.Tensor):  # a CalibrationSet: the checks a cache path gets
+        from ..calib import check_calibration
+        from ..models import get_preprocessing
+
+        if calib.preprocessing != get_preprocessing(model):
+            raise MixqError(f"quantize: the CalibrationSet of {calib.path} preprocesses for another model "
+                            f"({calib.preprocessing}) than the one given ({get_preprocessing(model)}): build it "
+                            "with CalibrationSet(cache, model)")
+        check_calibration(calib)
     elif isinstance(calib, torch.Tensor) and not calib.is_floating_point():
         raise MixqError(f"quantize: calib is {calib.dtype}; it takes preprocessed float inputs (the model's own "
                         "preprocessing applied), or a CalibrationSet, which applies it")

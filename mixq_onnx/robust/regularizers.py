@@ -26,7 +26,7 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from ..errors import MixqError
-from ..registry import check_augment
+from ..registry import check_augment, check_loss
 
 PAIRINGS = ("1:1", "2:2")
 ALPHA_MARGIN = 1.001
@@ -47,6 +47,7 @@ class RobustConfig:
     batch_size: int = 128
     seed: int = 0
     kd_weight: float = 0.0  # labelled data: KD next to CE (a calibration cache always trains by KD)
+    loss: str = "auto"  # auto: KD on a cache, CE on labels; ce needs labels; kd on labels: CE + KD (weight 1 if 0)
     augment: str = "none"  # "flip-crop": random mirror and shift of each training image (the shared loop's)
 
     def validate(self) -> RobustConfig:
@@ -61,6 +62,7 @@ class RobustConfig:
         if not (self.lr > 0 and self.rho > 0 and self.batch_size >= 1):
             raise MixqError("--lr and --rho must be positive and --batch-size at least 1")
         check_augment(self.augment)
+        check_loss(self.loss)
         return self
 
 

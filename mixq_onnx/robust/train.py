@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch.nn as nn
 
 from ..errors import MixqError
-from ..training import TrainConfig, TrainData, default_teacher, train
+from ..training import TrainConfig, TrainData, default_teacher, kd_weight_for, train
 from ..utils import atomic_write_bytes, atomic_write_json, check_output_file, make_parent, sha256_bytes
 from .regularizers import RobustConfig, apply_satnl, remove_satnl, symreg_loss
 
@@ -17,8 +18,9 @@ def robustify(model: nn.Module, cfg: RobustConfig, data: TrainData, *, teacher: 
               progress: bool = True) -> tuple[nn.Module, dict[str, Any]]:
     """Train `model` in place and return it as a plain float model (SatNL folded into its weights) with a
     report: per-epoch loss terms and, with SatNL, the learned alphas. The KD teacher defaults to a frozen
-    copy of the model as given (the original checkpoint)."""
-    cfg.validate()
+    copy of the model as given (the original checkpoint). `cfg.loss` decides the KD weight (`kd_weight_for`);
+    the report records the one trained with."""
+    cfg = replace(cfg.validate(), kd_weight=kd_weight_for(data, cfg.loss, cfg.kd_weight))
     if teacher is None:
         teacher = default_teacher(model, data, cfg.kd_weight)
     sats = apply_satnl(model, cfg.learn_alpha) if cfg.satnl else []
@@ -33,7 +35,7 @@ def robustify(model: nn.Module, cfg: RobustConfig, data: TrainData, *, teacher: 
     finally:
         alphas = [round(float(s.alpha.detach().abs()), 6) for s in sats]
         remove_satnl(model)
-    return model, {"train": hist, "satnl_alphas": alphas, "data": data.source,
+    return model, {"train": hist, "satnl_alphas": alphas, "data": data.source, "kd_weight": cfg.kd_weight,
                    "mode": "labelled" if data.labelled else "data-free (KD)"}
 
 
@@ -53,7 +55,10 @@ def save_checkpoint(model: nn.Module, out: str | os.PathLike, report: dict[str, 
     data and loss, and the float top-1 before and after)."""
     from safetensors.torch import save
 
-    out = check_writable(out)
+    from ..models import model_source
+
+    src = model_source(model)  # never over the checkpoint the model was loaded from (the CLI's rule too)
+    out = check_writable(out, inputs=(src.checkpoint,) if src is not None and src.checkpoint else ())
     make_parent(out)
     data = save({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()})
     side = out.with_name(out.name + ".json")

@@ -283,6 +283,9 @@ def bench(plan_path: str | Path, fp_onnx: str | Path | None = None, batch: int |
     """QDQ engine vs an FP16 engine of the float model vs onnxruntime, same batch, same GPU."""
     import torch
 
+    if iters < 1 or warmup < 0 or (batch is not None and batch < 1):
+        raise MixqError(f"bench needs --iters >= 1, --warmup >= 0 and --batch >= 1, got {iters}, {warmup}, {batch}")
+
     from ..onnx.passes import convert_to_fp16
 
     plan_path = Path(plan_path)
