@@ -7,7 +7,6 @@ from pathlib import Path
 import click
 
 from .cli_common import CONTEXT, FiniteFloat, emit_json
-from .errors import MixqError
 
 _backend_opt = click.option("--backend", type=click.Choice(["tensorrt", "tensorrt-rtx"]), default=None,
                             help="Engine flavour [build default: tensorrt-rtx; run/bench: the plan's].")
@@ -51,20 +50,17 @@ def register(cli: click.Group) -> None:
         Exit codes: 0 built; 1 --require-int8 not met (plan written) or --max-handoffs exceeded (nothing
         written); 2 bad input (not an ONNX graph, an output path it must not write, a graph the parser refuses).
         """
-        from .trt.builder import BuildConfig, build_engine, parse_batch
-        from .trt.builder import max_handoffs as handoff_limit
-        from .trt.inspect import inspect_plan
+        from .trt.builder import BuildConfig, build_checked, parse_batch
 
         cfg = BuildConfig(backend=backend or "tensorrt-rtx", batch=parse_batch(batch), workspace_mib=workspace_mib,
                           compute_capabilities=tuple(ccs), optimization_level=opt_level,
                           timing_cache=not no_timing_cache)
         plan = Path(out) if out else Path(onnx_path).with_suffix(".plan")
-        accept = handoff_limit(onnx_path, max_handoffs) if max_handoffs is not None else None
-        res = build_engine(onnx_path, plan, cfg, verbose=verbose, accept=accept)
-        rep = inspect_plan(plan, onnx_path)
+        checked = build_checked(onnx_path, plan, cfg, require_int8=require_int8, max_handoffs_limit=max_handoffs,
+                                verbose=verbose)
+        res, rep, ok = checked.result, checked.report, checked.int8_ok
         for w in rep.warnings:
             click.echo(f"warning: {w}", err=True)
-        ok = require_int8 is None or rep.int8_mac_fraction >= require_int8
         if as_json:
             emit_json({"plan": str(plan), "plan_key": res.meta["plan_key"], "build_seconds": res.meta["build_seconds"],
                        "int8_mac_fraction": round(rep.int8_mac_fraction, 6),
@@ -114,25 +110,13 @@ def register(cli: click.Group) -> None:
         import numpy as np
 
         from .trt.builder import read_plan_meta
-        from .trt.runtime import check_runnable, run_plan
+        from .trt.runtime import run_plan
         from .utils import atomic_path, check_output_file, make_parent
 
-        meta = read_plan_meta(plan)
+        read_plan_meta(plan)  # a plan, not some other file, before anything else is judged
         if out:
             check_output_file(out, inputs=(plan,), refuse_suffixes=(".plan", ".onnx", ".json"))
-        if input_paths:
-            xs = []
-            for p in input_paths:
-                try:
-                    xs.append(np.load(p, allow_pickle=False))
-                except (OSError, ValueError) as e:
-                    raise MixqError(f"--input {p}: not a readable .npy array ({type(e).__name__}: "
-                                    f"{str(e).splitlines()[0] if str(e) else 'no message'})") from None
-        else:
-            check_runnable(plan, backend)  # before a random batch is made: there may be nothing to run it on
-            rng = np.random.default_rng(0)
-            xs = [rng.standard_normal(i["opt"]).astype(np.float32) for i in meta["inputs"]]
-        outs = run_plan(plan, xs, backend)
+        outs = run_plan(plan, list(input_paths) or None, backend)
         for k, v in outs.items():
             click.echo(f"{k}: shape {list(v.shape)} dtype {v.dtype} mean {float(v.mean()):.5g} "
                        f"argmax[:8] {v.reshape(len(v), -1).argmax(1)[:8].tolist() if v.ndim else v}")

@@ -280,3 +280,33 @@ def test_build_on_a_non_onnx_file(tmp_path, run_cli, content):
     msg = one_line_error(run_cli("build", bad, "--out", tmp_path / "m.plan"))
     assert "is not an ONNX model" in msg and "Network must have" not in msg
     assert snapshot(tmp_path) == before
+
+
+def test_the_library_build_judges_require_int8_and_max_handoffs(graphs, tmp_path):
+    """`build --require-int8/--max-handoffs` were judged in the CLI only; `build_checked` is the command's
+    function (review, 2026-11-30)."""
+    from mixq_onnx.trt.builder import EngineRefused, build_checked
+
+    cfg = BuildConfig(backend="tensorrt-rtx", batch=(1, 2, 4))
+    fp = build_checked(graphs["fp"], tmp_path / "fp.plan", cfg, require_int8=0.5)
+    assert not fp.int8_ok and fp.report.int8_mac_fraction == 0 and (tmp_path / "fp.plan").is_file()
+    q = build_checked(graphs["w8a8"], tmp_path / "q.plan", cfg, require_int8=0.99, max_handoffs_limit=0)
+    assert q.int8_ok and q.report.int8_mac_fraction == 1.0 and q.report.handoffs == 0
+    with pytest.raises(MixqError, match="between 0 and 1"):
+        build_checked(graphs["w8a8"], tmp_path / "x.plan", cfg, require_int8=99)
+    planted = tmp_path / "planted.onnx"
+    _bypass_identity_qdq(graphs["w4a4"], planted)
+    with pytest.raises(EngineRefused, match="more than --max-handoffs 0"):
+        build_checked(planted, tmp_path / "planted.plan", cfg, max_handoffs_limit=0)
+    assert not (tmp_path / "planted.plan").exists()
+
+
+def test_library_run_loads_inputs_and_needs_a_gpu_like_the_command(w8_plan, tmp_path):
+    from mixq_onnx.trt.runtime import run_plan
+
+    (tmp_path / "bad.npy").write_text("not an array")
+    with pytest.raises(MixqError, match="not a readable .npy array"):
+        run_plan(w8_plan, [tmp_path / "bad.npy"])
+    if not HAS_GPU:
+        with pytest.raises(MixqError, match="NVIDIA GPU"):
+            run_plan(w8_plan)  # the default batch is made only where the plan can run

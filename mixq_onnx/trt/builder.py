@@ -360,6 +360,32 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, cfg: BuildConfig 
     return BuildResult(plan_path, meta_file, meta, layers, seconds)
 
 
+@dataclass
+class CheckedBuild:
+    """What `mixq-onnx build` reports: the build, `inspect`'s precision report of the plan, and the verdict of
+    `require_int8` (True when none was asked for)."""
+
+    result: BuildResult
+    report: Any  # trt.inspect.PrecisionReport
+    int8_ok: bool
+
+
+def build_checked(onnx_path: str | Path, plan_path: str | Path, cfg: BuildConfig | None = None, *,
+                  require_int8: float | None = None, max_handoffs_limit: int | None = None,
+                  verbose: bool = False) -> CheckedBuild:
+    """`build_engine` plus the command's checks: more than `max_handoffs_limit` hand-offs refuses the engine
+    before anything is written (EngineRefused); an int8 MAC fraction under `require_int8` keeps the plan (it
+    is inspectable) and returns `int8_ok` False, which the CLI turns into exit code 1."""
+    from .inspect import inspect_plan
+
+    if require_int8 is not None and not 0 <= require_int8 <= 1:
+        raise MixqError(f"--require-int8 must be a fraction between 0 and 1, got {require_int8}")
+    accept = max_handoffs(onnx_path, max_handoffs_limit) if max_handoffs_limit is not None else None
+    res = build_engine(onnx_path, plan_path, cfg, verbose=verbose, accept=accept)
+    rep = inspect_plan(plan_path, onnx_path)
+    return CheckedBuild(res, rep, require_int8 is None or rep.int8_mac_fraction >= require_int8)
+
+
 def _onnx_preprocessing(onnx_path: Path) -> dict[str, Any] | None:
     """The model's input preprocessing, recorded by `export` in the graph's metadata (for `eval --engine`)."""
     import onnx

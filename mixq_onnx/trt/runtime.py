@@ -7,6 +7,7 @@ message instead of failing inside the runtime.
 """
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -120,14 +121,33 @@ class Engine:
         return torch.cat(res)
 
 
-def run_plan(plan_path: str | Path, inputs: Any, backend: str | None = None) -> dict[str, Any]:
-    """One inference; numpy arrays in, numpy arrays out (for `mixq-onnx run`)."""
-    eng = Engine(plan_path, backend)
+def run_plan(plan_path: str | Path, inputs: Any = None, backend: str | None = None) -> dict[str, Any]:
+    """One inference, what `mixq-onnx run` does: numpy arrays (or .npy paths, float NCHW, one per engine input)
+    in, numpy arrays out. `inputs` None: one seeded N(0, 1) batch at the profile's OPT shape, made only once
+    the plan is known to run here."""
     import numpy as np
+
+    if inputs is None:
+        meta, _, _ = check_runnable(plan_path, backend)  # before a batch is made: there may be nothing to run it on
+        rng = np.random.default_rng(0)
+        inputs = [rng.standard_normal(i["opt"]).astype(np.float32) for i in meta["inputs"]]
+    else:
+        inputs = [_load_npy(x) if isinstance(x, (str, os.PathLike)) else x for x in inputs]
+    eng = Engine(plan_path, backend)
 
     outs = eng(*[eng.torch.from_numpy(np.ascontiguousarray(x)) for x in inputs])
     eng.torch.cuda.synchronize()
     return {k: v.cpu().numpy() for k, v in outs.items()}
+
+
+def _load_npy(path: str | os.PathLike) -> Any:
+    import numpy as np
+
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise MixqError(f"--input {path}: not a readable .npy array ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else 'no message'})") from None
 
 
 def evaluate_engine_data(plan_path: str | Path, data: str | Path, *, model: Any = None, quantized: Any = None,
