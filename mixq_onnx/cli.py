@@ -184,14 +184,16 @@ def calib(**o: Any) -> None:
     """
     from .calib import CalibConfig, PromptConfig, make_calibration_cache
 
+    # only what the command line gives: the generator refuses an option it does not read (its defaults are
+    # the ones --help shows)
+    given = _given_on_command_line()
     options = {k: o[k] for k in ("pipeline", "revision", "steps", "guidance", "scheduler", "negative_prompt",
-                                 "batch_size", "source") if o[k] is not None}
-    options.update({k: o[k] for k in ("iters", "lr") if o[k] is not None})
-    if o["skip_bad_images"]:
-        options["skip_bad_images"] = True
+                                 "batch_size", "source", "iters", "lr", "skip_bad_images") if k in given}
+    pc = {k: o[flag] for k, flag in (("strategy", "strategy"), ("k", "k"), ("template", "template"),
+                                      ("alpha", "alpha"), ("use_gloss", "gloss")) if flag in given}
     cfg = CalibConfig(
         generator=o["generator"], num=o["num"], seed=o["seed"], size=o["size"], classes=o["classes"],
-        prompts=PromptConfig(o["strategy"], k=o["k"], template=o["template"], alpha=o["alpha"], use_gloss=o["gloss"]),
+        prompts=PromptConfig(**pc),
         shard_size=o["shard_size"], options=options, filter=o["filter_"], keep=o["keep"],
         model=o["model"], checkpoint=o["checkpoint"], random_weights=o["random_weights"],
         mean=o["mean"], std=o["std"], input_size=o["input_size"],
@@ -285,6 +287,15 @@ def cache_rm(refs: tuple[str, ...], cache_root: str | None) -> None:
 
     for p in remove(refs, cache_root):
         click.echo(f"removed {p}")
+
+
+def _given_on_command_line() -> set[str]:
+    """The current command's parameters that the user gave (command line or environment), not defaults."""
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context()
+    return {p.name for p in ctx.command.params if p.name and ctx.get_parameter_source(p.name)
+            not in (None, ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)}
 
 
 # --------------------------------------------------------------------------- quantize

@@ -96,3 +96,19 @@ def test_alpha_shapes_mixup_embed_weights():
         w = torch.tensor([p.weights for p in plan_images(cfg, vocab, 0, 0, 200)])
         spread[alpha] = float((w.max(1).values - w.min(1).values).mean())
     assert spread[0.2] > 0.6 and spread[50.0] < 0.15, spread
+
+
+def test_an_option_the_generator_does_not_read_is_refused(tmp_path, run_cli):
+    """`calib --generator noise --source data.npz` made a noise cache without a word (review, 2026-11-30):
+    every option given on the command line must be one the generator reads."""
+    root = tmp_path / "root"
+    for args, words in ((["--generator", "noise", "--source", "x.npz"], "--source do(es) not apply to --generator noise"),
+                        (["--generator", "real", "--source", "x.npz", "--k", "3"], "--prompts/--k"),
+                        (["--generator", "noise", "--steps", "5"], "--steps do(es) not apply"),
+                        (["--generator", "real", "--source", "x.npz", "--iters", "5"], "--iters do(es) not apply")):
+        r = run_cli("calib", *args, "--num", "4", "--size", "8", "--cache-root", root)
+        assert r.code == 2 and words in r.err and "Traceback" not in r.err, r.err
+    assert not root.exists()
+    # defaults shown in --help are not "given": the plain command still works
+    r = run_cli("calib", "--generator", "noise", "--num", "4", "--size", "8", "--cache-root", root, "-q")
+    assert r.code == 0, r.err

@@ -118,7 +118,7 @@ def test_calib_library_checks_what_the_cli_checks_before_touching_the_disk(tmp_p
     root = tmp_path / "root"
     with pytest.raises(MixqError, match="--seed must be at least 0, got -1"):
         make_calibration_cache(CalibConfig(generator="noise", num=2, size=8, seed=-1), root, progress=False)
-    with pytest.raises(MixqError, match=r"unknown calibration option\(s\) 'iter': --generator inversion reads iters"):
+    with pytest.raises(MixqError, match=r"--iter do\(es\) not apply to --generator inversion \(its own options: --iters, --lr"):
         make_calibration_cache(CalibConfig(generator="inversion", num=2, model="cifar_resnet20", random_weights=True,
                                            options={"iter": 1}), root, progress=False)
     assert not root.exists()

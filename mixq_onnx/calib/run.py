@@ -212,14 +212,20 @@ def make_calibration_cache(
     if cfg.generator not in GENERATORS:
         raise MixqError(f"unknown generator {cfg.generator!r}: choose one of {', '.join(sorted(GENERATORS))}")
     gen_cls = GENERATORS[cfg.generator]
-    unknown = sorted(set(cfg.options) - {k for g in GENERATORS.values() for k in g.option_names})
-    if unknown:
-        raise MixqError(f"unknown calibration option(s) {', '.join(map(repr, unknown))}: --generator "
-                        f"{cfg.generator} reads {', '.join(gen_cls.option_names) or 'none'}")
-    if cfg.seed < 0:
-        raise MixqError(f"--seed must be at least 0, got {cfg.seed}")
     if cfg.options.get("skip_bad_images") and cfg.generator != "real":
         raise MixqError("--skip-bad-images only applies to --generator real")
+    # an option the generator does not read is a mistake (`--source` with noise made a noise cache), never
+    # silently ignored; the CLI passes only the options given on its command line
+    foreign = sorted(set(cfg.options) - set(gen_cls.option_names))
+    if not gen_cls.uses_prompts and (cfg.prompts != PromptConfig() or cfg.classes != "auto"):
+        foreign.append("prompts")
+    if foreign:
+        flags = ", ".join("--prompts/--k/--template/--alpha/--gloss/--classes" if k == "prompts"
+                          else "--" + k.replace("_", "-") for k in foreign)
+        reads = ", ".join("--" + k.replace("_", "-") for k in gen_cls.option_names) or "none of these"
+        raise MixqError(f"{flags} do(es) not apply to --generator {cfg.generator} (its own options: {reads})")
+    if cfg.seed < 0:
+        raise MixqError(f"--seed must be at least 0, got {cfg.seed}")
     if not 1 <= cfg.num <= MAX_NUM:
         raise MixqError(f"--num must be at least 1 and at most {MAX_NUM}, got {cfg.num}")
     if cfg.shard_size is not None and cfg.shard_size < 1:
