@@ -708,6 +708,13 @@ def check(onnx_path: str, as_json: bool) -> None:
         sys.exit(1)
 
 
+def _percent(_ctx: Any, param: Any, value: float | None) -> float | None:
+    """A percent option: 0 < value <= 1 is almost surely a fraction (0.999 for 99.9 %), refused with the hint."""
+    if value is not None and 0 < value <= 1:
+        raise click.BadParameter(f"{value:g} reads as {value:g} %; it takes a percent (did you mean {100 * value:g}?)")
+    return value
+
+
 @cli.command(context_settings=CONTEXT)
 @click.argument("onnx_path", type=click.Path())
 @click.option("--quantized", required=True, type=click.Path(), metavar="DIR",
@@ -719,7 +726,12 @@ def check(onnx_path: str, as_json: bool) -> None:
               help="Compare on a seeded, class-stratified sample of N images (a random one for unlabelled data), "
                    "never the first N.")
 @click.option("--min-agreement", type=FiniteFloat(0, 100), default=99.9, show_default=True, metavar="PERCENT",
-              help="Exit 1 when the exact run's top-1 agreement with PyTorch is below this.")
+              callback=_percent,
+              help="Exit 1 when the exact run's top-1 agreement with PyTorch is below this percent (0-100; "
+                   "a value of 1 or less is refused as a likely fraction).")
+@click.option("--exact", is_flag=True,
+              help="Also exit 1 unless the exact run is bit-exact: max |diff| 0 and no integer code differs (what "
+                   "the integer layout gives where every op between quantizers is exact).")
 @click.option("--json", "as_json", is_flag=True, help="Last stdout line: one JSON object (with the subset used).")
 @trust_model_code_option()
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
@@ -729,8 +741,8 @@ def verify(**o: Any) -> None:
     against the PyTorch fake-quant model on the same images.
 
     \b
-    Exit codes: 0 faithful; 1 top-1 agreement below --min-agreement, or NaN/inf outputs;
-    2 bad input, including a graph exported from another result folder (names the first quantizer
+    Exit codes: 0 faithful; 1 top-1 agreement below --min-agreement, NaN/inf outputs, a quantizer input more
+    than half a step from PyTorch's in the teacher-forced run, or (--exact) any difference; 2 bad input, including a graph exported from another result folder (names the first quantizer
     whose bits, scale or integer weights differ).
     """
     from .onnx.verify import verify_data
@@ -742,7 +754,7 @@ def verify(**o: Any) -> None:
     _echo_notes(notes)
     for w in rep.warnings:
         click.echo(f"warning: {w}", err=True)
-    failures = rep.failures(o["min_agreement"])
+    failures = rep.failures(o["min_agreement"], exact=o["exact"])
     if o["as_json"]:
         _emit_json({**rep.to_dict(), "ok": not failures, "failures": failures})
     else:

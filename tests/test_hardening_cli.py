@@ -140,3 +140,43 @@ def test_quantize_out_keeps_the_users_files(world, tmp_path, run_cli):
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "quant.json", "sub", "weights.safetensors"]
     r = run_cli("eval", "--quantized", out, "--data", world["npz"])
     assert r.code == 0, r.err
+
+
+def _mid_scaled(src: Path, dst: Path, factor: float) -> Path:
+    """The graph with the input of one mid-network activation QuantizeLinear scaled by `factor`: top-1 may well
+    survive, the Q/DQ no longer compute what PyTorch does."""
+    m = onnx.load(str(src))
+    nodes = list(m.graph.node)
+    qs = [n for n in nodes if n.op_type == "QuantizeLinear" and not n.input[0].endswith("weight")]
+    q = qs[len(qs) // 2]
+    mul = onnx.helper.make_node("Mul", [q.input[0], "planted_factor"], ["planted_out"], name="planted")
+    q.input[0] = "planted_out"
+    at = nodes.index(q)
+    del m.graph.node[:]
+    m.graph.node.extend(nodes[:at] + [mul] + nodes[at:])
+    m.graph.initializer.append(onnx.numpy_helper.from_array(np.array(factor, np.float32), "planted_factor"))
+    onnx.save(m, str(dst))
+    return dst
+
+
+def test_verify_fails_an_unfaithful_segment_and_exact_asks_for_bit_exactness(world, tmp_path, run_cli):
+    """verify judged top-1 alone: a Q/DQ that no longer computed PyTorch's codes passed while top-1 held
+    (review, 2026-11-30). The teacher-forced segment check fails it at any --min-agreement."""
+    import json
+
+    r = run_cli("verify", world["onnx8"], "--quantized", world["q8"], "--data", world["npz"], "--exact", "--json")
+    assert r.code == 0, r.err
+    assert json.loads(r.last_line)["max_abs_diff"] == 0
+    g = _planted(world["onnx8"], tmp_path / "scaled_logits.onnx", np.full(10, 1.5))  # same top-1, other logits
+    r = run_cli("verify", g, "--quantized", world["q8"], "--data", world["npz"], "--json")
+    assert r.code == 0 and json.loads(r.last_line)["top1_agreement"] == 100.0
+    r = run_cli("verify", g, "--quantized", world["q8"], "--data", world["npz"], "--exact")
+    assert r.code == 1 and "not bit-exact" in r.out
+    mid = _mid_scaled(world["onnx8"], tmp_path / "mid.onnx", 1.5)
+    r = run_cli("verify", mid, "--quantized", world["q8"], "--data", world["npz"], "--min-agreement", "50", "--json")
+    rep = json.loads(r.last_line)
+    assert r.code == 1 and any("teacher-forced run" in f for f in rep["failures"]), rep["failures"]
+    assert rep["segment_step_diff"] > 0.5
+    msg = clean_error(run_cli, [world["q8"]], "verify", world["onnx8"], "--quantized", world["q8"], "--data",
+                      world["npz"], "--min-agreement", "0.999")
+    assert "did you mean 99.9" in msg

@@ -642,3 +642,16 @@ def test_pickled_module_is_refused_without_unpickling(tmp_path):
     with pytest.raises(MixqError, match=r"pickles torch.nn.modules.container.Sequential, not just tensors") as e:
         load_model("cifar_resnet20", ck)
     assert "weights_only" not in str(e.value)
+
+
+def test_a_grid_that_does_not_fit_its_container_is_refused(r20, r20_w8, tmp_path):
+    """An 8-bit symmetric activation edited to unsigned [0, 255] validated, exported, passed check, and the
+    graph's INT8 QuantizeLinear saturated at 127 where PyTorch kept 255 (review, 2026-11-30)."""
+    d = _copy(r20_w8, tmp_path / "unsigned8")
+
+    def edit(m: dict[str, Any]) -> None:
+        _record(m, ACT).update(signed=False, qmin=0, qmax=255)
+
+    _edit_json(d, edit)
+    with pytest.raises(MixqError, match=rf"quantizer {ACT}: its grid \[0, 255\] does not fit the INT8"):
+        load_quantized(r20[0], d)

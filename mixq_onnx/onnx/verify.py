@@ -16,6 +16,8 @@ import torch.nn as nn
 from ..errors import MixqError
 from .graph import REQUANT_KEY, GraphIndex
 
+UNFAITHFUL_STEPS = 0.5  # teacher-forced input difference, in steps, above which a segment is not PyTorch's
+
 
 @dataclass
 class VerifyReport:
@@ -49,13 +51,22 @@ class VerifyReport:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def failures(self, min_agreement: float = 99.9) -> list[str]:
-        """Why the graph is not a faithful export of the folder (empty when it is)."""
+    def failures(self, min_agreement: float = 99.9, exact: bool = False) -> list[str]:
+        """Why the graph is not a faithful export of the folder (empty when it is). Besides top-1 agreement, a
+        quantizer whose input differs from PyTorch's by more than half a step in the teacher-forced run is a
+        Q/DQ or an op that is not PyTorch's (float-op rounding stays far below a step), whatever the top-1 says.
+        `exact`: also any output difference or differing integer code (the integer layout's promise)."""
         bad = []
         if self.nan_outputs:
             bad.append(f"{self.nan_outputs} output values are NaN or inf")
         if not self.top1_agreement >= min_agreement:
             bad.append(f"exact-run top-1 agreement {self.top1_agreement:.2f} % is below {min_agreement:g} %")
+        if self.segment_step_diff > UNFAITHFUL_STEPS:
+            bad.append(f"teacher-forced run: the input of {self.worst_segment} differs from PyTorch's by "
+                       f"{self.segment_step_diff:.3g} of a quantization step (a Q/DQ or an op that is not PyTorch's)")
+        if exact and (self.max_abs_diff > 0 or self.propagated_code_mismatch > 0):
+            bad.append(f"not bit-exact: max |diff| {self.max_abs_diff:.4g}, integer codes differ in "
+                       f"{100 * self.propagated_code_mismatch:.4f} % of the worst quantizer's values")
         return bad
 
 

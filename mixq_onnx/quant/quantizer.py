@@ -471,6 +471,10 @@ def validate_record(
     if (record["qmin"], record["qmax"]) != grid:
         raise bad(f"qmin/qmax [{record['qmin']}, {record['qmax']}] disagree with the grid [{lo}, {hi}] of "
                   f"{bits}-bit {'symmetric' if sym else 'asymmetric'} {kind} quantization")
+    clo, chi = spec.container()
+    if lo < clo or hi > chi:  # the exported QuantizeLinear would saturate where PyTorch does not
+        raise bad(f"its grid [{lo}, {hi}] does not fit the {spec.container_dtype().upper()} the graph stores it in "
+                  f"[{clo}, {chi}] (an unsigned symmetric grid goes up to 7 bits)")
     if like is not None:
         _match_quantizer(record, like, bad)
 
