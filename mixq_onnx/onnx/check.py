@@ -22,6 +22,7 @@ from .graph import DATA_MOVE_OPS, POOL_OPS, REQUANT_KEY, GraphIndex, load_model
 
 MAX_OPSET = 24
 _LAYER_OPS = ("Conv", "Gemm", "MatMul")
+_FLOAT_CHECKED = (*_LAYER_OPS, "ConvTranspose")  # also a compute layer that must not run float unnoticed
 SEVERITIES = ("error", "warning")
 
 
@@ -286,10 +287,10 @@ def _qdq_scale_pair(g: GraphIndex) -> Iterator[Finding]:
 # --------------------------------------------------------------------------- layers
 @rule("unquantized-input")
 def _unquantized_input(g: GraphIndex) -> Iterator[Finding]:
-    """A Conv/Gemm/MatMul data input without Q/DQ (a warning in weight-only graphs; none on a layer
-    `--float-layers` left float, which `float-layer` reports)."""
+    """A Conv/ConvTranspose/Gemm/MatMul data input without Q/DQ (a warning in weight-only graphs; none on a
+    layer `--float-layers` left float, which `float-layer` reports)."""
     const, soft = g.folded_constants(), _soft(g)
-    for n in _nodes(g, *_LAYER_OPS):
+    for n in _nodes(g, *_FLOAT_CHECKED):
         if g.float_layer_of(n):
             continue
         data_in = [n.input[0]] + ([n.input[1]] if n.op_type == "MatMul" and n.input[1] not in const else [])
@@ -300,10 +301,10 @@ def _unquantized_input(g: GraphIndex) -> Iterator[Finding]:
 
 @rule("unquantized-weight")
 def _unquantized_weight(g: GraphIndex) -> Iterator[Finding]:
-    """A constant Conv/Gemm/MatMul weight without DequantizeLinear (a warning in weight-only graphs; none on a
-    layer `--float-layers` left float)."""
+    """A constant Conv/ConvTranspose/Gemm/MatMul weight without DequantizeLinear (a warning in weight-only graphs;
+    none on a layer `--float-layers` left float)."""
     const, soft = g.folded_constants(), _soft(g)
-    for n in _nodes(g, *_LAYER_OPS):
+    for n in _nodes(g, *_FLOAT_CHECKED):
         if g.float_layer_of(n):
             continue
         w = n.input[1]

@@ -34,7 +34,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..errors import MixqError
 from ..registry import Registry, resolve
 from .config import QuantConfig
-from .modules import QUANT_LAYERS, QuantConv2d, QuantLinear, QuantPool
+from .modules import QUANT_LAYERS, QuantConv2d, QuantLinear, QuantPool, layer_weight
 from .quantizer import ActQuantizer, WeightQuantizer
 
 KEEP_ATTRS = ("mixq_preprocessing", "mixq_source", "num_classes", "pretrained_cfg", "default_cfg")
@@ -163,8 +163,8 @@ def _fold_graph_bn(gm: fx.GraphModule) -> int:
             continue
         conv = _get(gm, prev.target)
         bn = _get(gm, node.target)
-        if not isinstance(conv, nn.Conv2d) or conv.out_channels != bn.num_features:
-            continue
+        if not isinstance(conv, nn.Conv2d) or conv.out_channels != bn.num_features or layer_weight(conv) is not conv.weight:
+            continue  # a weight-standardised conv standardises the folded weight again: BN stays
         fold_bn(conv, bn)
         tail = [m for m in (getattr(bn, "drop", None), getattr(bn, "act", None)) if m is not None]
         tail = [m for m in tail if not isinstance(m, nn.Identity)]
@@ -262,6 +262,8 @@ def _transform(module: nn.Module, prefix: str, leaves: Iterable[nn.Module], cfg:
         name = prefix + node.target
         if isinstance(m, (nn.Conv2d, nn.Linear)) and is_float_layer(name, cfg):
             continue  # --float-layers: stays the float module, with no quantizer
+        if isinstance(m, (nn.Conv2d, nn.Linear)) and layer_weight(m) is None:
+            continue  # a subclass whose forward is not a plain conv/linear's: float (`unquantized_layers`)
         if isinstance(m, nn.Conv2d) and m.padding_mode == "zeros" and not cfg.block_size:
             _set(gm, node.target, QuantConv2d(m, name, cfg.wbits, abits, cfg.symmetric))
         elif isinstance(m, nn.Linear) and not (cfg.block_size and m.in_features % cfg.block_size):
@@ -642,7 +644,7 @@ def prepare(model: nn.Module, cfg: QuantConfig) -> fx.GraphModule:
     scales are set. Raises MixqError for a model with no quantizable layer."""
     cfg.validate()
     _check_float_layers(model, cfg)
-    model = copy.deepcopy(model).eval()
+    original, model = model, copy.deepcopy(model).eval()
     _disable_fused_attn(model)
     blocks = _find_blocks(model)
     gm = _transform(model, "", blocks.values(), cfg)
@@ -674,7 +676,54 @@ def prepare(model: nn.Module, cfg: QuantConfig) -> fx.GraphModule:
     if cfg.integer_pools and not cfg.weight_only:  # after both: a pool takes its consumer's bits and quantizer
         quantize_pools(gm)
     gm.mixq_units = _units(gm, blocks, order)  # type: ignore[attr-defined]
+    gm.mixq_unquantized = _unquantized_layers(gm, cfg)  # type: ignore[attr-defined]
+    _check_float_equivalence(original, gm, example_input(gm))
     return gm
+
+
+UNQUANTIZABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear,
+                 nn.MultiheadAttention)
+
+
+def _unquantized_layers(gm: nn.Module, cfg: QuantConfig) -> tuple[str, ...]:
+    """Conv/linear-like modules that stay float without the user asking (--float-layers): transposed or
+    reflect-padded convs, subclasses with their own forward, attention modules, layers inside modules torch.fx
+    does not trace into. Reported, so that low INT8 coverage is never silent (`build --require-int8` judges it)."""
+    out = []
+    for n, m in gm.named_modules():
+        if not isinstance(m, UNQUANTIZABLE) or is_float_layer(n, cfg):
+            continue
+        if cfg.block_size and not isinstance(m, nn.Linear):
+            continue  # INT4 weight-only: only Linear layers are quantized, by design
+        if any(n.startswith(o + ".") for o in out):
+            continue  # inside one already listed (an attention module's projections)
+        out.append(n)
+    return tuple(out)
+
+
+FLOAT_TOLERANCE = 1e-2  # of the outputs' largest magnitude: BN folding and unfused attention stay far below
+
+
+def _check_float_equivalence(original: nn.Module, gm: nn.Module, x: torch.Tensor) -> None:
+    """Before any scale is set the prepared model computes in float and must be the user's model: a layer whose
+    forward it does not reproduce (a weight transform, a padding, a custom op) would otherwise be quantized as
+    another network, and every later stage, verify included, would agree with that other network."""
+    was = original.training
+    original.eval()
+    try:
+        with torch.no_grad():
+            ref, out = original(x), gm(x)
+    finally:
+        original.train(was)
+    if not (isinstance(ref, torch.Tensor) and isinstance(out, torch.Tensor)) or ref.shape != out.shape \
+            or not bool(torch.isfinite(ref).all()):
+        return  # several outputs, or an untrained net that overflows: nothing to compare on
+    top = float(ref.abs().max())
+    err = float((out.float() - ref.float()).abs().max())
+    if not err <= FLOAT_TOLERANCE * top + 1e-6:
+        raise MixqError(f"{type(original).__name__}: the prepared model differs from the float model by {err:.3g} "
+                        f"(outputs up to {top:.3g}) before any quantization: a layer whose forward mixq-onnx does "
+                        "not reproduce; leave it float with --float-layers")
 
 
 def _units(gm: nn.Module, blocks: dict[str, nn.Module], layer_order: list[str]) -> list[str]:

@@ -34,6 +34,26 @@ def frozen(q: ActQuantizer) -> bool:
     return q.enabled and not q.observing and not q.learning and bool(q.initialized)
 
 
+SAME_PAD_CONVS = ("SamePadConv", "Conv2dSame")  # the zoo's / timm's: TensorFlow 'same' padding, then a plain conv
+STD_CONVS = ("StdConv2d", "StdConv2dSame", "ScaledStdConv2d", "ScaledStdConv2dSame")  # timm: weight standardisation
+
+
+def layer_weight(layer: nn.Module) -> torch.Tensor | None:
+    """The weight `layer`'s forward really convolves or multiplies with, for the Conv2d/Linear types whose
+    forward mixq-onnx reproduces: plain ones, the same-padding convs, and timm's weight-standardised convs
+    (BiT, NFNet: the standardised weight, a function of the weight alone, is what gets quantized). None for a
+    subclass with any other forward: it stays float, since its own `.weight` is not what it computes with."""
+    t = type(layer)
+    if t.forward in (nn.Conv2d.forward, nn.Linear.forward) or t.__name__ in SAME_PAD_CONVS:
+        return layer.weight
+    if t.__name__ in STD_CONVS and isinstance(layer, nn.Conv2d):
+        gain = getattr(layer, "gain", None)
+        affine = (gain * layer.scale).view(-1) if gain is not None else None
+        return F.batch_norm(layer.weight.reshape(1, layer.out_channels, -1), None, None, weight=affine,
+                            training=True, momentum=0.0, eps=layer.eps).reshape_as(layer.weight)
+    return None
+
+
 class _QuantLayer(nn.Module):
     """Shared state: the (folded) float weight and bias, and the two quantizers."""
 
@@ -41,7 +61,9 @@ class _QuantLayer(nn.Module):
                  block_size: int | None = None):
         super().__init__()
         self.name = name
-        self.weight = nn.Parameter(layer.weight.detach().clone(), requires_grad=False)
+        weight = layer_weight(layer)
+        assert weight is not None, f"{name}: {type(layer).__name__} is not a layer mixq-onnx reproduces"
+        self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
         self.bias = nn.Parameter(layer.bias.detach().clone(), requires_grad=False) if layer.bias is not None else None
         self.weight_quantizer = WeightQuantizer(f"{name}.weight", wbits, symmetric, axis=0, block_size=block_size)
         self.input_quantizer = ActQuantizer(f"{name}.input", abits, symmetric) if abits else None
@@ -85,8 +107,10 @@ class QuantConv2d(_QuantLayer):
         self.kernel_size, self.stride = conv.kernel_size, conv.stride
         self.padding, self.dilation, self.groups = conv.padding, conv.dilation, conv.groups
         self.padding_mode = conv.padding_mode
-        # timm Conv2dSame / the zoo's SamePadConv pad dynamically in TensorFlow style
-        self.same_pad = type(conv).__name__ in ("SamePadConv", "Conv2dSame", "StdConv2dSame")
+        # timm Conv2dSame / the zoo's SamePadConv pad dynamically in TensorFlow style; timm's *Same std convs
+        # only when their padding was not static (`same_pad`)
+        kind = type(conv).__name__
+        self.same_pad = kind in SAME_PAD_CONVS or (kind.endswith("StdConv2dSame") and bool(getattr(conv, "same_pad", True)))
 
     def _conv(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.same_pad:

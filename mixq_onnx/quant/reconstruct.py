@@ -393,6 +393,8 @@ def quantize(model: nn.Module, cfg: QuantConfig, calib: Any, *, progress: bool =
     }
     if getattr(gm, "mixq_float_layers", ()):  # only then: reports without float layers keep their keys
         gm.mixq_report["float_layers"] = list(gm.mixq_float_layers)  # type: ignore[attr-defined]
+    if getattr(gm, "mixq_unquantized", ()):
+        gm.mixq_report["unquantized_layers"] = list(gm.mixq_unquantized)  # type: ignore[attr-defined]
     return gm.eval()
 
 
