@@ -16,10 +16,12 @@ import click
 # (tests/test_cli_startup.py checks this).
 from . import __version__
 from .cli_common import (
+    BITS,
     CONTEXT,
     FINITE,
     POSITIVE,
     FiniteFloat,
+    Range,
     augment_option,
     compute_command,
     trust_model_code_option,
@@ -145,9 +147,9 @@ class _Count(click.IntRange):
 @click.option("--k", type=_Count(2), default=2, show_default=True, help="Classes per mixup prompt (2 <= k <= classes).")
 @click.option("--template", default=None, help="Mixup template with k '{}' slots [default: 'a photo of a {} and a {}'].")
 @click.option("--alpha", type=FINITE, default=1.0, show_default=True,
-              help="Dirichlet concentration of the mixing weights of --prompts mixup-embed (its text-embedding "
-                   "weights; with --generator inversion its soft targets). The other strategies mix classes "
-                   "equally and refuse another --alpha.")
+              help="Dirichlet concentration of the mixing weights of --prompts mixup-embed: diffusion's "
+                   "text-embedding weights, inversion's soft targets. Only with --prompts mixup-embed: the other "
+                   "strategies mix classes equally and refuse it.")
 @click.option("--gloss", is_flag=True, help="Append WordNet glosses to ImageNet names ('kite, a bird of prey …').")
 @click.option("--pipeline", default="stable-diffusion-v1-5/stable-diffusion-v1-5", show_default=True,
               help="diffusers pipeline: hub id (from the local HF cache when offline) or a local folder.")
@@ -350,11 +352,12 @@ def _load_user_model(o: dict[str, Any]):
               show_default=True, help="rtn: Lp scale search + round to nearest; adaround: layer-wise learned rounding; "
                                       "brecq: block-wise rounding then LSQ steps; qdrop: joint, with QDrop; "
                                       "genie: qdrop + learned weight scales.")
-@click.option("--wbits", type=int, default=4, show_default=True, help="Weight bits (2-8).")
-@click.option("--abits", type=int, default=4, show_default=True, help="Activation bits (2-8; 16 = weight-only).")
+@click.option("--wbits", type=BITS, default=4, show_default=True, help="Weight bits.")
+@click.option("--abits", type=Range(2, 8, also=(16,), why="weight-only"), default=4, show_default=True,
+              help="Activation bits (16: weight-only).")
 @click.option("--symmetric/--asymmetric", default=True, show_default=True,
               help="symmetric: TensorRT-deployable (zero point 0); asymmetric: the papers' setting, not deployable.")
-@click.option("--first-last-bits", type=int, default=8, show_default=True,
+@click.option("--first-last-bits", type=Range(2, 8, also=(0,), why="same as the rest"), default=8, show_default=True,
               help="Bits of the first and last layer (0: same as the rest).")
 @click.option("--block-size", type=click.Choice(["32", "64", "128"]), default=None,
               help="INT4 weight-only GEMMs (with --wbits 4 --abits 16): Linear weights get one scale per block "
@@ -382,7 +385,7 @@ def _load_user_model(o: dict[str, Any]):
                    "its images in a seeded order (real: a seeded random sample; synthetic: class-balanced "
                    "rounds) [default: 1024].")
 @click.option("--batch-size", type=POSITIVE, default=None, help="Reconstruction batch [default: 32].")
-@click.option("--seed", type=int, default=0, show_default=True,
+@click.option("--seed", type=Range(0), default=0, show_default=True,
               help="Seed of the reconstruction's randomness (mini-batch order, QDrop's random drops): the same "
                    "seed, cache, options and --threads give the same weights.safetensors and quant.json (timings aside).")
 @click.option("--cache-root", type=click.Path(file_okay=False), default=None,
@@ -504,7 +507,7 @@ def eval_cmd(**o: Any) -> None:
         res = evaluate_engine_data(o["engine"], o["data"], model=_result_model(o), quantized=o["quantized"],
                                    trust_model_code=o["trust_model_code"], limit=o["limit"],
                                    batch_size=o["batch_size"], log=notes.append)
-        _echo_notes(notes)
+        _echo_notes(notes, o["quiet"])
         if o["as_json"]:
             _emit_json({**res.to_dict(), "engine": str(o["engine"])})
         else:
@@ -513,7 +516,7 @@ def eval_cmd(**o: Any) -> None:
     res = evaluate_data(o["data"], quantized=o["quantized"], model=_result_model(o),
                         trust_model_code=o["trust_model_code"], limit=o["limit"], batch_size=o["batch_size"],
                         log=notes.append, progress=not o["quiet"])
-    _echo_notes(notes)
+    _echo_notes(notes, o["quiet"])
     if o["as_json"]:
         _emit_json(res.to_dict())
     else:
@@ -542,11 +545,11 @@ def eval_cmd(**o: Any) -> None:
 @click.option("--kd-weight", type=FINITE, default=None, help="KD weight next to CE on labelled data [default: 0].")
 @click.option("--sam", type=click.Choice(["asam"]), default=None, help="Adaptive sharpness-aware minimisation.")
 @click.option("--rho", type=FINITE, default=0.5, show_default=True, help="ASAM neighbourhood size.")
-@click.option("--epochs", type=int, default=10, show_default=True, help="Passes over the training images.")
+@click.option("--epochs", type=Range(1), default=10, show_default=True, help="Passes over the training images.")
 @click.option("--lr", type=FINITE, default=1e-3, show_default=True, help="SGD learning rate (cosine to 0).")
 @augment_option()
 @click.option("--batch-size", type=POSITIVE, default=128, show_default=True, help="Training images per SGD step.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the training image order.")
+@click.option("--seed", type=Range(0), default=0, show_default=True, help="Seed of the training image order.")
 @click.option("--limit", type=POSITIVE, default=None, metavar="N",
               help="Train on a seeded, class-stratified sample of N images (a random one for unlabelled data or a "
                    "synthetic cache), never the first N.")
@@ -555,6 +558,8 @@ def eval_cmd(**o: Any) -> None:
               help="Cache root [default: $MIXQ_CACHE_ROOT or ./calib_cache].")
 @click.option("--device", default=None,
               help="torch device to train on (cpu, cuda, cuda:1) [default: cuda if this torch sees a GPU, else cpu].")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an existing --out that is not a checkpoint robustify wrote (one it wrote is always replaced).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @compute_command("robustify")
 def robustify(**o: Any) -> None:
@@ -570,7 +575,7 @@ def robustify(**o: Any) -> None:
                        learn_alpha=not o["fixed_alpha"], sam=o["sam"], rho=o["rho"], epochs=o["epochs"],
                        lr=o["lr"], batch_size=o["batch_size"], seed=o["seed"], augment=o["augment"],
                        kd_weight=o["kd_weight"] if o["kd_weight"] is not None else 0.0, loss=o["loss"]).validate()
-    out = check_writable(o["out"], inputs=(o["checkpoint"],))
+    out = check_writable(o["out"], inputs=(o["checkpoint"],), overwrite=o["overwrite"])
     dev = resolve_device(o["device"])
     model = _load_user_model(o)
     notes: list[str] = []
@@ -584,7 +589,8 @@ def robustify(**o: Any) -> None:
     after = evaluate_data(o["eval_data"], model=model).top1 if o["eval_data"] else None
     save_checkpoint(model, out, {"recipe": {**cfg.__dict__, "kd_weight": rep["kd_weight"], "model": o["model"],
                                             "checkpoint": o["checkpoint"], "data": data.source},
-                                 "report": rep, "fp_top1_before": before, "fp_top1_after": after})
+                                 "report": rep, "fp_top1_before": before, "fp_top1_after": after},
+                    overwrite=o["overwrite"])
     if before is not None:
         click.echo(f"FP top-1 {before:.2f} % -> {after:.2f} %", err=True)
     click.echo(str(out))
@@ -613,8 +619,8 @@ def robustify(**o: Any) -> None:
 @click.option("--batch-size", type=POSITIVE, default=None, help="Reconstruction batch [default: 32].")
 @click.option("--symmetric/--asymmetric", default=True, show_default=True,
               help="symmetric: TensorRT-deployable (zero point 0); asymmetric: the papers' setting.")
-@click.option("--first-last-bits", type=click.IntRange(0, 8), default=8, show_default=True,
-              help="Bits of the first and last layer, 2-8 (0: same as the rest).")
+@click.option("--first-last-bits", type=Range(2, 8, also=(0,), why="same as the rest"), default=8, show_default=True,
+              help="Bits of the first and last layer (0: same as the rest).")
 @click.option("--limit", type=POSITIVE, default=None, metavar="N",
               help="Evaluate every cell on the same seeded, class-stratified sample of N images (a random one for "
                    "unlabelled data), never the first N.")
@@ -672,6 +678,10 @@ def sweep(**o: Any) -> None:
                    "kernels. dq-scales: scales on the DQ nodes (the ModelOpt layout, for tools that expect it); "
                    "fp32 summation order then flips rare codes at rounding ties between runtimes.")
 @trust_model_code_option()
+@click.option("--overwrite", is_flag=True,
+              help="Replace an existing --out that is not a graph mixq-onnx exported (one it exported is always "
+                   "replaced).")
+@compute_command("export")
 def export(**o: Any) -> None:
     """Write a QDQ ONNX graph (opset 21, IR 10, dynamic batch) that TensorRT builds into INT8 kernels.
 
@@ -682,9 +692,15 @@ def export(**o: Any) -> None:
     """
     from .onnx.export import export_onnx
 
+    given = _given_on_command_line()
+    if "block_size" in given and not (o["int4_weight_only"] and not o["quantized"]):
+        raise MixqError("--block-size applies to --int4-weight-only --model (a --quantized folder records its own)")
+    if "layout" in given and (o["fp"] or o["int4_weight_only"]):
+        raise MixqError("--layout applies to the QDQ graph of a --quantized folder, not to --fp or --int4-weight-only")
     path = export_onnx(o["out"], quantized=o["quantized"], model=_result_model(o), fp=o["fp"],
                        int4_weight_only=o["int4_weight_only"], block_size=int(o["block_size"]), layout=o["layout"],
-                       trust_model_code=o["trust_model_code"], log=lambda m: click.echo(f"warning: {m}", err=True))
+                       trust_model_code=o["trust_model_code"], log=lambda m: click.echo(f"warning: {m}", err=True),
+                       overwrite=o["overwrite"])
     click.echo(str(path))
 
 
@@ -761,7 +777,7 @@ def verify(**o: Any) -> None:
     rep = verify_data(o["onnx_path"], o["data"], quantized=o["quantized"], model=_result_model(o),
                       trust_model_code=o["trust_model_code"], limit=o["limit"], log=notes.append,
                       progress=not o["quiet"])
-    _echo_notes(notes)
+    _echo_notes(notes, o["quiet"])
     for w in rep.warnings:
         click.echo(f"warning: {w}", err=True)
     failures = rep.failures(o["min_agreement"], exact=o["exact"])

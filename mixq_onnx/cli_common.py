@@ -38,6 +38,31 @@ class FiniteFloat(click.FloatRange):
 FINITE = FiniteFloat()
 
 
+class Range(click.IntRange):
+    """An integer option checked while the command line is parsed, before the command imports torch (a bad
+    --wbits answered after 7 s), in the library's words ("--wbits must be between 2 and 8, got 9"), with the
+    range in --help. `also`: values allowed outside it, explained by `why`."""
+
+    def __init__(self, lo: int, hi: int | None = None, also: tuple[int, ...] = (), why: str = ""):
+        super().__init__(lo, hi)
+        self.also, self.why = also, why
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        v = click.INT.convert(value, param, ctx)
+        if v in self.also or (self.min <= v and (self.max is None or v <= self.max)):
+            return v
+        name = max(param.opts, key=len) if param is not None else "value"
+        span = f"between {self.min} and {self.max}" if self.max is not None else f"at least {self.min}"
+        other = f", or {' or '.join(map(str, self.also))}{f' ({self.why})' if self.why else ''}" if self.also else ""
+        raise click.UsageError(f"{name} must be {span}{other}, got {v}", ctx)
+
+    def _describe_range(self) -> str:
+        return super()._describe_range() + "".join(f" or {a}" for a in self.also)
+
+
+BITS = Range(2, 8)  # a deployable bit-width
+
+
 def trust_model_code_option() -> Callable:
     """--trust-model-code, the same words on every command that loads a result folder's model."""
     return click.option(

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from .cli_common import CONTEXT, FINITE, POSITIVE, augment_option, compute_command
+from .cli_common import BITS, CONTEXT, FINITE, POSITIVE, Range, augment_option, compute_command
 from .registry import LOSSES
 
 #: The model flags, taken from `robustify` so both commands spell and document them the same way.
@@ -33,18 +33,19 @@ def register(cli: click.Group) -> None:
     @click.option("--target-gbops", type=FINITE, default=None, metavar="G",
                   help="nipq budget instead: sum over Conv/Linear of k*k*Cin*Cout/groups*H*W*b_w*b_a per image, "
                        "in 1e9 (within 5 %).")
-    @click.option("--wbits", type=int, default=None, help="lsq: weight bits (2-8) [default: 4].")
-    @click.option("--abits", type=int, default=None, help="lsq: activation bits (2-8) [default: 4].")
-    @click.option("--max-bits", type=int, default=8, show_default=True,
+    @click.option("--wbits", type=BITS, default=None, help="lsq: weight bits [default: 4].")
+    @click.option("--abits", type=BITS, default=None, help="lsq: activation bits [default: 4].")
+    @click.option("--max-bits", type=Range(2, 8, also=(16,), why="a layer that learns more than 8 bits stays float"),
+                  default=8, show_default=True,
                   help="Cap of a learned bit-width at deployment (2-8), or 16: a layer whose weights or input "
                        "learn more than 8 bits (up to NIPQ's 14) stays float, with no Q/DQ, and is listed as such.")
-    @click.option("--first-last-bits", type=int, default=8, show_default=True,
+    @click.option("--first-last-bits", type=Range(2, 8, also=(0,), why="learned"), default=8, show_default=True,
                   help="Fixed bits of the first and last layer (0: learned like the rest).")
     @click.option("--noise", type=click.Choice(["hist", "uniform"]), default="hist", show_default=True,
                   help="nipq noise: the histogram of the real normalised rounding error, or U(-0.5, 0.5).")
-    @click.option("--epochs", type=int, default=10, show_default=True,
+    @click.option("--epochs", type=Range(1), default=10, show_default=True,
                   help="nipq: noise epochs; lsq: first-phase epochs.")
-    @click.option("--final-epochs", type=int, default=2, show_default=True,
+    @click.option("--final-epochs", type=Range(0), default=2, show_default=True,
                   help="Hard-quantization fine-tuning with frozen bits (STE) at the end (0: none).")
     @click.option("--lr", type=FINITE, default=1e-3, show_default=True, help="Weights: SGD, cosine to 0 per phase.")
     @click.option("--qlr", type=FINITE, default=2e-2, show_default=True,
@@ -80,7 +81,7 @@ def register(cli: click.Group) -> None:
     @click.option("--kd-weight", type=FINITE, default=None, help="KD weight next to CE on labelled data [default: 0].")
     @augment_option()
     @click.option("--batch-size", type=POSITIVE, default=128, show_default=True, help="Training images per SGD step.")
-    @click.option("--seed", type=int, default=0, show_default=True,
+    @click.option("--seed", type=Range(0), default=0, show_default=True,
                   help="Seed of the training image order and of the noise.")
     @click.option("--limit", type=POSITIVE, default=None, metavar="N",
                   help="Train on a seeded, class-stratified sample of N images (a random one for unlabelled data or "
@@ -124,6 +125,7 @@ def register(cli: click.Group) -> None:
         from .models import ModelOptions, load_model
         from .qat import QATConfig, save_qat, summary
         from .qat import train as run_qat
+        from .qat.report import BITS_PNG, QAT_JSON
         from .quant.io import check_output_dir
         from .training import load_training_data
         from .utils import resolve_device
@@ -140,7 +142,7 @@ def register(cli: click.Group) -> None:
                         train_biases=o["train_biases"])
         cfg = cfg.validate()  # bad options fail before the model loads
         dev = resolve_device(o["device"])
-        out = check_output_dir(o["out"], o["overwrite"])
+        out = check_output_dir(o["out"], o["overwrite"], extra=(QAT_JSON, BITS_PNG))
         model = load_model(ModelOptions(o["model"], o["checkpoint"], o["random_weights"], o["mean"], o["std"],
                                         o["input_size"]))
         notes: list[str] = []  # data:/preprocessing: lines (report_data)

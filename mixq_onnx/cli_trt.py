@@ -37,9 +37,11 @@ def register(cli: click.Group) -> None:
                        "layers plus tensors passed in float between non-compute kernels, as `inspect` lists them).")
     @click.option("--json", "as_json", is_flag=True, help="Last stdout line: one JSON object (plan + report).")
     @click.option("-v", "--verbose", is_flag=True, help="Echo the builder's warnings and errors.")
+    @click.option("--overwrite", is_flag=True,
+                  help="Replace an existing --out that is not a plan build wrote (one it wrote is always replaced).")
     def build(onnx_path: str, out: str | None, backend: str | None, batch: str, workspace_mib: int,
               ccs: tuple[str, ...], opt_level: int | None, no_timing_cache: bool, require_int8: float | None,
-              max_handoffs: int | None, as_json: bool, verbose: bool) -> None:
+              max_handoffs: int | None, as_json: bool, verbose: bool, overwrite: bool) -> None:
         """Build a strongly typed engine from a QDQ graph (precision comes only from its Q/DQ nodes).
 
         \b
@@ -57,7 +59,7 @@ def register(cli: click.Group) -> None:
                           timing_cache=not no_timing_cache)
         plan = Path(out) if out else Path(onnx_path).with_suffix(".plan")
         checked = build_checked(onnx_path, plan, cfg, require_int8=require_int8, max_handoffs_limit=max_handoffs,
-                                verbose=verbose)
+                                verbose=verbose, overwrite=overwrite)
         res, rep, ok = checked.result, checked.report, checked.int8_ok
         for w in rep.warnings:
             click.echo(f"warning: {w}", err=True)

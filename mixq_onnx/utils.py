@@ -13,7 +13,7 @@ import shutil
 import socket
 import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -174,11 +174,14 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def check_output_file(path: str | os.PathLike, *, what: str = "--out", inputs: tuple[Any, ...] = (),
-                      refuse_suffixes: tuple[str, ...] = ()) -> Path:
+                      refuse_suffixes: tuple[str, ...] = (),
+                      ours: tuple[str, Callable[[Path], bool]] | None = None, overwrite: bool = False) -> Path:
     """Refuse, before any work, an output file the command could not write or must not write: an empty path,
-    a directory, a path under a regular file or a read-only folder, a suffix in `refuse_suffixes`, or one of
-    the command's own `inputs` (a file, or a folder the output would land inside). Creates nothing: the
-    missing folders are made at write time (`make_parent`)."""
+    a directory, a path under a regular file or a read-only folder, a suffix in `refuse_suffixes`, one of
+    the command's own `inputs` (a file, or a folder the output would land inside), or, with `ours` = (what
+    the command writes, a test that a file is one mixq-onnx wrote), an existing file that fails the test
+    unless `overwrite`: a command replaces what it made, never a user's file of another kind. Creates
+    nothing: the missing folders are made at write time (`make_parent`)."""
     if not str(path).strip():
         raise MixqError(f"{what} is empty: give a file path")
     p = Path(path)
@@ -193,6 +196,14 @@ def check_output_file(path: str | os.PathLike, *, what: str = "--out", inputs: t
             raise MixqError(f"{what} {p} would overwrite the input {i}: write somewhere else")
     if p.suffix.lower() in refuse_suffixes:
         raise MixqError(f"{what} {p} ends in {p.suffix}: pick another name (it would read as the input's kind)")
+    if ours is not None and not overwrite and (p.is_file() or p.is_symlink()):
+        kind, made_here = ours
+        try:
+            mine = p.is_file() and not p.is_symlink() and made_here(p)
+        except Exception:  # noqa: BLE001  (unreadable, truncated, another format: not ours)
+            mine = False
+        if not mine:
+            raise MixqError(f"{what} {p} exists and is not {kind} mixq-onnx wrote: pass --overwrite to replace it")
     check_can_create(p)
     return p
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+import torch
 from conftest import clean_error, one_line_error, random_r20_rtn
 
 from mixq_onnx.calib import cache as C
@@ -300,3 +301,70 @@ def test_calib_folders_made_by_another_process_are_not_ours(tmp_path, monkeypatc
     (root / "other-cache").mkdir()
     R._remove_empty([tmp_path / "a", root.resolve()])
     assert (root / "other-cache").is_dir()
+
+
+def test_export_build_and_robustify_replace_only_what_they_wrote(world, tmp_path, run_cli):
+    """`export --out notes.txt` replaced the user's file with a graph, and so did build and robustify (review,
+    2026-11-30): a command replaces a file it wrote, and anything else only with --overwrite."""
+    from safetensors.torch import save_file
+
+    mine = tmp_path / "notes.onnx"
+    mine.write_text("the user's notes")
+    msg = clean_error(run_cli, [tmp_path, world["q8"]], "export", "--quantized", world["q8"], "--out", mine)
+    assert "exists and is not an ONNX graph mixq-onnx wrote: pass --overwrite" in msg
+    assert mine.read_text() == "the user's notes"
+    graph = tmp_path / "g.onnx"
+    for _ in range(2):  # its own graph: replaced without a flag
+        r = run_cli("export", "--quantized", world["q8"], "--out", graph)
+        assert r.code == 0, r.err
+    r = run_cli("export", "--quantized", world["q8"], "--out", mine, "--overwrite")
+    assert r.code == 0 and onnx.load(str(mine)).producer_name == "mixq-onnx"
+    plan = tmp_path / "user.plan"
+    plan.write_bytes(b"someone else's engine")
+    msg = clean_error(run_cli, [tmp_path], "build", graph, "--out", plan)
+    assert "exists and is not an engine plan mixq-onnx wrote" in msg and plan.read_bytes() == b"someone else's engine"
+    own = tmp_path / "own.plan"
+    for _ in range(2):
+        r = run_cli("build", graph, "--out", own, "--batch", "1:2:4")
+        assert r.code == 0, r.err
+    out = tmp_path / "r.safetensors"
+    save_file({"x": torch.zeros(2)}, str(out))  # a checkpoint robustify did not write
+    msg = clean_error(run_cli, [tmp_path], "robustify", "--model", "cifar_resnet20", "--random-weights", "--data",
+                      world["npz"], "--epochs", "1", "--out", out)
+    assert "exists and is not a checkpoint mixq-onnx wrote" in msg
+    for extra in (["--overwrite"], []):  # then it is robustify's own: replaced without the flag
+        r = run_cli("robustify", "--model", "cifar_resnet20", "--random-weights", "--data", world["npz"], "--epochs",
+                    "1", "--batch-size", "8", "--out", out, "-q", "--threads", "1", *extra)
+        assert r.code == 0, r.err
+
+
+def test_export_refuses_options_that_do_not_apply(world, tmp_path, run_cli):
+    msg = clean_error(run_cli, [tmp_path, world["q8"]], "export", "--quantized", world["q8"], "--block-size", "64",
+                      "--out", tmp_path / "x.onnx")
+    assert "--block-size applies to --int4-weight-only --model" in msg
+    msg = clean_error(run_cli, [tmp_path, world["q8"]], "export", "--quantized", world["q8"], "--fp", "--layout",
+                      "dq-scales", "--out", tmp_path / "x.onnx")
+    assert "--layout applies to the QDQ graph" in msg
+
+
+def test_a_file_of_the_wrong_kind_is_named_as_such(world, tmp_path, run_cli):
+    """Each used to get another stage's message (review, 2026-11-30): "PLAN.json is missing … rebuild" for a
+    graph, a protobuf DecodeError for a plan, "not found" for a folder, "no images" for a cache."""
+    plan = tmp_path / "m.plan"
+    assert run_cli("build", world["onnx8"], "--out", plan, "--batch", "1:2:4").code == 0
+    for args, words in (
+            (["eval", "--engine", world["onnx8"], "--data", world["npz"]], "is an ONNX graph, not a plan"),
+            (["inspect", f"{plan}.json"], "is a plan's PLAN.json: give the plan itself"),
+            (["check", plan], "is an engine plan, not an ONNX graph"),
+            (["check", world["q8"]], "is a folder, not an ONNX graph"),
+            (["export", "--quantized", tmp_path / "nowhere", "--out", tmp_path / "x.onnx"], "does not exist"),
+            (["eval", "--model", "cifar_resnet20", "--checkpoint", world["q8"] / "weights.safetensors", "--data",
+              world["npz"]], f"pass --quantized {world['q8']}"),
+            (["robustify", "--model", "cifar_resnet20", "--random-weights", "--data", world["npz"], "--rho", "-1",
+              "--out", tmp_path / "r.safetensors"], "--rho must be positive, got -1")):
+        msg = clean_error(run_cli, [tmp_path, world["q8"]], *args)
+        assert words in msg, (args, msg)
+    r = run_cli("calib", "--generator", "noise", "--num", "4", "--size", "32", "--cache-root", tmp_path / "c", "-q")
+    msg = clean_error(run_cli, [tmp_path / "c"], "eval", "--model", "cifar_resnet20", "--random-weights", "--data",
+                      r.last_line)
+    assert "is a calibration cache: its images have no labels" in msg

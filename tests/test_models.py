@@ -66,8 +66,11 @@ def test_user_factory_and_overrides(tmp_path):
     m = load_model(f"{f}:make", random_init=True, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), input_size=16)
     pre = get_preprocessing(m)
     assert pre.mean == (0.5, 0.5, 0.5) and pre.input_size == (3, 16, 16)
-    with pytest.raises(MixqError, match="unknown model"):
+    with pytest.raises(MixqError, match="unknown model") as e:
         load_model("definitely_not_a_model")
+    assert "did you mean" not in str(e.value)
+    with pytest.raises(MixqError, match="unknown model 'cifar_resnt20': did you mean cifar_resnet20 or"):
+        load_model("cifar_resnt20")
     with pytest.raises(MixqError, match="--checkpoint"):
         load_model("cifar_resnet20")
     with pytest.raises(MixqError, match="--checkpoint"):

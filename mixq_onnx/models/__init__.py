@@ -255,8 +255,15 @@ def _build(spec: str, checkpoint, random_init: bool, kwargs: dict[str, Any]) -> 
             raise MixqError(f"cannot create timm model {spec}: {type(e).__name__}: {e}") from None
     else:
         hint = " (offline: only local files and cached weights work)" if hf_offline() else ""
+        import difflib
+
+        import timm
+
+        close = difflib.get_close_matches(spec, list(dict.fromkeys([*ZOO, *timm.list_models()])), n=3, cutoff=0.75)
+        guess = f"did you mean {' or '.join(close)}? " if close else ""
         raise MixqError(
-            f"unknown model {spec!r}: use a timm name, one of {', '.join(ZOO)}, or path/to/file.py:factory{hint}"
+            f"unknown model {spec!r}: {guess}give a timm model name (`timm.list_models()`), one of the CIFAR zoo "
+            f"({', '.join(ZOO)}), or user code as path/to/file.py:factory or package.module:factory{hint}"
         )
     return model
 

@@ -27,6 +27,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise MixqError(f"checkpoint not found: {path}")
+    if path.name == "weights.safetensors" and (path.parent / "quant.json").is_file():
+        raise MixqError(f"{path} holds the quantizers of the result folder {path.parent}, not a float checkpoint: "
+                        f"pass --quantized {path.parent} (it records the checkpoint it was made from)")
     try:
         data = path.read_bytes()
     except OSError as e:

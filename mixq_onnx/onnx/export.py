@@ -198,11 +198,21 @@ def finalize_model(model, meta: dict[str, Any]) -> None:
 OTHER_KINDS = (".plan", ".json", ".safetensors", ".npz", ".npy", ".th", ".pt", ".pth")  # never an ONNX graph's name
 
 
-def save_model(model, out: str | os.PathLike) -> Path:
+def written_by_mixq(path: Path) -> bool:
+    """True for an ONNX graph this tool exported (its producer_name): `export` replaces those, nothing else."""
+    import onnx
+
+    return onnx.load_model(str(path), load_external_data=False).producer_name == "mixq-onnx"
+
+
+GRAPH_OURS = ("an ONNX graph", written_by_mixq)  # `check_output_file(ours=...)` of every graph writer
+
+
+def save_model(model, out: str | os.PathLike, overwrite: bool = False) -> Path:
     import onnx
     import onnx_ir as ir
 
-    out = check_output_file(out, refuse_suffixes=OTHER_KINDS)
+    out = check_output_file(out, refuse_suffixes=OTHER_KINDS, ours=GRAPH_OURS, overwrite=overwrite)
     proto = ir.to_proto(model)
     try:
         onnx.checker.check_model(proto, full_check=False)
@@ -217,7 +227,7 @@ def save_model(model, out: str | os.PathLike) -> Path:
 LAYOUTS = ("integer", "dq-scales")
 
 
-def export_qdq(qmodel: nn.Module, out: str | os.PathLike, layout: str = "integer") -> Path:
+def export_qdq(qmodel: nn.Module, out: str | os.PathLike, layout: str = "integer", *, overwrite: bool = False) -> Path:
     """Write the QDQ ONNX graph of a quantized model (from `quantize` or `load_quantized`).
 
     layout "integer" (default): quantized Conv/Gemm/MatMul read their codes and integer weights through
@@ -267,11 +277,11 @@ def export_qdq(qmodel: nn.Module, out: str | os.PathLike, layout: str = "integer
         "mixq.deployable": str(bool(cfg.symmetric) if cfg is not None else True).lower(),
         "mixq.counts": counts,
     })
-    return save_model(model, out)
+    return save_model(model, out, overwrite)
 
 
 def export_int4_weight_only(model: nn.Module, out: str | os.PathLike, block_size: int = 128,
-                            log: Any = None) -> Path:
+                            log: Any = None, *, overwrite: bool = False) -> Path:
     """W4A16 graph for TensorRT's INT4 weight-only GEMMs: Linear weights rounded to nearest on Lp-searched
     block scales (no data needed), convolutions and activations float. Layers whose input features the
     block size does not divide stay float (reported through `log`)."""
@@ -288,24 +298,25 @@ def export_int4_weight_only(model: nn.Module, out: str | os.PathLike, block_size
         log(f"{len(skipped)} of {len(linears)} Linear layers stay float: block size {block_size} does not divide "
             f"their input features ({', '.join(skipped[:3])}{', …' if len(skipped) > 3 else ''})")
     qmodel = quantize(model, QuantConfig.int4_weight_only(block_size), example_input(model), progress=False)
-    return export_qdq(qmodel, out)
+    return export_qdq(qmodel, out, overwrite=overwrite)
 
 
-def export_fp(model: nn.Module, out: str | os.PathLike) -> Path:
+def export_fp(model: nn.Module, out: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """The plain float model (baselines)."""
     m = torch_export(model, with_markers=False)
     global_average_pools(m)
     name_nodes(m)
     finalize_model(m, {"mixq.fp": "true", "mixq.preprocessing": _preprocessing(model)})
-    return save_model(m, out)
+    return save_model(m, out, overwrite)
 
 
 def export_onnx(out: str | os.PathLike, *, quantized: str | os.PathLike | None = None, model: Any = None,
                 fp: bool = False, int4_weight_only: bool = False, block_size: int = 128, layout: str = "integer",
-                trust_model_code: bool = False, log: Any = None) -> Path:
+                trust_model_code: bool = False, log: Any = None, overwrite: bool = False) -> Path:
     """What `mixq-onnx export` writes. A result folder (`quantized`) gives its QDQ graph (its float graph with
     `fp`); a `model` alone (nn.Module or `ModelOptions`) gives the float graph (`fp`) or a round-to-nearest
-    W4A16 graph (`int4_weight_only`)."""
+    W4A16 graph (`int4_weight_only`). An existing `out` is replaced only if it is a graph mixq-onnx exported,
+    or with `overwrite`."""
     from ..models import ModelOptions, load_model
     from ..quant.io import load_result, load_source_model, read_quant_json
 
@@ -315,18 +326,20 @@ def export_onnx(out: str | os.PathLike, *, quantized: str | os.PathLike | None =
     if quantized is None and not ((fp or int4_weight_only) and model is not None):
         raise MixqError("export needs --quantized DIR (or --model with --fp or --int4-weight-only)")
     if quantized is not None and not Path(quantized).is_dir():
-        raise MixqError(f"--quantized {quantized} is not a directory")
+        raise MixqError(f"--quantized {quantized} " + ("is a file, not a result folder" if Path(quantized).exists()
+                                                       else "does not exist"))
     if fp and int4_weight_only:
         raise MixqError("--fp and --int4-weight-only exclude each other")
     if quantized is not None:
         read_quant_json(quantized)  # not a result folder: that is the error, before any about --out
-    check_output_file(out, inputs=(quantized,), refuse_suffixes=OTHER_KINDS)
+    check_output_file(out, inputs=(quantized,), refuse_suffixes=OTHER_KINDS, ours=GRAPH_OURS, overwrite=overwrite)
     if fp:
-        return export_fp(user_model() if model is not None else load_source_model(quantized, trust_model_code), out)
+        return export_fp(user_model() if model is not None else load_source_model(quantized, trust_model_code), out,
+                         overwrite=overwrite)
     if int4_weight_only and quantized is None:
-        return export_int4_weight_only(user_model(), out, block_size=block_size, log=log)
+        return export_int4_weight_only(user_model(), out, block_size=block_size, log=log, overwrite=overwrite)
     if int4_weight_only and not read_quant_json(quantized)["config"].get("block_size"):
         raise MixqError(f"{quantized} is not block-quantized weight-only (quantize --wbits 4 --abits 16 "
                         "--block-size N), so it cannot be exported --int4-weight-only; or pass --model instead")
     _, qmodel = load_result(quantized, model, trust_model_code)
-    return export_qdq(qmodel, out, layout=layout)
+    return export_qdq(qmodel, out, layout=layout, overwrite=overwrite)

@@ -38,12 +38,19 @@ def load_model(path: str | os.PathLike, external_data: bool = True) -> Any:
     import onnx
 
     path = Path(path)
+    if path.is_dir():
+        raise MixqError(f"{path} is a folder, not an ONNX graph (a result folder goes to export --quantized)")
     if not path.is_file():
         raise MixqError(f"ONNX model not found: {path}")
     try:
         return onnx.load(str(path), load_external_data=external_data)
     except Exception as e:  # noqa: BLE001 - any parse failure means the file is not a readable ONNX model
-        raise MixqError(f"cannot read ONNX model {path}: {type(e).__name__}: {' '.join(str(e).split())[:400]}") from None
+        kind = ("an engine plan" if Path(str(path) + ".json").is_file() or path.suffix.lower() == ".plan"
+                else "a JSON file" if path.suffix.lower() == ".json" else None)
+        if kind:
+            raise MixqError(f"{path} is {kind}, not an ONNX graph: give the .onnx from `mixq-onnx export`") from None
+        raise MixqError(f"cannot read ONNX model {path} (not ONNX?): {type(e).__name__}: "
+                        f"{' '.join(str(e).split())[:200]}") from None
 
 
 def _constant_array(node: Any) -> np.ndarray | None:

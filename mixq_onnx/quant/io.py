@@ -137,16 +137,19 @@ def source_record(src: Any) -> dict[str, Any]:
     return rec
 
 
-def check_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Path:
+def check_output_dir(out: str | os.PathLike, overwrite: bool = False, extra: tuple[str, ...] = ()) -> Path:
     """Raise `MixqError` unless `save_quantized(..., out, overwrite=overwrite)` may write there: call it
-    before a long quantization too, so a refusal does not come after the work."""
+    before a long quantization too, so a refusal does not come after the work. `extra`: the other files the
+    command writes there (named in the message)."""
     out = Path(out)
     if out.is_symlink() and not out.exists():
         raise MixqError(f"{out} is a dangling symbolic link; choose another output path")
     if out.exists() and not out.is_dir():
         raise MixqError(f"{out} exists and is not a directory; choose another output path")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise MixqError(f"{out} exists and is not empty; pass --overwrite to replace its {QUANT_JSON} and {WEIGHTS}")
+        names = [QUANT_JSON, WEIGHTS, *extra]
+        raise MixqError(f"{out} exists and is not empty; pass --overwrite to replace its {', '.join(names[:-1])} "
+                        f"and {names[-1]}")
     check_can_create(out)
     return out
 

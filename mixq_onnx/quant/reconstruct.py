@@ -13,6 +13,7 @@ What each method learns in which phase is declared in `mixq_onnx.methods` (the r
 """
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable
@@ -404,11 +405,17 @@ def summarize(report: dict[str, Any]) -> str:
     if report.get("float_layers"):
         lines.append(f"left float (--float-layers): {', '.join(report['float_layers'])}")
     if report["units"]:
+        def num(v: Any, width: int, fmt: str) -> str:  # a number, or a dash where none was measured (NaN)
+            return f"{v:{width}{fmt}}" if isinstance(v, (int, float)) and math.isfinite(v) else f"{'–':>{width}}"
+
         lines.append(f"{'unit':24} {'loss before':>12} {'after':>10} {'gap':>9} {'|g_round|':>10} {'|g_act|':>9} {'it/s':>7}")
         for u in report["units"]:
             gr = u["grad_round"].get("mean", float("nan"))
             ga = u["grad_ascale"].get("mean", float("nan"))
-            lines.append(f"{u['name'][:24]:24} {u['loss_before']:12.4g} {u['loss_after']:10.4g} {u['gen_gap']:9.3g} "
-                         f"{gr:10.3g} {ga:9.3g} {u['iters_per_s']:7.1f}")
+            lines.append(f"{u['name'][:24]:24} {num(u['loss_before'], 12, '.4g')} {num(u['loss_after'], 10, '.4g')} "
+                         f"{num(u['gen_gap'], 9, '.3g')} {num(gr, 10, '.3g')} {num(ga, 9, '.3g')} "
+                         f"{num(u['iters_per_s'], 7, '.1f')}")
+        if not report["holdout"]:
+            lines.append("gap –: no images held out (fewer than 20 calibration images), so no generalisation gap")
     return "\n".join(lines)
 

@@ -59,8 +59,11 @@ class RobustConfig:
             raise MixqError(f"--epochs must be at least 1, got {self.epochs}")
         if self.sam not in (None, "asam"):
             raise MixqError(f"--sam must be asam, got {self.sam!r}")
-        if not (self.lr > 0 and self.rho > 0 and self.batch_size >= 1):
-            raise MixqError("--lr and --rho must be positive and --batch-size at least 1")
+        for opt, v in (("--lr", self.lr), ("--rho", self.rho)):
+            if not v > 0:
+                raise MixqError(f"{opt} must be positive, got {v}")
+        if self.batch_size < 1:
+            raise MixqError(f"--batch-size must be at least 1, got {self.batch_size}")
         check_augment(self.augment)
         check_loss(self.loss)
         return self

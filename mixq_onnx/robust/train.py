@@ -1,6 +1,7 @@
 """`robustify`: fine-tune a float model with SymReg and/or SatNL through the shared training loop."""
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -10,7 +11,15 @@ import torch.nn as nn
 
 from ..errors import MixqError
 from ..training import TrainConfig, TrainData, default_teacher, kd_weight_for, train
-from ..utils import atomic_write_bytes, atomic_write_json, check_output_file, make_parent, sha256_bytes
+from ..utils import (
+    atomic_write_bytes,
+    atomic_write_json,
+    check_output_file,
+    make_parent,
+    read_regular,
+    sha256_bytes,
+    sha256_file,
+)
 from .regularizers import RobustConfig, apply_satnl, remove_satnl, symreg_loss
 
 
@@ -39,16 +48,23 @@ def robustify(model: nn.Module, cfg: RobustConfig, data: TrainData, *, teacher: 
                    "mode": "labelled" if data.labelled else "data-free (KD)"}
 
 
-def check_writable(out: str | os.PathLike, inputs: tuple[Any, ...] = ()) -> Path:
+def written_by_robustify(path: Path) -> bool:
+    """True for a checkpoint `save_checkpoint` wrote: its OUT.json sidecar records the file's sha256."""
+    side = json.loads(read_regular(path.with_name(path.name + ".json")))
+    return isinstance(side, dict) and side.get("sha256") == sha256_file(path)
+
+
+def check_writable(out: str | os.PathLike, inputs: tuple[Any, ...] = (), overwrite: bool = False) -> Path:
     """Refuse, before any training, an output the command could not or must not write (`utils.check_output_file`:
-    also one of `inputs`, such as the checkpoint being fine-tuned); its folders are made when it is written."""
+    also one of `inputs`, such as the checkpoint being fine-tuned, and an existing file that is not a checkpoint
+    robustify wrote, unless `overwrite`); its folders are made when it is written."""
     out = Path(out)
     if out.suffix != ".safetensors":
         raise MixqError(f"--out {out} must end in .safetensors")
-    return check_output_file(out, inputs=inputs)
+    return check_output_file(out, inputs=inputs, ours=("a checkpoint", written_by_robustify), overwrite=overwrite)
 
 
-def save_checkpoint(model: nn.Module, out: str | os.PathLike, report: dict[str, Any]) -> Path:
+def save_checkpoint(model: nn.Module, out: str | os.PathLike, report: dict[str, Any], overwrite: bool = False) -> Path:
     """A plain state dict (safetensors) plus OUT.json (the `report` dict as given, and the checkpoint's
     sha256), each written to a temporary sibling and renamed. `robustify` returns the training report only: a
     caller that wants the recipe in OUT.json puts it into `report` (the CLI adds the config, model, checkpoint,
@@ -58,7 +74,7 @@ def save_checkpoint(model: nn.Module, out: str | os.PathLike, report: dict[str, 
     from ..models import model_source
 
     src = model_source(model)  # never over the checkpoint the model was loaded from (the CLI's rule too)
-    out = check_writable(out, inputs=(src.checkpoint,) if src is not None and src.checkpoint else ())
+    out = check_writable(out, inputs=(src.checkpoint,) if src is not None and src.checkpoint else (), overwrite=overwrite)
     make_parent(out)
     data = save({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()})
     side = out.with_name(out.name + ".json")

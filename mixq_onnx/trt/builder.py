@@ -21,7 +21,15 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import MixqError
-from ..utils import atomic_path, atomic_write_json, check_output_file, make_parent, sha256_bytes, sha256_file
+from ..utils import (
+    atomic_path,
+    atomic_write_json,
+    check_output_file,
+    make_parent,
+    read_regular,
+    sha256_bytes,
+    sha256_file,
+)
 from .backend import BACKENDS, cuda_version, gpu_info, import_backend, make_logger
 from .layers import LayerInfo, parse_builder_log, parse_inspector_json
 
@@ -254,16 +262,24 @@ def _interruptible(trt: Any, config: Any) -> Iterator[Callable[[], bool]]:
             signal.signal(signal.SIGINT, old)
 
 
+def written_by_build(plan: Path) -> bool:
+    """True for a plan `build` wrote: its PLAN.json records the plan's sha256."""
+    meta = json.loads(read_regular(meta_path_for(plan)))
+    return isinstance(meta, dict) and meta.get("plan_sha256") == sha256_file(plan)
+
+
 def build_engine(onnx_path: str | Path, plan_path: str | Path, cfg: BuildConfig | None = None,
-                 verbose: bool = False, accept: Accept | None = None) -> BuildResult:
+                 verbose: bool = False, accept: Accept | None = None, overwrite: bool = False) -> BuildResult:
     """Build `plan_path` (atomically) and `plan_path`.json from a QDQ ONNX graph. `accept(layers, shapes)`
-    judges the engine before anything is written: when it raises, no plan (nor plan.json) is left behind."""
+    judges the engine before anything is written: when it raises, no plan (nor plan.json) is left behind.
+    An existing `plan_path` is replaced only if `build` wrote it, or with `overwrite`."""
     cfg = (cfg or BuildConfig()).validate()
     onnx_path, plan_path = Path(onnx_path), Path(plan_path)
     if not onnx_path.is_file():
         raise MixqError(f"ONNX model not found: {onnx_path}")
     _require_onnx(onnx_path)
-    check_output_file(plan_path, what="the plan", inputs=(onnx_path,), refuse_suffixes=(".onnx", ".json"))
+    check_output_file(plan_path, what="the plan", inputs=(onnx_path,), refuse_suffixes=(".onnx", ".json"),
+                      ours=("an engine plan", written_by_build), overwrite=overwrite)
     trt = import_backend(cfg.backend)
     gpu = gpu_info()
     if cfg.backend == "tensorrt" and gpu is None:
@@ -372,7 +388,7 @@ class CheckedBuild:
 
 def build_checked(onnx_path: str | Path, plan_path: str | Path, cfg: BuildConfig | None = None, *,
                   require_int8: float | None = None, max_handoffs_limit: int | None = None,
-                  verbose: bool = False) -> CheckedBuild:
+                  verbose: bool = False, overwrite: bool = False) -> CheckedBuild:
     """`build_engine` plus the command's checks: more than `max_handoffs_limit` hand-offs refuses the engine
     before anything is written (EngineRefused); an int8 MAC fraction under `require_int8` keeps the plan (it
     is inspectable) and returns `int8_ok` False, which the CLI turns into exit code 1."""
@@ -381,7 +397,7 @@ def build_checked(onnx_path: str | Path, plan_path: str | Path, cfg: BuildConfig
     if require_int8 is not None and not 0 <= require_int8 <= 1:
         raise MixqError(f"--require-int8 must be a fraction between 0 and 1, got {require_int8}")
     accept = max_handoffs(onnx_path, max_handoffs_limit) if max_handoffs_limit is not None else None
-    res = build_engine(onnx_path, plan_path, cfg, verbose=verbose, accept=accept)
+    res = build_engine(onnx_path, plan_path, cfg, verbose=verbose, accept=accept, overwrite=overwrite)
     rep = inspect_plan(plan_path, onnx_path)
     return CheckedBuild(res, rep, require_int8 is None or rep.int8_mac_fraction >= require_int8)
 
@@ -402,9 +418,14 @@ def read_plan_meta(plan_path: str | Path) -> dict[str, Any]:
     plan_path = Path(plan_path)
     if not plan_path.is_file():
         raise MixqError(f"plan not found: {plan_path}")
+    if plan_path.name.endswith(".plan.json") and Path(str(plan_path)[: -len(".json")]).is_file():
+        raise MixqError(f"{plan_path} is a plan's PLAN.json: give the plan itself, {str(plan_path)[: -len('.json')]}")
     mp = meta_path_for(plan_path)
     hint = "rebuild it with `mixq-onnx build MODEL.onnx --out PLAN`"
     if not mp.is_file():
+        from .inspect import refuse_onnx_as_plan
+
+        refuse_onnx_as_plan(plan_path)  # an ONNX graph where the plan belongs: say so, not "PLAN.json is missing"
         raise MixqError(f"{mp} is missing, so the plan's backend and target are unknown: {hint}")
     try:
         meta = json.loads(mp.read_text())
