@@ -86,3 +86,32 @@ def test_prepare_refuses_a_model_it_would_change(monkeypatch):
     monkeypatch.setattr(graph, "layer_weight", lambda layer: getattr(layer, "weight", None))
     with pytest.raises(MixqError, match="differs from the float model by .* before any quantization"):
         prepare(model, QuantConfig(wbits=8, abits=8, method="rtn"))
+
+
+class Twice(nn.Module):
+    """One conv applied to two tensors (tied weights): it cannot have one input quantizer for both."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.conv(torch.relu(self.conv(x))))
+
+
+def test_a_layer_called_twice_stays_float_and_a_nan_weight_is_refused(tmp_path):
+    """A layer called twice passed quantize and failed at export; a NaN weight became an all-zero channel with
+    scale 1 and passed every stage (review, 2026-11-30)."""
+    torch.set_num_threads(1)
+    model = Twice().eval()
+    setattr(model, ATTR, Preprocessing(input_size=(3, 8, 8)))
+    q = quantize(model, QuantConfig(wbits=8, abits=8, method="rtn"), torch.randn(8, 3, 8, 8), progress=False)
+    assert q.mixq_report["unquantized_layers"] == ["conv"]
+    x = torch.randn(4, 3, 8, 8)
+    rep = verify_onnx(export_qdq(q, tmp_path / "t.onnx"), q, (x * 40 + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1))
+    assert rep.top1_agreement == 100.0
+    with torch.no_grad():
+        model.conv.weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(MixqError, match=r"parameter conv.weight of Twice holds NaN or inf"):
+        quantize(model, QuantConfig(wbits=8, abits=8, method="rtn"), torch.randn(8, 3, 8, 8), progress=False)

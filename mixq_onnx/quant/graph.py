@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import operator
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -255,11 +256,14 @@ def _transform(module: nn.Module, prefix: str, leaves: Iterable[nn.Module], cfg:
     gm = trace(module, leaves)
     _fold_graph_bn(gm)
     abits = None if cfg.weight_only else cfg.abits
+    calls = Counter(node.target for node in gm.graph.nodes if node.op == "call_module")
     for node in gm.graph.nodes:
         if node.op != "call_module":
             continue
         m = _get(gm, node.target)
         name = prefix + node.target
+        if calls[node.target] > 1 and isinstance(m, (nn.Conv2d, nn.Linear)):
+            continue  # one layer applied to two inputs would need two input quantizers: float (`unquantized_layers`)
         if isinstance(m, (nn.Conv2d, nn.Linear)) and is_float_layer(name, cfg):
             continue  # --float-layers: stays the float module, with no quantizer
         if isinstance(m, (nn.Conv2d, nn.Linear)) and layer_weight(m) is None:
@@ -644,6 +648,10 @@ def prepare(model: nn.Module, cfg: QuantConfig) -> fx.GraphModule:
     scales are set. Raises MixqError for a model with no quantizable layer."""
     cfg.validate()
     _check_float_layers(model, cfg)
+    bad = next((n for n, p in model.named_parameters() if p.is_floating_point() and not bool(torch.isfinite(p).all())),
+               None)
+    if bad is not None:  # it would quantize to an all-zero channel with scale 1 and pass every later check
+        raise MixqError(f"parameter {bad} of {type(model).__name__} holds NaN or inf: fix the checkpoint first")
     original, model = model, copy.deepcopy(model).eval()
     _disable_fused_attn(model)
     blocks = _find_blocks(model)
