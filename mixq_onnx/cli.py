@@ -784,8 +784,9 @@ def verify(**o: Any) -> None:
     if o["as_json"]:
         _emit_json({**rep.to_dict(), "ok": not failures, "failures": failures})
     else:
-        click.echo(f"layout {rep.layout}; exact run: top-1 agreement {rep.top1_agreement:.2f} % on {rep.n} images, max |diff| "
-                   f"{rep.max_abs_diff:.4g}, mean |diff| {rep.mean_abs_diff:.3g}")
+        ties = f" ({rep.near_ties} near-tie(s) at float rounding)" if rep.near_ties else ""
+        click.echo(f"layout {rep.layout}; exact run: top-1 agreement {rep.top1_agreement:.2f} % on {rep.n} images{ties}, "
+                   f"max |diff| {rep.max_abs_diff:.4g}, mean |diff| {rep.mean_abs_diff:.3g}")
         click.echo(f"integer codes: worst quantizer {100 * rep.code_mismatch_fraction:.4f} % differ on the same input, "
                    f"{100 * rep.segment_code_mismatch:.4f} % teacher-forced, "
                    f"{100 * rep.propagated_code_mismatch:.4f} % end to end (float rounding cascades)")

@@ -16,6 +16,21 @@ import torch.nn as nn
 from ..errors import MixqError
 from .graph import REQUANT_KEY, GraphIndex
 
+TIE_RELATIVE = 1e-4  # a near tie's image differs by at most this fraction of its largest logit (of 1 if smaller)
+
+
+def _near_ties(out: np.ndarray, ref: np.ndarray) -> int:
+    """Images whose top-1 differs only because two of PyTorch's logits are closer than float rounding moved
+    them (softmax, SiLU, LayerNorm run differently in each runtime): not an unfaithful graph."""
+    a, b = out.argmax(1), ref.argmax(1)
+    n = 0
+    for i in np.nonzero(a != b)[0]:
+        d = float(np.abs(out[i] - ref[i]).max())
+        if d <= TIE_RELATIVE * max(float(np.abs(ref[i]).max()), 1.0) and ref[i, b[i]] - ref[i, a[i]] <= d:
+            n += 1
+    return n
+
+
 UNFAITHFUL_STEPS = 0.5  # teacher-forced input difference, in steps, above which a segment is not PyTorch's
 
 
@@ -45,6 +60,9 @@ class VerifyReport:
     per_quantizer_step_diff: dict[str, float] = field(default_factory=dict)
     layout: str = "dq-scales"  # export layout recorded in the graph (integer: bit-exact by construction)
     nan_outputs: int = 0  # output values that are NaN or inf in either runtime (a verdict on its own)
+    # disagreements at a float-rounding tie: PyTorch's two logits closer than the image's own max |diff|, itself
+    # under TIE_RELATIVE of its logits (the verdict counts them as agreeing; a wrong graph's are not small)
+    near_ties: int = 0
     warnings: list[str] = field(default_factory=list)
     subset: str | None = None  # which images (`verify_data`: all N, or the seeded sample `limit` drew)
 
@@ -59,8 +77,10 @@ class VerifyReport:
         bad = []
         if self.nan_outputs:
             bad.append(f"{self.nan_outputs} output values are NaN or inf")
-        if not self.top1_agreement >= min_agreement:
-            bad.append(f"exact-run top-1 agreement {self.top1_agreement:.2f} % is below {min_agreement:g} %")
+        beyond_ties = self.top1_agreement + 100.0 * self.near_ties / max(self.n, 1)
+        if not beyond_ties >= min_agreement:
+            bad.append(f"exact-run top-1 agreement {self.top1_agreement:.2f} % is below {min_agreement:g} %"
+                       + (f" ({beyond_ties:.2f} % with its {self.near_ties} near-tie(s))" if self.near_ties else ""))
         if self.segment_step_diff > UNFAITHFUL_STEPS:
             bad.append(f"teacher-forced run: the input of {self.worst_segment} differs from PyTorch's by "
                        f"{self.segment_step_diff:.3g} of a quantization step (a Q/DQ or an op that is not PyTorch's)")
@@ -243,7 +263,7 @@ def verify_onnx(path: str | os.PathLike, qmodel: nn.Module, images: torch.Tensor
         return ((oc - m.zero_point) * scale).to(out.dtype)  # continue from onnxruntime's codes
 
     hooks = [q.register_forward_hook(lambda m, a, o, name=name: hook(m, a, o, name)) for name, q in acts.items()]
-    agree = agree_opt = agree_forced = 0
+    agree = agree_opt = agree_forced = ties = 0
     maxd = maxd_opt = maxd_forced = 0.0
     sumd = 0.0
     nel = nonfinite = 0
@@ -267,6 +287,7 @@ def verify_onnx(path: str | os.PathLike, qmodel: nn.Module, images: torch.Tensor
             by_q.clear()
             o2 = opt.run(None, {in_name: x.numpy()})[0]
             agree += int((out.argmax(1) == ref.argmax(1)).sum())
+            ties += _near_ties(out, ref)
             agree_opt += int((o2.argmax(1) == ref.argmax(1)).sum())
             d = np.abs(out - ref)
             nonfinite += int((~np.isfinite(out)).sum() + (~np.isfinite(ref)).sum())
@@ -288,7 +309,7 @@ def verify_onnx(path: str | os.PathLike, qmodel: nn.Module, images: torch.Tensor
     seg = {k: (mism_seg[k] / total[k] if total[k] else 0.0) for k in acts}
     worst = max(step, key=step.get) if step else None
     rep = VerifyReport(
-        n=n, top1_agreement=100.0 * agree / n, max_abs_diff=maxd, mean_abs_diff=sumd / max(nel, 1),
+        n=n, top1_agreement=100.0 * agree / n, near_ties=ties, max_abs_diff=maxd, mean_abs_diff=sumd / max(nel, 1),
         code_mismatch_fraction=max(per.values()) if per else 0.0,
         propagated_code_mismatch=max(prop.values()) if prop else 0.0,
         per_quantizer=per, per_quantizer_propagated=prop,
