@@ -84,28 +84,42 @@ def _csv(ctx, param, value: str | None) -> tuple[str, ...] | None:
     return items
 
 
-@click.group(context_settings=CONTEXT)
+STAGES = {  # the pipeline's order and one line each: `mixq-onnx --help` lists the commands so
+    "calib": "make a calibration cache (mixup-class diffusion prompts, BN inversion, real, noise)",
+    "cache": "list, inspect, verify or remove calibration caches",
+    "quantize": "learn rounding and step sizes on a cache (rtn, adaround, brecq, qdrop, genie)",
+    "robustify": "fine-tune a float checkpoint with SymReg / SatNL to survive low bit-widths",
+    "sweep": "quantize checkpoints at every bit-width x method: table and plot of top-1",
+    "qat": "quantization-aware training: NIPQ learned mixed precision under a budget, or LSQ",
+    "eval": "top-1/top-5 of a float or quantized model, and agreement with the float model",
+    "export": "TensorRT-ready QDQ ONNX of a quantized model (or the float model with --fp)",
+    "check": "onnx.checker, shape inference and a TensorRT QDQ rules lint",
+    "verify": "onnxruntime against the PyTorch fake-quant model: agreement, integer-code mismatch",
+    "build": "TensorRT / TensorRT-RTX engine (strongly typed: precision only from Q/DQ) + PLAN.json",
+    "inspect": "per-layer engine precision: Int8 MAC share, INT4-weight GEMMs, fallbacks",
+    "run": "inference through an engine (NVIDIA GPU)",
+    "bench": "engine latency against an FP16 engine and onnxruntime (NVIDIA GPU)",
+}
+
+
+class _Stages(click.Group):
+    """The top-level group: commands in pipeline order with their one-line `STAGES` description (one list)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        names = super().list_commands(ctx)
+        return [n for n in STAGES if n in names] + [n for n in names if n not in STAGES]
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(n, STAGES.get(n) or self.get_command(ctx, n).get_short_help_str(80)) for n in self.list_commands(ctx)]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+@click.group(cls=_Stages, context_settings=CONTEXT)
 @click.version_option(__version__, "-V", "--version", prog_name="mixq-onnx")
 def cli() -> None:
-    """mixq-onnx: quantize vision networks to low bit-widths without their training data.
-
-    \b
-    Stages:
-      calib     make a calibration cache (mixup-class diffusion prompts, BN inversion, real, noise)
-      cache     list, inspect, verify or remove calibration caches
-      quantize  learn rounding and step sizes on a cache (rtn, adaround, brecq, qdrop, genie)
-      robustify fine-tune a float checkpoint with SymReg / SatNL to survive low bit-widths
-      sweep     quantize checkpoints at every bit-width x method: table and plot of top-1
-      qat       quantization-aware training: NIPQ learned mixed precision under a budget, or LSQ
-      eval      top-1/top-5 of a float or quantized model, and agreement with the float model
-      export    TensorRT-ready QDQ ONNX of a quantized model (or the float model with --fp)
-      check     onnx.checker, shape inference and a TensorRT QDQ rules lint
-      verify    onnxruntime against the PyTorch fake-quant model: agreement, integer-code mismatch
-      build     TensorRT / TensorRT-RTX engine (strongly typed: precision only from Q/DQ) + PLAN.json
-      inspect   per-layer engine precision: Int8 MAC share, INT4-weight GEMMs, fallbacks
-      run       inference through an engine (NVIDIA GPU)
-      bench     engine latency against an FP16 engine and onnxruntime (NVIDIA GPU)
-    """
+    """mixq-onnx: quantize vision networks to low bit-widths without their training data. Every command has
+    its own --help; bad input exits 2 with one `error:` line."""
 
 
 # --------------------------------------------------------------------------- calib

@@ -150,7 +150,9 @@ def configure(threads: int | None = None) -> str:
 
         torch.set_num_threads(max(1, n))
         _GOVERNOR = None
-        return f"threads: {n} ({'--threads' if threads is not None else 'OMP_NUM_THREADS'})"
+        cores = usable_cores()
+        over = f"; more than the {cores} usable cores, which slows it down" if n > cores else ""
+        return f"threads: {n} ({'--threads' if threads is not None else 'OMP_NUM_THREADS'}{over})"
     _GOVERNOR = Governor(usable_cores())
     n = _GOVERNOR.measure()
     return f"threads: {n} of {_GOVERNOR.max_threads} (auto: follows the idle cores; --threads N to fix)"
