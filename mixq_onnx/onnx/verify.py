@@ -102,6 +102,10 @@ def ort_session(path: Path | str, optimized: bool, extra_outputs: list[str] | No
     so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimized
                                    else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     so.log_severity_level = 3
+    # onnxruntime's own pool would spin on every core beside torch's: it gets the threads torch was given
+    # (--threads / the automatic count), and no inter-op pool
+    so.intra_op_num_threads = max(1, torch.get_num_threads())
+    so.inter_op_num_threads = 1
     try:
         if extra_outputs:
             m = expose_outputs(onnx.load(str(path)), extra_outputs)

@@ -101,6 +101,96 @@ def _capture(model: nn.Module, module: nn.Module, data: torch.Tensor, bs: int = 
     return torch.cat(ins), (torch.cat(outs) if want_out else None)
 
 
+class _ResumedCapture:
+    """`_capture` for quantize's unit loop without re-running the network's prefix for every unit.
+
+    Between two captures of the same kind the prefix does not change: the float pass (every quantizer off)
+    never does, and the quantized pass changes only at the unit just reconstructed. So each batch's live
+    values are kept where the last capture stopped (after the unit's output for the float pass, at its input for
+    the quantized pass, since that unit has been finalized since) and the next capture resumes there: the same
+    modules on the same batch slices in the same order, so the same tensors, bit for bit
+    (`tests/test_quantize.py`). Each resume first checks that nothing before it changed since (the state of every
+    enabled quantizer, every other parameter's version); a unit that is not a node of the top-level graph (a
+    layer inside a block) falls back to `_capture`. Memory: the live values at one point per batch and kind."""
+
+    def __init__(self, gm: nn.Module, data: torch.Tensor, bs: int = 256):
+        import torch.fx as fx
+
+        self.gm, self.data, self.bs = gm, data, bs
+        self.graph = gm if isinstance(gm, fx.GraphModule) else None
+        self.interp = fx.Interpreter(gm, garbage_collect_values=False) if self.graph is not None else None
+        self.nodes = list(self.graph.graph.nodes) if self.graph is not None else []
+        self.last_use: dict[Any, int] = {}
+        for i, n in enumerate(self.nodes):
+            for a in n.all_input_nodes:
+                self.last_use[a] = i
+        # want_out -> (resume index, env per batch, fingerprint of the prefix before it)
+        self.saved: dict[bool, tuple[int, list[dict[Any, Any]], tuple]] = {}
+
+    def _fingerprint(self, stop: int) -> tuple:
+        """What the nodes before `stop` compute with: every quantizer's on/off state (and, when on, its tensors'
+        identities and versions), and every other parameter's and buffer's."""
+        out: list[Any] = []
+        for n in self.nodes[:stop]:
+            if n.op not in ("call_module", "get_attr"):
+                continue
+            m = self.interp.fetch_attr(n.target)  # type: ignore[union-attr]
+            if not isinstance(m, nn.Module):
+                out.append((n.target, id(m), getattr(m, "_version", None)))
+                continue
+            for sub in m.modules():
+                if isinstance(sub, (ActQuantizer, WeightQuantizer)):
+                    on = bool(sub.enabled) and bool(sub.initialized)
+                    out.append((id(sub), on, getattr(sub, "mode", None) if on else None))
+                    if on:
+                        out.extend((id(t), t._version) for t in (*sub.parameters(), *sub.buffers(),
+                                                                 *([sub.int_weight] if isinstance(getattr(sub, "int_weight", None), torch.Tensor) else [])))
+                    continue
+                out.extend((id(t), t._version) for t in (*sub.parameters(recurse=False), *sub.buffers(recurse=False)))
+        return tuple(out)
+
+    def _index(self, module: nn.Module) -> int | None:
+        for i, n in enumerate(self.nodes):
+            if n.op == "call_module" and self.interp.fetch_attr(n.target) is module:  # type: ignore[union-attr]
+                return i
+        return None
+
+    def __call__(self, module: nn.Module, want_out: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        k = self._index(module) if self.interp is not None else None
+        if k is None or self.nodes[0].op != "placeholder" or sum(n.op == "placeholder" for n in self.nodes) != 1:
+            self.saved.clear()  # the next resumable capture starts from the input again
+            return _capture(self.gm, module, self.data, self.bs, want_out)
+        interp, node = self.interp, self.nodes[k]
+        assert interp is not None
+        prev = self.saved.get(want_out)
+        if prev is not None and (prev[0] > k or prev[2] != self._fingerprint(prev[0])):
+            prev = None  # something before the saved point changed: run from the input
+        ins: list[torch.Tensor] = []
+        outs: list[torch.Tensor] = []
+        envs: list[dict[Any, Any]] = []
+        with torch.no_grad():
+            for b, s in enumerate(range(0, len(self.data), self.bs)):
+                if prev is not None:
+                    start, env = prev[0], dict(prev[1][b])
+                else:
+                    start, env = 1, {self.nodes[0]: self.data[s:s + self.bs]}
+                interp.env = env
+                for n in self.nodes[start:k]:
+                    env[n] = interp.run_node(n)
+                args = interp.map_nodes_to_values(node.args, node)
+                kwargs = interp.map_nodes_to_values(node.kwargs, node)
+                ins.append(args[0].detach())
+                keep_from = k
+                if want_out:
+                    out = module(*args, **kwargs)
+                    outs.append(out.detach())
+                    env[node] = out
+                    keep_from = k + 1
+                envs.append({n: v for n, v in env.items() if self.last_use.get(n, -1) >= keep_from})
+        self.saved[want_out] = (keep_from, envs, self._fingerprint(keep_from))
+        return torch.cat(ins), (torch.cat(outs) if want_out else None)
+
+
 def _rec_loss(out: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
     """Squared error summed over channels/features, averaged over everything else (BRECQ's lp_loss)."""
     d = (out - tgt).pow(2)
@@ -351,14 +441,15 @@ def quantize(model: nn.Module, cfg: QuantConfig, calib: Any, *, progress: bool =
             _finalize_unit(u)
     else:
         all_units = _units_for(gm, method)
+        capture = _ResumedCapture(gm, calib)
         with progress_bar(len(all_units), name, "unit", enabled=progress) as bar:
             for i, unit in enumerate(all_units):
                 t0 = time.perf_counter()
                 bar.set_postfix_str(unit.name)
                 set_quant_state(gm, weights=False, acts=False)
-                fp_in, fp_out = _capture(gm, unit.module, calib, want_out=True)
+                fp_in, fp_out = capture(unit.module, want_out=True)
                 _set_units_enabled(all_units, i)
-                q_in, _ = _capture(gm, unit.module, calib)
+                q_in, _ = capture(unit.module)
                 for q in unit.weight_quantizers() + unit.act_quantizers():
                     q.enabled = True
                 if cfg.weight_only:
