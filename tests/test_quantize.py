@@ -173,7 +173,8 @@ def test_cli_model_without_quantizable_layer(tmp_path, run_cli, noise_cache):
 @pytest.mark.parametrize("method", ["qdrop", "adaround"])
 def test_resumed_captures_are_the_full_ones_bit_for_bit(method, monkeypatch):
     """quantize keeps each batch's live values where the last capture stopped instead of re-running the
-    network's prefix for every unit (2x less CPU at 1,024 images, docs/benchmarks.md section quantize-speed);
+    network's prefix for every unit (about half the CPU at 1,024 images; docs/benchmarks.md, section
+    quantize-speed);
     the result must be the same bytes as capturing from the input every time. adaround's units are layers
     inside blocks: it falls back to full captures."""
     import mixq_onnx.quant.reconstruct as R
