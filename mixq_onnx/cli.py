@@ -438,6 +438,9 @@ def quantize(**o: Any) -> None:
     clock.append(("load_model", time.perf_counter()))
     ds = load_calibration(o["calib_ref"], model, o["cache_root"])
     clock.append(("load_calibration", time.perf_counter()))
+    note = ds.made_from(model)
+    if note:
+        click.echo(note, err=True)
     report_data(ds.preprocessing, tuple(ds.images.shape[1:3]), ds.subset(cfg.resolved().num_samples),
                 log=lambda m: click.echo(m, err=True), quiet=o["quiet"])
     qmodel = run_quantize(model.to(dev), cfg, ds, progress=not o["quiet"])  # records the cache's provenance

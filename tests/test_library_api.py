@@ -198,3 +198,18 @@ def test_save_checkpoint_never_overwrites_the_checkpoint_the_model_came_from(wor
         save_checkpoint(model, ck, {})
     assert ck.read_bytes() == before
     assert save_checkpoint(model, tmp_path / "new.safetensors", {}).is_file()
+
+
+def test_an_inversion_cache_says_which_network_it_came_from(tmp_path):
+    """quantizing ResNet-56 on ResNet-20's inversion cache ran without a word (review, 2026-11-30)."""
+    from mixq_onnx.calib import CalibrationSet
+
+    torch.manual_seed(0)
+    r20 = load_model("cifar_resnet20", random_init=True)
+    cache = make_calibration_cache(CalibConfig(generator="inversion", num=4, classes="cifar10",
+                                               options={"iters": 1}), tmp_path, model=r20, progress=False,
+                                   log=lambda _m: None)
+    assert CalibrationSet(cache, r20).made_from(r20) is None
+    other = load_model("cifar_resnet32", random_init=True)
+    note = CalibrationSet(cache, other).made_from(other)
+    assert note is not None and "BN inversion of cifar_resnet20" in note

@@ -60,6 +60,21 @@ class CalibrationSet(Dataset):
             return f"all {used} images of cache {self.path.name}"
         return f"{used} of {len(self)} images of cache {self.path.name} (the first {used}, in the cache's seeded order)"
 
+    def made_from(self, model: nn.Module) -> str | None:
+        """A note when the cache was synthesised from another network's BatchNorm statistics than `model`'s
+        (inversion images fit the network they were inverted from); None otherwise."""
+        from ..models import model_source
+
+        recipe = C.load_manifest(self.path)["recipe"]
+        src, mine = recipe.get("model"), model_source(model)
+        if recipe.get("generator", {}).get("name") != "inversion" or not isinstance(src, dict) or mine is None:
+            return None
+        if src.get("spec") == mine.spec and src.get("checkpoint_sha256") == mine.checkpoint_sha256:
+            return None
+        sha = src.get("checkpoint_sha256") or ""
+        return (f"note: {self.path.name} was synthesised by BN inversion of {src.get('spec')}"
+                f"{f' (checkpoint {sha[:12]}…)' if sha else ''}, not of this model: its images fit that network")
+
     def provenance(self, used: int | None = None) -> dict[str, Any]:
         """What `quant.json` records about the calibration data: the cache, its recipe hash, images used."""
         return {"cache": str(self.path.resolve()), "hash": self.path.name, "images": len(self) if used is None else used}
