@@ -248,7 +248,7 @@ def cache_ls(cache_root: str | None, as_json: bool) -> None:
         return
     click.echo(f"{'hash':16}  {'status':10}  {'generator':9}  {'prompts':11}  {'images':>7}  {'shards':>7}  {'MB':>8}")
     for r in rows:
-        click.echo(f"{r['hash']:16}  {r['status']:10}  {str(r['generator']):9}  {str(r['prompts']):11}  "
+        click.echo(f"{r['hash']:16}  {r['status']:10}  {str(r['generator']):9}  {r['prompts'] or '–':11}  "
                    f"{r['images']:>7}  {r['shards']:>7}  {r['size_mb']:>8}"
                    + (f"  ({r['reason']})" if "reason" in r else ""))
 
@@ -265,8 +265,10 @@ def cache_info(ref: str, cache_root: str | None, as_json: bool) -> None:
     out = {**ci.summary(), "recipe": ci.recipe}
     if as_json:
         _emit_json(out)
-    else:
-        click.echo(json.dumps(out, indent=2, sort_keys=True))
+    else:  # the summary as lines, then the recipe (what the hash covers) as indented JSON
+        for k, v in ci.summary().items():
+            click.echo(f"{k + ':':10} {'–' if v is None else v}")
+        click.echo("recipe:\n" + json.dumps(ci.recipe, indent=2, sort_keys=True))
 
 
 @cache.command("verify", context_settings=CONTEXT)
