@@ -42,18 +42,21 @@ FINITE = FiniteFloat()
 class Range(click.IntRange):
     """An integer option checked while the command line is parsed, before the command imports torch (a bad
     --wbits answered after 7 s), in the library's words ("--wbits must be between 2 and 8, got 9"), with the
-    range in --help. `also`: values allowed outside it, explained by `why`."""
+    range in --help. `also`: values allowed outside it, explained by `why`; `between` False words a bounded range
+    as "at least A and at most B" (calib's counts, as its library says it)."""
 
-    def __init__(self, lo: int, hi: int | None = None, also: tuple[int, ...] = (), why: str = ""):
+    def __init__(self, lo: int, hi: int | None = None, also: tuple[int, ...] = (), why: str = "",
+                 between: bool = True):
         super().__init__(lo, hi)
-        self.also, self.why = also, why
+        self.also, self.why, self.between = also, why, between
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         v = click.INT.convert(value, param, ctx)
         if v in self.also or (self.min <= v and (self.max is None or v <= self.max)):
             return v
         name = max(param.opts, key=len) if param is not None else "value"
-        span = f"between {self.min} and {self.max}" if self.max is not None else f"at least {self.min}"
+        span = (f"at least {self.min}" if self.max is None else f"between {self.min} and {self.max}" if self.between
+                else f"at least {self.min} and at most {self.max}")
         other = f", or {' or '.join(map(str, self.also))}{f' ({self.why})' if self.why else ''}" if self.also else ""
         raise click.UsageError(f"{name} must be {span}{other}, got {v}", ctx)
 

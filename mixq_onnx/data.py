@@ -97,7 +97,9 @@ def read_labelled(path: str | os.PathLike, size: int | None = None, limit: int |
             xt = xt.expand(-1, -1, -1, 3)
         return LabelledData(xt, torch.from_numpy(np.asarray(y, dtype=np.int64)), subset,
                             (int(x.shape[1]), int(x.shape[2])))
-    if p.is_dir() and ((p / "manifest.json").is_file() or (p / "recipe.json").is_file()):
+    from .calib.cache import is_cache_dir
+
+    if p.is_dir() and is_cache_dir(p):
         raise MixqError(f"{p} is a calibration cache: its images have no labels to judge against; give labelled "
                         "images (an npz with x and y, or a folder per class)")
     files, labels, _ = folder_files(p)
