@@ -54,6 +54,7 @@ def main() -> None:
     ap.add_argument("--before-ref", default="fc29eea")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--iters", type=int, default=100, help="qdrop iterations per unit")
+    ap.add_argument("--note", default="", help="A sentence for the section (e.g. what else ran on the machine).")
     a = ap.parse_args()
     shared = shared_root()
     ck = str(shared / "models" / "resnet20-12fca82f.th")
@@ -104,8 +105,7 @@ def main() -> None:
         "network's prefix twice per unit), keeps freed tensors in the process (glibc `mallopt`; "
         "`MIXQ_MALLOC_TUNE=0` turns it off) and gives verify's onnxruntime sessions torch's thread count. "
         "*same output*: the weights' sha256 (quantize) and the JSON report (eval; verify's agreement, max |diff| "
-        "and code mismatch) are equal on both sides. Measured while the test suite ran beside it on the 2 "
-        "cores: read the ratios, not the seconds.",
+        "and code mismatch) are equal on both sides." + (f" {a.note}" if a.note else ""),
         "",
         "| command | before s | after s | ratio after/before (medians) | same output |",
         "|---|---|---|---:|---|",
