@@ -93,7 +93,7 @@ def emit_json(obj: Any) -> None:
 def tune_malloc() -> bool:
     """Keep freed tensors in the process instead of handing each one back to the OS (glibc's defaults unmap
     every allocation over its mmap threshold on free, so the next one of that size faults in zeroed pages
-    again): less wall time for quantize, eval and verify, the same bytes out, somewhat more peak memory
+    again): less wall time for quantize and eval, the same bytes out, somewhat more peak memory
     (docs/benchmarks.md, section quantize-speed). glibc only; MIXQ_MALLOC_TUNE=0 turns it off."""
     if os.environ.get("MIXQ_MALLOC_TUNE", "1").strip() == "0":
         return False
