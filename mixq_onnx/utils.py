@@ -55,6 +55,13 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def sidecar_vouches(path: str | os.PathLike, key: str) -> bool:
+    """True when PATH.json, the sidecar mixq-onnx writes beside a file it made (a plan's PLAN.json, a
+    checkpoint's OUT.json), records PATH's sha256 under `key`: the file is one this tool wrote, unchanged."""
+    rec = json.loads(read_regular(f"{os.fspath(path)}.json"))
+    return isinstance(rec, dict) and rec.get(key) == sha256_file(path)
+
+
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 

@@ -1,7 +1,6 @@
 """`robustify`: fine-tune a float model with SymReg and/or SatNL through the shared training loop."""
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -16,9 +15,8 @@ from ..utils import (
     atomic_write_json,
     check_output_file,
     make_parent,
-    read_regular,
     sha256_bytes,
-    sha256_file,
+    sidecar_vouches,
 )
 from .regularizers import RobustConfig, apply_satnl, remove_satnl, symreg_loss
 
@@ -48,12 +46,6 @@ def robustify(model: nn.Module, cfg: RobustConfig, data: TrainData, *, teacher: 
                    "mode": "labelled" if data.labelled else "data-free (KD)"}
 
 
-def written_by_robustify(path: Path) -> bool:
-    """True for a checkpoint `save_checkpoint` wrote: its OUT.json sidecar records the file's sha256."""
-    side = json.loads(read_regular(path.with_name(path.name + ".json")))
-    return isinstance(side, dict) and side.get("sha256") == sha256_file(path)
-
-
 def check_writable(out: str | os.PathLike, inputs: tuple[Any, ...] = (), overwrite: bool = False) -> Path:
     """Refuse, before any training, an output the command could not or must not write (`utils.check_output_file`:
     also one of `inputs`, such as the checkpoint being fine-tuned, and an existing file that is not a checkpoint
@@ -61,7 +53,8 @@ def check_writable(out: str | os.PathLike, inputs: tuple[Any, ...] = (), overwri
     out = Path(out)
     if out.suffix != ".safetensors":
         raise MixqError(f"--out {out} must end in .safetensors")
-    return check_output_file(out, inputs=inputs, ours=("a checkpoint", written_by_robustify), overwrite=overwrite)
+    return check_output_file(out, inputs=inputs, ours=("a checkpoint", lambda p: sidecar_vouches(p, "sha256")),
+                             overwrite=overwrite)
 
 
 def save_checkpoint(model: nn.Module, out: str | os.PathLike, report: dict[str, Any], overwrite: bool = False) -> Path:

@@ -26,9 +26,9 @@ from ..utils import (
     atomic_write_json,
     check_output_file,
     make_parent,
-    read_regular,
     sha256_bytes,
     sha256_file,
+    sidecar_vouches,
 )
 from .backend import BACKENDS, cuda_version, gpu_info, import_backend, make_logger
 from .layers import LayerInfo, parse_builder_log, parse_inspector_json
@@ -262,12 +262,6 @@ def _interruptible(trt: Any, config: Any) -> Iterator[Callable[[], bool]]:
             signal.signal(signal.SIGINT, old)
 
 
-def written_by_build(plan: Path) -> bool:
-    """True for a plan `build` wrote: its PLAN.json records the plan's sha256."""
-    meta = json.loads(read_regular(meta_path_for(plan)))
-    return isinstance(meta, dict) and meta.get("plan_sha256") == sha256_file(plan)
-
-
 def build_engine(onnx_path: str | Path, plan_path: str | Path, cfg: BuildConfig | None = None,
                  verbose: bool = False, accept: Accept | None = None, overwrite: bool = False) -> BuildResult:
     """Build `plan_path` (atomically) and `plan_path`.json from a QDQ ONNX graph. `accept(layers, shapes)`
@@ -279,7 +273,7 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, cfg: BuildConfig 
         raise MixqError(f"ONNX model not found: {onnx_path}")
     _require_onnx(onnx_path)
     check_output_file(plan_path, what="the plan", inputs=(onnx_path,), refuse_suffixes=(".onnx", ".json"),
-                      ours=("an engine plan", written_by_build), overwrite=overwrite)
+                      ours=("an engine plan", lambda p: sidecar_vouches(p, "plan_sha256")), overwrite=overwrite)
     trt = import_backend(cfg.backend)
     gpu = gpu_info()
     if cfg.backend == "tensorrt" and gpu is None:
