@@ -25,6 +25,7 @@ from .cli_common import (
     augment_option,
     compute_command,
     trust_model_code_option,
+    warn_unquantized,
 )
 from .cli_common import emit_json as _emit_json
 from .cli_qat import register as _register_qat
@@ -440,7 +441,7 @@ def quantize(**o: Any) -> None:
                 log=lambda m: click.echo(m, err=True), quiet=o["quiet"])
     qmodel = run_quantize(model.to(dev), cfg, ds, progress=not o["quiet"])  # records the cache's provenance
     clock.append(("quantize", time.perf_counter()))
-    _warn_unquantized(qmodel.mixq_report.get("unquantized_layers", ()))
+    warn_unquantized(qmodel.mixq_report.get("unquantized_layers", ()))
     save_quantized(qmodel.cpu(), out, overwrite=o["overwrite"])
     clock.append(("save", time.perf_counter()))
     if not o["quiet"]:
@@ -448,15 +449,6 @@ def quantize(**o: Any) -> None:
     click.echo(str(out))
     if o["as_json"]:
         _emit_json(_quantize_json(out, qmodel.mixq_report, clock))
-
-
-def _warn_unquantized(names: Any) -> None:
-    """One warning naming the conv/linear-like layers quantize left float without being asked."""
-    if names:
-        few = ", ".join(names[:5]) + (f", … ({len(names)} in all)" if len(names) > 5 else "")
-        click.echo(f"warning: {len(names)} conv/linear-like layer(s) stay float (a type or forward mixq-onnx does not "
-                   f"quantize): {few}; name them in --float-layers to accept that, check INT8 coverage with "
-                   "build --require-int8", err=True)
 
 
 def _finite(obj: Any) -> Any:

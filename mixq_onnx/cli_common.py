@@ -90,6 +90,15 @@ def emit_json(obj: Any) -> None:
     click.echo(json.dumps(obj, sort_keys=True))
 
 
+def warn_unquantized(names: Any) -> None:
+    """One warning naming the conv/linear-like layers quantize left float without being asked."""
+    if names:
+        few = ", ".join(names[:5]) + (f", … ({len(names)} in all)" if len(names) > 5 else "")
+        click.echo(f"warning: {len(names)} conv/linear-like layer(s) stay float (a type or forward mixq-onnx does not "
+                   f"quantize): {few}; name them in --float-layers to accept that, check INT8 coverage with "
+                   "build --require-int8", err=True)
+
+
 def tune_malloc() -> bool:
     """Keep freed tensors in the process instead of handing each one back to the OS (glibc's defaults unmap
     every allocation over its mmap threshold on free, so the next one of that size faults in zeroed pages

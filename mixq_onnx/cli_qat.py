@@ -8,7 +8,16 @@ from typing import Any
 
 import click
 
-from .cli_common import BITS, CONTEXT, FINITE, POSITIVE, Range, augment_option, compute_command
+from .cli_common import (
+    BITS,
+    CONTEXT,
+    FINITE,
+    POSITIVE,
+    Range,
+    augment_option,
+    compute_command,
+    warn_unquantized,
+)
 from .registry import LOSSES
 
 #: The model flags, taken from `robustify` so both commands spell and document them the same way.
@@ -153,6 +162,7 @@ def register(cli: click.Group) -> None:
                 click.echo(line, err=True)
         torch.manual_seed(cfg.seed)
         qmodel = run_qat(model, cfg, data, progress=not o["quiet"], device=dev).cpu()
+        warn_unquantized(qmodel.mixq_report.get("unquantized_layers", ()))
         for line in notes:
             if not o["quiet"] and not line.startswith("warning:"):
                 click.echo(line, err=True)

@@ -115,3 +115,27 @@ def test_a_layer_called_twice_stays_float_and_a_nan_weight_is_refused(tmp_path):
         model.conv.weight[0, 0, 0, 0] = float("nan")
     with pytest.raises(MixqError, match=r"parameter conv.weight of Twice holds NaN or inf"):
         quantize(model, QuantConfig(wbits=8, abits=8, method="rtn"), torch.randn(8, 3, 8, 8), progress=False)
+
+
+def test_qat_names_the_layers_it_leaves_float_as_quantize_does():
+    """qat's report had no `unquantized_layers` and its command no warning (review, 2026-11-30)."""
+    from mixq_onnx.qat import QATConfig
+    from mixq_onnx.qat import train as qat_train
+    from mixq_onnx.training import TrainData
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.ConvTranspose2d(8, 8, 2, stride=2), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, padding=1), nn.Flatten(), nn.Linear(8 * 16 * 16, 10)).eval()
+    setattr(model, ATTR, Preprocessing(input_size=(3, 8, 8)))
+    data = TrainData(torch.randn(16, 3, 8, 8), None, "random")
+    for cfg in (QATConfig(method="lsq", wbits=4, abits=4, epochs=1, final_epochs=0, batch_size=8),
+                QATConfig(target_bits=4.0, epochs=1, final_epochs=0, batch_size=8, first_last_bits=None)):
+        q = qat_train(model, cfg, data, progress=False)
+        assert q.mixq_report["unquantized_layers"] == ["2"], cfg.method
+        assert q.mixq_qat_report["unquantized_layers"] == ["2"]
+    plain = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 8 * 8, 10)).eval()
+    setattr(plain, ATTR, Preprocessing(input_size=(3, 8, 8)))
+    q = qat_train(plain, QATConfig(method="lsq", wbits=4, abits=4, epochs=1, final_epochs=0, batch_size=8), data,
+                  progress=False)
+    assert "unquantized_layers" not in q.mixq_report and "unquantized_layers" not in q.mixq_qat_report

@@ -252,6 +252,8 @@ def _report(gm: nn.Module, cfg: QATConfig, costs: Costs, cont: dict[str, float],
            "mode": "labelled" if data.labelled else "data-free (KD)", "target": target,
            "achieved": achieved(frozen, costs), "moves": moves, "train": history, "quantizers": rows,
            "layers": layers, "seconds": round(seconds, 2)}
+    if getattr(gm, "mixq_unquantized", ()):  # only then, as quantize's report: layers left float unasked
+        rep["unquantized_layers"] = list(gm.mixq_unquantized)  # type: ignore[attr-defined]
     if floats:  # only then: reports without float layers keep their keys
         # the shipped model's quantizers at their bits, and each float layer's weights and input at 16
         bits = {r["name"]: r["bits"] for r in rows}
@@ -373,5 +375,6 @@ def train(model: nn.Module, cfg: QATConfig, data: TrainData, *, teacher: nn.Modu
     rep = _report(gm, cfg, costs, cont, fixed, moves, history, data, time.perf_counter() - t0, alpha0, frozen, src,
                   floats)
     gm.mixq_qat_report = rep  # type: ignore[attr-defined]
-    gm.mixq_report = {k: rep[k] for k in ("method", "target", "achieved", "mode", "data", "seconds")}  # type: ignore[attr-defined]
+    gm.mixq_report = {k: rep[k] for k in ("method", "target", "achieved", "mode", "data", "seconds",  # type: ignore[attr-defined]
+                                          "unquantized_layers") if k in rep}
     return gm
