@@ -26,7 +26,12 @@ MOVE_OPS = {"Slice", "Pad", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqu
             "Identity", "Expand", "Tile", "MaxPool", "Shape", "Cast", "Clip", "Relu"}
 _COMPUTE_LAYER = re.compile(r"conv|correlation|gemm|matmul|matrixmultiply|fullyconnected|deconv", re.IGNORECASE)
 _REFORMAT_LAYER = re.compile(r"reformat|requant|shuffle", re.IGNORECASE)
-_HANDOFF_LAYER = re.compile(r"reformat|requant", re.IGNORECASE)  # a kernel that only converts a tensor
+_HANDOFF_LAYER = re.compile(r"reformat|requant", re.IGNORECASE)  # a kernel type that only converts a tensor
+#: TensorRT's own name for the reformat layers it inserts (a layer *type* names the rest; an ONNX node name such
+#: as `neck.reformat/Conv` carried into a layer's name says nothing about what the layer does)
+_REFORMAT_NAME = re.compile(r"^Reformatting CopyNode", re.IGNORECASE)
+#: Myelin op tokens of a fused layer (`__myl_CastMulFc_myl0_2`, type runtime_fusion) that multiply by weights
+_MYELIN_COMPUTE = {"Fc", "Conv", "Gemm", "Mm", "Bmm", "Deconv"}
 INT8 = {"Int8", "UInt8"}
 #: What the summary's "hand-offs" count means, in one sentence.
 HANDOFF_NOTE = ("(a hand-off is a conversion between kernels: a reformat/requantize layer, or a float hand-off, a "
@@ -244,6 +249,10 @@ def layer_precision(layer: LayerInfo) -> str:
     if any(w in INT8 for w in ws):
         return "int8-weight"
     kinds = sorted(set(ins))
+    if ws and kinds and all(k in INT8 for k in kinds):
+        # int8 in, float weights: the kernel converts its input and multiplies in float (an INT8 GEMM needs
+        # integer weights), so it is a float layer whatever its input says
+        return f"{'/'.join(sorted({w.lower() for w in ws}))}(int8 in)"
     return "/".join(k.lower() for k in kinds) if kinds else "none"
 
 
@@ -335,7 +344,7 @@ def analyze(onnx_path: str | Path, layers: list[LayerInfo], input_shapes: dict[s
     for li in layers:
         ops = {n: g.op(n) for n in li.onnx_nodes}
         qdq = [n for n, o in ops.items() if o in QDQ_OPS]
-        if _HANDOFF_LAYER.search(f"{li.layer_type} {li.name}"):
+        if (_HANDOFF_LAYER.search(li.layer_type) or _REFORMAT_NAME.search(li.name)) and not _is_compute(li):
             reformats.append({"layer": li.name, "type": li.layer_type, "onnx_nodes": list(li.onnx_nodes)})
         if _REFORMAT_LAYER.search(li.layer_type) and qdq:
             for n in qdq:
@@ -366,7 +375,7 @@ def analyze(onnx_path: str | Path, layers: list[LayerInfo], input_shapes: dict[s
             if t.dtype in INT8 or t.name not in tensor_producer:
                 continue
             src = tensor_producer[t.name]
-            if _COMPUTE_LAYER.search(src.layer_type):
+            if _is_compute(src):
                 continue
             src_nodes = set(src.onnx_nodes)
             for v in li.onnx_nodes:
@@ -382,6 +391,8 @@ def analyze(onnx_path: str | Path, layers: list[LayerInfo], input_shapes: dict[s
     # A compute node the graph leaves float (a float layer, a weight-only GEMM) reads float activations by
     # design: its engine layer's float input is that layer's precision (reported above as its compute precision
     # and in int8_mac_fraction), not a conversion between kernels.
+    # Float data flow between two kernels that both run wholly in float (a float engine, a weight-only
+    # network, a float region) converts nothing either: it is counted only where one side handles int8.
     float_compute_layers = {c.layer for c in compute if c.layer is not None and c.quantized != "int8"}
     handoffs = []
     for li in layers:
@@ -389,8 +400,8 @@ def analyze(onnx_path: str | Path, layers: list[LayerInfo], input_shapes: dict[s
             continue
         for t in li.inputs:
             src = tensor_producer.get(t.name)
-            if (src is not None and t.dtype not in INT8 and not _COMPUTE_LAYER.search(src.layer_type)
-                    and src.layer_type != "shape_call"):
+            if (src is not None and t.dtype not in INT8 and not _is_compute(src)
+                    and src.layer_type != "shape_call" and (_handles_int8(src) or _handles_int8(li))):
                 handoffs.append({"tensor": t.name, "dtype": t.dtype, "dims": t.dims, "from": src.name, "to": li.name})
 
     table = [{"name": li.name, "type": li.layer_type, "precision": layer_precision(li),
@@ -401,6 +412,20 @@ def analyze(onnx_path: str | Path, layers: list[LayerInfo], input_shapes: dict[s
                            standalone_clips=clips, int4_weight_layers=int4_layers, unmapped=unmapped,
                            compute=compute, layers=table, shapes=dict(input_shapes), float_handoffs=handoffs,
                            reformat_layers=reformats)
+
+
+def _is_compute(li: LayerInfo) -> bool:
+    """A conv/GEMM kernel: by its type, or, for Myelin's fused layers (type runtime_fusion), by an op token of
+    its name."""
+    if _COMPUTE_LAYER.search(li.layer_type):
+        return True
+    m = re.match(r"__myl_([A-Za-z0-9]+?)_myl", li.name)
+    return bool(m) and not _MYELIN_COMPUTE.isdisjoint(re.findall(r"[A-Z][a-z0-9]*", m.group(1)))
+
+
+def _handles_int8(li: LayerInfo) -> bool:
+    """The engine layer reads or writes an int8 tensor: it belongs to the quantized part of the engine."""
+    return any(t.dtype in INT8 for t in li.inputs + li.outputs)
 
 
 # ModelProto's first bytes: field 1 (ir_version, a small varint), then one of its other fields' tags
