@@ -512,3 +512,17 @@ def test_train_biases_learns_the_biases_and_the_folder_carries_them_bit_exact(ti
         (d / "quant.json").write_text(json.dumps(meta))
         with pytest.raises(MixqError, match=f"trained bias of {name}"):
             load_quantized(model, d)
+
+
+def test_ranges_start_from_every_class_of_a_class_sorted_file(tiny):
+    """The sign/range sample and the freeze's activation sample were the first 256 / 512 images: in a
+    class-sorted file (cifar10_train_calib.npz) one class only (review, 2026-11-30). Here class 0 is dim and
+    class 1 bright, sorted: the input's initial range must see the bright half."""
+    model, _ = tiny
+    g = torch.Generator().manual_seed(3)
+    x = torch.cat([0.01 * torch.randn(300, 3, 32, 32, generator=g), 8 * torch.randn(300, 3, 32, 32, generator=g)])
+    data = TrainData(x, torch.cat([torch.zeros(300), torch.ones(300)]).long(), "sorted")
+    cfg = QATConfig(target_bits=8.0, epochs=1, final_epochs=0, batch_size=64, lr=1e-8, qlr=1e-8)
+    rep = qat_train(model, cfg, data, progress=False).mixq_qat_report
+    first = next(r for r in rep["quantizers"] if r["kind"] == "act")
+    assert first["alpha_init"] > 10, first  # |x| up to ~25 in the bright class; the dim one alone gave 3

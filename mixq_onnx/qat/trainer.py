@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..data import pick_subset
 from ..quant.config import QuantConfig
 from ..quant.graph import prepare, quantizers
 from ..quant.modules import QUANT_LAYERS
@@ -48,6 +49,7 @@ from .config import FLOAT_BITS, QATConfig
 from .quantizers import QATActQuantizer, QATParams, QATWeightQuantizer, replace_quantizers, to_plain
 
 SIGN_SAMPLES = 256  # images run to see which activations are non-negative (unsigned grids) and their ranges
+FREEZE_SAMPLES = 512  # images that set the frozen grids' activation steps
 RANGE_QUANTILE = 0.999  # NIPQ's initial activation range: at least this quantile of |x| (see `_observe_ranges`)
 
 
@@ -269,6 +271,16 @@ def _report(gm: nn.Module, cfg: QATConfig, costs: Costs, cont: dict[str, float],
     return rep
 
 
+def _spread(data: TrainData, n: int, seed: int) -> torch.Tensor:
+    """`n` of the training images chosen as `--limit` chooses them (seeded, class-stratified with labels), never
+    the first `n`: in a class-sorted file those are one class, and every step and range would fit it alone."""
+    labels = data.labels.numpy() if data.labels is not None else None
+    idx, _ = pick_subset(labels, len(data.inputs), n, seed=seed)
+    # in shuffled order too: an observation keeps a bounded sample of values, most of it from the first batch
+    order = torch.randperm(len(idx), generator=torch.Generator().manual_seed(seed))
+    return data.inputs[torch.from_numpy(idx)[order]]
+
+
 @full_fp32()
 def train(model: nn.Module, cfg: QATConfig, data: TrainData, *, teacher: nn.Module | None = None,
           progress: bool = True, device: str | torch.device | None = None) -> nn.Module:
@@ -298,7 +310,7 @@ def train(model: nn.Module, cfg: QATConfig, data: TrainData, *, teacher: nn.Modu
         check_reachable(costs, learnable, fixed, cfg)  # before any training
     layers = [m for m in gm.modules() if isinstance(m, QUANT_LAYERS)]
     weights = {m.weight_quantizer.name: m.weight for m in layers}
-    sample = data.inputs[:SIGN_SAMPLES].to(dev)
+    sample = _spread(data, SIGN_SAMPLES, cfg.seed).to(dev)
     if lsq:
         init_scales(gm, sample, qcfg)
         ranges: dict[str, tuple[float, float]] = {}
@@ -341,7 +353,7 @@ def train(model: nn.Module, cfg: QATConfig, data: TrainData, *, teacher: nn.Modu
                 trained = _trained(weights, gm, cfg)
                 for w in trained:
                     w.requires_grad_(True)
-            _freeze_bits(gm, bits, weights, data.inputs[:512].to(dev), qcfg)
+            _freeze_bits(gm, bits, weights, _spread(data, FREEZE_SAMPLES, cfg.seed).to(dev), qcfg)
         else:
             cont = {n: float(b) for n, b in fixed.items()}
             moves = []
