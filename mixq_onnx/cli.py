@@ -543,7 +543,7 @@ def eval_cmd(**o: Any) -> None:
 @click.option("--symreg-pairing", type=click.Choice(["1:1", "2:2"]), default="1:1", show_default=True,
               help="2:2 pairs sums of adjacent sorted weights (half the terms).")
 @click.option("--satnl", is_flag=True, help="Train w = alpha*tanh(v/alpha) (one alpha per layer).")
-@click.option("--fixed-alpha", is_flag=True, help="SatNL: keep alpha at the initial max |w| instead of learning it.")
+@click.option("--fixed-alpha", is_flag=True, help="SatNL: keep alpha at its initial value (1.001 x max |w|) instead of learning it.")
 @click.option("--loss", type=click.Choice(LOSSES), default="auto", show_default=True,
               help="auto: KD on a cache, CE on labelled data; ce needs labels.")
 @click.option("--kd-weight", type=FINITE, default=None, help="KD weight next to CE on labelled data [default: 0].")
@@ -572,7 +572,7 @@ def robustify(**o: Any) -> None:
     from .quant.evaluate import evaluate_data
     from .robust import RobustConfig, check_writable, save_checkpoint
     from .robust import robustify as run_robustify
-    from .training import load_training_data
+    from .training import check_training_data, kd_weight_for, load_training_data
     from .utils import resolve_device
 
     cfg = RobustConfig(symreg=o["beta"], pairing=o["symreg_pairing"], satnl=o["satnl"],
@@ -584,6 +584,8 @@ def robustify(**o: Any) -> None:
     model = _load_user_model(o)
     notes: list[str] = []
     data = load_training_data(o["data_src"], model, cache_root=o["cache_root"], limit=o["limit"], log=notes.append)
+    check_training_data(data, model)  # before the data lines: a refusal stays one line
+    kd_weight_for(data, cfg.loss, cfg.kd_weight)
     _echo_notes(notes, o["quiet"])
     eval_notes: list[str] = []
     before = evaluate_data(o["eval_data"], model=model, log=eval_notes.append).top1 if o["eval_data"] else None

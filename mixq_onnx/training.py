@@ -130,12 +130,57 @@ def load_training_data(src: str | os.PathLike, model: nn.Module, *, cache_root: 
     return TrainData(torch.cat([pre(images[s:s + 256]) for s in range(0, len(images), 256)]), d.labels, str(p))
 
 
+def check_training_data(data: TrainData, model: nn.Module | None = None) -> None:
+    """What the training loop needs, as one-line errors before any work: preprocessed float images [N, C, H, W]
+    (N >= 1), and in labelled mode one integer label per image, within the model's classes when `model` is
+    given (one image through it in eval mode tells how many it has). `load_training_data` makes such data; a
+    library caller may not."""
+    if not isinstance(data, TrainData):
+        raise MixqError(f"training data must be a TrainData (load_training_data makes one), got {type(data).__name__}")
+    x = data.inputs
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.ndim != 4:
+        what = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise MixqError(f"training inputs must be preprocessed float images [N, C, H, W], got {what} (uint8 NHWC "
+                        "pixels go through load_training_data or the model's preprocessing first)")
+    if len(x) == 0:
+        raise MixqError("training data holds no images")
+    if data.labels is None:
+        return
+    y = data.labels
+    if not isinstance(y, torch.Tensor) or y.dtype not in (torch.int64, torch.int32) or y.ndim != 1:
+        what = f"{y.dtype} {tuple(y.shape)}" if isinstance(y, torch.Tensor) else type(y).__name__
+        raise MixqError(f"training labels must be integer class indices [N], got {what}")
+    if len(y) != len(x):
+        raise MixqError(f"{len(x)} training images but {len(y)} labels: they must be equal")
+    if model is None:
+        return
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(x[:1].to(model_device(model)))
+    finally:
+        model.train(was)
+    n_cls = out.shape[-1] if out.ndim == 2 else None
+    if n_cls is None:
+        raise MixqError(f"labelled training needs a classifier returning [N, classes] logits, got {tuple(out.shape)}")
+    bad = y[(y < 0) | (y >= n_cls)]
+    if len(bad):
+        raise MixqError(f"{len(bad)} labels lie outside the model's {n_cls} classes (first: {int(bad[0])}); "
+                        "is this data for another model?")
+
+
 def kd_weight_for(data: TrainData, loss: str, kd_weight: float) -> float:
     """The KD weight a stage trains with, given `--loss auto|ce|kd`: ce needs labels; kd on labelled data
     means CE plus KD (weight 1 unless one was given); a cache always trains by KD alone."""
     if loss == "ce" and not data.labelled:
         raise MixqError(f"--loss ce needs labels, and {data.source} is a calibration cache without any "
                         "(use --loss kd or labelled data)")
+    if loss == "ce" and kd_weight > 0:
+        raise MixqError("--loss ce trains on cross-entropy alone: drop --kd-weight, or use --loss kd (CE plus KD)")
+    if not data.labelled and kd_weight > 0:
+        raise MixqError(f"{data.source} is a calibration cache: it trains by distillation alone, and --kd-weight "
+                        "(KD's weight beside cross-entropy on labelled data) would not be read; drop it")
     if loss == "kd" and data.labelled and kd_weight == 0:
         return 1.0
     return kd_weight
@@ -196,6 +241,7 @@ def train(model: nn.Module, data: TrainData, cfg: TrainConfig, *, teacher: nn.Mo
     Training runs on the device of `model`'s parameters (the teacher on its own): the images stay in host
     memory and each batch is copied over, so the image order and the CPU results do not depend on it."""
     cfg.validate()
+    check_training_data(data)  # the entry points (qat.train, robustify) check the labels against the model
     if not data.labelled and teacher is None:
         raise MixqError("unlabelled data (a calibration cache) trains by distillation: a teacher model is needed")
     torch.set_flush_denormal(True)

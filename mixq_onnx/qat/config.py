@@ -6,7 +6,7 @@ import math
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from ..errors import MixqError
+from ..errors import SEED_MAX, MixqError, check_int, refuse_unused
 from ..registry import check_augment, check_loss
 
 QAT_METHODS = ("nipq", "lsq")
@@ -14,6 +14,8 @@ NOISES = ("hist", "uniform")
 RANGE_INITS = ("official", "lp")
 SCHEDULES = ("restart", "continuous")
 MIN_BITS, TRAIN_MAX_BITS = 2, 14  # NIPQ's bit-width range: b = 2 + 12 * sigmoid(theta_b)
+#: fields only --method nipq reads (lsq refuses them when set)
+NIPQ_ONLY = ("noise", "qlr", "max_bits", "init_bits", "range_init", "budget_weight", "budget_rate", "tolerance")
 FLOAT_BITS = 16  # --max-bits 16: what a float layer counts as once deployed (FP16 or wider)
 
 
@@ -77,12 +79,16 @@ class QATConfig:
             raise MixqError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.noise not in NOISES:
             raise MixqError(f"--noise must be one of {', '.join(NOISES)}, got {self.noise!r}")
-        if self.epochs < 1:
-            raise MixqError(f"--epochs must be at least 1, got {self.epochs}")
+        check_int("--epochs", self.epochs, 1)
+        check_int("--final-epochs", self.final_epochs, 0)
+        check_int("--batch-size", self.batch_size, 1)
+        check_int("--seed", self.seed, 0, SEED_MAX)
+        check_int("--max-bits", self.max_bits)
+        for opt, b in (("--wbits", self.wbits), ("--abits", self.abits), ("--first-last-bits", self.first_last_bits)):
+            if b is not None:
+                check_int(opt, b)
         check_augment(self.augment)
         check_loss(self.loss)
-        if self.final_epochs < 0:
-            raise MixqError(f"--final-epochs must be at least 0, got {self.final_epochs}")
         if not (2 <= self.max_bits <= 8 or self.max_bits == FLOAT_BITS):
             raise MixqError(f"--max-bits must be between 2 and 8, or {FLOAT_BITS} (a layer that learns more than 8 "
                             f"bits stays float), got {self.max_bits}")
@@ -103,6 +109,7 @@ class QATConfig:
             if self.target_bits is not None or self.target_gbops is not None:
                 raise MixqError("--target-bits/--target-gbops are budgets of --method nipq; lsq trains fixed "
                                 "--wbits/--abits")
+            refuse_unused(self, NIPQ_ONLY, "by --method lsq (they set NIPQ's noise phase and budget)")
             done = replace(self, wbits=4 if self.wbits is None else self.wbits,
                            abits=4 if self.abits is None else self.abits)
             for opt, v in (("--wbits", done.wbits), ("--abits", done.abits)):

@@ -31,9 +31,9 @@ from ..quant.graph import prepare, quantizers
 from ..quant.modules import QUANT_LAYERS
 from ..quant.quantizer import ActQuantizer, WeightQuantizer, search_act_scale, search_weight_scale
 from ..quant.reconstruct import init_scales
-from ..training import TrainConfig, TrainData, default_teacher, kd_weight_for
+from ..training import TrainConfig, TrainData, check_training_data, default_teacher, kd_weight_for
 from ..training import train as run_loop
-from ..utils import full_fp32, model_device
+from ..utils import full_fp32, model_device, resolve_device
 from .budget import (
     BudgetMultipliers,
     Costs,
@@ -290,8 +290,9 @@ def train(model: nn.Module, cfg: QATConfig, data: TrainData, *, teacher: nn.Modu
     Training runs on `device` (default: `model`'s), and the returned model stays there; the images stay in
     host memory and go over a batch at a time."""
     cfg = cfg.validate()
+    check_training_data(data, model)
     cfg = replace(cfg, kd_weight=kd_weight_for(data, cfg.loss, cfg.kd_weight))
-    dev = torch.device(device) if device is not None else model_device(model)
+    dev = resolve_device(device) if device is not None else model_device(model)
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
     torch.set_flush_denormal(True)

@@ -19,13 +19,14 @@ Choices made (the paper's text is not available; each is this project's reading)
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
-from ..errors import MixqError
+from ..errors import SEED_MAX, MixqError, check_int, refuse_unused
 from ..registry import check_augment, check_loss
 
 PAIRINGS = ("1:1", "2:2")
@@ -51,19 +52,26 @@ class RobustConfig:
     augment: str = "none"  # "flip-crop": random mirror and shift of each training image (the shared loop's)
 
     def validate(self) -> RobustConfig:
-        if not self.symreg >= 0:
-            raise MixqError(f"--symreg must be >= 0, got {self.symreg}")
+        if not (math.isfinite(self.symreg) and self.symreg >= 0):
+            raise MixqError(f"--symreg must be >= 0 and finite, got {self.symreg}")
         if self.pairing not in PAIRINGS:
             raise MixqError(f"--symreg-pairing must be one of {', '.join(PAIRINGS)}, got {self.pairing!r}")
-        if self.epochs < 1:
-            raise MixqError(f"--epochs must be at least 1, got {self.epochs}")
+        check_int("--epochs", self.epochs, 1)
+        check_int("--batch-size", self.batch_size, 1)
+        check_int("--seed", self.seed, 0, SEED_MAX)
         if self.sam not in (None, "asam"):
             raise MixqError(f"--sam must be asam, got {self.sam!r}")
         for opt, v in (("--lr", self.lr), ("--rho", self.rho)):
-            if not v > 0:
+            if not (math.isfinite(v) and v > 0):
                 raise MixqError(f"{opt} must be positive, got {v}")
-        if self.batch_size < 1:
-            raise MixqError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.symreg == 0:
+            refuse_unused(self, ("pairing",), "without --symreg (the pairing of its penalty)",
+                          {"pairing": "--symreg-pairing"})
+        if not self.satnl:
+            refuse_unused(self, ("learn_alpha",), "without --satnl (it keeps SatNL's clip fixed)",
+                          {"learn_alpha": "--fixed-alpha"})
+        if self.sam is None:
+            refuse_unused(self, ("rho",), "without --sam asam (its neighbourhood radius)")
         check_augment(self.augment)
         check_loss(self.loss)
         return self
@@ -86,8 +94,10 @@ def symreg_channel_penalty(w: torch.Tensor, pairing: str = "1:1") -> torch.Tenso
         raise MixqError(f"unknown SymReg pairing {pairing!r}: choose one of {', '.join(PAIRINGS)}")
     s = w.reshape(w.shape[0], -1).sort(dim=1).values
     if pairing == "2:2":
-        n = s.shape[1] - s.shape[1] % 2
-        s = s[:, :n].reshape(s.shape[0], -1, 2).sum(-1) if n >= 2 else s
+        n = s.shape[1]
+        if n % 2:  # odd: the median sits on the axis of symmetry and pairs with nothing (an RGB stem's 27)
+            s = torch.cat([s[:, : n // 2], s[:, n // 2 + 1:]], dim=1)
+        s = s.reshape(s.shape[0], -1, 2).sum(-1) if s.shape[1] >= 2 else s
     k = s.shape[1] // 2
     if k == 0:
         return torch.zeros(s.shape[0], dtype=w.dtype, device=w.device)
