@@ -277,7 +277,7 @@ def _sweep_locked(models: list[SweepModel], cfg: SweepConfig, calib: Any, data: 
     data_id = data_identity(data)
     calibsets = {m.label: load_calibration(calib, m.model, cache_root) for m in models}  # checked up front
     ds = calibsets[models[0].label]
-    calib_id = ds.path.name
+    calib_id = ds.provenance()["hash"]  # the recipe's, whatever the folder is called
     cells: list[dict[str, Any]] = []
     doc = {"version": SWEEP_VERSION, "config": asdict(cfg), "data": {"path": str(data), "sha256": data_id},
            "calib": ds.provenance(), "models": [], "cells": cells}

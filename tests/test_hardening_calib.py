@@ -472,3 +472,54 @@ def test_skip_bad_images_is_for_real_images_only(tmp_path, run_cli):
     msg = one_line_error(run_cli("calib", "--generator", "noise", "--num", "4", "--size", "16", "--skip-bad-images",
                                  "--cache-root", root))
     assert "--skip-bad-images only applies to --generator real" in msg and not root.exists()
+
+
+# --------------------------------------------------------------------------- readers hold what verify holds
+def test_a_cache_in_another_recipes_folder_is_refused_everywhere(tmp_path, run_cli):
+    """A cache copied under another recipe's hash was reused by calib, passed verify, and quantize recorded the
+    folder's name as its recipe hash (review, 2026-11-30)."""
+    root = tmp_path / "root"
+    a = make_cache(root, num=8, size=8, shard=4)
+    b = make_cache(root, num=8, size=8, shard=4, seed=1)
+    b_key = b.name
+    shutil.rmtree(b)
+    shutil.copytree(a, b)  # a's cache sitting in b's place
+    line = one_line_error(run_cli(*NOISE, "--num", "8", "--size", "8", "--shard-size", "4", "--seed", "1",
+                                  "--cache-root", root))
+    assert f"holds the cache of another recipe ({a.name})" in line, line
+    _verify_fails(run_cli, b, f"the folder is named {b_key} but holds the cache of recipe {a.name}")
+    with pytest.raises(CorruptCacheError, match="copied or renamed"):
+        load_images(b)
+    shutil.rmtree(b)
+    mine = tmp_path / "mycalib"  # any other name is the user's choice: it loads, under its real hash
+    shutil.copytree(a, mine)
+    from mixq_onnx.models.preprocessing import Preprocessing
+
+    assert CalibrationSet(mine, Preprocessing(input_size=(3, 8, 8))).provenance()["hash"] == a.name
+
+
+def test_readers_refuse_what_verify_fails(cache64):
+    """A manifest truncated by a whole shard, an edited record and a shard of other-sized images (its sha256
+    updated) loaded, and quantize recorded 48 of 64 images (or crashed on torch.cat)."""
+    man = cache64 / C.MANIFEST
+    orig = man.read_text()
+    m = json.loads(orig)
+    m["shards"], m["images"] = m["shards"][:-1], m["images"][:-16]
+    man.write_text(json.dumps(m))
+    with pytest.raises(CorruptCacheError, match="holds 48 images .* asks for 64"):
+        load_images(cache64)
+    m = json.loads(orig)
+    m["images"][3]["prompt"] = "edited"
+    man.write_text(json.dumps(m))
+    with pytest.raises(CorruptCacheError, match="does not match its manifest entry"):
+        load_images(cache64)
+    man.write_text(orig)
+    f = cache64 / "shard-00001.safetensors"
+    images, records = C.read_shard(f)
+    sha = C.write_shard(f, images[:, :4, :4].contiguous(), records)
+    m = json.loads(orig)
+    m["shards"][1]["sha256"] = sha
+    man.write_text(json.dumps(m))
+    assert "shard shard-00001.safetensors holds 4x4 images, the recipe 8x8" in " ".join(verify(cache64).problems)
+    with pytest.raises(CorruptCacheError, match="holds 4x4 images, its recipe 8x8"):
+        load_images(cache64)

@@ -65,6 +65,10 @@ def candidate_name(i: int) -> str:
 LEFTOVER_PATTERNS = ("cand-*.safetensors", "*.stats.json", ".*.tmp")  # a writer's files, gone once sealed
 
 
+#: a cache folder's name under its root: its recipe hash
+HASH_NAME = re.compile(r"^[0-9a-f]{16}$")
+
+
 def recipe_hash(recipe: dict[str, Any]) -> str:
     """The cache key: a cache lives in `<root>/<recipe_hash(recipe)>/`."""
     return sha256_bytes(canonical_json(recipe).encode())[:16]
@@ -221,6 +225,9 @@ def _check_manifest(m: dict[str, Any], path: Path) -> dict[str, Any]:
         raise bad("no recipe 'hash'")
     if m["hash"] != recipe_hash(m["recipe"]):  # every reader, not only `cache verify`
         raise bad(f"its recipe does not hash to the recorded hash {m['hash']} (an edited recipe)")
+    if HASH_NAME.match(path.name) and path.name != m["hash"]:  # looked up by that name, it would serve this one
+        raise bad(f"the folder is named {path.name} but holds the cache of recipe {m['hash']} (copied or renamed "
+                  "into another recipe's place)")
     if not isinstance(m.get("shards"), list) or not isinstance(m.get("images"), list):
         raise bad("no 'shards' or 'images' list")
     for i, s in enumerate(m["shards"]):
@@ -402,6 +409,10 @@ def verify(ref: str | os.PathLike, root: str | os.PathLike | None = None) -> Ver
             all_read = False
             continue
         n = int(images.shape[0])
+        size = recipe.get("size")
+        if isinstance(size, int) and tuple(images.shape[1:3]) != (size, size):
+            problems.append(f"shard {s['file']} holds {images.shape[1]}x{images.shape[2]} images, the recipe "
+                            f"{size}x{size}")
         if n != s["count"] or len(records) != s["count"]:
             problems.append(f"shard {s['file']} holds {n} images and {len(records)} records, manifest says {s['count']}")
         if s["start"] != count:
@@ -513,14 +524,26 @@ def load_images(path: Path) -> tuple[torch.Tensor, list[dict[str, Any]]]:
     so a flipped byte stops every reader (quantize, CalibrationSet) with a CorruptCacheError.
     """
     m = load_manifest(path)
+    recipe = m["recipe"]
+    size = recipe.get("size")
     chunks = []
+    count = 0
     for s in m["shards"]:
-        images, _ = read_shard_checked(path / s["file"], s["sha256"])
+        images, records = read_shard_checked(path / s["file"], s["sha256"])
+        n = int(images.shape[0])
+        if n != s["count"] or s["start"] != count or records != m["images"][count:count + n]:
+            raise CorruptCacheError(f"shard {s['file']} of cache {path} does not match its manifest entry (image "
+                                    "count, start or records): run `mixq-onnx cache verify`")
+        if isinstance(size, int) and tuple(images.shape[1:3]) != (size, size):
+            raise CorruptCacheError(f"shard {s['file']} of cache {path} holds {images.shape[1]}x{images.shape[2]} "
+                                    f"images, its recipe {size}x{size}: run `mixq-onnx cache verify`")
         chunks.append(images)
+        count += n
     if not chunks:
         raise MixqError(f"cache {path} holds no images")
-    images = torch.cat(chunks)
-    if images.shape[0] != len(m["images"]):
-        raise CorruptCacheError(f"cache {path} holds {images.shape[0]} images but its manifest lists "
-                                f"{len(m['images'])} records: run `mixq-onnx cache verify`")
-    return images, m["images"]
+    expected = int(recipe.get("keep") or recipe.get("num") or 0)
+    if count != expected or len(m["images"]) != expected or _index_problem([r["index"] for r in m["images"]],
+                                                                           recipe, expected):
+        raise CorruptCacheError(f"cache {path} holds {count} images ({len(m['images'])} records) where its recipe "
+                                f"asks for {expected}: run `mixq-onnx cache verify`")
+    return torch.cat(chunks), m["images"]

@@ -77,7 +77,8 @@ class CalibrationSet(Dataset):
 
     def provenance(self, used: int | None = None) -> dict[str, Any]:
         """What `quant.json` records about the calibration data: the cache, its recipe hash, images used."""
-        return {"cache": str(self.path.resolve()), "hash": self.path.name, "images": len(self) if used is None else used}
+        return {"cache": str(self.path.resolve()), "hash": C.load_manifest(self.path)["hash"],
+                "images": len(self) if used is None else used}
 
 
 def load_calibration(ref: str | os.PathLike, model: nn.Module, cache_root: str | os.PathLike | None = None

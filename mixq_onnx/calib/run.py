@@ -291,6 +291,13 @@ def make_calibration_cache(
     barrier = (lambda: torch.distributed.barrier()) if world > 1 else (lambda: None)
 
     if (cache_dir / C.MANIFEST).is_file():
+        try:
+            held = json.loads((cache_dir / C.MANIFEST).read_text()).get("hash")
+        except (OSError, ValueError, AttributeError):
+            held = None  # unreadable: damaged_shards names it and the run regenerates it
+        if isinstance(held, str) and held != key:
+            raise MixqError(f"{cache_dir} holds the cache of another recipe ({held}), copied or renamed into this "
+                            "recipe's place: move it away (or `mixq-onnx cache rm` it) and re-run")
         damaged = C.damaged_shards(cache_dir)
         if not damaged:
             log(f"cache already complete: {cache_dir}")
