@@ -12,6 +12,18 @@ _backend_opt = click.option("--backend", type=click.Choice(["tensorrt", "tensorr
                             help="Engine flavour [build default: tensorrt-rtx; run/bench: the plan's].")
 
 
+#: the key `run --out` adds to its .npz: the plan's sha256, and the mark of a file run wrote
+RUN_MARKER = "mixq_onnx_run"
+
+
+def _run_npz(path: Path) -> bool:
+    """An .npz `run --out` wrote (it holds RUN_MARKER)."""
+    import numpy as np
+
+    with np.load(path, allow_pickle=False) as z:
+        return RUN_MARKER in z.files
+
+
 def register(cli: click.Group) -> None:
     """Add the TensorRT commands to `cli` (kept apart so the core CLI never imports TensorRT)."""
 
@@ -22,7 +34,7 @@ def register(cli: click.Group) -> None:
     @_backend_opt
     @click.option("--batch", default="1:8:32", show_default=True, metavar="MIN:OPT:MAX",
                   help="Optimisation profile of the dynamic batch dimension (one number: static).")
-    @click.option("--workspace", "workspace_mib", type=int, default=1024, show_default=True, metavar="MiB",
+    @click.option("--workspace", "workspace_mib", type=click.IntRange(1, 1 << 23), default=1024, show_default=True, metavar="MiB",
                   help="Builder workspace limit.")
     @click.option("--compute-capability", "ccs", multiple=True, metavar="CC",
                   help="TensorRT-RTX ahead-of-time target (7.5, 8.0, 8.6, 8.9, 12.0, 12.1, current); repeat for "
@@ -105,9 +117,12 @@ def register(cli: click.Group) -> None:
     @click.argument("plan", type=click.Path())
     @click.option("--input", "input_paths", multiple=True, type=click.Path(dir_okay=False),
                   help=".npy per engine input (float NCHW); default: one random batch of the profile's OPT shape.")
-    @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Write the outputs to this .npz.")
+    @click.option("--out", type=click.Path(dir_okay=False), default=None,
+                  help=f"Write the outputs to this .npz (one array per output name, plus {RUN_MARKER}: the plan's "
+                       "sha256). An existing file is replaced only if run wrote it, or with --overwrite.")
+    @click.option("--overwrite", is_flag=True, help="Replace an existing --out that run did not write.")
     @_backend_opt
-    def run(plan: str, input_paths: tuple[str, ...], out: str | None, backend: str | None) -> None:
+    def run(plan: str, input_paths: tuple[str, ...], out: str | None, overwrite: bool, backend: str | None) -> None:
         """Run a plan once on an NVIDIA GPU (refuses plans built for another backend version or GPU)."""
         import numpy as np
 
@@ -115,9 +130,10 @@ def register(cli: click.Group) -> None:
         from .trt.runtime import run_plan
         from .utils import atomic_path, check_output_file, make_parent
 
-        read_plan_meta(plan)  # a plan, not some other file, before anything else is judged
+        meta = read_plan_meta(plan)  # a plan, not some other file, before anything else is judged
         if out:
-            check_output_file(out, inputs=(plan,), refuse_suffixes=(".plan", ".onnx", ".json"))
+            check_output_file(out, inputs=(plan, *input_paths), refuse_suffixes=(".plan", ".onnx", ".json"),
+                              ours=("a run's outputs", _run_npz), overwrite=overwrite)
         outs = run_plan(plan, list(input_paths) or None, backend)
         for k, v in outs.items():
             click.echo(f"{k}: shape {list(v.shape)} dtype {v.dtype} mean {float(v.mean()):.5g} "
@@ -125,7 +141,7 @@ def register(cli: click.Group) -> None:
         if out:
             make_parent(out)
             with atomic_path(out) as tmp, open(tmp, "wb") as f:
-                np.savez(f, **outs)
+                np.savez(f, **outs, **{RUN_MARKER: np.array(meta["plan_sha256"])})
             click.echo(out)
 
     @cli.command(context_settings=CONTEXT)

@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import random_r20_rtn
+from conftest import one_line_error, random_r20_rtn
 
 trt = pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx-cu13 not installed (pip install 'mixq-onnx[trt-rtx]')")
 
@@ -310,3 +310,127 @@ def test_library_run_loads_inputs_and_needs_a_gpu_like_the_command(w8_plan, tmp_
     if not HAS_GPU:
         with pytest.raises(MixqError, match="NVIDIA GPU"):
             run_plan(w8_plan)  # the default batch is made only where the plan can run
+
+
+# --------------------------------------------------------------------------- review, 2026-11-30
+def _tiny_graph(path: Path, gemm_weights: str, name: str = "fc/Gemm") -> Path:
+    """input -> Q -> DQ -> Gemm with INT8 (Q/DQ) or float weights: the float-weight form asks INT8 of nothing."""
+    from onnx import TensorProto as T
+    from onnx import helper as h
+    from onnx import numpy_helper as nh
+
+    w = np.random.default_rng(0).standard_normal((128, 256)).astype(np.float32) * 0.05
+    nodes = [h.make_node("QuantizeLinear", ["input", "s", "z"], ["xq"], name="in/Q"),
+             h.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"], name="in/DQ")]
+    inits = [nh.from_array(np.array(0.05, np.float32), "s"), nh.from_array(np.array(0, np.int8), "z")]
+    if gemm_weights == "int8":
+        nodes.append(h.make_node("DequantizeLinear", ["Wq", "ws"], ["W"], name="w/DQ"))
+        inits += [nh.from_array(np.clip(np.round(w / 0.002), -127, 127).astype(np.int8), "Wq"),
+                  nh.from_array(np.array(0.002, np.float32), "ws")]
+    else:
+        inits.append(nh.from_array(w, "W"))
+    nodes.append(h.make_node("Gemm", ["xd", "W"], ["output"], transB=1, name=name))
+    g = h.make_graph(nodes, "tiny", [h.make_tensor_value_info("input", T.FLOAT, ["N", 256])],
+                     [h.make_tensor_value_info("output", T.FLOAT, ["N", 128])], inits)
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", 21)])
+    m.ir_version = 10
+    onnx.save(m, str(path))
+    return path
+
+
+def test_a_float_weight_gemm_reading_int8_is_float_not_int8(tmp_path, run_cli):
+    """It was counted INT8 (int8_mac_fraction 1.0) and --require-int8 1.0 passed it: the kernel converts its
+    input and multiplies float weights. A conv named like a reformat layer was counted a hand-off."""
+    g = _tiny_graph(tmp_path / "act_only.onnx", "float")
+    plan = tmp_path / "a.plan"
+    r = run_cli("build", g, "--out", plan, "--batch", "1:8:8", "--require-int8", "1.0")
+    assert r.code == 1 and "int8" in r.err.lower(), (r.code, r.err[-500:])
+    rep = inspect_plan(plan)
+    assert rep.int8_mac_fraction == 0.0 and [c.precision for c in rep.compute] == ["float(int8 in)"], rep.compute
+    g2 = _tiny_graph(tmp_path / "full.onnx", "int8", name="neck.reformat/Gemm")
+    build_engine(g2, tmp_path / "b.plan", BuildConfig(backend="tensorrt-rtx", batch=(1, 8, 8)))
+    rep2 = inspect_plan(tmp_path / "b.plan")
+    assert rep2.int8_mac_fraction == 1.0 and rep2.handoffs == 0, (rep2.reformat_layers, rep2.float_handoffs)
+
+
+def test_a_float_engine_has_no_hand_offs(graphs, tmp_path):
+    """Float data flow between two all-float kernels converts nothing (a float ResNet-20 engine counted 1)."""
+    plan = tmp_path / "fp.plan"
+    build_engine(graphs["fp"], plan, BuildConfig(backend="tensorrt-rtx", batch=(1, 8, 8)))
+    rep = inspect_plan(plan)
+    assert rep.int8_mac_fraction == 0.0 and rep.handoffs == 0, rep.handoff_lines()
+
+
+def test_build_judges_the_plans_json_too_and_a_half_written_pair_rebuilds(graphs, tmp_path, run_cli):
+    """A user's file at PLAN.json was replaced, a folder there was a traceback after the plan was written, and
+    a kill between the plan and its PLAN.json left a plan every re-run refused."""
+    plan, side = tmp_path / "x.plan", tmp_path / "x.plan.json"
+    side.write_text("precious")
+    line = one_line_error(run_cli("build", graphs["w8a8"], "--out", plan, "--batch", "1:8:8"))
+    assert "x.plan.json exists and is not a PLAN.json mixq-onnx wrote" in line, line
+    assert side.read_text() == "precious" and not plan.exists()
+    side.unlink()
+    side.mkdir()
+    line = one_line_error(run_cli("build", graphs["w8a8"], "--out", plan, "--batch", "1:8:8"))
+    assert "is a directory" in line and not plan.exists(), line
+    side.rmdir()
+    assert run_cli("build", graphs["w8a8"], "--out", plan, "--batch", "1:8:8").code == 0
+    plan.unlink()  # killed after PLAN.json, before the plan: a re-run finishes it
+    assert run_cli("build", graphs["w8a8"], "--out", plan, "--batch", "1:8:8").code == 0
+    plan.write_bytes(plan.read_bytes()[:-1])  # an old plan beside a newer PLAN.json: stale, ours, replaced
+    assert run_cli("build", graphs["w8a8"], "--out", plan, "--batch", "1:8:8").code == 0
+    read_plan_meta(plan)
+    line = one_line_error(run_cli("build", graphs["w8a8"], "--out", plan, "--workspace", "99999999999999"))
+    assert "--workspace" in line, line
+
+
+def test_run_and_bench_judge_their_outputs_before_any_gpu_work(w8_plan, graphs, tmp_path, run_cli):
+    """`run --out` replaced any file, its --input too; bench overwrote PLAN-stem.fp16.onnx (even its own
+    --fp-onnx) and read a changed recorded graph without its sha256."""
+    if HAS_GPU:
+        pytest.skip("the refusals are checked on a host without a GPU: they must come first")
+    mine = tmp_path / "results.npz"
+    mine.write_text("my results")
+    line = one_line_error(run_cli("run", w8_plan, "--out", mine))
+    assert "is not a run's outputs mixq-onnx wrote: pass --overwrite" in line and mine.read_text() == "my results"
+    x = tmp_path / "in.npy"
+    np.save(x, np.zeros((8, 3, 32, 32), np.float32))
+    line = one_line_error(run_cli("run", w8_plan, "--input", x, "--out", x, "--overwrite"))
+    assert "would overwrite the input" in line, line
+    plan = tmp_path / "q.plan"
+    shutil.copy(w8_plan, plan)
+    shutil.copy(str(w8_plan) + ".json", str(plan) + ".json")
+    user16 = tmp_path / "q.fp16.onnx"
+    shutil.copy(graphs["fp"], user16)
+    onnx_bytes = user16.read_bytes()
+    m = onnx.load(str(user16))
+    m.producer_name = "someone"
+    onnx.save(m, str(user16))
+    before = user16.read_bytes()
+    line = one_line_error(run_cli("bench", plan, "--fp-onnx", user16))
+    assert "would overwrite the input" in line and user16.read_bytes() == before, line
+    line = one_line_error(run_cli("bench", plan, "--fp-onnx", graphs["fp"]))
+    assert "q.fp16.onnx exists and is not an ONNX graph mixq-onnx wrote" in line and user16.read_bytes() == before
+    bad = tmp_path / "notes.onnx"
+    bad.write_text("not a graph")
+    line = one_line_error(run_cli("bench", plan, "--ort-onnx", bad))
+    assert "is not an ONNX model" in line, line
+    assert onnx_bytes  # (the float graph itself was never touched)
+
+
+def test_a_batch_below_the_profiles_min_is_padded_not_refused():
+    """`eval --engine` on a static --batch 8 plan failed on the last, short batch (50 images). The GPU engine
+    cannot run here: a stand-in with the profile's MIN rule checks the padding and that the pad rows are dropped."""
+    from mixq_onnx.trt.runtime import Engine
+
+    class Static(Engine):
+        def __init__(self) -> None:  # no plan, no GPU: only what first_output reads
+            self.torch, self.min_batch, self.outputs = torch, 8, ["logits"]
+
+        def __call__(self, x):
+            assert len(x) >= 8, "outside the profile"
+            return {"logits": x.flatten(1)[:, :3] * 2}
+
+    x = torch.arange(2 * 4, dtype=torch.float32).reshape(2, 4)
+    out = Static().first_output(x)
+    assert torch.equal(out, x[:, :3] * 2)

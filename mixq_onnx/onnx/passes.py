@@ -637,6 +637,7 @@ def convert_to_fp16(src: str | Path, dst: str | Path) -> Path:
     del g.node[:]
     g.node.extend(nodes)
     del g.value_info[:]
+    m.producer_name = "mixq-onnx"  # this file is ours (a re-run of bench may replace it), whoever made `src`
     dst = Path(dst)
     with atomic_path(dst) as tmp:  # never through a link or half-written: bench writes it beside the plan
         onnx.save(m, str(tmp))

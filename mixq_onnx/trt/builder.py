@@ -11,6 +11,7 @@ import contextlib
 import datetime as _dt
 import json
 import math
+import os
 import signal
 import threading
 import time
@@ -26,14 +27,15 @@ from ..utils import (
     atomic_write_json,
     check_output_file,
     make_parent,
+    read_regular,
     sha256_bytes,
     sha256_file,
-    sidecar_vouches,
 )
 from .backend import BACKENDS, cuda_version, gpu_info, import_backend, make_logger
 from .layers import LayerInfo, parse_builder_log, parse_inspector_json
 
 PLAN_FORMAT = "mixq-onnx.plan/1"
+MAX_WORKSPACE_MIB = 1 << 23  # 8 TiB: far above any GPU, and within the builder's 64-bit byte count
 RTX_CAPABILITIES = {"7.5": "SM75", "8.0": "SM80", "8.6": "SM86", "8.9": "SM89", "12.0": "SM120", "12.1": "SM121"}
 RTX_PORTABLE = "portable"  # TensorRT-RTX default: every supported GPU from sm80 on (Turing needs 7.5 explicitly)
 
@@ -80,8 +82,8 @@ class BuildConfig:
         lo, opt, hi = self.batch
         if not (1 <= lo <= opt <= hi):
             raise MixqError(f"--batch needs 1 <= MIN <= OPT <= MAX, got {lo}:{opt}:{hi}")
-        if self.workspace_mib < 1:
-            raise MixqError("--workspace must be at least 1 MiB")
+        if not 1 <= self.workspace_mib <= MAX_WORKSPACE_MIB:
+            raise MixqError(f"--workspace must be between 1 and {MAX_WORKSPACE_MIB} MiB, got {self.workspace_mib}")
         if self.compute_capabilities and self.backend != "tensorrt-rtx":
             raise MixqError("--compute-capability selects TensorRT-RTX ahead-of-time targets; the tensorrt backend "
                             "always builds for the GPU it runs on")
@@ -154,7 +156,7 @@ def _targets(trt: Any, cfg: BuildConfig, gpu: Any) -> tuple[str, list[str]]:
     return ("aot:" + ",".join(names) if names else f"aot:{RTX_PORTABLE}"), (names or [RTX_PORTABLE])
 
 
-def _require_onnx(onnx_path: Path) -> None:
+def require_onnx(onnx_path: Path) -> None:
     """Refuse a file that is not an ONNX model before TensorRT's parser turns it into a confusing message, and
     a graph whose external data lies outside its folder (absolute, `..`, a symbolic link): onnx's loader checks
     that, the TensorRT parsers do not and would read whatever the received graph names."""
@@ -271,9 +273,8 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, cfg: BuildConfig 
     onnx_path, plan_path = Path(onnx_path), Path(plan_path)
     if not onnx_path.is_file():
         raise MixqError(f"ONNX model not found: {onnx_path}")
-    _require_onnx(onnx_path)
-    check_output_file(plan_path, what="the plan", inputs=(onnx_path,), refuse_suffixes=(".onnx", ".json"),
-                      ours=("an engine plan", lambda p: sidecar_vouches(p, "plan_sha256")), overwrite=overwrite)
+    require_onnx(onnx_path)
+    check_plan_output(plan_path, inputs=(onnx_path,), overwrite=overwrite)
     trt = import_backend(cfg.backend)
     gpu = gpu_info()
     if cfg.backend == "tensorrt" and gpu is None:
@@ -332,11 +333,6 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, cfg: BuildConfig 
         accept(layers, {i["name"]: list(i["opt"]) for i in shapes})
 
     make_parent(plan_path)
-    with atomic_path(plan_path) as tmp:
-        tmp.write_bytes(plan_bytes)
-    if cache is not None and cache_file is not None:
-        with atomic_path(cache_file) as tmp:
-            tmp.write_bytes(bytes(memoryview(cache.serialize())))
 
     outputs = []
     for i in range(network.num_outputs):
@@ -366,8 +362,34 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, cfg: BuildConfig 
         "layers": [li.to_dict() for li in layers],
     }
     meta_file = meta_path_for(plan_path)
+    # PLAN.json first, then the plan: a kill between the two leaves a mixq-onnx PLAN.json beside an old plan (or
+    # none), which readers refuse as stale and a re-run replaces (`plan_is_ours`), never a plan no sidecar owns
     atomic_write_json(meta_file, meta)
+    with atomic_path(plan_path) as tmp:
+        tmp.write_bytes(plan_bytes)
+    if cache is not None and cache_file is not None:
+        with atomic_path(cache_file) as tmp:
+            tmp.write_bytes(bytes(memoryview(cache.serialize())))
     return BuildResult(plan_path, meta_file, meta, layers, seconds)
+
+
+def plan_is_ours(plan: str | os.PathLike) -> bool:
+    """A plan `build` wrote: its PLAN.json is a mixq-onnx plan record (the sha256 may be stale after a kill
+    between the two writes; readers check it, a re-build replaces the pair)."""
+    rec = json.loads(read_regular(meta_path_for(plan)))
+    return isinstance(rec, dict) and rec.get("format") == PLAN_FORMAT
+
+
+def check_plan_output(plan: str | os.PathLike, inputs: tuple[Any, ...] = (), overwrite: bool = False) -> Path:
+    """Refuse, before any work, a plan path or a PLAN.json path the build must not write: a folder, one of the
+    inputs, or an existing file mixq-onnx did not write (unless `overwrite`)."""
+    plan = check_output_file(plan, what="the plan", inputs=inputs, refuse_suffixes=(".onnx", ".json"),
+                             ours=("an engine plan", plan_is_ours), overwrite=overwrite)
+    meta = meta_path_for(plan)
+    check_output_file(meta, what="the plan's PLAN.json", inputs=inputs, overwrite=overwrite,
+                      ours=("a PLAN.json", lambda p: isinstance(rec := json.loads(read_regular(p)), dict)
+                            and rec.get("format") == PLAN_FORMAT))
+    return plan
 
 
 @dataclass

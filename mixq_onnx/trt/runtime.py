@@ -15,9 +15,16 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import MixqError
-from ..utils import read_regular, sha256_bytes
+from ..utils import check_output_file, read_regular, sha256_bytes, sha256_file
 from .backend import GpuInfo, gpu_info, import_backend, make_logger
-from .builder import BuildConfig, build_engine, check_plan_key, read_plan_meta
+from .builder import (
+    BuildConfig,
+    build_engine,
+    check_plan_key,
+    check_plan_output,
+    read_plan_meta,
+    require_onnx,
+)
 
 _TORCH_DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT8": "int8", "INT32": "int32",
                  "INT64": "int64", "BOOL": "bool", "UINT8": "uint8"}
@@ -78,6 +85,7 @@ class Engine:
         self.outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
         self.stream = torch.cuda.Stream()
         self.max_batch = max((i["max"][0] for i in meta.get("inputs", []) if i.get("max")), default=1)
+        self.min_batch = max((i["min"][0] for i in meta.get("inputs", []) if i.get("min")), default=1)
 
     def _dtype(self, name: str) -> Any:
         key = str(self.engine.get_tensor_dtype(name)).split(".")[-1]
@@ -115,10 +123,17 @@ class Engine:
         bs = min(batch_size or self.max_batch, self.max_batch)
         res = []
         for s in range(0, len(x), bs):
-            out = self(x[s:s + bs])
-            res.append(out[self.outputs[0]].float().cpu())
+            res.append(self.first_output(x[s:s + bs]))
         torch.cuda.synchronize()
         return torch.cat(res)
+
+    def first_output(self, x: Any) -> Any:
+        """The first output (float, on the CPU) for one batch; a batch smaller than the profile's MIN (the last
+        of a static --batch 8 over 50 images) is padded with copies of its last image, and those rows dropped."""
+        n = len(x)
+        if n < self.min_batch:
+            x = self.torch.cat([x, x[-1:].expand(self.min_batch - n, *x.shape[1:])])
+        return self(x)[self.outputs[0]][:n].float().cpu()
 
 
 def run_plan(plan_path: str | Path, inputs: Any = None, backend: str | None = None) -> dict[str, Any]:
@@ -192,7 +207,7 @@ def evaluate_engine(plan_path: str | Path, images: Any, labels: Any, preprocessi
         x = images[s:s + bs]
         if preprocessing is not None:
             x = preprocessing(x)
-        logits.append(eng(x.float())[eng.outputs[0]].float().cpu())
+        logits.append(eng.first_output(x.float()))
     torch.cuda.synchronize()
     lg = torch.cat(logits)
     labels = torch.as_tensor(labels)
@@ -310,6 +325,7 @@ def bench(plan_path: str | Path, fp_onnx: str | Path | None = None, batch: int |
 
     plan_path = Path(plan_path)
     meta = read_plan_meta(plan_path)
+    fp16, fp_plan, ort_src = _bench_files(plan_path, meta, fp_onnx, ort_onnx)  # every file judged before any work
     trt = import_backend(backend or meta["backend"])
     check_plan_key(meta, trt, None, backend)
     gpu = require_gpu()
@@ -320,20 +336,44 @@ def bench(plan_path: str | Path, fp_onnx: str | Path | None = None, batch: int |
     rep = BenchReport(gpu=gpu.to_dict(), batch=batch, iters=iters)
     rep.rows.append(_row("QDQ engine", batch, _bench_engine(plan_path, x, warmup, iters, backend),
                          meta["plan_key"]))
-    if fp_onnx is not None:
-        fp_onnx = Path(fp_onnx)
-        fp16 = plan_path.with_name(plan_path.stem + ".fp16.onnx")
+    if fp_onnx is not None and fp16 is not None and fp_plan is not None:
         convert_to_fp16(fp_onnx, fp16)
-        fp_plan = plan_path.with_name(plan_path.stem + ".fp16.plan")
         opts = meta["options"]
         cfg = BuildConfig(backend=meta["backend"], batch=(min(batch, opts["batch"][0]), batch,
                                                           max(batch, opts["batch"][2])),
                           workspace_mib=opts["workspace_mib"], compute_capabilities=tuple(opts["compute_capabilities"]),
                           optimization_level=opts.get("optimization_level"))
-        build_engine(fp16, fp_plan, cfg)
+        build_engine(fp16, fp_plan, cfg, overwrite=True)  # judged by _bench_files: ours, or absent
         rep.rows.append(_row("FP16 engine (float model)", batch, _bench_engine(fp_plan, x, warmup, iters, backend)))
-    ort_src = Path(ort_onnx) if ort_onnx else (Path(fp_onnx) if fp_onnx else Path(meta["onnx"]["path"]))
-    if ort_src.is_file():
+    if ort_src is not None:
         ms, note = _bench_ort(ort_src, x, warmup, iters)
         rep.rows.append(_row(f"onnxruntime ({ort_src.name})", batch, ms, note))
     return rep
+
+
+def _bench_files(plan: Path, meta: dict[str, Any], fp_onnx: str | Path | None, ort_onnx: str | Path | None
+                 ) -> tuple[Path | None, Path | None, Path | None]:
+    """(the FP16 graph and plan bench writes, the graph onnxruntime times), refused up front: a given graph
+    that is not ONNX, an FP16 file beside the plan that bench did not write (or that is an input), and the
+    graph PLAN.json names when it is no longer the one the plan was built from (then no onnxruntime row)."""
+    from ..onnx.export import GRAPH_OURS
+
+    for opt, g in (("--fp-onnx", fp_onnx), ("--ort-onnx", ort_onnx)):
+        if g is not None:
+            if not Path(g).is_file():
+                raise MixqError(f"{opt} {g}: no such file")
+            require_onnx(Path(g))
+    fp16 = fp_plan = None
+    if fp_onnx is not None:
+        fp16 = plan.with_name(plan.stem + ".fp16.onnx")
+        fp_plan = plan.with_name(plan.stem + ".fp16.plan")
+        ins = (fp_onnx, ort_onnx, plan)
+        check_output_file(fp16, what="bench's FP16 graph", inputs=ins, ours=GRAPH_OURS)
+        check_plan_output(fp_plan, inputs=(*ins, fp16))
+    if ort_onnx is not None:
+        return fp16, fp_plan, Path(ort_onnx)
+    if fp_onnx is not None:
+        return fp16, fp_plan, Path(fp_onnx)
+    rec = Path(meta["onnx"]["path"])
+    same = rec.is_file() and sha256_file(rec) == meta["onnx"].get("sha256")
+    return fp16, fp_plan, rec if same else None
