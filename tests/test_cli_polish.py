@@ -124,6 +124,20 @@ def test_quantize_json_and_eval_json(tiny, run_cli, monkeypatch):
     fp = evaluate_data("d.npz", model=ModelOptions("tiny.py:make", random_init=True, input_size=16))
     assert res["fp_top1"] == round(fp.top1, 4) and res["fp_top5"] == round(fp.top5, 4)
     assert 0 <= res["fp_top1"] <= res["fp_top5"] <= 100 and res["top1"] <= res["top5"]
+    # the quantized numbers from the quantized model itself, computed here without evaluate_data (review,
+    # 2026-11-30: evaluate_data scoring the float model as the quantized one passed every eval test)
+    from mixq_onnx.models import get_preprocessing, load_model
+    from mixq_onnx.quant.io import load_quantized_dir
+
+    q = load_quantized_dir("q", trust_model_code=True).eval()
+    z = np.load("d.npz")
+    x = get_preprocessing(q)(torch.from_numpy(z["x"]))
+    with torch.no_grad():
+        pq = q(x).argmax(1)
+        pf = load_model(ModelOptions("tiny.py:make", random_init=True, input_size=16)).eval()(x).argmax(1)
+    y = torch.from_numpy(z["y"])
+    assert res["top1"] == round(float((pq == y).float().mean() * 100), 4)
+    assert res["agreement"] == round(float((pq == pf).float().mean() * 100), 4)
     r = run_cli("eval", "--quantized", "q", "--trust-model-code", "--data", "d.npz")
     assert f"float top1 {res['fp_top1']:.2f} %  top5 {res['fp_top5']:.2f} %" in r.out
 

@@ -154,3 +154,22 @@ def test_validate_rejects_bad_folders(tmp_path):
         make_gen(tmp_path)
     with pytest.raises(MixqError, match="neither an existing local folder"):
         make_gen(tmp_path / "missing" / "pipeline")
+
+
+def test_mixup_embed_weights_reach_the_embedding_and_the_images(tiny_pipeline):
+    """The Dirichlet weights were only checked in the manifest; equal weights in `_embed` passed every test
+    (review, 2026-11-30). The embedding is the weighted sum of the sub-prompts' embeddings, and other weights
+    give other images."""
+    import dataclasses
+
+    gen = make_gen(tiny_pipeline, "mixup-embed", guidance=1.0)
+    p = plans("mixup-embed", 0, 1)[0]
+    base = gen.generate(0, [p]).images  # loads the pipeline
+    subs = gen.pipe.encode_prompt(prompt=list(p.sub_prompts), device="cpu", num_images_per_prompt=1,
+                                  do_classifier_free_guidance=False)[0]
+    want = sum(float(w) * subs[i] for i, w in enumerate(p.weights)) / float(sum(p.weights))
+    got = gen._embed([p], cfg=False)["prompt_embeds"][0]
+    assert torch.allclose(got, want, atol=1e-5), float((got - want).abs().max())
+    other = dataclasses.replace(p, weights=tuple(reversed(p.weights)))
+    assert p.weights != other.weights
+    assert not torch.equal(base, gen.generate(0, [other]).images)

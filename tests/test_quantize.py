@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import RESNET20, TEST_NPZ, need_shared
 
 from mixq_onnx.models import get_preprocessing, load_model
 from mixq_onnx.quant import QuantConfig, load_quantized, quantize, quantizers, save_quantized
@@ -131,6 +132,38 @@ def test_cli_quantize_then_eval(tmp_path, run_cli, noise_cache):
     e = run_cli("eval", "--quantized", out, "--data", npz, "--json")
     res = json.loads(e.last_line)
     assert e.code == 0 and res["n"] == 20 and {"top1", "top5", "agreement"} <= set(res)
+
+
+@need_shared(RESNET20, TEST_NPZ)
+def test_eval_reports_the_quantized_models_numbers(tmp_path, run_cli, noise_cache):
+    """What `eval --quantized` reports, recomputed here from the folder without evaluate_data, on the real
+    ResNet-20 at W3A3 (a random network predicts one class, quantized or not). Review, 2026-11-30: evaluate_data
+    scoring the float model in the quantized one's place passed every eval test."""
+    import numpy as np
+    import torch
+
+    from mixq_onnx.models import get_preprocessing, load_model
+    from mixq_onnx.quant.io import load_quantized_dir
+
+    out = tmp_path / "q"
+    r = run_cli("quantize", "--model", "cifar_resnet20", "--checkpoint", RESNET20, "--calib", noise_cache,
+                "--method", "rtn", "--wbits", "3", "--abits", "3", "--out", out, "-q")
+    assert r.code == 0, r.err
+    z = np.load(TEST_NPZ)
+    npz = tmp_path / "d.npz"
+    np.savez(npz, x=z["x"][::25], y=z["y"][::25])  # 200 images, every class
+    e = run_cli("eval", "--quantized", out, "--data", npz, "--json")
+    assert e.code == 0, e.err
+    res = json.loads(e.last_line)
+    q = load_quantized_dir(out).eval()
+    x = get_preprocessing(q)(torch.from_numpy(z["x"][::25]))
+    with torch.no_grad():
+        pq = q(x).argmax(1)
+        pf = load_model("cifar_resnet20", RESNET20).eval()(x).argmax(1)
+    y = torch.from_numpy(z["y"][::25]).long()
+    assert res["top1"] == round(float((pq == y).float().mean() * 100), 4)
+    assert res["fp_top1"] == round(float((pf == y).float().mean() * 100), 4)
+    assert res["agreement"] == round(float((pq == pf).float().mean() * 100), 4) < 100
 
 
 @pytest.mark.parametrize("args,needle", [

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import one_line_error, snapshot
+from conftest import RESNET20, TEST_NPZ, need_shared, one_line_error, snapshot
 
 from mixq_onnx.errors import MixqError
 from mixq_onnx.sweep import SweepConfig, parse_bits, sweep_table
@@ -153,3 +153,33 @@ def test_two_sweeps_into_one_folder_take_turns(tmp_path):
     keys = sorted(c["key"] for c in read_sweep(out)["cells"])
     assert keys[0].startswith("r20|fp") and len(keys) == 2  # the last sweep's grid: fp + its bits
     assert any("waiting for the lock of sweep" in w for w in waited), waited
+
+
+@need_shared(RESNET20, TEST_NPZ)
+def test_a_sweep_cell_is_what_quantize_and_evaluate_give(tmp_path, run_cli):
+    """One cell recomputed with the library's quantize and a plain forward pass, on the real ResNet-20 (a random
+    network predicts one class, so a cell scoring the float model in the quantized one's place passed).
+    Review, 2026-11-30."""
+    from mixq_onnx.calib import CalibConfig, CalibrationSet, make_calibration_cache
+    from mixq_onnx.models import get_preprocessing, load_model
+    from mixq_onnx.quant import quantize
+
+    z = np.load(TEST_NPZ)
+    npz = tmp_path / "d.npz"
+    np.savez(npz, x=z["x"][::25], y=z["y"][::25])  # 200 images, every class
+    cache = make_calibration_cache(CalibConfig(generator="noise", num=32, size=32), tmp_path / "cache", progress=False)
+    out = tmp_path / "sweep"
+    r = run_cli("sweep", "--model", "cifar_resnet20", "--checkpoint", RESNET20, "--calib", cache, "--data", npz,
+                "--bits", "W3A3", "--method", "rtn", "--num-samples", "32", "--out", out, "-q")
+    assert r.code == 0, r.err
+    cells = {c["method"]: c for c in json.loads((out / "sweep.json").read_text())["cells"]}
+    model = load_model("cifar_resnet20", RESNET20).eval()
+    qcfg = SweepConfig(bits=("W3A3",), methods=("rtn",), num_samples=32).quant_config("rtn", "W3A3", 0).resolved()
+    q = quantize(model, qcfg, CalibrationSet(cache, model), progress=False).eval()
+    x = get_preprocessing(model)(torch.from_numpy(z["x"][::25]))
+    y = torch.from_numpy(z["y"][::25]).long()
+    with torch.no_grad():
+        pq, pf = q(x).argmax(1), model(x).argmax(1)
+    assert cells["fp"]["top1"] == round(float((pf == y).float().mean() * 100), 4)
+    assert cells["rtn"]["top1"] == round(float((pq == y).float().mean() * 100), 4)
+    assert cells["rtn"]["agreement"] == round(float((pq == pf).float().mean() * 100), 4) < 100
