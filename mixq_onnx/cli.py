@@ -32,7 +32,7 @@ from .cli_qat import register as _register_qat
 from .cli_trt import register as _register_trt
 from .errors import MixqError
 from .methods import METHODS, PRESETS
-from .registry import FILTERS, GENERATOR_MODULES, LOSSES, PROMPT_STRATEGIES
+from .registry import FILTERS, GENERATOR_MODULES, LOSSES, PROMPT_STRATEGIES, help_lines
 
 
 def _floats(ctx, param, value: str | None) -> tuple[float, ...] | None:
@@ -88,7 +88,7 @@ def _csv(ctx, param, value: str | None) -> tuple[str, ...] | None:
 STAGES = {  # the pipeline's order and one line each: `mixq-onnx --help` lists the commands so
     "calib": "make a calibration cache (mixup-class diffusion prompts, BN inversion, real, noise)",
     "cache": "list, inspect, verify or remove calibration caches",
-    "quantize": "learn rounding and step sizes on a cache (rtn, adaround, brecq, qdrop, genie)",
+    "quantize": f"learn rounding and step sizes on a cache ({', '.join(METHODS)})",
     "robustify": "fine-tune a float checkpoint with SymReg / SatNL to survive low bit-widths",
     "sweep": "quantize checkpoints at every bit-width x method: table and plot of top-1",
     "qat": "quantization-aware training: NIPQ learned mixed precision under a budget, or LSQ",
@@ -132,8 +132,7 @@ def _Count(lo: int, hi: int | None = None) -> Range:  # noqa: N802  (reads as th
 @cli.command(context_settings=CONTEXT)
 @click.option("--generator", type=GENERATOR_MODULES.choice(), default="diffusion",
               show_default=True,
-              help="diffusion: text-to-image pipeline on class prompts; inversion: synthesise from the model's "
-                   "BatchNorm statistics (no diffusion weights, offline); real: import --source; noise: Gaussian.")
+              help=help_lines(GENERATOR_MODULES) + ".")
 @click.option("--num", type=_Count(1, 100_000), default=256, show_default=True,
               help="Images to generate (candidates with --filter); at most 100,000.")
 @click.option("--seed", type=_Count(0), default=0, show_default=True,
@@ -150,8 +149,7 @@ def _Count(lo: int, hi: int | None = None) -> Range:  # noqa: N802  (reads as th
                    "else imagenet.")
 @click.option("--prompts", "strategy", type=PROMPT_STRATEGIES.choice(), default="mixup",
               show_default=True,
-              help="mixup: 'a photo of a {A} and a {B}'; single: GenQ 'a photo of a {adjective} {class}'; "
-                   "mixup-embed: Dirichlet-weighted text embeddings; none: no class conditioning.")
+              help=help_lines(PROMPT_STRATEGIES) + ".")
 @click.option("--k", type=_Count(2), default=2, show_default=True, help="Classes per mixup prompt (2 <= k <= classes).")
 @click.option("--template", default=None, help="Mixup template with k '{}' slots [default: 'a photo of a {} and a {}'].")
 @click.option("--alpha", type=FINITE, default=1.0, show_default=True,
@@ -359,9 +357,7 @@ def _load_user_model(o: dict[str, Any]):
 @click.option("--calib", "calib_ref", required=True, metavar="CACHE",
               help="Calibration cache: a path, or a hash (prefix) under --cache-root.")
 @click.option("--method", type=METHODS.choice(), default="qdrop",
-              show_default=True, help="rtn: Lp scale search + round to nearest; adaround: layer-wise learned rounding; "
-                                      "brecq: block-wise rounding then LSQ steps; qdrop: joint, with QDrop; "
-                                      "genie: qdrop + learned weight scales.")
+              show_default=True, help=help_lines(METHODS) + ".")
 @click.option("--wbits", type=BITS, default=4, show_default=True, help="Weight bits.")
 @click.option("--abits", type=Range(2, 8, also=(16,), why="weight-only"), default=4, show_default=True,
               help="Activation bits (16: weight-only).")
@@ -759,8 +755,9 @@ def _percent(_ctx: Any, param: Any, value: float | None) -> float | None:
                    "never the first N.")
 @click.option("--min-agreement", type=FiniteFloat(0, 100), default=99.9, show_default=True, metavar="PERCENT",
               callback=_percent,
-              help="Exit 1 when the exact run's top-1 agreement with PyTorch is below this percent (0-100; "
-                   "a value of 1 or less is refused as a likely fraction).")
+              help="Exit 1 when the exact run's top-1 agreement with PyTorch, counting near ties (an image whose two "
+                   "best PyTorch logits lie closer than float rounding moved them) as agreeing, is below this "
+                   "percent (0-100; a value above 0 and at most 1 is refused as a likely fraction).")
 @click.option("--exact", is_flag=True,
               help="Also exit 1 unless the exact run is bit-exact: max |diff| 0 and no integer code differs (what "
                    "the integer layout gives where every op between quantizers is exact).")
@@ -773,7 +770,7 @@ def verify(**o: Any) -> None:
     against the PyTorch fake-quant model on the same images.
 
     \b
-    Exit codes: 0 faithful; 1 top-1 agreement below --min-agreement, NaN/inf outputs, a quantizer input more
+    Exit codes: 0 faithful; 1 top-1 agreement (near ties counted as agreeing) below --min-agreement, NaN/inf outputs, a quantizer input more
     than half a step from PyTorch's in the teacher-forced run, or (--exact) any difference; 2 bad input, including a graph exported from another result folder (names the first quantizer
     whose bits, scale or integer weights differ).
     """

@@ -95,12 +95,37 @@ class Registry(Mapping[str, T], Generic[T]):
 
 
 # --------------------------------------------------------------------------- calibration generators
-#: name -> the module that defines its `calib.generators.Generator` subclass (decorated with `register`, under the
-#: same name). `mixq_onnx.calib.generators` imports every module listed here when it loads, and `calib
-#: --generator` lists these names: adding a generator is its module plus one line here.
-GENERATOR_MODULES: Registry[str] = Registry("generator")
-for _name in ("diffusion", "inversion", "real", "noise"):
-    GENERATOR_MODULES.register(_name, f"mixq_onnx.calib.generators.{_name}")
+@dataclass(frozen=True)
+class GeneratorModule:
+    """Where a calibration generator lives and its one line for `calib --help` (the module imports torch, so the
+    CLI's help cannot ask the class)."""
+
+    module: str
+    help: str
+
+
+#: name -> the module that defines its `calib.generators.Generator` subclass (decorated with `register`, whose
+#: `name` must be this same name: `tests/test_methods.py` checks the two lists are equal).
+#: `mixq_onnx.calib.generators` imports every module listed here when it loads, and `calib --generator` lists
+#: these names and help lines: adding a generator is its module plus one `register_generator_module` line.
+GENERATOR_MODULES: Registry[GeneratorModule] = Registry("generator")
+
+
+def register_generator_module(name: str, module: str, help: str) -> GeneratorModule:
+    return GENERATOR_MODULES.register(name, GeneratorModule(module, help))
+
+
+register_generator_module("diffusion", "mixq_onnx.calib.generators.diffusion",
+                          "text-to-image pipeline on class prompts")
+register_generator_module("inversion", "mixq_onnx.calib.generators.inversion",
+                          "synthesise from the model's BatchNorm statistics (no diffusion weights, offline)")
+register_generator_module("real", "mixq_onnx.calib.generators.real", "import --source (npz or image folder)")
+register_generator_module("noise", "mixq_onnx.calib.generators.noise", "Gaussian noise (tests, smoke runs)")
+
+
+def help_lines(registry: Registry[Any]) -> str:
+    """'name: help; name: help' of a registry's entries, for an option's --help."""
+    return "; ".join(f"{n}: {e.help}" for n, e in registry.items())
 
 
 # --------------------------------------------------------------------------- calibration filters

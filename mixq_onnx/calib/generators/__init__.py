@@ -6,7 +6,7 @@ import importlib
 from ...registry import GENERATOR_MODULES
 from .base import GENERATORS, GenContext, Generator, ShardOutput, register
 
-for _module in GENERATOR_MODULES.values():
-    importlib.import_module(_module)
+for _entry in GENERATOR_MODULES.values():
+    importlib.import_module(_entry.module)
 
 __all__ = ["GENERATORS", "GenContext", "Generator", "ShardOutput", "register"]
