@@ -165,11 +165,12 @@ def model_identity(model: nn.Module) -> str:
 
 
 def data_identity(path: str | os.PathLike) -> str:
-    """An npz's sha256; for an image folder, a hash of every file's relative path and size."""
+    """An npz's sha256; for an image folder, a hash of every file's relative path and sha256 (the pixels: an
+    edited image of the same size must not reuse the old cells)."""
     p = Path(path)
     if p.is_file():
         return sha256_file(p)
-    entries = sorted(f"{f.relative_to(p)}|{f.stat().st_size}" for f in p.rglob("*") if f.is_file())
+    entries = sorted(f"{f.relative_to(p)}|{sha256_file(f)}" for f in p.rglob("*") if f.is_file())
     return sha256_bytes("\n".join(entries).encode())
 
 

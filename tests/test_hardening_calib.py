@@ -523,3 +523,23 @@ def test_readers_refuse_what_verify_fails(cache64):
     assert "shard shard-00001.safetensors holds 4x4 images, the recipe 8x8" in " ".join(verify(cache64).problems)
     with pytest.raises(CorruptCacheError, match="holds 4x4 images, its recipe 8x8"):
         load_images(cache64)
+
+
+def test_an_edited_image_of_the_same_size_is_another_real_cache(tmp_path):
+    """A folder source was keyed by file names and sizes: an image replaced by another of the same byte size
+    reused the old cache (review, 2026-11-30). BMP files make equal sizes certain."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    src = tmp_path / "imgs"
+    src.mkdir()
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(src / f"{i}.bmp")
+    cfg = CalibConfig(generator="real", num=4, size=16, options={"source": str(src)})
+    a = Path(make_calibration_cache(cfg, tmp_path / "root", progress=False, log=lambda m: None))
+    size = (src / "1.bmp").stat().st_size
+    Image.fromarray(np.full((16, 16, 3), 7, np.uint8)).save(src / "1.bmp")
+    assert (src / "1.bmp").stat().st_size == size
+    b = Path(make_calibration_cache(cfg, tmp_path / "root", progress=False, log=lambda m: None))
+    assert a != b
+    assert not torch.equal(load_images(a)[0], load_images(b)[0])

@@ -183,3 +183,27 @@ def test_a_sweep_cell_is_what_quantize_and_evaluate_give(tmp_path, run_cli):
     assert cells["fp"]["top1"] == round(float((pf == y).float().mean() * 100), 4)
     assert cells["rtn"]["top1"] == round(float((pq == y).float().mean() * 100), 4)
     assert cells["rtn"]["agreement"] == round(float((pq == pf).float().mean() * 100), 4) < 100
+
+
+def test_an_edited_image_folder_recomputes_the_cells(world, tmp_path, run_cli):
+    """An image folder was fingerprinted by file names and sizes: inverting every image (same sizes) reused the
+    old cells (review, 2026-11-30)."""
+    from PIL import Image
+
+    root, cache = world
+    data = tmp_path / "imgs"
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (data / c).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(data / c / f"{i}.bmp")
+    args = ["sweep", *TINY, "--checkpoint", root / "orig.safetensors", "--calib", cache, "--data", data,
+            "--bits", "W8A8", "--method", "rtn", "--num-samples", "16", "--out", tmp_path / "s", "--json"]
+    assert run_cli(*args).code == 0
+    assert json.loads(run_cli(*args).last_line)["reused"] == 2
+    for f in data.rglob("*.bmp"):
+        size = f.stat().st_size
+        Image.fromarray(255 - np.asarray(Image.open(f))).save(f)
+        assert f.stat().st_size == size
+    r = run_cli(*args)
+    assert r.code == 0 and json.loads(r.last_line)["reused"] == 0, r.err

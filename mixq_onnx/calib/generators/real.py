@@ -156,7 +156,8 @@ class RealGenerator(Generator):
             out["source_id"] = sha256_file(path)
         else:
             files, _, _ = folder_files(path)
-            out["source_id"] = [[str(f.relative_to(path)), f.stat().st_size] for f in files]
+            # each file's bytes, not only its size: an edited image of the same size is another cache
+            out["source_id"] = [[str(f.relative_to(path)), f.stat().st_size, sha256_file(f)] for f in files]
             skipped = self._selection()[1]
             if skipped:  # only then: a clean folder keeps the key it had before --skip-bad-images existed
                 out["skipped"] = skipped
