@@ -31,10 +31,66 @@ def _assert_clean_failure(res, root: Path, needle: str) -> None:
      "--prompts mixup does not draw any"),
     (["--generator", "diffusion", "--classes", "cifar10", "--prompts", "single", "--alpha", "0.2"],
      "--prompts single does not draw any"),
+    # review, 2026-11-30: a traceback after the cache folder existed, or an option only the hash read
+    (["--generator", "diffusion", "--classes", "cifar10", "--template", "a photo of a {} and a {} {x}"],
+     "does not format with 2 class names"),
+    (["--generator", "diffusion", "--classes", "cifar10", "--prompts", "single", "--template", "a {} photo"],
+     "needs a '{cls}' slot"),
+    (["--generator", "diffusion", "--classes", "cifar10", "--prompts", "single", "--template", "a {adj} {cls}"],
+     "does not format with '{adjective}' and '{cls}'"),
+    (["--generator", "diffusion", "--classes", "cifar10", "--prompts", "mixup-embed", "--template", "zzz"],
+     "writes no templated prompt"),
+    (["--generator", "diffusion", "--classes", "cifar10", "--prompts", "single", "--k", "5"], "does not mix"),
+    (["--generator", "diffusion", "--classes", "cifar10", "--gloss"], "the cifar10 classes have none"),
+    (["--generator", "inversion", "--model", "cifar_resnet20", "--random-weights", "--template", "a {} and a {}"],
+     "reads only its classes"),
 ])
 def test_bad_options(tmp_path, run_cli, args, needle):
     root = tmp_path / "cache"
     _assert_clean_failure(run_cli("calib", *args, "--cache-root", root, "-q"), root, needle)
+
+
+def test_a_filter_the_model_cannot_serve_is_refused_before_any_candidate(tmp_path, run_cli):
+    """`--filter bn` on a model without BatchNorm failed after every candidate was generated, and left the
+    candidates behind (review, 2026-11-30)."""
+    net = tmp_path / "nobn.py"
+    net.write_text("import torch.nn as nn\n\ndef make():\n    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), "
+                   "nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))\n")
+    root = tmp_path / "cache"
+    res = run_cli("calib", "--generator", "noise", "--num", "4", "--size", "16", "--filter", "bn", "--keep", "2",
+                  "--model", f"{net}:make", "--random-weights", "--input-size", "16",
+                  "--cache-root", root, "-q")
+    _assert_clean_failure(res, root, "filter 'bn' needs a model with BatchNorm2d layers")
+
+
+def test_noise_with_one_mean_and_std_value_and_a_grey_model(tmp_path, run_cli):
+    """One --mean/--std value was a RuntimeError in the noise generator; a 1-channel model met RGB images with
+    a RuntimeError in quantize (review, 2026-11-30): grey models now read the luma of RGB images."""
+    root = tmp_path / "cache"
+    r = run_cli("calib", "--generator", "noise", "--num", "4", "--size", "16", "--model", "cifar_resnet20",
+                "--random-weights", "--mean", "0.5", "--std", "0.25", "--cache-root", root, "-q")
+    assert r.code == 0, r.err
+    from mixq_onnx.calib import load_images
+
+    assert load_images(Path(r.last_line))[0].shape == (4, 16, 16, 3)
+    import torch.nn as nn
+
+    from mixq_onnx.models.preprocessing import ATTR, Preprocessing
+    from mixq_onnx.quant import QuantConfig, quantize
+
+    grey = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 16 * 16, 10)).eval()
+    setattr(grey, ATTR, Preprocessing(input_size=(1, 16, 16), mean=(0.5,), std=(0.25,)))
+    q = quantize(grey, QuantConfig(wbits=8, abits=8, method="rtn"), r.last_line, progress=False)
+    assert q.mixq_calibration["images"] == 4 and q(torch.zeros(2, 1, 16, 16)).shape == (2, 10)
+
+
+def test_imagenet_class_names_are_unique():
+    """'crane' (bird and machine), 'Cardigan'/'cardigan' and 'maillot' twice made prompts name no one class."""
+    from mixq_onnx.calib.classes import load_classes
+
+    v = load_classes("imagenet")
+    assert len({n.lower() for n in v.names}) == len(v) == 1000
+    assert v.names[264] == "Cardigan Welsh corgi" and v.names[639] == "tank suit" and v.names[134].startswith("crane, ")
 
 
 def test_k_exceeds_file_vocabulary(tmp_path, run_cli):

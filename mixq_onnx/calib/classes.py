@@ -44,12 +44,22 @@ def _imagenet() -> ClassVocab:
     from timm.data import ImageNetInfo
 
     info = ImageNetInfo()
-    names, glosses = [], []
+    names, glosses, synonyms = [], [], []
     for i in range(info.num_classes()):
-        desc = info.index_to_description(i)
-        names.append(desc.split(",")[0].strip())
+        desc = [w.strip() for w in info.index_to_description(i).split(",")]
+        names.append(desc[0])
+        synonyms.append(desc[1:])
         detailed = info.index_to_description(i, detailed=True)
         glosses.append(detailed.split(":", 1)[1].strip() if ":" in detailed else "")
+    # WordNet's first words repeat (crane the bird and the machine, Cardigan the corgi and the sweater, two
+    # maillots): a prompt must name one class, so a repeated name takes its next synonym, else its gloss
+    for fix in (lambda i: synonyms[i][-1] if synonyms[i] else names[i], lambda i: f"{names[i]}, {glosses[i]}"):
+        seen: dict[str, list[int]] = {}
+        for i, n in enumerate(names):
+            seen.setdefault(n.lower(), []).append(i)
+        for same in (v for v in seen.values() if len(v) > 1):
+            for i in same:
+                names[i] = fix(i)
     return ClassVocab("imagenet", tuple(names), tuple(glosses))
 
 

@@ -123,6 +123,15 @@ def score_images(model: nn.Module, images_uint8_nhwc: torch.Tensor, method: str,
     return resolve(spec.score)(model, images, batch_size)
 
 
+def check_filter_model(method: str, model: nn.Module) -> None:
+    """Score one blank image before any candidate is generated: a model the filter cannot use (no BatchNorm
+    for `bn`, no [N, classes] logits for `energy`) is refused up front, not after hours of generation."""
+    spec = FILTERS.lookup(method)
+    if spec.needs_model:
+        _, h, w = get_preprocessing(model).input_size
+        score_images(model, torch.zeros(1, h, w, 3, dtype=torch.uint8), method)
+
+
 def _model_scores(model: nn.Module, images: torch.Tensor, batch_size: int,
                   score: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """Run the model in eval mode on preprocessed batches; `score(logits)` gives each batch's scores."""

@@ -49,8 +49,34 @@ class PromptConfig:
         if self.alpha != 1.0 and not spec.embeds:  # it would change the cache's hash and nothing else
             raise MixqError(f"--alpha sets the Dirichlet mixing weights of --prompts mixup-embed; --prompts "
                             f"{self.strategy} does not draw any (drop --alpha, or use mixup-embed)")
-        if self.template is not None and spec.template_slots and self.template.count("{}") != self.k:
-            raise MixqError(f"--template needs exactly {self.k} '{{}}' placeholders for k={self.k}")
+        if self.k != 2 and not spec.mixes:  # it would change the cache's hash and nothing else
+            raise MixqError(f"--k sets the classes per image of a mixing strategy; --prompts {self.strategy} "
+                            "does not mix (drop --k)")
+        if self.template is not None:
+            self._check_template(spec)
+
+    def _check_template(self, spec: Any) -> None:
+        """A template the strategy reads, that formats: a bad one failed with a KeyError or IndexError after the
+        cache folder existed."""
+        if spec.template_slots:
+            if self.template.count("{}") != self.k:
+                raise MixqError(f"--template needs exactly {self.k} '{{}}' placeholders for k={self.k}")
+            try:
+                self.template.format(*(["x"] * self.k))
+            except (KeyError, IndexError, ValueError) as e:
+                raise MixqError(f"--template {self.template!r} does not format with {self.k} class names "
+                                f"({type(e).__name__}: {e}); use '{{}}' slots only") from None
+        elif spec.default_template is not None:  # single: '{adjective}' and '{cls}'
+            if "{cls}" not in self.template:
+                raise MixqError(f"--template {self.template!r} for --prompts {self.strategy} needs a '{{cls}}' slot "
+                                "(and may use '{adjective}'): without it no prompt names its class")
+            try:
+                self.template.format(adjective="x", cls="y")
+            except (KeyError, IndexError, ValueError) as e:
+                raise MixqError(f"--template {self.template!r} does not format with '{{adjective}}' and '{{cls}}' "
+                                f"({type(e).__name__}: {e})") from None
+        else:
+            raise MixqError(f"--prompts {self.strategy} writes no templated prompt: drop --template")
 
     def mixup_template(self) -> str:
         if self.template:

@@ -26,6 +26,7 @@ from ..registry import FILTERS, PROMPT_STRATEGIES
 from ..utils import atomic_write_json, resolve_device, sha256_bytes, sha256_file
 from . import cache as C
 from .classes import load_classes, resolve_classes
+from .filters import check_filter_model
 from .generators import GENERATORS, GenContext
 from .prompts import PromptConfig, plan_images
 
@@ -241,9 +242,14 @@ def make_calibration_cache(
         cfg = dataclasses.replace(cfg, classes=resolve_classes(cfg.classes, model))
     vocab = None
     strategy = PROMPT_STRATEGIES.get(cfg.prompts.strategy)
+    if gen_cls.uses_prompts and not gen_cls.reads_text and (cfg.prompts.template is not None or cfg.prompts.use_gloss):
+        raise MixqError(f"--template/--gloss shape the prompt's words, and --generator {cfg.generator} reads only "
+                        "its classes: drop them")
     if gen_cls.uses_prompts and (strategy is None or strategy.conditioned):
         vocab = load_classes(cfg.classes)
         cfg.prompts.validate(len(vocab))
+        if cfg.prompts.use_gloss and not any(vocab.glosses):
+            raise MixqError(f"--gloss appends WordNet glosses, and the {vocab.source} classes have none: drop it")
     elif strategy is None:
         cfg.prompts.validate(10)  # unknown strategy
     if cfg.filter:
@@ -262,6 +268,8 @@ def make_calibration_cache(
     if model is None and (gen_cls.needs_model or cfg.filter):
         what = f"--generator {cfg.generator}" if gen_cls.needs_model else f"--filter {cfg.filter}"
         raise MixqError(f"{what} needs --model (and --checkpoint)")
+    if cfg.filter and model is not None:  # what the filter needs of the model, before any candidate is made
+        check_filter_model(cfg.filter, model)
     dev = resolve_device(device)
     if model is not None:
         model = model.eval().to(dev)

@@ -103,6 +103,11 @@ class Preprocessing:
         x = x.float() / 255.0
         if x.shape[1] == 1 and self.input_size[0] == 3:
             x = x.expand(-1, 3, -1, -1)
+        elif x.shape[1] == 3 and self.input_size[0] == 1:  # a grey model on RGB images: luma, as PIL's "L"
+            x = (x * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+        if x.shape[1] != self.input_size[0]:
+            raise MixqError(f"the model takes {self.input_size[0]}-channel input and the images have {x.shape[1]} "
+                            "channels (mixq-onnx maps grey to RGB and RGB to grey, nothing else)")
         h, w = self.input_size[1:]
         if tuple(x.shape[-2:]) != (h, w):
             mode = "bicubic" if self.interpolation == "bicubic" else "bilinear"

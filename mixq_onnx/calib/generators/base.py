@@ -43,6 +43,7 @@ class Generator(ABC):
 
     name: ClassVar[str]
     uses_prompts: ClassVar[bool] = False  # True: each image follows an ImagePlan's classes/prompt
+    reads_text: ClassVar[bool] = False  # True: the prompt's words reach the images (--template, --gloss apply)
     needs_model: ClassVar[bool] = False
     #: the `CalibConfig.options` keys this generator reads; a key no generator reads is refused (a typo)
     option_names: ClassVar[tuple[str, ...]] = ()

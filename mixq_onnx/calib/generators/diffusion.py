@@ -110,6 +110,7 @@ class DiffusionGenerator(Generator):
     name = "diffusion"
     option_names = tuple(DEFAULTS)
     uses_prompts = True
+    reads_text = True
 
     def __init__(self, ctx):
         super().__init__(ctx)

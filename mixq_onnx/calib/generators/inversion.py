@@ -235,6 +235,9 @@ class InversionGenerator(Generator):
                 "--generator inversion needs a model with BatchNorm2d layers (it inverts their running "
                 f"statistics); {type(model).__name__} has none"
             )
+        if get_preprocessing(model).input_size[0] != 3:
+            raise MixqError(f"--generator inversion synthesises RGB images and this model takes "
+                            f"{get_preprocessing(model).input_size[0]}-channel input: use --generator real or noise")
         o = self._options()
         if self._uses_ce(o):
             pre = get_preprocessing(model)

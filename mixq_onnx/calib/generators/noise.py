@@ -29,8 +29,8 @@ class NoiseGenerator(Generator):
     def generate(self, shard_index: int, plans: list[ImagePlan]) -> ShardOutput:
         mean, std = self._stats()
         s = self.ctx.size
-        m = torch.tensor(mean).view(1, 1, 3)
-        sd = torch.tensor(std).view(1, 1, 3)
+        m = torch.tensor(mean, dtype=torch.float32).view(1, 1, -1).expand(1, 1, 3)  # one value: every channel
+        sd = torch.tensor(std, dtype=torch.float32).view(1, 1, -1).expand(1, 1, 3)
         out = []
         for p in plans:
             g = torch.Generator().manual_seed(p.seed)
