@@ -318,6 +318,9 @@ def _sweep_locked(models: list[SweepModel], cfg: SweepConfig, calib: Any, data: 
                                     resized_on_load=ev.resized_on_load)
                 lines += [ln for ln in preprocessing_notes(pre, tuple(cal.images.shape[1:3]))
                           if ln.startswith("warning:") and ln not in lines]  # the calibration images' resize
+                note = cal.made_from(sm.model)  # an inversion cache of another network: as quantize says it
+                if note:
+                    lines.append(note)
                 for ln in lines:
                     (log or _tqdm_write)(ln if ln.startswith("warning:") else f"{sm.label}: {ln}")
             images, y = ev.images, ev.labels

@@ -98,6 +98,9 @@ class TrainData:
     inputs: torch.Tensor
     labels: torch.Tensor | None = None
     source: str = ""
+    #: what `load_training_data` read, for the run's record: the source's sha256 (a file, or a cache's recipe
+    #: hash), the images taken and how (`--limit`'s subset); None for data built in Python
+    provenance: dict[str, Any] | None = None
 
     @property
     def labelled(self) -> bool:
@@ -121,13 +124,22 @@ def load_training_data(src: str | os.PathLike, model: nn.Module, *, cache_root: 
         idx, subset = pick_subset(ds.labels(), len(ds), limit)
         if log is not None:
             report_data(ds.preprocessing, tuple(ds.images.shape[1:3]), f"{subset} of cache {ds.path.name}", log=log)
-        return TrainData(ds.take(idx), None, str(ds.path))
+            note = ds.made_from(model)  # an inversion cache of another network: as quantize says it
+            if note:
+                log(note)
+        return TrainData(ds.take(idx), None, str(ds.path),
+                         {"cache": str(ds.path), "recipe_hash": ds.provenance()["hash"], "images": len(idx),
+                          "subset": subset})
     pre = get_preprocessing(model)
     d = read_labelled(p, pre.input_size[1], limit)
     if log is not None:
         report_data(pre, d.source_hw, d.subset, log=log, resized_on_load=d.resized_on_load)
     images = d.images
-    return TrainData(torch.cat([pre(images[s:s + 256]) for s in range(0, len(images), 256)]), d.labels, str(p))
+    from .utils import sha256_file
+
+    ident = sha256_file(p) if p.is_file() else None  # a folder: its files are listed by the subset line
+    return TrainData(torch.cat([pre(images[s:s + 256]) for s in range(0, len(images), 256)]), d.labels, str(p),
+                     {"path": str(p), "sha256": ident, "images": len(images), "subset": d.subset})
 
 
 def check_training_data(data: TrainData, model: nn.Module | None = None) -> None:

@@ -156,3 +156,46 @@ def test_save_checkpoint_checks_its_report_and_the_sidecar_first(tmp_path):
     with pytest.raises(MixqError, match="is not the sidecar of a checkpoint robustify wrote"):
         save_checkpoint(m, tmp_path / "mine.safetensors", {"ok": 1})
     assert json.loads(mine.read_text()) == {"my": "notes"} and not (tmp_path / "mine.safetensors").exists()
+
+
+def test_quantize_over_a_qat_folder_drops_qats_report_and_an_empty_out_is_refused(npz, tmp_path, run_cli):
+    """`quantize --overwrite` over a qat folder left qat.json (nipq) beside quant.json (rtn); `qat --out ""` wrote
+    into the working directory (review, 2026-11-30)."""
+    from mixq_onnx.calib import CalibConfig, make_calibration_cache
+
+    out = tmp_path / "q"
+    assert run_cli("qat", *TINY, "--data", npz / "ok.npz", "--out", out, "--epochs", "1", "--final-epochs", "0",
+                   "--target-bits", "6", "-q").code == 0
+    (out / "notes.txt").write_text("mine")
+    assert {"qat.json", "bits.png"} <= {p.name for p in out.iterdir()}
+    cache = make_calibration_cache(CalibConfig(generator="noise", num=8, size=32), tmp_path / "cache", progress=False)
+    r = run_cli("quantize", *TINY, "--calib", cache, "--method", "rtn", "--out", out, "--overwrite", "-q")
+    assert r.code == 0, r.err
+    assert {p.name for p in out.iterdir()} == {"quant.json", "weights.safetensors", "notes.txt"}
+    line = one_line_error(run_cli("qat", *TINY, "--data", npz / "ok.npz", "--out", "", "--target-bits", "4"))
+    assert "--out is empty" in line, line
+
+
+def test_training_data_records_what_was_read_and_notes_a_foreign_inversion_cache(npz, tmp_path):
+    """qat.json and robustify's sidecar did not record --limit or the data's sha256; qat/robustify/sweep did not
+    say when an inversion cache came from another network, as quantize does (review, 2026-11-30)."""
+    from mixq_onnx.calib import CalibConfig, make_calibration_cache
+    from mixq_onnx.models import load_model
+    from mixq_onnx.training import load_training_data
+    from mixq_onnx.utils import sha256_file
+
+    model = load_model("test_resnet", random_init=True, input_size=32)
+    d = load_training_data(npz / "ok.npz", model, limit=20)
+    assert d.provenance == {"path": str(npz / "ok.npz"), "sha256": sha256_file(npz / "ok.npz"), "images": 20,
+                            "subset": "20 of 48 images, class-stratified sample (seed 0)"}
+    other = load_model("cifar_resnet20", random_init=True)
+    cache = make_calibration_cache(CalibConfig(generator="inversion", num=4, size=32, model="cifar_resnet20",
+                                               random_weights=True, options={"iters": 2}),
+                                   tmp_path / "cache", model=other, progress=False, log=lambda m: None)
+    lines: list[str] = []
+    d = load_training_data(cache, model, log=lines.append)
+    assert any(ln.startswith("note:") and "BN inversion of cifar_resnet20" in ln for ln in lines), lines
+    assert d.provenance["images"] == 4 and d.provenance["recipe_hash"] == cache.name
+    rep = qat_train(model, QATConfig(method="lsq", epochs=1, final_epochs=0, batch_size=4), d,
+                    progress=False).mixq_qat_report
+    assert rep["data_provenance"] == d.provenance

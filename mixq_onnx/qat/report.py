@@ -9,10 +9,9 @@ from typing import Any
 
 import torch.nn as nn
 
-from ..quant.io import save_quantized
+from ..quant.io import QAT_REPORT_FILES, save_quantized
 
-QAT_JSON = "qat.json"
-BITS_PNG = "bits.png"
+QAT_JSON, BITS_PNG = QAT_REPORT_FILES  # quant.io owns the names: an overwrite by quantize removes them
 
 
 def summary(rep: dict[str, Any]) -> str:

@@ -253,7 +253,8 @@ def _report(gm: nn.Module, cfg: QATConfig, costs: Costs, cont: dict[str, float],
     rep = {"method": cfg.method, "config": cfg.to_dict(), "data": data.source,
            "mode": "labelled" if data.labelled else "data-free (KD)", "target": target,
            "achieved": achieved(frozen, costs), "moves": moves, "train": history, "quantizers": rows,
-           "layers": layers, "seconds": round(seconds, 2)}
+           "layers": layers, "seconds": round(seconds, 2),
+           **({"data_provenance": data.provenance} if data.provenance else {})}
     if getattr(gm, "mixq_unquantized", ()):  # only then, as quantize's report: layers left float unasked
         rep["unquantized_layers"] = list(gm.mixq_unquantized)  # type: ignore[attr-defined]
     if floats:  # only then: reports without float layers keep their keys

@@ -89,10 +89,13 @@ def save_quantized(qmodel: nn.Module, out: str | os.PathLike, extra: dict[str, A
     try:
         if out.is_dir() and any(out.iterdir()):  # --overwrite: replace just our files, keep the user's
             sweep_stale_tmp(out.resolve())  # a killed earlier run's temporary folder beside it
+            stale = [n for n in _stage_files_ours(out) if n not in files]
             _write_file(out / WEIGHTS, weights)
             for name, data in files.items():
                 _write_file(out / name, data)
             _write_file(out / QUANT_JSON, text)
+            for name in stale:  # another stage's report of the folder's old result (qat's over a quantize)
+                (out / name).unlink(missing_ok=True)
         else:
             _write_new_dir(out, {WEIGHTS: weights, **files, QUANT_JSON: text})
     except OSError as e:
@@ -137,10 +140,28 @@ def source_record(src: Any) -> dict[str, Any]:
     return rec
 
 
+#: files a stage adds to a result folder beside quant.json (qat's report and bit chart): replaced with the result
+QAT_REPORT_FILES = ("qat.json", "bits.png")
+
+
+def _stage_files_ours(out: Path) -> list[str]:
+    """The stage files in `out` that mixq-onnx wrote (a qat.json holding qat's report keys, and then its chart):
+    an overwrite removes them with the old result, and never a user's file of the same name."""
+    try:
+        rep = json.loads((out / QAT_REPORT_FILES[0]).read_text())
+    except (OSError, ValueError):
+        return []
+    if not (isinstance(rep, dict) and {"method", "achieved", "quantizers"} <= set(rep)):
+        return []
+    return [n for n in QAT_REPORT_FILES if (out / n).is_file()]
+
+
 def check_output_dir(out: str | os.PathLike, overwrite: bool = False, extra: tuple[str, ...] = ()) -> Path:
     """Raise `MixqError` unless `save_quantized(..., out, overwrite=overwrite)` may write there: call it
     before a long quantization too, so a refusal does not come after the work. `extra`: the other files the
     command writes there (named in the message)."""
+    if not str(out).strip():
+        raise MixqError("--out is empty: give a folder path")
     out = Path(out)
     if out.is_symlink() and not out.exists():
         raise MixqError(f"{out} is a dangling symbolic link; choose another output path")

@@ -61,7 +61,8 @@ def _robustify(model: nn.Module, cfg: RobustConfig, data: TrainData, teacher: nn
         alphas = [round(float(s.alpha.detach().abs()), 6) for s in sats]
         remove_satnl(model)
     return model, {"train": hist, "satnl_alphas": alphas, "data": data.source, "kd_weight": cfg.kd_weight,
-                   "mode": "labelled" if data.labelled else "data-free (KD)"}
+                   "mode": "labelled" if data.labelled else "data-free (KD)",
+                   **({"data_provenance": data.provenance} if data.provenance else {})}
 
 
 def check_writable(out: str | os.PathLike, inputs: tuple[Any, ...] = (), overwrite: bool = False) -> Path:
