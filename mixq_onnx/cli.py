@@ -186,8 +186,9 @@ def calib(**o: Any) -> None:
 
     The cache lands in CACHE_ROOT/<recipe-hash>/; re-running the same command resumes it, and the
     same recipe gives byte-identical shards at the same intra-op thread count (`--threads N`; the
-    automatic count follows the machine's load, and float sums, so the optimising generators' shards, depend
-    on it), also under `torchrun --nproc-per-node N`. Each shard records the thread count that made it.
+    automatic count follows the machine's load, and float sums, so the diffusion and inversion shards, depend
+    on it), also under `torchrun --nproc-per-node N`. Each diffusion or inversion shard records the thread count
+    that made it (`torch_threads` in its stats).
     The last line of stdout is the cache path.
     """
     from .calib import CalibConfig, PromptConfig, make_calibration_cache

@@ -74,7 +74,7 @@ def test_shapes_and_determinism(tiny_pipeline, strategy):
     assert out.images.dtype == torch.uint8 and out.images.device.type == "cpu"
     assert tuple(out.images.shape) == (4, SIZE, SIZE, 3)
     assert out.extra == [{}, {}, {}, {}]
-    assert out.stats["images"] == 4 and out.stats["filler_images"] == 0
+    assert out.stats["images"] == 4 and out.stats["filler_images"] == 0 and out.stats["torch_threads"] == torch.get_num_threads()
     assert len({img.numpy().tobytes() for img in out.images}) == 4  # different seeds, different images
     assert out.images.float().std() > 5
     again = make_gen(tiny_pipeline, strategy).generate(0, ps)  # fresh pipeline, fresh torch.Generators

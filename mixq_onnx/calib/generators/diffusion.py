@@ -387,5 +387,6 @@ class DiffusionGenerator(Generator):
             "images": len(plans),
             "filler_images": computed - len(plans),
             "images_per_s": round(len(plans) / seconds, 3) if seconds > 0 else None,
+            "torch_threads": torch.get_num_threads(),  # the denoising sums, hence the pixels, depend on it on a CPU
         }
         return ShardOutput(images=images, extra=[{} for _ in plans], stats=stats)
