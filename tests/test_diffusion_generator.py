@@ -173,3 +173,18 @@ def test_mixup_embed_weights_reach_the_embedding_and_the_images(tiny_pipeline):
     other = dataclasses.replace(p, weights=tuple(reversed(p.weights)))
     assert p.weights != other.weights
     assert not torch.equal(base, gen.generate(0, [other]).images)
+
+
+def test_a_pipeline_that_needs_an_input_image_is_one_line(tiny_pipeline, tmp_path):
+    """An img2img pipeline folder failed inside diffusers at the first batch (review, 2026-11-30)."""
+    import json
+    import shutil
+
+    other = tmp_path / "img2img"
+    shutil.copytree(tiny_pipeline, other)
+    idx = json.loads((other / "model_index.json").read_text())
+    idx["_class_name"] = "StableDiffusionImg2ImgPipeline"
+    (other / "model_index.json").write_text(json.dumps(idx))
+    gen = make_gen(other)
+    with pytest.raises(MixqError, match="starts from an input image"):
+        gen.generate(0, plans("mixup", 0, 2))

@@ -251,19 +251,27 @@ class DiffusionGenerator(Generator):
                 extra["torch_dtype"] = self.dtype
             t0 = time.perf_counter()
             from diffusers.utils import logging as dlog
+            from transformers.utils import logging as tlog
 
-            was_on = dlog.is_progress_bar_enabled()
+            was_on, t_was_on = dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled()
             dlog.disable_progress_bar()  # its per-component loading bar: calib's own bar says "loading the generator"
+            tlog.disable_progress_bar()  # and the text encoder's "Loading weights" bar (shown even under -q)
             try:
                 pipe = DiffusionPipeline.from_pretrained(where, trust_remote_code=False, **kwargs, **extra)
             finally:
                 if was_on:
                     dlog.enable_progress_bar()
+                if t_was_on:
+                    tlog.enable_progress_bar()
         except MixqError:
             raise
         except Exception as e:
             raise MixqError(f"cannot load diffusion pipeline {self.pipeline_arg}: "
                             f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        if "image" in inspect.signature(pipe.__call__).parameters:  # img2img, inpainting, upscaling: not ours
+            raise MixqError(f"{self.pipeline_arg} is a {type(pipe).__name__}, which starts from an input image: calib "
+                            "makes images from prompts alone and needs a text-to-image pipeline (such as "
+                            "StableDiffusionPipeline)")
         if self.scheduler_name:
             pipe.scheduler = _scheduler_class(self.scheduler_name).from_config(pipe.scheduler.config)
         pipe = pipe.to(self.ctx.device)
