@@ -207,7 +207,11 @@ def _eval_loss(module: nn.Module, x: torch.Tensor, tgt: torch.Tensor, bs: int = 
     return tot / len(x)
 
 
-_OBSERVE_SAMPLES, _OBSERVE_BATCH = 512, 128  # activation ranges are observed on this many images, in batches
+# activation ranges are observed on up to this many images, in batches; each quantizer keeps a bounded sample of
+# 2^16 values (`ActQuantizer.observe`), drawn from the first batches that fill it: a large tensor's sample comes
+# from the first batch of 128 images alone (the caches' own seeded order makes those a mixed sample), its minimum
+# from all of them
+_OBSERVE_SAMPLES, _OBSERVE_BATCH = 512, 128
 
 
 def init_steps(gm: nn.Module, n_calib: int) -> int:
