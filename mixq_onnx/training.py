@@ -24,7 +24,7 @@ from .errors import MixqError
 from .progress import progress_bar
 from .registry import check_augment
 from .threads import tick
-from .utils import full_fp32, model_device
+from .utils import full_fp32, model_device, sha256_file
 
 
 def augment_batch(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -135,8 +135,6 @@ def load_training_data(src: str | os.PathLike, model: nn.Module, *, cache_root: 
     if log is not None:
         report_data(pre, d.source_hw, d.subset, log=log, resized_on_load=d.resized_on_load)
     images = d.images
-    from .utils import sha256_file
-
     ident = sha256_file(p) if p.is_file() else None  # a folder: its files are listed by the subset line
     return TrainData(torch.cat([pre(images[s:s + 256]) for s in range(0, len(images), 256)]), d.labels, str(p),
                      {"path": str(p), "sha256": ident, "images": len(images), "subset": d.subset})

@@ -373,11 +373,16 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, cfg: BuildConfig 
     return BuildResult(plan_path, meta_file, meta, layers, seconds)
 
 
+def _is_plan_record(path: str | os.PathLike) -> bool:
+    """A PLAN.json mixq-onnx wrote (its format key)."""
+    rec = json.loads(read_regular(path))
+    return isinstance(rec, dict) and rec.get("format") == PLAN_FORMAT
+
+
 def plan_is_ours(plan: str | os.PathLike) -> bool:
     """A plan `build` wrote: its PLAN.json is a mixq-onnx plan record (the sha256 may be stale after a kill
     between the two writes; readers check it, a re-build replaces the pair)."""
-    rec = json.loads(read_regular(meta_path_for(plan)))
-    return isinstance(rec, dict) and rec.get("format") == PLAN_FORMAT
+    return _is_plan_record(meta_path_for(plan))
 
 
 def check_plan_output(plan: str | os.PathLike, inputs: tuple[Any, ...] = (), overwrite: bool = False) -> Path:
@@ -387,8 +392,7 @@ def check_plan_output(plan: str | os.PathLike, inputs: tuple[Any, ...] = (), ove
                              ours=("an engine plan", plan_is_ours), overwrite=overwrite)
     meta = meta_path_for(plan)
     check_output_file(meta, what="the plan's PLAN.json", inputs=inputs, overwrite=overwrite,
-                      ours=("a PLAN.json", lambda p: isinstance(rec := json.loads(read_regular(p)), dict)
-                            and rec.get("format") == PLAN_FORMAT))
+                      ours=("a PLAN.json", _is_plan_record))
     return plan
 
 
