@@ -34,7 +34,7 @@ def register(cli: click.Group) -> None:
     @_backend_opt
     @click.option("--batch", default="1:8:32", show_default=True, metavar="MIN:OPT:MAX",
                   help="Optimisation profile of the dynamic batch dimension (one number: static).")
-    @click.option("--workspace", "workspace_mib", type=click.IntRange(1, 1 << 23), default=1024, show_default=True, metavar="MiB",
+    @click.option("--workspace", "workspace_mib", type=int, default=1024, show_default=True, metavar="MiB",
                   help="Builder workspace limit.")
     @click.option("--compute-capability", "ccs", multiple=True, metavar="CC",
                   help="TensorRT-RTX ahead-of-time target (7.5, 8.0, 8.6, 8.9, 12.0, 12.1, current); repeat for "
