@@ -117,7 +117,8 @@ def register(cli: click.Group) -> None:
         rounded, moved onto the budget and frozen, and --final-epochs quantize for real.
         \b
         Deployment mapping: learned bits are capped by --max-bits. Weights use the narrow signed grid
-        [-(2^(b-1)-1), 2^(b-1)-1] (per channel, scale alpha/qmax) in INT8. Activations keep quantize's
+        [-(2^(b-1)-1), 2^(b-1)-1] (per channel; the step is searched at the frozen bits and trained as LSQ's,
+        not alpha/qmax) in INT8. Activations keep quantize's
         rules: non-negative ones on an unsigned b-bit grid up to 7 bits, on signed INT8 at 8 bits; every grid
         narrower than INT8 gets a Clip before its QuantizeLinear. Mixed precision needs no flag downstream:
         eval, export, check, verify, build and inspect read each quantizer's bits from quant.json.

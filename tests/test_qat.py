@@ -91,7 +91,7 @@ def test_noise_is_added_inside_the_range_and_gradients_match_the_plain_formula()
         with torch.no_grad():
             upper = x >= alpha
             lower = x <= -alpha if signed else x <= 0
-            noise = (torch.rand(x.shape) - 0.5).masked_fill(upper | lower, 0.0)
+            noise = torch.rand(x.shape) - 0.5  # a draw for every element, clipped ones too, as nipq_quant passes
         out = NoisyClip.apply(x, alpha, delta, noise, upper, lower, signed)
         floor = -alpha if signed else torch.zeros_like(alpha)
         ref = torch.where(upper, alpha, torch.where(lower, floor, x + noise * delta))
@@ -105,6 +105,50 @@ def test_noise_is_added_inside_the_range_and_gradients_match_the_plain_formula()
     inside = x.detach().abs() < 1.0
     assert (y[~inside].abs() == 1.0).all()
     assert ((y - x.detach())[inside].abs() <= 0.5 / 3 + 1e-6).all()  # at most half a step of noise
+
+
+def test_lsq_values_rounding_onto_the_end_codes_keep_the_straight_through_gradient():
+    """LSQ's gradients as the paper and `quant`'s LSQ give them: x whose code lands on the grid (the end codes
+    included) passes the gradient and gives the step round(v) - v; beyond the grid, 0 and the end code."""
+    from mixq_onnx.qat import lsq_quant
+
+    x = torch.tensor([0.3, 0.6, 6.6, 6.9, 7.6, 9.0, -0.4, -2.0], requires_grad=True)
+    step = torch.tensor(1.0, requires_grad=True)
+    y = lsq_quant(x, step, 0, 7, 1.0)
+    y.sum().backward()
+    assert y.tolist() == [0.0, 1.0, 7.0, 7.0, 7.0, 7.0, 0.0, 0.0]
+    assert x.grad.tolist() == [1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 1.0, 0.0]
+    v = x.detach()
+    inside = torch.tensor([1, 1, 1, 1, 0, 0, 1, 0], dtype=torch.bool)
+    want = torch.where(inside, torch.round(v) - v, torch.round(v).clamp(0, 7)).sum()
+    assert torch.allclose(step.grad, want)
+    # per-channel steps (weights), signed narrow grid: each channel's step gets its own channel's terms
+    w = torch.tensor([[0.95, -1.02, 0.2], [2.9, 0.1, -3.1]], requires_grad=True)
+    s = torch.tensor([[1.0], [1.0]], requires_grad=True)
+    lsq_quant(w, s, -1, 1, 1.0).sum().backward()
+    assert w.grad.tolist() == [[1.0, 1.0, 1.0], [0.0, 1.0, 0.0]]  # -1.02 rounds to -1: on the grid
+    assert torch.allclose(s.grad, torch.tensor([[(1 - 0.95) + (-1 + 1.02) + (0 - 0.2)], [1 + (0 - 0.1) - 1]]))
+
+
+def test_a_shared_activation_quantizer_draws_its_noise_once_per_tensor():
+    """Two consumers of one tensor read one draw (noise and stochastic bits), as the deployed graph quantizes
+    it once; the next forward's tensor gets a new draw, and an unshared quantizer draws per call."""
+    from mixq_onnx.qat.quantizers import QATActQuantizer, QATParams
+
+    def make(shared: bool) -> QATActQuantizer:
+        base = ActQuantizer("layer.input", 4, True)
+        base.shared_with = ("block.identity",) if shared else ()
+        p = QATParams(torch.tensor(2.0), signed=True, learn_bits=True, bits=5.0, cap=8, noise="uniform")
+        return QATActQuantizer(base, p).train()
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    q = make(True)
+    a, b = q(x), q(x)
+    assert torch.equal(a, b)
+    assert not torch.equal(q(torch.randn(2, 3, 8, 8).copy_(x)), a)  # a new tensor: a new draw
+    u = make(False)
+    assert not torch.equal(u(x), u(x))
 
 
 # ----------------------------------------------------------------------------- budget

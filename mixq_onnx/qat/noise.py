@@ -93,7 +93,9 @@ def rounding_errors(x: torch.Tensor, alpha: torch.Tensor, n_lv: torch.Tensor, si
 class NoisyClip(torch.autograd.Function):
     """clip(x) with `noise * delta` added strictly inside the range, as one autograd node: the nested
     where/minimum of the plain form costs several full-size passes more in backward on CPU.
-    Gradients: x inside; alpha from the clipped values (+1 above, -1 below when signed); delta from the noise."""
+    Gradients: x inside; alpha from the clipped values (+1 above, -1 below when signed); delta from the noise of
+    the values inside only (a clipped value's output is the range's end: no noise reaches it, as in the official
+    code's nested where). `noise` may hold draws for every element: the clipped ones are ignored."""
 
     @staticmethod
     def forward(ctx, x, alpha, delta, noise, upper, lower, signed: bool):
@@ -108,7 +110,8 @@ class NoisyClip(torch.autograd.Function):
     def backward(ctx, grad):
         noise, upper, lower = ctx.saved_tensors
         a_shape, d_shape = ctx.shapes
-        gx = grad.masked_fill(upper | lower, 0.0) if ctx.needs_input_grad[0] else None
+        inner = grad.masked_fill(upper | lower, 0.0)
+        gx = inner if ctx.needs_input_grad[0] else None
         ga = gd = None
         if ctx.needs_input_grad[1]:
             ga = grad * upper
@@ -116,7 +119,7 @@ class NoisyClip(torch.autograd.Function):
                 ga = ga - grad * lower
             ga = ga.sum_to_size(a_shape)
         if ctx.needs_input_grad[2]:
-            gd = (grad * noise).sum_to_size(d_shape)
+            gd = (inner * noise).sum_to_size(d_shape)
         return gx, ga, gd, None, None, None, None
 
 
@@ -140,8 +143,17 @@ def lsq_quant(x: torch.Tensor, step: torch.Tensor, lo: int, hi: int, grad_scale:
               round_fn=torch.round) -> torch.Tensor:
     """LSQ (Esser et al. 2020): clamp(round(x / s), lo, hi) * s with an STE for the rounding and the step's
     gradient scaled by `grad_scale` (1 / sqrt(elements * hi)). `round_fn` is the deployed rounding (weights
-    round half up, activations half to even), so the trained grid is the exported one."""
+    round half up, activations half to even), so the trained grid is the exported one. `step` may be per
+    channel (broadcast against x).
+
+    A value is inside when its rounded code lies on the grid (lo <= round(v) <= hi, the paper's -Q_N <= v <= Q_P
+    after rounding, as `quant`'s LSQ): gradient 1 to x and round(v) - v to the step. Outside: 0 to x and the
+    grid's end to the step. (Clamping the straight-through value instead zeroes the gradient of every value that
+    rounds onto an end code, depending on which side of the end float rounding leaves it.)"""
     s = step * grad_scale + (step - step * grad_scale).detach()
     v = x / s
-    r = v + (round_fn(v) - v).detach()
-    return torch.clamp(r, lo, hi) * s
+    with torch.no_grad():
+        code = round_fn(v)
+        inside = (code >= lo) & (code <= hi)
+        code = code.clamp(lo, hi)
+    return torch.where(inside, v + (code - v).detach(), code) * s

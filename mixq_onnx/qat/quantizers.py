@@ -8,6 +8,7 @@ Phases: "noise" (NIPQ: learned bits theta_b and range theta_alpha, pseudo-quanti
 """
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -93,6 +94,11 @@ class QATWeightQuantizer(WeightQuantizer):
         return lsq_quant(w, p.step.view(shape), lo, hi, g, weight_round)
 
 
+# (input, its version, output) of a shared quantizer's last noise-phase draw, reused by its other consumers within
+# the same forward; kept outside the module so that a deep copy never meets a tensor of the autograd graph
+_LAST_DRAW: weakref.WeakKeyDictionary[nn.Module, tuple[weakref.ref, int, torch.Tensor]] = weakref.WeakKeyDictionary()
+
+
 class QATActQuantizer(ActQuantizer):
     """A per-tensor activation quantizer (`learning` keeps its layer out of the integer form)."""
 
@@ -112,7 +118,17 @@ class QATActQuantizer(ActQuantizer):
                 self.observe(x)
             return x
         if p.phase == "noise":
-            return p.noise_forward(x, p.alpha().reshape(()), self.training)
+            if not (self.shared_with and self.training):
+                return p.noise_forward(x, p.alpha().reshape(()), self.training)
+            # one tensor feeding several consumers (graph.share_quantizers) is quantized once, as the engine
+            # does: every consumer of this forward reads the same noise and the same stochastic bits
+            last = _LAST_DRAW.get(self)
+            if last is not None and last[0]() is x and last[1] == x._version:
+                return last[2]
+            out = p.noise_forward(x, p.alpha().reshape(()), True)
+            _LAST_DRAW[self] = (weakref.ref(x), x._version, out)
+            return out
+        _LAST_DRAW.pop(self, None)
         lo, hi = self.spec.grid()
         return lsq_quant(x, p.step.reshape(()), lo, hi, lsq_grad_scale(per_sample(x), hi))
 
