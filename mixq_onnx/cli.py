@@ -32,7 +32,7 @@ from .cli_qat import register as _register_qat
 from .cli_trt import register as _register_trt
 from .errors import MixqError
 from .methods import METHODS, PRESETS
-from .registry import FILTERS, GENERATOR_MODULES, LOSSES, PROMPT_STRATEGIES, help_lines
+from .registry import BN_STATS, FILTERS, GENERATOR_MODULES, LOSSES, PROMPT_STRATEGIES, help_lines
 
 
 def _floats(ctx, param, value: str | None) -> tuple[float, ...] | None:
@@ -550,11 +550,19 @@ def eval_cmd(**o: Any) -> None:
 @click.option("--lr", type=FINITE, default=1e-3, show_default=True, help="SGD learning rate (cosine to 0).")
 @augment_option()
 @click.option("--batch-size", type=POSITIVE, default=128, show_default=True, help="Training images per SGD step.")
+@click.option("--bn-stats", type=click.Choice(BN_STATS), default="update", show_default=True,
+              help="BatchNorm running statistics: update (they follow the training images, as in any fine-tune) or "
+                   "freeze (BN normalises with the checkpoint's statistics and keeps them; its scale and shift still "
+                   "train). A cache of synthetic images has other statistics than the real images the checkpoint "
+                   "saw: eight steps on noise images at lr 1e-9 take ResNet-20 from 81 % to 47 % with update, none with "
+                   "freeze (500 test images).")
 @click.option("--seed", type=Range(0), default=0, show_default=True, help="Seed of the training image order.")
 @click.option("--limit", type=POSITIVE, default=None, metavar="N",
               help="Train on a seeded, class-stratified sample of N images (a random one for unlabelled data or a "
                    "synthetic cache), never the first N.")
-@click.option("--eval-data", type=click.Path(), default=None, help="Labelled images: FP top-1 before and after.")
+@click.option("--eval-data", type=click.Path(), default=None,
+              help="Labelled images: FP top-1 before and after (other images than --data: a warning says when "
+                   "they are the same file).")
 @click.option("--cache-root", type=click.Path(file_okay=False), default=None,
               help="Cache root [default: $MIXQ_CACHE_ROOT or ./calib_cache].")
 @click.option("--device", default=None,
@@ -569,13 +577,14 @@ def robustify(**o: Any) -> None:
     from .quant.evaluate import evaluate_data
     from .robust import RobustConfig, check_writable, save_checkpoint
     from .robust import robustify as run_robustify
-    from .training import check_training_data, kd_weight_for, load_training_data
+    from .training import check_training_data, kd_weight_for, load_training_data, same_images
     from .utils import resolve_device
 
     cfg = RobustConfig(symreg=o["beta"], pairing=o["symreg_pairing"], satnl=o["satnl"],
                        learn_alpha=not o["fixed_alpha"], sam=o["sam"], rho=o["rho"], epochs=o["epochs"],
                        lr=o["lr"], batch_size=o["batch_size"], seed=o["seed"], augment=o["augment"],
-                       kd_weight=o["kd_weight"] if o["kd_weight"] is not None else 0.0, loss=o["loss"]).validate()
+                       kd_weight=o["kd_weight"] if o["kd_weight"] is not None else 0.0, loss=o["loss"],
+                       bn_stats=o["bn_stats"]).validate()
     out = check_writable(o["out"], inputs=(o["checkpoint"],), overwrite=o["overwrite"])
     dev = resolve_device(o["device"])
     model = _load_user_model(o)
@@ -584,6 +593,9 @@ def robustify(**o: Any) -> None:
     check_training_data(data, model)  # before the data lines: a refusal stays one line
     kd_weight_for(data, cfg.loss, cfg.kd_weight)
     _echo_notes(notes, o["quiet"])
+    if o["eval_data"] and same_images(o["eval_data"], o["data_src"]):
+        click.echo("warning: --eval-data is the training data: the FP top-1 after training is measured on the "
+                   "images it trained on", err=True)
     eval_notes: list[str] = []
     before = evaluate_data(o["eval_data"], model=model, log=eval_notes.append).top1 if o["eval_data"] else None
     _echo_notes([("eval " + n) if n.startswith("data:") else n for n in eval_notes], o["quiet"])

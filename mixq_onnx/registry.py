@@ -201,12 +201,19 @@ register_prompt_strategy(PromptStrategy(
 #: Training-image augmentations of the shared training loop (`mixq_onnx.training.augment_batch`).
 AUGMENTS = ("none", "flip-crop")
 LOSSES = ("auto", "ce", "kd")  # a training stage's --loss: auto = KD on a cache, CE on labels (`kd_weight_for`)
+BN_STATS = ("update", "freeze")  # BatchNorm running statistics while training (`TrainConfig.bn_stats`)
 
 
 def check_loss(loss: str) -> None:
     """The one-line error every training config (QATConfig, RobustConfig) gives a bad loss."""
     if loss not in LOSSES:
         raise MixqError(f"--loss must be one of {', '.join(LOSSES)}, got {loss!r}")
+
+
+def check_bn_stats(mode: str) -> None:
+    """The one-line error the training configs (TrainConfig, RobustConfig) give a bad --bn-stats."""
+    if mode not in BN_STATS:
+        raise MixqError(f"--bn-stats must be one of {', '.join(BN_STATS)}, got {mode!r}")
 
 
 def check_augment(augment: str) -> None:

@@ -8,6 +8,7 @@ plus KD when `kd_weight` > 0 and a teacher is given.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 
 from .errors import MixqError
 from .progress import progress_bar
-from .registry import check_augment
+from .registry import check_augment, check_bn_stats
 from .threads import tick
 from .utils import full_fp32, model_device, sha256_file
 
@@ -59,6 +60,10 @@ class TrainConfig:
     # the part of one cosine schedule this run covers, as fractions of it: (0, 1) anneals from lr to 0; a stage
     # that trains in phases gives each phase its slice, so the phases continue one schedule instead of restarting
     lr_window: tuple[float, float] = (0.0, 1.0)
+    # BatchNorm running statistics: "update" (train mode: they follow the training images) or "freeze" (BN
+    # layers normalise with the checkpoint's statistics and keep them; their affine parameters still train).
+    # Synthetic images (a cache) have other statistics than the real ones the checkpoint saw.
+    bn_stats: str = "update"
 
     def validate(self) -> TrainConfig:
         if self.epochs < 1:
@@ -71,10 +76,21 @@ class TrainConfig:
         if not 0 <= self.kd_weight < math.inf:
             raise MixqError(f"the KD weight must be >= 0, got {self.kd_weight}")
         check_augment(self.augment)
+        check_bn_stats(self.bn_stats)
         a, b = self.lr_window
         if not 0.0 <= a < b <= 1.0:
             raise MixqError(f"the lr window must satisfy 0 <= start < end <= 1, got {self.lr_window}")
         return self
+
+
+def same_images(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether two data arguments name the same images: the same path, or two files with the same bytes."""
+    pa, pb = Path(a), Path(b)
+    if not (pa.exists() and pb.exists()):
+        return False
+    if pa.resolve() == pb.resolve():
+        return True
+    return pa.is_file() and pb.is_file() and pa.stat().st_size == pb.stat().st_size and sha256_file(pa) == sha256_file(pb)
 
 
 def default_teacher(model: nn.Module, data: TrainData, kd_weight: float,
@@ -202,6 +218,29 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) ->
                     reduction="batchmean") * t * t
 
 
+_BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+def batchnorms(model: nn.Module) -> list[nn.Module]:
+    """The BatchNorm layers that keep running statistics."""
+    return [m for m in model.modules() if isinstance(m, _BN_TYPES) and m.track_running_stats]
+
+
+@contextlib.contextmanager
+def kept_bn_stats(model: nn.Module):
+    """Restore every BatchNorm's running statistics on exit: a second forward of the same batch (ASAM's pass at
+    the perturbed weights) must not update them again."""
+    saved = [(m, [(b, b.clone()) for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None])
+             for m in batchnorms(model)]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for _m, bufs in saved:
+                for b, v in bufs:
+                    b.copy_(v)
+
+
 def _asam_perturb(params: list[nn.Parameter], rho: float) -> list[torch.Tensor | None]:
     """ASAM (Kwon et al. 2021): step to w + rho * T^2 g / ||T g|| with T = |w| (element-wise)."""
     grads = [(p.grad * p.detach().abs()) if p.grad is not None else None for p in params]
@@ -288,6 +327,9 @@ def train(model: nn.Module, data: TrainData, cfg: TrainConfig, *, teacher: nn.Mo
     try:
         for _epoch in range(cfg.epochs):
             model.train()
+            if cfg.bn_stats == "freeze":
+                for m in batchnorms(model):
+                    m.eval()
             sums: dict[str, float] = {}
             order = torch.randperm(n, generator=gen)
             for s in range(0, n, cfg.batch_size):
@@ -311,7 +353,8 @@ def train(model: nn.Module, data: TrainData, cfg: TrainConfig, *, teacher: nn.Mo
                 if cfg.sam == "asam":
                     eps = _asam_perturb(params, cfg.rho)
                     opt.zero_grad(set_to_none=True)
-                    sum(losses(x, y, t_logits).values()).backward()
+                    with kept_bn_stats(model):
+                        sum(losses(x, y, t_logits).values()).backward()
                     with torch.no_grad():
                         for p, e in zip(params, eps):
                             if e is not None:

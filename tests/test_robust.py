@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
+from conftest import RESNET20, TEST_NPZ, need_shared
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -171,6 +172,7 @@ def test_cli_robustify_writes_a_plain_checkpoint_that_loads(noise_cache, tmp_pat
 @pytest.mark.parametrize("args,needle", [
     (["--symreg", "-1"], "--symreg"), (["--symreg-pairing", "3:3"], "3:3"), (["--epochs", "0"], "--epochs"),
     (["--loss", "ce"], "needs labels"), (["--out", "/proc/nope/r.safetensors"], "cannot write"),
+    (["--bn-stats", "both"], "--bn-stats"),
 ])
 def test_cli_robustify_bad_input(noise_cache, tmp_path, run_cli, args, needle):
     from conftest import one_line_error, snapshot
@@ -181,3 +183,93 @@ def test_cli_robustify_bad_input(noise_cache, tmp_path, run_cli, args, needle):
     msg = one_line_error(run_cli(*base, *args))
     assert needle in msg
     assert snapshot(tmp_path, noise_cache) == before
+
+
+@need_shared(RESNET20, TEST_NPZ)
+def test_bn_stats_freeze_keeps_the_checkpoints_statistics_that_update_gives_to_synthetic_images():
+    """Data-free fine-tuning on images unlike the real ones (N(0, 1) noise in the model's normalised space, what
+    `calib --generator noise` draws): with `update` the BatchNorm statistics follow the noise and the real
+    ResNet-20 loses most of its accuracy while its weights barely move (lr 1e-9); `freeze` keeps them."""
+    from mixq_onnx.models import load_model
+    from mixq_onnx.quant.evaluate import evaluate_data
+    from mixq_onnx.robust import robustify
+    from mixq_onnx.training import TrainData
+
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    noise = TrainData(torch.randn(128, 3, 32, 32, generator=g))
+    top1 = {}
+    for mode in ("update", "freeze"):
+        model = load_model("cifar_resnet20", RESNET20)
+        before = evaluate_data(TEST_NPZ, model=model, limit=500).top1
+        cfg = RobustConfig(epochs=2, lr=1e-9, batch_size=32, bn_stats=mode)
+        out, rep = robustify(model, cfg, noise, progress=False)
+        assert rep["bn_stats"] == mode
+        top1[mode] = evaluate_data(TEST_NPZ, model=out, limit=500).top1
+    assert before > 75
+    assert top1["update"] < before - 30, (before, top1)
+    assert abs(top1["freeze"] - before) <= 0.2, (before, top1)
+
+
+def test_asams_second_pass_leaves_the_batchnorm_statistics_alone():
+    """ASAM runs the batch twice (at w and at the perturbed w); only the first pass updates BN's statistics."""
+    from mixq_onnx.training import TrainConfig, TrainData, train
+
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    data = TrainData(torch.randn(32, 3, 8, 8, generator=g), torch.randint(0, 4, (32,), generator=g))
+    stats = {}
+    for sam in (None, "asam"):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                              nn.Flatten(), nn.Linear(8, 4))
+        model[0].weight.requires_grad_(False)  # the statistics then see the same conv output in both runs
+        model[1].weight.requires_grad_(False)
+        model[1].bias.requires_grad_(False)
+        train(model, data, TrainConfig(epochs=1, lr=0.1, batch_size=8, sam=sam), progress=False)
+        stats[sam] = (model[1].running_mean.clone(), model[1].running_var.clone(), int(model[1].num_batches_tracked))
+    assert stats["asam"][2] == stats[None][2] == 4
+    assert torch.allclose(stats["asam"][0], stats[None][0]) and torch.allclose(stats["asam"][1], stats[None][1])
+
+
+def test_symreg_and_satnl_act_on_the_layers_quantize_quantizes_only():
+    model = nn.Sequential(nn.Conv1d(3, 4, 3), nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3, groups=4), nn.Linear(4, 2))
+    assert [n for n, _ in regularized_layers(model)] == ["1", "3"]
+
+
+def test_evaluate_runs_a_model_in_eval_mode_and_hands_it_back_as_it_came():
+    """A model given in train mode is evaluated with its running statistics, which stay as they were."""
+    from mixq_onnx.quant.evaluate import predict
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 2))
+    with torch.no_grad():
+        model[1].running_mean.fill_(3.0)  # far from any batch's mean: batch statistics would show
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    imgs = torch.randint(0, 256, (6, 8, 8, 3), dtype=torch.uint8)
+    want = predict(model.eval(), imgs)
+    model.train()
+    assert torch.equal(predict(model, imgs), want)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    model[1].eval()  # a mixed state comes back mixed
+    predict(model, imgs)
+    assert model.training and model[0].training and not model[1].training
+
+
+def test_cli_robustify_warns_when_the_eval_data_is_the_training_data(tmp_path, run_cli):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    npz = tmp_path / "train.npz"
+    np.savez(npz, x=rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8), y=np.arange(16) % 10)
+    copy = tmp_path / "copy.npz"
+    copy.write_bytes(npz.read_bytes())
+    other = tmp_path / "other.npz"
+    np.savez(other, x=rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8), y=np.arange(16) % 10)
+    base = ["robustify", "--model", "cifar_resnet20", "--random-weights", "--data", npz, "--epochs", "1",
+            "--batch-size", "16", "-q"]
+    for i, (ev, warned) in enumerate(((npz, True), (copy, True), (other, False))):
+        r = run_cli(*base, "--eval-data", ev, "--out", tmp_path / f"r{i}.safetensors")
+        assert r.code == 0, r.err
+        assert ("--eval-data is the training data" in r.err) == warned, r.err

@@ -32,15 +32,23 @@ class EvalResult:
 @torch.no_grad()
 def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 250, bar: Progress | None = None
             ) -> torch.Tensor:
-    """Logits for uint8 NHWC images, preprocessed the model's way; `bar` advances by the images done."""
+    """Logits for uint8 NHWC images, preprocessed the model's way; `bar` advances by the images done. The model
+    runs in eval mode (BatchNorm with its running statistics, which it then keeps; no dropout), and every module is handed
+    back in the mode it came in."""
     pre = get_preprocessing(model)
     dev = next(model.parameters()).device
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
     out = []
-    for s in range(0, len(images), batch_size):
-        tick()  # follow the machine's load (auto thread mode only)
-        out.append(model(pre(images[s:s + batch_size]).to(dev)).float().cpu())
-        if bar is not None:
-            bar.update(len(out[-1]))
+    try:
+        for s in range(0, len(images), batch_size):
+            tick()  # follow the machine's load (auto thread mode only)
+            out.append(model(pre(images[s:s + batch_size]).to(dev)).float().cpu())
+            if bar is not None:
+                bar.update(len(out[-1]))
+    finally:
+        for m, mode in modes:
+            m.training = mode
     return torch.cat(out)
 
 

@@ -27,7 +27,7 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from ..errors import SEED_MAX, MixqError, check_int, refuse_unused
-from ..registry import check_augment, check_loss
+from ..registry import check_augment, check_bn_stats, check_loss
 
 PAIRINGS = ("1:1", "2:2")
 ALPHA_MARGIN = 1.001
@@ -50,6 +50,7 @@ class RobustConfig:
     kd_weight: float = 0.0  # labelled data: KD next to CE (a calibration cache always trains by KD)
     loss: str = "auto"  # auto: KD on a cache, CE on labels; ce needs labels; kd on labels: CE + KD (weight 1 if 0)
     augment: str = "none"  # "flip-crop": random mirror and shift of each training image (the shared loop's)
+    bn_stats: str = "update"  # "freeze": BatchNorm keeps the checkpoint's running statistics (`TrainConfig.bn_stats`)
 
     def validate(self) -> RobustConfig:
         if not (math.isfinite(self.symreg) and self.symreg >= 0):
@@ -74,16 +75,18 @@ class RobustConfig:
             refuse_unused(self, ("rho",), "without --sam asam (its neighbourhood radius)")
         check_augment(self.augment)
         check_loss(self.loss)
+        check_bn_stats(self.bn_stats)
         return self
 
 
 def regularized_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Conv and Linear layers whose weights SymReg and SatNL act on (depthwise convolutions excluded)."""
+    """The Conv2d and Linear layers whose weights SymReg and SatNL act on: the layers `quantize` quantizes
+    (depthwise convolutions excluded). Other layers stay float, so regularising them buys nothing."""
     out = []
     for name, m in model.named_modules():
         if isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels:
             continue
-        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
             out.append((name, m))
     return out
 

@@ -54,14 +54,14 @@ def _robustify(model: nn.Module, cfg: RobustConfig, data: TrainData, teacher: nn
         def extra(m: nn.Module) -> dict:
             return {"symreg": cfg.symreg * symreg_loss(m, cfg.pairing)}
     tcfg = TrainConfig(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed,
-                       kd_weight=cfg.kd_weight, sam=cfg.sam, rho=cfg.rho, augment=cfg.augment)
+                       kd_weight=cfg.kd_weight, sam=cfg.sam, rho=cfg.rho, augment=cfg.augment, bn_stats=cfg.bn_stats)
     try:
         hist = train(model, data, tcfg, teacher=teacher, extra_loss=extra, progress=progress)
     finally:
         alphas = [round(float(s.alpha.detach().abs()), 6) for s in sats]
         remove_satnl(model)
     return model, {"train": hist, "satnl_alphas": alphas, "data": data.source, "kd_weight": cfg.kd_weight,
-                   "mode": "labelled" if data.labelled else "data-free (KD)",
+                   "mode": "labelled" if data.labelled else "data-free (KD)", "bn_stats": cfg.bn_stats,
                    **({"data_provenance": data.provenance} if data.provenance else {})}
 
 
