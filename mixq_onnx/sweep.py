@@ -5,7 +5,9 @@ The result folder holds `sweep.json` (every cell, rewritten atomically after eac
 and `sweep.png` (top-1 against bit-width, one line per checkpoint and method, dashed FP lines). A cell is
 keyed by its checkpoint label, method, bits and seed, and carries a fingerprint of everything that decides
 its number (the checkpoint's sha256, the quantization config, the calibration cache's recipe hash, the
-evaluation data); re-running the command reuses every cell whose fingerprint still matches.
+evaluation data, and the mixq-onnx version: an upgrade measures every cell again); re-running the command
+reuses every cell whose fingerprint still matches. An edit to the code of an installed version is not in it:
+a fresh --out measures everything.
 """
 from __future__ import annotations
 
@@ -285,6 +287,7 @@ def _sweep_locked(models: list[SweepModel], cfg: SweepConfig, calib: Any, data: 
     grid = [(m, method, bits, seed) for m in models for method in ["fp", *cfg.methods]
             for bits in (["FP"] if method == "fp" else cfg.bits)
             for seed in ([0] if method == "fp" else cfg.seeds)]
+    from . import __version__
     from .progress import progress_bar
 
     bar = progress_bar(len(grid), "sweep", "cell", enabled=progress)
@@ -298,7 +301,7 @@ def _sweep_locked(models: list[SweepModel], cfg: SweepConfig, calib: Any, data: 
             key = f"{sm.label}|{method}|{bits}|{seed}"
             qcfg = None if method == "fp" else cfg.quant_config(method, bits, seed).resolved()
             fp = _fingerprint(sm.identity, qcfg.to_dict() if qcfg else None, calib_id if qcfg else None,
-                              data_id, subset_key(cfg.limit))
+                              data_id, subset_key(cfg.limit), __version__)
             bar.set_postfix_str(f"{sm.label} {method} {bits} s{seed}")
             prev = old.get(key)
             if prev is not None and prev.get("fingerprint") == fp and isinstance(prev.get("top1"), (int, float)):

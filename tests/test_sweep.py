@@ -207,3 +207,21 @@ def test_an_edited_image_folder_recomputes_the_cells(world, tmp_path, run_cli):
         assert f.stat().st_size == size
     r = run_cli(*args)
     assert r.code == 0 and json.loads(r.last_line)["reused"] == 0, r.err
+
+
+def test_another_mixq_onnx_version_measures_every_cell_again(world, tmp_path, run_cli, monkeypatch):
+    """The fingerprint names the code's version: cells an older release measured are not reused after an
+    upgrade (review, 2026-11-30)."""
+    import mixq_onnx
+
+    root, cache = world
+    data = tmp_path / "d.npz"
+    rng = np.random.default_rng(0)
+    np.savez(data, x=rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8), y=np.arange(6) % 2)
+    args = ["sweep", *TINY, "--checkpoint", root / "orig.safetensors", "--calib", cache, "--data", data,
+            "--bits", "W8A8", "--method", "rtn", "--num-samples", "16", "--out", tmp_path / "s", "--json"]
+    assert run_cli(*args).code == 0
+    assert json.loads(run_cli(*args).last_line)["reused"] == 2
+    monkeypatch.setattr(mixq_onnx, "__version__", mixq_onnx.__version__ + ".post1")
+    r = run_cli(*args)
+    assert r.code == 0 and json.loads(r.last_line)["reused"] == 0, r.err
