@@ -136,9 +136,11 @@ def _Count(lo: int, hi: int | None = None) -> Range:  # noqa: N802  (reads as th
 @click.option("--num", type=_Count(1, 100_000), default=256, show_default=True,
               help="Images to generate (candidates with --filter); at most 100,000.")
 @click.option("--seed", type=_Count(0), default=0, show_default=True,
-              help="Recipe seed; image i uses a seed derived from (seed, i).")
+              help="Recipe seed. Diffusion, noise and the prompts: image i uses a seed derived from (seed, i) "
+                   "alone. Inversion optimises each shard together from a seed of (seed, shard, its images), so "
+                   "its images also depend on --shard-size (recorded in the recipe).")
 @click.option("--size", type=_Count(8, 1024), default=None,
-              help="Stored side length in pixels, 8 to 1024 (diffusion: a multiple of 8) [default: real from an "
+              help="Stored side length in pixels, 8 to 1024 (diffusion: its rendering resized) [default: real from an "
                    "npz: the source's own; else the model's input size, or 224 without --model].")
 @click.option("--shard-size", type=_Count(1), default=None,
               help="Images per shard (the unit of resume; for inversion also the optimisation batch whose BN "
@@ -165,6 +167,9 @@ def _Count(lo: int, hi: int | None = None) -> Range:  # noqa: N802  (reads as th
 @click.option("--scheduler", default=None, help="diffusers scheduler class, e.g. DPMSolverMultistepScheduler.")
 @click.option("--negative-prompt", default=None, help="Negative prompt for every image.")
 @click.option("--batch-size", type=_Count(1), default=4, show_default=True, help="Diffusion images per forward pass.")
+@click.option("--render-size", type=_Count(8), default=None,
+              help="Diffusion: side length the pipeline renders at, a multiple of 8, before the resize to --size "
+                   "[default: the pipeline's own, 512 for SD 1.5].")
 @click.option("--iters", type=_Count(0), default=None, help="Inversion: optimisation steps per shard [default: 100].")
 @click.option("--lr", type=FINITE, default=None, help="Inversion: learning rate [default: 0.01].")
 @click.option("--source", type=click.Path(), default=None, help="real: an npz (x uint8 NHWC, y) or an image folder.")
@@ -197,7 +202,7 @@ def calib(**o: Any) -> None:
     # the ones --help shows)
     given = _given_on_command_line()
     options = {k: o[k] for k in ("pipeline", "revision", "steps", "guidance", "scheduler", "negative_prompt",
-                                 "batch_size", "source", "iters", "lr", "skip_bad_images") if k in given}
+                                 "batch_size", "render_size", "source", "iters", "lr", "skip_bad_images") if k in given}
     pc = {k: o[flag] for k, flag in (("strategy", "strategy"), ("k", "k"), ("template", "template"),
                                       ("alpha", "alpha"), ("use_gloss", "gloss")) if flag in given}
     cfg = CalibConfig(
@@ -385,7 +390,8 @@ def _load_user_model(o: dict[str, Any]):
                    "ModelOpt's ONNX PTQ leaves a classifier this way: one engine layer fewer (GEMM and bias fused) "
                    "for a float hand-off into it.")
 @click.option("--preset", type=click.Choice(PRESETS), default="fast", show_default=True,
-              help="paper: 20k iterations/unit, the papers' learning rates; fast: far fewer iterations (CPU).")
+              help="paper: 20k iterations/unit, QDrop's reference learning rates (every method); fast: far fewer "
+                   "iterations (CPU).")
 @click.option("--iters", type=POSITIVE, default=None, help="Iterations per unit (overrides the preset).")
 @click.option("--num-samples", type=POSITIVE, default=None, metavar="N",
               help="Calibration images used: the cache's first N, a fair sample because every generator stores "

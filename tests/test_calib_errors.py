@@ -91,6 +91,29 @@ def test_imagenet_class_names_are_unique():
     v = load_classes("imagenet")
     assert len({n.lower() for n in v.names}) == len(v) == 1000
     assert v.names[264] == "Cardigan Welsh corgi" and v.names[639] == "tank suit" and v.names[134].startswith("crane, ")
+    # --gloss names a class once with its gloss, also where the repeated name already took it (review, 2026-11-30)
+    for i in (134, 517, 264, 1):
+        shown = v.display(i, with_gloss=True)
+        assert shown.count(v.glosses[i]) == 1 and shown.startswith(v.names[i].split(",")[0]), shown
+
+
+def test_the_recipe_records_the_template_the_prompts_use():
+    """mixup-embed recorded the mixup template, which it never uses: its sub-prompts are 'a photo of a {}'."""
+    from mixq_onnx.calib.classes import load_classes
+    from mixq_onnx.calib.prompts import PromptConfig, plan_images
+
+    vocab = load_classes("cifar10")
+    for strategy in ("mixup", "mixup-embed", "single"):
+        cfg = PromptConfig(strategy)
+        tpl = cfg.to_dict()["template"]
+        plan = plan_images(cfg, vocab, 0, 0, 1)[0]
+        names = [vocab.display(c) for c in plan.classes]
+        texts = plan.sub_prompts if strategy == "mixup-embed" else (plan.prompt,)
+        if strategy == "single":
+            assert plan.prompt.startswith("a photo of a ") and names[0] in plan.prompt
+        else:
+            want = tuple(tpl.format(n) for n in names) if strategy == "mixup-embed" else (tpl.format(*names),)
+            assert texts == want, (strategy, tpl, texts)
 
 
 def test_k_exceeds_file_vocabulary(tmp_path, run_cli):

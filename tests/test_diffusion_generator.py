@@ -142,7 +142,7 @@ def test_offline_hub_id_fails_fast():
     ({"batch_size": 0}, SIZE, "batch-size"),
     ({"scheduler": "NoSuchScheduler"}, SIZE, "unknown scheduler"),
     ({"scheduler": "UNet2DConditionModel"}, SIZE, "unknown scheduler"),
-    ({}, 36, "multiple of 8"),
+    ({"render_size": 36}, SIZE, "multiple of 8"),
 ])
 def test_validate_rejects(tiny_pipeline, options, size, match):
     with pytest.raises(MixqError, match=match):
@@ -188,3 +188,34 @@ def test_a_pipeline_that_needs_an_input_image_is_one_line(tiny_pipeline, tmp_pat
     gen = make_gen(other)
     with pytest.raises(MixqError, match="starts from an input image"):
         gen.generate(0, plans("mixup", 0, 2))
+
+
+def test_images_render_at_the_pipelines_size_and_are_resized_to_the_stored_one(tiny_pipeline):
+    """A diffusion model asked for a 32-px image makes a 4x4 latent (review, 2026-11-30): the pipeline renders
+    at its own size (the tiny one's: UNet sample 8 x VAE factor 8 = 64) and the stored image is that image
+    resized to --size, as the models' preprocessing resizes."""
+    ps = plans("mixup", 0, 2)
+    gen = make_gen(tiny_pipeline)
+    out = gen.generate(0, ps)
+    assert out.stats["render_size"] == 64 and tuple(out.images.shape) == (2, SIZE, SIZE, 3)
+    big = make_gen(tiny_pipeline, size=64).generate(0, ps)  # the same rendering, stored as rendered
+    assert big.stats["render_size"] == 64 and tuple(big.images.shape) == (2, 64, 64, 3)
+    want = torch.nn.functional.interpolate(big.images.permute(0, 3, 1, 2).float() / 255, size=(SIZE, SIZE),
+                                           mode="bilinear", align_corners=False, antialias=True)
+    want = (want * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+    assert (out.images.int() - want.int()).abs().max() <= 1  # resized from the float image, not its uint8
+    small = make_gen(tiny_pipeline, render_size=32)  # the old behaviour, on request: recorded in the recipe
+    assert small.recipe()["render_size"] == 32 and gen.recipe()["render_size"] is None
+    assert small.generate(0, ps).stats["render_size"] == 32
+
+
+def test_nan_pixels_are_counted_and_warned_not_silently_black(tiny_pipeline):
+    logs: list[str] = []
+    gen = make_gen(tiny_pipeline)
+    gen.ctx.log = logs.append
+    gen.setup()
+    with torch.no_grad():
+        gen.pipe.vae.decoder.conv_out.bias.fill_(float("nan"))  # a real NaN through the real decoder
+    out = gen.generate(0, plans("mixup", 0, 2))
+    assert out.stats["nonfinite_images"] == 2
+    assert any(m.startswith("warning: diffusion: 2 of 2 images held NaN") for m in logs), logs

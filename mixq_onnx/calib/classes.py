@@ -34,8 +34,9 @@ class ClassVocab:
 
     def display(self, i: int, with_gloss: bool = False) -> str:
         name = self.names[i]
-        if with_gloss and self.glosses and self.glosses[i]:
-            return f"{name}, {self.glosses[i]}"
+        gloss = self.glosses[i] if self.glosses else ""
+        if with_gloss and gloss and not name.endswith(f", {gloss}"):  # a repeated name already took its gloss
+            return f"{name}, {gloss}"
         return name
 
 

@@ -26,6 +26,7 @@ ADJECTIVES = (
 )
 
 DEFAULT_TEMPLATE = "a photo of a {} and a {}"
+SUB_PROMPT = "a photo of a {}"  # mixup-embed: one single-class prompt per mixed class
 SINGLE_TEMPLATE: str = PROMPT_STRATEGIES["single"].default_template  # "a photo of a {adjective} {cls}"
 
 
@@ -88,8 +89,11 @@ class PromptConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         spec = PROMPT_STRATEGIES.get(self.strategy)
-        d["template"] = self.mixup_template() if spec is not None and spec.mixes else (
-            self.template or (spec.default_template if spec is not None else None))
+        if spec is not None and spec.embeds:  # mixup-embed: its sub-prompts' template, the one it uses
+            d["template"] = SUB_PROMPT
+        else:
+            d["template"] = self.mixup_template() if spec is not None and spec.mixes else (
+                self.template or (spec.default_template if spec is not None else None))
         return d
 
 
@@ -141,7 +145,9 @@ def _class_stream(seed: int, n_cls: int, start: int, count: int) -> list[int]:
 
 def _mixup_classes(seed: int, n_cls: int, k: int, index: int) -> tuple[int, ...]:
     """k distinct classes; rounds of floor(n/k) images each draw from one permutation without
-    replacement, so over whole rounds every class appears equally often."""
+    replacement. When k divides the class count every class appears equally often over whole rounds; otherwise
+    each round leaves n mod k random classes out, so the counts are balanced in expectation only (CIFAR-10 at
+    k = 3: 892 to 911 per class over 3,000 images)."""
     per_round = n_cls // k
     rnd, slot = divmod(index, per_round)
     perm = _round_classes(seed, rnd, n_cls)
@@ -199,7 +205,7 @@ def plan_mixup_embed(cfg: PromptConfig, vocab: ClassVocab, seed: int, start: int
         classes = _mixup_classes(seed, len(vocab), cfg.k, i)
         names = [vocab.display(c, cfg.use_gloss) for c in classes]
         w = _plan_rng(seed, i).dirichlet([cfg.alpha] * cfg.k)
-        subs = tuple(f"a photo of a {nm}" for nm in names)
+        subs = tuple(SUB_PROMPT.format(nm) for nm in names)
         prompt = " | ".join(f"{wi:.3f}*{p!r}" for wi, p in zip(w, subs))
         plans.append(ImagePlan(i, image_seed(seed, i), classes, tuple(float(x) for x in w), prompt, subs))
     return plans

@@ -39,6 +39,7 @@ DEFAULTS: dict[str, Any] = {
     "negative_prompt": None,
     "batch_size": 4,
     "revision": None,
+    "render_size": None,  # None: the pipeline's own size (SD 1.5: 512), then resized to the stored --size
 }
 _SCHEDULER_EXAMPLES = "DPMSolverMultistepScheduler, DDIMScheduler, EulerDiscreteScheduler"
 
@@ -123,11 +124,13 @@ class DiffusionGenerator(Generator):
             self.steps = int(opts["steps"])
             self.guidance = float(opts["guidance"])
             self.batch_size = int(opts["batch_size"])
+            self.render_size = int(opts["render_size"]) if opts["render_size"] is not None else None
         except (TypeError, ValueError) as e:
             raise MixqError(f"bad diffusion option: {e}") from None
         self.dtype = torch.float16 if ctx.device.type == "cuda" else torch.float32
         self._source: dict[str, Any] | None = None  # resolved pipeline location
         self.pipe = None
+        self.nonfinite_images = 0  # images of the current shard with NaN/inf pixels (stored as 0)
 
     # ------------------------------------------------------------------ checks and identity
     def validate(self) -> None:
@@ -137,8 +140,10 @@ class DiffusionGenerator(Generator):
             raise MixqError(f"--guidance must be a finite number >= 0, got {self.guidance}")
         if self.batch_size < 1:
             raise MixqError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.ctx.size < 8 or self.ctx.size % 8:
-            raise MixqError(f"--size must be a positive multiple of 8 for diffusion, got {self.ctx.size}")
+        if self.ctx.size < 1:
+            raise MixqError(f"--size must be positive, got {self.ctx.size}")
+        if self.render_size is not None and (self.render_size < 8 or self.render_size % 8):
+            raise MixqError(f"--render-size must be a positive multiple of 8, got {self.render_size}")
         if self.ctx.prompts.strategy not in PROMPT_STRATEGIES:
             raise MixqError(f"prompt strategy {self.ctx.prompts.strategy!r} is not supported by diffusion")
         if self.scheduler_name:
@@ -210,6 +215,7 @@ class DiffusionGenerator(Generator):
             "scheduler": self.scheduler_name,
             "negative_prompt": self.negative_prompt,
             "size": self.ctx.size,
+            "render_size": self.render_size,  # None: the pipeline's own (its files are in the recipe)
             "dtype": str(self.dtype).removeprefix("torch."),
             "batch_size": self.batch_size,  # the maths is not batch invariant (module docstring)
             "safety_checker": False,
@@ -337,14 +343,32 @@ class DiffusionGenerator(Generator):
             result[name] = torch.stack(rows)
         return result
 
+    def rendered_size(self) -> int:
+        """Side length the pipeline renders at: --render-size, else the pipeline's own (the UNet's sample size
+        times the VAE's scale factor: 512 for SD 1.5, 1024 for SDXL). A diffusion model asked for a 32-px image
+        makes a 4x4 latent, not a picture; the stored --size is a resize of the rendered image."""
+        if self.render_size is not None:
+            return self.render_size
+        pipe = self.pipe
+        sample = getattr(getattr(getattr(pipe, "unet", None), "config", None), "sample_size", None)
+        scale = getattr(pipe, "vae_scale_factor", None)
+        if isinstance(sample, (tuple, list)):
+            sample = sample[0]
+        if not isinstance(sample, int) or not isinstance(scale, int):
+            raise MixqError(f"{type(pipe).__name__} does not say its image size (unet.config.sample_size, "
+                            "vae_scale_factor): pass --render-size")
+        return int(sample) * int(scale)
+
     @torch.no_grad()
     def _run_group(self, plans: list[ImagePlan], on_step: Callable[[float], None] | None = None) -> torch.Tensor:
-        """One fixed batch through the pipeline; `on_step(fraction)` after each denoising step (a batch of
-        25 steps takes minutes on a CPU) where the pipeline takes `callback_on_step_end`."""
+        """One fixed batch through the pipeline at `rendered_size`, resized to the stored size (antialiased,
+        as the models' preprocessing resizes); `on_step(fraction)` after each denoising step (a batch of 25
+        steps takes minutes on a CPU) where the pipeline takes `callback_on_step_end`."""
         pipe, size = self.pipe, self.ctx.size
+        render = self.rendered_size()
         cfg = self.guidance > 1.0
         gens = [torch.Generator("cpu").manual_seed(int(p.seed)) for p in plans]
-        kwargs: dict[str, Any] = dict(height=size, width=size, num_inference_steps=self.steps,
+        kwargs: dict[str, Any] = dict(height=render, width=render, num_inference_steps=self.steps,
                                       guidance_scale=self.guidance, generator=gens, output_type="pt")
         if on_step is not None and "callback_on_step_end" in inspect.signature(pipe.__call__).parameters:
             def step_end(_pipe: Any, i: int, _t: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -364,7 +388,16 @@ class DiffusionGenerator(Generator):
         images = pipe(**kwargs).images  # float [n, 3, H, W] in [0, 1]
         if not isinstance(images, torch.Tensor):
             images = torch.as_tensor(images).permute(0, 3, 1, 2)
-        images = torch.nan_to_num(images.float(), nan=0.0)
+        images = images.float()
+        bad = int((~torch.isfinite(images)).flatten(1).any(1).sum())
+        if bad:  # an overflowing fp16 UNet or VAE: stored black, so say so
+            self.nonfinite_images += bad
+            self.ctx.log(f"warning: diffusion: {bad} of {len(plans)} images held NaN or inf pixels (stored as 0); "
+                         "fp16 overflow? try --device cpu or another --scheduler")
+        images = torch.nan_to_num(images, nan=0.0, posinf=1.0, neginf=0.0)
+        if tuple(images.shape[-2:]) != (size, size):
+            images = torch.nn.functional.interpolate(images.clamp(0, 1), size=(size, size), mode="bilinear",
+                                                     align_corners=False, antialias=True)
         out = (images * 255.0).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu()
         if tuple(out.shape) != (len(plans), size, size, 3):
             raise MixqError(f"pipeline returned images of shape {tuple(out.shape)}, expected "
@@ -375,6 +408,7 @@ class DiffusionGenerator(Generator):
         if self.pipe is None:
             self.setup()
         t0 = time.perf_counter()
+        self.nonfinite_images = 0
         given = {p.index: p for p in plans}
         made: dict[int, torch.Tensor] = {}
         computed = 0
@@ -396,5 +430,7 @@ class DiffusionGenerator(Generator):
             "filler_images": computed - len(plans),
             "images_per_s": round(len(plans) / seconds, 3) if seconds > 0 else None,
             "torch_threads": torch.get_num_threads(),  # the denoising sums, hence the pixels, depend on it on a CPU
+            "render_size": self.rendered_size(),
+            "nonfinite_images": self.nonfinite_images,  # counted over the whole batch groups run, fillers too
         }
         return ShardOutput(images=images, extra=[{} for _ in plans], stats=stats)
