@@ -514,16 +514,16 @@ def row_gbops(net: str, rid: str, work: Path = WORK) -> float:
     return achieved(net, rid, work)["gbops"]
 
 
-def deploy_cache(row: str) -> Path:
-    return WORK / ("deploy.json" if row == "nipq-4" else f"deploy-{row}.json")
+def deploy_cache(row: str, work: Path = WORK) -> Path:
+    return work / ("deploy.json" if row == "nipq-4" else f"deploy-{row}.json")
 
 
-def deploy_row(net: str, row: str) -> dict:
+def deploy_row(net: str, row: str, work: Path = WORK) -> dict:
     """Export, check, verify (5,000 images, integer layout) and build with TensorRT-RTX, then inspect; reused
     while the folder's weights are the ones it was measured on."""
-    folder = WORK / f"{net}-{row}"
+    folder = work / f"{net}-{row}"
     key = hashlib.sha256((folder / "weights.safetensors").read_bytes()).hexdigest()
-    old = deploy_cache(row)
+    old = deploy_cache(row, work)
     if old.exists() and json.loads(old.read_text()).get("weights_sha256") == key:
         return json.loads(old.read_text())
     onnx, plan = folder.with_suffix(".onnx"), folder.with_suffix(".plan")
@@ -568,9 +568,22 @@ FIXED_R8_BEFORE = {"lsq-w4a4": 80.00, "lsq-w3a3": 75.44, "nipq-4": 78.30, "nipq-
                    "nipq-gbops-w2a4": 67.70}
 
 
+def deployed_line(net: str, row: str, work: Path) -> str:
+    """One line: `row`'s folder through export, check, verify --exact (5,000 images) and a TensorRT-RTX engine."""
+    dep = deploy_row(net, row, work)
+    deploy_cache(row, work).write_text(json.dumps(dep, indent=2) + "\n")
+    chk, ver, ins = dep["check"], dep["verify"], dep.get("inspect", {})
+    return (f"- `{row}` (seed 0) deployed: `check` {chk.get('errors', '?')} error(s); `verify` on 5,000 images: top-1 "
+            f"agreement {ver.get('top1_agreement', float('nan')):.2f} %, max |diff| {ver.get('max_abs_diff')}, code "
+            f"mismatch {ver.get('code_mismatch_fraction')}; engine " + (
+                f"{len(ins.get('layers', []))} layers, int8 MAC fraction {ins.get('int8_mac_fraction', float('nan')):.4f}, "
+                f"{ins.get('handoffs')} hand-offs, intended grid on engine precision: {intended(ins)}" if ins
+                else f"not built: {dep.get('build_error')}") + ".")
+
+
 def stage_resampled(jobs: int, work_name: str = "resampled", before: dict[str, float] | None = None,
-                    r8_before: dict[str, float] | None = None,
-                    before_label: str = "before the fix (section qat)") -> tuple[str, dict[str, list[float]]]:
+                    r8_before: dict[str, float] | None = None, before_label: str = "before the fix (section qat)",
+                    deploy: bool = False) -> tuple[str, dict[str, list[float]]]:
     net = "resnet20"
     work = WORK / work_name
     work.mkdir(parents=True, exist_ok=True)
@@ -622,6 +635,8 @@ def stage_resampled(jobs: int, work_name: str = "resampled", before: dict[str, f
     gap4 = statistics.mean(top["nipq-4"]) - statistics.mean(top["lsq-w4a4"])
     lines += ["", "Reading: the means moved by " + ", ".join(f"{c} {moved[c]:+.2f}" for c in cands) + " pp; "
               f"NIPQ@4 − LSQ W4A4 is {gap4:+.2f} pp, {gap4 - 0.3:+.2f} from its bar."]
+    if deploy:
+        lines += ["", deployed_line(net, "nipq-4", work)]
     lines += r8_lines
     return "\n".join(lines), top
 
@@ -799,7 +814,8 @@ to 4, the same arguments) and the bars are read on them, whichever way they move
         print(body)
         return
     if a.stage == "fixed":
-        body, _ = stage_resampled(a.jobs, "fixed", FIXED_BEFORE, FIXED_R8_BEFORE, "before (section qat-resampled)")
+        body, _ = stage_resampled(a.jobs, "fixed", FIXED_BEFORE, FIXED_R8_BEFORE, "before (section qat-resampled)",
+                                  deploy=True)
         sched = ", ".join(f"{k} {v}" for k, v in SCHEDULE.items())
         update_section("qat-fixed", f"""## qat-fixed: the bars' rows after three gradient fixes (issue 14)
 
@@ -814,7 +830,9 @@ noise of clipped values, which the forward never adds; (3) a shared activation q
 consumers) drew new noise and new stochastic bits for each consumer. Defect fixes, decided before any run, not
 settings chosen on results: the bars' rows of qat-resampled are trained again with the same arguments and seeds
 (ResNet-20, labelled, {sched}), and the bars are read on these rows, whichever way they move. Top-1 on all
-5,000 images of `cifar10_test_dev.npz`.
+5,000 images of `cifar10_test_dev.npz`. The rows were trained at commit 2be9446 (the fixes); the later commits
+of 2026-11-30/12-01 change no `qat` number (training.py's BatchNorm and ASAM changes act only on BN layers and
+`--sam`, which a BN-folded `qat` model and these rows do not have).
 
 {{body}}""".replace("{{body}}", body))
         print(body)
