@@ -834,7 +834,7 @@ settings chosen on results: the bars' rows of qat-resampled are trained again wi
 of 2026-11-30/12-01 change no `qat` number (training.py's BatchNorm and ASAM changes act only on BN layers and
 `--sam`, which a BN-folded `qat` model and these rows do not have).
 
-{{body}}""".replace("{{body}}", body))
+{body}""")
         print(body)
         return
     if a.stage == "rest":
@@ -851,9 +851,10 @@ fixes, and shown beside its value in section qat. Fixed before any run (`REST_BE
 rows; nothing is chosen on them and no bar is read on them. Data-free rows distil from the original on the
 network's BN-inversion cache (2,048 images, seed 0, made again on this machine). The GBOPs rows' budgets are the
 GBOPs of the LSQ row of the same folder (qat-fixed's ResNet-20 lsq-w4a4 and ResNet-8 lsq-w2a4, seed 0). Top-1 on
-all 5,000 images of `cifar10_test_dev.npz`.
+all 5,000 images of `cifar10_test_dev.npz`. Trained at commit 2be9446, as qat-fixed's rows; the commit named
+above is the one that rendered this table from them.
 
-{{body}}""".replace("{{body}}", body))
+{body}""")
         print(body)
         return
     if a.stage == "float":
