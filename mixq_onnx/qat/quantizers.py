@@ -8,14 +8,21 @@ Phases: "noise" (NIPQ: learned bits theta_b and range theta_alpha, pseudo-quanti
 """
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..quant.quantizer import ActQuantizer, WeightQuantizer, lsq_grad_scale, per_sample, weight_round
+from ..quant.quantizer import (
+    ActQuantizer,
+    WeightQuantizer,
+    forget_draw,
+    lsq_grad_scale,
+    once_per_tensor,
+    per_sample,
+    weight_round,
+)
 from .noise import bits_of, cap_ste, inverse_softplus, levels, lsq_quant, nipq_quant, round_ste, theta_of
 
 
@@ -94,11 +101,6 @@ class QATWeightQuantizer(WeightQuantizer):
         return lsq_quant(w, p.step.view(shape), lo, hi, g, weight_round)
 
 
-# (input, its version, output) of a shared quantizer's last noise-phase draw, reused by its other consumers within
-# the same forward; kept outside the module so that a deep copy never meets a tensor of the autograd graph
-_LAST_DRAW: weakref.WeakKeyDictionary[nn.Module, tuple[weakref.ref, int, torch.Tensor]] = weakref.WeakKeyDictionary()
-
-
 class QATActQuantizer(ActQuantizer):
     """A per-tensor activation quantizer (`learning` keeps its layer out of the integer form)."""
 
@@ -120,15 +122,9 @@ class QATActQuantizer(ActQuantizer):
         if p.phase == "noise":
             if not (self.shared_with and self.training):
                 return p.noise_forward(x, p.alpha().reshape(()), self.training)
-            # one tensor feeding several consumers (graph.share_quantizers) is quantized once, as the engine
-            # does: every consumer of this forward reads the same noise and the same stochastic bits
-            last = _LAST_DRAW.get(self)
-            if last is not None and last[0]() is x and last[1] == x._version:
-                return last[2]
-            out = p.noise_forward(x, p.alpha().reshape(()), True)
-            _LAST_DRAW[self] = (weakref.ref(x), x._version, out)
-            return out
-        _LAST_DRAW.pop(self, None)
+            # every consumer of this forward reads the same noise and the same stochastic bits
+            return once_per_tensor(self, x, lambda: p.noise_forward(x, p.alpha().reshape(()), True))
+        forget_draw(self)
         lo, hi = self.spec.grid()
         return lsq_quant(x, p.step.reshape(()), lo, hi, lsq_grad_scale(per_sample(x), hi))
 

@@ -164,9 +164,26 @@ class _Base(nn.Module):
         return f"{self.name!r}, bits={self.bits}, range=[{lo},{hi}], symmetric={self.symmetric}"
 
 
-# shared quantizer -> (weak reference to its input, the input's version, its QDrop output): while learning with
-# QDrop, every consumer of the one tensor gets the one random draw (outside the modules: never deep-copied)
+# shared quantizer -> (weak reference to its input, the input's version, its random output): every consumer of
+# the one tensor gets the one random draw (outside the modules: never deep-copied)
 _LAST_DRAW: weakref.WeakKeyDictionary[nn.Module, tuple[Any, int, torch.Tensor]] = weakref.WeakKeyDictionary()
+
+
+def once_per_tensor(q: nn.Module, x: torch.Tensor, draw: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """`draw()`, or the output it gave for this same tensor (same object, unmodified) at `q`'s last call: a
+    quantizer shared by several consumers (`graph.share_quantizers`) quantizes its tensor once per forward, as
+    the engine does, so a random quantizer (QDrop's drops, NIPQ's noise) gives every consumer the same draw."""
+    last = _LAST_DRAW.get(q)
+    if last is not None and last[0]() is x and last[1] == x._version:
+        return last[2]
+    out = draw()
+    _LAST_DRAW[q] = (weakref.ref(x), x._version, out)
+    return out
+
+
+def forget_draw(q: nn.Module) -> None:
+    """Drop `q`'s kept draw (it no longer draws at random)."""
+    _LAST_DRAW.pop(q, None)
 
 
 class ActQuantizer(_Base):
@@ -233,19 +250,16 @@ class ActQuantizer(_Base):
             return x
         if not self.enabled or not bool(self.initialized):
             return x
-        drop = self.learning and self.drop_prob > 0
-        if drop and self.shared_with:  # the other consumers of the one tensor read the same draw
-            last = _LAST_DRAW.get(self)
-            if last is not None and last[0]() is x and last[1] == x._version:
-                return last[2]
-        xq = self.fake_quant(x)
-        if drop:  # QDrop: element-wise, keep the float value with p
-            xq = xq + keep_mask(x, self.drop_prob) * (x - xq)
-            if self.shared_with:  # a shared quantizer quantizes its tensor once per forward, as the engine does
-                _LAST_DRAW[self] = (weakref.ref(x), x._version, xq)
-        elif self.shared_with:
-            _LAST_DRAW.pop(self, None)
-        return xq
+        if not (self.learning and self.drop_prob > 0):
+            if self.shared_with:
+                forget_draw(self)
+            return self.fake_quant(x)
+
+        def drop() -> torch.Tensor:  # QDrop: element-wise, keep the float value with p
+            xq = self.fake_quant(x)
+            return xq + keep_mask(x, self.drop_prob) * (x - xq)
+
+        return once_per_tensor(self, x, drop) if self.shared_with else drop()
 
     def codes(self, x: torch.Tensor) -> torch.Tensor:
         """Integer codes this quantizer assigns to x (what the INT8 kernel sees)."""
