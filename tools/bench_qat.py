@@ -414,21 +414,7 @@ def stage_float(net: str, jobs: int) -> str:
         cap = 16 if "--max-bits" in map(str, r["args"]) else 8
         lines.append(f"| {r['id']} | {cap} | {a['weight_bits']:.3f} / {a['act_bits']:.3f} | {d['weight_bits']:.3f} / "
                      f"{d['act_bits']:.3f} | {d['gbops']:.4f} | {fl} | {res[r['id']]['top1']:.2f} |")
-    deployed = []
-    for r in FLOAT_ROWS:
-        if "--max-bits" not in map(str, r["args"]):
-            continue
-        dep = deploy_row(net, r["id"])
-        deploy_cache(r["id"]).write_text(json.dumps(dep, indent=2) + "\n")
-        chk, ver, ins = dep["check"], dep["verify"], dep.get("inspect", {})
-        warn = [v for v in chk.get("violations", []) if v.get("severity") == "warning"]
-        deployed.append(
-            f"- `{r['id']}` deployed: `check` {chk.get('errors', '?')} error(s), {len(warn)} warning(s) "
-            f"({', '.join(sorted({v['rule'] for v in warn})) or 'none'}); `verify` on 5,000 images: top-1 agreement "
-            f"{ver.get('top1_agreement', float('nan')):.2f} %, max |diff| {ver.get('max_abs_diff')}; engine "
-            + (f"{ins.get('engine_layers', len(ins.get('layers', [])))} layers, int8 MAC fraction "
-               f"{ins.get('int8_mac_fraction', float('nan')):.4f}, {ins.get('handoffs')} hand-offs, intended grid on "
-               f"engine precision: {intended(ins)}" if ins else f"not built: {dep.get('build_error')}") + ".")
+    deployed = [deployed_line(net, r["id"], WORK) for r in FLOAT_ROWS if "--max-bits" in map(str, r["args"])]
     return "\n".join(lines) + "\n\n" + "\n".join(deployed)
 
 
@@ -573,9 +559,11 @@ def deployed_line(net: str, row: str, work: Path) -> str:
     dep = deploy_row(net, row, work)
     deploy_cache(row, work).write_text(json.dumps(dep, indent=2) + "\n")
     chk, ver, ins = dep["check"], dep["verify"], dep.get("inspect", {})
-    return (f"- `{row}` (seed 0) deployed: `check` {chk.get('errors', '?')} error(s); `verify` on 5,000 images: top-1 "
-            f"agreement {ver.get('top1_agreement', float('nan')):.2f} %, max |diff| {ver.get('max_abs_diff')}, code "
-            f"mismatch {ver.get('code_mismatch_fraction')}; engine " + (
+    warn = [v for v in chk.get("violations", []) if v.get("severity") == "warning"]
+    return (f"- `{row}` (seed 0) deployed: `check` {chk.get('errors', '?')} error(s), {len(warn)} warning(s) "
+            f"({', '.join(sorted({v['rule'] for v in warn})) or 'none'}); `verify` on 5,000 images: top-1 agreement "
+            f"{ver.get('top1_agreement', float('nan')):.2f} %, max |diff| {ver.get('max_abs_diff')}, code mismatch "
+            f"{ver.get('code_mismatch_fraction')}; engine " + (
                 f"{len(ins.get('layers', []))} layers, int8 MAC fraction {ins.get('int8_mac_fraction', float('nan')):.4f}, "
                 f"{ins.get('handoffs')} hand-offs, intended grid on engine precision: {intended(ins)}" if ins
                 else f"not built: {dep.get('build_error')}") + ".")
