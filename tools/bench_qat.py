@@ -863,7 +863,8 @@ budget: a layer that learned more than 8 stays float only while the others, at t
 the room (`budget.round_with_float_layers`; the one that learned least above 8 yields first). A float layer keeps
 the checkpoint's weights, which missed the noise phase the other layers trained through. (Before that rule the
 freezing counted a float layer at its learned width: the same 12-bit start left 18 of 20 layers float, deployed
-15.97 / 15.70 bits, 84.30 %.)
+15.97 / 15.70 bits, 84.30 %.) Rows are cached under runs/bench_qat and reused: these were trained at commit
+2be9446 (after the gradient fixes of section qat-fixed), and the commit above rendered the table from them.
 
 {body}""")
         print(body)
