@@ -230,15 +230,14 @@ def batchnorms(model: nn.Module) -> list[nn.Module]:
 def kept_bn_stats(model: nn.Module):
     """Restore every BatchNorm's running statistics on exit: a second forward of the same batch (ASAM's pass at
     the perturbed weights) must not update them again."""
-    saved = [(m, [(b, b.clone()) for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None])
-             for m in batchnorms(model)]
+    saved = [(b, b.clone()) for m in batchnorms(model)
+             for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
     try:
         yield
     finally:
         with torch.no_grad():
-            for _m, bufs in saved:
-                for b, v in bufs:
-                    b.copy_(v)
+            for b, v in saved:
+                b.copy_(v)
 
 
 def _asam_perturb(params: list[nn.Parameter], rho: float) -> list[torch.Tensor | None]:
