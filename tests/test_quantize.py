@@ -235,3 +235,39 @@ def test_resumed_captures_are_the_full_ones_bit_for_bit(method, monkeypatch):
     for (ka, a), (kb, b) in zip(resumed.state_dict().items(), full.state_dict().items()):
         assert ka == kb and torch.equal(a, b), ka
     assert (sum(resumes) >= 18) if method == "qdrop" else (sum(resumes) == 0), resumes
+
+
+@pytest.mark.parametrize("method", ["brecq", "adaround"])
+def test_units_learn_on_the_quantized_prefix_outside_every_unit(method):
+    """A quantizer that no unit contains (the pool's, before the classifier) is on while later units capture
+    their input, as QDrop's reference captures from the quantized prefix: the classifier learns on the mean of
+    the pool input's integer codes, the input the deployed network gives it, not on the float mean. (Block
+    units and layer units; not qdrop, which mixes float inputs into its unit's input on purpose.)"""
+    from mixq_onnx.quant.modules import QuantPool
+
+    torch.set_num_threads(1)
+    model = load_model("cifar_resnet20", random_init=True)
+    x = torch.randn(24, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    seen: list[torch.Tensor] = []
+    holder: dict[str, torch.nn.Module] = {}
+    import mixq_onnx.quant.reconstruct as R
+
+    real_units_for = R._units_for
+
+    def units_for(gm, method_):
+        out = real_units_for(gm, method_)
+        fc = gm.get_submodule("linear")
+        holder["pool"] = next(m for m in gm.modules() if isinstance(m, QuantPool))
+        fc.register_forward_pre_hook(
+            lambda m, args: seen.append(args[0].detach().clone()) if m.weight_quantizer.enabled else None)
+        return out
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(R, "_units_for", units_for)
+        quantize(model, QuantConfig(wbits=4, abits=4, method=method, iters=2), x, progress=False)
+    assert seen, "the classifier unit was never reconstructed"
+    s_in = float(holder["pool"].input_quantizer.scale)
+    hw = 8 * 8  # ResNet-20's last feature map: the pool averages 64 codes
+    for v in seen:
+        k = v / (s_in / hw)
+        assert torch.allclose(k, k.round(), atol=1e-3), float((k - k.round()).abs().max())

@@ -256,12 +256,25 @@ def init_scales(gm: nn.Module, calib: torch.Tensor, cfg: QuantConfig, bar: Progr
     set_quant_state(gm, weights=True, acts=True)
 
 
-def _set_units_enabled(all_units: list[Unit], upto: int) -> None:
+def _set_units_enabled(all_units: list[Unit], upto: int, outside: list[ActQuantizer] = ()) -> None:
     """Quantizers on for units [0, upto), off for the rest (a shared activation quantizer goes with the unit
-    that owns it, the first that uses it: `Unit.act_quantizers` leaves it out of the later ones)."""
+    that owns it, the first that uses it: `Unit.act_quantizers` leaves it out of the later ones), and the
+    activation quantizers of no unit (`outside`) on: a unit's quantized input is captured from the prefix as
+    the deployed network computes it, as QDrop's reference captures it (the pool's quantizer before the
+    classifier; with layer units, also the residual and MatMul quantizers). The capture stops at the unit's
+    input, so those after it change nothing."""
     for i, u in enumerate(all_units):
         for q in u.weight_quantizers() + u.act_quantizers():
             q.enabled = i < upto
+    for q in outside:
+        q.enabled = True
+
+
+def outside_units(gm: nn.Module, all_units: list[Unit]) -> list[ActQuantizer]:
+    """The activation quantizers that no reconstruction unit contains: they keep their initial (Lp-searched)
+    step, which no unit learns."""
+    inside = {id(m) for u in all_units for m in u.module.modules() if isinstance(m, ActQuantizer)}
+    return [m for m in gm.modules() if isinstance(m, ActQuantizer) and id(m) not in inside]
 
 
 def _finalize_unit(unit: Unit) -> None:
@@ -445,6 +458,7 @@ def quantize(model: nn.Module, cfg: QuantConfig, calib: Any, *, progress: bool =
             _finalize_unit(u)
     else:
         all_units = _units_for(gm, method)
+        outside = [] if cfg.weight_only else outside_units(gm, all_units)
         capture = _ResumedCapture(gm, calib)
         with progress_bar(len(all_units), name, "unit", enabled=progress) as bar:
             for i, unit in enumerate(all_units):
@@ -452,7 +466,7 @@ def quantize(model: nn.Module, cfg: QuantConfig, calib: Any, *, progress: bool =
                 bar.set_postfix_str(unit.name)
                 set_quant_state(gm, weights=False, acts=False)
                 fp_in, fp_out = capture(unit.module, want_out=True)
-                _set_units_enabled(all_units, i)
+                _set_units_enabled(all_units, i, outside)
                 q_in, _ = capture(unit.module)
                 for q in unit.weight_quantizers() + unit.act_quantizers():
                     q.enabled = True
