@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import TRAIN_NPZ, need_shared
 
@@ -115,3 +116,50 @@ def test_real_import_1024(tmp_path, run_cli):
     assert x.shape == (3, 32, 32) and x.dtype == torch.float32
     ds224 = CalibrationSet(p, load_model("resnet18", random_init=True))
     assert ds224[3].shape == (3, 224, 224)
+
+
+def _reforge(src: Path, root: Path, edit) -> Path:
+    """A received cache: `src` with its manifest's recipe edited, then re-hashed and named consistently (every
+    hash matches; only the types are wrong)."""
+    import shutil
+
+    m = json.loads((src / "manifest.json").read_text())
+    edit(m)
+    m["hash"] = C.recipe_hash(m["recipe"])
+    dst = root / m["hash"]
+    shutil.copytree(src, dst)
+    (dst / "manifest.json").write_text(json.dumps(m))
+    (dst / "recipe.json").write_text(json.dumps(m["recipe"]))
+    return dst
+
+
+def test_a_consistently_hashed_but_mistyped_cache_is_refused_not_a_traceback(tmp_path, run_cli):
+    """`cache verify` and `load_images` turned a recipe count of "x" or 1e400, or shard records that are no
+    list, into a ValueError/OverflowError/TypeError traceback."""
+    import hashlib
+
+    from safetensors.torch import load, save
+
+    p = Path(run_cli(*NOISE, "--num", "8", "--shard-size", "4", "--cache-root", tmp_path / "a").last_line)
+    for k, edit in enumerate([lambda m: m["recipe"].__setitem__("keep", "x"),
+                              lambda m: m["recipe"].__setitem__("num", 1e400),
+                              lambda m: m["recipe"].__setitem__("num", True)]):
+        bad = _reforge(p, tmp_path / f"r{k}", edit)
+        r = run_cli("cache", "verify", bad)
+        assert r.code == 1 and "FAIL" in r.err and "Traceback" not in r.err and "'num'" in r.err, r.err
+        with pytest.raises(C.CorruptCacheError, match="'num'"):
+            load_images(bad)
+    forged = tmp_path / "s" / p.name
+    import shutil
+
+    shutil.copytree(p, forged)
+    shard = forged / "shard-00000.safetensors"
+    data = save({"images": load(shard.read_bytes())["images"]}, metadata={"records": "5"})
+    shard.write_bytes(data)
+    m = json.loads((forged / "manifest.json").read_text())
+    m["shards"][0]["sha256"] = hashlib.sha256(data).hexdigest()
+    (forged / "manifest.json").write_text(json.dumps(m))
+    r = run_cli("cache", "verify", forged)
+    assert r.code == 1 and "records are not a list" in r.err and "Traceback" not in r.err, r.err
+    with pytest.raises(C.CorruptCacheError, match="records are not a list"):
+        load_images(forged)

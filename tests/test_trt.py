@@ -434,3 +434,80 @@ def test_a_batch_below_the_profiles_min_is_padded_not_refused():
     x = torch.arange(2 * 4, dtype=torch.float32).reshape(2, 4)
     out = Static().first_output(x)
     assert torch.equal(out, x[:, :3] * 2)
+
+
+def _two_gemms(path: Path, names: tuple[str, str]) -> Path:
+    """A large float Gemm, then a small INT8 (Q/DQ) one, their nodes named `names`."""
+    from onnx import TensorProto as T
+    from onnx import helper as h
+    from onnx import numpy_helper as nh
+
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((1024, 256)).astype(np.float32) * 0.05
+    w2 = rng.standard_normal((16, 1024)).astype(np.float32) * 0.05
+    nodes = [h.make_node("Gemm", ["input", "W1"], ["h"], transB=1, name=names[0]),
+             h.make_node("QuantizeLinear", ["h", "s", "z"], ["hq"], name="h/Q"),
+             h.make_node("DequantizeLinear", ["hq", "s", "z"], ["hd"], name="h/DQ"),
+             h.make_node("DequantizeLinear", ["W2q", "ws"], ["W2"], name="w2/DQ"),
+             h.make_node("Gemm", ["hd", "W2"], ["output"], transB=1, name=names[1])]
+    inits = [nh.from_array(w1, "W1"), nh.from_array(np.array(0.05, np.float32), "s"),
+             nh.from_array(np.array(0, np.int8), "z"),
+             nh.from_array(np.clip(np.round(w2 / 0.002), -127, 127).astype(np.int8), "W2q"),
+             nh.from_array(np.array(0.002, np.float32), "ws")]
+    g = h.make_graph(nodes, "g", [h.make_tensor_value_info("input", T.FLOAT, ["N", 256])],
+                     [h.make_tensor_value_info("output", T.FLOAT, ["N", 16])], inits)
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", 21)])
+    m.ir_version = 10
+    onnx.save(m, str(path))
+    return path
+
+
+@pytest.mark.parametrize("names", [("blk", "blk"), ("", "")])
+def test_nodes_without_a_unique_name_never_count_as_int8(tmp_path, run_cli, names):
+    """Engine layers name their ONNX nodes. Two compute nodes named alike (or unnamed) were looked up by name,
+    so only the last counted: a 94 %-float graph passed `--require-int8 0.9` at "100 %"."""
+    g = _two_gemms(tmp_path / "g.onnx", names)
+    r = run_cli("build", g, "--out", tmp_path / "g.plan", "--batch", "1:8:8", "--require-int8", "0.9")
+    assert r.code == 1 and "below --require-int8" in r.err, (r.code, r.out[-400:], r.err[-400:])
+    rep = inspect_plan(tmp_path / "g.plan")
+    assert len(rep.compute) == 2 and rep.int8_mac_fraction == 0.0
+    assert {c.precision for c in rep.compute} == {"unattributed"} and rep.warnings, rep.warnings
+    named = _two_gemms(tmp_path / "n.onnx", ("big", "small"))  # named: the small Gemm is INT8, about 6 %
+    build_engine(named, tmp_path / "n.plan", BuildConfig(backend="tensorrt-rtx", batch=(1, 8, 8)))
+    rep = inspect_plan(tmp_path / "n.plan")
+    assert 0.05 < rep.int8_mac_fraction < 0.07 and not rep.warnings, (rep.int8_mac_fraction, rep.warnings)
+
+
+def test_batch_and_compute_capability_limits_are_one_line_errors(graphs, tmp_path, run_cli, monkeypatch):
+    """A MAX batch beyond TensorRT's int32 dimensions, and `current` on a GPU TensorRT-RTX has no target for
+    (H100/H200: sm90), crashed inside the builder with a traceback."""
+    import mixq_onnx.trt.builder as B
+
+    for batch in ("1:2:3000000000", "1:2:99999999999999999999"):
+        r = run_cli("build", graphs["w8a8"], "--out", tmp_path / "a.plan", "--batch", batch)
+        assert "--batch MAX" in one_line_error(r)
+    monkeypatch.setattr(B, "gpu_info", lambda: GpuInfo("NVIDIA H200", (9, 0)))
+    r = run_cli("build", graphs["w8a8"], "--out", tmp_path / "b.plan", "--compute-capability", "current")
+    line = one_line_error(r)
+    assert "sm90" in line and "SM89" in line, line
+    assert not (tmp_path / "a.plan").exists() and not (tmp_path / "b.plan").exists()
+
+
+@pytest.mark.parametrize("edit", [
+    lambda m: m["layers"][1]["inputs"][0].__setitem__("dims", None),
+    lambda m: m["layers"][1]["inputs"][0].__setitem__("dtype", 5),
+    lambda m: m["layers"][1].__setitem__("name", 5),
+    lambda m: m["layers"][1].__setitem__("layer_type", None),
+    lambda m: m["layers"][1]["inputs"][0].__setitem__("name", [1]),
+    lambda m: m.__setitem__("inputs", []),
+    lambda m: m["options"].__setitem__("batch", None),
+    lambda m: m["inputs"][0].__setitem__("max", ["x"]),
+])
+def test_a_mistyped_plan_json_is_damaged_not_a_traceback(w8_plan, tmp_path, run_cli, edit):
+    plan = tmp_path / "m.plan"
+    shutil.copy(w8_plan, plan)
+    meta = json.loads(Path(str(w8_plan) + ".json").read_text())
+    edit(meta)
+    Path(str(plan) + ".json").write_text(json.dumps(meta))
+    r = run_cli("inspect", plan)
+    assert "is damaged" in one_line_error(r)

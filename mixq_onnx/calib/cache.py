@@ -97,7 +97,10 @@ def read_shard(path: Path) -> tuple[torch.Tensor, list[dict[str, Any]]]:
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
         images = f.get_tensor("images")
-    return images, json.loads(meta.get("records", "[]"))
+    records = json.loads(meta.get("records", "[]"))
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        raise ValueError("the shard's records are not a list of objects")
+    return images, records
 
 
 def decode_shard(data: bytes) -> tuple[torch.Tensor, list[dict[str, Any]]]:
@@ -112,7 +115,10 @@ def decode_shard(data: bytes) -> tuple[torch.Tensor, list[dict[str, Any]]]:
     images = load(data)["images"]
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:  # what `encode_shard` writes
         raise ValueError(f"shard images must be uint8 [n,H,W,3], got {images.dtype} {tuple(images.shape)}")
-    return images, json.loads(meta.get("records", "[]"))
+    records = json.loads(meta.get("records", "[]"))
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        raise ValueError("the shard's records are not a list of objects")
+    return images, records
 
 
 def read_shard_checked(path: Path, sha256: str) -> tuple[torch.Tensor, list[dict[str, Any]]]:
@@ -228,6 +234,10 @@ def _check_manifest(m: dict[str, Any], path: Path) -> dict[str, Any]:
     if HASH_NAME.match(path.name) and path.name != m["hash"]:  # looked up by that name, it would serve this one
         raise bad(f"the folder is named {path.name} but holds the cache of recipe {m['hash']} (copied or renamed "
                   "into another recipe's place)")
+    r = m["recipe"]  # a received cache can hash a mistyped recipe consistently: the counts readers use
+    if not _is_count(r.get("num"), 1) or r["num"] > MAX_NUM or not (r.get("keep") is None or (
+            _is_count(r["keep"], 1) and r["keep"] <= r["num"])):
+        raise bad(f"its recipe's 'num' (and 'keep', where a filter keeps part) must be integers in 1..{MAX_NUM}")
     if not isinstance(m.get("shards"), list) or not isinstance(m.get("images"), list):
         raise bad("no 'shards' or 'images' list")
     for i, s in enumerate(m["shards"]):
@@ -239,6 +249,12 @@ def _check_manifest(m: dict[str, Any], path: Path) -> dict[str, Any]:
         if not isinstance(r, dict) or not _is_count(r.get("index")):
             raise bad(f"image record {j} has no integer 'index'")
     return m
+
+
+def expected_images(recipe: dict[str, Any]) -> int:
+    """How many images a finished cache of `recipe` holds (a filter keeps `keep` of `num`); the recipe was
+    checked by `_check_manifest`."""
+    return int(recipe.get("keep") or recipe.get("num") or 0)
 
 
 def _check_recipe(r: dict[str, Any], path: Path) -> dict[str, Any]:
@@ -419,7 +435,7 @@ def verify(ref: str | os.PathLike, root: str | os.PathLike | None = None) -> Ver
             problems.append(f"shard {s['file']} starts at image {s['start']}, expected {count}")
         count += n
         shard_records.extend(records)
-    expected = int(recipe.get("keep") or recipe.get("num") or 0)
+    expected = expected_images(recipe)
     if count != expected and all_read:
         problems.append(f"cache holds {count} images, recipe asks for {expected}")
     if len(m["images"]) != expected:
@@ -541,7 +557,7 @@ def load_images(path: Path) -> tuple[torch.Tensor, list[dict[str, Any]]]:
         count += n
     if not chunks:
         raise MixqError(f"cache {path} holds no images")
-    expected = int(recipe.get("keep") or recipe.get("num") or 0)
+    expected = expected_images(recipe)
     if count != expected or len(m["images"]) != expected or _index_problem([r["index"] for r in m["images"]],
                                                                            recipe, expected):
         raise CorruptCacheError(f"cache {path} holds {count} images ({len(m['images'])} records) where its recipe "

@@ -82,6 +82,8 @@ class BuildConfig:
         lo, opt, hi = self.batch
         if not (1 <= lo <= opt <= hi):
             raise MixqError(f"--batch needs 1 <= MIN <= OPT <= MAX, got {lo}:{opt}:{hi}")
+        if hi > MAX_DIM:  # TensorRT's dimensions are int32; `run` allocates a batch of MAX
+            raise MixqError(f"--batch MAX must be at most {MAX_DIM}, got {hi}")
         if not 1 <= self.workspace_mib <= MAX_WORKSPACE_MIB:
             raise MixqError(f"--workspace must be between 1 and {MAX_WORKSPACE_MIB} MiB, got {self.workspace_mib}")
         if self.compute_capabilities and self.backend != "tensorrt-rtx":
@@ -151,6 +153,11 @@ def _targets(trt: Any, cfg: BuildConfig, gpu: Any) -> tuple[str, list[str]]:
                 raise MixqError("--compute-capability current needs an NVIDIA GPU on this host; name the target "
                                 "instead, e.g. --compute-capability 8.9")
             n = gpu.sm.upper()
+            if not hasattr(trt.ComputeCapability, n):
+                have = sorted(c for c in dir(trt.ComputeCapability) if c.startswith("SM"))
+                raise MixqError(f"--compute-capability current: this GPU is {gpu.sm}, which TensorRT-RTX "
+                                f"{trt.__version__} has no target for (it builds {', '.join(have)}); name one of "
+                                "those, or build with --backend tensorrt")
         names.append(n.lower())
     names = sorted(set(names))
     return ("aot:" + ",".join(names) if names else f"aot:{RTX_PORTABLE}"), (names or [RTX_PORTABLE])
@@ -474,15 +481,29 @@ def _plan_meta_problem(meta: dict[str, Any]) -> str | None:
     if not isinstance(onnx_rec, dict) or not isinstance(onnx_rec.get("path"), str):
         return "onnx.path is missing"
     inputs = meta.get("inputs")
-    if not isinstance(inputs, list) or not all(
+    if not isinstance(inputs, list) or not inputs or not all(
             isinstance(i, dict) and isinstance(i.get("name"), str) and isinstance(i.get("opt"), list)
             and all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_DIM for v in i["opt"])
             for i in inputs):
-        return f"inputs are not a list of {{name, opt shape}} with dimensions 1..{MAX_DIM}"
+        return f"inputs are not a non-empty list of {{name, opt shape}} with dimensions 1..{MAX_DIM}"
+    for i in inputs:  # `run` reads the profile's batch range from min/max where they are recorded
+        for k in ("min", "max"):
+            v = i.get(k)
+            if v is not None and not (isinstance(v, list) and v and all(
+                    isinstance(d, int) and not isinstance(d, bool) and 1 <= d <= MAX_DIM for d in v)):
+                return f"input {i['name']!r}: {k} is not a shape with dimensions 1..{MAX_DIM}"
     if any(math.prod(i["opt"]) > MAX_ELEMENTS for i in inputs):  # `run` makes a random batch of that shape
         return f"an input's opt shape holds more than {MAX_ELEMENTS} elements"
-    if not isinstance(meta.get("options"), dict) or not isinstance(meta.get("layers", []), list):
+    opts = meta.get("options")
+    if not isinstance(opts, dict) or not isinstance(meta.get("layers", []), list):
         return "options or layers are malformed"
+    batch = opts.get("batch")  # `bench --fp-onnx` rebuilds the float engine with the recorded options
+    if not (isinstance(batch, list) and len(batch) == 3 and all(
+            isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_DIM for v in batch)):
+        return f"options.batch is not MIN, OPT, MAX in 1..{MAX_DIM}"
+    if not (isinstance(opts.get("workspace_mib"), int) and isinstance(opts.get("compute_capabilities"), list)
+            and all(isinstance(c, str) for c in opts["compute_capabilities"])):
+        return "options.workspace_mib or options.compute_capabilities is malformed"
     try:
         plan_layers(meta)
     except (KeyError, TypeError, ValueError, AttributeError) as e:

@@ -10,7 +10,7 @@ in float between non-compute kernels), which `build --max-handoffs` bounds.
 from __future__ import annotations
 
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,8 @@ QDQ_OPS = {"QuantizeLinear", "DequantizeLinear"}
 # ops that only move or reshape data: reading a float tensor for these is no precision loss
 MOVE_OPS = {"Slice", "Pad", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Concat", "Split", "Gather",
             "Identity", "Expand", "Tile", "MaxPool", "Shape", "Cast", "Clip", "Relu"}
+AMBIGUOUS = ("its name is empty or not unique in the graph, so no engine layer can be matched to it (its MACs "
+             "count as not INT8); give every node a unique name")
 _COMPUTE_LAYER = re.compile(r"conv|correlation|gemm|matmul|matrixmultiply|fullyconnected|deconv", re.IGNORECASE)
 _REFORMAT_LAYER = re.compile(r"reformat|requant|shuffle", re.IGNORECASE)
 _HANDOFF_LAYER = re.compile(r"reformat|requant", re.IGNORECASE)  # a kernel type that only converts a tensor
@@ -147,6 +149,10 @@ class _Graph:
 
         self.index = ix = GraphIndex(set_input_shapes(load_model(onnx_path), input_shapes), infer_shapes=True)
         self.nodes = ix.by_name
+        # Engine layers name the ONNX nodes they run: a node whose name is empty or shared cannot be matched to
+        # its layer, so its precision is not attributed (counted as not INT8, never as INT8).
+        counts = Counter(n.name for n in ix.nodes)
+        self.ambiguous = {name for name, k in counts.items() if k > 1 or not name}
         self.producer = ix.producer
         self.graph_inputs = set(ix.inputs)
         self.shapes = ix.shapes
@@ -279,11 +285,16 @@ def analyze(onnx_path: str | Path, layers: list[LayerInfo], input_shapes: dict[s
     compute: list[ComputeNode] = []
     total = int8_macs = int4_macs = 0
     int4_layers: list[str] = []
-    for name, n in g.nodes.items():
+    for n in g.index.nodes:
+        name = n.name
         if n.op_type not in COMPUTE_OPS:
             continue
         macs = g.macs(n)
         total += macs
+        if name in g.ambiguous:
+            compute.append(ComputeNode(name, n.op_type, macs, "", "unattributed", None, g.grid(n)))
+            fall(name or f"<unnamed {n.op_type}>", None, AMBIGUOUS)
+            continue
         a_dq = g.dq_fed(n.input[0])
         b_dq = g.dq_fed(n.input[1]) if len(n.input) > 1 else None
         quantized = "int8" if (a_dq is not None and b_dq is not None) else ("weight-only" if b_dq is not None else "")
@@ -314,8 +325,12 @@ def analyze(onnx_path: str | Path, layers: list[LayerInfo], input_shapes: dict[s
                  "weight-only quantized weights were dequantized to float before the kernel")
 
     # Q/DQ nodes: fused into a layer that reads/writes the integer type?
-    for name, n in g.nodes.items():
+    for n in g.index.nodes:
+        name = n.name
         if n.op_type not in QDQ_OPS:
+            continue
+        if name in g.ambiguous:
+            fall(name or f"<unnamed {n.op_type}>", None, AMBIGUOUS)
             continue
         lis = by_node.get(name, [])
         if not lis:
@@ -407,11 +422,16 @@ def analyze(onnx_path: str | Path, layers: list[LayerInfo], input_shapes: dict[s
     table = [{"name": li.name, "type": li.layer_type, "precision": layer_precision(li),
               "inputs": [t.dtype for t in li.inputs], "weights": _weights(li),
               "outputs": [t.dtype for t in li.outputs], "onnx_nodes": li.onnx_nodes} for li in layers]
+    amb = [n.name or f"<unnamed {n.op_type}>" for n in g.index.nodes
+           if n.name in g.ambiguous and n.op_type in COMPUTE_OPS | QDQ_OPS]
+    warnings = ([f"{len(amb)} compute or Q/DQ node(s) of {onnx_path} have an empty or shared name "
+                 f"({', '.join(sorted(set(amb))[:3])}): engine layers name their ONNX nodes, so these are not "
+                 "attributed and their MACs count as not INT8"] if amb else [])
     return PrecisionReport(int8_mac_fraction=(int8_macs / total) if total else 0.0, total_macs=total,
                            int8_macs=int8_macs, int4_weight_macs=int4_macs, fallbacks=fallbacks,
                            standalone_clips=clips, int4_weight_layers=int4_layers, unmapped=unmapped,
                            compute=compute, layers=table, shapes=dict(input_shapes), float_handoffs=handoffs,
-                           reformat_layers=reformats)
+                           reformat_layers=reformats, warnings=warnings)
 
 
 def _is_compute(li: LayerInfo) -> bool:

@@ -55,12 +55,34 @@ class LayerInfo:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LayerInfo:
-        def t(xs: list[dict[str, Any]]) -> list[TensorInfo]:
-            return [TensorInfo(**x) for x in xs]
+        """A record of model.plan.json, type-checked field by field (TypeError): a received sidecar is data,
+        and `inspect` must refuse a malformed one rather than fail inside the analysis."""
+        def text(v: Any, what: str) -> str:
+            if not isinstance(v, str):
+                raise TypeError(f"{what} is {type(v).__name__}, not a string")
+            return v
 
-        return cls(name=d["name"], layer_type=d["layer_type"], inputs=t(d.get("inputs", [])),
-                   constants=t(d.get("constants", [])), outputs=t(d.get("outputs", [])),
-                   onnx_nodes=list(d.get("onnx_nodes", [])), tactic=d.get("tactic", ""))
+        def t(xs: Any, what: str) -> list[TensorInfo]:
+            if not isinstance(xs, list) or not all(isinstance(x, dict) for x in xs):
+                raise TypeError(f"{what} is not a list of tensor records")
+            out = []
+            for x in xs:
+                dims = x.get("dims", [])
+                if not isinstance(dims, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in dims):
+                    raise TypeError(f"{what}: dims are not a list of integers")
+                out.append(TensorInfo(text(x.get("name"), f"{what}: name"), text(x.get("dtype"), f"{what}: dtype"),
+                                      list(dims)))
+            return out
+
+        if not isinstance(d, dict):
+            raise TypeError("a layer record is not an object")
+        nodes = d.get("onnx_nodes", [])
+        if not isinstance(nodes, list) or not all(isinstance(n, str) for n in nodes):
+            raise TypeError("onnx_nodes is not a list of strings")
+        return cls(name=text(d.get("name"), "name"), layer_type=text(d.get("layer_type"), "layer_type"),
+                   inputs=t(d.get("inputs", []), "inputs"), constants=t(d.get("constants", []), "constants"),
+                   outputs=t(d.get("outputs", []), "outputs"), onnx_nodes=list(nodes),
+                   tactic=text(d.get("tactic", ""), "tactic"))
 
 
 def _bracket(s: str, key: str) -> str | None:
