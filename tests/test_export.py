@@ -167,3 +167,22 @@ def test_the_same_model_exports_the_same_bytes_twice_in_one_process(tmp_path):
     assert a.read_bytes() == b.read_bytes()
     keys = {p.key for n in onnx.load(a).graph.node for p in n.metadata_props}
     assert "pkg.torch.onnx.stack_trace" not in keys and "pkg.torch.onnx.name_scopes" in keys
+
+
+def test_verify_fails_a_weight_only_graph_with_a_wrong_block_scale(deit_int4, tmp_path):
+    """A weight-only graph has no activation quantizer, so nothing but top-1 was judged: one INT4 block scale
+    of the head 1.5x too large passed. The teacher-forced outputs (one segment, input to logits) catch it."""
+    import onnx
+    from onnx import numpy_helper
+
+    path, q = deit_int4
+    images = torch.randint(0, 256, (2, 224, 224, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    assert verify_onnx(path, q, images).failures() == []
+    m = onnx.load(str(path))
+    t = next(t for t in m.graph.initializer if t.name == "head.weight.scale")
+    a = numpy_helper.to_array(t).copy()
+    a.reshape(-1)[0] *= 1.5
+    t.CopyFrom(numpy_helper.from_array(a, t.name))
+    onnx.save(m, str(tmp_path / "bad.onnx"))
+    bad = verify_onnx(tmp_path / "bad.onnx", q, images).failures()
+    assert any("after the last quantizer" in f for f in bad), bad

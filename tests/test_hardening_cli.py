@@ -106,7 +106,8 @@ def test_verify_exits_1_below_min_agreement(world, tmp_path, run_cli):
     assert "FAILED" in r.out and "below 99.9 %" in r.out
     assert re.match(r"verify: [\d.]+ s wall", r.err.splitlines()[-1]), r.err  # a bad verdict is a finished run
     r = run_cli("verify", g, "--quantized", world["q8"], "--data", world["npz"], "--min-agreement", "0")
-    assert r.code == 0
+    # the agreement bar is lowered away; the logits after the last quantizer are still not PyTorch's
+    assert r.code == 1 and "below" not in r.out and "after the last quantizer" in r.out, r.out
 
 
 def test_verify_exits_1_on_nan_and_reports_it(world, tmp_path, run_cli):
@@ -169,7 +170,9 @@ def test_verify_fails_an_unfaithful_segment_and_exact_asks_for_bit_exactness(wor
     assert json.loads(r.last_line)["max_abs_diff"] == 0
     g = _planted(world["onnx8"], tmp_path / "scaled_logits.onnx", np.full(10, 1.5))  # same top-1, other logits
     r = run_cli("verify", g, "--quantized", world["q8"], "--data", world["npz"], "--json")
-    assert r.code == 0 and json.loads(r.last_line)["top1_agreement"] == 100.0
+    rep = json.loads(r.last_line)  # top-1 holds; the teacher-forced outputs after the last quantizer do not
+    assert r.code == 1 and rep["top1_agreement"] == 100.0, rep
+    assert any("after the last quantizer" in f for f in rep["failures"]), rep["failures"]
     r = run_cli("verify", g, "--quantized", world["q8"], "--data", world["npz"], "--exact")
     assert r.code == 1 and "not bit-exact" in r.out
     mid = _mid_scaled(world["onnx8"], tmp_path / "mid.onnx", 1.5)
@@ -220,3 +223,109 @@ def test_verify_counts_a_planted_tie_flip_as_agreeing(tmp_path):
     rep = verify_onnx(g, q, x)
     assert rep.top1_agreement == 0.0 and rep.near_ties == 12 and rep.max_abs_diff < 1e-3, rep
     assert rep.failures(99.9) == []
+
+
+def _tampered(src: Path, dst: Path, name: str, factor: float) -> Path:
+    """The graph with element 0 of initializer `name` multiplied by `factor`."""
+    m = onnx.load(str(src))
+    t = next(t for t in m.graph.initializer if t.name == name)
+    a = onnx.numpy_helper.to_array(t).copy()
+    a.reshape(-1)[0] *= factor
+    t.CopyFrom(onnx.numpy_helper.from_array(a, name))
+    onnx.save(m, str(dst))
+    return dst
+
+
+def test_verify_fails_a_wrong_last_layer_or_activation_grid(world, tmp_path, run_cli):
+    """verify passed (exit 0) a graph whose classifier rescale was 1.15x on one channel (nothing after the last
+    quantizer was compared) and one whose 4-bit Clip was 8x too wide (teacher forcing fed onnxruntime's wrong
+    codes back, and the same-input code mismatch was measured but no verdict)."""
+    from mixq_onnx.quant import load_quantized_dir
+
+    a44 = export_qdq(load_quantized_dir(world["q4"]), tmp_path / "a44.onnx")
+    r = run_cli("verify", a44, "--quantized", world["q4"], "--data", world["npz"])
+    assert r.code == 0, r.out + r.err
+    last = _tampered(a44, tmp_path / "rescale.onnx", "linear.rescale", 1.15)
+    r = run_cli("verify", last, "--quantized", world["q4"], "--data", world["npz"])
+    assert r.code == 1 and "after the last quantizer" in r.out, r.out
+    clip = _tampered(a44, tmp_path / "clip.onnx", "layer1.0.conv1.input.clip_hi", 8.0)
+    r = run_cli("verify", clip, "--quantized", world["q4"], "--data", world["npz"])
+    assert r.code == 1 and "the Q/DQ of layer1.0.conv1.input is not PyTorch's" in r.out, r.out
+
+
+def _io_changed(src: Path, dst: Path, how: str) -> Path:
+    m = onnx.load(str(src))
+    g = m.graph
+    if how == "output":  # logits sliced to 5
+        out = g.output[0].name
+        for n in g.node:
+            for i, o in enumerate(n.output):
+                if o == out:
+                    n.output[i] = out + "_full"
+        g.initializer.extend([onnx.numpy_helper.from_array(np.array([v], np.int64), k)
+                              for k, v in (("s0", 0), ("s1", 5), ("ax", 1))])
+        g.node.append(onnx.helper.make_node("Slice", [out + "_full", "s0", "s1", "ax"], [out], name="cut"))
+        g.output[0].type.tensor_type.shape.dim[1].dim_value = 5
+    elif how == "input":  # declared 64x64
+        for d, v in zip(g.input[0].type.tensor_type.shape.dim[2:], (64, 64)):
+            d.dim_value = v
+        del g.value_info[:]
+    else:  # a second input
+        g.input.insert(0, onnx.helper.make_tensor_value_info("extra", onnx.TensorProto.FLOAT, [1]))
+    onnx.save(m, str(dst))
+    return dst
+
+
+@pytest.mark.parametrize("how,needle", [("output", "its output is"), ("input", "its input is"),
+                                        ("inputs", "2 inputs")])
+def test_verify_of_a_graph_with_other_inputs_or_outputs_is_bad_input(world, tmp_path, run_cli, how, needle):
+    """A graph whose inputs or outputs are not the model's crashed verify with a traceback (exit 1, which reads
+    as a verdict)."""
+    g = _io_changed(world["onnx8"], tmp_path / f"{how}.onnx", how)
+    msg = clean_error(run_cli, [world["q8"], tmp_path], "verify", g, "--quantized", world["q8"], "--data", world["npz"])
+    assert needle in msg and "does not match the quantized model" in msg
+
+
+def test_check_an_empty_file_is_bad_input_and_a_float_graph_fails(tmp_path, run_cli):
+    """An empty file parsed as an empty ModelProto (a verdict, exit 1); a graph with no Q/DQ at all counted as
+    weight-only, so every unquantized layer was only a warning and check said ok."""
+    from mixq_onnx.onnx import export_fp
+
+    empty = tmp_path / "empty.onnx"
+    empty.write_bytes(b"")
+    assert "not ONNX" in clean_error(run_cli, [tmp_path], "check", empty)
+    fp = export_fp(load_model("cifar_resnet20", random_init=True), tmp_path / "fp.onnx")
+    r = run_cli("check", fp)
+    assert r.code == 1 and "FAILED" in r.out + r.err, (r.code, r.out[-300:], r.err[-300:])
+
+
+class _Attn(torch.nn.Module):
+    """conv stem -> tokens (flatten, transpose) -> x + proj(norm(x)) -> mean -> head: the residual's identity is
+    the stem's output behind data movement, which `quantize` counts as a layer output."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 16, 4, stride=4)
+        self.norm = torch.nn.LayerNorm(16)
+        self.proj = torch.nn.Linear(16, 16)
+        self.head = torch.nn.Linear(16, 10)
+
+    def forward(self, x):
+        t = self.stem(x).flatten(2).transpose(1, 2)
+        t = t + self.proj(self.norm(t))
+        return self.head(t.mean(1))
+
+
+def test_check_agrees_with_quantize_on_a_layer_output_behind_a_transpose(tmp_path, run_cli):
+    """check's residual-identity rule did not look through reshapes and transposes, where quantize's placement
+    does: it failed the graph quantize and export made by design."""
+    from mixq_onnx.models.preprocessing import ATTR, Preprocessing
+
+    torch.manual_seed(0)
+    model = _Attn().eval()
+    setattr(model, ATTR, Preprocessing(input_size=(3, 32, 32), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)))
+    calib = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    q = quantize(model, QuantConfig(wbits=8, abits=8, method="rtn"), calib, progress=False)
+    g = export_qdq(q, tmp_path / "attn.onnx")
+    r = run_cli("check", g)
+    assert r.code == 0, r.out + r.err

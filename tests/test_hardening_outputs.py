@@ -134,7 +134,8 @@ def _fake_plan(tmp_path: Path, graph: Path, **change) -> Path:
     meta = {"format": PLAN_FORMAT, "plan_key": "tensorrt-rtx-1.0-portable", "backend": "tensorrt-rtx",
             "backend_version": "1.0", "target": "portable", "onnx": {"path": str(graph), "sha256": None},
             "inputs": [{"name": "input", "min": [1, 3, 32, 32], "opt": [8, 3, 32, 32], "max": [32, 3, 32, 32]}],
-            "options": {"batch": [1, 8, 32]}, "layers": [{"name": "conv", "layer_type": "conv"}],
+            "options": {"batch": [1, 8, 32], "workspace_mib": 1024, "compute_capabilities": []},
+            "layers": [{"name": "conv", "layer_type": "conv"}],
             "plan_sha256": hashlib.sha256(b"not an engine").hexdigest()}
     meta.update(change)
     meta_path_for(plan).write_text(json.dumps(meta))

@@ -104,9 +104,11 @@ def _scale(g: GraphIndex, n: Any) -> np.ndarray | None:
 
 
 def _weight_only(g: GraphIndex) -> bool:
-    """A weight-only graph (W4A16: no activation QuantizeLinear at all) runs its activations in float by
-    design; float inputs, and float convolutions beside INT4 GEMMs, are then notes, not errors."""
-    return not any(n.op_type == "QuantizeLinear" for n in g.nodes)
+    """A weight-only graph (W4A16: no activation QuantizeLinear at all, and at least one layer's weights
+    dequantized) runs its activations in float by design; float inputs, and float convolutions beside INT4
+    GEMMs, are then notes, not errors. A graph with no Q/DQ at all is a float graph, not weight-only."""
+    return (not any(n.op_type == "QuantizeLinear" for n in g.nodes)
+            and any(True for _ in _layer_weight_dq(g)))
 
 
 def _soft(g: GraphIndex) -> str:
@@ -134,6 +136,24 @@ def _layer_of(g: GraphIndex, tensor: str) -> Any | None:
         if p is not None and p.op_type in ("Add", "Mul") and len(p.input) == 2 and sum(i in const for i in p.input) == 1:
             p = g.producer.get(next(i for i in p.input if i not in const))
     return p if p is not None and p.op_type in _LAYER_OPS else None
+
+
+_SHAPE_ONLY = ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity")
+
+
+def _layer_behind_moves(g: GraphIndex, tensor: str) -> Any | None:
+    """`_layer_of`, also through reshapes and transposes: `quantize` (`quant.graph._from_layer`) counts such a
+    tensor as the layer's output, and places no identity quantizer on an add of two layer outputs; this rule
+    must agree with the placement it lints."""
+    for _ in range(32):
+        layer = _layer_of(g, tensor)
+        if layer is not None:
+            return layer
+        p = g.producer.get(tensor)
+        if p is None or p.op_type not in _SHAPE_ONLY or not p.input:
+            return None
+        tensor = p.input[0]
+    return None
 
 
 def _layer_out(g: GraphIndex, tensor: str) -> bool:
@@ -428,7 +448,7 @@ def _residual_identity(g: GraphIndex) -> Iterator[Finding]:
     if _weight_only(g):
         return
     for n in _activation_adds(g):
-        layers = [_layer_of(g, i) for i in n.input]
+        layers = [_layer_behind_moves(g, i) for i in n.input]
         sides = [x is not None for x in layers]
         if sides.count(True) == 1:
             if g.float_layer_of(layers[sides.index(True)]):

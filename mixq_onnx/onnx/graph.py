@@ -43,7 +43,10 @@ def load_model(path: str | os.PathLike, external_data: bool = True) -> Any:
     if not path.is_file():
         raise MixqError(f"ONNX model not found: {path}")
     try:
-        return onnx.load(str(path), load_external_data=external_data)
+        model = onnx.load(str(path), load_external_data=external_data)
+        if not model.ir_version or not model.HasField("graph"):  # protobuf parses empty bytes as an empty model
+            raise ValueError("no ir_version or no graph")
+        return model
     except Exception as e:  # noqa: BLE001 - any parse failure means the file is not a readable ONNX model
         kind = ("an engine plan" if Path(str(path) + ".json").is_file() or path.suffix.lower() == ".plan"
                 else "a JSON file" if path.suffix.lower() == ".json" else None)

@@ -32,6 +32,10 @@ def _near_ties(out: np.ndarray, ref: np.ndarray) -> int:
 
 
 UNFAITHFUL_STEPS = 0.5  # teacher-forced input difference, in steps, above which a segment is not PyTorch's
+# teacher-forced network outputs: after the last quantizer both sides compute from the same codes, so they differ
+# by float rounding only (about 1e-6 of the logits); a wrong rescale, bias or weight scale of the last layers (or
+# of a weight-only graph, one segment from input to output) gives a sizeable fraction of them
+UNFAITHFUL_OUTPUT = 1e-3
 
 
 @dataclass
@@ -54,6 +58,7 @@ class VerifyReport:
     segment_step_diff: float = 0.0  # worst quantizer: max |x_onnx - x_torch| / scale
     segment_code_mismatch: float = 0.0  # worst quantizer: fraction of codes that differ
     forced_max_abs_diff: float = 0.0  # network outputs
+    forced_output_scale: float = 1.0  # the largest |output| of the teacher-forced PyTorch run (at least 1)
     forced_top1_agreement: float = 0.0
     worst_segment: str | None = None
     first_divergence: str | None = None  # free run: first quantizer in graph order whose codes differ
@@ -84,6 +89,16 @@ class VerifyReport:
         if self.segment_step_diff > UNFAITHFUL_STEPS:
             bad.append(f"teacher-forced run: the input of {self.worst_segment} differs from PyTorch's by "
                        f"{self.segment_step_diff:.3g} of a quantization step (a Q/DQ or an op that is not PyTorch's)")
+        if self.forced_max_abs_diff > UNFAITHFUL_OUTPUT * self.forced_output_scale:
+            bad.append(f"teacher-forced run: the outputs differ from PyTorch's by {self.forced_max_abs_diff:.4g} "
+                       f"(largest output {self.forced_output_scale:.4g}) after the last quantizer (from the input, "
+                       "where the graph has no activation quantizer): the weights, scales or biases of the layers "
+                       "after it are not PyTorch's")
+        if self.code_mismatch_fraction > 0:
+            worst = max(self.per_quantizer, key=self.per_quantizer.get)
+            bad.append(f"the Q/DQ of {worst} is not PyTorch's: on the same float input, "
+                       f"{100 * self.code_mismatch_fraction:.4f} % of its integer codes differ (grid, clip or "
+                       "zero point)")
         if exact and (self.max_abs_diff > 0 or self.propagated_code_mismatch > 0):
             bad.append(f"not bit-exact: max |diff| {self.max_abs_diff:.4g}, integer codes differ in "
                        f"{100 * self.propagated_code_mismatch:.4f} % of the worst quantizer's values")
@@ -225,9 +240,18 @@ def verify_onnx(path: str | os.PathLike, qmodel: nn.Module, images: torch.Tensor
         raise MixqError(f"{path} does not match the quantized model: no Q/DQ for {', '.join(missing[:3])}")
     exact = ort_session(path, optimized=False, extra_outputs=list(q_outputs) + list(q_float_in.values()))
     opt = ort_session(path, optimized=True)
-    in_name = exact.get_inputs()[0].name
-    out_names = [o.name for o in exact.get_outputs()]
     pre = get_preprocessing(qmodel)
+    graph_in = exact.get_inputs()
+    if len(graph_in) != 1:
+        raise MixqError(f"{path} does not match the quantized model: it has {len(graph_in)} inputs "
+                        f"({', '.join(i.name for i in graph_in[:3])}), the model one")
+    dims = list(graph_in[0].shape)
+    if len(dims) != 1 + len(pre.input_size) or any(
+            isinstance(d, int) and d != w for d, w in zip(dims[1:], pre.input_size)):
+        raise MixqError(f"{path} does not match the quantized model: its input is {dims}, the model takes "
+                        f"[N, {', '.join(str(v) for v in pre.input_size)}]")
+    in_name = graph_in[0].name
+    out_names = [o.name for o in exact.get_outputs()]
     order = [q_outputs[o] for o in q_outputs if q_outputs[o] in acts]  # graph (topological) order
     mism = {n: 0 for n in acts}
     mism_iso = {n: 0 for n in acts}
@@ -269,6 +293,7 @@ def verify_onnx(path: str | os.PathLike, qmodel: nn.Module, images: torch.Tensor
     hooks = [q.register_forward_hook(lambda m, a, o, name=name: hook(m, a, o, name)) for name, q in acts.items()]
     agree = agree_opt = agree_forced = ties = 0
     maxd = maxd_opt = maxd_forced = 0.0
+    scale_forced = 1.0
     sumd = 0.0
     nel = nonfinite = 0
     bar = progress_bar(len(images), "verify", "image", enabled=progress)
@@ -286,8 +311,12 @@ def verify_onnx(path: str | os.PathLike, qmodel: nn.Module, images: torch.Tensor
             with torch.no_grad():
                 state["forced"] = False
                 ref = qmodel(x).float().numpy()
+                if ref.shape != out.shape:
+                    raise MixqError(f"{path} does not match the quantized model: its output is "
+                                    f"{list(out.shape)} on {len(x)} images, the model's {list(ref.shape)}")
                 state["forced"] = True
                 forced = qmodel(x).float().numpy()
+            scale_forced = _nanmax(scale_forced, np.abs(forced))
             by_q.clear()
             o2 = opt.run(None, {in_name: x.numpy()})[0]
             agree += int((out.argmax(1) == ref.argmax(1)).sum())
@@ -320,7 +349,7 @@ def verify_onnx(path: str | os.PathLike, qmodel: nn.Module, images: torch.Tensor
         optimized_top1_agreement=100.0 * agree_opt / n, optimized_max_abs_diff=maxd_opt,
         segment_step_diff=step[worst] if worst is not None else 0.0,
         segment_code_mismatch=max(seg.values()) if seg else 0.0,
-        forced_max_abs_diff=maxd_forced, forced_top1_agreement=100.0 * agree_forced / n, worst_segment=worst,
+        forced_max_abs_diff=maxd_forced, forced_output_scale=scale_forced, forced_top1_agreement=100.0 * agree_forced / n, worst_segment=worst,
         first_divergence=next((k for k in order if mism[k]), None), per_quantizer_step_diff=step, layout=layout,
         nan_outputs=nonfinite,
     )
