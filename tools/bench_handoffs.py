@@ -39,8 +39,9 @@ BITS = ((4, 4), (2, 4))
 
 #: What was tried against the W2A4 sharing cost (2026-11-29; each a commit or a one-line change run from a
 #: separate worktree, the same cache and seeds 0-5; results kept in runs/bench_handoffs/exp_*).
-W2A4_TRIED = """W2A4 sharing cost, what was tried (shared W2A4, seeds 0-5, the same cache; per consumer 73.65, shared
-72.94 above):
+W2A4_TRIED = """W2A4 sharing cost, what was tried (2026-11-29/30, before the 2026-12-01 reconstruction change, which turned
+the pool's quantizer on while the classifier's unit captures its input; shared W2A4, seeds 0-5, the same
+cache; per consumer 73.65, shared 72.94 at that time, 73.68 and 72.97 above):
 
 | variant | seeds 0-5 | mean |
 |---|---|---:|
@@ -52,7 +53,7 @@ W2A4_TRIED = """W2A4 sharing cost, what was tried (shared W2A4, seeds 0-5, the s
 None recovers the per-consumer mean; what still differs is the one step where there were two. Letting the step
 follow conv1 alone, or re-choosing it on the logits after the block's rounding has settled (the rounding was
 learned for the step it had), both lose more than the default. Where the default's one step lands (the 9
-residual blocks x 6 seeds, from the quant.json files): per consumer, conv1's input learns a step 1.17x the
+residual blocks x 6 seeds, from the quant.json files of 2026-11-30): per consumer, conv1's input learns a step 1.17x the
 shortcut's (1.04-1.32x); shared, the one step is 1.04x the per-consumer shortcut's (1.00-1.14x) and 0.89x
 conv1's (0.81-0.98x). The block-output error the reconstruction minimises is dominated by the shortcut,
 whose rounding reaches the output unfiltered, so the one step follows the shortcut and conv1 reads a grid
@@ -71,7 +72,7 @@ fast preset's):
 | per consumer | 78.80, 78.06, 77.80, 78.64, 77.44, 77.88 | 78.10 | – |
 | shared | 77.22, 78.24, 78.24, 76.98, 77.22, 77.68 | 77.60 | -0.51 ± 0.31 |
 
-Longer reconstruction lifts both layouts by about 4.5 pp (73.65 and 72.94 at 400 iterations), and one step
+Longer reconstruction lifts both layouts by about 4.5 pp (73.65 and 72.94 at 400 iterations then), and one step
 still costs about half a point: the cost is not a short-schedule effect. At W4A4 (shared, seeds 0-3, the
 same way) 2,000 iterations gave 80.22, 80.30, 80.22, 79.60 (mean 80.09) against 79.28 for those seeds at
 400: +0.8 pp, so the fast preset gives up most at the lowest weight width."""
