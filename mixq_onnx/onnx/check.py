@@ -141,19 +141,29 @@ def _layer_of(g: GraphIndex, tensor: str) -> Any | None:
 _SHAPE_ONLY = ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity")
 
 
+def _behind_moves(g: GraphIndex, tensor: str, find: Callable[[str], Any | None], ops: tuple[str, ...]) -> Any | None:
+    """`find(tensor)`, or else `find` of what `tensor` is computed from through the data movement `ops` (a Pad
+    only with zeros: per-tensor quantization commutes with it)."""
+    for _ in range(32):
+        hit = find(tensor)
+        if hit is not None:
+            return hit
+        p = g.producer.get(tensor)
+        if p is None or p.op_type not in ops or not p.input:
+            return None
+        if p.op_type == "Pad":
+            value = g.value(p.input[2]) if len(p.input) > 2 and p.input[2] else None
+            if g.attr(p, "mode", b"constant") not in (b"constant", "constant") or (value is not None and np.any(value != 0)):
+                return None
+        tensor = p.input[0]
+    return None
+
+
 def _layer_behind_moves(g: GraphIndex, tensor: str) -> Any | None:
     """`_layer_of`, also through reshapes and transposes: `quantize` (`quant.graph._from_layer`) counts such a
     tensor as the layer's output, and places no identity quantizer on an add of two layer outputs; this rule
     must agree with the placement it lints."""
-    for _ in range(32):
-        layer = _layer_of(g, tensor)
-        if layer is not None:
-            return layer
-        p = g.producer.get(tensor)
-        if p is None or p.op_type not in _SHAPE_ONLY or not p.input:
-            return None
-        tensor = p.input[0]
-    return None
+    return _behind_moves(g, tensor, lambda t: _layer_of(g, t), _SHAPE_ONLY)
 
 
 def _layer_out(g: GraphIndex, tensor: str) -> bool:
@@ -165,19 +175,7 @@ def _dq_through_moves(g: GraphIndex, tensor: str) -> Any | None:
     """The DequantizeLinear `tensor` comes from, directly or through data movement that per-tensor quantization
     commutes with (reshapes, transposes, slices, zero padding): a shared quantizer's DQ sits on the tensor
     itself, ahead of the slicing and padding of a subsampling shortcut."""
-    for _ in range(32):
-        dq = _from_dq(g, tensor)
-        if dq is not None:
-            return dq
-        p = g.producer.get(tensor)
-        if p is None or p.op_type not in DATA_MOVE_OPS or not p.input:
-            return None
-        if p.op_type == "Pad":
-            value = g.value(p.input[2]) if len(p.input) > 2 and p.input[2] else None
-            if g.attr(p, "mode", b"constant") not in (b"constant", "constant") or (value is not None and np.any(value != 0)):
-                return None
-        tensor = p.input[0]
-    return None
+    return _behind_moves(g, tensor, lambda t: _from_dq(g, t), DATA_MOVE_OPS)
 
 
 def _activation_adds(g: GraphIndex) -> Iterator[Any]:
