@@ -78,6 +78,25 @@ same way) 2,000 iterations gave 80.22, 80.30, 80.22, 79.60 (mean 80.09) against 
 400: +0.8 pp, so the fast preset gives up most at the lowest weight width."""
 
 
+#: The last `--diagnose` (2026-11-30, commit e032053, on that day's per-consumer W2A4 folders, before the
+#: 2026-12-01 reconstruction change), rendered when runs/bench_handoffs/diagnose.json is absent (a machine
+#: that has not re-run it): a dated record, not a re-measurement.
+DIAGNOSED_2026_11_30 = """(Diagnosis of 2026-11-30, commit e032053, on the per-consumer W2A4 folders of that day, before the
+2026-12-01 reconstruction change; `--diagnose` re-measures it on the current folders.)
+
+Why one step costs accuracy at W2A4: the per-consumer W2A4 results (seeds 0, 1, 2, 3, 4, 5) re-evaluated with each residual block's two input steps made one, without retraining (`python tools/bench_handoffs.py --diagnose`):
+
+| steps of conv1's input and the shortcut | top-1 % by seed | mean | Δ mean pp |
+|---|---|---:|---:|
+| as trained: conv1's input and the shortcut each on its own step | 74.04, 74.44, 73.16, 73.06, 74.14, 73.08 | 73.65 | +0.00 |
+| the shortcut on conv1's (coarser) step | 73.34, 74.20, 72.32, 72.64, 73.72, 73.04 | 73.21 | -0.44 |
+| conv1's input on the shortcut's (finer) step | 72.84, 73.96, 72.10, 72.84, 73.26, 72.60 | 72.93 | -0.72 |
+| both on the mean of the two steps | 73.10, 74.24, 72.40, 73.08, 73.14, 73.26 | 73.20 | -0.45 |
+| the shortcut on conv1's grid, then clipped at its own range (15 x its step) | 73.46, 73.82, 72.00, 72.90, 73.30, 72.48 | 72.99 | -0.66 |
+| one step per block chosen on 1,024 train images: s_id + t (s_conv1 - s_id), t in 0, 1/4 .. 1, block by block (from all at the mean), the least KL divergence from the float logits | 73.18, 74.04, 72.66, 73.38, 72.98, 73.26 | 73.25 | -0.40 |
+
+Every single step loses against the two (-0.72 to -0.40 pp over the seeds; the best, `kl-greedy`, -0.40): each consumer loses when it gets the other's step, conv1's input more than the shortcut (a reading, not measured: conv1's input wants range for the 2-bit convolution, the shortcut resolution, since its rounding error reaches the block's output unfiltered). No one step, chosen by hand or on calibration data, serves both. Training with one shared step from the start (the shared W2A4 rows above) gives -0.71 pp; the best post-hoc merge of the two trained steps (-0.40) is not the default: it would take a merge stage after reconstruction, and it would still miss the 0.2 pp limit."""
+
 #: `--diagnose`: the per-consumer W2A4 folders re-evaluated with their two block-input steps made one, no
 #: retraining (each variant applied to every residual block; the first and last layer untouched).
 DIAG_VARIANTS = (
@@ -317,6 +336,8 @@ def render(rows: list[dict], spread: list[dict], backend: str, measured_at: str 
     lines += ["", W2A4_TRIED]
     if (WORK / "diagnose.json").exists():
         lines += ["", render_diagnosis(json.loads((WORK / "diagnose.json").read_text()), spread)]
+    else:
+        lines += ["", DIAGNOSED_2026_11_30]
     diverged = [r for r in rows if r.get("verify_max_abs_diff")]
     if diverged:
         lines.append(
