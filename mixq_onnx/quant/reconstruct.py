@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -256,7 +256,7 @@ def init_scales(gm: nn.Module, calib: torch.Tensor, cfg: QuantConfig, bar: Progr
     set_quant_state(gm, weights=True, acts=True)
 
 
-def _set_units_enabled(all_units: list[Unit], upto: int, outside: list[ActQuantizer] = ()) -> None:
+def _set_units_enabled(all_units: list[Unit], upto: int, outside: Sequence[ActQuantizer] = ()) -> None:
     """Quantizers on for units [0, upto), off for the rest (a shared activation quantizer goes with the unit
     that owns it, the first that uses it: `Unit.act_quantizers` leaves it out of the later ones), and the
     activation quantizers of no unit (`outside`) on: a unit's quantized input is captured from the prefix as
