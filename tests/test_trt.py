@@ -315,7 +315,6 @@ def test_library_run_loads_inputs_and_needs_a_gpu_like_the_command(w8_plan, tmp_
 # --------------------------------------------------------------------------- review, 2026-11-30
 def _tiny_graph(path: Path, gemm_weights: str, name: str = "fc/Gemm") -> Path:
     """input -> Q -> DQ -> Gemm with INT8 (Q/DQ) or float weights: the float-weight form asks INT8 of nothing."""
-    from onnx import TensorProto as T
     from onnx import helper as h
     from onnx import numpy_helper as nh
 
@@ -330,8 +329,16 @@ def _tiny_graph(path: Path, gemm_weights: str, name: str = "fc/Gemm") -> Path:
     else:
         inits.append(nh.from_array(w, "W"))
     nodes.append(h.make_node("Gemm", ["xd", "W"], ["output"], transB=1, name=name))
-    g = h.make_graph(nodes, "tiny", [h.make_tensor_value_info("input", T.FLOAT, ["N", 256])],
-                     [h.make_tensor_value_info("output", T.FLOAT, ["N", 128])], inits)
+    return _save_gemm_graph(path, nodes, inits, 256, 128)
+
+
+def _save_gemm_graph(path: Path, nodes: list, inits: list, n_in: int, n_out: int) -> Path:
+    """nodes from `input` [N, n_in] to `output` [N, n_out], saved at opset 21 (what TensorRT-RTX parses)."""
+    from onnx import TensorProto as T
+    from onnx import helper as h
+
+    g = h.make_graph(nodes, "g", [h.make_tensor_value_info("input", T.FLOAT, ["N", n_in])],
+                     [h.make_tensor_value_info("output", T.FLOAT, ["N", n_out])], inits)
     m = h.make_model(g, opset_imports=[h.make_opsetid("", 21)])
     m.ir_version = 10
     onnx.save(m, str(path))
@@ -438,7 +445,6 @@ def test_a_batch_below_the_profiles_min_is_padded_not_refused():
 
 def _two_gemms(path: Path, names: tuple[str, str]) -> Path:
     """A large float Gemm, then a small INT8 (Q/DQ) one, their nodes named `names`."""
-    from onnx import TensorProto as T
     from onnx import helper as h
     from onnx import numpy_helper as nh
 
@@ -454,12 +460,7 @@ def _two_gemms(path: Path, names: tuple[str, str]) -> Path:
              nh.from_array(np.array(0, np.int8), "z"),
              nh.from_array(np.clip(np.round(w2 / 0.002), -127, 127).astype(np.int8), "W2q"),
              nh.from_array(np.array(0.002, np.float32), "ws")]
-    g = h.make_graph(nodes, "g", [h.make_tensor_value_info("input", T.FLOAT, ["N", 256])],
-                     [h.make_tensor_value_info("output", T.FLOAT, ["N", 16])], inits)
-    m = h.make_model(g, opset_imports=[h.make_opsetid("", 21)])
-    m.ir_version = 10
-    onnx.save(m, str(path))
-    return path
+    return _save_gemm_graph(path, nodes, inits, 256, 16)
 
 
 @pytest.mark.parametrize("names", [("blk", "blk"), ("", "")])
