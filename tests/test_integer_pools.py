@@ -264,3 +264,47 @@ def test_only_a_whole_window_average_pool_exports_as_a_global_mean(kernel, paddi
     x = torch.randn(5, 3, 6, 6)
     got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
     np.testing.assert_allclose(got, m(x).detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+class ForkNet(nn.Module):
+    """One ReLU output read by a conv and by a pool whose classifier has the conv's grid."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.conv2 = nn.Conv2d(16, 16, 3, padding=1)
+        self.pool, self.pool2 = nn.AdaptiveAvgPool2d(1), nn.AdaptiveAvgPool2d(1)
+        self.fc1, self.fc2 = nn.Linear(16, 10), nn.Linear(16, 10)
+        setattr(self, ATTR, Preprocessing(input_size=(3, 8, 8)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.conv1(x))
+        a = torch.relu(self.conv2(y))
+        return self.fc1(torch.flatten(self.pool(y), 1)) + self.fc2(torch.flatten(self.pool2(a), 1))
+
+
+def test_a_pool_shares_the_quantizer_of_a_conv_reading_the_same_tensor(tmp_path):
+    """The placement rule "one quantizer per tensor and grid" holds for pool quantizers too: the ReLU output
+    that conv2 and the pool read gets one quantizer (conv2's), one Q/DQ in the graph, no duplicate-qdq
+    warning, and the export stays bit-exact; the result folder loads back to the same layout."""
+    torch.manual_seed(0)
+    model = ForkNet().eval()
+    calib = get_preprocessing(model)(_images(64, 8, seed=1))
+    q = quantize(model, QuantConfig(wbits=8, abits=8, method="rtn", first_last_bits=None, scale_grid=10), calib,
+                 progress=False)
+    pool = q.pool
+    assert isinstance(pool, QuantPool) and pool.input_quantizer is q.conv2.input_quantizer
+    assert "pool.input" in q.conv2.input_quantizer.shared_with and "pool.input" not in quantizers(q)
+    path = export_qdq(q, tmp_path / "m.onnx")
+    violations = check_model(path)
+    assert report(violations)["ok"] and not [v for v in violations if v.rule == "duplicate-qdq"], violations
+    m = onnx.load(str(path))
+    marked = [n for n in m.graph.node if n.op_type == "QuantizeLinear"
+              and {p.key: p.value for p in n.metadata_props}.get("mixq.quantizer") == "conv2.input"]
+    assert len(marked) == 1
+    rep = verify_onnx(path, q, _images(200, 8, seed=2))
+    assert rep.max_abs_diff == 0.0 and rep.top1_agreement == 100.0 and rep.code_mismatch_fraction == 0.0, rep
+    save_quantized(q, tmp_path / "res")
+    back = load_quantized(ForkNet().eval(), tmp_path / "res")
+    assert back.pool.input_quantizer is back.conv2.input_quantizer
+    assert torch.equal(back(calib[:8]), q(calib[:8]))

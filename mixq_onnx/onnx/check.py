@@ -476,8 +476,8 @@ def _duplicate_qdq(g: GraphIndex) -> Iterator[Finding]:
         first = seen.setdefault(key, q)
         if first is not q:
             yield g.label(q), (f"quantizes {src!r} with the same scale as {g.label(first)}: one Q/DQ pair, its DQ "
-                               "feeding both consumers, would do (one quantizer per tensor and grid: quantize "
-                               "--share-quantizers)")
+                               "feeding both consumers, would do (one quantizer per tensor and grid, as mixq-onnx "
+                               "quantize places them by default)")
 
 
 # --------------------------------------------------------------------------- concat

@@ -362,7 +362,8 @@ def quantize_pools(model: nn.Module) -> int:
     becomes a `SpatialMean` module) whose output a quantized layer alone reads
     becomes a `QuantPool` with an input quantizer (placement "pool") at that layer's bits and symmetry, which
     requantizes onto the layer's own input quantizer. Call it after the bit policy has set the layer's bits and
-    after `share_quantizers` has settled the layer's quantizer. Returns how many pools it quantized."""
+    after `share_quantizers` has settled the layer's quantizer, and `share_quantizers` again after it (a pool's
+    input quantizer then joins an equal one on the same tensor). Returns how many pools it quantized."""
     n = 0
     for path, gm in list(model.named_modules()):
         if not isinstance(gm, fx.GraphModule):
@@ -478,8 +479,9 @@ def _uses(gm: fx.GraphModule, single_user: bool = True) -> list[_Use]:
         if node.op != "call_module" or not node.args or not isinstance(node.args[0], fx.Node):
             continue
         m = _get(gm, node.target)
-        if isinstance(m, QUANT_LAYERS) and isinstance(m.input_quantizer, ActQuantizer):
-            # a layer quantizes its own input: only exact identities may stand between it and the tensor
+        if isinstance(m, (*QUANT_LAYERS, QuantPool)) and isinstance(m.input_quantizer, ActQuantizer):
+            # a layer (or an integer pool) quantizes its own input: only exact identities may stand between it
+            # and the tensor
             root, chain = _alias_root(gm, node.args[0], moves=False, single_user=single_user)
             out.append(_Use(node, m.input_quantizer, True, root, chain))
         elif isinstance(m, ActQuantizer):
@@ -506,7 +508,9 @@ def _share_graph(gm: fx.GraphModule) -> int:
             continue
         order = {n: i for i, n in enumerate(gm.graph.nodes)}  # afresh: earlier groups inserted nodes
         uses.sort(key=lambda u: order[u.node])
-        first = next((u for u in uses if u.layer), uses[0])  # a layer's input quantizer keeps its name
+        # a layer's input quantizer keeps its name (a pool's only where no layer reads the tensor)
+        first = next((u for u in uses if u.layer and not isinstance(_get(gm, u.node.target), QuantPool)),
+                     next((u for u in uses if u.layer), uses[0]))
         canon = first.quantizer
         path = f"{first.node.target}.input_quantizer" if first.layer else str(first.node.target)
         others = list(dict.fromkeys(u.quantizer.name for u in uses if u.quantizer is not canon))
@@ -682,7 +686,8 @@ def prepare(model: nn.Module, cfg: QuantConfig) -> fx.GraphModule:
     if cfg.share_quantizers and not cfg.weight_only:  # after the bit policy: only equal grids merge
         share_quantizers(gm)
     if cfg.integer_pools and not cfg.weight_only:  # after both: a pool takes its consumer's bits and quantizer
-        quantize_pools(gm)
+        if quantize_pools(gm) and cfg.share_quantizers:
+            share_quantizers(gm)  # a pool's input quantizer joins an equal one on the same tensor (a conv's)
     gm.mixq_units = _units(gm, blocks, order)  # type: ignore[attr-defined]
     gm.mixq_unquantized = _unquantized_layers(gm, cfg)  # type: ignore[attr-defined]
     _check_float_equivalence(original, gm, example_input(gm))
