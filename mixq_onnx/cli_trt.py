@@ -32,8 +32,9 @@ def register(cli: click.Group) -> None:
     @click.option("--out", "out", type=click.Path(dir_okay=False), default=None,
                   help="Plan file [default: ONNX path with .plan]; PLAN.json is written beside it.")
     @_backend_opt
-    @click.option("--batch", default="1:8:32", show_default=True, metavar="MIN:OPT:MAX",
-                  help="Optimisation profile of the dynamic batch dimension (one number: static).")
+    @click.option("--batch", default=None, metavar="MIN:OPT:MAX",
+                  help="Optimisation profile of the dynamic batch dimension (one number: static) [default: "
+                       "1:8:32]. A graph whose batch is static keeps it: --batch must then be that number.")
     @click.option("--workspace", "workspace_mib", type=int, default=1024, show_default=True, metavar="MiB",
                   help="Builder workspace limit.")
     @click.option("--compute-capability", "ccs", multiple=True, metavar="CC",
@@ -51,7 +52,7 @@ def register(cli: click.Group) -> None:
     @click.option("-v", "--verbose", is_flag=True, help="Echo the builder's warnings and errors.")
     @click.option("--overwrite", is_flag=True,
                   help="Replace an existing --out that is not a plan build wrote (one it wrote is always replaced).")
-    def build(onnx_path: str, out: str | None, backend: str | None, batch: str, workspace_mib: int,
+    def build(onnx_path: str, out: str | None, backend: str | None, batch: str | None, workspace_mib: int,
               ccs: tuple[str, ...], opt_level: int | None, no_timing_cache: bool, require_int8: float | None,
               max_handoffs: int | None, as_json: bool, verbose: bool, overwrite: bool) -> None:
         """Build a strongly typed engine from a QDQ graph (precision comes only from its Q/DQ nodes).
@@ -66,7 +67,8 @@ def register(cli: click.Group) -> None:
         """
         from .trt.builder import BuildConfig, build_checked, parse_batch
 
-        cfg = BuildConfig(backend=backend or "tensorrt-rtx", batch=parse_batch(batch), workspace_mib=workspace_mib,
+        cfg = BuildConfig(backend=backend or "tensorrt-rtx", batch=None if batch is None else parse_batch(batch),
+                          workspace_mib=workspace_mib,
                           compute_capabilities=tuple(ccs), optimization_level=opt_level,
                           timing_cache=not no_timing_cache)
         plan = Path(out) if out else Path(onnx_path).with_suffix(".plan")

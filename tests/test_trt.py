@@ -512,3 +512,27 @@ def test_a_mistyped_plan_json_is_damaged_not_a_traceback(w8_plan, tmp_path, run_
     Path(str(plan) + ".json").write_text(json.dumps(meta))
     r = run_cli("inspect", plan)
     assert "is damaged" in one_line_error(r)
+
+
+def test_a_batch_profile_a_static_graph_would_ignore_is_refused(tmp_path, run_cli):
+    """`--batch 1:8:32` on a graph whose batch is fixed at 2 used to build a batch-2 engine and say nothing;
+    now it is bad input (exit 2, no plan). Without --batch, or with the graph's own batch, it builds."""
+    from onnx import TensorProto as T
+    from onnx import helper as h
+
+    g = h.make_graph([h.make_node("Relu", ["input"], ["output"], name="relu")], "g",
+                     [h.make_tensor_value_info("input", T.FLOAT, [2, 16])],
+                     [h.make_tensor_value_info("output", T.FLOAT, [2, 16])])
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", 21)])
+    m.ir_version = 10
+    path = tmp_path / "static.onnx"
+    onnx.save(m, str(path))
+    plan = tmp_path / "s.plan"
+    for bad in ("1:8:32", "4"):
+        r = one_line_error(run_cli("build", path, "--out", plan, "--batch", bad))
+        assert "static batch of 2" in r and not plan.exists() and not Path(f"{plan}.json").exists(), r
+    with pytest.raises(MixqError, match="static batch of 2"):
+        build_engine(path, plan, BuildConfig(batch=(1, 8, 32)))
+    for ok in ((), ("--batch", "2")):
+        r = run_cli("build", path, "--out", plan, *ok)
+        assert r.code == 0 and read_plan_meta(plan)["inputs"][0]["max"] == [2, 16], r.err[-300:]

@@ -36,6 +36,7 @@ from .layers import LayerInfo, parse_builder_log, parse_inspector_json
 
 PLAN_FORMAT = "mixq-onnx.plan/1"
 MAX_WORKSPACE_MIB = 1 << 23  # 8 TiB: far above any GPU, and within the builder's 64-bit byte count
+DEFAULT_BATCH = (1, 8, 32)  # MIN:OPT:MAX a dynamic batch dimension gets unless --batch says otherwise
 RTX_CAPABILITIES = {"7.5": "SM75", "8.0": "SM80", "8.6": "SM86", "8.9": "SM89", "12.0": "SM120", "12.1": "SM121"}
 RTX_PORTABLE = "portable"  # TensorRT-RTX default: every supported GPU from sm80 on (Turing needs 7.5 explicitly)
 
@@ -70,16 +71,23 @@ class BuildConfig:
     """Everything that changes the engine; recorded verbatim in model.plan.json."""
 
     backend: str = "tensorrt-rtx"
-    batch: tuple[int, int, int] = (1, 8, 32)  # MIN:OPT:MAX of the dynamic batch dimension
+    # MIN:OPT:MAX of the dynamic batch dimension; None: DEFAULT_BATCH. Given, a graph whose batch is static
+    # must have that one size (MIN = OPT = MAX), never a profile it would silently ignore
+    batch: tuple[int, int, int] | None = None
     workspace_mib: int = 1024
     compute_capabilities: tuple[str, ...] = ()  # tensorrt-rtx AOT targets ("8.9", "sm120", "current"); () = portable
     optimization_level: int | None = None  # builder_optimization_level (0-5); None = backend default
     timing_cache: bool = True  # persisted beside the plan where the backend has one
 
+    @property
+    def profile_batch(self) -> tuple[int, int, int]:
+        """The batch profile a dynamic batch dimension gets (and PLAN.json records)."""
+        return DEFAULT_BATCH if self.batch is None else self.batch
+
     def validate(self) -> BuildConfig:
         if self.backend not in BACKENDS:
             raise MixqError(f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
-        lo, opt, hi = self.batch
+        lo, opt, hi = self.profile_batch
         if not (1 <= lo <= opt <= hi):
             raise MixqError(f"--batch needs 1 <= MIN <= OPT <= MAX, got {lo}:{opt}:{hi}")
         if hi > MAX_DIM:  # TensorRT's dimensions are int32; `run` allocates a batch of MAX
@@ -216,9 +224,13 @@ def _profile(trt: Any, builder: Any, network: Any, config: Any, cfg: BuildConfig
                             f"--input-size")
         if dims and dims[0] < 0:
             dynamic = True
-            mn, opt, mx = ([b, *dims[1:]] for b in cfg.batch)
+            mn, opt, mx = ([b, *dims[1:]] for b in cfg.profile_batch)
             profile.set_shape(t.name, mn, opt, mx)
         else:
+            if cfg.batch is not None and dims and cfg.batch != (dims[0],) * 3:
+                raise MixqError(f"--batch {':'.join(map(str, cfg.batch))}: input {t.name!r} has a static batch of "
+                                f"{dims[0]} ({dims}), which the engine keeps; drop --batch (or give {dims[0]}), or "
+                                "export the graph with a dynamic batch")
             mn = opt = mx = dims
         shapes.append({"name": t.name, "dtype": str(t.dtype).split(".")[-1], "min": mn, "opt": opt, "max": mx})
     if dynamic:
@@ -360,7 +372,7 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, cfg: BuildConfig 
         "plan_bytes": len(plan_bytes),
         "inputs": shapes,
         "outputs": outputs,
-        "options": {**asdict(cfg), "batch": list(cfg.batch), "compute_capabilities": list(cfg.compute_capabilities),
+        "options": {**asdict(cfg), "batch": list(cfg.profile_batch), "compute_capabilities": list(cfg.compute_capabilities),
                     "strongly_typed": True, "profiling_verbosity": "DETAILED"},
         "timing_cache": str(cache_file) if cache_file is not None else None,
         "build_seconds": round(seconds, 3),

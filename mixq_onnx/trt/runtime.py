@@ -339,8 +339,9 @@ def bench(plan_path: str | Path, fp_onnx: str | Path | None = None, batch: int |
     if fp_onnx is not None and fp16 is not None and fp_plan is not None:
         convert_to_fp16(fp_onnx, fp16)
         opts = meta["options"]
-        cfg = BuildConfig(backend=meta["backend"], batch=(min(batch, opts["batch"][0]), batch,
-                                                          max(batch, opts["batch"][2])),
+        static = inp["min"] == inp["max"]  # a static QDQ graph: its float twin keeps its own batch too
+        cfg = BuildConfig(backend=meta["backend"], batch=None if static else (
+                              min(batch, opts["batch"][0]), batch, max(batch, opts["batch"][2])),
                           workspace_mib=opts["workspace_mib"], compute_capabilities=tuple(opts["compute_capabilities"]),
                           optimization_level=opts.get("optimization_level"))
         build_engine(fp16, fp_plan, cfg, overwrite=True)  # judged by _bench_files: ours, or absent
