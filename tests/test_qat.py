@@ -108,26 +108,27 @@ def test_noise_is_added_inside_the_range_and_gradients_match_the_plain_formula()
 
 
 def test_lsq_values_rounding_onto_the_end_codes_keep_the_straight_through_gradient():
-    """LSQ's gradients as the paper and `quant`'s LSQ give them: x whose code lands on the grid (the end codes
-    included) passes the gradient and gives the step round(v) - v; beyond the grid, 0 and the end code."""
+    """LSQ's gradients as the paper gives them (eq. 3; the official NIPQ code's hardtanh, then round): x with
+    -Q_N < v < Q_P passes the gradient and gives the step round(v) - v, also where it rounds onto an end code
+    (6.6, 6.9, 0.3); beyond the grid, within half a step of its end too (7.3, -0.4, -1.02), 0 and the end code."""
     from mixq_onnx.qat import lsq_quant
 
-    x = torch.tensor([0.3, 0.6, 6.6, 6.9, 7.6, 9.0, -0.4, -2.0], requires_grad=True)
+    x = torch.tensor([0.3, 0.6, 6.6, 6.9, 7.3, 7.6, 9.0, -0.4, -2.0], requires_grad=True)
     step = torch.tensor(1.0, requires_grad=True)
     y = lsq_quant(x, step, 0, 7, 1.0)
     y.sum().backward()
-    assert y.tolist() == [0.0, 1.0, 7.0, 7.0, 7.0, 7.0, 0.0, 0.0]
-    assert x.grad.tolist() == [1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 1.0, 0.0]
+    assert y.tolist() == [0.0, 1.0, 7.0, 7.0, 7.0, 7.0, 7.0, 0.0, 0.0]
+    assert x.grad.tolist() == [1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0]
     v = x.detach()
-    inside = torch.tensor([1, 1, 1, 1, 0, 0, 1, 0], dtype=torch.bool)
+    inside = torch.tensor([1, 1, 1, 1, 0, 0, 0, 0, 0], dtype=torch.bool)
     want = torch.where(inside, torch.round(v) - v, torch.round(v).clamp(0, 7)).sum()
     assert torch.allclose(step.grad, want)
     # per-channel steps (weights), signed narrow grid: each channel's step gets its own channel's terms
     w = torch.tensor([[0.95, -1.02, 0.2], [2.9, 0.1, -3.1]], requires_grad=True)
     s = torch.tensor([[1.0], [1.0]], requires_grad=True)
     lsq_quant(w, s, -1, 1, 1.0).sum().backward()
-    assert w.grad.tolist() == [[1.0, 1.0, 1.0], [0.0, 1.0, 0.0]]  # -1.02 rounds to -1: on the grid
-    assert torch.allclose(s.grad, torch.tensor([[(1 - 0.95) + (-1 + 1.02) + (0 - 0.2)], [1 + (0 - 0.1) - 1]]))
+    assert w.grad.tolist() == [[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]]  # -1.02 rounds to -1 but lies beyond it
+    assert torch.allclose(s.grad, torch.tensor([[(1 - 0.95) - 1 + (0 - 0.2)], [1 + (0 - 0.1) - 1]]))
 
 
 def test_a_shared_activation_quantizer_draws_its_noise_once_per_tensor():

@@ -146,14 +146,15 @@ def lsq_quant(x: torch.Tensor, step: torch.Tensor, lo: int, hi: int, grad_scale:
     round half up, activations half to even), so the trained grid is the exported one. `step` may be per
     channel (broadcast against x).
 
-    A value is inside when its rounded code lies on the grid (lo <= round(v) <= hi, the paper's -Q_N <= v <= Q_P
-    after rounding, as `quant`'s LSQ): gradient 1 to x and round(v) - v to the step. Outside: 0 to x and the
-    grid's end to the step. (Clamping the straight-through value instead zeroes the gradient of every value that
-    rounds onto an end code, depending on which side of the end float rounding leaves it.)"""
+    The paper's gradients (its eq. 3, and the official NIPQ code's hardtanh-then-round): a value is inside when
+    -Q_N < v < Q_P, before rounding: gradient 1 to x and round(v) - v to the step, also where round(v) is an end
+    code. Otherwise 0 to x and the grid's end to the step, also for v within half a step beyond the end, which
+    rounds onto the end code. (`quant`'s PTQ LSQ rounds first and then clamps, as QDrop's reference does, so that
+    half step counts as inside there. Clamping the straight-through value zeroed the gradient of every value
+    rounding onto an end code from inside, depending on which side of the end float rounding left it.)"""
     s = step * grad_scale + (step - step * grad_scale).detach()
     v = x / s
     with torch.no_grad():
-        code = round_fn(v)
-        inside = (code >= lo) & (code <= hi)
-        code = code.clamp(lo, hi)
+        inside = (v > lo) & (v < hi)
+        code = round_fn(v).clamp(lo, hi)
     return torch.where(inside, v + (code - v).detach(), code) * s
