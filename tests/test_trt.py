@@ -536,3 +536,38 @@ def test_a_batch_profile_a_static_graph_would_ignore_is_refused(tmp_path, run_cl
     for ok in ((), ("--batch", "2")):
         r = run_cli("build", path, "--out", plan, *ok)
         assert r.code == 0 and read_plan_meta(plan)["inputs"][0]["max"] == [2, 16], r.err[-300:]
+
+
+def test_a_timing_cache_no_build_wrote_is_refused_before_any_work(tmp_path, run_cli):
+    """`--backend tensorrt` read PLAN.timing-cache unchecked (a received or foreign file gave TensorRT its
+    tactics) and replaced it after the build. Now the build reads it only where the plan's PLAN.json records
+    its sha256, and refuses (exit 2, nothing written) anything else unless --overwrite."""
+    import os
+
+    from mixq_onnx.trt.builder import PLAN_FORMAT, meta_path_for, read_timing_cache, timing_cache_path_for
+    from mixq_onnx.utils import sha256_bytes
+
+    plan = tmp_path / "m.plan"
+    cache = timing_cache_path_for(plan)
+    assert read_timing_cache(plan) == b""  # none yet
+    cache.write_bytes(b"foreign tactics")
+    with pytest.raises(MixqError, match="records no timing cache"):
+        read_timing_cache(plan)
+    assert read_timing_cache(plan, overwrite=True) == b""
+    meta = meta_path_for(plan)
+    meta.write_text(json.dumps({"format": PLAN_FORMAT, "timing_cache_sha256": sha256_bytes(b"our tactics")}))
+    with pytest.raises(MixqError, match="sha256 is not the one PLAN.json records"):
+        read_timing_cache(plan)
+    cache.write_bytes(b"our tactics")
+    assert read_timing_cache(plan) == b"our tactics"
+    cache.unlink()
+    os.mkfifo(cache)  # a FIFO where the cache should be: refused at open, never a hang
+    with pytest.raises(MixqError, match="cannot read the timing cache"):
+        read_timing_cache(plan)
+    cache.unlink()
+    cache.write_bytes(b"foreign tactics")
+    meta.unlink()
+    g = _save_gemm_graph(tmp_path / "g.onnx", [onnx.helper.make_node("Relu", ["input"], ["output"], name="r")], [], 4, 4)
+    err = one_line_error(run_cli("build", g, "--backend", "tensorrt", "--out", plan))
+    assert "is not a timing cache a build of" in err and cache.read_bytes() == b"foreign tactics", err
+    assert not plan.exists() and not meta.exists()

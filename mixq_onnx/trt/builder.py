@@ -135,6 +135,37 @@ def timing_cache_path_for(plan: str | Path) -> Path:
     return Path(str(plan) + ".timing-cache")
 
 
+def read_timing_cache(plan: str | Path, overwrite: bool = False) -> bytes:
+    """The timing cache a previous build of `plan` wrote, checked against the sha256 its PLAN.json records; b""
+    where there is none. A file there that no build of this plan wrote (no record, another hash, not a regular
+    file) is bad input: TensorRT would take its tactics from it, and the build would replace it. `overwrite`
+    ignores it (the build then replaces it)."""
+    path = timing_cache_path_for(plan)
+    if not os.path.lexists(path):
+        return b""
+    recorded = None
+    meta = meta_path_for(plan)
+    try:
+        rec = json.loads(read_regular(meta)) if os.path.lexists(meta) else None
+    except (OSError, ValueError):
+        rec = None
+    if isinstance(rec, dict) and rec.get("format") == PLAN_FORMAT:
+        recorded = rec.get("timing_cache_sha256")
+    try:
+        data = read_regular(path)
+    except OSError as e:
+        if overwrite:
+            return b""
+        raise MixqError(f"cannot read the timing cache {path}: {e.strerror or e}") from None
+    if isinstance(recorded, str) and sha256_bytes(data) == recorded:
+        return data
+    if overwrite:
+        return b""
+    why = "its PLAN.json records no timing cache" if recorded is None else "its sha256 is not the one PLAN.json records"
+    raise MixqError(f"{path} is not a timing cache a build of {plan} wrote ({why}): remove it, build with "
+                    "--no-timing-cache, or pass --overwrite to replace it")
+
+
 def plan_key(backend: str, version: str, target: str) -> str:
     """What a plan is only valid for: the exact backend build and the GPU target(s)."""
     return f"{backend}/{version}/{target}"
@@ -294,6 +325,8 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, cfg: BuildConfig 
         raise MixqError(f"ONNX model not found: {onnx_path}")
     require_onnx(onnx_path)
     check_plan_output(plan_path, inputs=(onnx_path,), overwrite=overwrite)
+    use_cache = cfg.timing_cache and cfg.backend == "tensorrt"  # TensorRT-RTX: timing cache calls are no-ops
+    blob = read_timing_cache(plan_path, overwrite) if use_cache else b""  # judged before any work
     trt = import_backend(cfg.backend)
     gpu = gpu_info()
     if cfg.backend == "tensorrt" and gpu is None:
@@ -321,9 +354,8 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, cfg: BuildConfig 
 
     cache_file: Path | None = None
     cache = None
-    if cfg.timing_cache and cfg.backend == "tensorrt":  # TensorRT-RTX: timing cache calls are no-ops
+    if use_cache:
         cache_file = timing_cache_path_for(plan_path)
-        blob = cache_file.read_bytes() if cache_file.is_file() else b""
         cache = config.create_timing_cache(blob)
         config.set_timing_cache(cache, ignore_mismatch=False)
 
@@ -352,6 +384,7 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, cfg: BuildConfig 
         accept(layers, {i["name"]: list(i["opt"]) for i in shapes})
 
     make_parent(plan_path)
+    cache_bytes = bytes(memoryview(cache.serialize())) if cache is not None else None
 
     outputs = []
     for i in range(network.num_outputs):
@@ -375,6 +408,7 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, cfg: BuildConfig 
         "options": {**asdict(cfg), "batch": list(cfg.profile_batch), "compute_capabilities": list(cfg.compute_capabilities),
                     "strongly_typed": True, "profiling_verbosity": "DETAILED"},
         "timing_cache": str(cache_file) if cache_file is not None else None,
+        "timing_cache_sha256": sha256_bytes(cache_bytes) if cache_bytes is not None else None,
         "build_seconds": round(seconds, 3),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "layer_source": source,
@@ -386,9 +420,9 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, cfg: BuildConfig 
     atomic_write_json(meta_file, meta)
     with atomic_path(plan_path) as tmp:
         tmp.write_bytes(plan_bytes)
-    if cache is not None and cache_file is not None:
+    if cache_bytes is not None and cache_file is not None:
         with atomic_path(cache_file) as tmp:
-            tmp.write_bytes(bytes(memoryview(cache.serialize())))
+            tmp.write_bytes(cache_bytes)
     return BuildResult(plan_path, meta_file, meta, layers, seconds)
 
 
