@@ -544,7 +544,8 @@ def eval_cmd(**o: Any) -> None:
 @click.option("--symreg", "beta", type=FINITE, default=0.0, show_default=True, metavar="BETA",
               help="SymReg weight: pairs each channel's i-th smallest and largest weights (0 = off).")
 @click.option("--symreg-pairing", type=click.Choice(["1:1", "2:2"]), default="1:1", show_default=True,
-              help="2:2 pairs sums of adjacent sorted weights (half the terms).")
+              help="2:2 pairs sums of adjacent sorted weights (half the terms; some asymmetric "
+                   "channels also score 0).")
 @click.option("--satnl", is_flag=True, help="Train w = alpha*tanh(v/alpha) (one alpha per layer).")
 @click.option("--fixed-alpha", is_flag=True, help="SatNL: keep alpha at its initial value (1.001 x max |w|) instead of learning it.")
 @click.option("--loss", type=click.Choice(LOSSES), default="auto", show_default=True,

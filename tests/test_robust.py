@@ -273,3 +273,14 @@ def test_cli_robustify_warns_when_the_eval_data_is_the_training_data(tmp_path, r
         r = run_cli(*base, "--eval-data", ev, "--out", tmp_path / f"r{i}.safetensors")
         assert r.code == 0, r.err
         assert ("--eval-data is the training data" in r.err) == warned, r.err
+
+
+def test_two_two_pairing_is_a_weaker_condition_than_one_to_one():
+    """The docstring said 2:2 has the same fixed point as 1:1; it has not: [-3, -1, 2, 2] scores 0 under 2:2
+    and is asymmetric (1:1 > 0). A symmetric channel scores 0 under both."""
+    from mixq_onnx.robust.regularizers import symreg_channel_penalty
+
+    w = torch.tensor([[-3.0, -1.0, 2.0, 2.0], [-2.0, -0.5, 0.5, 2.0]])
+    one, two = symreg_channel_penalty(w, "1:1"), symreg_channel_penalty(w, "2:2")
+    assert float(two[0]) == 0.0 and float(one[0]) > 0.1
+    assert float(one[1]) == 0.0 and float(two[1]) == 0.0

@@ -7,7 +7,9 @@ Choices made (the paper's text is not available; each is this project's reading)
   squared max |w| (detached) so that BETA does not depend on layer size or weight magnitude. A symmetric
   channel scores exactly 0: then E[w] = E[Q(w)] = 0 under a zero-point-0 quantizer, so quantization
   shifts no mean. Pairing "2:2" first sums adjacent sorted pairs (w_(2j-1) + w_(2j)) and pairs those
-  sums the same way: half as many terms, same fixed point.
+  sums the same way: half as many terms (the sort is the same), and a weaker condition: a symmetric channel
+  still scores 0, but so do some asymmetric ones ([-3, -1, 2, 2]: 2:2 penalty 0, 1:1 penalty 0.11, and at 2
+  bits its codes' mean is 0.75 where its mean is 0). 1:1 is the default.
 - SatNL reparametrises each regularised weight as w = alpha * tanh(v / alpha), one alpha per layer,
   learned (default) or fixed. alpha starts at 1.001 * max |w| so that v = alpha * atanh(w / alpha) stays
   finite and the reparametrised layer reproduces the original weights at initialisation. It bounds the
