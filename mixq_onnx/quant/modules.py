@@ -160,9 +160,10 @@ class QuantPool(nn.Module):
     The pool's input gets a quantizer (placement "pool", at the bits of the quantized layer the pooled
     tensor feeds: `graph.quantize_pools`; where a layer reads the same tensor at that grid, that layer's
     quantizer, shared); `output_quantizer` is the consumer's input quantizer (the same object). Once both
-    are frozen, the pool averages integer codes, whose fp32 sums are exact in any order, and requantizes the mean m straight onto the consumer's grid: code = round(m / (s_out / s_in)). The
-    exported graph computes exactly that, DQ(codes, 1) -> pool -> Q(s_out / s_in)
-    (`mixq_onnx.onnx.passes.integer_pools`), which TensorRT runs as one INT8 pooling layer. A float pool
+    are frozen, the pool averages integer codes, whose fp32 sums are exact in any order, and requantizes
+    the mean m straight onto the consumer's grid: code = round(m / (s_out / s_in)). The exported graph
+    computes exactly that, DQ(codes, 1) -> pool -> Q(s_out / s_in) (`mixq_onnx.onnx.passes.integer_pools`),
+    which TensorRT runs as one INT8 pooling layer. A float pool
     would sum scaled values in an order each runtime picks, and one value moved across a rounding boundary
     of the next quantizer changes the classifier's input code."""
 
