@@ -17,6 +17,7 @@ original on a BN-inversion cache. Top-1 on all 5,000 cifar10_test_dev.npz images
     python tools/bench_qat.py --stage fixed      # the same rows after the three gradient fixes
     python tools/bench_qat.py --stage rest       # section qat's other rows at seed 0, after all the fixes
     python tools/bench_qat.py --stage lsqband    # the bars' rows again after the LSQ end-band fix (section qat-lsq)
+    python tools/bench_qat.py --stage lsqrest    # qat-rest's rows again after that fix (section qat-lsq-rest)
 """
 from __future__ import annotations
 
@@ -656,14 +657,30 @@ REST_BEFORE = {  # section qat, seed 0, the code before commit 9b0ab3c
 }
 
 
-def stage_rest(nets: list[str], jobs: int) -> str:
-    work = WORK / "fixed"
+#: Fixed 2026-12-01 with LSQBAND_BEFORE, before any of its runs: qat-rest's rows trained again after the LSQ
+#: end-band fix (the folder of `--stage lsqband`, whose LSQ rows give the GBOPs rows their budgets), reported
+#: beside qat-rest's values; nothing is chosen on them.
+LSQREST_BEFORE = {
+    "resnet20": {"nipq-3": 80.70, "nipq-4-lp": 84.36, "nipq-3-lp": 82.32, "nipq-4-datafree": 79.46,
+                 "nipq-3-datafree": 74.20, "nipq-4-datafree-lp": 78.92, "nipq-3-datafree-lp": 72.08,
+                 "nipq-gbops-w4a4": 84.80},
+    "resnet8": {"nipq-4-lp": 79.82, "nipq-3-lp": 72.86, "nipq-4-datafree": 70.34, "nipq-3-datafree": 56.48,
+                "nipq-4-datafree-lp": 70.88, "nipq-3-datafree-lp": 58.10, "lsq-w2a4": 61.94,
+                "nipq-gbops-w2a4-lp": 71.80},
+}
+
+
+def stage_rest(nets: list[str], jobs: int, work_name: str = "fixed",
+               before: dict[str, dict[str, float]] | None = None,
+               before_label: str = "section qat (before the fixes)") -> str:
+    work = WORK / work_name
     work.mkdir(parents=True, exist_ok=True)
-    lines = ["| net | row | data | target | achieved W / A bits | GBOPs | top-1 % | section qat (before the fixes) | "
+    before = before or REST_BEFORE
+    lines = [f"| net | row | data | target | achieved W / A bits | GBOPs | top-1 % | {before_label} | "
              "train s |", "|---|---|---|---|---:|---:|---:|---:|---:|"]
     for net in nets:
         table = {r["id"]: r for r in [*rows(net), GBOPS_W4A4]}
-        todo = [table[i] for i in REST_BEFORE[net]]
+        todo = [table[i] for i in before[net]]
         # the data-free rows share one inversion cache: make it before the jobs race for it
         if any(r["mode"] == "kd" for r in todo):
             inversion_cache(net)
@@ -673,12 +690,12 @@ def stage_rest(nets: list[str], jobs: int) -> str:
         for r in todo:
             if r["id"] not in res:
                 res[r["id"]] = run_row(net, r, 0, work)
-        for i in REST_BEFORE[net]:
+        for i in before[net]:
             a, t = res[i]["achieved"], res[i]["target"]
             tgt = "-" if not t else (f"{t['gbops']:.4f} GBOPs" if t.get("gbops") else f"{t.get('bits')} bits")
             lines.append(f"| {net} | {i} | {'data-free' if table[i]['mode'] == 'kd' else 'labelled'} | {tgt} | "
                          f"{a['weight_bits']:.3f} / {a['act_bits']:.3f} | {a['gbops']:.4f} | {res[i]['top1']:.2f} | "
-                         f"{REST_BEFORE[net][i]:.2f} | {res[i]['seconds']} |")
+                         f"{before[net][i]:.2f} | {res[i]['seconds']} |")
     return "\n".join(lines)
 
 
@@ -686,14 +703,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="resnet20,resnet8")
     ap.add_argument("--jobs", type=int, default=2)
-    ap.add_argument("--stage", choices=["tune", "cv", "schedule", "biases", "seeds", "float", "resampled", "fixed", "lsqband", "rest", "main"], default="main",
+    ap.add_argument("--stage", choices=["tune", "cv", "schedule", "biases", "seeds", "float", "resampled", "fixed", "lsqband", "lsqrest", "rest", "main"], default="main",
                     help="tune: candidates on the 500 held-out images; cv: a round of CV_ROUNDS by five-fold "
                          "cross-validation over the 5,000 train images (runs/bench_qat/tune_vN.md); schedule: round 8, "
                          "--schedule continuous cross-validated (section qat-schedule); biases: round 9, --train-biases the "
                          "same way (section qat-biases); seeds: the 4-bit candidates' folds again at seed 1 (section "
                          "qat-cv-seeds); resampled: the bars' rows over five seeds after the init-sample fix (section "
                          "qat-resampled); fixed: the same rows after the gradient fixes (section qat-fixed); lsqband: the same rows after the LSQ "
-                         "end-band fix (section qat-lsq); rest: section "
+                         "end-band fix (section qat-lsq); lsqrest: qat-rest's rows after it (section qat-lsq-rest); rest: section "
                          "qat's other rows at seed 0 after both (section qat-rest); main: "
                          "the rows")
     ap.add_argument("--round", type=int, choices=sorted(CV_ROUNDS), default=max(CV_ROUNDS),
@@ -855,6 +872,24 @@ step. Fixed (`qat.lsq_quant`), with a test that fails on the old code; `quantize
 round-then-clamp. A fidelity fix, decided before any run, not a setting chosen on results: qat-fixed's rows are
 trained again with the same arguments and seeds (ResNet-20, labelled, {sched}), and the bars are read on these
 rows, whichever way they move. Top-1 on all 5,000 images of `cifar10_test_dev.npz`.
+
+{body}""")
+        print(body)
+        return
+    if a.stage == "lsqrest":
+        body = stage_rest(nets, a.jobs, "lsqband", LSQREST_BEFORE, "section qat-rest (before)")
+        sched = ", ".join(f"{k} {v}" for k, v in SCHEDULE.items())
+        update_section("qat-lsq-rest", f"""## qat-lsq-rest: section qat-rest's rows after the LSQ end-band fix (issue 14)
+
+`python tools/bench_qat.py --stage lsqrest` · {stamp()} · {time.time() - t0:.0f} s
+
+Every NIPQ row ends in a hard phase that is LSQ, so the fix of section qat-lsq (a value within half a step beyond
+the grid's end is outside, as LSQ's eq. 3 gives it) moves section qat-rest's rows too. They are trained again at
+seed 0 with the same arguments and schedules ({sched}; ResNet-8: lr 0.0003, max-update 0.001) and shown beside
+their values in qat-rest. Fixed before any run (`LSQREST_BEFORE` in the script): reported rows; nothing is chosen
+on them and no bar is read on them. Data-free rows distil from the original on the network's BN-inversion cache
+(2,048 images, seed 0). The GBOPs rows' budgets are the GBOPs of the LSQ row of the same folder (qat-lsq's
+ResNet-20 lsq-w4a4 and ResNet-8 lsq-w2a4, seed 0). Top-1 on all 5,000 images of `cifar10_test_dev.npz`.
 
 {body}""")
         print(body)
