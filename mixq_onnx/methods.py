@@ -36,7 +36,11 @@ class Phase:
     learn_act:    LSQ activation step sizes (cosine-annealed Adam).
     learn_wscale: per-channel weight scales on the integer base frozen at init (Genie-M).
     drop:         QDrop with `drop_prob`: mix float into the quantized activations, on the unit input and
-                  inside the unit.
+                  inside the unit. The unit's input is mixed with the float model's input first, and the
+                  unit's own input quantizer (inside the unit: quantizers sit at layer inputs) drops again, so
+                  at p = 0.5 the deployed input reaches the unit a quarter of the time, where QDrop's reference
+                  (whose block input was quantized by the previous block) mixes deployed and float half and half;
+                  Genie's reference mixes twice as this does. Measured only as a probe, not changed (2026-12-01).
     acts_on:      activation quantizers enabled while this phase runs.
     iters_div:    this phase runs max(1, iters // iters_div) iterations.
     finalize_weights: freeze the weights to their integer codes (hard rounding) after this phase.

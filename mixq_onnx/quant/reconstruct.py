@@ -5,7 +5,9 @@ activation scales) and then reconstructs unit by unit, in execution order, from 
 already-quantized prefix produces:
 
 - adaround: every layer alone; learns rounding (rectified sigmoid h(V)) on the layer output.
-- brecq:    blocks; learns rounding on the block output (activations float), then LSQ step sizes.
+- brecq:    blocks; learns rounding on the block output (activations float), then LSQ step sizes. The loss
+            is the squared error, as BRECQ's official code runs it (`opt_mode='mse'`), not the paper's
+            Fisher-weighted one.
 - qdrop:    blocks; rounding and LSQ step sizes jointly, QDrop (p) on the block input and inside.
 - genie:    qdrop plus a learned per-channel weight scale on the integer base frozen at init.
 
@@ -192,7 +194,9 @@ class _ResumedCapture:
 
 
 def _rec_loss(out: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
-    """Squared error summed over channels/features, averaged over everything else (BRECQ's lp_loss)."""
+    """Squared error summed over dim 1 and averaged over everything else, as QDrop's and BRECQ's lp_loss:
+    channels of an NCHW output, but the tokens of a [B, N, C] one (a ViT unit's loss then weighs N/C against
+    the rounding regulariser, where features would weigh 1)."""
     d = (out - tgt).pow(2)
     return d.sum(1).mean() if d.ndim > 1 else d.mean()
 
