@@ -42,7 +42,7 @@ class Phase:
                   (whose block input was quantized by the previous block) mixes deployed and float half and half;
                   Genie's reference mixes twice as this does. Kept: the reference's single mix, tried on
                   ResNet-20 (draw-0 cache, seeds 0-2, test top-1, 2026-12-01), gave W4A4 79.28 against
-                  79.31 and W2A4 73.11 against 73.48 (runs/dropexp, a diagnostic branch not on main).
+                  79.31 and W2A4 73.11 against 73.48 (a diagnostic patch, not kept).
     acts_on:      activation quantizers enabled while this phase runs.
     iters_div:    this phase runs max(1, iters // iters_div) iterations.
     finalize_weights: freeze the weights to their integer codes (hard rounding) after this phase.
