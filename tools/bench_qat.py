@@ -699,6 +699,19 @@ def stage_rest(nets: list[str], jobs: int, work_name: str = "fixed",
     return "\n".join(lines)
 
 
+def publish(section: str, title: str, stage: str, t0: float, intro: str, body: str) -> None:
+    """Write a stage's section (its heading, command line, stamp and wall time, `intro`, then `body`) and print
+    the body."""
+    update_section(section, f"""## {section}: {title}
+
+`python tools/bench_qat.py --stage {stage}` · {stamp()} · {time.time() - t0:.0f} s
+
+{intro}
+
+{body}""")
+    print(body)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="resnet20,resnet8")
@@ -835,10 +848,8 @@ to 4, the same arguments) and the bars are read on them, whichever way they move
         body, _ = stage_resampled(a.jobs, "fixed", FIXED_BEFORE, FIXED_R8_BEFORE, "before (section qat-resampled)",
                                   deploy=True)
         sched = ", ".join(f"{k} {v}" for k, v in SCHEDULE.items())
-        update_section("qat-fixed", f"""## qat-fixed: the bars' rows after three gradient fixes (issue 14)
-
-`python tools/bench_qat.py --stage fixed` · {stamp()} · {time.time() - t0:.0f} s
-
+        publish("qat-fixed", "the bars' rows after three gradient fixes (issue 14)", "fixed", t0,
+                f"""\
 A review of `qat` against the official NIPQ code found three defects in its training gradients, all fixed with a
 test that fails on the old code: (1) the hard-quantization step (all of `--method lsq`, and NIPQ's final phase)
 clamped the straight-through value, so every value that rounds onto an end code (every small positive
@@ -850,19 +861,14 @@ settings chosen on results: the bars' rows of qat-resampled are trained again wi
 (ResNet-20, labelled, {sched}), and the bars are read on these rows, whichever way they move. Top-1 on all
 5,000 images of `cifar10_test_dev.npz`. The rows were trained at commit 2be9446 (the fixes); the later commits
 of 2026-11-30/12-01 change no `qat` number (training.py's BatchNorm and ASAM changes act only on BN layers and
-`--sam`, which a BN-folded `qat` model and these rows do not have).
-
-{body}""")
-        print(body)
+`--sam`, which a BN-folded `qat` model and these rows do not have).""", body)
         return
     if a.stage == "lsqband":
         body, _ = stage_resampled(a.jobs, "lsqband", LSQBAND_BEFORE, LSQBAND_R8_BEFORE, "before (section qat-fixed)",
                                   deploy=True)
         sched = ", ".join(f"{k} {v}" for k, v in SCHEDULE.items())
-        update_section("qat-lsq", f"""## qat-lsq: the bars' rows with LSQ's gradients as the paper gives them (issue 14)
-
-`python tools/bench_qat.py --stage lsqband` · {stamp()} · {time.time() - t0:.0f} s
-
+        publish("qat-lsq", "the bars' rows with LSQ's gradients as the paper gives them (issue 14)", "lsqband", t0,
+                f"""\
 A second review of `qat` against the official NIPQ code (`my_lib/nipq.py`) found its noise phase matching it
 (forward and the gradients to x, the range and the bits, on one noise draw), and one departure in the
 hard-quantization step (all of `--method lsq`, and NIPQ's final phase): a value within half a step beyond the
@@ -871,36 +877,26 @@ where LSQ's eq. 3 and the official `lsq_forward` (hardtanh, then round) give 0 t
 step. Fixed (`qat.lsq_quant`), with a test that fails on the old code; `quantize`'s PTQ LSQ keeps QDrop's
 round-then-clamp. A fidelity fix, decided before any run, not a setting chosen on results: qat-fixed's rows are
 trained again with the same arguments and seeds (ResNet-20, labelled, {sched}), and the bars are read on these
-rows, whichever way they move. Top-1 on all 5,000 images of `cifar10_test_dev.npz`.
-
-{body}""")
-        print(body)
+rows, whichever way they move. Top-1 on all 5,000 images of `cifar10_test_dev.npz`.""", body)
         return
     if a.stage == "lsqrest":
         body = stage_rest(nets, a.jobs, "lsqband", LSQREST_BEFORE, "section qat-rest (before)")
         sched = ", ".join(f"{k} {v}" for k, v in SCHEDULE.items())
-        update_section("qat-lsq-rest", f"""## qat-lsq-rest: section qat-rest's rows after the LSQ end-band fix (issue 14)
-
-`python tools/bench_qat.py --stage lsqrest` · {stamp()} · {time.time() - t0:.0f} s
-
+        publish("qat-lsq-rest", "section qat-rest's rows after the LSQ end-band fix (issue 14)", "lsqrest", t0,
+                f"""\
 Every NIPQ row ends in a hard phase that is LSQ, so the fix of section qat-lsq (a value within half a step beyond
 the grid's end is outside, as LSQ's eq. 3 gives it) moves section qat-rest's rows too. They are trained again at
 seed 0 with the same arguments and schedules ({sched}; ResNet-8: lr 0.0003, max-update 0.001) and shown beside
 their values in qat-rest. Fixed before any run (`LSQREST_BEFORE` in the script): reported rows; nothing is chosen
 on them and no bar is read on them. Data-free rows distil from the original on the network's BN-inversion cache
 (2,048 images, seed 0). The GBOPs rows' budgets are the GBOPs of the LSQ row of the same folder (qat-lsq's
-ResNet-20 lsq-w4a4 and ResNet-8 lsq-w2a4, seed 0). Top-1 on all 5,000 images of `cifar10_test_dev.npz`.
-
-{body}""")
-        print(body)
+ResNet-20 lsq-w4a4 and ResNet-8 lsq-w2a4, seed 0). Top-1 on all 5,000 images of `cifar10_test_dev.npz`.""", body)
         return
     if a.stage == "rest":
         body = stage_rest(nets, a.jobs)
         sched = ", ".join(f"{k} {v}" for k, v in SCHEDULE.items())
-        update_section("qat-rest", f"""## qat-rest: section qat's other rows after the fixes (issue 14)
-
-`python tools/bench_qat.py --stage rest` · {stamp()} · {time.time() - t0:.0f} s
-
+        publish("qat-rest", "section qat's other rows after the fixes (issue 14)", "rest", t0,
+                f"""\
 Section qat's table was trained before the init-sample fix (qat-resampled) and the three gradient fixes
 (qat-fixed). Those sections trained the bars' rows again; here every other row of that table is trained again at
 seed 0 with the same arguments and schedules ({sched}; ResNet-8: lr 0.0003, max-update 0.001), with all the
@@ -909,10 +905,7 @@ rows; nothing is chosen on them and no bar is read on them. Data-free rows disti
 network's BN-inversion cache (2,048 images, seed 0, made again on this machine). The GBOPs rows' budgets are the
 GBOPs of the LSQ row of the same folder (qat-fixed's ResNet-20 lsq-w4a4 and ResNet-8 lsq-w2a4, seed 0). Top-1 on
 all 5,000 images of `cifar10_test_dev.npz`. Trained at commit 2be9446, as qat-fixed's rows; the commit named
-above is the one that rendered this table from them.
-
-{body}""")
-        print(body)
+above is the one that rendered this table from them.""", body)
         return
     if a.stage == "float":
         body = stage_float(nets[0], a.jobs)
