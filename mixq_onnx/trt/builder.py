@@ -143,14 +143,12 @@ def read_timing_cache(plan: str | Path, overwrite: bool = False) -> bytes:
     path = timing_cache_path_for(plan)
     if not os.path.lexists(path):
         return b""
-    recorded = None
     meta = meta_path_for(plan)
     try:
-        rec = json.loads(read_regular(meta)) if os.path.lexists(meta) else None
+        rec = _plan_record(meta) if os.path.lexists(meta) else None
     except (OSError, ValueError):
         rec = None
-    if isinstance(rec, dict) and rec.get("format") == PLAN_FORMAT:
-        recorded = rec.get("timing_cache_sha256")
+    recorded = rec.get("timing_cache_sha256") if rec is not None else None
     try:
         data = read_regular(path)
     except OSError as e:
@@ -426,10 +424,15 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, cfg: BuildConfig 
     return BuildResult(plan_path, meta_file, meta, layers, seconds)
 
 
+def _plan_record(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The object of a PLAN.json mixq-onnx wrote (its format key); None for any other JSON."""
+    rec = json.loads(read_regular(path))
+    return rec if isinstance(rec, dict) and rec.get("format") == PLAN_FORMAT else None
+
+
 def _is_plan_record(path: str | os.PathLike) -> bool:
     """A PLAN.json mixq-onnx wrote (its format key)."""
-    rec = json.loads(read_regular(path))
-    return isinstance(rec, dict) and rec.get("format") == PLAN_FORMAT
+    return _plan_record(path) is not None
 
 
 def plan_is_ours(plan: str | os.PathLike) -> bool:
