@@ -11,6 +11,7 @@ from conftest import RESNET20, TEST_NPZ, need_shared
 from mixq_onnx.models import get_preprocessing, load_model
 from mixq_onnx.quant import QuantConfig, load_quantized, quantize, quantizers, save_quantized
 from mixq_onnx.quant.modules import QUANT_LAYERS
+from mixq_onnx.quant.quantizer import ActQuantizer
 
 
 def _calib(model, n=16, seed=0):
@@ -271,3 +272,15 @@ def test_units_learn_on_the_quantized_prefix_outside_every_unit(method):
     for v in seen:
         k = v / (s_in / hw)
         assert torch.allclose(k, k.round(), atol=1e-3), float((k - k.round()).abs().max())
+
+
+@pytest.mark.parametrize("method", ["rtn", "brecq"])
+def test_no_activation_scale_is_left_requiring_grad(method):
+    """An activation quantizer's scale asked for gradients from birth, so those no phase learns (every one of
+    rtn, and the pool's, outside every unit) left quantize with requires_grad on: autograd bookkeeping in every
+    later forward outside no_grad, and a warning at float(scale)."""
+    model = load_model("cifar_resnet20", random_init=True)
+    x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    q = quantize(model, QuantConfig(wbits=4, abits=4, method=method, iters=2), x, progress=False)
+    left = [n for n, m in q.named_modules() if isinstance(m, ActQuantizer) and m.scale.requires_grad]
+    assert not left, left

@@ -196,7 +196,7 @@ class ActQuantizer(_Base):
         self.placement = placement  # input (of a Conv/Gemm) | residual (identity input of an add) | matmul | pool
         self.shared_with: tuple[str, ...] = ()  # placements merged into this one (graph.share_quantizers)
         self.signed = True
-        self.scale = nn.Parameter(torch.tensor(1.0))
+        self.scale = nn.Parameter(torch.tensor(1.0), requires_grad=False)  # a phase that learns it turns it on
         self.register_buffer("zero_point", torch.tensor(0.0))
         self.register_buffer("initialized", torch.tensor(False))
         self.observing = False
