@@ -712,6 +712,14 @@ def publish(section: str, title: str, stage: str, t0: float, intro: str, body: s
     print(body)
 
 
+def resampled_round(jobs: int, t0: float, stage: str, section: str, title: str, before: dict[str, float],
+                    r8_before: dict[str, float], before_label: str, intro: str) -> None:
+    """A defect-fix round: the bars' rows trained again in runs/bench_qat/STAGE (`stage_resampled`, with the
+    deployment line) and published beside `before`; `intro` may name the schedule as {sched}."""
+    body, _ = stage_resampled(jobs, stage, before, r8_before, before_label, deploy=True)
+    publish(section, title, stage, t0, intro.format(sched=", ".join(f"{k} {v}" for k, v in SCHEDULE.items())), body)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="resnet20,resnet8")
@@ -845,11 +853,9 @@ to 4, the same arguments) and the bars are read on them, whichever way they move
         print(body)
         return
     if a.stage == "fixed":
-        body, _ = stage_resampled(a.jobs, "fixed", FIXED_BEFORE, FIXED_R8_BEFORE, "before (section qat-resampled)",
-                                  deploy=True)
-        sched = ", ".join(f"{k} {v}" for k, v in SCHEDULE.items())
-        publish("qat-fixed", "the bars' rows after three gradient fixes (issue 14)", "fixed", t0,
-                f"""\
+        resampled_round(a.jobs, t0, "fixed", "qat-fixed", "the bars' rows after three gradient fixes (issue 14)",
+                        FIXED_BEFORE, FIXED_R8_BEFORE, "before (section qat-resampled)",
+                        """\
 A review of `qat` against the official NIPQ code found three defects in its training gradients, all fixed with a
 test that fails on the old code: (1) the hard-quantization step (all of `--method lsq`, and NIPQ's final phase)
 clamped the straight-through value, so every value that rounds onto an end code (every small positive
@@ -861,14 +867,13 @@ settings chosen on results: the bars' rows of qat-resampled are trained again wi
 (ResNet-20, labelled, {sched}), and the bars are read on these rows, whichever way they move. Top-1 on all
 5,000 images of `cifar10_test_dev.npz`. The rows were trained at commit 2be9446 (the fixes); the later commits
 of 2026-11-30/12-01 change no `qat` number (training.py's BatchNorm and ASAM changes act only on BN layers and
-`--sam`, which a BN-folded `qat` model and these rows do not have).""", body)
+`--sam`, which a BN-folded `qat` model and these rows do not have).""")
         return
     if a.stage == "lsqband":
-        body, _ = stage_resampled(a.jobs, "lsqband", LSQBAND_BEFORE, LSQBAND_R8_BEFORE, "before (section qat-fixed)",
-                                  deploy=True)
-        sched = ", ".join(f"{k} {v}" for k, v in SCHEDULE.items())
-        publish("qat-lsq", "the bars' rows with LSQ's gradients as the paper gives them (issue 14)", "lsqband", t0,
-                f"""\
+        resampled_round(a.jobs, t0, "lsqband", "qat-lsq",
+                        "the bars' rows with LSQ's gradients as the paper gives them (issue 14)",
+                        LSQBAND_BEFORE, LSQBAND_R8_BEFORE, "before (section qat-fixed)",
+                        """\
 A second review of `qat` against the official NIPQ code (`my_lib/nipq.py`) found its noise phase matching it
 (forward and the gradients to x, the range and the bits, on one noise draw), and one departure in the
 hard-quantization step (all of `--method lsq`, and NIPQ's final phase): a value within half a step beyond the
@@ -877,7 +882,7 @@ where LSQ's eq. 3 and the official `lsq_forward` (hardtanh, then round) give 0 t
 step. Fixed (`qat.lsq_quant`), with a test that fails on the old code; `quantize`'s PTQ LSQ keeps QDrop's
 round-then-clamp. A fidelity fix, decided before any run, not a setting chosen on results: qat-fixed's rows are
 trained again with the same arguments and seeds (ResNet-20, labelled, {sched}), and the bars are read on these
-rows, whichever way they move. Top-1 on all 5,000 images of `cifar10_test_dev.npz`.""", body)
+rows, whichever way they move. Top-1 on all 5,000 images of `cifar10_test_dev.npz`.""")
         return
     if a.stage == "lsqrest":
         body = stage_rest(nets, a.jobs, "lsqband", LSQREST_BEFORE, "section qat-rest (before)")
