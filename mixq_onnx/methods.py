@@ -34,7 +34,8 @@ class Phase:
 
     learn_round:  AdaRound rectified-sigmoid rounding of the weights (with the rounding regulariser).
     learn_act:    LSQ activation step sizes (cosine-annealed Adam).
-    learn_wscale: per-channel weight scales on the integer base frozen at init (Genie-M).
+    learn_wscale: per-channel weight scales on the integer base frozen at init (Genie-M), annealed with the
+                  activation steps by one cosine, as Genie's reference does; the rounding keeps a constant rate.
     drop:         QDrop with `drop_prob`: mix float into the quantized activations, on the unit input and
                   inside the unit. The unit's input is mixed with the float model's input first, and the
                   unit's own input quantizer (inside the unit: quantizers sit at layer inputs) drops again, so

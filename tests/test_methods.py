@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from mixq_onnx.cli import cli
 from mixq_onnx.errors import MixqError
@@ -186,3 +187,29 @@ def test_light_modules_stay_light():
                          env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}, cwd=Path(__file__).parent)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "[]"
+
+
+def test_genie_anneals_its_weight_scales_with_the_steps_and_keeps_the_rounding_rate():
+    """Genie's reference puts the weight scales and the activation steps in one Adam under a cosine decay and
+    the rounding logits in another at a constant rate: record the rates every optimizer step really used."""
+    torch.set_num_threads(1)
+    model = load_model("cifar_resnet20", random_init=True)
+    calib = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    seen: list[dict[float, float]] = []  # per step: {initial lr: lr used}
+
+    def hook(opt, args, kwargs):
+        seen.append({g["initial_lr"] if "initial_lr" in g else g["lr"]: g["lr"] for g in opt.param_groups})
+
+    handle = register_optimizer_step_pre_hook(hook)
+    try:
+        quantize(model, QuantConfig(wbits=4, abits=4, method="genie", iters=8, batch_size=4, lr_round=3e-3,
+                                    lr_act=4e-4, lr_wscale=1e-4), calib, progress=False)
+    finally:
+        handle.remove()
+    wscale = [s[1e-4] for s in seen if 1e-4 in s]
+    steps = [s[4e-4] for s in seen if 4e-4 in s]
+    rounding = [s[3e-3] for s in seen if 3e-3 in s]
+    assert wscale and steps and rounding
+    assert wscale[0] == pytest.approx(1e-4) and wscale[7] < 0.05 * 1e-4  # 8 iterations: cosine to ~0 at the last
+    assert [w / 1e-4 for w in wscale] == pytest.approx([a / 4e-4 for a in steps])  # the same decay
+    assert set(rounding) == {3e-3}

@@ -313,12 +313,15 @@ def _reconstruct(unit: Unit, q_in: torch.Tensor, fp_in: torch.Tensor, fp_out: to
                 layer.weight_quantizer.init_adaround(layer.weight)
             round_params.append(layer.weight_quantizer.alpha)
         groups.append({"params": round_params, "lr": cfg.lr_round})
+    # Scales (Genie-M's weight scales, LSQ's activation steps) learn under one cosine decay, as Genie's and
+    # QDrop's references anneal them; the rounding logits keep a constant rate.
+    scale_groups: list[dict[str, Any]] = []
     ws_params: list[torch.Tensor] = []
     if learn_wscale:
         for q in wqs:
             q.scale.requires_grad_(True)
             ws_params.append(q.scale)
-        groups.append({"params": ws_params, "lr": cfg.lr_wscale})
+        scale_groups.append({"params": ws_params, "lr": cfg.lr_wscale})
     a_params: list[torch.Tensor] = []
     if learn_act and acts_on:
         for q in aqs:
@@ -326,11 +329,13 @@ def _reconstruct(unit: Unit, q_in: torch.Tensor, fp_in: torch.Tensor, fp_out: to
             q.learning = True
             q.drop_prob = drop
             a_params.append(q.scale)
+    if a_params:
+        scale_groups.append({"params": a_params, "lr": cfg.lr_act})
     hist: dict[str, list[float]] = {"round": [], "wscale": [], "ascale": []}
-    if not groups and not a_params:
+    if not groups and not scale_groups:
         return hist
     opt = torch.optim.Adam(groups) if groups else None
-    a_opt = torch.optim.Adam(a_params, lr=cfg.lr_act) if a_params else None
+    a_opt = torch.optim.Adam(scale_groups) if scale_groups else None
     a_sched = torch.optim.lr_scheduler.CosineAnnealingLR(a_opt, T_max=iters, eta_min=0.0) if a_opt else None
     warm = int(cfg.warmup * iters)
     b_hi, b_lo = cfg.beta
