@@ -111,3 +111,30 @@ def test_block_scaled_weights_lie_on_their_block_grid(seed, bits, cout, nblocks,
     assert q.int_weight.min() >= lo and q.int_weight.max() <= hi
     if nblocks > 1:  # the small blocks use their range, not the large block's
         assert (q.int_weight[:, block:].abs().amax(1) >= hi // 2).all()
+
+
+@SETTINGS
+@given(seed=st.integers(0, 10_000), bits=st.integers(2, 8), symmetric=st.booleans())
+def test_an_active_activation_quantizer_that_is_not_learning_passes_the_straight_through_gradient(seed, bits,
+                                                                                                  symmetric):
+    """A quantizer that is on but not learning (a method that learns only rounding with the activations
+    quantized) sits inside the unit's trained path: its input gets gradient 1 inside the grid, 0 where the grid
+    clamps, its output stays on the grid, and its step learns nothing."""
+    g = torch.Generator().manual_seed(seed)
+    q = ActQuantizer("a", bits, symmetric=symmetric)
+    q.observing = True
+    q(torch.randn(2, 4, 5, 5, generator=g))
+    q.observing = False
+    search_act_scale(q)
+    q.scale.requires_grad_(True)  # even so: not learning, so no step gradient
+    x = (torch.randn(2, 4, 5, 5, generator=g) * 2).requires_grad_(True)
+    y = q(x)
+    (y * torch.arange(y.numel()).view_as(y)).sum().backward()
+    lo, hi = q.qrange
+    r = torch.round(x.detach() / q.scale.detach()) + q.zero_point
+    inside = (r >= lo) & (r <= hi)
+    assert inside.any()
+    weights = torch.arange(y.numel(), dtype=x.dtype).view_as(y)
+    assert torch.equal(x.grad, torch.where(inside, weights, torch.zeros_like(weights)))
+    assert q.scale.grad is None
+    assert torch.equal(y.detach(), (torch.clamp(r, lo, hi) - q.zero_point) * q.scale.detach())

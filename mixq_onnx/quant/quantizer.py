@@ -237,8 +237,12 @@ class ActQuantizer(_Base):
 
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
         lo, hi = self.qrange
-        if self.learning and (self.scale.requires_grad or x.requires_grad):
-            return _LSQ.apply(x, self.scale, self.zero_point, float(lo), float(hi), lsq_grad_scale(per_sample(x), hi))
+        # a gradient asked for: the straight-through form (x inside the grid passes; the step learns only while
+        # `learning`), also for a quantizer that is on but not learning in a trained path, where round() would
+        # give its input zero gradient
+        if x.requires_grad or (self.learning and self.scale.requires_grad):
+            return _LSQ.apply(x, self.scale if self.learning else self.scale.detach(), self.zero_point, float(lo),
+                              float(hi), lsq_grad_scale(per_sample(x), hi))
         q = torch.clamp(torch.round(x / self.scale) + self.zero_point, lo, hi)
         return (q - self.zero_point) * self.scale
 
