@@ -39,6 +39,11 @@ def register(cli: click.Group) -> None:
     @click.option("--target-bits", type=FINITE, default=None, metavar="B",
                   help="nipq budget: average bits of the weights (by parameter count) and of the activations (by "
                        "tensor size), each, in [2, 8]; the frozen bits land within 0.05 when the layers allow it.")
+    @click.option("--budget-over", type=click.Choice(["all", "learned"]), default="all", show_default=True,
+                  help="nipq: what --target-bits averages over. all: every quantizer, the fixed first/last layers' "
+                       "too (the network's real average); learned: only those whose bits are learned, so that the "
+                       "budget means what W4A4 means with 8-bit first/last layers (a pool feeding a fixed layer "
+                       "then takes that layer's bits, as quantize gives it).")
     @click.option("--target-gbops", type=FINITE, default=None, metavar="G",
                   help="nipq budget instead: sum over Conv/Linear of k*k*Cin*Cout/groups*H*W*b_w*b_a per image, "
                        "in 1e9 (within 5 %).")
@@ -147,7 +152,8 @@ def register(cli: click.Group) -> None:
                         max_update=o["max_update"], batch_size=o["batch_size"], seed=o["seed"],
                         kd_weight=o["kd_weight"] if o["kd_weight"] is not None else 0.0, loss=o["loss"],
                         budget_weight=o["budget_weight"],
-                        budget_rate=o["budget_rate"], range_init=o["range_init"], augment=o["augment"],
+                        budget_rate=o["budget_rate"], budget_over=o["budget_over"], range_init=o["range_init"],
+                        augment=o["augment"],
                         init_bits=o["init_bits"], schedule=o["schedule"],
                         train_biases=o["train_biases"])
         cfg = cfg.validate()  # bad options fail before the model loads

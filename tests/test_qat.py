@@ -249,6 +249,38 @@ def test_average_bits_land_within_005_of_the_target(tiny):
     assert abs(rep["achieved"]["gbops"] - 0.05) <= 0.05 * 0.05, rep["achieved"]
 
 
+def test_budget_over_learned_averages_the_learned_quantizers_so_w4a4_measures_4(tiny):
+    """`--budget-over learned`: the fixed first/last layers (and the pool feeding the last, at its 8 bits as
+    quantize gives it) are outside the averages, so the learned quantizers alone land on the target, and a
+    uniform 4-bit assignment of them measures exactly 4 and 4 where the all-quantizer average is above."""
+    model, data = tiny
+    reps = {}
+    for over in ("all", "learned"):
+        cfg = QATConfig(target_bits=4.0, budget_over=over, epochs=1, final_epochs=0, batch_size=24)
+        reps[over] = qat_train(model, cfg, data, progress=False).mixq_qat_report
+    rows = {over: {r["name"]: r for r in rep["quantizers"]} for over, rep in reps.items()}
+    pools = [n for n, r in rows["learned"].items() if r["placement"] == "pool"]
+    assert pools
+    for n in pools:  # fixed at the classifier's 8 bits under "learned"; learned like any activation under "all"
+        assert rows["learned"][n]["fixed"] and rows["learned"][n]["bits"] == 8
+        assert not rows["all"][n]["fixed"]
+    a = reps["learned"]["achieved"]
+    bits = {n: r["bits"] for n, r in rows["learned"].items()}
+    sizes = {n: r["size"] for n, r in rows["learned"].items()}
+    kinds = {n: r["kind"] for n, r in rows["learned"].items()}
+    learned = frozenset(n for n, r in rows["learned"].items() if not r["fixed"])
+    for kind, key in (("weight", "weight_bits"), ("act", "act_bits")):
+        assert abs(a[key] - 4.0) <= 0.05, a
+        every = Costs(sizes=sizes, kinds=kinds)
+        scoped = Costs(sizes=sizes, kinds=kinds, counted=learned)
+        assert a[key] == round(average_bits(bits, scoped, kind), 4)
+        assert a[f"{key}_all"] == round(average_bits(bits, every, kind), 4) > a[key]  # the 8-bit ones count
+        uniform = {n: (4 if n in learned else b) for n, b in bits.items()}
+        assert average_bits(uniform, scoped, kind) == pytest.approx(4.0)
+        assert average_bits(uniform, every, kind) > 4.0
+    assert "weight_bits_all" not in reps["all"]["achieved"]
+
+
 # ----------------------------------------------------------------------------- frozen grids
 def test_after_the_final_phase_every_weight_and_activation_is_on_its_frozen_grid(tiny):
     model, data = tiny
@@ -433,6 +465,8 @@ def test_qat_end_to_end_then_eval_export_check_verify(world, tmp_path, run_cli):
     (["--target-bits", "4", "--init-bits", "14"], "--init-bits must be in [2, 14)"),
     (["--target-bits", "4", "--init-bits", "nan"], "'nan' is not a finite number"),  # the CLI's FINITE type
     (["--target-bits", "4", "--lr", "inf"], "'inf' is not a finite number"),
+    (["--target-gbops", "0.05", "--budget-over", "learned"], "GBOPs count every layer"),
+    (["--method", "lsq", "--budget-over", "learned"], "--budget-over is not read by --method lsq"),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
 def test_bad_input_is_one_line_exit_2_and_no_output(world, tmp_path, run_cli, args, needle):
     root, cache = world

@@ -6,6 +6,10 @@ parameter count) and the activation average (each activation quantizer weighted 
 image) must each reach the target. GBOPs = sum over Conv/Linear of MACs * b_w * b_a / 1e9 per image, with
 b_a the bits of the layer's input quantizer: the official code's BOPs loss never sees the activation bits
 (it assigns `bits_actv` but multiplies by `bits_act`); here both enter.
+
+The averages count every quantizer, the first/last layers' fixed 8 bits too (the network's real average), or
+with `--budget-over learned` only those whose bits are learned (`Costs.counted`): then a uniform W4A4 network,
+first/last layers at 8 as `quantize` keeps them, measures 4.0 and 4.0, the budget "W4A4" names.
 """
 from __future__ import annotations
 
@@ -34,6 +38,7 @@ class Costs:
     sizes: dict[str, int] = field(default_factory=dict)
     kinds: dict[str, str] = field(default_factory=dict)
     layers: list[tuple[str, str, str | None, int]] = field(default_factory=list)
+    counted: frozenset[str] | None = None  # the quantizers the averages count (None: all; `--budget-over`)
 
     def names(self, kind: str) -> list[str]:
         return [n for n, k in self.kinds.items() if k == kind]
@@ -76,8 +81,9 @@ def measure_costs(model: nn.Module) -> Costs:
 
 
 def average_bits(bits: Bits, costs: Costs, kind: str) -> Any:
-    """Size-weighted mean bits of one kind (a tensor when `bits` holds tensors)."""
-    names = [n for n in costs.names(kind) if costs.sizes[n] > 0]
+    """Size-weighted mean bits of one kind over the quantizers `costs` counts (a tensor when `bits` holds
+    tensors)."""
+    names = [n for n in costs.names(kind) if costs.sizes[n] > 0 and (costs.counted is None or n in costs.counted)]
     total = sum(costs.sizes[n] for n in names)
     if not total:
         return 0.0
@@ -157,10 +163,17 @@ class BudgetMultipliers:
 
 
 def achieved(bits: Bits, costs: Costs) -> dict[str, float]:
+    """The averages the budget reads and the GBOPs; with a scope (`Costs.counted`), also the averages over
+    every quantizer (`*_all`), the network's real ones."""
     b = {k: float(v) for k, v in bits.items()}
-    return {"weight_bits": round(float(average_bits(b, costs, "weight")), 4),
-            "act_bits": round(float(average_bits(b, costs, "act")), 4),
-            "gbops": round(float(gbops(b, costs)), 6)}
+    out = {"weight_bits": round(float(average_bits(b, costs, "weight")), 4),
+           "act_bits": round(float(average_bits(b, costs, "act")), 4),
+           "gbops": round(float(gbops(b, costs)), 6)}
+    if costs.counted is not None:
+        every = replace(costs, counted=None)
+        out.update(weight_bits_all=round(float(average_bits(b, every, "weight")), 4),
+                   act_bits_all=round(float(average_bits(b, every, "act")), 4))
+    return out
 
 
 def metrics(cfg: QATConfig) -> list[str]:
@@ -197,7 +210,8 @@ def range_bits(costs: Costs, learnable: list[str], fixed: Mapping[str, int], cfg
 
 
 def check_reachable(costs: Costs, learnable: list[str], fixed: Mapping[str, int], cfg: QATConfig) -> None:
-    """Refuse a budget that no bit assignment in [2, max_bits] meets (the fixed first/last layers count)."""
+    """Refuse a budget that no bit assignment in [2, max_bits] meets (the fixed first/last layers count, unless
+    `--budget-over learned` leaves them out)."""
     for metric, target, tol in _metrics(cfg):
         moving = set(_movable(metric, learnable, costs))
         if metric != "gbops" and not moving:

@@ -13,9 +13,11 @@ QAT_METHODS = ("nipq", "lsq")
 NOISES = ("hist", "uniform")
 RANGE_INITS = ("official", "lp")
 SCHEDULES = ("restart", "continuous")
+BUDGET_SCOPES = ("all", "learned")  # which quantizers --target-bits averages over
 MIN_BITS, TRAIN_MAX_BITS = 2, 14  # NIPQ's bit-width range: b = 2 + 12 * sigmoid(theta_b)
 #: fields only --method nipq reads (lsq refuses them when set)
-NIPQ_ONLY = ("noise", "qlr", "max_bits", "init_bits", "range_init", "budget_weight", "budget_rate", "tolerance")
+NIPQ_ONLY = ("noise", "qlr", "max_bits", "init_bits", "range_init", "budget_weight", "budget_rate", "tolerance",
+             "budget_over")
 FLOAT_BITS = 16  # --max-bits 16: what a float layer counts as once deployed (FP16 or wider)
 
 
@@ -29,6 +31,10 @@ class QATConfig:
 
     method: str = "nipq"
     target_bits: float | None = None  # average bits, of the weights and of the activations (each)
+    # which quantizers target_bits averages over. all: every one, the fixed first/last layers' included (the
+    # network's real average); learned: those whose bits are learned, the fixed ones (and a pool feeding a fixed
+    # layer, at that layer's bits as `quantize` gives it) outside, as "W4A4" keeps its first/last layers at 8 bits
+    budget_over: str = "all"
     target_gbops: float | None = None  # sum over Conv/Linear of MACs * b_w * b_a, in 1e9
     wbits: int | None = None  # lsq only [default: 4]; nipq learns the bits and refuses them
     abits: int | None = None  # lsq only [default: 4]
@@ -77,6 +83,8 @@ class QATConfig:
             raise MixqError(f"--range-init must be one of {', '.join(RANGE_INITS)}, got {self.range_init!r}")
         if self.schedule not in SCHEDULES:
             raise MixqError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.budget_over not in BUDGET_SCOPES:
+            raise MixqError(f"--budget-over must be one of {', '.join(BUDGET_SCOPES)}, got {self.budget_over!r}")
         if self.noise not in NOISES:
             raise MixqError(f"--noise must be one of {', '.join(NOISES)}, got {self.noise!r}")
         check_int("--epochs", self.epochs, 1)
@@ -122,6 +130,8 @@ class QATConfig:
             raise MixqError("give one budget: --target-bits or --target-gbops, not both")
         if self.target_bits is None and self.target_gbops is None:
             raise MixqError("--method nipq needs a budget: --target-bits B or --target-gbops G")
+        if self.budget_over != "all" and self.target_bits is None:
+            raise MixqError("--budget-over scopes the average of --target-bits; GBOPs count every layer")
         if self.target_bits is not None and not (math.isfinite(self.target_bits) and 2 <= self.target_bits <= 8):
             raise MixqError(f"--target-bits must be between 2 and 8, got {self.target_bits}")
         if self.target_gbops is not None and not (math.isfinite(self.target_gbops) and self.target_gbops > 0):

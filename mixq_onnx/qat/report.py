@@ -20,7 +20,9 @@ def summary(rep: dict[str, Any]) -> str:
     t = rep["target"]
     want = (f" (target {t['bits']:g} bits)" if t and "bits" in t else
             f" (target {t['gbops']:g} GBOPs)" if t else "")
-    lines = [f"{rep['method']}: weights {a['weight_bits']:.3f} bits, activations {a['act_bits']:.3f} bits, "
+    scope = (f" over the learned quantizers (all: weights {a['weight_bits_all']:.3f}, activations "
+             f"{a['act_bits_all']:.3f})" if "weight_bits_all" in a else "")
+    lines = [f"{rep['method']}: weights {a['weight_bits']:.3f} bits, activations {a['act_bits']:.3f} bits{scope}, "
              f"{a['gbops']:.4g} GBOPs{want}; {len(rep['moves'])} bit move(s) at freezing; {rep['seconds']:.1f} s"]
     if rep.get("float_layers"):
         d = rep["deployed"]

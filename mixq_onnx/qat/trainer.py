@@ -28,7 +28,7 @@ import torch.nn as nn
 from ..data import pick_subset
 from ..quant.config import QuantConfig
 from ..quant.graph import prepare, quantizers
-from ..quant.modules import QUANT_LAYERS
+from ..quant.modules import QUANT_LAYERS, QuantPool
 from ..quant.quantizer import ActQuantizer, WeightQuantizer, search_act_scale, search_weight_scale
 from ..quant.reconstruct import init_scales
 from ..training import TrainConfig, TrainData, check_training_data, default_teacher, kd_weight_for
@@ -92,8 +92,13 @@ def _fixed_bits(gm: nn.Module, cfg: QATConfig) -> dict[str, int]:
             out[m.weight_quantizer.name] = cfg.first_last_bits
             if m.input_quantizer is not None:
                 out[m.input_quantizer.name] = cfg.first_last_bits
-    # (a pool's input quantizer is no layer's: NIPQ learns its bits like any activation's, and the budget
-    # counts them; `quantize` and LSQ give it its consumer's bits)
+    # a pool's input quantizer is no layer's: NIPQ learns its bits like any activation's, and the budget counts
+    # them, where `quantize` and LSQ give it its consumer's bits; with the budget over the learned quantizers
+    # alone, a pool feeding a fixed layer takes that layer's bits as there, so that W4A4 measures 4 and 4
+    if cfg.budget_over == "learned":
+        for m in gm.modules():
+            if isinstance(m, QuantPool) and m.output_quantizer.name in out:
+                out[m.input_quantizer.name] = out[m.output_quantizer.name]
     return out
 
 
@@ -308,6 +313,8 @@ def train(model: nn.Module, cfg: QATConfig, data: TrainData, *, teacher: nn.Modu
     costs = measure_costs(gm)
     fixed = _fixed_bits(gm, cfg) if not lsq else {n: q.bits for n, q in quantizers(gm).items()}
     learnable = [n for n in costs.kinds if n not in fixed]
+    if cfg.budget_over == "learned":
+        costs.counted = frozenset(learnable)
     if not lsq:
         check_reachable(costs, learnable, fixed, cfg)  # before any training
     layers = [m for m in gm.modules() if isinstance(m, QUANT_LAYERS)]
