@@ -281,6 +281,42 @@ def test_budget_over_learned_averages_the_learned_quantizers_so_w4a4_measures_4(
     assert "weight_bits_all" not in reps["all"]["achieved"]
 
 
+def test_budget_over_learned_keeps_its_scope_on_the_deployed_widths(tiny):
+    """With `--max-bits 16` the report's deployed averages (float layers at 16) count the same quantizers the
+    budget counted, as under `all`, and name the network's real ones beside them."""
+    model, data = tiny
+    kw = dict(target_bits=8.0, init_bits=12.0, epochs=1, final_epochs=1, batch_size=16, tolerance=6.0, max_bits=16)
+    rep = qat_train(model, QATConfig(budget_over="learned", **kw), data, progress=False).mixq_qat_report
+    assert rep["float_layers"]
+    a, d = rep["achieved"], rep["deployed"]
+    for key in ("weight_bits", "act_bits", "weight_bits_all", "act_bits_all"):
+        assert abs(d[key] - a[key]) < 0.01, (key, a, d)
+    assert d["weight_bits"] != d["weight_bits_all"]  # the fixed 8-bit first/last layers are outside one of them
+
+
+def test_budget_over_learned_refuses_a_model_whose_policy_fixes_every_layer():
+    """Conv, pool, Linear: the first/last-layer policy fixes both layers, so nothing learns its bits and a
+    learned-quantizer average does not exist; under `all` the fixed 8 bits cannot reach 4 either."""
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.pool, self.fc = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.AdaptiveAvgPool2d(1), \
+                torch.nn.Linear(8, 10)
+
+        def forward(self, x):
+            return self.fc(torch.flatten(self.pool(torch.relu(self.conv(x))), 1))
+
+    torch.manual_seed(0)
+    data = TrainData(torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(1)), torch.arange(16) % 10,
+                     "random")
+    with pytest.raises(MixqError, match="no weight quantizer of this model learns its bits"):
+        qat_train(Net().eval(), QATConfig(target_bits=4.0, budget_over="learned", epochs=1), data, progress=False)
+    with pytest.raises(MixqError, match="out of reach"):
+        qat_train(Net().eval(), QATConfig(target_bits=4.0, epochs=1), data, progress=False)
+    with pytest.raises(MixqError, match="with --first-last-bits 0 none is fixed"):
+        QATConfig(target_bits=4.0, budget_over="learned", first_last_bits=0).validate()
+
+
 # ----------------------------------------------------------------------------- frozen grids
 def test_after_the_final_phase_every_weight_and_activation_is_on_its_frozen_grid(tiny):
     model, data = tiny

@@ -138,3 +138,4 @@ def test_an_active_activation_quantizer_that_is_not_learning_passes_the_straight
     assert torch.equal(x.grad, torch.where(inside, weights, torch.zeros_like(weights)))
     assert q.scale.grad is None
     assert torch.equal(y.detach(), (torch.clamp(r, lo, hi) - q.zero_point) * q.scale.detach())
+    assert not q(x.detach()).requires_grad  # nor through the plain form, on an input that wants no gradient

@@ -214,8 +214,13 @@ def check_reachable(costs: Costs, learnable: list[str], fixed: Mapping[str, int]
     `--budget-over learned` leaves them out)."""
     for metric, target, tol in _metrics(cfg):
         moving = set(_movable(metric, learnable, costs))
-        if metric != "gbops" and not moving:
-            continue
+        if metric != "gbops" and not costs.names(metric):
+            continue  # no quantizer of this kind at all: no average to meet (as `budget_gaps`)
+        if metric != "gbops" and not moving and costs.counted is not None:
+            what = "weight" if metric == "weight" else "activation"
+            raise MixqError(f"--budget-over learned: no {what} quantizer of this model learns its bits (the "
+                            f"first/last-layer policy fixes them all), so there is no average to aim at; use "
+                            f"--budget-over all")
         lo = {n: (2 if n in moving else fixed.get(n, cfg.bits_cap)) for n in costs.kinds}
         hi = {n: (cfg.bits_cap if n in moving else fixed.get(n, cfg.bits_cap)) for n in costs.kinds}
         vmin, vmax = _value(metric, lo, costs), _value(metric, hi, costs)

@@ -132,6 +132,9 @@ class QATConfig:
             raise MixqError("--method nipq needs a budget: --target-bits B or --target-gbops G")
         if self.budget_over != "all" and self.target_bits is None:
             raise MixqError("--budget-over scopes the average of --target-bits; GBOPs count every layer")
+        if self.budget_over == "learned" and self.first_last_bits is None:
+            raise MixqError("--budget-over learned leaves the fixed first/last layers out of the averages; with "
+                            "--first-last-bits 0 none is fixed: drop it")
         if self.target_bits is not None and not (math.isfinite(self.target_bits) and 2 <= self.target_bits <= 8):
             raise MixqError(f"--target-bits must be between 2 and 8, got {self.target_bits}")
         if self.target_gbops is not None and not (math.isfinite(self.target_gbops) and self.target_gbops > 0):

@@ -14,24 +14,30 @@ from ..quant.io import QAT_REPORT_FILES, save_quantized
 QAT_JSON, BITS_PNG = QAT_REPORT_FILES  # quant.io owns the names: an overwrite by quantize removes them
 
 
+def _averages(a: dict[str, Any]) -> str:
+    """The averages `achieved` gives, with their scope named when the budget counted the learned quantizers."""
+    out = f"weights {a['weight_bits']:.3f} bits, activations {a['act_bits']:.3f} bits"
+    if "weight_bits_all" in a:
+        out += (f" over the learned quantizers (all: weights {a['weight_bits_all']:.3f}, activations "
+                f"{a['act_bits_all']:.3f})")
+    return out
+
+
 def summary(rep: dict[str, Any]) -> str:
     """A few lines: method, achieved budget against the target, moves at freezing, bits per layer."""
     a = rep["achieved"]
     t = rep["target"]
     want = (f" (target {t['bits']:g} bits)" if t and "bits" in t else
             f" (target {t['gbops']:g} GBOPs)" if t else "")
-    scope = (f" over the learned quantizers (all: weights {a['weight_bits_all']:.3f}, activations "
-             f"{a['act_bits_all']:.3f})" if "weight_bits_all" in a else "")
-    lines = [f"{rep['method']}: weights {a['weight_bits']:.3f} bits, activations {a['act_bits']:.3f} bits{scope}, "
-             f"{a['gbops']:.4g} GBOPs{want}; {len(rep['moves'])} bit move(s) at freezing; {rep['seconds']:.1f} s"]
+    lines = [f"{rep['method']}: {_averages(a)}, {a['gbops']:.4g} GBOPs{want}; {len(rep['moves'])} bit move(s) at "
+             f"freezing; {rep['seconds']:.1f} s"]
     if rep.get("float_layers"):
         d = rep["deployed"]
         lines.append(f"  {len(rep['float_layers'])} layer(s) stay float (--max-bits 16; each counts 16 bits): "
                      + ", ".join(f"{f['name']} (learned W{f['learned_weight_bits']:.1f}"
                                  f"A{'-' if f['learned_input_bits'] is None else format(f['learned_input_bits'], '.1f')})"
                                  for f in rep["float_layers"])
-                     + f"; deployed, counting them at 16 bits: weights {d['weight_bits']:.3f}, activations "
-                       f"{d['act_bits']:.3f} bits, {d['gbops']:.4g} GBOPs")
+                     + f"; deployed, counting them at 16 bits: {_averages(d)}, {d['gbops']:.4g} GBOPs")
     by = {q["name"]: q for q in rep["quantizers"]}
     cells = []
     for layer in rep["layers"]:
@@ -100,7 +106,8 @@ def plot_bits(rep: dict[str, Any]) -> bytes:
         ax.set_ylim(0, top + 1.5)
         ax.grid(axis="x", visible=False)
         a = rep["achieved"]
-        ax.set_title(f"{rep['method']}: W {a['weight_bits']:.2f} bits, A {a['act_bits']:.2f} bits, "
+        scope = " (learned quantizers)" if "weight_bits_all" in a else ""
+        ax.set_title(f"{rep['method']}: W {a['weight_bits']:.2f} bits, A {a['act_bits']:.2f} bits{scope}, "
                      f"{a['gbops']:.3g} GBOPs", fontsize=10)
         ax.legend(loc="upper right", ncol=3)
         fig.tight_layout()

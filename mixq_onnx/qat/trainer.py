@@ -96,8 +96,9 @@ def _fixed_bits(gm: nn.Module, cfg: QATConfig) -> dict[str, int]:
     # them, where `quantize` and LSQ give it its consumer's bits; with the budget over the learned quantizers
     # alone, a pool feeding a fixed layer takes that layer's bits as there, so that W4A4 measures 4 and 4
     if cfg.budget_over == "learned":
-        for m in gm.modules():
-            if isinstance(m, QuantPool) and m.output_quantizer.name in out:
+        layer_inputs = {id(m.input_quantizer) for m in gm.modules() if isinstance(m, QUANT_LAYERS)}
+        for m in gm.modules():  # (a pool quantizer some layer also reads keeps that layer's policy)
+            if isinstance(m, QuantPool) and m.output_quantizer.name in out and id(m.input_quantizer) not in layer_inputs:
                 out[m.input_quantizer.name] = out[m.output_quantizer.name]
     return out
 
@@ -232,6 +233,9 @@ def _report(gm: nn.Module, cfg: QATConfig, costs: Costs, cont: dict[str, float],
     """`costs`, `cont`, `fixed`, `alpha0` and `frozen` (the bits the budget froze) are keyed by the training
     model's quantizers; `src` maps each of `gm`'s to its training quantizer (identity without float layers)."""
     deployed = measure_costs(gm) if floats else costs  # the quantizers of the model as it ships
+    # under `--budget-over learned`, the shipped quantizers (and float layers' widths) the budget counted
+    counted = None if costs.counted is None or not floats else \
+        {n for n in deployed.kinds if (src or {}).get(n) in costs.counted}
     rows = []
     for name, q in quantizers(gm).items():
         s = name if not floats else (src or {}).get(name)  # None: a placement the float layers created
@@ -272,6 +276,10 @@ def _report(gm: nn.Module, cfg: QATConfig, costs: Costs, cont: dict[str, float],
                 if ka:
                     deployed.kinds[ka], deployed.sizes[ka], bits[ka] = "act", costs.sizes[a], FLOAT_BITS
                 deployed.layers.append((n, kw, ka, m))
+                if counted is not None:
+                    counted |= {k for k, t in ((kw, w), (ka, a)) if k and t in costs.counted}
+        if counted is not None:
+            deployed.counted = frozenset(counted)
         rep["float_layers"] = float_rows
         rep["deployed"] = achieved(bits, deployed)
     return rep

@@ -243,8 +243,9 @@ class ActQuantizer(_Base):
         if x.requires_grad or (self.learning and self.scale.requires_grad):
             return _LSQ.apply(x, self.scale if self.learning else self.scale.detach(), self.zero_point, float(lo),
                               float(hi), lsq_grad_scale(per_sample(x), hi))
-        q = torch.clamp(torch.round(x / self.scale) + self.zero_point, lo, hi)
-        return (q - self.zero_point) * self.scale
+        s = self.scale.detach()  # no gradient wanted: the step learns only in the form above
+        q = torch.clamp(torch.round(x / s) + self.zero_point, lo, hi)
+        return (q - self.zero_point) * s
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _EXPORT is not None:
