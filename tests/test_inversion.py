@@ -68,9 +68,10 @@ def test_shard_bn_loss_drops_and_is_reproducible(resnet20):
     again = InversionGenerator(_ctx(resnet20)).generate(0, plans)
     assert torch.equal(out.images, again.images)
     assert [e["fp_pred"] for e in out.extra] == [e["fp_pred"] for e in again.extra]
-    # another shard index draws other latents and weights
+    # another shard index draws other latents and weights, from the seed its stats record
     other = InversionGenerator(_ctx(resnet20)).generate(1, plans)
     assert not torch.equal(out.images, other.images)
+    assert isinstance(s["seed"], int) and again.stats["seed"] == s["seed"] != other.stats["seed"]
 
     # the target network is left as it was: weights, eval mode, no hooks, no gradients
     after = resnet20.state_dict()

@@ -122,7 +122,9 @@ class ImagePlan:
 
 
 def image_seed(seed: int, index: int) -> int:
-    """Per-image seed: regenerate image `index` alone with this."""
+    """Per-image seed: the generators that draw each image from its own seed (diffusion, noise) regenerate image
+    `index` alone with it. BN inversion learns a shard's images together from one seed (its shard stats'
+    `seed`), and real images are a seeded permutation's head: there it identifies the plan only."""
     return int(np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint32)[0])
 
 

@@ -312,7 +312,8 @@ class InversionGenerator(Generator):
         mean = torch.tensor(pre.mean, dtype=torch.float32, device=dev).view(1, -1, 1, 1)
         std = torch.tensor(pre.std, dtype=torch.float32, device=dev).view(1, -1, 1, 1)
 
-        g = torch.Generator().manual_seed(_shard_seed(self.ctx.seed, shard_index, plans[0].index, n))
+        shard_seed = _shard_seed(self.ctx.seed, shard_index, plans[0].index, n)
+        g = torch.Generator().manual_seed(shard_seed)
         synth = _Synth(o["latent_dim"], o["gen_channels"], hw)
         synth.init_(g)
         synth.to(dev).train()
@@ -401,6 +402,9 @@ class InversionGenerator(Generator):
             "bn_loss_end": round(bn_end, 6),
             "bn_loss_first_iter": None if loss_first is None else round(loss_first, 6),
             "bn_loss_last_iter": None if loss_last is None else round(loss_last, 6),
+            # what seeds the whole shard (the images are learned together): the per-image `seed` of the
+            # manifest's records is the plan's and does not regenerate an image alone here
+            "seed": shard_seed,
             "iters": o["iters"],
             "bn_layers": len(hooks.layers),
             "swing_convs": hooks.n_swing,
