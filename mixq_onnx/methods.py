@@ -36,6 +36,8 @@ class Phase:
     learn_act:    LSQ activation step sizes (cosine-annealed Adam).
     learn_wscale: per-channel weight scales on the integer base frozen at init (Genie-M), annealed with the
                   activation steps by one cosine, as Genie's reference does; the rounding keeps a constant rate.
+                  Against the constant rate it replaced (ResNet-20, draw-0 cache, seeds 0-2, test top-1,
+                  2026-12-01): W4A4 79.19 against 79.08, W2A4 73.59 against 73.34, within a seed's spread.
     drop:         QDrop with `drop_prob`: mix float into the quantized activations, on the unit input and
                   inside the unit. The unit's input is mixed with the float model's input first, and the
                   unit's own input quantizer (inside the unit: quantizers sit at layer inputs) drops again, so
