@@ -491,8 +491,8 @@ def _quantize_json(out: Path, report: dict[str, Any], clock: list[tuple[str, flo
               help="A TensorRT plan from `build`: top-1 through the engine (needs an NVIDIA GPU).")
 @click.option("--data", required=True, type=click.Path(), help="npz (x uint8 NHWC, y) or an image folder per class.")
 @click.option("--limit", type=POSITIVE, default=None, metavar="N",
-              help="Evaluate a seeded, class-stratified sample of N images (a random one for unlabelled data), "
-                   "never the first N: data files are often sorted by class.")
+              help="Evaluate a seeded, class-stratified sample of N images, never the first N: data files are "
+                   "often sorted by class.")
 @click.option("--batch-size", type=POSITIVE, default=250, show_default=True,
               help="Images per forward pass: memory and speed only, not the result (--engine: at most the "
                    "plan's MAX batch).")
@@ -769,7 +769,8 @@ def _percent(_ctx: Any, param: Any, value: float | None) -> float | None:
               help="The quantize output the graph came from. --model/--checkpoint replace its recorded model file "
                    "and checkpoint (moved files: each must have the sha256 DIR/quant.json records).")
 @model_options()
-@click.option("--data", required=True, type=click.Path(), help="npz (x uint8 NHWC, y) or an image folder.")
+@click.option("--data", required=True, type=click.Path(),
+              help="npz (x uint8 NHWC; labels y optional, never read) or an image folder (per class, or flat).")
 @click.option("--limit", type=POSITIVE, default=None, metavar="N",
               help="Compare on a seeded, class-stratified sample of N images (a random one for unlabelled data), "
                    "never the first N.")

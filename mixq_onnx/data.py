@@ -62,34 +62,40 @@ class LabelledData:
     labels: torch.Tensor  # int64 [N]
     subset: str  # pick_subset's description, e.g. "500 of 5000 images, class-stratified sample (seed 0)"
     source_hw: tuple[int, int]  # the data's own size (folders: the median decoded image) before any resize
-    resized_on_load: bool = False  # folders: shorter side resized and centre-cropped to a square on load
+    resized_on_load: bool = False  # folders: scaled to cover the model input and centre-cropped to it on load
 
 
-def load_labelled(path: str | os.PathLike, size: int | None = None, limit: int | None = None, seed: int = 0
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def load_labelled(path: str | os.PathLike, size: int | tuple[int, int] | None = None, limit: int | None = None,
+                  seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 images [N,H,W,3] and int64 labels [N] (`read_labelled` without the description)."""
     d = read_labelled(path, size, limit, seed)
     return d.images, d.labels
 
 
-def read_labelled(path: str | os.PathLike, size: int | None = None, limit: int | None = None, seed: int = 0
-                  ) -> LabelledData:
+def read_labelled(path: str | os.PathLike, size: int | tuple[int, int] | None = None, limit: int | None = None,
+                  seed: int = 0, *, labelled: bool = True) -> LabelledData:
     """An npz or class-folder tree; `limit` picks `pick_subset`'s sample (never the first N: files are often
-    sorted by class). Folder images are resized (shorter side) and centre-cropped to `size` so they stack."""
-    from .calib.generators.real import folder_files, load_npz, resize_center
+    sorted by class). Folder images are scaled to cover `size` (an int: a square; or (height, width)) and
+    centre-cropped to it so they stack. `labelled=False` also takes images without labels (an npz without 'y',
+    a flat folder), labelled -1, for a reader that never looks at them (`verify`)."""
+    from .calib.generators.real import folder_files, load_npz, resize_center, rgb8
 
     p = Path(path)
     if not str(path).strip() or not p.exists():
         raise MixqError(f"data not found: {str(path)!r}")
+    if not (p.is_file() or p.is_dir()):
+        raise MixqError(f"{p} is neither an npz file nor a folder of images")
     if limit is not None and limit < 1:
         raise MixqError(f"--limit must be at least 1, got {limit}")
     if p.is_file():
         x, y = load_npz(p)  # checks: a zip archive, 'x' uint8 NHWC, 'y' 1-D integers, one per image
-        if y is None:
+        if y is None and labelled:
             raise MixqError(f"{p} has no labels 'y'")
         if len(x) == 0:
             raise MixqError(f"{p} holds no images (0 in 'x')")
         idx, subset = pick_subset(y, len(x), limit, seed)
+        if y is None:
+            y = np.full(len(x), -1, dtype=np.int64)
         if len(idx) < len(x):
             x, y = x[idx], y[idx]
         xt = torch.from_numpy(np.ascontiguousarray(x))
@@ -105,9 +111,9 @@ def read_labelled(path: str | os.PathLike, size: int | None = None, limit: int |
     files, labels, _ = folder_files(p)
     if not files:
         raise MixqError(f"no images under {p}")
-    if labels and labels[0] < 0:
+    if labels and labels[0] < 0 and labelled:
         raise MixqError(f"{p} has no class sub-folders, so no labels")
-    idx, subset = pick_subset(np.asarray(labels), len(files), limit, seed)
+    idx, subset = pick_subset(np.asarray(labels) if labels[0] >= 0 else None, len(files), limit, seed)
     files, labels = [files[i] for i in idx], [labels[i] for i in idx]
     from PIL import Image
 
@@ -116,7 +122,9 @@ def read_labelled(path: str | os.PathLike, size: int | None = None, limit: int |
     for f in files:
         try:
             with Image.open(f) as im:
-                arr = torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.uint8).copy())
+                arr = torch.from_numpy(rgb8(im))
+        except MixqError as e:
+            raise MixqError(f"cannot read image {f}: {e}") from None
         except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, ...
             raise MixqError(f"cannot read image {f}: {' '.join(str(e).split())}") from None
         sizes.append(arr.shape[:2])
@@ -140,7 +148,7 @@ def preprocessing_notes(pre: Preprocessing, source_hw: tuple[int, int] | None, *
     if source_hw is None:
         how = f"resize {mode} if needed"
     elif resized_on_load:
-        how = f"images ~{source_hw[0]}x{source_hw[1]}, shorter side resized bilinear and centre-cropped on load"
+        how = f"images ~{source_hw[0]}x{source_hw[1]}, scaled bilinear to cover the input and centre-cropped on load"
     elif tuple(source_hw) == (h, w):
         how = f"data {source_hw[0]}x{source_hw[1]}, no resize"
     else:
@@ -172,11 +180,16 @@ def report_data(pre: Preprocessing, source_hw: tuple[int, int] | None, subset: s
     return lines
 
 
+def model_hw(pre: Preprocessing) -> tuple[int, int]:
+    """The (height, width) a model's images are read at."""
+    return int(pre.input_size[1]), int(pre.input_size[2])
+
+
 def read_for_model(path: str | os.PathLike, pre: Preprocessing, limit: int | None = None, *,
-                   log: Callable[[str], None] | None = None) -> LabelledData:
+                   log: Callable[[str], None] | None = None, labelled: bool = True) -> LabelledData:
     """`read_labelled` at the model's input size, then `report_data` through `log` (None: silent): what `eval`
     and `eval --engine` feed their model, and the lines that say so."""
-    d = read_labelled(path, pre.input_size[1], limit)
+    d = read_labelled(path, model_hw(pre), limit, labelled=labelled)
     if log is not None:
         report_data(pre, d.source_hw, d.subset, log=log, resized_on_load=d.resized_on_load)
     return d

@@ -172,8 +172,11 @@ def data_identity(path: str | os.PathLike) -> str:
     p = Path(path)
     if p.is_file():
         return sha256_file(p)
-    entries = sorted(f"{f.relative_to(p)}|{sha256_file(f)}" for f in p.rglob("*") if f.is_file())
-    return sha256_bytes("\n".join(entries).encode())
+    from .calib.generators.real import folder_files
+
+    files, _, _ = folder_files(p)  # exactly the files the reader reads (symlinked class folders included)
+    entries = sorted(f"{f.relative_to(p)}|{sha256_file(f)}" for f in files)
+    return sha256_bytes("\n".join(entries).encode("utf-8", "surrogateescape"))
 
 
 def check_sweep_dir(out: str | os.PathLike) -> Path:
@@ -271,7 +274,7 @@ def _sweep_locked(models: list[SweepModel], cfg: SweepConfig, calib: Any, data: 
                   log: Callable[[str], None] | None) -> dict[str, Any]:
     """`run_sweep` under the folder's lock: sweep.json is read, extended and rewritten by one process."""
     from .calib import load_calibration
-    from .data import LabelledData, preprocessing_notes, read_labelled, report_data
+    from .data import LabelledData, model_hw, preprocessing_notes, read_labelled, report_data
     from .models import get_preprocessing
     from .quant import evaluate, quantize
 
@@ -310,7 +313,7 @@ def _sweep_locked(models: list[SweepModel], cfg: SweepConfig, calib: Any, data: 
                 bar.update(1)
                 continue
             pre = get_preprocessing(sm.model)
-            size = pre.input_size[1]
+            size = model_hw(pre)
             if size not in evalsets:
                 evalsets[size] = read_labelled(data, size, cfg.limit)
             ev = evalsets[size]

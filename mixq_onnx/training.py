@@ -129,7 +129,7 @@ def load_training_data(src: str | os.PathLike, model: nn.Module, *, cache_root: 
     model's way. `limit` takes `pick_subset`'s seeded sample (class-stratified where the images have labels),
     never the first N; `log` gets the `data:` / `preprocessing:` lines (`report_data`)."""
     from .calib.cache import is_cache_dir
-    from .data import pick_subset, read_labelled, report_data
+    from .data import model_hw, pick_subset, read_labelled, report_data
     from .models import get_preprocessing
 
     p = Path(src)
@@ -147,7 +147,7 @@ def load_training_data(src: str | os.PathLike, model: nn.Module, *, cache_root: 
                          {"cache": str(ds.path), "recipe_hash": ds.provenance()["hash"], "images": len(idx),
                           "subset": subset})
     pre = get_preprocessing(model)
-    d = read_labelled(p, pre.input_size[1], limit)
+    d = read_labelled(p, model_hw(pre), limit)
     if log is not None:
         report_data(pre, d.source_hw, d.subset, log=log, resized_on_load=d.resized_on_load)
     images = d.images

@@ -202,7 +202,7 @@ def verify_data(onnx_path: str | os.PathLike, data: str | os.PathLike, *, quanti
         raise MixqError(f"ONNX model not found: {onnx_path}")
     _, qmodel = load_result(quantized, model, trust_model_code)
     notes: list[str] = []
-    d = read_for_model(data, get_preprocessing(qmodel), limit, log=notes.append)
+    d = read_for_model(data, get_preprocessing(qmodel), limit, log=notes.append, labelled=False)  # no labels read
     rep = verify_onnx(onnx_path, qmodel, d.images, batch_size, progress=progress)
     for line in notes if log is not None else ():
         log(line)

@@ -17,20 +17,49 @@ from .base import Generator, ShardOutput, register
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
 
 
+def _hidden(name: str) -> bool:
+    """A name no dataset means as data: dot-files and dot-folders (.git, .ipynb_checkpoints, macOS ._ files) and
+    the __MACOSX folder of a zip made on a Mac."""
+    return name.startswith(".") or name == "__MACOSX"
+
+
+def _is_image(f: Path) -> bool:
+    return f.suffix.lower() in IMAGE_SUFFIXES and not _hidden(f.name) and f.is_file()
+
+
 def folder_files(root: Path) -> tuple[list[Path], list[int], list[str]]:
-    """Files in `root` (ImageFolder layout: class sub-folders give labels; flat folders have none)."""
-    subdirs = sorted(d for d in root.iterdir() if d.is_dir())
+    """Files in `root` (ImageFolder layout: class sub-folders give labels; flat folders have none). Hidden
+    files and folders are not data; a folder with both images and class sub-folders is refused, since either
+    reading of it would drop or mislabel images."""
+    if not root.is_dir():
+        raise MixqError(f"{root} is neither an npz file nor a folder of images")
+    subdirs = sorted(d for d in root.iterdir() if d.is_dir() and not _hidden(d.name))
+    loose = sorted(f for f in root.iterdir() if _is_image(f))
+    if subdirs and loose:
+        raise MixqError(f"{root} holds {len(loose)} image(s) beside {len(subdirs)} sub-folder(s) ({subdirs[0].name}, "
+                        "...): put every image in a class folder (labelled) or none in a sub-folder (unlabelled)")
     files: list[Path] = []
     labels: list[int] = []
     if subdirs:
         for ci, d in enumerate(subdirs):
             for f in sorted(d.rglob("*")):
-                if f.suffix.lower() in IMAGE_SUFFIXES:
+                if _is_image(f) and not any(_hidden(part) for part in f.relative_to(d).parts):
                     files.append(f)
                     labels.append(ci)
         return files, labels, [d.name for d in subdirs]
-    files = sorted(f for f in root.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
-    return files, [-1] * len(files), []
+    return loose, [-1] * len(loose), []
+
+
+def rgb8(im: Any) -> np.ndarray:
+    """A PIL image as uint8 [H,W,3]. 16-bit (and 32-bit integer) greyscale is scaled down from its full range,
+    where PIL's convert("RGB") would clip every value above 255 to white; float images are refused."""
+    if im.mode == "F":
+        raise MixqError("a floating-point (mode F) image: give 8- or 16-bit images")
+    if im.mode.startswith("I"):
+        a = np.asarray(im).astype(np.float64)
+        a = np.clip(np.rint(a / 257.0), 0, 255).astype(np.uint8)
+        return np.ascontiguousarray(np.repeat(a[..., None], 3, axis=2))
+    return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
 
 
 def load_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
@@ -57,8 +86,8 @@ def load_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
         raise
     except Exception as e:  # noqa: BLE001
         raise MixqError(f"cannot read {path}: {' '.join(str(e).split())}") from None
-    if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] not in (1, 3):
-        raise MixqError(f"{path}: 'x' must be uint8 [N,H,W,3], got {x.dtype} {x.shape}")
+    if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] not in (1, 3) or min(x.shape[1:3]) < 1:
+        raise MixqError(f"{path}: 'x' must be uint8 [N,H,W,3] with H, W >= 1, got {x.dtype} {x.shape}")
     if y is not None:
         if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
             raise MixqError(f"{path}: labels 'y' must be a 1-D integer array, got {y.dtype} {y.shape}")
@@ -74,6 +103,8 @@ def image_problem(path: Path) -> str | None:
     try:
         with Image.open(path) as im:
             im.load()
+            if im.mode == "F":
+                return "a floating-point (mode F) image: give 8- or 16-bit images"
     except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, DecompressionBombError
         return " ".join(str(e).split()) or type(e).__name__
     return None
@@ -193,7 +224,7 @@ class RealGenerator(Generator):
 
             try:
                 with Image.open(self._files[j]) as im:
-                    img = torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.uint8).copy())
+                    img = torch.from_numpy(rgb8(im))
             except Exception as e:  # noqa: BLE001 - changed since validate() decoded it
                 raise MixqError(f"cannot decode image {self._files[j]}: {' '.join(str(e).split())}") from None
         s = self.ctx.size
@@ -210,15 +241,17 @@ class RealGenerator(Generator):
         return ShardOutput(torch.stack(imgs), extra)
 
 
-def resize_center(img: torch.Tensor, s: int) -> torch.Tensor:
-    """Shorter side to `s`, then centre crop: uint8 HWC -> uint8 [s,s,3]."""
+def resize_center(img: torch.Tensor, s: int | tuple[int, int]) -> torch.Tensor:
+    """Scale to cover `s` (an int: a square; or (height, width)) keeping the aspect ratio, then centre crop:
+    uint8 HWC -> uint8 [sh,sw,3]."""
     import torch.nn.functional as F
 
+    sh, sw = (s, s) if isinstance(s, int) else (int(s[0]), int(s[1]))
     h, w = img.shape[:2]
-    scale = s / min(h, w)
-    nh, nw = max(s, round(h * scale)), max(s, round(w * scale))
+    scale = max(sh / h, sw / w)
+    nh, nw = max(sh, round(h * scale)), max(sw, round(w * scale))
     x = img.permute(2, 0, 1).unsqueeze(0).float()
     x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)
-    top, left = (nh - s) // 2, (nw - s) // 2
-    x = x[..., top:top + s, left:left + s]
+    top, left = (nh - sh) // 2, (nw - sw) // 2
+    x = x[..., top:top + sh, left:left + sw]
     return x.round().clamp(0, 255).to(torch.uint8)[0].permute(1, 2, 0).contiguous()
