@@ -1115,6 +1115,11 @@ def findings(results: list[dict[str, Any]]) -> list[str]:
                    "rescale and bias as it does a conv's. onnxruntime gave the same logits bit for bit, but the engine "
                    "had 43 layers instead of 42: the rescale stayed a kernel of its own and the pool's requantize "
                    "split off into another (1 float hand-off). The Gemm form stays.")
+        out.append("- Tried again (2026-12-01, ResNet-20 rtn W8A8's graph rewritten by hand, TensorRT-RTX on this CPU): "
+                   "the rescale as one scalar, the rescale and bias as Gemm's alpha and C, and the per-channel rescale "
+                   "folded into the weights' DequantizeLinear with the bias as C. Every variant built 42 layers: the "
+                   "INT8 GEMM, then a float epilogue kernel of its own. No form of an INT8 classifier found here "
+                   "reaches ModelOpt ONNX's single FP16 layer.")
     rtn = {r["model"]: (r.get("handoffs") or {}).get("float", 0) for r in ok
            if r["tool"] == "mixq" and r["variant"] == "rtn-w8a8"}
     qd = [r for r in ok if r["tool"] == "mixq" and r.get("method") == "qdrop"
