@@ -133,6 +133,8 @@ def load_training_data(src: str | os.PathLike, model: nn.Module, *, cache_root: 
     from .models import get_preprocessing
 
     p = Path(src)
+    if not p.exists() and (p.suffix or len(p.parts) > 1):  # a path, not a cache hash: say so, not "no cache"
+        raise MixqError(f"data not found: {str(src)!r} (an npz, an image folder or a calibration cache)")
     if (p.is_dir() and is_cache_dir(p)) or not p.exists():
         from .calib import load_calibration
 

@@ -122,3 +122,14 @@ def test_sweep_fingerprints_what_the_reader_reads_with_any_file_names(tmp_path):
     name = os.fsdecode(b"caf\xe9")  # not UTF-8: a lone surrogate in Python
     _png(tree / "cat" / f"{name}.png")
     assert len(data_identity(tree)) == 64
+
+
+def test_a_file_or_a_mistyped_path_where_a_cache_may_go_says_what_it_is(tmp_path, run_cli):
+    np.savez(tmp_path / "ok.npz", x=np.zeros((4, 8, 8, 3), np.uint8), y=np.arange(4))
+    base = ["quantize", "--model", "cifar_resnet20", "--random-weights", "--out", tmp_path / "q", "-q"]
+    line = one_line_error(run_cli(*base, "--calib", tmp_path / "ok.npz"))
+    assert "is a file, not a calibration cache" in line and "calib --generator real --source" in line
+    line = one_line_error(run_cli("qat", *TINY, "--data", tmp_path / "nosuch.npz", "--target-bits", "4",
+                                  "--out", tmp_path / "o"))
+    assert "data not found" in line and "nosuch.npz" in line
+    assert not (tmp_path / "q").exists() and not (tmp_path / "o").exists()

@@ -279,6 +279,9 @@ def resolve_cache(ref: str | os.PathLike, root: str | os.PathLike | None = None)
     p = Path(ref)
     if p.is_dir() and is_cache_dir(p):
         return p
+    if p.is_file():
+        raise MixqError(f"{str(ref)!r} is a file, not a calibration cache: make one from it with `mixq-onnx calib "
+                        f"--generator real --source {ref}`")
     root = Path(root) if root is not None else default_root()
     if root.is_dir():
         hits = [d for d in root.iterdir() if d.is_dir() and d.name.startswith(str(ref)) and is_cache_dir(d)]
