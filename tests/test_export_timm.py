@@ -37,6 +37,11 @@ MODELS = [
     ("deit_tiny_patch16_224", 224),
     ("vit_tiny_patch16_224", 224),
     ("swin_tiny_patch4_window7_224", 224),
+    # found by a coverage audit: ConvNeXt's layer scale x.mul(gamma.reshape(...)) hid its residual adds' branch
+    # from placement; MobileNetV3's classifier is timm's Linear (left float); ReXNet adds a channel slice
+    ("convnext_atto", 64),
+    ("mobilenetv3_small_100", 64),
+    ("rexnet_100", 64),
 ]
 BITS = [(8, 8), (4, 4)]
 ATTENTION = ("deit", "vit", "swin")
@@ -126,6 +131,7 @@ def test_export_check_verify(spec, size, wbits, abits, exported, float_models):
         assert sum(q.kind == "act" and q.placement == "residual" for q in qs.values()) == 2 * n_blocks
     if spec.startswith("efficientnet"):
         assert any(".se." in n for n in acts)  # squeeze-excitation convs get their input Q/DQ
+    assert not qm.mixq_unquantized, qm.mixq_unquantized  # every Conv2d/Linear, timm's Linear too
 
     # --- TensorRT lint
     rep = report(check_model(path))
@@ -151,6 +157,15 @@ def test_export_check_verify(spec, size, wbits, abits, exported, float_models):
         assert v.max_abs_diff == 0.0 and v.propagated_code_mismatch == 0.0, (v.first_divergence, v.max_abs_diff)
     elif not spec.startswith(ATTENTION):  # free run: the CNNs stay close; random ViTs are chaotic (see top)
         assert v.top1_agreement >= 75.0 and v.max_abs_diff <= 0.25 * scale, (v.top1_agreement, v.max_abs_diff)
+
+
+def test_a_model_that_refuses_its_input_size_is_one_line():
+    """A ViT with fixed position embeddings asked for 64 px: timm's own assertion, as one MixqError line."""
+    from mixq_onnx.errors import MixqError
+
+    model = load_model("vit_tiny_patch16_224", random_init=True, input_size=64)
+    with pytest.raises(MixqError, match=r"VisionTransformer fails on a 3x64x64 input \(.*\): give an --input-size"):
+        quantize(model, QuantConfig(wbits=8, abits=8, method="rtn"), torch.randn(2, 3, 64, 64), progress=False)
 
 
 # ----------------------------------------------------------------------------- lint rules the timm graphs exercise

@@ -139,6 +139,7 @@ def _layer_of(g: GraphIndex, tensor: str) -> Any | None:
 
 
 _SHAPE_ONLY = ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity")
+_SLICES = ("Slice", "Split", "Gather")  # a part of a tensor: `quantize` looks through getitem as through a reshape
 
 
 def _behind_moves(g: GraphIndex, tensor: str, find: Callable[[str], Any | None], ops: tuple[str, ...]) -> Any | None:
@@ -163,7 +164,7 @@ def _layer_behind_moves(g: GraphIndex, tensor: str) -> Any | None:
     """`_layer_of`, also through reshapes and transposes: `quantize` (`quant.graph._from_layer`) counts such a
     tensor as the layer's output, and places no identity quantizer on an add of two layer outputs; this rule
     must agree with the placement it lints."""
-    return _behind_moves(g, tensor, lambda t: _layer_of(g, t), _SHAPE_ONLY)
+    return _behind_moves(g, tensor, lambda t: _layer_of(g, t), _SHAPE_ONLY + _SLICES)
 
 
 def _layer_out(g: GraphIndex, tensor: str) -> bool:

@@ -189,6 +189,16 @@ def _activation_nodes(graph: fx.Graph) -> set[fx.Node]:
     return act
 
 
+def _of_parameters(node: fx.Node, depth: int = 8) -> bool:
+    """`node` is computed from the module's own tensors alone (a parameter, or a reshape of one), never from the
+    input: a layer scale's gamma, not an activation."""
+    if node.op == "get_attr":
+        return True
+    if node.op not in ("call_method", "call_function") or depth == 0 or not node.all_input_nodes:
+        return False
+    return all(_of_parameters(a, depth - 1) for a in node.all_input_nodes)
+
+
 def _from_layer(gm: fx.GraphModule, node: fx.Node, transparent: tuple[type, ...]) -> bool:
     """True if `node` is (through transparent and shape-only ops) the output of a conv/linear."""
     for _ in range(64):
@@ -203,13 +213,18 @@ def _from_layer(gm: fx.GraphModule, node: fx.Node, transparent: tuple[type, ...]
         if node.op == "call_method" and node.target in _SHAPE_METHODS:
             node = node.args[0]
             continue
+        if node.op == "call_method" and node.target in ("mul", "mul_"):  # ConvNeXt: x.mul(gamma.reshape(...))
+            acts = [a for a in node.args if isinstance(a, fx.Node) and not _of_parameters(a)]
+            if len(acts) == 1:
+                node = acts[0]
+                continue
         if node.op == "call_function":
             fname = getattr(node.target, "__name__", "")
             if node.target in _SHAPE_FUNCS or fname.startswith("window_reverse"):
                 node = node.args[0]
                 continue
             if node.target in (operator.mul, torch.mul):  # layer scale: x * gamma
-                acts = [a for a in node.args if isinstance(a, fx.Node) and a.op != "get_attr"]
+                acts = [a for a in node.args if isinstance(a, fx.Node) and not _of_parameters(a)]
                 if len(acts) == 1:
                     node = acts[0]
                     continue
@@ -672,7 +687,12 @@ def prepare(model: nn.Module, cfg: QuantConfig) -> fx.GraphModule:
     floats = {n: m for n, m in gm.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and is_float_layer(n, cfg)}
     gm.mixq_float_layers = tuple(floats)  # type: ignore[attr-defined]
     # the first/last policy is about the network's first and last layers: a float one takes it with it
-    every = execution_order(gm, {**layers, **floats}, example_input(gm))
+    x = example_input(gm)
+    try:
+        every = execution_order(gm, {**layers, **floats}, x)
+    except Exception as e:  # noqa: BLE001 - the model's own code refusing its input (a fixed-size ViT, ...)
+        raise MixqError(f"{type(model).__name__} fails on a {'x'.join(map(str, x.shape[1:]))} input "
+                        f"({' '.join(str(e).split())[:200]}): give an --input-size it accepts") from None
     order = [n for n in every if n in layers]
     gm.mixq_first_last = ()  # type: ignore[attr-defined]  # layers the first/last-layer policy set (QAT keeps them fixed)
     if cfg.first_last_bits is not None and every and not cfg.block_size:

@@ -46,6 +46,8 @@ def layer_weight(layer: nn.Module) -> torch.Tensor | None:
     t = type(layer)
     if t.forward in (nn.Conv2d.forward, nn.Linear.forward) or t.__name__ in SAME_PAD_CONVS:
         return layer.weight
+    if t.__name__ == "Linear" and t.__module__.startswith("timm.") and isinstance(layer, nn.Linear):
+        return layer.weight  # timm.layers.Linear: nn.Linear, with a forward that only casts for TorchScript
     if t.__name__ in STD_CONVS and isinstance(layer, nn.Conv2d):
         gain = getattr(layer, "gain", None)
         affine = (gain * layer.scale).view(-1) if gain is not None else None
