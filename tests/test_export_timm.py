@@ -42,6 +42,8 @@ MODELS = [
     ("convnext_atto", 64),
     ("mobilenetv3_small_100", 64),
     ("rexnet_100", 64),
+    # MixedConv2d: split, a conv per group, concat, then BatchNorm (folded into each part's conv)
+    ("mixnet_s", 64),
 ]
 BITS = [(8, 8), (4, 4)]
 ATTENTION = ("deit", "vit", "swin")
@@ -132,6 +134,8 @@ def test_export_check_verify(spec, size, wbits, abits, exported, float_models):
     if spec.startswith("efficientnet"):
         assert any(".se." in n for n in acts)  # squeeze-excitation convs get their input Q/DQ
     assert not qm.mixq_unquantized, qm.mixq_unquantized  # every Conv2d/Linear, timm's Linear too
+    if spec.startswith(("mixnet", "resnet", "mobilenet", "efficientnet", "rexnet")):
+        assert not [n for n in m.graph.node if n.op_type == "BatchNormalization"]  # every BN folded
 
     # --- TensorRT lint
     rep = report(check_model(path))

@@ -164,7 +164,15 @@ def _layer_behind_moves(g: GraphIndex, tensor: str) -> Any | None:
     """`_layer_of`, also through reshapes and transposes: `quantize` (`quant.graph._from_layer`) counts such a
     tensor as the layer's output, and places no identity quantizer on an add of two layer outputs; this rule
     must agree with the placement it lints."""
-    return _behind_moves(g, tensor, lambda t: _layer_of(g, t), _SHAPE_ONLY + _SLICES)
+    def find(t: str) -> Any | None:
+        hit = _layer_of(g, t)
+        p = g.producer.get(t)
+        if hit is None and p is not None and p.op_type == "Concat" and p.input:  # a concatenation of layer outputs
+            parts = [_layer_behind_moves(g, i) for i in p.input]
+            hit = parts[0] if all(x is not None for x in parts) else None
+        return hit
+
+    return _behind_moves(g, tensor, find, _SHAPE_ONLY + _SLICES)
 
 
 def _layer_out(g: GraphIndex, tensor: str) -> bool:
@@ -426,7 +434,8 @@ def _qdq_conv_add(g: GraphIndex) -> Iterator[Finding]:
     An add with a plain conv output on one side fuses into that conv; a quantized conv output on the other
     side is then its residual input (MobileNetV2: block i's output, quantized, is block i+1's identity), not
     a Q/DQ that breaks the fusion. Nor is one on a conv output that other nodes read too (Swin's
-    patch-merging output feeds LayerNorm and the add): it cannot absorb the add."""
+    patch-merging output feeds LayerNorm and the add): it cannot absorb the add. Nor is one whose codes another
+    consumer reads too (a shared quantizer: the next block's first conv and MixNet's identity): it stays."""
     for n in _activation_adds(g):
         if any(_layer_out(g, i) for i in n.input):
             continue
@@ -434,6 +443,8 @@ def _qdq_conv_add(g: GraphIndex) -> Iterator[Finding]:
             q = g.produced_by(d.input[0], "QuantizeLinear") if d is not None else None
             if q is None:
                 continue
+            if len(g.users(q.output[0])) > 1 or len(g.users(d.output[0])) > 1:
+                continue  # the codes serve another consumer too (a shared quantizer): the add is not alone
             src = g.quantizer_input(q)  # before the quantizer's own range Clip (grids narrower than INT8)
             if _layer_out(g, src) and len(g.users(src)) == 1:
                 yield g.label(n), (f"Q/DQ between {g.label(g.producer[src])} and the add it feeds: "

@@ -143,15 +143,40 @@ def _disable_fused_attn(model: nn.Module) -> None:
 
 
 # ----------------------------------------------------------------------------- BN folding
-def fold_bn(conv: nn.Conv2d, bn: _BatchNorm) -> None:
+def fold_bn(conv: nn.Conv2d, bn: _BatchNorm, channels: slice = slice(None)) -> None:
+    """Fold `bn` (its `channels`: a conv that makes part of a concatenation the BN normalises) into `conv`."""
     w = conv.weight.detach()
-    std = torch.sqrt(bn.running_var + bn.eps)
-    gamma = bn.weight.detach() if bn.affine else torch.ones_like(std)
-    beta = bn.bias.detach() if bn.affine else torch.zeros_like(std)
+    mean = bn.running_mean[channels]
+    std = torch.sqrt(bn.running_var[channels] + bn.eps)
+    gamma = bn.weight.detach()[channels] if bn.affine else torch.ones_like(std)
+    beta = bn.bias.detach()[channels] if bn.affine else torch.zeros_like(std)
     k = gamma / std
     conv.weight = nn.Parameter(w * k.view(-1, *([1] * (w.ndim - 1))))
-    b = conv.bias.detach() if conv.bias is not None else torch.zeros_like(bn.running_mean)
-    conv.bias = nn.Parameter((b - bn.running_mean) * k + beta)
+    b = conv.bias.detach() if conv.bias is not None else torch.zeros_like(mean)
+    conv.bias = nn.Parameter((b - mean) * k + beta)
+
+
+def _foldable(gm: fx.GraphModule, node: fx.Node) -> nn.Conv2d | None:
+    """The plain Conv2d `node` runs, read by one user only, else None (a weight-standardised conv standardises
+    a folded weight again: its BN stays)."""
+    if not (isinstance(node, fx.Node) and node.op == "call_module" and len(node.users) == 1):
+        return None
+    conv = _get(gm, node.target)
+    return conv if isinstance(conv, nn.Conv2d) and layer_weight(conv) is conv.weight else None
+
+
+def _concat_parts(gm: fx.GraphModule, node: fx.Node) -> list[nn.Conv2d] | None:
+    """The convs a channel concatenation (torch.cat along dim 1, read only by the BN) joins, in order, when every
+    part is one (MixNet's MixedConv2d: split, a conv per group, cat, then BN), else None."""
+    if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target is torch.cat
+            and len(node.users) == 1):
+        return None
+    parts = node.args[0] if node.args else node.kwargs.get("tensors")
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    if dim not in (1, -3) or not isinstance(parts, (list, tuple)):
+        return None
+    convs = [_foldable(gm, p) for p in parts]
+    return None if any(c is None for c in convs) else convs  # type: ignore[return-value]
 
 
 def _fold_graph_bn(gm: fx.GraphModule) -> int:
@@ -160,13 +185,18 @@ def _fold_graph_bn(gm: fx.GraphModule) -> int:
         if node.op != "call_module" or not isinstance(_get(gm, node.target), _BatchNorm):
             continue
         prev = node.args[0]
-        if not (isinstance(prev, fx.Node) and prev.op == "call_module" and len(prev.users) == 1):
-            continue
-        conv = _get(gm, prev.target)
         bn = _get(gm, node.target)
-        if not isinstance(conv, nn.Conv2d) or conv.out_channels != bn.num_features or layer_weight(conv) is not conv.weight:
-            continue  # a weight-standardised conv standardises the folded weight again: BN stays
-        fold_bn(conv, bn)
+        conv = _foldable(gm, prev)
+        parts = _concat_parts(gm, prev) if conv is None else None
+        if conv is not None and conv.out_channels == bn.num_features:
+            fold_bn(conv, bn)
+        elif parts is not None and sum(c.out_channels for c in parts) == bn.num_features:
+            start = 0
+            for c in parts:
+                fold_bn(c, bn, slice(start, start + c.out_channels))
+                start += c.out_channels
+        else:
+            continue
         tail = [m for m in (getattr(bn, "drop", None), getattr(bn, "act", None)) if m is not None]
         tail = [m for m in tail if not isinstance(m, nn.Identity)]
         if tail:  # timm BatchNormAct2d: keep its activation
@@ -231,6 +261,10 @@ def _from_layer(gm: fx.GraphModule, node: fx.Node, transparent: tuple[type, ...]
             if node.target is operator.getitem and isinstance(node.args[0], fx.Node):
                 node = node.args[0]
                 continue
+            if node.target is torch.cat:  # MixNet's MixedConv2d: a channel concatenation of conv outputs
+                parts = node.args[0] if node.args else node.kwargs.get("tensors")
+                return isinstance(parts, (list, tuple)) and bool(parts) and all(
+                    isinstance(p, fx.Node) and _from_layer(gm, p, transparent) for p in parts)
         return False
     return False
 
