@@ -335,8 +335,8 @@ def _reconstruct(unit: Unit, q_in: torch.Tensor, fp_in: torch.Tensor, fp_out: to
     if not groups and not scale_groups:
         return hist
     opt = torch.optim.Adam(groups) if groups else None
-    a_opt = torch.optim.Adam(scale_groups) if scale_groups else None
-    a_sched = torch.optim.lr_scheduler.CosineAnnealingLR(a_opt, T_max=iters, eta_min=0.0) if a_opt else None
+    s_opt = torch.optim.Adam(scale_groups) if scale_groups else None
+    s_sched = torch.optim.lr_scheduler.CosineAnnealingLR(s_opt, T_max=iters, eta_min=0.0) if s_opt else None
     warm = int(cfg.warmup * iters)
     b_hi, b_lo = cfg.beta
     for it in range(iters):
@@ -353,8 +353,8 @@ def _reconstruct(unit: Unit, q_in: torch.Tensor, fp_in: torch.Tensor, fp_out: to
             loss = loss + cfg.round_weight * sum(q.round_loss(beta) for q in wqs)
         if opt:
             opt.zero_grad(set_to_none=True)
-        if a_opt:
-            a_opt.zero_grad(set_to_none=True)
+        if s_opt:
+            s_opt.zero_grad(set_to_none=True)
         loss.backward()
         for key, ps in (("round", round_params), ("wscale", ws_params), ("ascale", a_params)):
             g = _grad_norm(ps)
@@ -362,9 +362,9 @@ def _reconstruct(unit: Unit, q_in: torch.Tensor, fp_in: torch.Tensor, fp_out: to
                 hist[key].append(g)
         if opt:
             opt.step()
-        if a_opt:
-            a_opt.step()
-            a_sched.step()
+        if s_opt:
+            s_opt.step()
+            s_sched.step()
         with torch.no_grad():
             for p in ws_params + a_params:
                 p.clamp_(min=1e-8)
