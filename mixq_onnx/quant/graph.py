@@ -243,7 +243,7 @@ def _from_layer(gm: fx.GraphModule, node: fx.Node, transparent: tuple[type, ...]
         if node.op == "call_method" and node.target in _SHAPE_METHODS:
             node = node.args[0]
             continue
-        if node.op == "call_method" and node.target in ("mul", "mul_"):  # ConvNeXt: x.mul(gamma.reshape(...))
+        if _is_mul(node):  # layer scale: x * gamma (ViT), x.mul(gamma.reshape(...)) (ConvNeXt)
             acts = [a for a in node.args if isinstance(a, fx.Node) and not _of_parameters(a)]
             if len(acts) == 1:
                 node = acts[0]
@@ -253,11 +253,6 @@ def _from_layer(gm: fx.GraphModule, node: fx.Node, transparent: tuple[type, ...]
             if node.target in _SHAPE_FUNCS or fname.startswith("window_reverse"):
                 node = node.args[0]
                 continue
-            if node.target in (operator.mul, torch.mul):  # layer scale: x * gamma
-                acts = [a for a in node.args if isinstance(a, fx.Node) and not _of_parameters(a)]
-                if len(acts) == 1:
-                    node = acts[0]
-                    continue
             if node.target is operator.getitem and isinstance(node.args[0], fx.Node):
                 node = node.args[0]
                 continue
@@ -274,6 +269,11 @@ def _insert_quantizer(gm: fx.GraphModule, user: fx.Node, arg: fx.Node, q: ActQua
     with gm.graph.inserting_before(user):
         qn = gm.graph.call_module(attr, (arg,))
     user.replace_input_with(arg, qn)
+
+
+def _is_mul(node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target in (operator.mul, torch.mul)) or (
+        node.op == "call_method" and node.target in ("mul", "mul_"))
 
 
 def _is_add(node: fx.Node) -> bool:
