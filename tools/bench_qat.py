@@ -584,6 +584,13 @@ LEARNED_R8 = {"nipq-4-learned": ["--method", "nipq", "--target-bits", 4, *LEARNE
               "nipq-3-learned": ["--method", "nipq", "--target-bits", 3, *LEARNED]}
 
 
+def bar_line(top: dict[str, list[float]], a: str, b: str, need: float) -> str:
+    """One bar over the seeds: the difference of the means of rows `a` and `b`, ± its standard error."""
+    se = math.sqrt(sum(statistics.variance(top[r]) / len(top[r]) for r in (a, b)))
+    m = statistics.mean(top[a]) - statistics.mean(top[b])
+    return f"{a} − {b} = {m:+.2f} ± {se:.2f} pp (bar {need:+.1f}): {'met' if m >= need else 'NOT MET'}"
+
+
 def weights_sha(folder: Path) -> str:
     return hashlib.sha256((folder / "weights.safetensors").read_bytes()).hexdigest()
 
@@ -603,14 +610,13 @@ def stage_learned(jobs: int) -> str:
     same = weights_sha(work / f"{net}-lsq-w4a4") == weights_sha(lsq_work / f"{net}-lsq-w4a4")
     if not same:
         raise SystemExit("lsq-w4a4 seed 0 no longer reproduces qat-lsq's weights: the LSQ rows cannot be reused")
-    lsq = {c: [run_row(net, {"id": c, "mode": "ce", "args": SCHEDULE_CANDS[c]}, sd, lsq_work)["top1"]
-               for sd in range(n)] for c in ("lsq-w4a4", "lsq-w3a3")}
-    old = {c: [run_row(net, {"id": c, "mode": "ce", "args": SCHEDULE_CANDS[c]}, sd, lsq_work)["top1"]
-               for sd in range(n)] for c in ("nipq-4", "nipq-3-lp-uniform")}
+    before = {c: [run_row(net, {"id": c, "mode": "ce", "args": args}, sd, lsq_work) for sd in range(n)]
+              for c, args in SCHEDULE_CANDS.items()}  # qat-lsq's rows, read from their folders
+    lsq = {c: [r["top1"] for r in before[c]] for c in ("lsq-w4a4", "lsq-w3a3")}
+    old = {c: [r["top1"] for r in before[c]] for c in ("nipq-4", "nipq-3-lp-uniform")}
     top = {**lsq, **{c: [res[(c, sd)]["top1"] for sd in range(n)] for c in LEARNED_ROWS}}
     ach = {c: res[(c, 0)]["achieved"] for c in LEARNED_ROWS}
-    lsq_ach = {c: run_row(net, {"id": c, "mode": "ce", "args": SCHEDULE_CANDS[c]}, 0, lsq_work)["achieved"]
-               for c in ("lsq-w4a4", "lsq-w3a3")}
+    lsq_ach = {c: before[c][0]["achieved"] for c in ("lsq-w4a4", "lsq-w3a3")}
     lines = [f"| row | qat args | {' | '.join(f'seed {sd}' for sd in range(n))} | mean | W / A bits, learned "
              f"quantizers (seed 0) | W / A bits, all (seed 0) |", "|---|---|" + "---:|" * (n + 1) + "---|---|"]
     for c in ("lsq-w4a4", "nipq-4-learned", "lsq-w3a3", "nipq-3-lp-uniform-learned"):
@@ -626,25 +632,20 @@ def stage_learned(jobs: int) -> str:
         lines.append(f"| {c} | `{' '.join(map(str, args))}` | {' | '.join(f'{v:.2f}' for v in top[c])} | "
                      f"{statistics.mean(top[c]):.2f} | {bits[0]} | {bits[1]} |")
 
-    def bar(a: str, b: str, need: float, t: dict[str, list[float]]) -> str:
-        se = math.sqrt(sum(statistics.variance(t[r]) / n for r in (a, b)))
-        m = statistics.mean(t[a]) - statistics.mean(t[b])
-        return f"{a} − {b} = {m:+.2f} ± {se:.2f} pp (bar {need:+.1f}): {'met' if m >= need else 'NOT MET'}"
-
     worst = max(abs(res[(c, sd)]["achieved"][k] - t) for c, t in (("nipq-4-learned", 4), ("nipq-3-lp-uniform-learned", 3))
                 for sd in range(n) for k in ("weight_bits", "act_bits"))
     both = {**top, **old}
     lines += ["", "Bars over the five seeds (± one standard error of the difference of the means), on the learned "
               "quantizers' averages:", "",
-              f"- {bar('nipq-4-learned', 'lsq-w4a4', 0.3, top)}",
+              f"- {bar_line(top, 'nipq-4-learned', 'lsq-w4a4', 0.3)}",
               f"- nipq-4-learned − PTQ QDrop W4A4 ({PTQ_QDROP_W4A4[net]}) = "
               f"{statistics.mean(top['nipq-4-learned']) - PTQ_QDROP_W4A4[net]:+.2f} pp (bar ≥ 0)",
-              f"- {bar('nipq-3-lp-uniform-learned', 'lsq-w3a3', 1.0, top)}",
+              f"- {bar_line(top, 'nipq-3-lp-uniform-learned', 'lsq-w3a3', 1.0)}",
               f"- NIPQ rows' achieved averages over their learned quantizers: at most {worst:.3f} bit from their "
               "targets (bar 0.05)",
               "", "Beside them, qat-lsq's reading on the all-quantizer averages, as measured there:", "",
-              f"- {bar('nipq-4', 'lsq-w4a4', 0.3, both)}",
-              f"- {bar('nipq-3-lp-uniform', 'lsq-w3a3', 1.0, both)}",
+              f"- {bar_line(both, 'nipq-4', 'lsq-w4a4', 0.3)}",
+              f"- {bar_line(both, 'nipq-3-lp-uniform', 'lsq-w3a3', 1.0)}",
               "", f"Reproduction: `lsq-w4a4` seed 0 trained again here gives qat-lsq's weights byte for byte "
               f"(sha256 {weights_sha(work / f'{net}-lsq-w4a4')[:16]}…).", "",
               deployed_line(net, "nipq-4-learned", work), "",
@@ -698,17 +699,11 @@ def stage_resampled(jobs: int, work_name: str = "resampled", before: dict[str, f
         lines.append(f"| {c} | `{' '.join(map(str, cands[c]['args']))}` | {' | '.join(f'{v:.2f}' for v in top[c])} | "
                      f"{statistics.mean(top[c]):.2f} | {before[c]:.2f} |")
 
-    def bar(a: str, b: str, need: float) -> str:
-        d = [x - y for x, y in zip(top[a], top[b])]
-        se = math.sqrt(sum(statistics.variance(top[r]) / RESAMPLED_SEEDS for r in (a, b)))
-        m = statistics.mean(d)
-        return f"{a} − {b} = {m:+.2f} ± {se:.2f} pp (bar {need:+.1f}): {'met' if m >= need else 'NOT MET'}"
-
     lines += ["", "Bars over the five seeds (± one standard error of the difference of the means):", "",
-              f"- {bar('nipq-4', 'lsq-w4a4', 0.3)}",
+              f"- {bar_line(top, 'nipq-4', 'lsq-w4a4', 0.3)}",
               f"- nipq-4 − PTQ QDrop W4A4 ({PTQ_QDROP_W4A4[net]}) = "
               f"{statistics.mean(top['nipq-4']) - PTQ_QDROP_W4A4[net]:+.2f} pp (bar ≥ 0)",
-              f"- {bar('nipq-3-lp-uniform', 'lsq-w3a3', 1.0)}"]
+              f"- {bar_line(top, 'nipq-3-lp-uniform', 'lsq-w3a3', 1.0)}"]
     ach = {c: [res[(c, sd)]["achieved"] for sd in range(RESAMPLED_SEEDS)] for c in cands}
     worst = max(abs(a[k] - t) for c, t in (("nipq-4", 4), ("nipq-3-lp-uniform", 3)) for a in ach[c]
                 for k in ("weight_bits", "act_bits"))
