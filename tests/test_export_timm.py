@@ -44,6 +44,8 @@ MODELS = [
     ("rexnet_100", 64),
     # MixedConv2d: split, a conv per group, concat, then BatchNorm (folded into each part's conv)
     ("mixnet_s", 64),
+    # HRNet: a tensor feeds a branch's residual block (traced on its own) and a transition conv of the top graph
+    ("hrnet_w18_small", 64),
 ]
 BITS = [(8, 8), (4, 4)]
 ATTENTION = ("deit", "vit", "swin")

@@ -164,14 +164,19 @@ def test_quant_config_parts_and_flat_interface():
         QuantConfig(extra={})
     # quant.json's config: flat, the same keys in the same order, "extra": {} kept
     d = QuantConfig(wbits=4, abits=4, method="qdrop", iters=100).resolved().to_dict()
-    # a new config shares quantizers and quantizes pools: "share_quantizers": true, "integer_pools": true, just
-    # before "extra"
+    # a new config shares quantizers (across block boundaries too) and quantizes pools: "share_quantizers": true,
+    # "share_across_blocks": true, "integer_pools": true, just before "extra"
     shared = {**{k: v for k, v in QDROP_DICT.items() if k != "extra"}, "share_quantizers": True,
-              "integer_pools": True, "extra": {}}
+              "share_across_blocks": True, "integer_pools": True, "extra": {}}
     assert d == shared and list(d) == list(shared)
-    assert QuantConfig.from_dict(d).share_quantizers and QuantConfig.from_dict(d).integer_pools
+    new = QuantConfig.from_dict(d)
+    assert new.share_quantizers and new.share_across_blocks and new.integer_pools
+    # a file written when sharing stopped at block boundaries reads back with that rule
+    within = QuantConfig.from_dict({k: v for k, v in d.items() if k != "share_across_blocks"})
+    assert within.share_quantizers and not within.share_across_blocks
+    assert list(within.to_dict()) == [k for k in shared if k != "share_across_blocks"]
     old = QuantConfig.from_dict(QDROP_DICT)  # an old file reads back: one quantizer per consumer, as it recorded
-    assert not old.share_quantizers and not old.integer_pools
+    assert not old.share_quantizers and not old.share_across_blocks and not old.integer_pools
     assert old.to_dict() == QDROP_DICT and list(old.to_dict()) == list(QDROP_DICT)
     assert QuantConfig(share_quantizers=False, integer_pools=False).resolved().to_dict().keys() == QDROP_DICT.keys()
     paper = QuantConfig(preset="paper").resolved()

@@ -29,6 +29,7 @@ from mixq_onnx.quant.graph import (
     tensor_quantizers,
 )
 from mixq_onnx.quant.modules import QUANT_LAYERS
+from mixq_onnx.quant.quantizer import ActQuantizer
 
 
 def tiny_cifar_resnet() -> torch.nn.Module:
@@ -109,6 +110,102 @@ def test_only_equal_grids_are_shared():
     assert shared_quantizers(gm) == {"conv_a.input": ("conv_b.input",)}
     gm = prepare(model, QuantConfig(wbits=4, abits=16, first_last_bits=None))
     assert not shared_quantizers(gm) and all(q.kind == "weight" for q in quantizers(gm).values())
+
+
+class Fork(torch.nn.Module):
+    """HRNet's pattern, small: one tensor feeds a residual block (traced on its own) and a conv of the graph that
+    calls the block (a transition); `twice` reuses one block on two tensors (it has no single input)."""
+
+    def __init__(self, twice: bool = False):
+        super().__init__()
+        from mixq_onnx.models.cifar_resnet import BasicBlock
+
+        torch.manual_seed(0)
+        self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(8)
+        self.block = BasicBlock(8, 8)
+        self.side = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = torch.nn.Linear(16, 10)
+        self.twice = twice
+
+    def forward(self, x):
+        t = torch.relu(self.bn(self.stem(x)))
+        y = self.block(self.block(t) if self.twice else t)
+        return self.fc(torch.cat([y, self.side(t)], 1).mean((2, 3)))
+
+
+def _fork(twice: bool = False) -> torch.nn.Module:
+    m = Fork(twice).eval()
+    setattr(m, ATTR, Preprocessing(input_size=(3, 8, 8)))
+    return m
+
+
+def test_a_block_input_shares_the_quantizer_of_the_graph_calling_the_block():
+    """The block's conv1 input (already one quantizer with its residual identity) and the calling graph's `side`
+    input read one tensor on one grid: one quantizer across the block boundary, named after the first layer to
+    read it. A config without "share_across_blocks" (files written before) keeps one per traced graph."""
+    model = _fork()
+    on = prepare(model, QuantConfig(wbits=4, abits=4))
+    within = prepare(model, QuantConfig(wbits=4, abits=4, share_across_blocks=False))
+    q = on.block.conv1.input_quantizer
+    assert on.side.input_quantizer is q and q.name == "block.conv1.input"
+    assert set(q.shared_with) == {"block.add.identity", "side.input"}
+    nodes = [on.block.get_submodule(n.target) for n in on.block.graph.nodes if n.op == "call_module"]
+    assert [m for m in nodes if isinstance(m, ActQuantizer)] == [q]  # the residual add reads it too
+    assert within.side.input_quantizer is not within.block.conv1.input_quantizer
+    assert within.block.conv1.input_quantizer.shared_with == ("block.add.identity",)
+    assert len([1 for x in quantizers(within).values() if x.kind == "act"]) - \
+        len([1 for x in quantizers(on).values() if x.kind == "act"]) == 1
+    # one tensor, seen from both graphs: one quantizer per grid with the rule, two without it
+    assert all(max(_per_grid(qs).values()) == 1 for qs in tensor_quantizers(on).values())
+    assert sum(max(_per_grid(qs).values()) > 1 for qs in tensor_quantizers(within).values()) == 1
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(on(x), within(x))
+    # the block (first in execution order) owns it; the side conv's unit uses it as left
+    owned = assign_owners([Unit("block", on.block, "block"), Unit("side", on.side, "layer")])
+    assert [any(a is q for a in u.act_quantizers()) for u in owned] == [True, False]
+    # a block called twice reads two tensors: nothing is shared across its boundary
+    twice = prepare(_fork(twice=True), QuantConfig(wbits=4, abits=4))
+    assert twice.side.input_quantizer is not twice.block.conv1.input_quantizer
+
+
+def test_a_quantizer_shared_across_a_block_exports_once_checks_clean_and_round_trips(tmp_path):
+    torch.set_num_threads(1)
+    model = _fork()
+    calib = torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    qm = {a: quantize(model, QuantConfig(wbits=4, abits=4, method="rtn", first_last_bits=None,
+                                        share_across_blocks=a), calib, progress=False) for a in (False, True)}
+    dup = {}
+    for a, m in qm.items():
+        path = export_qdq(m, tmp_path / f"m{int(a)}.onnx")
+        rep = report(check_model(path))
+        dup[a] = [v["node"] for v in rep["violations"] if v["rule"] == "duplicate-qdq"]
+        assert rep["ok"]
+        images = torch.randint(0, 256, (8, 8, 8, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+        v = verify_onnx(path, m, images)
+        assert v.top1_agreement == 100.0 and v.max_abs_diff == 0.0 and v.code_mismatch_fraction == 0.0
+    assert dup[True] == [] and len(dup[False]) == 1  # within each graph only: the fork tensor quantized twice
+    g = GraphIndex.load(tmp_path / "m1.onnx")
+    assert max(Counter(g.quantizer_input(n) for n in g.nodes if n.op_type == "QuantizeLinear").values()) == 1
+    # the folder records the rule and the one quantizer; it loads back to the same function
+    out = save_quantized(qm[True], tmp_path / "new")
+    meta = json.loads((out / "quant.json").read_text())
+    assert meta["config"]["share_across_blocks"] is True
+    rec = {r["name"]: r for r in meta["quantizers"]}
+    assert set(rec["block.conv1.input"]["shared_with"]) == {"block.add.identity", "side.input"}
+    assert "side.input" not in rec
+    again = load_quantized(_fork(), out)
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(again(x), qm[True](x))
+    # a folder written before the rule (no "share_across_blocks") loads with its own layout, as it recorded
+    old = save_quantized(qm[False], tmp_path / "old")
+    assert "share_across_blocks" not in json.loads((old / "quant.json").read_text())["config"]
+    again = load_quantized(_fork(), old)
+    assert again.side.input_quantizer is not again.block.conv1.input_quantizer
+    with torch.no_grad():
+        assert torch.equal(again(x), qm[False](x))
 
 
 # ----------------------------------------------------------------------------- export

@@ -63,6 +63,9 @@ class QuantConfig:
     holdout: float = 0.1  # calibration fraction held out for the generalisation gap
     seed: int = 0
     share_quantizers: bool = True  # one quantizer per tensor and grid (graph.share_quantizers); quant.json without it: False
+    # with share_quantizers, a block's quantizer of its own input also joins the calling graph's quantizers of that
+    # tensor (graph.share_quantizers); quant.json without it: False (shared within each traced graph only)
+    share_across_blocks: bool = True
     integer_pools: bool = True  # average pools read integer codes (graph.quantize_pools); quant.json without it: False
     # Conv2d/Linear left unquantized (module names or fnmatch patterns): no quantizer, float in the graph and the
     # engine; `graph.prepare` refuses a pattern that matches no layer
@@ -74,7 +77,7 @@ class QuantConfig:
                  num_samples: int | None = None, p_norm: float = 2.4, scale_grid: int = 80,
                  block_size: int | None = None, holdout: float = 0.1, seed: int = 0,
                  share_quantizers: bool = True, integer_pools: bool = True, float_layers: Sequence[str] = (),
-                 params: ReconParams | None = None, **learning: Any):
+                 share_across_blocks: bool = True, params: ReconParams | None = None, **learning: Any):
         unknown = sorted(set(learning) - set(PARAM_NAMES))
         if unknown:
             raise TypeError(f"QuantConfig() got an unexpected keyword argument {unknown[0]!r}")
@@ -83,6 +86,7 @@ class QuantConfig:
         self.preset, self.batch_size, self.num_samples = preset, batch_size, num_samples
         self.p_norm, self.scale_grid, self.block_size, self.holdout, self.seed = p_norm, scale_grid, block_size, holdout, seed
         self.share_quantizers, self.integer_pools = share_quantizers, integer_pools
+        self.share_across_blocks = share_across_blocks
         self.float_layers = (float_layers,) if isinstance(float_layers, str) else tuple(float_layers)
         self.params = replace(params if params is not None else ReconParams(), **learning)
 
@@ -106,7 +110,7 @@ class QuantConfig:
                 raise MixqError(f"{opt} must be a positive integer, got {v!r}")
         if self.scale_grid < 1:
             raise MixqError(f"scale_grid must be at least 1, got {self.scale_grid}")
-        for key in ("share_quantizers", "integer_pools"):
+        for key in ("share_quantizers", "share_across_blocks", "integer_pools"):
             if not isinstance(getattr(self, key), bool):
                 raise MixqError(f"{key} must be true or false, got {getattr(self, key)!r}")
         bad = [p for p in self.float_layers if not isinstance(p, str) or not p.strip() or "," in p]
@@ -138,14 +142,17 @@ class QuantConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """quant.json's "config": the flat keys of `DICT_KEYS`, then "share_quantizers": true when quantizers are
-        shared, "integer_pools": true when pools are quantized and "float_layers" when some layers stay float (each
-        absent otherwise, as in every quant.json written before the rule existed, so those files and the graphs
-        exported from them stay the same byte for byte), then "extra": {} — the key of a removed field (QuantConfig.extra, never used), kept so that
-        files stay the same value for value."""
+        shared (with "share_across_blocks": true when blocks share theirs with the graph calling them),
+        "integer_pools": true when pools are quantized and "float_layers" when some layers stay float (each absent
+        otherwise, as in every quant.json written before the rule existed, so those files and the graphs exported
+        from them stay the same byte for byte), then "extra": {} — the key of a removed field (QuantConfig.extra,
+        never used), kept so that files stay the same value for value."""
         d = {k: getattr(self, k) for k in DICT_KEYS}
         d["beta"] = list(self.beta)
         if self.share_quantizers:
             d["share_quantizers"] = True
+            if self.share_across_blocks:
+                d["share_across_blocks"] = True
         if self.integer_pools:
             d["integer_pools"] = True
         if self.float_layers:  # only then: files without float layers stay as they were
@@ -157,7 +164,8 @@ class QuantConfig:
     def from_dict(cls, d: dict[str, Any]) -> QuantConfig:
         """Read `to_dict`'s form (flat, as every quant.json has it); unknown keys (such as "extra") are ignored.
         A config without "share_quantizers" (written before sharing, or with it off) places one quantizer per
-        consumer, as its file records; one without "integer_pools" has no pool quantizers."""
+        consumer, as its file records; one without "share_across_blocks" shares within each traced graph only (the
+        rule before blocks joined in); one without "integer_pools" has no pool quantizers."""
         names = {f.name for f in fields(cls) if f.name != "params"} | set(PARAM_NAMES)
         kw = {k: v for k, v in d.items() if k in names}
         if "beta" in kw:
@@ -168,6 +176,7 @@ class QuantConfig:
                 raise MixqError(f"config float_layers must be a list of layer names, got {fl!r}")
             kw["float_layers"] = tuple(fl)
         kw.setdefault("share_quantizers", False)
+        kw.setdefault("share_across_blocks", False)
         kw.setdefault("integer_pools", False)
         return cls(**kw)
 

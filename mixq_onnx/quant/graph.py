@@ -513,13 +513,20 @@ def _alias_root(gm: fx.GraphModule, node: fx.Node, moves: bool, single_user: boo
 
 @dataclass
 class _Use:
-    """One quantized reading of a tensor: a layer's input quantizer, or a quantizer node of the graph."""
+    """One quantized reading of a tensor: a layer's input quantizer, or a quantizer node of the graph.
+
+    A block's reading of its own input, seen from the graph that calls the block (`_block_uses`), has `block`
+    set: `node` is then the block's call, `chain` the identities between the tensor and that call, and `path`
+    the quantizer's path from the calling graph."""
 
     node: fx.Node
     quantizer: ActQuantizer
     layer: bool
     root: fx.Node
     chain: list[fx.Node]
+    pool: bool = False
+    path: str = ""
+    block: fx.GraphModule | None = None
 
 
 def _uses(gm: fx.GraphModule, single_user: bool = True) -> list[_Use]:
@@ -532,11 +539,54 @@ def _uses(gm: fx.GraphModule, single_user: bool = True) -> list[_Use]:
             # a layer (or an integer pool) quantizes its own input: only exact identities may stand between it
             # and the tensor
             root, chain = _alias_root(gm, node.args[0], moves=False, single_user=single_user)
-            out.append(_Use(node, m.input_quantizer, True, root, chain))
+            out.append(_Use(node, m.input_quantizer, True, root, chain, isinstance(m, QuantPool),
+                            f"{node.target}.input_quantizer"))
         elif isinstance(m, ActQuantizer):
             root, chain = _alias_root(gm, node.args[0], moves=True, single_user=single_user)
-            out.append(_Use(node, m, False, root, chain))
+            out.append(_Use(node, m, False, root, chain, path=str(node.target)))
     return out
+
+
+def _block_calls(gm: fx.GraphModule) -> list[tuple[fx.Node, fx.GraphModule, dict[fx.Node, fx.Node]]]:
+    """(call, block, {block placeholder: the node of `gm` it receives}) for each traced block `gm` calls once
+    (a block called twice has no single input tensor); only inputs passed as tensors are mapped."""
+    calls: dict[str, list[fx.Node]] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and isinstance(_get(gm, node.target), fx.GraphModule):
+            calls.setdefault(str(node.target), []).append(node)
+    out = []
+    for target, nodes in calls.items():
+        if len(nodes) != 1:
+            continue
+        node, block = nodes[0], _get(gm, target)
+        inputs: dict[fx.Node, fx.Node] = {}
+        for i, ph in enumerate(n for n in block.graph.nodes if n.op == "placeholder"):
+            a = node.args[i] if i < len(node.args) else node.kwargs.get(str(ph.target))
+            if isinstance(a, fx.Node):
+                inputs[ph] = a
+        out.append((node, block, inputs))
+    return out
+
+
+def _block_uses(gm: fx.GraphModule, single_user: bool = True) -> list[_Use]:
+    """The quantizers of the blocks `gm` calls that read a block input itself (a layer through exact identities,
+    a quantizer node directly), as readings of the tensor of `gm` the block receives."""
+    out = []
+    for call, block, inputs in _block_calls(gm):
+        for u in _uses(block, single_user=False):
+            if u.root not in inputs or (u.chain and not u.layer):
+                continue  # not an input, or an input moved (sliced, padded) before its quantizer reads it
+            root, chain = _alias_root(gm, inputs[u.root], moves=False, single_user=single_user)
+            out.append(_Use(call, u.quantizer, u.layer, root, chain, u.pool, f"{call.target}.{u.path}", block))
+    return out
+
+
+def _swap_module(root: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    """Put `new` wherever `old` is registered under `root`."""
+    for parent in list(root.modules()):
+        for attr, child in list(parent.named_children()):
+            if child is old:
+                setattr(parent, attr, new)
 
 
 def _grid_key(q: ActQuantizer) -> tuple[int, bool]:
@@ -545,10 +595,11 @@ def _grid_key(q: ActQuantizer) -> tuple[int, bool]:
     return q.bits, q.symmetric
 
 
-def _share_graph(gm: fx.GraphModule) -> int:
-    """Merge the quantizers of each tensor (per grid) of one traced graph; returns how many were merged."""
+def _share_graph(gm: fx.GraphModule, across_blocks: bool = False) -> int:
+    """Merge the quantizers of each tensor (per grid) of one traced graph, and with `across_blocks` those of the
+    blocks it calls that read the tensor as their input; returns how many were merged."""
     groups: dict[tuple[fx.Node, tuple[int, bool]], list[_Use]] = {}
-    for u in _uses(gm):
+    for u in _uses(gm) + (_block_uses(gm) if across_blocks else []):
         groups.setdefault((u.root, _grid_key(u.quantizer)), []).append(u)
     merged = 0
     drop: set[str] = set()
@@ -558,22 +609,25 @@ def _share_graph(gm: fx.GraphModule) -> int:
         order = {n: i for i, n in enumerate(gm.graph.nodes)}  # afresh: earlier groups inserted nodes
         uses.sort(key=lambda u: order[u.node])
         # a layer's input quantizer keeps its name (a pool's only where no layer reads the tensor)
-        first = next((u for u in uses if u.layer and not isinstance(_get(gm, u.node.target), QuantPool)),
-                     next((u for u in uses if u.layer), uses[0]))
-        canon = first.quantizer
-        path = f"{first.node.target}.input_quantizer" if first.layer else str(first.node.target)
-        others = list(dict.fromkeys(u.quantizer.name for u in uses if u.quantizer is not canon))
-        canon.shared_with = tuple(canon.shared_with) + tuple(n for n in others if n not in canon.shared_with)
+        first = next((u for u in uses if u.layer and not u.pool), next((u for u in uses if u.layer), uses[0]))
+        canon, path = first.quantizer, first.path
+        others = [q for q in dict.fromkeys(u.quantizer for u in uses) if q is not canon]
+        names = [n for q in others for n in (q.name, *q.shared_with)]
+        canon.shared_with = tuple(canon.shared_with) + tuple(n for n in dict.fromkeys(names)
+                                                             if n not in canon.shared_with)
         merged += len(others)
         for u in uses:
-            if u.layer:
+            if u.block is not None:  # the block holds the one quantizer wherever it held its own
+                if u.quantizer is not canon:
+                    _swap_module(u.block, u.quantizer, canon)
+            elif u.layer:
                 _get(gm, u.node.target).input_quantizer = canon
-                if u.chain:  # read the tensor itself, not an identity of it (one marker, one Q/DQ)
-                    u.node.replace_input_with(u.chain[-1], root)
-                    for c in reversed(u.chain):
-                        if not c.users:
-                            gm.graph.erase_node(c)
-        nodes = [u for u in uses if not u.layer]
+            if (u.layer or u.block is not None) and u.chain:  # read the tensor itself, not an identity of it
+                u.node.replace_input_with(u.chain[-1], root)  # (one marker, one Q/DQ)
+                for c in reversed(u.chain):
+                    if not c.users:
+                        gm.graph.erase_node(c)
+        nodes = [u for u in uses if not u.layer and u.block is None]
         if not nodes:
             continue
         # one call of the shared quantizer on the tensor itself; data movement after it (q(f(x)) = f(q(x)))
@@ -597,26 +651,35 @@ def _share_graph(gm: fx.GraphModule) -> int:
     return merged
 
 
-def share_quantizers(model: nn.Module) -> int:
+def share_quantizers(model: nn.Module, across_blocks: bool = True) -> int:
     """The placement rule "one quantizer per tensor and grid", applied to a prepared model in place: where
     one tensor (itself, through exact identities, or for a quantizer node of the graph through data movement
     alone: slicing, reshapes, zero padding) feeds several activation quantizers with the same bits and
     symmetry, they become one `ActQuantizer` module. A layer's input quantizer is kept (and keeps its name);
     the others are recorded in its `shared_with`, and a graph quantizer moves onto the tensor itself, ahead
-    of the data movement. Returns how many quantizers were merged away."""
-    return sum(_share_graph(m) for m in list(model.modules()) if isinstance(m, fx.GraphModule))
+    of the data movement. Each traced block is merged first on its own; then, with `across_blocks`, a block's
+    quantizer of its own input joins those of the graph that calls it (HRNet: one tensor feeds a branch's
+    block and a transition conv). Returns how many quantizers were merged away."""
+    graphs = [m for m in model.modules() if isinstance(m, fx.GraphModule)]
+    return sum(_share_graph(m) for m in graphs) + (
+        sum(_share_graph(m, across_blocks=True) for m in graphs) if across_blocks else 0)
 
 
 def tensor_quantizers(model: nn.Module) -> dict[str, list[ActQuantizer]]:
     """Every tensor read by activation quantizers (through exact identities and data movement), by
     "graph path:node name", with the distinct quantizers that read it: after `share_quantizers`, at most
-    one per grid (bits, symmetry)."""
+    one per grid (bits, symmetry). A block's input is the tensor of the graph calling the block."""
     out: dict[str, list[ActQuantizer]] = {}
-    for path, m in model.named_modules():
+    key: dict[tuple[int, fx.Node], str] = {}  # (graph, node) -> the tensor's name, where it is a block input
+    for path, m in model.named_modules():  # parents before the blocks they call
         if not isinstance(m, fx.GraphModule):
             continue
+        for _, block, inputs in _block_calls(m):
+            for ph, a in inputs.items():
+                root, _ = _alias_root(m, a, moves=False, single_user=False)
+                key[(id(block), ph)] = key.get((id(m), root), f"{path}:{root.name}")
         for u in _uses(m, single_user=False):
-            qs = out.setdefault(f"{path}:{u.root.name}", [])
+            qs = out.setdefault(key.get((id(m), u.root), f"{path}:{u.root.name}"), [])
             if all(q is not u.quantizer for q in qs):
                 qs.append(u.quantizer)
     return out
@@ -738,10 +801,10 @@ def prepare(model: nn.Module, cfg: QuantConfig) -> fx.GraphModule:
             if layer.input_quantizer is not None:
                 layer.input_quantizer.bits = cfg.first_last_bits
     if cfg.share_quantizers and not cfg.weight_only:  # after the bit policy: only equal grids merge
-        share_quantizers(gm)
+        share_quantizers(gm, cfg.share_across_blocks)
     if cfg.integer_pools and not cfg.weight_only:  # after both: a pool takes its consumer's bits and quantizer
         if quantize_pools(gm) and cfg.share_quantizers:
-            share_quantizers(gm)  # a pool's input quantizer joins an equal one on the same tensor (a conv's)
+            share_quantizers(gm, cfg.share_across_blocks)  # a pool's input quantizer joins an equal one on the same tensor (a conv's)
     gm.mixq_units = _units(gm, blocks, order)  # type: ignore[attr-defined]
     gm.mixq_unquantized = _unquantized_layers(gm, cfg)  # type: ignore[attr-defined]
     _check_float_equivalence(original, gm, example_input(gm))
