@@ -44,7 +44,8 @@ MODELS = [
     ("rexnet_100", 64),
     # MixedConv2d: split, a conv per group, concat, then BatchNorm (folded into each part's conv)
     ("mixnet_s", 64),
-    # HRNet: a tensor feeds a branch's residual block (traced on its own) and a transition conv of the top graph
+    # HRNet (W4A4 only): a tensor feeds a branch's residual block (traced on its own) and a transition conv of the
+    # top graph; fuse layers sum a conv's output with more terms
     ("hrnet_w18_small", 64),
 ]
 BITS = [(8, 8), (4, 4)]
@@ -55,7 +56,7 @@ QUICK = {("resnet18", 8), ("resnet18", 4), ("efficientnet_b0", 4), ("deit_tiny_p
          ("swin_tiny_patch4_window7_224", 4)}
 CASES = [pytest.param(spec, size, w, a, id=f"{spec}-W{w}A{a}",
                       marks=() if (spec, w) in QUICK else (pytest.mark.slow,))
-         for spec, size in MODELS for w, a in BITS]
+         for spec, size in MODELS for w, a in BITS if not (spec.startswith("hrnet") and w == 8)]
 TIMINGS: dict[str, dict[str, float]] = {}
 
 

@@ -164,21 +164,27 @@ def test_quant_config_parts_and_flat_interface():
         QuantConfig(extra={})
     # quant.json's config: flat, the same keys in the same order, "extra": {} kept
     d = QuantConfig(wbits=4, abits=4, method="qdrop", iters=100).resolved().to_dict()
-    # a new config shares quantizers (across block boundaries too) and quantizes pools: "share_quantizers": true,
-    # "share_across_blocks": true, "integer_pools": true, just before "extra"
+    # a new config shares quantizers, quantizes pools and places by the current rules: "share_quantizers": true,
+    # "integer_pools": true, "placement": 2, just before "extra"
     shared = {**{k: v for k, v in QDROP_DICT.items() if k != "extra"}, "share_quantizers": True,
-              "share_across_blocks": True, "integer_pools": True, "extra": {}}
+              "integer_pools": True, "placement": 2, "extra": {}}
     assert d == shared and list(d) == list(shared)
     new = QuantConfig.from_dict(d)
-    assert new.share_quantizers and new.share_across_blocks and new.integer_pools
-    # a file written when sharing stopped at block boundaries reads back with that rule
-    within = QuantConfig.from_dict({k: v for k, v in d.items() if k != "share_across_blocks"})
-    assert within.share_quantizers and not within.share_across_blocks
-    assert list(within.to_dict()) == [k for k in shared if k != "share_across_blocks"]
+    assert new.share_quantizers and new.integer_pools and new.placement == 2
+    # a file written before placement revision 2 reads back with revision 1's rules, and writes itself back as it was
+    before = QuantConfig.from_dict({k: v for k, v in d.items() if k != "placement"})
+    assert before.share_quantizers and before.placement == 1
+    assert list(before.to_dict()) == [k for k in shared if k != "placement"]
+    for bad in (3, 0, True, "2"):
+        with pytest.raises(MixqError, match="placement must be one of 1, 2"):
+            QuantConfig(placement=bad).validate()
     old = QuantConfig.from_dict(QDROP_DICT)  # an old file reads back: one quantizer per consumer, as it recorded
-    assert not old.share_quantizers and not old.share_across_blocks and not old.integer_pools
+    assert not old.share_quantizers and old.placement == 1 and not old.integer_pools
     assert old.to_dict() == QDROP_DICT and list(old.to_dict()) == list(QDROP_DICT)
-    assert QuantConfig(share_quantizers=False, integer_pools=False).resolved().to_dict().keys() == QDROP_DICT.keys()
+    assert QuantConfig(share_quantizers=False, integer_pools=False, placement=1).resolved().to_dict().keys() == \
+        QDROP_DICT.keys()
+    assert list(QuantConfig(share_quantizers=False, integer_pools=False).resolved().to_dict())[-2:] == ["placement",
+                                                                                                        "extra"]
     paper = QuantConfig(preset="paper").resolved()
     assert (paper.iters, paper.lr_round, paper.lr_act, paper.batch_size) == (20000, 1e-3, 4e-5, 32)
     assert QuantConfig(lr_act=1.0).resolved().lr_act == 1.0  # set values win over defaults

@@ -143,10 +143,10 @@ def _fork(twice: bool = False) -> torch.nn.Module:
 def test_a_block_input_shares_the_quantizer_of_the_graph_calling_the_block():
     """The block's conv1 input (already one quantizer with its residual identity) and the calling graph's `side`
     input read one tensor on one grid: one quantizer across the block boundary, named after the first layer to
-    read it. A config without "share_across_blocks" (files written before) keeps one per traced graph."""
+    read it. Placement revision 1 (folders written before) keeps one per traced graph."""
     model = _fork()
     on = prepare(model, QuantConfig(wbits=4, abits=4))
-    within = prepare(model, QuantConfig(wbits=4, abits=4, share_across_blocks=False))
+    within = prepare(model, QuantConfig(wbits=4, abits=4, placement=1))
     q = on.block.conv1.input_quantizer
     assert on.side.input_quantizer is q and q.name == "block.conv1.input"
     assert set(q.shared_with) == {"block.add.identity", "side.input"}
@@ -175,7 +175,7 @@ def test_a_quantizer_shared_across_a_block_exports_once_checks_clean_and_round_t
     model = _fork()
     calib = torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     qm = {a: quantize(model, QuantConfig(wbits=4, abits=4, method="rtn", first_last_bits=None,
-                                        share_across_blocks=a), calib, progress=False) for a in (False, True)}
+                                        placement=1 + a), calib, progress=False) for a in (False, True)}
     dup = {}
     for a, m in qm.items():
         path = export_qdq(m, tmp_path / f"m{int(a)}.onnx")
@@ -191,7 +191,7 @@ def test_a_quantizer_shared_across_a_block_exports_once_checks_clean_and_round_t
     # the folder records the rule and the one quantizer; it loads back to the same function
     out = save_quantized(qm[True], tmp_path / "new")
     meta = json.loads((out / "quant.json").read_text())
-    assert meta["config"]["share_across_blocks"] is True
+    assert meta["config"]["placement"] == 2
     rec = {r["name"]: r for r in meta["quantizers"]}
     assert set(rec["block.conv1.input"]["shared_with"]) == {"block.add.identity", "side.input"}
     assert "side.input" not in rec
@@ -199,13 +199,82 @@ def test_a_quantizer_shared_across_a_block_exports_once_checks_clean_and_round_t
     x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         assert torch.equal(again(x), qm[True](x))
-    # a folder written before the rule (no "share_across_blocks") loads with its own layout, as it recorded
+    # a folder written before the rule (no "placement") loads with its own layout, as it recorded
     old = save_quantized(qm[False], tmp_path / "old")
-    assert "share_across_blocks" not in json.loads((old / "quant.json").read_text())["config"]
+    assert "placement" not in json.loads((old / "quant.json").read_text())["config"]
     again = load_quantized(_fork(), old)
     assert again.side.input_quantizer is not again.block.conv1.input_quantizer
     with torch.no_grad():
         assert torch.equal(again(x), qm[False](x))
+
+
+class Sum3(torch.nn.Module):
+    """y = conv(t) + t + u: the second add sums what a layer started with u, which another conv also reads."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.side = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.conv = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.other = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = torch.nn.Linear(16, 10)
+
+    def forward(self, x):
+        t = torch.relu(self.stem(x))
+        u = torch.relu(self.side(t))
+        y = torch.relu(self.conv(t) + t + u)
+        return self.fc(torch.cat([y, self.other(u)], 1).mean((2, 3)))
+
+
+def test_a_later_term_of_a_sum_a_layer_started_is_quantized_as_its_identity(tmp_path):
+    """Revision 2: the add (conv(t) + t) + u quantizes u, as TensorRT fuses the sum into conv's epilogue and must
+    read u in INT8; u's quantizer is the one `other` reads it through. Revision 1 left u float at that add."""
+    model = Sum3().eval()
+    setattr(model, ATTR, Preprocessing(input_size=(3, 8, 8)))
+    v1 = prepare(model, QuantConfig(wbits=4, abits=4, first_last_bits=None, placement=1))
+    v2 = prepare(model, QuantConfig(wbits=4, abits=4, first_last_bits=None))
+    assert shared_quantizers(v1) == {"side.input": ("conv.input", "add.identity")}
+    assert shared_quantizers(v2) == {"side.input": ("conv.input", "add.identity"), "other.input": ("add_1.identity",)}
+    add1 = next(n for n in v2.graph.nodes if n.name == "add_1")
+    assert [a.op == "call_module" and v2.get_submodule(a.target) is v2.other.input_quantizer
+            for a in add1.args] == [False, True]
+    assert all(a.op != "call_module" for a in next(n for n in v1.graph.nodes if n.name == "add_1").args)
+    calib = torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    qm = quantize(model, QuantConfig(wbits=4, abits=4, method="rtn", first_last_bits=None), calib, progress=False)
+    path = export_qdq(qm, tmp_path / "m.onnx")
+    assert report(check_model(path))["ok"]
+    v = verify_onnx(path, qm, torch.randint(0, 256, (8, 8, 8, 3), dtype=torch.uint8,
+                                            generator=torch.Generator().manual_seed(2)))
+    assert v.top1_agreement == 100.0 and v.max_abs_diff == 0.0 and v.code_mismatch_fraction == 0.0
+
+
+def test_hrnet_engine_before_and_after_placement_revision_2(tmp_path):
+    """timm hrnet_w18_small (random weights, 64 px, W4A4): revision 1 quantized two tensors twice (a branch
+    block's input and a transition conv's) and left fuse-layer terms float; revision 2 has one Q/DQ per tensor,
+    and its TensorRT-RTX engine has fewer hand-offs and no bypassed Q/DQ."""
+    torch.set_num_threads(1)
+    model = load_model("hrnet_w18_small", random_init=True, input_size=64)
+    calib = torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    paths, dups = {}, {}
+    for p in (1, 2):
+        qm = quantize(model, QuantConfig(wbits=4, abits=4, method="rtn", scale_grid=8, placement=p), calib,
+                      progress=False)
+        paths[p] = export_qdq(qm, tmp_path / f"p{p}.onnx")
+        rep = report(check_model(paths[p]))
+        assert rep["ok"]
+        dups[p] = [v["node"] for v in rep["violations"] if v["rule"] == "duplicate-qdq"]
+    assert len(dups[1]) == 2 and dups[2] == []
+    pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx not installed")
+    from mixq_onnx.trt.builder import BuildConfig, build_engine
+    from mixq_onnx.trt.inspect import inspect_plan
+
+    reps = {}
+    for p, path in paths.items():
+        build_engine(path, tmp_path / f"p{p}.plan", BuildConfig(backend="tensorrt-rtx", batch=(1, 1, 1)))
+        reps[p] = inspect_plan(tmp_path / f"p{p}.plan")
+    assert reps[2].int8_mac_fraction == 1.0 and not reps[2].fallbacks
+    assert len(reps[1].fallbacks) == 1 and reps[2].handoffs < reps[1].handoffs, (reps[1].handoffs, reps[2].handoffs)
 
 
 # ----------------------------------------------------------------------------- export

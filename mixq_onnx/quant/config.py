@@ -16,7 +16,7 @@ from ..methods import METHODS, PRESETS
 
 BLOCK_SIZES = (32, 64, 128)
 
-__all__ = ["BLOCK_SIZES", "METHODS", "PRESETS", "QuantConfig", "ReconParams"]
+__all__ = ["BLOCK_SIZES", "METHODS", "PLACEMENTS", "PRESETS", "QuantConfig", "ReconParams"]
 
 
 @dataclass
@@ -38,6 +38,14 @@ PARAM_NAMES = tuple(f.name for f in fields(ReconParams))
 
 #: Common settings a config leaves unset (None), whatever the method.
 COMMON_DEFAULTS = {"batch_size": 32, "num_samples": 1024}
+
+#: Revisions of the placement rules (`quant.graph.prepare`); a new one changes where quantizers go for some model,
+#: so a result folder records the revision it was written with and is rebuilt by it.
+#: 1: the rules before 2026-12-01.
+#: 2: with share_quantizers, a block's quantizer of its own input also joins the calling graph's quantizers of that
+#:    tensor (HRNet: a branch block and a transition conv read one tensor); an add whose inputs are a sum that a
+#:    layer started and another tensor quantizes that tensor as its identity (HRNet's fuse layers: conv + x + y).
+PLACEMENTS = (1, 2)
 
 #: quant.json's "config" object, key by key in this order (the format predates the split into parts).
 DICT_KEYS = ("wbits", "abits", "method", "symmetric", "first_last_bits", "preset", "iters", "batch_size",
@@ -63,9 +71,9 @@ class QuantConfig:
     holdout: float = 0.1  # calibration fraction held out for the generalisation gap
     seed: int = 0
     share_quantizers: bool = True  # one quantizer per tensor and grid (graph.share_quantizers); quant.json without it: False
-    # with share_quantizers, a block's quantizer of its own input also joins the calling graph's quantizers of that
-    # tensor (graph.share_quantizers); quant.json without it: False (shared within each traced graph only)
-    share_across_blocks: bool = True
+    # revision of the placement rules (`PLACEMENTS`); quant.json without "placement": 1, so a folder keeps the layout
+    # it was written with
+    placement: int = 2
     integer_pools: bool = True  # average pools read integer codes (graph.quantize_pools); quant.json without it: False
     # Conv2d/Linear left unquantized (module names or fnmatch patterns): no quantizer, float in the graph and the
     # engine; `graph.prepare` refuses a pattern that matches no layer
@@ -77,7 +85,7 @@ class QuantConfig:
                  num_samples: int | None = None, p_norm: float = 2.4, scale_grid: int = 80,
                  block_size: int | None = None, holdout: float = 0.1, seed: int = 0,
                  share_quantizers: bool = True, integer_pools: bool = True, float_layers: Sequence[str] = (),
-                 share_across_blocks: bool = True, params: ReconParams | None = None, **learning: Any):
+                 placement: int = 2, params: ReconParams | None = None, **learning: Any):
         unknown = sorted(set(learning) - set(PARAM_NAMES))
         if unknown:
             raise TypeError(f"QuantConfig() got an unexpected keyword argument {unknown[0]!r}")
@@ -86,7 +94,7 @@ class QuantConfig:
         self.preset, self.batch_size, self.num_samples = preset, batch_size, num_samples
         self.p_norm, self.scale_grid, self.block_size, self.holdout, self.seed = p_norm, scale_grid, block_size, holdout, seed
         self.share_quantizers, self.integer_pools = share_quantizers, integer_pools
-        self.share_across_blocks = share_across_blocks
+        self.placement = placement
         self.float_layers = (float_layers,) if isinstance(float_layers, str) else tuple(float_layers)
         self.params = replace(params if params is not None else ReconParams(), **learning)
 
@@ -110,7 +118,9 @@ class QuantConfig:
                 raise MixqError(f"{opt} must be a positive integer, got {v!r}")
         if self.scale_grid < 1:
             raise MixqError(f"scale_grid must be at least 1, got {self.scale_grid}")
-        for key in ("share_quantizers", "share_across_blocks", "integer_pools"):
+        if isinstance(self.placement, bool) or self.placement not in PLACEMENTS:
+            raise MixqError(f"placement must be one of {', '.join(map(str, PLACEMENTS))}, got {self.placement!r}")
+        for key in ("share_quantizers", "integer_pools"):
             if not isinstance(getattr(self, key), bool):
                 raise MixqError(f"{key} must be true or false, got {getattr(self, key)!r}")
         bad = [p for p in self.float_layers if not isinstance(p, str) or not p.strip() or "," in p]
@@ -142,8 +152,7 @@ class QuantConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """quant.json's "config": the flat keys of `DICT_KEYS`, then "share_quantizers": true when quantizers are
-        shared (with "share_across_blocks": true when blocks share theirs with the graph calling them),
-        "integer_pools": true when pools are quantized and "float_layers" when some layers stay float (each absent
+        shared, "integer_pools": true when pools are quantized, "placement" from revision 2 on and "float_layers" when some layers stay float (each absent
         otherwise, as in every quant.json written before the rule existed, so those files and the graphs exported
         from them stay the same byte for byte), then "extra": {} — the key of a removed field (QuantConfig.extra,
         never used), kept so that files stay the same value for value."""
@@ -151,10 +160,10 @@ class QuantConfig:
         d["beta"] = list(self.beta)
         if self.share_quantizers:
             d["share_quantizers"] = True
-            if self.share_across_blocks:
-                d["share_across_blocks"] = True
         if self.integer_pools:
             d["integer_pools"] = True
+        if self.placement >= 2:
+            d["placement"] = self.placement
         if self.float_layers:  # only then: files without float layers stay as they were
             d["float_layers"] = list(self.float_layers)
         d["extra"] = {}
@@ -164,8 +173,7 @@ class QuantConfig:
     def from_dict(cls, d: dict[str, Any]) -> QuantConfig:
         """Read `to_dict`'s form (flat, as every quant.json has it); unknown keys (such as "extra") are ignored.
         A config without "share_quantizers" (written before sharing, or with it off) places one quantizer per
-        consumer, as its file records; one without "share_across_blocks" shares within each traced graph only (the
-        rule before blocks joined in); one without "integer_pools" has no pool quantizers."""
+        consumer, as its file records; one without "placement" has revision 1's placements; one without "integer_pools" has no pool quantizers."""
         names = {f.name for f in fields(cls) if f.name != "params"} | set(PARAM_NAMES)
         kw = {k: v for k, v in d.items() if k in names}
         if "beta" in kw:
@@ -176,7 +184,7 @@ class QuantConfig:
                 raise MixqError(f"config float_layers must be a list of layer names, got {fl!r}")
             kw["float_layers"] = tuple(fl)
         kw.setdefault("share_quantizers", False)
-        kw.setdefault("share_across_blocks", False)
+        kw.setdefault("placement", 1)
         kw.setdefault("integer_pools", False)
         return cls(**kw)
 

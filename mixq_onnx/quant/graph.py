@@ -264,6 +264,15 @@ def _from_layer(gm: fx.GraphModule, node: fx.Node, transparent: tuple[type, ...]
     return False
 
 
+def _sum_of_layer(gm: fx.GraphModule, node: fx.Node, transparent: tuple[type, ...], depth: int = 16) -> bool:
+    """True if `node` is an add that sums a conv/linear output (directly, or through an earlier such add):
+    TensorRT fuses the chain into that layer's epilogue (HRNet's fuse layers: conv + identity + identity)."""
+    if depth <= 0 or not _is_add(node):
+        return False
+    args = [a for a in node.args[:2] if isinstance(a, fx.Node)]
+    return any(_from_layer(gm, a, transparent) or _sum_of_layer(gm, a, transparent, depth - 1) for a in args)
+
+
 def _insert_quantizer(gm: fx.GraphModule, user: fx.Node, arg: fx.Node, q: ActQuantizer, attr: str) -> None:
     gm.add_submodule(attr, q)
     with gm.graph.inserting_before(user):
@@ -328,6 +337,8 @@ def _transform(module: nn.Module, prefix: str, leaves: Iterable[nn.Module], cfg:
             args = [a for a in node.args[:2] if isinstance(a, fx.Node)]
             if _is_add(node) and len(args) == 2 and all(a in act for a in args) and args[0] is not args[1]:
                 side = [_from_layer(gm, a, transparent) for a in args]
+                if not any(side) and cfg.placement >= 2:  # a later term of a sum a layer started: the other input
+                    side = [_sum_of_layer(gm, a, transparent) for a in args]
                 if side.count(True) == 1:
                     ident = args[side.index(False)]
                     q = ActQuantizer(f"{prefix}{node.name}.identity", abits, cfg.symmetric, placement="residual")
@@ -801,10 +812,10 @@ def prepare(model: nn.Module, cfg: QuantConfig) -> fx.GraphModule:
             if layer.input_quantizer is not None:
                 layer.input_quantizer.bits = cfg.first_last_bits
     if cfg.share_quantizers and not cfg.weight_only:  # after the bit policy: only equal grids merge
-        share_quantizers(gm, cfg.share_across_blocks)
+        share_quantizers(gm, across_blocks=cfg.placement >= 2)
     if cfg.integer_pools and not cfg.weight_only:  # after both: a pool takes its consumer's bits and quantizer
         if quantize_pools(gm) and cfg.share_quantizers:
-            share_quantizers(gm, cfg.share_across_blocks)  # a pool's input quantizer joins an equal one on the same tensor (a conv's)
+            share_quantizers(gm, across_blocks=cfg.placement >= 2)  # a pool's input quantizer joins an equal one on the same tensor (a conv's)
     gm.mixq_units = _units(gm, blocks, order)  # type: ignore[attr-defined]
     gm.mixq_unquantized = _unquantized_layers(gm, cfg)  # type: ignore[attr-defined]
     _check_float_equivalence(original, gm, example_input(gm))
