@@ -213,6 +213,42 @@ def test_a_filtered_cache_that_lost_a_kept_shard_is_filtered_again(tmp_path):
     assert not list(d.glob("cand-*"))
 
 
+def test_ctrl_c_while_tensorrt_parses_the_graph_aborts_and_writes_nothing(tmp_path):
+    """The same drop happens earlier: SIGINT while the parser runs (sent from inside TensorRT's logger callback,
+    where Python runs the handler) was swallowed, and the build went on to write its plan and exit 0."""
+    pytest.importorskip("tensorrt_rtx")
+    graph = export_qdq(random_r20_rtn(4)[1], tmp_path / "g.onnx")
+    script = f"""
+        import os, signal, threading
+        import tensorrt_rtx as trt
+        import mixq_onnx.trt.builder as B
+        parsing, sent = threading.Event(), threading.Event()
+        original = trt.OnnxParser.parse_from_file
+        def parse(self, *a, **k):
+            parsing.set()
+            return original(self, *a, **k)
+        trt.OnnxParser.parse_from_file = parse
+        make = B.make_logger
+        def make_logger(trt_, echo=False):
+            base = make(trt_, echo)
+            class Interrupting(type(base)):
+                def log(self, severity, msg):
+                    if parsing.is_set() and not sent.is_set():
+                        sent.set()
+                        os.kill(os.getpid(), signal.SIGINT)
+                    super().log(severity, msg)
+            return Interrupting()
+        B.make_logger = make_logger
+        from mixq_onnx.cli import main
+        main(["build", {str(graph)!r}, "--out", {str(tmp_path / "g.plan")!r}, "--backend", "tensorrt-rtx"])
+    """
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    r = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 130 and r.stderr.strip().splitlines()[-1] == "aborted", (r.returncode, r.stderr[-1000:])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.onnx"]
+
+
 def test_ctrl_c_during_the_tensorrt_build_aborts_it_and_writes_nothing(tmp_path):
     """A KeyboardInterrupt raised in TensorRT's logger callback is dropped by TensorRT: the build used to run
     on, write its plan and exit 0. SIGINT is sent the moment the build starts (the child's instrumented

@@ -278,14 +278,24 @@ def _inspector_layers(trt: Any, logger: Any, plan_bytes: bytes) -> list[LayerInf
 
 
 @contextlib.contextmanager
-def _interruptible(trt: Any, config: Any) -> Iterator[Callable[[], bool]]:
-    """Make Ctrl-C stop a build. Raised inside TensorRT's callbacks (the logger's), a KeyboardInterrupt is
-    caught and dropped by TensorRT, and the build ran on to write its plan. Here SIGINT only sets a flag;
-    a progress monitor (where the backend has one) then cancels the build, and the caller raises."""
+def _sigint_flag() -> Iterator[threading.Event]:
+    """Ctrl-C sets a flag instead of raising. Raised inside TensorRT's callbacks (the logger's, which runs while the
+    parser and the builder work), a KeyboardInterrupt is caught and dropped by TensorRT, and the build ran on to
+    write its plan; the caller checks the flag between steps and raises itself."""
     hit = threading.Event()
     old = None
     if threading.current_thread() is threading.main_thread():
         old = signal.signal(signal.SIGINT, lambda *_: hit.set())
+    try:
+        yield hit
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGINT, old)
+
+
+@contextlib.contextmanager
+def _cancel_on(trt: Any, config: Any, hit: threading.Event) -> Iterator[None]:
+    """A progress monitor (where the backend has one) that cancels the build once `hit` is set."""
     monitor = None
     if hasattr(trt, "IProgressMonitor") and hasattr(config, "progress_monitor"):
         class _Cancel(trt.IProgressMonitor):  # type: ignore[name-defined, misc]
@@ -304,12 +314,16 @@ def _interruptible(trt: Any, config: Any) -> Iterator[Callable[[], bool]]:
         monitor = _Cancel()
         config.progress_monitor = monitor
     try:
-        yield hit.is_set
+        yield
     finally:
         if monitor is not None:
             config.progress_monitor = None
-        if old is not None:
-            signal.signal(signal.SIGINT, old)
+
+
+def _stop_if(hit: threading.Event) -> None:
+    """Ctrl-C came (`_sigint_flag`): nothing is written, the CLI says "aborted" (exit 130)."""
+    if hit.is_set():
+        raise KeyboardInterrupt
 
 
 def build_engine(onnx_path: str | Path, plan_path: str | Path, cfg: BuildConfig | None = None,
@@ -332,96 +346,98 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, cfg: BuildConfig 
                         "--backend tensorrt-rtx (ahead-of-time build for RTX GPUs)")
     target, targets = _targets(trt, cfg, gpu)
 
-    logger = make_logger(trt, echo=verbose)
-    builder = trt.Builder(logger)
-    strongly = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)  # TensorRT 11: the only mode
-    network = builder.create_network(1 << int(strongly) if strongly is not None else 0)
-    onnx_sha256 = sha256_file(onnx_path)  # before the parser reads it: the graph this plan is built from
-    _parse_onnx(trt, network, logger, onnx_path)
+    with _sigint_flag() as hit:
+        logger = make_logger(trt, echo=verbose)
+        builder = trt.Builder(logger)
+        strongly = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)  # TensorRT 11: the only mode
+        network = builder.create_network(1 << int(strongly) if strongly is not None else 0)
+        onnx_sha256 = sha256_file(onnx_path)  # before the parser reads it: the graph this plan is built from
+        _parse_onnx(trt, network, logger, onnx_path)
+        _stop_if(hit)
 
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, cfg.workspace_mib << 20)
-    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
-    if cfg.optimization_level is not None:
-        config.builder_optimization_level = cfg.optimization_level
-    if cfg.backend == "tensorrt-rtx" and targets != [RTX_PORTABLE]:
-        config.num_compute_capabilities = len(targets)
-        for i, t in enumerate(targets):
-            config.set_compute_capability(getattr(trt.ComputeCapability, t.upper()), i)
-    shapes = _profile(trt, builder, network, config, cfg)
+        config = builder.create_builder_config()
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, cfg.workspace_mib << 20)
+        config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
+        if cfg.optimization_level is not None:
+            config.builder_optimization_level = cfg.optimization_level
+        if cfg.backend == "tensorrt-rtx" and targets != [RTX_PORTABLE]:
+            config.num_compute_capabilities = len(targets)
+            for i, t in enumerate(targets):
+                config.set_compute_capability(getattr(trt.ComputeCapability, t.upper()), i)
+        shapes = _profile(trt, builder, network, config, cfg)
 
-    cache_file: Path | None = None
-    cache = None
-    if use_cache:
-        cache_file = timing_cache_path_for(plan_path)
-        cache = config.create_timing_cache(blob)
-        config.set_timing_cache(cache, ignore_mismatch=False)
+        cache_file: Path | None = None
+        cache = None
+        if use_cache:
+            cache_file = timing_cache_path_for(plan_path)
+            cache = config.create_timing_cache(blob)
+            config.set_timing_cache(cache, ignore_mismatch=False)
 
-    t0 = time.perf_counter()
-    with warnings.catch_warnings(), _interruptible(trt, config) as interrupted:
-        warnings.simplefilter("ignore", DeprecationWarning)
-        serialized = builder.build_serialized_network(network, config)
-    if interrupted():  # Ctrl-C during the build: nothing is written, the CLI says "aborted" (exit 130)
-        raise KeyboardInterrupt
-    seconds = time.perf_counter() - t0
-    if serialized is None:
-        errs = logger.errors()
-        raise MixqError(f"{_label(trt)} could not build {onnx_path}: " + (errs[-1] if errs else "no log")[:400])
-    plan_bytes = bytes(memoryview(serialized))
-    plan_sha256 = sha256_bytes(plan_bytes)  # of what this build writes: a concurrent build's plan then mismatches
-    layers: list[LayerInfo] = []
-    source = "builder-log"
-    if gpu is not None and cfg.backend == "tensorrt":
-        try:
-            layers, source = _inspector_layers(trt, logger, plan_bytes), "engine-inspector"
-        except Exception:  # noqa: BLE001 - fall back to the log
-            layers = []
-    if not layers:
-        layers, source = parse_builder_log(m for _, m in logger.messages), "builder-log"
-    if accept is not None:  # before the plan is written: a refused engine leaves nothing behind
-        accept(layers, {i["name"]: list(i["opt"]) for i in shapes})
+        t0 = time.perf_counter()
+        with warnings.catch_warnings(), _cancel_on(trt, config, hit):
+            warnings.simplefilter("ignore", DeprecationWarning)
+            serialized = builder.build_serialized_network(network, config)
+        _stop_if(hit)
+        seconds = time.perf_counter() - t0
+        if serialized is None:
+            errs = logger.errors()
+            raise MixqError(f"{_label(trt)} could not build {onnx_path}: " + (errs[-1] if errs else "no log")[:400])
+        plan_bytes = bytes(memoryview(serialized))
+        plan_sha256 = sha256_bytes(plan_bytes)  # of what this build writes: a concurrent build's plan then mismatches
+        layers: list[LayerInfo] = []
+        source = "builder-log"
+        if gpu is not None and cfg.backend == "tensorrt":
+            try:
+                layers, source = _inspector_layers(trt, logger, plan_bytes), "engine-inspector"
+            except Exception:  # noqa: BLE001 - fall back to the log
+                layers = []
+        if not layers:
+            layers, source = parse_builder_log(m for _, m in logger.messages), "builder-log"
+        if accept is not None:  # before the plan is written: a refused engine leaves nothing behind
+            accept(layers, {i["name"]: list(i["opt"]) for i in shapes})
 
-    make_parent(plan_path)
-    cache_bytes = bytes(memoryview(cache.serialize())) if cache is not None else None
+        _stop_if(hit)  # the last point before anything is written
+        make_parent(plan_path)
+        cache_bytes = bytes(memoryview(cache.serialize())) if cache is not None else None
 
-    outputs = []
-    for i in range(network.num_outputs):
-        t = network.get_output(i)
-        outputs.append({"name": t.name, "dtype": str(t.dtype).split(".")[-1], "shape": list(t.shape)})
-    meta = {
-        "format": PLAN_FORMAT,
-        "plan_key": plan_key(cfg.backend, trt.__version__, target),
-        "backend": cfg.backend,
-        "backend_version": trt.__version__,
-        "target": target,
-        "targets": targets,
-        "cuda_version": cuda_version(),
-        "gpu": gpu.to_dict() if gpu is not None else None,
-        "onnx": {"path": str(onnx_path.resolve()), "sha256": onnx_sha256},
-        "preprocessing": _onnx_preprocessing(onnx_path),
-        "plan_sha256": plan_sha256,
-        "plan_bytes": len(plan_bytes),
-        "inputs": shapes,
-        "outputs": outputs,
-        "options": {**asdict(cfg), "batch": list(cfg.profile_batch), "compute_capabilities": list(cfg.compute_capabilities),
-                    "strongly_typed": True, "profiling_verbosity": "DETAILED"},
-        "timing_cache": str(cache_file) if cache_file is not None else None,
-        "timing_cache_sha256": sha256_bytes(cache_bytes) if cache_bytes is not None else None,
-        "build_seconds": round(seconds, 3),
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "layer_source": source,
-        "layers": [li.to_dict() for li in layers],
-    }
-    meta_file = meta_path_for(plan_path)
-    # PLAN.json first, then the plan: a kill between the two leaves a mixq-onnx PLAN.json beside an old plan (or
-    # none), which readers refuse as stale and a re-run replaces (`plan_is_ours`), never a plan no sidecar owns
-    atomic_write_json(meta_file, meta)
-    with atomic_path(plan_path) as tmp:
-        tmp.write_bytes(plan_bytes)
-    if cache_bytes is not None and cache_file is not None:
-        with atomic_path(cache_file) as tmp:
-            tmp.write_bytes(cache_bytes)
-    return BuildResult(plan_path, meta_file, meta, layers, seconds)
+        outputs = []
+        for i in range(network.num_outputs):
+            t = network.get_output(i)
+            outputs.append({"name": t.name, "dtype": str(t.dtype).split(".")[-1], "shape": list(t.shape)})
+        meta = {
+            "format": PLAN_FORMAT,
+            "plan_key": plan_key(cfg.backend, trt.__version__, target),
+            "backend": cfg.backend,
+            "backend_version": trt.__version__,
+            "target": target,
+            "targets": targets,
+            "cuda_version": cuda_version(),
+            "gpu": gpu.to_dict() if gpu is not None else None,
+            "onnx": {"path": str(onnx_path.resolve()), "sha256": onnx_sha256},
+            "preprocessing": _onnx_preprocessing(onnx_path),
+            "plan_sha256": plan_sha256,
+            "plan_bytes": len(plan_bytes),
+            "inputs": shapes,
+            "outputs": outputs,
+            "options": {**asdict(cfg), "batch": list(cfg.profile_batch), "compute_capabilities": list(cfg.compute_capabilities),
+                        "strongly_typed": True, "profiling_verbosity": "DETAILED"},
+            "timing_cache": str(cache_file) if cache_file is not None else None,
+            "timing_cache_sha256": sha256_bytes(cache_bytes) if cache_bytes is not None else None,
+            "build_seconds": round(seconds, 3),
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "layer_source": source,
+            "layers": [li.to_dict() for li in layers],
+        }
+        meta_file = meta_path_for(plan_path)
+        # PLAN.json first, then the plan: a kill between the two leaves a mixq-onnx PLAN.json beside an old plan (or
+        # none), which readers refuse as stale and a re-run replaces (`plan_is_ours`), never a plan no sidecar owns
+        atomic_write_json(meta_file, meta)
+        with atomic_path(plan_path) as tmp:
+            tmp.write_bytes(plan_bytes)
+        if cache_bytes is not None and cache_file is not None:
+            with atomic_path(cache_file) as tmp:
+                tmp.write_bytes(cache_bytes)
+        return BuildResult(plan_path, meta_file, meta, layers, seconds)
 
 
 def _plan_record(path: str | os.PathLike) -> dict[str, Any] | None:
