@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from .cli_common import CONTEXT, FiniteFloat, emit_json
+from .errors import MixqError
 
 _backend_opt = click.option("--backend", type=click.Choice(["tensorrt", "tensorrt-rtx"]), default=None,
                             help="Engine flavour [build default: tensorrt-rtx; run/bench: the plan's].")
@@ -71,7 +72,9 @@ def register(cli: click.Group) -> None:
                           workspace_mib=workspace_mib,
                           compute_capabilities=tuple(ccs), optimization_level=opt_level,
                           timing_cache=not no_timing_cache)
-        plan = Path(out) if out else Path(onnx_path).with_suffix(".plan")
+        if out is not None and not out.strip():  # not the default: the user asked for a path and gave none
+            raise MixqError("--out is empty: give a file path")
+        plan = Path(out) if out is not None else Path(onnx_path).with_suffix(".plan")
         checked = build_checked(onnx_path, plan, cfg, require_int8=require_int8, max_handoffs_limit=max_handoffs,
                                 verbose=verbose, overwrite=overwrite)
         res, rep, ok = checked.result, checked.report, checked.int8_ok
@@ -95,7 +98,8 @@ def register(cli: click.Group) -> None:
     @cli.command("inspect", context_settings=CONTEXT)
     @click.argument("plan", type=click.Path())
     @click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False), default=None,
-                  help="The ONNX graph the plan came from [default: the path in PLAN.json].")
+                  help="The ONNX graph the plan was built from, if it moved [default: the path in PLAN.json]; "
+                       "its sha256 must be the one PLAN.json records.")
     @click.option("--layers", "show_layers", is_flag=True, help="Also print every engine layer with its datatypes.")
     @click.option("--json", "as_json", is_flag=True,
                   help="Last stdout line: one JSON object (int8_mac_fraction, fallbacks, layers, …).")
@@ -133,14 +137,14 @@ def register(cli: click.Group) -> None:
         from .utils import atomic_path, check_output_file, make_parent
 
         meta = read_plan_meta(plan)  # a plan, not some other file, before anything else is judged
-        if out:
+        if out is not None:  # "" included: check_output_file refuses it
             check_output_file(out, inputs=(plan, *input_paths), refuse_suffixes=(".plan", ".onnx", ".json"),
                               ours=("a run's outputs", _run_npz), overwrite=overwrite)
         outs = run_plan(plan, list(input_paths) or None, backend)
         for k, v in outs.items():
             click.echo(f"{k}: shape {list(v.shape)} dtype {v.dtype} mean {float(v.mean()):.5g} "
                        f"argmax[:8] {v.reshape(len(v), -1).argmax(1)[:8].tolist() if v.ndim else v}")
-        if out:
+        if out is not None:
             make_parent(out)
             with atomic_path(out) as tmp, open(tmp, "wb") as f:
                 np.savez(f, **outs, **{RUN_MARKER: np.array(meta["plan_sha256"])})
@@ -158,14 +162,17 @@ def register(cli: click.Group) -> None:
                   help="Timed runs per row (at least 1): p50/p99 and throughput come from these.")
     @click.option("--warmup", type=int, default=20, show_default=True,
                   help="Untimed runs before the timed ones (at least 0): kernel selection, clocks and caches settle.")
+    @click.option("--overwrite", is_flag=True,
+                  help="Let the FP16 graph, plan, PLAN.json and timing cache that --fp-onnx writes beside the plan "
+                       "replace files there that bench did not write.")
     @_backend_opt
     @click.option("--json", "as_json", is_flag=True, help="Last stdout line: one JSON object.")
     def bench(plan: str, fp_onnx: str | None, ort_onnx: str | None, batch: int | None, iters: int, warmup: int,
-              backend: str | None, as_json: bool) -> None:
+              overwrite: bool, backend: str | None, as_json: bool) -> None:
         """Latency p50/p99 and throughput: QDQ engine vs FP16 engine vs onnxruntime (NVIDIA GPU only)."""
         from .trt.runtime import bench as run_bench
 
-        rep = run_bench(plan, fp_onnx, batch, iters, warmup, ort_onnx, backend)
+        rep = run_bench(plan, fp_onnx, batch, iters, warmup, ort_onnx, backend, overwrite=overwrite)
         if as_json:
             emit_json(rep.to_dict())
         else:

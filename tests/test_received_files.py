@@ -171,7 +171,7 @@ def plan(world, tmp_path_factory) -> Path:
 
 def test_inspect_reads_only_the_graph_the_plan_was_built_from(world, plan, tmp_path, run_cli):
     """The graph comes from PLAN.json's onnx.path, which a received file can point anywhere: it was parsed
-    before its sha256 was compared, and a mismatch was only a warning."""
+    before its sha256 was compared, and a mismatch was only a warning (with --onnx, until 2026-12-01)."""
     p = tmp_path / "p"
     p.mkdir()
     shutil.copy(plan, p / "m.plan")
@@ -185,8 +185,13 @@ def test_inspect_reads_only_the_graph_the_plan_was_built_from(world, plan, tmp_p
     meta_path_for(p / "m.plan").write_text(json.dumps(meta))
     msg = clean_error(run_cli, [p, other], "inspect", p / "m.plan")
     assert "is not the graph the plan was built from" in msg and "--onnx" in msg
-    r = run_cli("inspect", p / "m.plan", "--onnx", other)  # the user's own choice: a warning
-    assert r.code == 0 and "warning:" in r.err and "not the graph the plan was built from" in r.err
+    # the user's own choice is held to the same hash: a report mapped onto another graph would be wrong
+    msg = clean_error(run_cli, [p, other], "inspect", p / "m.plan", "--onnx", other)
+    assert msg.startswith(f"error: --onnx {other} is not the graph the plan was built from")
+    moved = tmp_path / "moved.onnx"  # the graph itself, moved: --onnx finds it
+    shutil.copy(world["onnx"], moved)
+    r = run_cli("inspect", p / "m.plan", "--onnx", moved)
+    assert r.code == 0 and "warning" not in r.err
     meta["onnx"]["path"] = str(world["onnx"])
     meta_path_for(p / "m.plan").write_text(json.dumps(meta))
     assert run_cli("inspect", p / "m.plan").code == 0

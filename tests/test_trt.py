@@ -258,13 +258,15 @@ def test_engine_matches_onnxruntime(graphs, w8_plan):
     assert res.n == 8 and res.top1 >= 75.0
 
 
-def test_inspect_warns_when_onnx_is_not_the_plans(graphs, w8_plan, tmp_path, run_cli):
+def test_inspect_refuses_an_onnx_that_is_not_the_plans(graphs, w8_plan, tmp_path, run_cli):
+    """--onnx names another graph than the plan's: its layers would be mapped onto the wrong nodes (it used to
+    print that wrong report, exit 0, with a warning)."""
     from conftest import snapshot
 
     before = snapshot(w8_plan.parent, graphs["w4a4"].parent)
     r = run_cli("inspect", w8_plan, "--onnx", graphs["w4a4"])
-    warns = [ln for ln in r.err.splitlines() if ln.startswith("warning:")]
-    assert r.code == 0 and len(warns) == 1 and "not the graph the plan was built from" in warns[0], r.err
+    msg = one_line_error(r)
+    assert "is not the graph the plan was built from (sha256" in msg and "recorded in" in msg, msg
     r = run_cli("inspect", w8_plan, "--onnx", graphs["w8a8"])
     assert r.code == 0 and "warning" not in r.err
     assert snapshot(w8_plan.parent, graphs["w4a4"].parent) == before
@@ -423,6 +425,32 @@ def test_run_and_bench_judge_their_outputs_before_any_gpu_work(w8_plan, graphs, 
     line = one_line_error(run_cli("bench", plan, "--ort-onnx", bad))
     assert "is not an ONNX model" in line, line
     assert onnx_bytes  # (the float graph itself was never touched)
+    # the refusal says to pass --overwrite: bench has it (it used to be "No such option"), and with it the file
+    # checks pass, so the next refusal here is the missing GPU, with the user's file still untouched
+    line = one_line_error(run_cli("bench", plan, "--fp-onnx", graphs["fp"], "--overwrite"))
+    assert "NVIDIA GPU" in line and user16.read_bytes() == before, line
+
+
+def test_run_refuses_inputs_that_are_not_one_numeric_array_and_empty_outs(w8_plan, graphs, tmp_path, run_cli):
+    """`run --input` with an .npz, or an .npy of strings, was a TypeError traceback; an empty `--out ""` was
+    ignored (build wrote its default plan beside the graph, run skipped its output check). Judged before any GPU
+    work, so this holds on any host."""
+    from conftest import snapshot
+
+    npz = tmp_path / "d.npz"
+    np.savez(npz, x=np.zeros((2, 3, 32, 32), np.float32))
+    strs = tmp_path / "s.npy"
+    np.save(strs, np.array(["a", "b"]))
+    line = one_line_error(run_cli("run", w8_plan, "--input", npz))
+    assert "an .npz archive, not one .npy array" in line, line
+    line = one_line_error(run_cli("run", w8_plan, "--input", strs))
+    assert "not a numeric array (dtype <U1)" in line, line
+    before = snapshot(tmp_path, graphs["w8a8"].parent)
+    line = one_line_error(run_cli("build", graphs["w8a8"], "--out", ""))
+    assert line == "error: --out is empty: give a file path", line
+    line = one_line_error(run_cli("run", w8_plan, "--out", ""))
+    assert line == "error: --out is empty: give a file path", line
+    assert snapshot(tmp_path, graphs["w8a8"].parent) == before
 
 
 def test_a_batch_below_the_profiles_min_is_padded_not_refused():

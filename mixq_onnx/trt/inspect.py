@@ -487,16 +487,14 @@ def inspect_plan(plan_path: str | Path, onnx_path: str | Path | None = None) -> 
         same = isinstance(want, str) and sha256_file(onnx_path) == want
     except OSError as e:
         raise MixqError(f"cannot read {onnx_path}: {e.strerror or e}") from None
-    if not given and not same:  # the path comes from a received PLAN.json: read only the graph it recorded
-        raise MixqError(f"{onnx_path}, the graph {Path(plan_path).name}.json names, is not the graph the plan was "
-                        "built from (its sha256 differs or is not recorded): pass --onnx PATH")
+    if not same:  # the layers would be mapped onto another graph: a wrong report, so none
+        recorded = f"sha256 {want[:12]}… recorded in {Path(plan_path).name}.json" if isinstance(want, str) else \
+            f"{Path(plan_path).name}.json records no sha256"
+        where = "--onnx " + str(onnx_path) if given else f"{onnx_path}, the graph {Path(plan_path).name}.json names,"
+        raise MixqError(f"{where} is not the graph the plan was built from ({recorded}): pass --onnx with the graph it "
+                        "was built from, or rebuild the plan from this one")
     layers = plan_layers(meta)
     if not layers:
         raise MixqError(f"{plan_path}.json holds no layer information; rebuild the plan with `mixq-onnx build`")
     shapes = {i["name"]: list(i["opt"]) for i in meta.get("inputs", [])}
-    rep = analyze(onnx_path, layers, shapes)
-    if not same:  # --onnx given: the user's choice, but the layers may be mapped onto the wrong graph
-        rep.warnings.append(f"{onnx_path} is not the graph the plan was built from (sha256 "
-                            f"{(want or '?')[:12]}… recorded in {Path(plan_path).name}.json): the layer mapping "
-                            "below may be wrong")
-    return rep
+    return analyze(onnx_path, layers, shapes)

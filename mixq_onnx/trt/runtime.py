@@ -23,6 +23,7 @@ from .builder import (
     check_plan_key,
     check_plan_output,
     read_plan_meta,
+    read_timing_cache,
     require_onnx,
 )
 
@@ -147,7 +148,7 @@ def run_plan(plan_path: str | Path, inputs: Any = None, backend: str | None = No
         rng = np.random.default_rng(0)
         inputs = [rng.standard_normal(i["opt"]).astype(np.float32) for i in meta["inputs"]]
     else:
-        inputs = [_load_npy(x) if isinstance(x, (str, os.PathLike)) else x for x in inputs]
+        inputs = [_numeric(_load_npy(x) if isinstance(x, (str, os.PathLike)) else x, x) for x in inputs]
     eng = Engine(plan_path, backend)
 
     outs = eng(*[eng.torch.from_numpy(np.ascontiguousarray(x)) for x in inputs])
@@ -159,10 +160,25 @@ def _load_npy(path: str | os.PathLike) -> Any:
     import numpy as np
 
     try:
-        return np.load(path, allow_pickle=False)
+        arr = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as e:
         raise MixqError(f"--input {path}: not a readable .npy array ({type(e).__name__}: "
                         f"{str(e).splitlines()[0] if str(e) else 'no message'})") from None
+    if not isinstance(arr, np.ndarray):  # an .npz archive: np.load opens it as a mapping of arrays
+        arr.close()
+        raise MixqError(f"--input {path}: an .npz archive, not one .npy array (give one .npy per engine input)")
+    return arr
+
+
+def _numeric(arr: Any, src: Any) -> Any:
+    """An engine input: a numeric numpy array (strings, objects and datetimes have no tensor form)."""
+    import numpy as np
+
+    if not isinstance(arr, np.ndarray) or arr.dtype.kind not in "biuf":
+        what = f"dtype {arr.dtype}" if isinstance(arr, np.ndarray) else type(arr).__name__
+        where = f"--input {src}" if isinstance(src, (str, os.PathLike)) else "an input"
+        raise MixqError(f"{where}: not a numeric array ({what}); an engine input is float NCHW")
+    return arr
 
 
 def evaluate_engine_data(plan_path: str | Path, data: str | Path, *, model: Any = None, quantized: Any = None,
@@ -314,8 +330,10 @@ def _bench_ort(onnx_path: Path, x: Any, warmup: int, iters: int) -> tuple[list[f
 
 
 def bench(plan_path: str | Path, fp_onnx: str | Path | None = None, batch: int | None = None, iters: int = 200,
-          warmup: int = 20, ort_onnx: str | Path | None = None, backend: str | None = None) -> BenchReport:
-    """QDQ engine vs an FP16 engine of the float model vs onnxruntime, same batch, same GPU."""
+          warmup: int = 20, ort_onnx: str | Path | None = None, backend: str | None = None,
+          overwrite: bool = False) -> BenchReport:
+    """QDQ engine vs an FP16 engine of the float model vs onnxruntime, same batch, same GPU. `overwrite` lets the
+    FP16 files bench writes beside the plan replace files there that bench did not write."""
     import torch
 
     if iters < 1 or warmup < 0 or (batch is not None and batch < 1):
@@ -325,7 +343,7 @@ def bench(plan_path: str | Path, fp_onnx: str | Path | None = None, batch: int |
 
     plan_path = Path(plan_path)
     meta = read_plan_meta(plan_path)
-    fp16, fp_plan, ort_src = _bench_files(plan_path, meta, fp_onnx, ort_onnx)  # every file judged before any work
+    fp16, fp_plan, ort_src = _bench_files(plan_path, meta, fp_onnx, ort_onnx, overwrite)  # judged before any work
     trt = import_backend(backend or meta["backend"])
     check_plan_key(meta, trt, None, backend)
     gpu = require_gpu()
@@ -344,7 +362,7 @@ def bench(plan_path: str | Path, fp_onnx: str | Path | None = None, batch: int |
                               min(batch, opts["batch"][0]), batch, max(batch, opts["batch"][2])),
                           workspace_mib=opts["workspace_mib"], compute_capabilities=tuple(opts["compute_capabilities"]),
                           optimization_level=opts.get("optimization_level"))
-        build_engine(fp16, fp_plan, cfg, overwrite=True)  # judged by _bench_files: ours, or absent
+        build_engine(fp16, fp_plan, cfg, overwrite=overwrite)  # judged by _bench_files: ours, absent or --overwrite
         rep.rows.append(_row("FP16 engine (float model)", batch, _bench_engine(fp_plan, x, warmup, iters, backend)))
     if ort_src is not None:
         ms, note = _bench_ort(ort_src, x, warmup, iters)
@@ -352,11 +370,12 @@ def bench(plan_path: str | Path, fp_onnx: str | Path | None = None, batch: int |
     return rep
 
 
-def _bench_files(plan: Path, meta: dict[str, Any], fp_onnx: str | Path | None, ort_onnx: str | Path | None
-                 ) -> tuple[Path | None, Path | None, Path | None]:
+def _bench_files(plan: Path, meta: dict[str, Any], fp_onnx: str | Path | None, ort_onnx: str | Path | None,
+                 overwrite: bool = False) -> tuple[Path | None, Path | None, Path | None]:
     """(the FP16 graph and plan bench writes, the graph onnxruntime times), refused up front: a given graph
-    that is not ONNX, an FP16 file beside the plan that bench did not write (or that is an input), and the
-    graph PLAN.json names when it is no longer the one the plan was built from (then no onnxruntime row)."""
+    that is not ONNX, an FP16 file beside the plan (its timing cache too) that bench did not write, unless
+    `overwrite`, or that is an input, and the graph PLAN.json names when it is no longer the one the plan was
+    built from (then no onnxruntime row)."""
     from ..onnx.export import GRAPH_OURS
 
     for opt, g in (("--fp-onnx", fp_onnx), ("--ort-onnx", ort_onnx)):
@@ -369,8 +388,10 @@ def _bench_files(plan: Path, meta: dict[str, Any], fp_onnx: str | Path | None, o
         fp16 = plan.with_name(plan.stem + ".fp16.onnx")
         fp_plan = plan.with_name(plan.stem + ".fp16.plan")
         ins = (fp_onnx, ort_onnx, plan)
-        check_output_file(fp16, what="bench's FP16 graph", inputs=ins, ours=GRAPH_OURS)
-        check_plan_output(fp_plan, inputs=(*ins, fp16))
+        check_output_file(fp16, what="bench's FP16 graph", inputs=ins, ours=GRAPH_OURS, overwrite=overwrite)
+        check_plan_output(fp_plan, inputs=(*ins, fp16), overwrite=overwrite)
+        if meta["backend"] == "tensorrt":  # the FP16 build reads and replaces its timing cache
+            read_timing_cache(fp_plan, overwrite)
     if ort_onnx is not None:
         return fp16, fp_plan, Path(ort_onnx)
     if fp_onnx is not None:
