@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from .cli_common import (
     Range,
     augment_option,
     compute_command,
+    read_paths,
     trust_model_code_option,
     warn_unquantized,
 )
@@ -431,7 +433,7 @@ def quantize(**o: Any) -> None:
         integer_pools=o["integer_pools"], float_layers=o["float_layers"] or (),
     ).validate()  # bad options fail before the model loads
     dev = resolve_device(o["device"])
-    out = check_output_dir(o["out"], o["overwrite"])  # before the work, not after it
+    out = check_output_dir(o["out"], o["overwrite"], inputs=read_paths(o, "calib_ref"))  # before the work
     clock = [("start", time.perf_counter())]
     model = _load_user_model(o)
     clock.append(("load_model", time.perf_counter()))
@@ -592,7 +594,7 @@ def robustify(**o: Any) -> None:
                        lr=o["lr"], batch_size=o["batch_size"], seed=o["seed"], augment=o["augment"],
                        kd_weight=o["kd_weight"] if o["kd_weight"] is not None else 0.0, loss=o["loss"],
                        bn_stats=o["bn_stats"]).validate()
-    out = check_writable(o["out"], inputs=(o["checkpoint"],), overwrite=o["overwrite"])
+    out = check_writable(o["out"], inputs=read_paths(o, "data_src"), overwrite=o["overwrite"])
     dev = resolve_device(o["device"])
     model = _load_user_model(o)
     notes: list[str] = []
@@ -666,7 +668,8 @@ def sweep(**o: Any) -> None:
                       preset=o["preset"], iters=o["iters"], num_samples=o["num_samples"],
                       batch_size=o["batch_size"], symmetric=o["symmetric"],
                       first_last_bits=o["first_last_bits"], limit=o["limit"]).validate()
-    check_sweep_dir(o["out"])
+    compared = tuple(c if os.path.lexists(c) else c.split("=", 1)[-1] for c in o["compare"] or ())  # [LABEL=]CKPT
+    check_sweep_dir(o["out"], inputs=read_paths(o, "calib_ref", "data") + compared)
     models = sweep_models(_model_options(o), o["compare"], o["label"])
     doc = run_sweep(models, cfg, o["calib_ref"], o["data"], o["out"], cache_root=o["cache_root"],
                     progress=not o["quiet"], log=(lambda m: _echo_notes([m], True)) if o["quiet"] else None)

@@ -11,6 +11,7 @@ import math
 import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
@@ -83,6 +84,33 @@ def augment_option() -> Callable:
     return click.option("--augment", type=click.Choice(AUGMENTS), default="none", show_default=True,
                         help="flip-crop: each training image mirrored left-right with probability 1/2 and shifted "
                              "by up to 1/8 of its size (reflect padding); seeded.")
+
+
+def read_paths(o: dict[str, Any], *data_keys: str) -> tuple[str, ...]:
+    """What a command reads, for `utils.check_apart` (an output must not hold nor lie inside any of it): the
+    checkpoint, a model file (path.py:factory), and each data/cache option in `data_keys` as a path, or a cache
+    hash resolved under --cache-root. A reference that does not resolve (a hash of no cache, a folder given as
+    --calib that is no cache) is left to the loader's own error."""
+    from .calib.cache import is_cache_dir, resolve_cache
+    from .errors import MixqError
+
+    out = [o.get("checkpoint")]
+    spec = str(o.get("model") or "")
+    if ".py:" in spec:
+        out.append(spec.rsplit(":", 1)[0])
+    for key in data_keys:
+        ref = o.get(key)
+        if not ref:
+            continue
+        if os.path.lexists(ref):
+            if key != "calib_ref" or is_cache_dir(Path(ref)):  # --calib names a cache, never a data folder
+                out.append(ref)
+            continue
+        try:
+            out.append(str(resolve_cache(ref, o.get("cache_root"))))
+        except MixqError:
+            pass
+    return tuple(str(p) for p in out if p)
 
 
 def emit_json(obj: Any) -> None:

@@ -16,6 +16,7 @@ from .cli_common import (
     Range,
     augment_option,
     compute_command,
+    read_paths,
     warn_unquantized,
 )
 from .registry import LOSSES
@@ -158,7 +159,7 @@ def register(cli: click.Group) -> None:
                         train_biases=o["train_biases"])
         cfg = cfg.validate()  # bad options fail before the model loads
         dev = resolve_device(o["device"])
-        out = check_output_dir(o["out"], o["overwrite"], extra=(QAT_JSON, BITS_PNG))
+        out = check_output_dir(o["out"], o["overwrite"], extra=(QAT_JSON, BITS_PNG), inputs=read_paths(o, "data_src"))
         model = load_model(ModelOptions(o["model"], o["checkpoint"], o["random_weights"], o["mean"], o["std"],
                                         o["input_size"]))
         notes: list[str] = []  # data:/preprocessing: lines (report_data)

@@ -49,7 +49,8 @@ def register(cli: click.Group) -> None:
     @click.option("--max-handoffs", type=click.IntRange(min=0), default=None, metavar="N",
                   help="Exit 1, writing no plan, when the engine has more than N hand-offs (reformat/requantize "
                        "layers plus tensors passed in float between non-compute kernels, as `inspect` lists them).")
-    @click.option("--json", "as_json", is_flag=True, help="Last stdout line: one JSON object (plan + report).")
+    @click.option("--json", "as_json", is_flag=True, help="Last stdout line: one JSON object (plan + report; on a --max-handoffs refusal "
+                                                  "ok false, plan null and the hand-off count).")
     @click.option("-v", "--verbose", is_flag=True, help="Echo the builder's warnings and errors.")
     @click.option("--overwrite", is_flag=True,
                   help="Replace an existing --out that is not a plan build wrote (one it wrote is always replaced).")
@@ -66,7 +67,7 @@ def register(cli: click.Group) -> None:
         Exit codes: 0 built; 1 --require-int8 not met (plan written) or --max-handoffs exceeded (nothing
         written); 2 bad input (not an ONNX graph, an output path it must not write, a graph the parser refuses).
         """
-        from .trt.builder import BuildConfig, build_checked, parse_batch
+        from .trt.builder import BuildConfig, EngineRefused, build_checked, parse_batch
 
         cfg = BuildConfig(backend=backend or "tensorrt-rtx", batch=None if batch is None else parse_batch(batch),
                           workspace_mib=workspace_mib,
@@ -75,8 +76,13 @@ def register(cli: click.Group) -> None:
         if out is not None and not out.strip():  # not the default: the user asked for a path and gave none
             raise MixqError("--out is empty: give a file path")
         plan = Path(out) if out is not None else Path(onnx_path).with_suffix(".plan")
-        checked = build_checked(onnx_path, plan, cfg, require_int8=require_int8, max_handoffs_limit=max_handoffs,
-                                verbose=verbose, overwrite=overwrite)
+        try:
+            checked = build_checked(onnx_path, plan, cfg, require_int8=require_int8, max_handoffs_limit=max_handoffs,
+                                    verbose=verbose, overwrite=overwrite)
+        except EngineRefused as e:  # a verdict: --json still ends with its object, then the error line
+            if as_json:
+                emit_json({"plan": None, "ok": False, "refused": str(e), "handoffs": e.handoffs})
+            raise
         res, rep, ok = checked.result, checked.report, checked.int8_ok
         for w in rep.warnings:
             click.echo(f"warning: {w}", err=True)

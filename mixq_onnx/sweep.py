@@ -30,6 +30,7 @@ from .utils import (
     atomic_write_json,
     atomic_write_text,
     canonical_json,
+    check_apart,
     folder_lock,
     sha256_bytes,
     sha256_file,
@@ -72,10 +73,9 @@ class SweepConfig:
 
         if not self.bits or not self.methods or not self.seeds:
             raise MixqError("a sweep needs at least one bit-width, one method and one seed")
-        self.bits = tuple(b.strip().upper() for b in self.bits)
+        # canonical spelling ("w08a8" is W8A8): one cell per bit-width, a duplicate however spelled is refused
+        self.bits = tuple("W{}A{}".format(*parse_bits(b)) for b in self.bits)
         self.methods = tuple(m.strip().lower() for m in self.methods)  # as the CLI spells them
-        for b in self.bits:
-            parse_bits(b)
         for m in self.methods:
             METHODS.lookup(m)
         if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in self.seeds):
@@ -179,10 +179,12 @@ def data_identity(path: str | os.PathLike) -> str:
     return sha256_bytes("\n".join(entries).encode("utf-8", "surrogateescape"))
 
 
-def check_sweep_dir(out: str | os.PathLike) -> Path:
+def check_sweep_dir(out: str | os.PathLike, inputs: tuple[Any, ...] = ()) -> Path:
     """The result folder: new, empty, or an earlier sweep's (resumed). Anything else is refused, so a sweep
-    never writes into (or over) a folder it did not make."""
+    never writes into (or over) a folder it did not make; so is one inside what it reads (`inputs`: checkpoints,
+    data, cache) or inside a calibration cache (`utils.check_apart`)."""
     out = Path(out)
+    check_apart(out, inputs)
     if out.exists() and not out.is_dir():
         raise MixqError(f"--out {out} exists and is not a folder")
     if out.is_dir() and any(p.name != LOCK_NAME for p in out.iterdir()) and not (out / "sweep.json").is_file():
@@ -213,10 +215,31 @@ def read_sweep(out: str | os.PathLike) -> dict[str, Any]:
         raise MixqError(f"{p} is not a mixq-onnx sweep (version {SWEEP_VERSION}): choose a new --out")
     for i, c in enumerate(doc["cells"]):
         if not (isinstance(c, dict) and all(isinstance(c.get(k), str) for k in _CELL_STR)
-                and isinstance(c.get("top1"), (int, float)) and not isinstance(c.get("top1"), bool)):
-            raise MixqError(f"{p}: cell {i} is not a sweep cell ({', '.join(_CELL_STR)} strings and a numeric "
-                            "top1): choose a new --out")
+                and _percent(c.get("top1")) and all(_percent(c.get(k), none=True) for k in ("top5", "agreement"))):
+            raise MixqError(f"{p}: cell {i} is not a sweep cell ({', '.join(_CELL_STR)} strings, top1 a percentage): "
+                            "choose a new --out")
+        if "sha256" in c and c["sha256"] != _cell_sha(c):
+            raise MixqError(f"{p}: cell {i} ({c['label']} {c['method']} {c['bits']}) changed after the sweep wrote it "
+                            "(its sha256 differs): choose a new --out, or remove the cell to measure it again")
     return doc
+
+
+def _percent(v: Any, none: bool = False) -> bool:
+    """A percentage as a cell records it: a finite number in [0, 100] (or, with `none`, absent / null)."""
+    if v is None:
+        return none
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    return 0 <= v <= 100  # compares ints exactly (a 400-digit one too) and is False for NaN
+
+
+def _cell_sha(cell: dict[str, Any]) -> str:
+    """The sha256 a cell records of itself (the rest of its fields), so a re-run reuses only what it wrote."""
+    return sha256_bytes(canonical_json({k: v for k, v in cell.items() if k != "sha256"}).encode())
+
+
+def _sealed(cell: dict[str, Any]) -> dict[str, Any]:
+    return {**cell, "sha256": _cell_sha(cell)}
 
 
 def _fingerprint(*parts: Any) -> str:
@@ -253,7 +276,13 @@ def run_sweep(models: list[SweepModel], cfg: SweepConfig, calib: Any, data: str 
     if len(set(labels)) != len(labels):
         raise MixqError(f"two checkpoints share the label {next(x for x in labels if labels.count(x) > 1)!r}: "
                         "name them LABEL=PATH")
-    out = check_sweep_dir(out)
+    reads = [data, *(m.source.get("checkpoint") for m in models)]
+    if isinstance(calib, (str, os.PathLike)):
+        with contextlib.suppress(MixqError):  # a calibration cache that does not resolve: the loader says so
+            from .calib.cache import resolve_cache
+
+            reads.append(resolve_cache(calib, cache_root))
+    out = check_sweep_dir(out, inputs=tuple(reads))
     read_sweep(out)  # a damaged sweep.json is refused before anything is made (read again under the lock)
     made, had_lock = not out.exists(), (out / LOCK_NAME).exists()
     out.mkdir(parents=False, exist_ok=True)
@@ -336,10 +365,10 @@ def _sweep_locked(models: list[SweepModel], cfg: SweepConfig, calib: Any, data: 
             else:
                 qmodel = quantize(sm.model, qcfg, calibsets[sm.label], progress=False)
                 res = evaluate(qmodel, images, y, fp_model=sm.model)
-            cells.append({"key": key, "label": sm.label, "method": method, "bits": bits, "seed": seed,
-                          "fingerprint": fp, "top1": round(res.top1, 4), "top5": round(res.top5, 4), "n": res.n,
-                          "agreement": None if res.agreement is None else round(res.agreement, 4),
-                          "seconds": round(time.perf_counter() - t0, 2)})
+            cells.append(_sealed({"key": key, "label": sm.label, "method": method, "bits": bits, "seed": seed,
+                                  "fingerprint": fp, "top1": round(res.top1, 4), "top5": round(res.top5, 4),
+                                  "n": res.n, "agreement": None if res.agreement is None else round(res.agreement, 4),
+                                  "seconds": round(time.perf_counter() - t0, 2)}))
             atomic_write_json(out / "sweep.json", {**doc, "cells": cells + _pending(old, cells)})
             bar.update(1)
     finally:

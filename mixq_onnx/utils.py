@@ -13,7 +13,7 @@ import shutil
 import socket
 import stat
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -180,6 +180,26 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+def check_apart(out: str | os.PathLike, inputs: Iterable[Any] = (), what: str = "--out") -> None:
+    """Refuse an output (file or folder) that is one of the command's `inputs`, lies inside an input folder, holds
+    an input file, or lies inside a calibration cache: writing there would change what the command reads, or
+    leave a user's file inside a folder that `cache rm` deletes."""
+    from .calib.cache import is_calib_folder
+
+    target = Path(out).resolve()
+    for i in inputs:
+        if i is None or not str(i).strip():
+            continue
+        src = Path(i).resolve()
+        if target == src or (src.is_dir() and src in target.parents):
+            raise MixqError(f"{what} {out} would overwrite the input {i}: write somewhere else")
+        if src.exists() and target in src.parents:
+            raise MixqError(f"{what} {out} holds the input {i}: write somewhere else")
+    for d in (target, *target.parents):
+        if d.is_dir() and is_calib_folder(d):
+            raise MixqError(f"{what} {out} lies inside the calibration cache {d}: write somewhere else")
+
+
 def check_output_file(path: str | os.PathLike, *, what: str = "--out", inputs: tuple[Any, ...] = (),
                       refuse_suffixes: tuple[str, ...] = (),
                       ours: tuple[str, Callable[[Path], bool]] | None = None, overwrite: bool = False) -> Path:
@@ -194,13 +214,7 @@ def check_output_file(path: str | os.PathLike, *, what: str = "--out", inputs: t
     p = Path(path)
     if p.is_dir():
         raise MixqError(f"{what} {p} is a directory: give a file path")
-    target = p.resolve()
-    for i in inputs:
-        if i is None:
-            continue
-        src = Path(i).resolve()
-        if target == src or (src.is_dir() and src in target.parents):
-            raise MixqError(f"{what} {p} would overwrite the input {i}: write somewhere else")
+    check_apart(p, inputs, what)
     if p.suffix.lower() in refuse_suffixes:
         raise MixqError(f"{what} {p} ends in {p.suffix}: pick another name (it would read as the input's kind)")
     if ours is not None and not overwrite and (p.is_file() or p.is_symlink()):

@@ -34,6 +34,14 @@ def need_shared(*paths: Path):
     return deco
 
 
+#: the longest files, scheduled first: under `--dist loadfile` a long file started last leaves the other worker idle
+LONG_FILES = ("test_readme.py", "test_export_timm.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda it: LONG_FILES.index(it.path.name) if it.path.name in LONG_FILES else len(LONG_FILES))
+
+
 @pytest.fixture(autouse=True)
 def _restore_threads():
     """A test that changes torch's thread count (or starts auto thread mode) leaves the next one unaffected."""

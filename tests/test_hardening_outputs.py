@@ -144,7 +144,8 @@ def _fake_plan(tmp_path: Path, graph: Path, **change) -> Path:
 
 @pytest.mark.parametrize("change", [{"onnx": None}, {"inputs": [{"name": "input"}]}, {"layers": [{"x": 1}]},
                                     {"layers": [{"name": "c", "layer_type": "conv", "inputs": [{"bogus": 1}]}]},
-                                    {"backend": 7}, {"plan_sha256": None}])
+                                    {"backend": 7}, {"plan_sha256": None},
+                                    {"targets": "sm80,sm89"}])  # a string made `run`'s target test a substring one
 def test_a_damaged_plan_json_is_a_rebuild_error(world, tmp_path, run_cli, change):
     plan = _fake_plan(tmp_path, world["onnx8"], **change)
     msg = clean_error(run_cli, [tmp_path], "inspect", plan)

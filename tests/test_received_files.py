@@ -230,8 +230,10 @@ def test_json_nested_past_the_recursion_limit_is_one_error_line(world, plan, tmp
     from mixq_onnx.models import load_model
 
     save_file(load_model("cifar_resnet20", random_init=True).state_dict(), str(ck))
-    (tmp_path / "ck.safetensors.json").write_text(_nested())  # not readable: not a sidecar of ours
-    assert run_cli("eval", "--model", "cifar_resnet20", "--checkpoint", ck, "--data", world["npz"]).code == 0
+    (tmp_path / "ck.safetensors.json").write_text(_nested())  # unreadable: it cannot switch the sha256 check off
+    msg = clean_error(run_cli, [], "eval", "--model", "cifar_resnet20", "--checkpoint", ck, "--data", world["npz"])
+    assert "is not readable JSON" in msg
+    (tmp_path / "ck.safetensors.json").unlink()
     sweep = tmp_path / "sweep"
     sweep.mkdir()
     args = ("sweep", "--model", "cifar_resnet20", "--checkpoint", ck, "--calib", d, "--data", world["npz"],

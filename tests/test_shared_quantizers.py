@@ -487,6 +487,11 @@ def test_build_max_handoffs(r20, tmp_path, run_cli):
     msg = one_line_error(r, code=1)
     assert "hand-offs, more than --max-handoffs 0" in msg and "no plan written" in msg
     assert not plan.exists() and not Path(f"{plan}.json").exists()
+    r = run_cli("build", per, "--out", plan, "--max-handoffs", "0", "--json")  # a script still gets its object
+    msg = one_line_error(r, code=1)
+    refused = json.loads(r.last_line)
+    assert refused["ok"] is False and refused["plan"] is None and refused["handoffs"] > 0
+    assert refused["refused"] == msg.removeprefix("error: ") and not plan.exists()
     r = run_cli("build", per, "--out", plan, "--json")
     assert r.code == 0 and json.loads(r.last_line)["handoffs"] > 0  # the subsampling shortcuts' float copies
     plan2 = tmp_path / "shared.plan"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -81,6 +82,50 @@ def test_folder_entries_that_are_not_images_or_not_folders(tmp_path, run_cli):
     assert [f.name for f in files] == ["a.png"]
     if os.path.exists("/dev/null") and sys.platform != "win32":
         assert "neither an npz file nor a folder" in one_line_error(run_cli("eval", *TINY, "--data", "/dev/null"))
+
+
+def test_an_exif_rotated_photo_is_read_upright(tmp_path):
+    """A phone stores a portrait photo's pixels sideways with an EXIF orientation tag; every viewer (and the
+    model's user) sees it upright. Read as stored, a calibration or test image was lying on its side."""
+    upright = np.zeros((32, 16, 3), dtype=np.uint8)  # portrait: top half white, bottom half black
+    upright[:16] = 255
+    stored = np.ascontiguousarray(np.rot90(upright, k=1))  # the sensor's landscape pixels
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    (tmp_path / "c0").mkdir()
+    Image.fromarray(stored).save(tmp_path / "c0" / "p.png", exif=exif)
+    got = read_labelled(tmp_path, (32, 16)).images[0].numpy()
+    assert np.array_equal(got, upright)
+
+
+def test_a_calibration_cache_of_exif_rotated_photos_is_upright_and_keyed_apart(tmp_path, run_cli):
+    """`calib --generator real` reads a folder as `eval` does; the recipe says the orientation was applied only
+    where a chosen file carries one, so a cache made before (its images sideways) is never reused for it, and
+    a folder without such files keeps its key."""
+    import json
+
+    from safetensors.torch import load_file
+
+    upright = np.zeros((16, 16, 3), dtype=np.uint8)
+    upright[:8] = 255  # top half white
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    src = tmp_path / "imgs" / "c0"
+    src.mkdir(parents=True)
+    Image.fromarray(upright).save(src / "plain.png")
+    args = ["calib", "--generator", "real", "--source", tmp_path / "imgs", "--num", "1", "--size", "16",
+            "--cache-root", tmp_path / "root", "-q"]
+    plain = run_cli(*args)
+    assert plain.code == 0, plain.err
+    assert "exif_orientation" not in json.loads((Path(plain.last_line) / "manifest.json").read_text())["recipe"][
+        "generator"]
+    Image.fromarray(np.ascontiguousarray(np.rot90(upright, k=1))).save(src / "plain.png", exif=exif)
+    turned = run_cli(*args)
+    assert turned.code == 0, turned.err
+    d = Path(turned.last_line)
+    assert d != Path(plain.last_line)
+    assert json.loads((d / "manifest.json").read_text())["recipe"]["generator"]["exif_orientation"] == "applied"
+    assert np.array_equal(load_file(str(d / "shard-00000.safetensors"))["images"][0].numpy(), upright)
 
 
 def test_non_square_inputs_keep_their_aspect(tmp_path):

@@ -5,6 +5,7 @@ layers and hand-offs as `inspect` counts them.
 
     python tools/bench_handoffs.py --jobs 2           # writes docs/benchmarks.md, section "handoffs"
     python tools/bench_handoffs.py --diagnose --seeds 0,1,2,3,4,5   # why one step costs W2A4 accuracy
+    python tools/bench_handoffs.py --placements      # section "handoffs-placement": revision 1 vs 2 on timm layouts
 
 Quantization runs as a user runs it (`python -m mixq_onnx.cli quantize ... --threads 1`, preset fast, a real
 calibration cache of 1,024 images); a finished result folder under runs/bench_handoffs is reused (--fresh redoes
@@ -348,6 +349,70 @@ def render(rows: list[dict], spread: list[dict], backend: str, measured_at: str 
     return "\n".join(lines)
 
 
+#: (timm model, input size) of `--placements`: the layouts test_export_timm covers, and HRNet, which revision 2 is for
+PLACEMENT_MODELS = (("resnet18", 64), ("mobilenetv2_100", 64), ("efficientnet_b0", 64), ("convnext_atto", 64),
+                    ("deit_tiny_patch16_224", 224), ("hrnet_w18_small", 64))
+
+
+def placements() -> str:
+    """Placement revision 1 (the rules before 2026-12-01) against 2 on timm layouts with random weights: W4A4 round
+    to nearest, export, `check`, `verify` on 4 random images, and the TensorRT-RTX engine at batch 1."""
+    import tempfile
+
+    import tensorrt_rtx
+    import torch
+
+    from mixq_onnx.models import load_model
+    from mixq_onnx.onnx import export_qdq
+    from mixq_onnx.onnx.check import check_model, report
+    from mixq_onnx.onnx.verify import verify_onnx
+    from mixq_onnx.quant import QuantConfig, quantize, quantizers
+    from mixq_onnx.trt.builder import BuildConfig, build_engine
+    from mixq_onnx.trt.inspect import inspect_plan
+
+    torch.set_num_threads(1)
+    lines = [
+        "## handoffs-placement: placement revision 2 on timm layouts (issue 15)", "",
+        f"`python tools/bench_handoffs.py --placements` · {stamp()} · backend tensorrt-rtx {tensorrt_rtx.__version__}",
+        "",
+        "Random weights (timm, `pretrained=False`), `quantize --method rtn` W4A4 (8 clipping ratios), first and last "
+        "layer 8-bit, with placement revision 1 (`QuantConfig(placement=1)`: the rules before 2026-12-01, which a "
+        "folder written then keeps) and 2 (the default: a block's quantizer of its own input joins the calling graph's "
+        "quantizers of that tensor; an add that continues a sum a layer started quantizes its other input). `check` "
+        "on the exported graph (duplicate-Q/DQ warnings: one tensor quantized twice on one grid); `verify` on 4 random "
+        "images (max |diff| against PyTorch); engine: `build --backend tensorrt-rtx --batch 1`, then `inspect` "
+        "(hand-offs = reformat/requantize layers + float hand-offs; fallbacks = layers reading a float tensor whose "
+        "Q/DQ pair is bypassed).", "",
+        "| model | revision | act quantizers | duplicate-Q/DQ warnings | verify max abs diff | engine layers | hand-offs | "
+        "fallbacks | int8 MAC % |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    with tempfile.TemporaryDirectory() as tmp:
+        for spec, size in PLACEMENT_MODELS:
+            model = load_model(spec, random_init=True, input_size=size)
+            calib = torch.randn(8, 3, size, size, generator=torch.Generator().manual_seed(0))
+            images = torch.randint(0, 256, (4, size, size, 3), dtype=torch.uint8,
+                                   generator=torch.Generator().manual_seed(1))
+            for rev in (1, 2):
+                qm = quantize(model, QuantConfig(wbits=4, abits=4, method="rtn", scale_grid=8, placement=rev), calib,
+                              progress=False)
+                acts = sum(q.kind == "act" for q in quantizers(qm).values())
+                path = export_qdq(qm, Path(tmp) / f"{spec}-{rev}.onnx")
+                rep = report(check_model(path))
+                dups = sum(v["rule"] == "duplicate-qdq" for v in rep["violations"])
+                v = verify_onnx(path, qm, images)
+                plan = Path(tmp) / f"{spec}-{rev}.plan"
+                build_engine(path, plan, BuildConfig(backend="tensorrt-rtx", batch=(1, 1, 1)))
+                eng = inspect_plan(plan)
+                row = (f"| {spec} | {rev} | {acts} | {dups} | {v.max_abs_diff:.3g} | {len(eng.layers)} | {eng.handoffs} | "
+                       f"{len(eng.fallbacks)} | {100 * eng.int8_mac_fraction:.2f} |")
+                print(row, flush=True)
+                lines.append(row)
+    lines += ["", "Where the two revisions give the same layout, the rows are equal; only HRNet changes: its branch "
+              "blocks' inputs feed transition convs too, and its fuse layers add up to four terms (conv + x + y)."]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", default="0,1,2", help="comma list; 0 is the full row [default: 0,1,2]")
@@ -358,7 +423,15 @@ def main() -> None:
     ap.add_argument("--diagnose", action="store_true",
                     help="re-evaluate the per-consumer W2A4 folders of --seeds with one step per block input "
                          "(runs/bench_handoffs/diagnose.json), then re-render")
+    ap.add_argument("--placements", action="store_true",
+                    help="placement revision 1 vs 2 on timm layouts (section handoffs-placement)")
     args = ap.parse_args()
+    if args.placements:
+        text = placements()
+        print(text)
+        if not args.no_doc:
+            update_section("handoffs-placement", text)
+        return
     if args.diagnose:
         import numpy as np
         import torch

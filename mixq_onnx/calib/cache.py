@@ -14,6 +14,7 @@ progress and never leaves a readable-but-corrupt file. Readers of a sealed cache
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import json
 import os
 import re
@@ -63,6 +64,19 @@ def candidate_name(i: int) -> str:
 
 
 LEFTOVER_PATTERNS = ("cand-*.safetensors", "*.stats.json", ".*.tmp")  # a writer's files, gone once sealed
+
+
+#: the entries a cache folder holds (`check_removable` deletes no folder holding anything else): its recipe and
+#: manifest, the lock, shards and filter candidates with their stats, and a writer's hidden temporary files
+_CACHE_ENTRY = re.compile(r"^(?:(?:shard|cand)-\d{5}\.safetensors(?:\.stats\.json)?|recipe\.json|manifest\.json|\..*\.tmp)$")
+
+def _is_cache_entry(e: Path) -> bool:
+    """An entry a cache writer makes: the lock, a `_CACHE_ENTRY` file, or a leftover it sweeps itself."""
+    if e.name == LOCK:
+        return True
+    if any(fnmatch.fnmatchcase(e.name, p) for p in LEFTOVER_PATTERNS):
+        return e.is_file() or e.name.endswith(".tmp")
+    return bool(_CACHE_ENTRY.match(e.name)) and (e.is_file() or e.name.endswith(".tmp"))
 
 
 #: a cache folder's name under its root: its recipe hash
@@ -144,6 +158,22 @@ def read_shard_checked(path: Path, sha256: str) -> tuple[torch.Tensor, list[dict
     except Exception as e:  # noqa: BLE001 - hash matched but the writer stored garbage
         msg = " ".join(str(e).split())[:160]
         raise CorruptCacheError(f"shard {name} of cache {cache_dir} cannot be decoded: {msg}") from None
+
+
+def stats_path(shard: Path) -> Path:
+    """A shard's stats file while its cache is being written (removed once sealed; the manifest keeps them)."""
+    return shard.with_name(shard.name + ".stats.json")
+
+
+def shard_is_written(path: Path, expected: int) -> bool:
+    """A shard a writer finished: complete (`shard_is_complete`), with the bytes whose sha256 its stats file
+    records. Resuming trusts nothing else: a shard edited after it was written, or one whose stats are gone (a
+    sealed cache's, once its manifest is lost), is generated again, with the same bytes."""
+    try:
+        want = json.loads(read_regular(stats_path(path))).get("sha256")
+    except (OSError, ValueError, AttributeError, RecursionError):
+        return False
+    return isinstance(want, str) and shard_is_complete(path, expected) and sha256_file(path) == want
 
 
 def shard_is_complete(path: Path, expected: int) -> bool:
@@ -266,6 +296,12 @@ def _check_recipe(r: dict[str, Any], path: Path) -> dict[str, Any]:
 
 def is_cache_dir(path: Path) -> bool:
     return (path / RECIPE).is_file() or (path / MANIFEST).is_file()
+
+
+def is_calib_folder(path: Path) -> bool:
+    """A folder `calib` made under a cache root (named by its recipe hash, holding its recipe or manifest), the
+    kind `cache rm` deletes whole; a user's folder that merely holds a manifest.json is not one."""
+    return bool(HASH_NAME.match(path.name)) and is_cache_dir(path)
 
 
 def resolve_cache(ref: str | os.PathLike, root: str | os.PathLike | None = None) -> Path:
@@ -396,6 +432,9 @@ def verify(ref: str | os.PathLike, root: str | os.PathLike | None = None) -> Ver
     counts, that image indices are exactly 0..N-1, and that the manifest's image records are the shards' own
     records. A missing cache is bad input (MixqError); a damaged one a failed result."""
     path = resolve_cache(ref, root)
+    if not (path / MANIFEST).is_file():  # a cache (its recipe is there) never sealed, or whose manifest was lost
+        return VerifyResult(path, False, 0, [f"missing {MANIFEST}: the cache is incomplete or its manifest was removed "
+                                             "(re-run the same calib command to finish or reseal it)"])
     try:
         m = load_manifest(path)
     except CorruptCacheError as e:  # an unreadable manifest is a failed verification, not bad input
@@ -491,6 +530,10 @@ def check_removable(path: str | os.PathLike, root: Path) -> None:
     hashes = {recipe_hash(r) if isinstance(r, dict) else None for r in recipes}
     if not recipes or hashes != {path.name}:
         raise _refuse(path, "its name is not the hash of its recipe, so it is not a cache this tool made")
+    foreign = sorted(e.name for e in path.iterdir() if not _is_cache_entry(e))
+    if foreign:
+        raise _refuse(path, f"it holds {len(foreign)} entr{'y' if len(foreign) == 1 else 'ies'} a cache does not "
+                            f"({', '.join(foreign[:4])}{', …' if len(foreign) > 4 else ''}): move them out first")
 
 
 def remove(refs: str | os.PathLike | Iterable[str | os.PathLike], root: str | os.PathLike | None = None

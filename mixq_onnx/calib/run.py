@@ -361,7 +361,7 @@ def _generate_shards(gen, cfg: CalibConfig, cache_dir: Path, rank: int, world: i
     name = C.candidate_name if cfg.filter else C.shard_name
     ranges = _shard_ranges(cfg.num, cfg.shard_size)
     mine = [(i, r) for i, r in enumerate(ranges) if i % world == rank]
-    todo = [(i, r) for i, r in mine if not C.shard_is_complete(cache_dir / name(i), r[1] - r[0])]
+    todo = [(i, r) for i, r in mine if not C.shard_is_written(cache_dir / name(i), r[1] - r[0])]
     done_imgs = sum(r[1] - r[0] for i, r in mine) - sum(r[1] - r[0] for i, r in todo)
     if not todo:
         return
@@ -391,9 +391,9 @@ def _generate_shards(gen, cfg: CalibConfig, cache_dir: Path, rank: int, world: i
             if out.images.shape[0] != stop - start:
                 raise RuntimeError(f"generator {cfg.generator} returned {out.images.shape[0]} images for {stop - start}")
             records = [{**p.record(), **(out.extra[j] if j < len(out.extra) else {})} for j, p in enumerate(plans)]
-            C.write_shard(cache_dir / name(i), out.images.cpu(), records)
-            stats = {**out.stats, "seconds": round(time.perf_counter() - t, 3)}
-            atomic_write_json(cache_dir / f"{name(i)}.stats.json", stats)
+            sha = C.write_shard(cache_dir / name(i), out.images.cpu(), records)
+            stats = {**out.stats, "seconds": round(time.perf_counter() - t, 3), "sha256": sha}
+            atomic_write_json(C.stats_path(cache_dir / name(i)), stats)
             bar.update(before + (stop - start) - bar.n)
     finally:
         gen.ctx.shard_progress = lambda _fraction: None
@@ -404,11 +404,11 @@ def _finalize(cfg, gen, recipe, key, cache_dir: Path, model, seconds: float, log
     ranges = _shard_ranges(cfg.num, cfg.shard_size)
     name = C.candidate_name if cfg.filter else C.shard_name
     for i, (s, e) in enumerate(ranges):  # every rank's shards must be there before sealing
-        if not C.shard_is_complete(cache_dir / name(i), e - s):
-            raise MixqError(f"shard {name(i)} is missing after generation; re-run to resume")
+        if not C.shard_is_written(cache_dir / name(i), e - s):
+            raise MixqError(f"shard {name(i)} is missing, or changed after it was written; re-run to generate it")
     shard_stats = []
     for i in range(len(ranges)):
-        p = cache_dir / f"{name(i)}.stats.json"
+        p = C.stats_path(cache_dir / name(i))
         shard_stats.append(json.loads(p.read_text()) if p.is_file() else {})
     if cfg.filter:
         _apply_filter(cfg, cache_dir, model, ranges, log)

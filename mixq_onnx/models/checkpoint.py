@@ -63,10 +63,17 @@ def check_sidecar(path: Path, data: bytes) -> None:
         return
     try:
         rec = json.loads(side.read_text())
-    except (OSError, ValueError, RecursionError):
-        return  # not a mixq-onnx sidecar: nothing was recorded to check against
-    want = rec.get("sha256") if isinstance(rec, dict) else None
-    if isinstance(want, str) and hashlib.sha256(data).hexdigest() != want:
+    except (OSError, ValueError, RecursionError):  # a damaged sidecar must not switch the check off
+        raise MixqError(f"{side.name}, the sidecar beside checkpoint {path}, is not readable JSON, so the sha256 it "
+                        "records cannot be checked: restore it, or move it away to load the checkpoint unchecked"
+                        ) from None
+    if not isinstance(rec, dict) or "sha256" not in rec:
+        return  # another JSON document of that name (not a mixq-onnx sidecar): nothing recorded to check against
+    want = rec["sha256"]
+    if not (isinstance(want, str) and re.fullmatch(r"[0-9a-f]{64}", want)):
+        raise MixqError(f"{side.name}, the sidecar beside checkpoint {path}, records no valid sha256 ({want!r:.40}): "
+                        "restore it, or move it away to load the checkpoint unchecked")
+    if hashlib.sha256(data).hexdigest() != want:
         raise MixqError(f"checkpoint {path} does not match the sha256 recorded in {side.name}: the file changed "
                         "after it was written")
 

@@ -23,7 +23,15 @@ import torch
 import torch.nn as nn
 
 from ..errors import MixqError
-from ..utils import atomic_path, check_can_create, read_regular, sha256_file, sweep_stale_tmp, tmp_prefix
+from ..utils import (
+    atomic_path,
+    check_apart,
+    check_can_create,
+    read_regular,
+    sha256_file,
+    sweep_stale_tmp,
+    tmp_prefix,
+)
 from .config import QuantConfig
 from .graph import prepare, quantizers
 from .modules import QUANT_LAYERS
@@ -156,13 +164,16 @@ def _stage_files_ours(out: Path) -> list[str]:
     return [n for n in QAT_REPORT_FILES if (out / n).is_file()]
 
 
-def check_output_dir(out: str | os.PathLike, overwrite: bool = False, extra: tuple[str, ...] = ()) -> Path:
+def check_output_dir(out: str | os.PathLike, overwrite: bool = False, extra: tuple[str, ...] = (),
+                     inputs: tuple[Any, ...] = ()) -> Path:
     """Raise `MixqError` unless `save_quantized(..., out, overwrite=overwrite)` may write there: call it
     before a long quantization too, so a refusal does not come after the work. `extra`: the other files the
-    command writes there (named in the message)."""
+    command writes there (named in the message); `inputs`: what the command reads (checkpoint, data, cache),
+    which the folder must neither hold nor lie inside (`utils.check_apart`)."""
     if not str(out).strip():
         raise MixqError("--out is empty: give a folder path")
     out = Path(out)
+    check_apart(out, inputs)
     if out.is_symlink() and not out.exists():
         raise MixqError(f"{out} is a dangling symbolic link; choose another output path")
     if out.exists() and not out.is_dir():

@@ -43,9 +43,13 @@ RTX_PORTABLE = "portable"  # TensorRT-RTX default: every supported GPU from sm80
 
 class EngineRefused(MixqError):
     """The built engine fails a requirement of the build (`build --max-handoffs`): a verdict, exit code 1; no
-    plan is written."""
+    plan is written. `handoffs`: the count that refused it (None where another requirement did)."""
 
     exit_code = 1
+
+    def __init__(self, message: str, handoffs: int | None = None) -> None:
+        super().__init__(message)
+        self.handoffs = handoffs
 
 
 #: `build_engine(accept=...)`: called with the engine's layers and the input shapes at the profile's OPT before
@@ -62,7 +66,7 @@ def max_handoffs(onnx_path: str | Path, limit: int) -> Accept:
         n = analyze(onnx_path, layers, shapes).handoffs
         if n > limit:
             raise EngineRefused(f"the engine has {n} hand-offs, more than --max-handoffs {limit} "
-                                f"(no plan written; build without the limit and run inspect to list them)")
+                                f"(no plan written; build without the limit and run inspect to list them)", handoffs=n)
     return accept
 
 
@@ -559,6 +563,9 @@ def _plan_meta_problem(meta: dict[str, Any]) -> str | None:
                 return f"input {i['name']!r}: {k} is not a shape with dimensions 1..{MAX_DIM}"
     if any(math.prod(i["opt"]) > MAX_ELEMENTS for i in inputs):  # `run` makes a random batch of that shape
         return f"an input's opt shape holds more than {MAX_ELEMENTS} elements"
+    targets = meta.get("targets", [])  # `run` tests the GPU's target against this list, never a string
+    if not (isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
+        return "targets is not a list of compute-capability names"
     opts = meta.get("options")
     if not isinstance(opts, dict) or not isinstance(meta.get("layers", []), list):
         return "options or layers are malformed"

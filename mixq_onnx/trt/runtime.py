@@ -357,7 +357,7 @@ def bench(plan_path: str | Path, fp_onnx: str | Path | None = None, batch: int |
     if fp_onnx is not None and fp16 is not None and fp_plan is not None:
         convert_to_fp16(fp_onnx, fp16)
         opts = meta["options"]
-        static = inp["min"] == inp["max"]  # a static QDQ graph: its float twin keeps its own batch too
+        static = inp.get("min", inp["opt"]) == inp.get("max", inp["opt"])  # a static QDQ graph: so is its twin
         cfg = BuildConfig(backend=meta["backend"], batch=None if static else (
                               min(batch, opts["batch"][0]), batch, max(batch, opts["batch"][2])),
                           workspace_mib=opts["workspace_mib"], compute_capabilities=tuple(opts["compute_capabilities"]),

@@ -51,8 +51,12 @@ def folder_files(root: Path) -> tuple[list[Path], list[int], list[str]]:
 
 
 def rgb8(im: Any) -> np.ndarray:
-    """A PIL image as uint8 [H,W,3]. 16-bit (and 32-bit integer) greyscale is scaled down from its full range,
-    where PIL's convert("RGB") would clip every value above 255 to white; float images are refused."""
+    """A PIL image as uint8 [H,W,3], upright as a viewer shows it (its EXIF orientation applied: a phone's
+    portrait JPEG stores its pixels sideways). 16-bit (and 32-bit integer) greyscale is scaled down from its
+    full range, where PIL's convert("RGB") would clip every value above 255 to white; float images are refused."""
+    from PIL import ImageOps
+
+    im = ImageOps.exif_transpose(im)
     if im.mode == "F":
         raise MixqError("a floating-point (mode F) image: give 8- or 16-bit images")
     if im.mode.startswith("I"):
@@ -108,6 +112,14 @@ def image_problem(path: Path) -> str | None:
     except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, DecompressionBombError
         return " ".join(str(e).split()) or type(e).__name__
     return None
+
+
+def exif_turned(path: Path) -> bool:
+    """Whether the image's EXIF orientation tag turns or mirrors it (`rgb8` applies it; only its header is read)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.getexif().get(0x0112, 1) in range(2, 9)
 
 
 @register
@@ -192,6 +204,10 @@ class RealGenerator(Generator):
             skipped = self._selection()[1]
             if skipped:  # only then: a clean folder keeps the key it had before --skip-bad-images existed
                 out["skipped"] = skipped
+            # only where it changes pixels: a cache of such a folder made before the orientation was applied is
+            # another key (its images lay sideways), every other folder keeps its key
+            if any(exif_turned(files[j]) for j in self._selection()[0]):
+                out["exif_orientation"] = "applied"
         out["selection"] = "seeded permutation" + (", unreadable files skipped" if out.get("skipped") else "")
         return out
 
