@@ -213,6 +213,15 @@ def test_a_filtered_cache_that_lost_a_kept_shard_is_filtered_again(tmp_path):
     assert not list(d.glob("cand-*"))
 
 
+def _assert_build_aborted(script: str, tmp_path: Path) -> None:
+    """Run a child that interrupts its own `build` of tmp_path/g.onnx: exit 130, 'aborted', no plan written."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    r = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 130 and r.stderr.strip().splitlines()[-1] == "aborted", (r.returncode, r.stderr[-1000:])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.onnx"]
+
+
 def test_ctrl_c_while_tensorrt_parses_the_graph_aborts_and_writes_nothing(tmp_path):
     """The same drop happens earlier: SIGINT while the parser runs (sent from inside TensorRT's logger callback,
     where Python runs the handler) was swallowed, and the build went on to write its plan and exit 0."""
@@ -242,11 +251,7 @@ def test_ctrl_c_while_tensorrt_parses_the_graph_aborts_and_writes_nothing(tmp_pa
         from mixq_onnx.cli import main
         main(["build", {str(graph)!r}, "--out", {str(tmp_path / "g.plan")!r}, "--backend", "tensorrt-rtx"])
     """
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    r = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env=env, capture_output=True, text=True,
-                       timeout=300)
-    assert r.returncode == 130 and r.stderr.strip().splitlines()[-1] == "aborted", (r.returncode, r.stderr[-1000:])
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.onnx"]
+    _assert_build_aborted(script, tmp_path)
 
 
 def test_ctrl_c_during_the_tensorrt_build_aborts_it_and_writes_nothing(tmp_path):
@@ -269,11 +274,7 @@ def test_ctrl_c_during_the_tensorrt_build_aborts_it_and_writes_nothing(tmp_path)
         from mixq_onnx.cli import main
         main(["build", {str(graph)!r}, "--out", {str(tmp_path / "g.plan")!r}, "--backend", "tensorrt-rtx"])
     """
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    r = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env=env, capture_output=True, text=True,
-                       timeout=300)
-    assert r.returncode == 130 and r.stderr.strip().splitlines()[-1] == "aborted", (r.returncode, r.stderr[-1000:])
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.onnx"]
+    _assert_build_aborted(script, tmp_path)
 
 
 def test_an_interrupted_cache_rm_is_finished_by_the_next_one(tmp_path):
