@@ -66,17 +66,18 @@ def candidate_name(i: int) -> str:
 LEFTOVER_PATTERNS = ("cand-*.safetensors", "*.stats.json", ".*.tmp")  # a writer's files, gone once sealed
 
 
-#: the entries a cache folder holds (`check_removable` deletes no folder holding anything else): its recipe and
-#: manifest, the lock, shards and filter candidates with their stats, and a writer's hidden temporary files
-_CACHE_ENTRY = re.compile(r"^(?:(?:shard|cand)-\d{5}\.safetensors(?:\.stats\.json)?|recipe\.json|manifest\.json|\..*\.tmp)$")
+#: the files a sealed cache keeps: its recipe, manifest and shards
+_CACHE_ENTRY = re.compile(r"^(?:shard-\d{5}\.safetensors|recipe\.json|manifest\.json)$")
+
 
 def _is_cache_entry(e: Path) -> bool:
-    """An entry a cache writer makes: the lock, a `_CACHE_ENTRY` file, or a leftover it sweeps itself."""
+    """An entry a cache writer makes (`check_removable` deletes no folder holding anything else): the lock, a
+    `_CACHE_ENTRY` file, or one of the working files it sweeps itself (`LEFTOVER_PATTERNS`)."""
     if e.name == LOCK:
         return True
     if any(fnmatch.fnmatchcase(e.name, p) for p in LEFTOVER_PATTERNS):
         return e.is_file() or e.name.endswith(".tmp")
-    return bool(_CACHE_ENTRY.match(e.name)) and (e.is_file() or e.name.endswith(".tmp"))
+    return bool(_CACHE_ENTRY.match(e.name)) and e.is_file()
 
 
 #: a cache folder's name under its root: its recipe hash

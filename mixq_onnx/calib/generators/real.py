@@ -102,13 +102,14 @@ def load_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
 
 def image_problem(path: Path) -> str | None:
     """Why `path` cannot be decoded (fully: a truncated JPEG only fails on load), or None."""
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     try:
         with Image.open(path) as im:
             im.load()
             if im.mode == "F":
                 return "a floating-point (mode F) image: give 8- or 16-bit images"
+            ImageOps.exif_transpose(im)  # as `rgb8` reads it: a malformed orientation tag is a bad file here
     except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, DecompressionBombError
         return " ".join(str(e).split()) or type(e).__name__
     return None
@@ -118,7 +119,7 @@ def exif_turned(path: Path) -> bool:
     """Whether the image's EXIF orientation tag turns or mirrors it (`rgb8` applies it; only its header is read)."""
     from PIL import Image
 
-    with Image.open(path) as im:
+    with Image.open(path) as im:  # a chosen file: `image_problem` read its tag already
         return im.getexif().get(0x0112, 1) in range(2, 9)
 
 
