@@ -368,6 +368,41 @@ def test_a_float_engine_has_no_hand_offs(graphs, tmp_path):
     build_engine(graphs["fp"], plan, BuildConfig(backend="tensorrt-rtx", batch=(1, 8, 8)))
     rep = inspect_plan(plan)
     assert rep.int8_mac_fraction == 0.0 and rep.handoffs == 0, rep.handoff_lines()
+    # a float graph builds (an FP16/FP32 baseline is legitimate) but says so: nothing in it runs int8
+    assert any("has no QuantizeLinear node" in w for w in rep.warnings), rep.warnings
+
+
+def test_the_plan_records_the_graphs_external_weights_too(graphs, w8_plan, tmp_path):
+    """PLAN.json's sha256 covered the .onnx file alone: new weights in its external-data file beside the same
+    graph file were reported as the graph the plan was built from."""
+    from mixq_onnx.onnx.graph import external_data_files, graph_sha256
+    from mixq_onnx.utils import sha256_file
+
+    assert not any("no QuantizeLinear" in w for w in inspect_plan(w8_plan).warnings)
+    assert graph_sha256(graphs["w8a8"]) == sha256_file(graphs["w8a8"])  # weights inside: the file's own sha256
+    d = tmp_path / "ext"
+    d.mkdir()
+    g = d / "fp.onnx"
+    onnx.save(onnx.load(graphs["fp"]), g, save_as_external_data=True, all_tensors_to_one_file=True,
+              location="fp.weights", size_threshold=0)
+    assert external_data_files(g) == ["fp.weights"]
+    plan = tmp_path / "fp.plan"
+    build_engine(g, plan, BuildConfig(backend="tensorrt-rtx", batch=(1, 8, 8)))
+    assert read_plan_meta(plan)["onnx"]["sha256"] == graph_sha256(g) != sha256_file(g)
+    inspect_plan(plan)  # unchanged: the report is made
+    data = bytearray((d / "fp.weights").read_bytes())
+    data[len(data) // 2] ^= 0x40  # other weights, same graph file
+    (d / "fp.weights").write_bytes(bytes(data))
+    with pytest.raises(MixqError, match="is not the graph the plan was built from"):
+        inspect_plan(plan)
+    m = onnx.load(g, load_external_data=False)
+    for t in m.graph.initializer:
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = "../fp.weights"
+    onnx.save(m, d / "escape.onnx")
+    with pytest.raises(MixqError, match="outside its folder"):
+        graph_sha256(d / "escape.onnx")
 
 
 def test_build_judges_the_plans_json_too_and_a_half_written_pair_rebuilds(graphs, tmp_path, run_cli):

@@ -10,6 +10,7 @@ module never changes the model it indexes.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import MixqError
+from ..utils import sha256_file
 
 #: Ops that only move their first input's values (or pad them with zeros): per-tensor quantization commutes
 #: with them, so a DQ may sit on either side (the exporter's `sink_dequantize`, check's `residual-identity`).
@@ -54,6 +56,61 @@ def load_model(path: str | os.PathLike, external_data: bool = True) -> Any:
             raise MixqError(f"{path} is {kind}, not an ONNX graph: give the .onnx from `mixq-onnx export`") from None
         raise MixqError(f"cannot read ONNX model {path} (not ONNX?): {type(e).__name__}: "
                         f"{' '.join(str(e).split())[:200]}") from None
+
+
+def _tensors(graph: Any) -> Iterable[Any]:
+    """Every TensorProto of `graph`: initializers, sparse ones, node attributes, and those of subgraphs."""
+    yield from graph.initializer
+    for sp in graph.sparse_initializer:
+        yield sp.values
+        yield sp.indices
+    for node in graph.node:
+        for a in node.attribute:
+            if a.HasField("t"):
+                yield a.t
+            yield from a.tensors
+            if a.HasField("g"):
+                yield from _tensors(a.g)
+            for sub in a.graphs:
+                yield from _tensors(sub)
+
+
+def external_data_files(path: str | os.PathLike) -> list[str]:
+    """The external-data locations an ONNX graph names (relative to its folder, sorted, each once); a location
+    outside the folder (absolute, `..`) is refused, as onnx's own loader refuses it."""
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    path = Path(path)
+    model = load_model(path, external_data=False)
+    found: set[str] = set()
+    for t in _tensors(model.graph):
+        if uses_external_data(t):
+            loc = ExternalDataInfo(t).location
+            p = Path(loc)
+            if not loc or p.is_absolute() or ".." in p.parts:
+                raise MixqError(f"{path} names external data {loc!r} outside its folder: refused")
+            found.add(p.as_posix())
+    return sorted(found)
+
+
+def graph_sha256(path: str | os.PathLike) -> str:
+    """The sha256 that identifies an ONNX graph *with* its weights: the file's own sha256 when it keeps its
+    weights inside (the common case, so this equals `sha256_file`), else the sha256 of the file's sha256 and of
+    each external-data file's name and sha256. A plan records it, so new weights beside an old graph file are
+    seen as another graph."""
+    path = Path(path)
+    own = sha256_file(path)
+    files = external_data_files(path)
+    if not files:
+        return own
+    h = hashlib.sha256(own.encode())
+    for loc in files:
+        try:
+            digest = sha256_file(path.parent / loc)
+        except OSError as e:
+            raise MixqError(f"cannot read the external data {loc!r} of {path}: {e.strerror or e}") from None
+        h.update(f"\n{loc}\0{digest}".encode())
+    return h.hexdigest()
 
 
 def _constant_array(node: Any) -> np.ndarray | None:

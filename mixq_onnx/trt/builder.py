@@ -335,6 +335,8 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, cfg: BuildConfig 
     """Build `plan_path` (atomically) and `plan_path`.json from a QDQ ONNX graph. `accept(layers, shapes)`
     judges the engine before anything is written: when it raises, no plan (nor plan.json) is left behind.
     An existing `plan_path` is replaced only if `build` wrote it, or with `overwrite`."""
+    from ..onnx.graph import graph_sha256
+
     cfg = (cfg or BuildConfig()).validate()
     onnx_path, plan_path = Path(onnx_path), Path(plan_path)
     if not onnx_path.is_file():
@@ -355,7 +357,7 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, cfg: BuildConfig 
         builder = trt.Builder(logger)
         strongly = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)  # TensorRT 11: the only mode
         network = builder.create_network(1 << int(strongly) if strongly is not None else 0)
-        onnx_sha256 = sha256_file(onnx_path)  # before the parser reads it: the graph this plan is built from
+        onnx_sha256 = graph_sha256(onnx_path)  # before the parser reads it: the graph (and weights) this plan is built from
         _parse_onnx(trt, network, logger, onnx_path)
         _stop_if(hit)
 

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import MixqError
-from ..utils import sha256_file
 from .layers import LayerInfo
 
 COMPUTE_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
@@ -427,6 +426,9 @@ def analyze(onnx_path: str | Path, layers: list[LayerInfo], input_shapes: dict[s
     warnings = ([f"{len(amb)} compute or Q/DQ node(s) of {onnx_path} have an empty or shared name "
                  f"({', '.join(sorted(set(amb))[:3])}): engine layers name their ONNX nodes, so these are not "
                  "attributed and their MACs count as not INT8"] if amb else [])
+    if not any(n.op_type == "QuantizeLinear" for n in g.index.nodes):  # strongly typed: no Q/DQ, no int8 anywhere
+        warnings.append(f"{onnx_path} has no QuantizeLinear node: the engine runs wholly in float (precision comes "
+                        "only from Q/DQ); build the graph `mixq-onnx export` writes from a quantized folder")
     return PrecisionReport(int8_mac_fraction=(int8_macs / total) if total else 0.0, total_macs=total,
                            int8_macs=int8_macs, int4_weight_macs=int4_macs, fallbacks=fallbacks,
                            standalone_clips=clips, int4_weight_layers=int4_layers, unmapped=unmapped,
@@ -482,9 +484,11 @@ def inspect_plan(plan_path: str | Path, onnx_path: str | Path | None = None) -> 
     onnx_path = Path(onnx_path or meta["onnx"]["path"])
     if not onnx_path.is_file():
         raise MixqError(f"the plan's ONNX graph {onnx_path} is gone; pass --onnx PATH")
+    from ..onnx.graph import graph_sha256
+
     want = (meta.get("onnx") or {}).get("sha256")
     try:
-        same = isinstance(want, str) and sha256_file(onnx_path) == want
+        same = isinstance(want, str) and graph_sha256(onnx_path) == want
     except OSError as e:
         raise MixqError(f"cannot read {onnx_path}: {e.strerror or e}") from None
     if not same:  # the layers would be mapped onto another graph: a wrong report, so none

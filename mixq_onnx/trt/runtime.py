@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import MixqError
-from ..utils import check_output_file, read_regular, sha256_bytes, sha256_file
+from ..utils import check_output_file, read_regular, sha256_bytes
 from .backend import GpuInfo, gpu_info, import_backend, make_logger
 from .builder import (
     BuildConfig,
@@ -397,5 +397,10 @@ def _bench_files(plan: Path, meta: dict[str, Any], fp_onnx: str | Path | None, o
     if fp_onnx is not None:
         return fp16, fp_plan, Path(fp_onnx)
     rec = Path(meta["onnx"]["path"])
-    same = rec.is_file() and sha256_file(rec) == meta["onnx"].get("sha256")
+    from ..onnx.graph import graph_sha256
+
+    try:
+        same = rec.is_file() and graph_sha256(rec) == meta["onnx"].get("sha256")
+    except (MixqError, OSError):  # unreadable now: no reference graph, as when it is gone
+        same = False
     return fp16, fp_plan, rec if same else None
