@@ -211,9 +211,10 @@ def read_sweep(out: str | os.PathLike) -> dict[str, Any]:
         doc = json.loads(p.read_text())
     except (OSError, ValueError, RecursionError) as e:
         raise MixqError(f"{p} is not readable JSON ({type(e).__name__}): move it away or choose a new --out") from None
-    if not isinstance(doc, dict) or doc.get("version") != SWEEP_VERSION or not isinstance(doc.get("cells"), list):
+    if not isinstance(doc, dict) or doc.get("version") != SWEEP_VERSION or not isinstance(doc.get("cells"), list) \
+            or not isinstance(doc.get("earlier", []), list):
         raise MixqError(f"{p} is not a mixq-onnx sweep (version {SWEEP_VERSION}): choose a new --out")
-    for i, c in enumerate(doc["cells"]):
+    for i, c in enumerate(doc["cells"] + doc.get("earlier", [])):
         if not (isinstance(c, dict) and all(isinstance(c.get(k), str) for k in _CELL_STR)
                 and _percent(c.get("top1")) and all(_percent(c.get(k), none=True) for k in ("top5", "agreement"))):
             raise MixqError(f"{p}: cell {i} is not a sweep cell ({', '.join(_CELL_STR)} strings, top1 a percentage): "
@@ -266,7 +267,9 @@ def run_sweep(models: list[SweepModel], cfg: SweepConfig, calib: Any, data: str 
               progress: bool = True, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Quantize every model at every (method, bits, seed) of `cfg` with calibration cache `calib` (a path or
     hash), evaluate top-1 on labelled `data`, and write sweep.json / sweep.md / sweep.png into `out`.
-    Finished cells of an earlier run with the same fingerprint are reused. Returns the sweep document.
+    Finished cells of an earlier run with the same fingerprint are reused; those this run's grid does not ask for
+    (a re-run with fewer --bits) stay in sweep.json's "earlier" list, out of the table, for a later run to reuse.
+    Returns the sweep document.
     `log` (default: stderr, above the progress bar) gets the `data:` / `preprocessing:` lines of each model
     evaluated. One sweep at a time writes a folder (`.lock` in it): a second waits, then reuses the cells."""
     cfg.validate()
@@ -308,7 +311,7 @@ def _sweep_locked(models: list[SweepModel], cfg: SweepConfig, calib: Any, data: 
     from .quant import evaluate, quantize
 
     doc = read_sweep(out)
-    old = {c["key"]: c for c in doc["cells"] if isinstance(c, dict) and "key" in c}
+    old = {c["key"]: c for c in doc.get("earlier", []) + doc["cells"]}  # read_sweep checked every cell
     data_id = data_identity(data)
     calibsets = {m.label: load_calibration(calib, m.model, cache_root) for m in models}  # checked up front
     ds = calibsets[models[0].label]
@@ -374,6 +377,7 @@ def _sweep_locked(models: list[SweepModel], cfg: SweepConfig, calib: Any, data: 
     finally:
         bar.close()
     doc["reused"] = reused
+    doc["earlier"] = _pending(old, cells)  # cells this run did not ask for (other --bits): kept, reused when asked again
     atomic_write_json(out / "sweep.json", doc)
     atomic_write_text(out / "sweep.md", sweep_table(doc))
     plot_sweep(doc, out / "sweep.png")

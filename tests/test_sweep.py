@@ -225,3 +225,24 @@ def test_another_mixq_onnx_version_measures_every_cell_again(world, tmp_path, ru
     monkeypatch.setattr(mixq_onnx, "__version__", mixq_onnx.__version__ + ".post1")
     r = run_cli(*args)
     assert r.code == 0 and json.loads(r.last_line)["reused"] == 0, r.err
+
+
+def test_a_re_run_with_fewer_bits_keeps_the_other_cells_for_later(world, tmp_path, run_cli):
+    """A re-run with fewer --bits dropped the cells it did not ask for: asking for them again measured them again."""
+    root, cache = world
+    base = ["sweep", *TINY, "--checkpoint", root / "orig.safetensors", "--calib", cache, "--data", root / "data.npz",
+            "--method", "rtn", "--num-samples", "16", "--out", tmp_path / "s", "--json"]
+    r = run_cli(*base, "--bits", "W8A8")
+    assert r.code == 0 and json.loads(r.last_line)["reused"] == 0, r.err
+    r = run_cli(*base, "--bits", "W3A3")
+    assert r.code == 0 and json.loads(r.last_line)["reused"] == 1, r.err  # the FP cell
+    doc = json.loads((tmp_path / "s" / "sweep.json").read_text())
+    assert sorted(c["bits"] for c in doc["cells"]) == ["FP", "W3A3"]  # the table is this run's grid
+    assert [c["bits"] for c in doc["earlier"]] == ["W8A8"] and "W8A8" not in (tmp_path / "s" / "sweep.md").read_text()
+    r = run_cli(*base, "--bits", "W8A8,W3A3")
+    assert r.code == 0 and json.loads(r.last_line)["reused"] == 3, r.err  # nothing measured again
+    doc = json.loads((tmp_path / "s" / "sweep.json").read_text())
+    assert sorted(c["bits"] for c in doc["cells"]) == ["FP", "W3A3", "W8A8"] and doc["earlier"] == []
+    doc["earlier"] = [{**doc["cells"][0], "top1": 99.0}]  # an edited kept cell is refused like any other
+    (tmp_path / "s" / "sweep.json").write_text(json.dumps(doc))
+    assert "changed after the sweep wrote it" in one_line_error(run_cli(*base, "--bits", "W8A8"))

@@ -349,16 +349,18 @@ def render(rows: list[dict], spread: list[dict], backend: str, measured_at: str 
     return "\n".join(lines)
 
 
-#: (timm model, input size) of `--placements`: the layouts test_export_timm covers, and HRNet, which revision 2 is for
+#: (timm model, input size) of `--placements`: the layouts test_export_timm covers, HRNet (revision 2 is for it) and
+#: LeViT (revision 3: its LinearNorm's BatchNorm1d folded into the Linear)
 PLACEMENT_MODELS = (("resnet18", 64), ("mobilenetv2_100", 64), ("efficientnet_b0", 64), ("convnext_atto", 64),
-                    ("deit_tiny_patch16_224", 224), ("hrnet_w18_small", 64))
+                    ("deit_tiny_patch16_224", 224), ("hrnet_w18_small", 64), ("levit_128s", 224))
 
 
 def placements() -> str:
-    """Placement revision 1 (the rules before 2026-12-01) against 2 on timm layouts with random weights: W4A4 round
+    """Placement revisions 1 (the rules before 2026-12-01), 2 and 3 on timm layouts with random weights: W4A4 round
     to nearest, export, `check`, `verify` on 4 random images, and the TensorRT-RTX engine at batch 1."""
     import tempfile
 
+    import onnx
     import tensorrt_rtx
     import torch
 
@@ -372,20 +374,22 @@ def placements() -> str:
 
     torch.set_num_threads(1)
     lines = [
-        "## handoffs-placement: placement revision 2 on timm layouts (issue 15)", "",
+        "## handoffs-placement: placement revisions 2 and 3 on timm layouts (issue 15)", "",
         f"`python tools/bench_handoffs.py --placements` · {stamp()} · backend tensorrt-rtx {tensorrt_rtx.__version__}",
         "",
         "Random weights (timm, `pretrained=False`), `quantize --method rtn` W4A4 (8 clipping ratios), first and last "
         "layer 8-bit, with placement revision 1 (`QuantConfig(placement=1)`: the rules before 2026-12-01, which a "
-        "folder written then keeps) and 2 (the default: a block's quantizer of its own input joins the calling graph's "
-        "quantizers of that tensor; an add that continues a sum a layer started quantizes its other input). `check` "
+        "folder written then keeps), 2 (2026-12-01: a block's quantizer of its own input joins the calling graph's "
+        "quantizers of that tensor; an add that continues a sum a layer started quantizes its other input) and 3 (the "
+        "default since 2026-12-02: a BatchNorm1d normalising a Linear's features through row-major reshapes, LeViT's "
+        "LinearNorm, is folded into the Linear; BatchNormalization nodes counted in the exported graph). `check` "
         "on the exported graph (duplicate-Q/DQ warnings: one tensor quantized twice on one grid); `verify` on 4 random "
         "images (max |diff| against PyTorch); engine: `build --backend tensorrt-rtx --batch 1`, then `inspect` "
         "(hand-offs = reformat/requantize layers + float hand-offs; fallbacks = layers reading a float tensor whose "
         "Q/DQ pair is bypassed).", "",
-        "| model | revision | act quantizers | duplicate-Q/DQ warnings | verify max abs diff | engine layers | hand-offs | "
-        "fallbacks | int8 MAC % |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | revision | act quantizers | BatchNormalization nodes | duplicate-Q/DQ warnings | verify max abs diff | "
+        "engine layers | hand-offs | fallbacks | int8 MAC % |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     with tempfile.TemporaryDirectory() as tmp:
         for spec, size in PLACEMENT_MODELS:
@@ -393,23 +397,27 @@ def placements() -> str:
             calib = torch.randn(8, 3, size, size, generator=torch.Generator().manual_seed(0))
             images = torch.randint(0, 256, (4, size, size, 3), dtype=torch.uint8,
                                    generator=torch.Generator().manual_seed(1))
-            for rev in (1, 2):
+            for rev in (1, 2, 3):
                 qm = quantize(model, QuantConfig(wbits=4, abits=4, method="rtn", scale_grid=8, placement=rev), calib,
                               progress=False)
                 acts = sum(q.kind == "act" for q in quantizers(qm).values())
                 path = export_qdq(qm, Path(tmp) / f"{spec}-{rev}.onnx")
+                bns = sum(n.op_type == "BatchNormalization" for n in onnx.load(str(path)).graph.node)
                 rep = report(check_model(path))
                 dups = sum(v["rule"] == "duplicate-qdq" for v in rep["violations"])
                 v = verify_onnx(path, qm, images)
                 plan = Path(tmp) / f"{spec}-{rev}.plan"
                 build_engine(path, plan, BuildConfig(backend="tensorrt-rtx", batch=(1, 1, 1)))
                 eng = inspect_plan(plan)
-                row = (f"| {spec} | {rev} | {acts} | {dups} | {v.max_abs_diff:.3g} | {len(eng.layers)} | {eng.handoffs} | "
+                row = (f"| {spec} | {rev} | {acts} | {bns} | {dups} | {v.max_abs_diff:.3g} | {len(eng.layers)} | {eng.handoffs} | "
                        f"{len(eng.fallbacks)} | {100 * eng.int8_mac_fraction:.2f} |")
                 print(row, flush=True)
                 lines.append(row)
-    lines += ["", "Where the two revisions give the same layout, the rows are equal; only HRNet changes: its branch "
-              "blocks' inputs feed transition convs too, and its fuse layers add up to four terms (conv + x + y)."]
+    lines += ["", "Where revisions give the same layout, the rows are equal. Revision 2 changes HRNet only: its branch "
+              "blocks' inputs feed transition convs too, and its fuse layers add up to four terms (conv + x + y). "
+              "Revision 3 changes LeViT only: every LinearNorm's BatchNorm1d folds into its Linear (two BatchNorm1d "
+              "remain, the heads' NormLinear, which normalise a Linear's input, not its output), and the residual add "
+              "after each folded LinearNorm quantizes its identity, as after a conv."]
     return "\n".join(lines) + "\n"
 
 

@@ -43,6 +43,7 @@ KEEP_ATTRS = ("mixq_preprocessing", "mixq_source", "num_classes", "pretrained_cf
 _ADD_FUNCS = {operator.add, operator.iadd, torch.add}
 _MATMUL_FUNCS = {operator.matmul, torch.matmul, torch.bmm}
 _SHAPE_METHODS = {"reshape", "view", "permute", "transpose", "contiguous", "flatten", "squeeze", "unsqueeze"}
+_SHAPE_AS_METHODS = {"reshape_as", "view_as"}  # args[0] is the data, args[1] only gives its shape (placement 3)
 # data movement only (torch.roll: Swin's shifted windows, so shifted and plain blocks get the same placements)
 _SHAPE_FUNCS = {torch.reshape, torch.permute, torch.transpose, torch.flatten, torch.squeeze, torch.unsqueeze, torch.roll}
 
@@ -143,8 +144,9 @@ def _disable_fused_attn(model: nn.Module) -> None:
 
 
 # ----------------------------------------------------------------------------- BN folding
-def fold_bn(conv: nn.Conv2d, bn: _BatchNorm, channels: slice = slice(None)) -> None:
-    """Fold `bn` (its `channels`: a conv that makes part of a concatenation the BN normalises) into `conv`."""
+def fold_bn(conv: nn.Conv2d | nn.Linear, bn: _BatchNorm, channels: slice = slice(None)) -> None:
+    """Fold `bn` (its `channels`: a conv that makes part of a concatenation the BN normalises) into `conv` (or a
+    Linear whose output features it normalises)."""
     w = conv.weight.detach()
     mean = bn.running_mean[channels]
     std = torch.sqrt(bn.running_var[channels] + bn.eps)
@@ -179,7 +181,66 @@ def _concat_parts(gm: fx.GraphModule, node: fx.Node) -> list[nn.Conv2d] | None:
     return None if any(c is None for c in convs) else convs  # type: ignore[return-value]
 
 
-def _fold_graph_bn(gm: fx.GraphModule) -> int:
+def bn1d_on_rows(model: nn.Module) -> set[int]:
+    """The ids of the BatchNorm1d modules that read a 2-D (rows, features) tensor on every call in one forward
+    of an example input. Only those fold into a Linear before them (LeViT's LinearNorm: linear, flatten(0, 1),
+    BN1d, reshape back): a BN1d on (N, C, L) normalises another axis than the Linear's features."""
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm1d)]
+    if not bns:
+        return set()
+    ndims: dict[int, set[int]] = {}
+
+    def seen(mod: nn.Module, args: tuple) -> None:
+        ndims.setdefault(id(mod), set()).add(args[0].ndim if args and isinstance(args[0], torch.Tensor) else -1)
+
+    hooks = [m.register_forward_pre_hook(seen) for m in bns]
+    try:
+        with torch.no_grad():
+            model(example_input(model))
+    except Exception:  # noqa: BLE001 - the model refuses the example input: prepare says so later; fold none
+        return set()
+    finally:
+        for h in hooks:
+            h.remove()
+    return {i for i, d in ndims.items() if d == {2}}
+
+
+_RESHAPE_METHODS = {"flatten", "reshape", "view"}
+
+
+def _is_reshape(node: fx.Node) -> bool:
+    """A row-major reshape (no permutation): an element's flat index, so its innermost index, is kept."""
+    return (node.op == "call_method" and node.target in _RESHAPE_METHODS) or \
+        (node.op == "call_function" and node.target in (torch.flatten, torch.reshape))
+
+
+def _shape_only(user: fx.Node, node: fx.Node) -> bool:
+    """`user` reads only `node`'s shape (LeViT's `.reshape_as(x)` of the linear output it normalised)."""
+    if user.op == "call_method" and user.target in ("reshape_as", "view_as", "expand_as"):
+        return len(user.args) > 1 and user.args[1] is node and user.args[0] is not node
+    if user.op == "call_method" and user.target in ("size", "dim"):
+        return True
+    return user.op == "call_function" and user.target is getattr and user.args[1:2] in (("shape",), ("ndim",))
+
+
+def _linear_rows(gm: fx.GraphModule, node: fx.Node) -> nn.Linear | None:
+    """The plain Linear (called once) whose output `node` is through row-major reshapes read by nothing else,
+    and whose output nothing else reads but for its shape; else None."""
+    while isinstance(node, fx.Node) and _is_reshape(node) and len(node.users) == 1:
+        node = node.args[0]
+    if not (isinstance(node, fx.Node) and node.op == "call_module"):
+        return None
+    lin = _get(gm, node.target)
+    if not (isinstance(lin, nn.Linear) and layer_weight(lin) is lin.weight):
+        return None
+    if sum(1 for n in gm.graph.nodes if n.op == "call_module" and n.target == node.target) != 1:
+        return None
+    return lin if sum(1 for u in node.users if not _shape_only(u, node)) == 1 else None
+
+
+def _fold_graph_bn(gm: fx.GraphModule, rows: set[int] = frozenset()) -> int:
+    """Fold each BatchNorm into the conv (or the parts of a channel concatenation) before it, and each
+    BatchNorm1d of `rows` (`bn1d_on_rows`) into the Linear whose features it normalises."""
     n = 0
     for node in list(gm.graph.nodes):
         if node.op != "call_module" or not isinstance(_get(gm, node.target), _BatchNorm):
@@ -188,8 +249,11 @@ def _fold_graph_bn(gm: fx.GraphModule) -> int:
         bn = _get(gm, node.target)
         conv = _foldable(gm, prev)
         parts = _concat_parts(gm, prev) if conv is None else None
+        lin = _linear_rows(gm, prev) if conv is None and parts is None and id(bn) in rows else None
         if conv is not None and conv.out_channels == bn.num_features:
             fold_bn(conv, bn)
+        elif lin is not None and lin.out_features == bn.num_features:
+            fold_bn(lin, bn)
         elif parts is not None and sum(c.out_channels for c in parts) == bn.num_features:
             start = 0
             for c in parts:
@@ -229,8 +293,10 @@ def _of_parameters(node: fx.Node, depth: int = 8) -> bool:
     return all(_of_parameters(a, depth - 1) for a in node.all_input_nodes)
 
 
-def _from_layer(gm: fx.GraphModule, node: fx.Node, transparent: tuple[type, ...]) -> bool:
-    """True if `node` is (through transparent and shape-only ops) the output of a conv/linear."""
+def _from_layer(gm: fx.GraphModule, node: fx.Node, transparent: tuple[type, ...], shape_as: bool = False) -> bool:
+    """True if `node` is (through transparent and shape-only ops, with `shape_as` `x.reshape_as(y)` too) the output
+    of a conv/linear."""
+    shapes = _SHAPE_METHODS | _SHAPE_AS_METHODS if shape_as else _SHAPE_METHODS
     for _ in range(64):
         if node.op == "call_module":
             m = _get(gm, node.target)
@@ -240,7 +306,7 @@ def _from_layer(gm: fx.GraphModule, node: fx.Node, transparent: tuple[type, ...]
                 node = node.args[0]
                 continue
             return False
-        if node.op == "call_method" and node.target in _SHAPE_METHODS:
+        if node.op == "call_method" and node.target in shapes:
             node = node.args[0]
             continue
         if _is_mul(node):  # layer scale: x * gamma (ViT), x.mul(gamma.reshape(...)) (ConvNeXt)
@@ -259,18 +325,20 @@ def _from_layer(gm: fx.GraphModule, node: fx.Node, transparent: tuple[type, ...]
             if node.target is torch.cat:  # MixNet's MixedConv2d: a channel concatenation of conv outputs
                 parts = node.args[0] if node.args else node.kwargs.get("tensors")
                 return isinstance(parts, (list, tuple)) and bool(parts) and all(
-                    isinstance(p, fx.Node) and _from_layer(gm, p, transparent) for p in parts)
+                    isinstance(p, fx.Node) and _from_layer(gm, p, transparent, shape_as) for p in parts)
         return False
     return False
 
 
-def _sum_of_layer(gm: fx.GraphModule, node: fx.Node, transparent: tuple[type, ...], depth: int = 16) -> bool:
+def _sum_of_layer(gm: fx.GraphModule, node: fx.Node, transparent: tuple[type, ...], depth: int = 16,
+                  shape_as: bool = False) -> bool:
     """True if `node` is an add that sums a conv/linear output (directly, or through an earlier such add):
     TensorRT fuses the chain into that layer's epilogue (HRNet's fuse layers: conv + identity + identity)."""
     if depth <= 0 or not _is_add(node):
         return False
     args = [a for a in node.args[:2] if isinstance(a, fx.Node)]
-    return any(_from_layer(gm, a, transparent) or _sum_of_layer(gm, a, transparent, depth - 1) for a in args)
+    return any(_from_layer(gm, a, transparent, shape_as) or _sum_of_layer(gm, a, transparent, depth - 1, shape_as)
+               for a in args)
 
 
 def _insert_quantizer(gm: fx.GraphModule, user: fx.Node, arg: fx.Node, q: ActQuantizer, attr: str) -> None:
@@ -310,9 +378,10 @@ def _check_float_layers(model: nn.Module, cfg: QuantConfig) -> None:
                             f"(its layers: {few})")
 
 
-def _transform(module: nn.Module, prefix: str, leaves: Iterable[nn.Module], cfg: QuantConfig) -> fx.GraphModule:
+def _transform(module: nn.Module, prefix: str, leaves: Iterable[nn.Module], cfg: QuantConfig,
+               rows: set[int] = frozenset()) -> fx.GraphModule:
     gm = trace(module, leaves)
-    _fold_graph_bn(gm)
+    _fold_graph_bn(gm, rows)
     abits = None if cfg.weight_only else cfg.abits
     calls = Counter(node.target for node in gm.graph.nodes if node.op == "call_module")
     for node in gm.graph.nodes:
@@ -336,9 +405,10 @@ def _transform(module: nn.Module, prefix: str, leaves: Iterable[nn.Module], cfg:
         for node in list(gm.graph.nodes):
             args = [a for a in node.args[:2] if isinstance(a, fx.Node)]
             if _is_add(node) and len(args) == 2 and all(a in act for a in args) and args[0] is not args[1]:
-                side = [_from_layer(gm, a, transparent) for a in args]
+                shape_as = cfg.placement >= 3
+                side = [_from_layer(gm, a, transparent, shape_as) for a in args]
                 if not any(side) and cfg.placement >= 2:  # a later term of a sum a layer started: the other input
-                    side = [_sum_of_layer(gm, a, transparent) for a in args]
+                    side = [_sum_of_layer(gm, a, transparent, shape_as=shape_as) for a in args]
                 if side.count(True) == 1:
                     ident = args[side.index(False)]
                     q = ActQuantizer(f"{prefix}{node.name}.identity", abits, cfg.symmetric, placement="residual")
@@ -782,13 +852,14 @@ def prepare(model: nn.Module, cfg: QuantConfig) -> fx.GraphModule:
     original, model = model, copy.deepcopy(model).eval()
     _disable_fused_attn(model)
     blocks = _find_blocks(model)
-    gm = _transform(model, "", blocks.values(), cfg)
+    rows = bn1d_on_rows(model) if cfg.placement >= 3 else set()
+    gm = _transform(model, "", blocks.values(), cfg, rows)
     for path in blocks:
         try:
             sub = _get(gm, path)
         except AttributeError:
             continue  # a block the forward never calls
-        _set(gm, path, _transform(sub, path + ".", (), cfg))
+        _set(gm, path, _transform(sub, path + ".", (), cfg, rows))
     layers = {n: m for n, m in gm.named_modules() if isinstance(m, QUANT_LAYERS)}
     if not layers:
         raise MixqError(f"model {type(model).__name__} has no quantizable layer (Conv2d/Linear)")

@@ -1,0 +1,123 @@
+"""Placement revision 3: a BatchNorm1d that normalises a Linear's output features (LeViT's LinearNorm: linear,
+flatten(0, 1), BN1d, reshape back) is folded into the Linear, as a conv's BatchNorm is; before, every such BN
+stayed a float BatchNormalization between the int8 GEMM and the next quantizer (46 of them in LeViT-128S)."""
+from __future__ import annotations
+
+from collections import Counter
+
+import onnx
+import pytest
+import torch
+import torch.nn as nn
+
+from mixq_onnx.models.preprocessing import ATTR, Preprocessing
+from mixq_onnx.onnx import export_qdq
+from mixq_onnx.onnx.check import check_model, report
+from mixq_onnx.onnx.verify import verify_onnx
+from mixq_onnx.quant import QuantConfig, load_quantized, quantize, quantizers, save_quantized
+from mixq_onnx.quant.graph import prepare, set_quant_state
+
+
+class LinearNorm(nn.Module):
+    """timm LeViT's layout."""
+
+    def __init__(self, i: int, o: int, tap: bool = False):
+        super().__init__()
+        self.linear = nn.Linear(i, o, bias=False)
+        self.bn = nn.BatchNorm1d(o)
+        self.tap = tap
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.linear(x)
+        y = self.bn(x.flatten(0, 1)).reshape_as(x)
+        return y + x if self.tap else y  # tapped: the linear's output is read for its values too, so no fold
+
+
+class Tokens(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 4, stride=4)
+        self.act0 = nn.Hardswish()
+        self.mlp1, self.act, self.mlp2 = LinearNorm(16, 32), nn.Hardswish(), LinearNorm(32, 16)
+        self.tapped = LinearNorm(16, 16, tap=True)
+        self.across = nn.Linear(16, 16)
+        self.bn_tokens = nn.BatchNorm1d(16)  # on (B, N, C): normalises the 16 tokens, not the Linear's 16 features
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act0(self.stem(x)).flatten(2).transpose(1, 2)  # (B, 16 tokens, 16 features)
+        x = x + self.mlp2(self.act(self.mlp1(x)))
+        x = self.act(self.tapped(x))
+        y = self.bn_tokens(self.across(x))
+        return self.head(y.mean(1))
+
+
+def tokens() -> nn.Module:
+    torch.manual_seed(0)
+    m = Tokens().eval()
+    for bn in (m.mlp1.bn, m.mlp2.bn, m.tapped.bn, m.bn_tokens):  # trained-looking statistics: a fold that is off shows
+        n = bn.num_features
+        bn.running_mean.copy_(torch.randn(n))
+        bn.running_var.copy_(torch.rand(n) * 2 + 0.3)
+        bn.weight.data.copy_(torch.randn(n))
+        bn.bias.data.copy_(torch.randn(n))
+    setattr(m, ATTR, Preprocessing(input_size=(3, 16, 16), mean=(0.5,) * 3, std=(0.25,) * 3))
+    return m
+
+
+def _bns(m: nn.Module) -> list[str]:
+    return sorted(n for n, x in m.named_modules() if isinstance(x, nn.BatchNorm1d))
+
+
+def test_a_linear_norm_folds_from_revision_3_only_where_it_is_the_same_network():
+    model = tokens()
+    x = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(x)
+    kept = {2: ["bn_tokens", "mlp1.bn", "mlp2.bn", "tapped.bn"], 3: ["bn_tokens", "tapped.bn"]}
+    for rev, want in kept.items():
+        gm = prepare(model, QuantConfig(wbits=8, abits=8, method="rtn", placement=rev))
+        assert _bns(gm) == want, (rev, _bns(gm))
+        with torch.no_grad():
+            out = gm(x)  # no scale set yet: the prepared model computes in float
+        assert float((out - ref).abs().max()) <= 1e-5 * float(ref.abs().max()), rev
+    folded = prepare(model, QuantConfig(wbits=8, abits=8, method="rtn", placement=3))
+    # the folded Linear now carries the BN's shift as its bias
+    assert folded.mlp1.linear.bias is not None and model.mlp1.linear.bias is None
+    # the residual add after a folded LinearNorm quantizes its identity input, as after a conv
+    residual = [q for q in quantizers(folded).values() if q.kind == "act" and q.spec.placement == "residual"]
+    assert len(residual) == 1, [q.name for q in residual]
+
+
+def test_the_folded_export_has_no_batchnorm_left_for_those_layers_and_is_exact(tmp_path):
+    model = tokens()
+    calib = torch.randn(32, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    images = torch.randint(0, 256, (16, 16, 16, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    ops = {}
+    for rev in (2, 3):
+        q = quantize(model, QuantConfig(wbits=8, abits=8, method="rtn", placement=rev), calib, progress=False)
+        g = export_qdq(q, tmp_path / f"r{rev}.onnx")
+        ops[rev] = Counter(n.op_type for n in onnx.load(g).graph.node)
+        rep = report(check_model(g))
+        assert rep["ok"] and rep["errors"] == 0, rep["violations"]
+        v = verify_onnx(g, q, images)
+        assert v.top1_agreement == 100.0 and v.max_abs_diff == 0.0, (rev, v.max_abs_diff)
+        if rev == 3:  # the folder rebuilds with its revision and reproduces the model
+            save_quantized(q, tmp_path / "q3")
+            back = load_quantized(tokens(), tmp_path / "q3")
+            set_quant_state(back, True, True)
+            x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(4))
+            with torch.no_grad():
+                assert torch.equal(back(x), q(x))
+    assert ops[2]["BatchNormalization"] == 4 and ops[3]["BatchNormalization"] == 2, (ops[2], ops[3])
+
+
+@pytest.mark.parametrize("rev", [1, 2])
+def test_an_older_folder_keeps_its_batchnorms(rev, tmp_path):
+    """A folder written before revision 3 records its revision and reloads with the BatchNorms it was made with."""
+    model = tokens()
+    q = quantize(model, QuantConfig(wbits=8, abits=8, method="rtn", placement=rev), torch.randn(16, 3, 16, 16),
+                 progress=False)
+    save_quantized(q, tmp_path / "old")
+    back = load_quantized(tokens(), tmp_path / "old")
+    assert _bns(back) == _bns(q) and "mlp1.bn" in _bns(back)
