@@ -219,3 +219,52 @@ def test_tensorrt_rtx_runs_deit_qkv_in_int8(tmp_path):
         got = [c for c in rep.compute if f".{kind}/" in c.node]
         assert len(got) == 12 and all(c.precision == "int8" for c in got), kind
     assert rep.int8_mac_fraction >= 0.99
+
+
+class _LevitAttention(torch.nn.Module):
+    """timm LeViT's attention on 196 tokens, as in LeViT's first stage: its bias is a parameter table gathered by
+    constant indices (large enough that torch.onnx's own constant folding leaves it to the runtime)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from timm.models.levit import Attention
+
+        torch.manual_seed(0)
+        self.stem = torch.nn.Conv2d(3, 16, 2, stride=2)
+        self.attn = Attention(dim=16, key_dim=4, num_heads=2, attn_ratio=2, resolution=14)
+        with torch.no_grad():
+            self.attn.attention_biases.normal_()  # as trained: the table is not all zeros
+        self.head = torch.nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.stem(x).flatten(2).transpose(1, 2)  # (B, 196, 16)
+        return self.head((t + self.attn(t)).mean(1))
+
+
+def test_export_folds_data_movement_on_constants_and_stays_exact(tmp_path):
+    """The bias gather of a parameter by constant indices ran as kernels of every inference (LeViT-128S: 6 engine
+    layers and 3 hand-offs); folded offline it is one constant, the graph computes the same values."""
+    from mixq_onnx.models.preprocessing import ATTR, Preprocessing
+    from mixq_onnx.onnx import export_qdq
+    from mixq_onnx.onnx.check import check_model, report
+    from mixq_onnx.onnx.verify import verify_onnx
+    from mixq_onnx.quant import QuantConfig, quantize
+
+    m = _LevitAttention().eval()
+    setattr(m, ATTR, Preprocessing(input_size=(3, 28, 28)))
+    q = quantize(m, QuantConfig(wbits=8, abits=8, method="rtn"), torch.randn(16, 3, 28, 28), progress=False)
+    g = export_qdq(q, tmp_path / "m.onnx")
+    model = onnx.load(g)
+    consts = {i.name for i in model.graph.initializer}
+    ops = Counter(n.op_type for n in model.graph.node)
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert '"constant_moves"' in meta["mixq.counts"], meta["mixq.counts"]
+    assert ops["Gather"] + ops["GatherND"] == 0, ops  # the table's gather is an initializer now
+    # nothing but data movement was folded: every node left reads something that is not a constant
+    moved = [n for n in model.graph.node if n.op_type in ("Transpose", "Unsqueeze", "Reshape")
+             and n.input and all(i in consts for i in n.input)]
+    assert not moved, [n.name for n in moved]
+    assert report(check_model(g))["ok"]
+    images = torch.randint(0, 256, (8, 28, 28, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    v = verify_onnx(g, q, images)
+    assert v.max_abs_diff == 0.0 and v.top1_agreement == 100.0

@@ -5,7 +5,8 @@ layers and hand-offs as `inspect` counts them.
 
     python tools/bench_handoffs.py --jobs 2           # writes docs/benchmarks.md, section "handoffs"
     python tools/bench_handoffs.py --diagnose --seeds 0,1,2,3,4,5   # why one step costs W2A4 accuracy
-    python tools/bench_handoffs.py --placements      # section "handoffs-placement": revision 1 vs 2 on timm layouts
+    python tools/bench_handoffs.py --placements      # section "handoffs-placement": revisions 1-3 on timm layouts
+    python tools/bench_handoffs.py --constant-moves  # section "handoffs-constants": LeViT with/without the fold
 
 Quantization runs as a user runs it (`python -m mixq_onnx.cli quantize ... --threads 1`, preset fast, a real
 calibration cache of 1,024 images); a finished result folder under runs/bench_handoffs is reused (--fresh redoes
@@ -421,6 +422,72 @@ def placements() -> str:
     return "\n".join(lines) + "\n"
 
 
+def constant_moves() -> str:
+    """LeViT-128S exported with and without `passes.fold_constant_moves` (random weights, its attention-bias tables
+    drawn as a trained net has them, W4A4 round to nearest): graph nodes, `check`, `verify` and the TensorRT-RTX
+    engine at batch 1, side by side."""
+    import collections
+    import tempfile
+    from unittest import mock
+
+    import onnx
+    import tensorrt_rtx
+    import torch
+
+    import mixq_onnx.onnx.export as ex
+    from mixq_onnx.models import load_model
+    from mixq_onnx.onnx.check import check_model, report
+    from mixq_onnx.onnx.verify import verify_onnx
+    from mixq_onnx.quant import QuantConfig, quantize
+    from mixq_onnx.trt.builder import BuildConfig, build_engine
+    from mixq_onnx.trt.inspect import inspect_plan
+
+    torch.set_num_threads(1)
+    spec, size = "levit_128s", 224
+    model = load_model(spec, random_init=True, input_size=size)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "attention_biases" in n:  # timm initialises them to zeros; trained tables differ
+                p.copy_(torch.randn(p.shape, generator=g))
+    calib = torch.randn(8, 3, size, size, generator=torch.Generator().manual_seed(0))
+    qm = quantize(model, QuantConfig(wbits=4, abits=4, method="rtn", scale_grid=8), calib, progress=False)
+    images = torch.randint(0, 256, (4, size, size, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    lines = [
+        "## handoffs-constants: data movement on constants folded at export", "",
+        f"`python tools/bench_handoffs.py --constant-moves` · {stamp()} · backend tensorrt-rtx {tensorrt_rtx.__version__}",
+        "",
+        "timm `levit_128s`, random weights with its attention-bias tables drawn from N(0, 1) (timm starts them at zero, "
+        "which makes every table equal), `quantize --method rtn` W4A4 (8 clipping ratios), exported without and with "
+        "`passes.fold_constant_moves` (gathers, reshapes, transposes, slices and concatenations whose inputs are all "
+        "constants, evaluated once at export). `verify` on 4 random images; engine: `build --backend tensorrt-rtx "
+        "--batch 1`, then `inspect`.", "",
+        "| export | graph nodes | GatherND | Transpose | check ok | verify max abs diff | engine layers | hand-offs | "
+        "fallbacks | int8 MAC % |",
+        "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    with tempfile.TemporaryDirectory() as tmp:
+        for tag in ("not folded", "folded"):
+            path = Path(tmp) / f"{tag[:3]}.onnx"
+            if tag == "folded":
+                ex.export_qdq(qm, path)
+            else:
+                with mock.patch.object(ex, "fold_constant_moves", lambda m: 0):
+                    ex.export_qdq(qm, path)
+            ops = collections.Counter(n.op_type for n in onnx.load(str(path)).graph.node)
+            ok = report(check_model(path))["ok"]
+            v = verify_onnx(path, qm, images)
+            plan = path.with_suffix(".plan")
+            build_engine(path, plan, BuildConfig(backend="tensorrt-rtx", batch=(1, 1, 1)))
+            eng = inspect_plan(plan)
+            row = (f"| {tag} | {sum(ops.values())} | {ops['GatherND']} | {ops['Transpose']} | {ok} | "
+                   f"{v.max_abs_diff:.3g} | {len(eng.layers)} | {eng.handoffs} | {len(eng.fallbacks)} | "
+                   f"{100 * eng.int8_mac_fraction:.2f} |")
+            print(row, flush=True)
+            lines.append(row)
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", default="0,1,2", help="comma list; 0 is the full row [default: 0,1,2]")
@@ -433,7 +500,15 @@ def main() -> None:
                          "(runs/bench_handoffs/diagnose.json), then re-render")
     ap.add_argument("--placements", action="store_true",
                     help="placement revision 1 vs 2 on timm layouts (section handoffs-placement)")
+    ap.add_argument("--constant-moves", action="store_true",
+                    help="LeViT exported without and with constant data-movement folding (section handoffs-constants)")
     args = ap.parse_args()
+    if args.constant_moves:
+        text = constant_moves()
+        print(text)
+        if not args.no_doc:
+            update_section("handoffs-constants", text)
+        return
     if args.placements:
         text = placements()
         print(text)

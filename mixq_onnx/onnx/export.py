@@ -32,6 +32,7 @@ from ..utils import atomic_path, check_output_file, make_parent
 from .markers import DOMAIN, marker_mode, translation_table
 from .passes import (
     add_initializer,
+    fold_constant_moves,
     fold_pads,
     fold_weight_transposes,
     global_average_pools,
@@ -248,6 +249,9 @@ def export_qdq(qmodel: nn.Module, out: str | os.PathLike, layout: str = "integer
     counts = insert_qdq(model, qs)
     fold_weight_transposes(model)
     fold_pads(model)
+    moved = fold_constant_moves(model)
+    if moved:  # only then: graphs without constant data movement keep their counts (and bytes) as before
+        counts["constant_moves"] = moved
     means = global_average_pools(model)
     if means:  # only then: graphs without such pools keep their counts (and bytes) as before
         counts["global_average_pools"] = means

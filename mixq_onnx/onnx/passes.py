@@ -669,6 +669,51 @@ def expose_outputs(model: Any, names: list[str]) -> Any:
 
 
 # ---------------------------------------------------------------- export clean-ups (moved from export.py)
+#: Ops `fold_constant_moves` evaluates offline when every input is a constant: they only select, reorder or copy
+#: values, so the folded initializer holds exactly what a runtime would compute.
+CONSTANT_MOVE_OPS = (*DATA_MOVE_OPS, "Gather", "GatherND", "Concat", "Expand", "Shape")
+
+
+def fold_constant_moves(model) -> int:
+    """Replace each data-movement node whose inputs are all constants by an initializer holding its output (LeViT's
+    attention biases: a GatherND of a parameter by constant indices, then a Transpose, per attention layer). The
+    engine then reads one constant instead of running a gather and a transpose kernel per inference, whose float
+    outputs `inspect` counted as hand-offs. Q/DQ nodes are never folded."""
+    import onnx_ir as ir
+    from onnx.reference import ReferenceEvaluator
+
+    opset = model.opset_imports.get("", 17)
+    n = 0
+    for node in list(model.graph):
+        if node.op_type not in CONSTANT_MOVE_OPS or node.domain not in ("", "ai.onnx") or not node.inputs:
+            continue
+        if any(o.is_graph_output() for o in node.outputs) or len(node.outputs) != 1:
+            continue
+        args = [None if v is None else _const_array(v) for v in node.inputs]
+        if any(a is None and v is not None for a, v in zip(args, node.inputs)):
+            continue
+        proto = ir.serde.serialize_node(node)
+        feeds = {name: a for name, a in zip(proto.input, args) if name}
+        try:
+            import onnx
+
+            graph = onnx.helper.make_graph([proto], "fold", [
+                onnx.helper.make_tensor_value_info(k, onnx.helper.np_dtype_to_tensor_dtype(a.dtype), a.shape)
+                for k, a in feeds.items()], [onnx.helper.make_empty_tensor_value_info(proto.output[0])])
+            (value,) = ReferenceEvaluator(onnx.helper.make_model(
+                graph, opset_imports=[onnx.helper.make_opsetid("", opset)])).run(None, feeds)
+        except Exception:  # noqa: BLE001 - an op the reference cannot evaluate stays in the graph
+            continue
+        value = np.asarray(value)
+        out = node.outputs[0]
+        const = add_initializer(model.graph, _unique(model.graph, f"{out.name}.folded", _value_names(model.graph)),
+                                np.ascontiguousarray(value))
+        replace_uses(out, const)
+        model.graph.remove(node, safe=True)
+        n += 1
+    return n
+
+
 def fold_weight_transposes(model) -> int:
     """DQ(int8 W) -> Transpose(perm 1,0) -> MatMul  ==>  DQ(int8 Wᵀ, axis 1) -> MatMul (TensorRT wants
     the DequantizeLinear directly on the GEMM input, and a constant transpose costs nothing offline)."""
