@@ -499,22 +499,18 @@ def main() -> None:
                     help="re-evaluate the per-consumer W2A4 folders of --seeds with one step per block input "
                          "(runs/bench_handoffs/diagnose.json), then re-render")
     ap.add_argument("--placements", action="store_true",
-                    help="placement revision 1 vs 2 on timm layouts (section handoffs-placement)")
+                    help="placement revisions 1, 2 and 3 on timm layouts (section handoffs-placement)")
     ap.add_argument("--constant-moves", action="store_true",
                     help="LeViT exported without and with constant data-movement folding (section handoffs-constants)")
     args = ap.parse_args()
-    if args.constant_moves:
-        text = constant_moves()
-        print(text)
-        if not args.no_doc:
-            update_section("handoffs-constants", text)
-        return
-    if args.placements:
-        text = placements()
-        print(text)
-        if not args.no_doc:
-            update_section("handoffs-placement", text)
-        return
+    for flag, make, section in ((args.constant_moves, constant_moves, "handoffs-constants"),
+                                (args.placements, placements, "handoffs-placement")):
+        if flag:  # a one-table section of its own
+            text = make()
+            print(text)
+            if not args.no_doc:
+                update_section(section, text)
+            return
     if args.diagnose:
         import numpy as np
         import torch
