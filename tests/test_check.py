@@ -273,6 +273,29 @@ def test_integer_layout_zero_rescale():
     assert ("rescale", "rescale") in _rules(m)
 
 
+def test_unfolded_batchnorm_after_a_quantized_layer_warns():
+    """LeViT's LinearNorm before placement revision 3: a float BatchNormalization between the INT8 GEMM and the next
+    quantizer, which no rule named."""
+    m = clean_model()
+    conv = _node(m, "conv")
+    conv.output[0] = "pre"
+    for name, v in (("g", 1.5), ("beta", 0.1), ("mu", 0.2), ("var", 0.9)):
+        m.graph.initializer.append(_t(name, np.full(4, v, np.float32)))
+    m.graph.node.insert(list(m.graph.node).index(conv) + 1,
+                        helper.make_node("BatchNormalization", ["pre", "g", "beta", "mu", "var"], ["c"], name="bn"))
+    vs = [v for v in lint(m) if v.rule == "unfolded-batchnorm"]
+    assert [(v.node, v.severity) for v in vs] == [("bn", "warning")] and "'conv'" in vs[0].message
+    assert ("unfolded-batchnorm", "bn") in _rules(m)
+    # on a float input (no quantized layer before it) a BatchNormalization is no waste of an INT8 kernel
+    plain = clean_model()
+    relu = _node(plain, "relu")
+    relu.output[0] = "r"
+    plain.graph.node.append(helper.make_node("BatchNormalization", ["r", "g", "beta", "mu", "var"], ["y"], name="bn"))
+    for name, v in (("g", 1.5), ("beta", 0.1), ("mu", 0.2), ("var", 0.9)):
+        plain.graph.initializer.append(_t(name, np.full(4, v, np.float32)))
+    assert not [v for v in lint(plain) if v.rule == "unfolded-batchnorm"]
+
+
 def _planted_rules() -> set[str]:
     """Rule names this file asserts on: the first item of a `(rule, node)` tuple or `v.rule == "..."`."""
     import ast

@@ -492,6 +492,20 @@ def _duplicate_qdq(g: GraphIndex) -> Iterator[Finding]:
                                "quantize places them by default)")
 
 
+@rule("unfolded-batchnorm", "warning")
+def _unfolded_batchnorm(g: GraphIndex) -> Iterator[Finding]:
+    """A BatchNormalization on a quantized Conv/Gemm/MatMul's output (through reshapes): folded into the layer's
+    weights and bias it costs nothing; left in the graph it runs as a float scale between the INT8 kernel and the
+    next quantizer. `quantize` folds a conv's BatchNorm and, from placement revision 3, a BatchNorm1d on a Linear's
+    features (LeViT's LinearNorm); one this warns about is a layout it did not recognise, or an older folder."""
+    for n in _nodes(g, "BatchNormalization"):
+        layer = _layer_behind_moves(g, n.input[0])
+        if layer is not None and any(_from_dq(g, i) is not None for i in layer.input[:2]):
+            yield g.label(n), (f"normalises the output of the quantized {layer.op_type} {g.label(layer)!r}: folded into "
+                               "its weights and bias it would cost nothing; here it runs in float between the INT8 "
+                               "kernel and the next quantizer")
+
+
 # --------------------------------------------------------------------------- concat
 @rule("concat-scales")
 def _concat_scales(g: GraphIndex) -> Iterator[Finding]:
