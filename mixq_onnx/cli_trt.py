@@ -91,7 +91,8 @@ def register(cli: click.Group) -> None:
                        "int8_mac_fraction": round(rep.int8_mac_fraction, 6),
                        "fallbacks": [str(f) for f in rep.fallbacks],
                        "standalone_clips": rep.standalone_clips, "int4_weight_layers": rep.int4_weight_layers,
-                       "handoffs": rep.handoffs, "engine_layers": len(rep.layers), "ok": ok})
+                       "handoffs": rep.handoffs, "handoff_bytes": rep.handoff_bytes, "engine_layers": len(rep.layers),
+                       "ok": ok})
         else:
             click.echo(f"built {plan} ({res.meta['plan_key']}) in {res.seconds:.1f} s", err=True)
             click.echo(rep.summary())

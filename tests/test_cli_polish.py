@@ -186,6 +186,18 @@ def test_inspect_explains_float_handoffs(tiny_onnx, tmp_path, run_cli):
             f"  {HANDOFF_NOTE}") in text
     assert text.count("  hand-off: ") == 4 and "  hand-off: Reformat layer r" in text
     assert "  hand-off: Float ?x4 a -> b" in text
+    assert rep.handoff_bytes is None and "per inference" not in text  # a dynamic dim: no byte count to give
+    # with the shapes known, the hand-offs' bytes per inference: a pooled vector is not a feature map
+    from mixq_onnx.trt.layers import TensorInfo
+
+    assert TensorInfo("t", "Float", [1, 32, 1, 1]).nbytes == 128 and TensorInfo("w", "Int4", [3]).nbytes == 2
+    assert TensorInfo("t", "Float", [-1, 4]).nbytes is None and TensorInfo("t", "Mystery", [4]).nbytes is None
+    sized = PrecisionReport(1.0, 10, 10, 0, float_handoffs=[{"tensor": "t", "dtype": "Float", "dims": [1, 32, 1, 1],
+                                                             "from": "a", "to": "b", "bytes": 128}],
+                            reformat_layers=[{"layer": "r", "type": "Reformat", "onnx_nodes": [], "bytes": 2048}],
+                            shapes={"x": [1, 3, 8, 8]})
+    assert sized.handoff_bytes == 2176 and sized.to_dict()["handoff_bytes"] == 2176
+    assert "float hand-offs between non-compute kernels: 1 (2.1 KiB per inference at 1x3x8x8)" in sized.summary()
 
 
 # ----------------------------------------------------------------------------- .gitignore

@@ -493,12 +493,14 @@ def test_build_max_handoffs(r20, tmp_path, run_cli):
     assert refused["ok"] is False and refused["plan"] is None and refused["handoffs"] > 0
     assert refused["refused"] == msg.removeprefix("error: ") and not plan.exists()
     r = run_cli("build", per, "--out", plan, "--json")
-    assert r.code == 0 and json.loads(r.last_line)["handoffs"] > 0  # the subsampling shortcuts' float copies
+    per_out = json.loads(r.last_line)
+    assert r.code == 0 and per_out["handoffs"] > 0  # the subsampling shortcuts' float copies
+    assert per_out["handoff_bytes"] >= 4 * per_out["handoffs"]  # each moves at least one float
     plan2 = tmp_path / "shared.plan"
     r = run_cli("build", shared, "--out", plan2, "--max-handoffs", "0", "--json")
     assert r.code == 0, r.err
     out = json.loads(r.last_line)
-    assert out["handoffs"] == 0 and out["int8_mac_fraction"] >= 0.99 and plan2.is_file()
+    assert out["handoffs"] == 0 and out["handoff_bytes"] == 0 and out["int8_mac_fraction"] >= 0.99 and plan2.is_file()
     r = run_cli("inspect", plan2, "--json")
     rep = json.loads(r.last_line)
     assert rep["handoffs"] == 0 and rep["float_handoffs"] == [] and rep["reformat_layers"] == []

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import MixqError
-from .layers import LayerInfo
+from .layers import LayerInfo, TensorInfo
 
 COMPUTE_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
 QDQ_OPS = {"QuantizeLinear", "DequantizeLinear"}
@@ -90,6 +90,14 @@ class PrecisionReport:
         `build --max-handoffs` bounds)."""
         return len(self.reformat_layers) + len(self.float_handoffs)
 
+    @property
+    def handoff_bytes(self) -> int | None:
+        """Bytes the hand-offs move per inference at the profile's shape (each float hand-off's tensor, each
+        conversion layer's outputs), so a 32-value pooled vector and a full feature map are not one count each;
+        None when some shape is unknown."""
+        sizes = [h.get("bytes") for h in (*self.reformat_layers, *self.float_handoffs)]
+        return None if any(s is None for s in sizes) else sum(sizes)  # type: ignore[misc]
+
     def handoff_lines(self) -> list[str]:
         """One line per hand-off: the conversion layers, then the float tensors (from kernel -> to kernel)."""
         out = [f"{li['type']} layer {li['layer']}" + (f" ({', '.join(li['onnx_nodes'][:3])})" if li["onnx_nodes"] else "")
@@ -104,6 +112,7 @@ class PrecisionReport:
         d["int8_mac_fraction"] = round(self.int8_mac_fraction, 6)
         d["fallbacks"] = [asdict(f) for f in self.fallbacks]
         d["handoffs"] = self.handoffs
+        d["handoff_bytes"] = self.handoff_bytes
         return d
 
     def summary(self, max_lines: int = 20) -> str:
@@ -127,7 +136,9 @@ class PrecisionReport:
                          f"({100 * self.int4_weight_macs / max(self.total_macs, 1):.2f} % of MACs)")
         lines.append(f"fallbacks: {len(self.fallbacks)}  standalone clip layers: {len(self.standalone_clips)}  "
                      f"hand-offs: {self.handoffs} = {len(self.reformat_layers)} reformat/requantize layers + "
-                     f"float hand-offs between non-compute kernels: {len(self.float_handoffs)}")
+                     f"float hand-offs between non-compute kernels: {len(self.float_handoffs)}"
+                     + (f" ({_kib(self.handoff_bytes)} per inference at {shape})" if self.handoffs
+                        and self.handoff_bytes is not None else ""))
         lines.append(f"  {HANDOFF_NOTE}")
         for kind, items in (("fallback", [str(f) for f in self.fallbacks]), ("hand-off", self.handoff_lines())):
             for item in items[:max_lines]:
@@ -265,6 +276,7 @@ def analyze(onnx_path: str | Path, layers: list[LayerInfo], input_shapes: dict[s
             ) -> PrecisionReport:
     """Join engine layers with the ONNX graph: MAC-weighted int8 share and every lost quantization."""
     input_shapes = input_shapes or {}
+    batch = next((v[0] for v in input_shapes.values() if v and v[0] > 0), None)  # the profile's opt batch
     g = _Graph(onnx_path, input_shapes)
     by_node: dict[str, list[LayerInfo]] = defaultdict(list)
     for li in layers:
@@ -359,7 +371,8 @@ def analyze(onnx_path: str | Path, layers: list[LayerInfo], input_shapes: dict[s
         ops = {n: g.op(n) for n in li.onnx_nodes}
         qdq = [n for n, o in ops.items() if o in QDQ_OPS]
         if (_HANDOFF_LAYER.search(li.layer_type) or _REFORMAT_NAME.search(li.name)) and not _is_compute(li):
-            reformats.append({"layer": li.name, "type": li.layer_type, "onnx_nodes": list(li.onnx_nodes)})
+            reformats.append({"layer": li.name, "type": li.layer_type, "onnx_nodes": list(li.onnx_nodes),
+                              "bytes": _written(li, batch)})
         if _REFORMAT_LAYER.search(li.layer_type) and qdq:
             for n in qdq:
                 fall(n, li.name, f"gained a {li.layer_type} layer")
@@ -372,7 +385,8 @@ def analyze(onnx_path: str | Path, layers: list[LayerInfo], input_shapes: dict[s
                 for n in qdq:
                     fall(n, li.name, "standalone requantize layer (not fused into a neighbour)")
             if not input_quant and has_dq_then_q and not any(r["layer"] == li.name for r in reformats):
-                reformats.append({"layer": li.name, "type": "requantize", "onnx_nodes": list(li.onnx_nodes)})
+                reformats.append({"layer": li.name, "type": "requantize", "onnx_nodes": list(li.onnx_nodes),
+                                  "bytes": _written(li, batch)})
         clip_only = bool(ops) and all(o in QDQ_OPS | {"Clip", "Cast", "Identity"} for o in ops.values())
         for n, o in ops.items():
             if o != "Clip" or n not in g.nodes:
@@ -416,7 +430,8 @@ def analyze(onnx_path: str | Path, layers: list[LayerInfo], input_shapes: dict[s
             src = tensor_producer.get(t.name)
             if (src is not None and t.dtype not in INT8 and not _is_compute(src)
                     and src.layer_type != "shape_call" and (_handles_int8(src) or _handles_int8(li))):
-                handoffs.append({"tensor": t.name, "dtype": t.dtype, "dims": t.dims, "from": src.name, "to": li.name})
+                handoffs.append({"tensor": t.name, "dtype": t.dtype, "dims": t.dims, "from": src.name, "to": li.name,
+                                 "bytes": _nbytes(t, batch)})
 
     table = [{"name": li.name, "type": li.layer_type, "precision": layer_precision(li),
               "inputs": [t.dtype for t in li.inputs], "weights": _weights(li),
@@ -434,6 +449,24 @@ def analyze(onnx_path: str | Path, layers: list[LayerInfo], input_shapes: dict[s
                            standalone_clips=clips, int4_weight_layers=int4_layers, unmapped=unmapped,
                            compute=compute, layers=table, shapes=dict(input_shapes), float_handoffs=handoffs,
                            reformat_layers=reformats, warnings=warnings)
+
+
+def _kib(n: int) -> str:
+    return f"{n} B" if n < 1024 else f"{n / 1024:.1f} KiB" if n < 1 << 20 else f"{n / (1 << 20):.2f} MiB"
+
+
+def _nbytes(t: TensorInfo, batch: int | None) -> int | None:
+    """`t.nbytes` with a dynamic (-1) dimension taken at the profile's opt batch: the builder logs a dynamic batch
+    as -1, and the batch is the only dimension `build` makes dynamic."""
+    if batch is None or all(d >= 0 for d in t.dims):
+        return t.nbytes
+    return TensorInfo(t.name, t.dtype, [batch if d < 0 else d for d in t.dims]).nbytes
+
+
+def _written(li: LayerInfo, batch: int | None = None) -> int | None:
+    """Bytes a conversion layer writes per inference (its outputs), None where a shape is unknown."""
+    sizes = [_nbytes(t, batch) for t in li.outputs]
+    return None if not sizes or any(s is None for s in sizes) else sum(sizes)  # type: ignore[misc]
 
 
 def _is_compute(li: LayerInfo) -> bool:

@@ -18,6 +18,10 @@ _DTYPES = (("int4", "Int4"), ("int8", "Int8"), ("uint8", "UInt8"), ("fp8", "FP8"
            ("float16", "Half"), ("fp32", "Float"), ("float", "Float"), ("int32", "Int32"),
            ("int64", "Int64"), ("bool", "Bool"))
 
+#: bits per element of each normalised datatype
+DTYPE_BITS = {"Int4": 4, "FP4": 4, "Int8": 8, "UInt8": 8, "FP8": 8, "Bool": 8, "BFloat16": 16, "Half": 16,
+              "Float": 32, "Int32": 32, "Int64": 64}
+
 
 def normalize_dtype(text: str) -> str:
     """'Int8', 'INT8', 'Channel major INT8 format …', 'Row major linear FP32' -> Int8 / Float / …"""
@@ -33,6 +37,17 @@ class TensorInfo:
     name: str
     dtype: str
     dims: list[int] = field(default_factory=list)
+
+    @property
+    def nbytes(self) -> int | None:
+        """Bytes of one tensor of these dims (None where a dim or the datatype is unknown); Int4/FP4 pack two a byte."""
+        size = DTYPE_BITS.get(self.dtype)
+        if size is None or any(d < 0 for d in self.dims):
+            return None
+        n = 1
+        for d in self.dims:
+            n *= d
+        return (n * size + 7) // 8
 
     @property
     def volume_known_scalar(self) -> bool:
