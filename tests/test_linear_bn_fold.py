@@ -121,3 +121,23 @@ def test_an_older_folder_keeps_its_batchnorms(rev, tmp_path):
     save_quantized(q, tmp_path / "old")
     back = load_quantized(tokens(), tmp_path / "old")
     assert _bns(back) == _bns(q) and "mlp1.bn" in _bns(back)
+
+
+def test_a_batchnorm_on_batch_statistics_is_kept_not_folded(tmp_path):
+    """A BatchNorm with track_running_stats=False normalises by the batch's own statistics even in eval: folding
+    read its running_mean, None, and quantize ended in a TypeError traceback."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8, track_running_stats=False), nn.ReLU(),
+                      nn.Flatten(), nn.Linear(8 * 8 * 8, 10)).eval()
+    setattr(m, ATTR, Preprocessing(input_size=(3, 8, 8)))
+    q = quantize(m, QuantConfig(wbits=8, abits=8, method="rtn"), torch.randn(16, 3, 8, 8), progress=False)
+    assert any(isinstance(x, nn.BatchNorm2d) for x in q.modules())
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref, out = m(x), q(x)
+    assert float((out - ref).abs().max()) < 0.05 * float(ref.abs().max())
+    g = export_qdq(q, tmp_path / "m.onnx")
+    rep = report(check_model(g))
+    assert rep["ok"] and not [v for v in rep["violations"] if v["rule"] == "unfolded-batchnorm"], rep
+    v = verify_onnx(g, q, torch.randint(0, 256, (8, 8, 8, 3), dtype=torch.uint8))
+    assert v.top1_agreement == 100.0 and v.max_abs_diff == 0.0

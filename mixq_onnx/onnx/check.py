@@ -498,7 +498,10 @@ def _unfolded_batchnorm(g: GraphIndex) -> Iterator[Finding]:
     weights and bias it costs nothing; left in the graph it runs as a float scale between the INT8 kernel and the
     next quantizer. `quantize` folds a conv's BatchNorm and, from placement revision 3, a BatchNorm1d on a Linear's
     features (LeViT's LinearNorm); one this warns about is a layout it did not recognise, or an older folder."""
+    const = g.folded_constants()
     for n in _nodes(g, "BatchNormalization"):
+        if not all(i in const for i in n.input[1:5]):
+            continue  # statistics computed from the batch (track_running_stats=False): nothing constant to fold
         layer = _layer_behind_moves(g, n.input[0])
         if layer is not None and any(_from_dq(g, i) is not None for i in layer.input[:2]):
             yield g.label(n), (f"normalises the output of the quantized {layer.op_type} {g.label(layer)!r}: folded into "

@@ -247,6 +247,8 @@ def _fold_graph_bn(gm: fx.GraphModule, rows: set[int] = frozenset()) -> int:
             continue
         prev = node.args[0]
         bn = _get(gm, node.target)
+        if bn.running_mean is None or bn.running_var is None:
+            continue  # track_running_stats=False: batch statistics even in eval, no constant affine map to fold
         conv = _foldable(gm, prev)
         parts = _concat_parts(gm, prev) if conv is None else None
         lin = _linear_rows(gm, prev) if conv is None and parts is None and id(bn) in rows else None
