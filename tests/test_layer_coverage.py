@@ -73,6 +73,32 @@ def test_layers_quantize_cannot_reproduce_stay_float_and_are_named(tmp_path):
     # a transposed conv left float no longer passes check unnoticed
     vs = report(check_model(export_qdq(q, tmp_path / "m.onnx")))["violations"]
     assert any(v["rule"] == "unquantized-input" and "ConvTranspose" in v["node"] for v in vs), vs
+    # the reflect-padded conv is a Conv the export tags as the folder's float layer: a warning that names it
+    assert [(v["rule"], v["severity"]) for v in vs if v["node"].startswith("4/")] == [("float-layer", "warning")], vs
+
+
+def test_a_layer_inside_a_module_timm_keeps_opaque_is_the_folders_float_layer(tmp_path):
+    """timm traces its ConvMlp (VGG's pre-logits: two convs behind an input-size check) as one leaf, so quantize
+    leaves its convs float and says so; the export did not tag them and `check` failed the folder's own graph
+    (exit 1: unquantized-input, unquantized-weight) for a layout quantize had reported."""
+    from timm.models.vgg import ConvMlp
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), ConvMlp(8, 10, kernel_size=3),
+                          nn.Flatten(), nn.Linear(10 * 6 * 6, 10)).eval()
+    setattr(model, ATTR, Preprocessing(input_size=(3, 8, 8)))
+    q = quantize(model, QuantConfig(wbits=8, abits=8, method="rtn"), torch.randn(8, 3, 8, 8), progress=False)
+    assert q.mixq_report["unquantized_layers"] == ["2.fc1", "2.fc2"]
+    g = export_qdq(q, tmp_path / "m.onnx")
+    rep = report(check_model(g))
+    assert rep["ok"] and rep["errors"] == 0, rep["violations"]
+    floats = sorted(v["node"] for v in rep["violations"] if v["rule"] == "float-layer")
+    assert floats == ["2.fc1/Conv", "2.fc2/Conv"] and all("could not quantize" in v["message"]
+                                                         for v in rep["violations"] if v["rule"] == "float-layer")
+    images = torch.randint(0, 256, (4, 8, 8, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    v = verify_onnx(g, q, images)
+    assert v.top1_agreement == 100.0 and v.max_abs_diff == 0.0
 
 
 def test_prepare_refuses_a_model_it_would_change(monkeypatch):

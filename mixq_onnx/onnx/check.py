@@ -347,10 +347,14 @@ def _float_layer(g: GraphIndex) -> Iterator[Finding]:
         mod = g.float_layer_of(n)
         if not mod:
             continue
+        asked = not g.unquantized_layer_of(n)
+        why = f"--float-layers {mod}" if asked else f"{mod}, which quantize could not quantize and reported"
         if any(_from_dq(g, i) is not None for i in n.input[:2]):
-            yield g.label(n), f"marked float (--float-layers {mod}) but it reads a DequantizeLinear", "error"
-        else:
+            yield g.label(n), f"marked float ({why}) but it reads a DequantizeLinear", "error"
+        elif asked:
             yield g.label(n), f"left float by --float-layers ({mod}): runs in float in the engine"
+        else:
+            yield g.label(n), f"left float ({why} as unquantized_layers): runs in float in the engine"
 
 
 @rule("block-axis")

@@ -29,6 +29,7 @@ import torch.nn as nn
 
 from ..errors import MixqError
 from ..utils import atomic_path, check_output_file, make_parent
+from .graph import UNQUANTIZED_KEY
 from .markers import DOMAIN, marker_mode, translation_table
 from .passes import (
     add_initializer,
@@ -267,6 +268,14 @@ def export_qdq(qmodel: nn.Module, out: str | os.PathLike, layout: str = "integer
         if lost:  # never write a graph whose float layers `check` would take for missing Q/DQ
             raise MixqError(f"export: no Conv/Gemm/MatMul in the graph computes the float layer(s) {', '.join(lost)}")
         counts["float_layers"] = len(found)
+    unasked = [n for n in getattr(qmodel, "mixq_unquantized", ()) if n not in floats]
+    if unasked:  # layers quantize could not quantize (it said so): tagged, so check reads them as the folder's float
+        mods = dict(qmodel.named_modules())
+        weights = {n: mods[n].weight.detach().cpu().float().numpy() for n in unasked
+                   if isinstance(getattr(mods.get(n), "weight", None), torch.Tensor)}
+        found = mark_float_layers(model, weights, key=UNQUANTIZED_KEY)
+        if found:  # one whose weight the graph does not hold as is (a custom forward) stays untagged: check says so
+            counts["unquantized_layers"] = len(found)
     name_nodes(model)
     if layout == "integer":
         counts["integer_gemms"] = integer_gemms(model)

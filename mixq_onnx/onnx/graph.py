@@ -32,6 +32,9 @@ QUANTIZER_KEY = "mixq.quantizer"  # node metadata: the quantizer's name in the P
 BITS_KEY = "mixq.bits"  # node metadata: that quantizer's bit width
 REQUANT_KEY = "mixq.requantize"  # Q metadata: it reads the mean codes of this (pool) quantizer (passes.integer_pools)
 FLOAT_LAYER_KEY = "mixq.float_layer"  # Conv/Gemm/MatMul metadata: a layer `--float-layers` left float (its module)
+# Conv/Gemm/MatMul metadata: a layer `quantize` could not quantize and left float with a warning (its module; the
+# folder's "unquantized_layers", e.g. inside a module timm keeps opaque to torch.fx)
+UNQUANTIZED_KEY = "mixq.unquantized_layer"
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 
 
@@ -292,10 +295,18 @@ class GraphIndex:
 
     @staticmethod
     def float_layer_of(node: Any | None) -> str | None:
-        """The module a Conv/Gemm/MatMul implements when `--float-layers` left it float on purpose, else None."""
+        """The module a Conv/Gemm/MatMul implements when the folder left it float (`--float-layers` on purpose, or
+        a layer `quantize` could not quantize and said so), else None."""
         if node is None:
             return None
-        return next((p.value for p in node.metadata_props if p.key == FLOAT_LAYER_KEY), None)
+        return next((p.value for p in node.metadata_props if p.key in (FLOAT_LAYER_KEY, UNQUANTIZED_KEY)), None)
+
+    @staticmethod
+    def unquantized_layer_of(node: Any | None) -> str | None:
+        """The module of a Conv/Gemm/MatMul `quantize` could not quantize (reported then), else None."""
+        if node is None:
+            return None
+        return next((p.value for p in node.metadata_props if p.key == UNQUANTIZED_KEY), None)
 
     def quantizer_nodes(self, ops: Iterable[str] = QDQ_OPS) -> dict[str, list[Any]]:
         """Quantizer name -> its nodes among `ops`, in graph order (a split weight has several DQs)."""

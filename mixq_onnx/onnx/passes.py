@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from ..utils import atomic_path
-from .graph import DATA_MOVE_OPS, FLOAT_LAYER_KEY, POOL_OPS, REQUANT_KEY
+from .graph import DATA_MOVE_OPS, FLOAT_LAYER_KEY, POOL_OPS, REQUANT_KEY, UNQUANTIZED_KEY
 
 _LABELS3 = ("q", "k", "v")
 
@@ -837,7 +837,7 @@ def name_nodes(model) -> None:
         if node.name and "/" in node.name and node.op_type in ("QuantizeLinear", "DequantizeLinear", "Clip") and \
                 "mixq.quantizer" in node.metadata_props:
             continue
-        path = node.metadata_props.get(FLOAT_LAYER_KEY)  # a float layer: named after its module
+        path = node.metadata_props.get(FLOAT_LAYER_KEY) or node.metadata_props.get(UNQUANTIZED_KEY)  # a float layer
         if path is None and node.op_type in ("Conv", "Gemm", "MatMul"):  # a quantized layer: after its weight quantizer
             for v in node.inputs:
                 p = v.producer() if v is not None else None
@@ -851,7 +851,7 @@ def name_nodes(model) -> None:
         node.name = base if k == 0 else f"{base}_{k}"
 
 
-def mark_float_layers(model, layers: dict[str, np.ndarray]) -> set[str]:
+def mark_float_layers(model, layers: dict[str, np.ndarray], key: str = FLOAT_LAYER_KEY) -> set[str]:
     """Tag the Conv/Gemm/MatMul of each module in `layers` (module path -> its float weight; left float by
     `--float-layers`) with `mixq.float_layer` = that path, so that `check` and `inspect` tell a float layer asked
     for from a missing Q/DQ, and `name_nodes` names it after its module. A node is its module's when its weight
@@ -871,8 +871,8 @@ def mark_float_layers(model, layers: dict[str, np.ndarray]) -> set[str]:
                 (arr.shape == ref.shape and np.array_equal(arr, ref)) or
                 (node.op_type == "MatMul" and ref.ndim == 2 and arr.shape == ref.T.shape and np.array_equal(arr, ref.T))
             )), None)
-        if path is not None:
-            node.metadata_props[FLOAT_LAYER_KEY] = path
+        if path is not None and not any(k in node.metadata_props for k in (FLOAT_LAYER_KEY, UNQUANTIZED_KEY)):
+            node.metadata_props[key] = path
             found.add(path)
     return found
 
