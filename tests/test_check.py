@@ -286,6 +286,10 @@ def test_unfolded_batchnorm_after_a_quantized_layer_warns():
     vs = [v for v in lint(m) if v.rule == "unfolded-batchnorm"]
     assert [(v.node, v.severity) for v in vs] == [("bn", "warning")] and "'conv'" in vs[0].message
     assert ("unfolded-batchnorm", "bn") in _rules(m)
+    # the conv's output read by something else too (RepGhost's fusion BN beside its cheap conv, InceptionNeXt's norm
+    # beside the shortcut): folding would change what that reader sees, so no warning
+    m.graph.node.append(helper.make_node("Relu", ["pre"], ["side"], name="side"))
+    assert not [v for v in lint(m) if v.rule == "unfolded-batchnorm"]
     # on a float input (no quantized layer before it) a BatchNormalization is no waste of an INT8 kernel
     plain = clean_model()
     relu = _node(plain, "relu")

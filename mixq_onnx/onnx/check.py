@@ -496,10 +496,30 @@ def _duplicate_qdq(g: GraphIndex) -> Iterator[Finding]:
                                "quantize places them by default)")
 
 
+def _read_only_by_the_chain(g: GraphIndex, start: str, end: str) -> bool:
+    """Every tensor from `start` (a layer's output) to `end` (through its rescale, bias and reshapes) has one reader:
+    a BatchNorm on `end` could then be folded into the layer without changing what anything else reads."""
+    t = end
+    for _ in range(32):
+        if len(g.users(t)) != 1:
+            return False
+        if t == start:
+            return True
+        p = g.producer.get(t)
+        if p is None:
+            return False
+        const = g.folded_constants()
+        ins = [i for i in p.input if i and i not in const]
+        if len(ins) != 1:
+            return False
+        t = ins[0]
+    return False
+
+
 @rule("unfolded-batchnorm", "warning")
 def _unfolded_batchnorm(g: GraphIndex) -> Iterator[Finding]:
-    """A BatchNormalization on a quantized Conv/Gemm/MatMul's output (through reshapes): folded into the layer's
-    weights and bias it costs nothing; left in the graph it runs as a float scale between the INT8 kernel and the
+    """A BatchNormalization on a quantized Conv/Gemm/MatMul's output (through reshapes), which nothing else reads:
+    folded into the layer's weights and bias it costs nothing; left in the graph it runs as a float scale between the INT8 kernel and the
     next quantizer. `quantize` folds a conv's BatchNorm and, from placement revision 3, a BatchNorm1d on a Linear's
     features (LeViT's LinearNorm); one this warns about is a layout it did not recognise, or an older folder."""
     const = g.folded_constants()
@@ -507,7 +527,8 @@ def _unfolded_batchnorm(g: GraphIndex) -> Iterator[Finding]:
         if not all(i in const for i in n.input[1:5]):
             continue  # statistics computed from the batch (track_running_stats=False): nothing constant to fold
         layer = _layer_behind_moves(g, n.input[0])
-        if layer is not None and any(_from_dq(g, i) is not None for i in layer.input[:2]):
+        if layer is not None and any(_from_dq(g, i) is not None for i in layer.input[:2]) \
+                and _read_only_by_the_chain(g, layer.output[0], n.input[0]):
             yield g.label(n), (f"normalises the output of the quantized {layer.op_type} {g.label(layer)!r}: folded into "
                                "its weights and bias it would cost nothing; here it runs in float between the INT8 "
                                "kernel and the next quantizer")
