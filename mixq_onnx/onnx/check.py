@@ -499,7 +499,7 @@ def _duplicate_qdq(g: GraphIndex) -> Iterator[Finding]:
 def _read_only_by_the_chain(g: GraphIndex, start: str, end: str) -> bool:
     """Every tensor from `start` (a layer's output) to `end` (through its rescale, bias and reshapes) has one reader:
     a BatchNorm on `end` could then be folded into the layer without changing what anything else reads."""
-    t = end
+    t, const = end, g.folded_constants()
     for _ in range(32):
         if len(g.users(t)) != 1:
             return False
@@ -508,7 +508,6 @@ def _read_only_by_the_chain(g: GraphIndex, start: str, end: str) -> bool:
         p = g.producer.get(t)
         if p is None:
             return False
-        const = g.folded_constants()
         ins = [i for i in p.input if i and i not in const]
         if len(ins) != 1:
             return False
@@ -519,8 +518,8 @@ def _read_only_by_the_chain(g: GraphIndex, start: str, end: str) -> bool:
 @rule("unfolded-batchnorm", "warning")
 def _unfolded_batchnorm(g: GraphIndex) -> Iterator[Finding]:
     """A BatchNormalization on a quantized Conv/Gemm/MatMul's output (through reshapes), which nothing else reads:
-    folded into the layer's weights and bias it costs nothing; left in the graph it runs as a float scale between the INT8 kernel and the
-    next quantizer. `quantize` folds a conv's BatchNorm and, from placement revision 3, a BatchNorm1d on a Linear's
+    folded into the layer's weights and bias it costs nothing; left in the graph it runs as a float scale between
+    the INT8 kernel and the next quantizer. `quantize` folds a conv's BatchNorm and, from placement revision 3, a BatchNorm1d on a Linear's
     features (LeViT's LinearNorm); one this warns about is a layout it did not recognise, or an older folder."""
     const = g.folded_constants()
     for n in _nodes(g, "BatchNormalization"):
