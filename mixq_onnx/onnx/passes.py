@@ -679,10 +679,12 @@ def fold_constant_moves(model) -> int:
     attention biases: a GatherND of a parameter by constant indices, then a Transpose, per attention layer). The
     engine then reads one constant instead of running a gather and a transpose kernel per inference, whose float
     outputs `inspect` counted as hand-offs. Q/DQ nodes are never folded."""
+    import onnx
     import onnx_ir as ir
     from onnx.reference import ReferenceEvaluator
 
     opset = model.opset_imports.get("", 17)
+    taken: set[str] | None = None  # value names, gathered at the first fold
     n = 0
     for node in list(model.graph):
         if node.op_type not in CONSTANT_MOVE_OPS or node.domain not in ("", "ai.onnx") or not node.inputs:
@@ -695,8 +697,6 @@ def fold_constant_moves(model) -> int:
         proto = ir.serde.serialize_node(node)
         feeds = {name: a for name, a in zip(proto.input, args) if name}
         try:
-            import onnx
-
             graph = onnx.helper.make_graph([proto], "fold", [
                 onnx.helper.make_tensor_value_info(k, onnx.helper.np_dtype_to_tensor_dtype(a.dtype), a.shape)
                 for k, a in feeds.items()], [onnx.helper.make_empty_tensor_value_info(proto.output[0])])
@@ -706,8 +706,8 @@ def fold_constant_moves(model) -> int:
             continue
         value = np.asarray(value)
         out = node.outputs[0]
-        const = add_initializer(model.graph, _unique(model.graph, f"{out.name}.folded", _value_names(model.graph)),
-                                np.ascontiguousarray(value))
+        taken = _value_names(model.graph) if taken is None else taken
+        const = add_initializer(model.graph, _unique(model.graph, f"{out.name}.folded", taken), np.ascontiguousarray(value))
         replace_uses(out, const)
         model.graph.remove(node, safe=True)
         n += 1

@@ -43,7 +43,8 @@ KEEP_ATTRS = ("mixq_preprocessing", "mixq_source", "num_classes", "pretrained_cf
 _ADD_FUNCS = {operator.add, operator.iadd, torch.add}
 _MATMUL_FUNCS = {operator.matmul, torch.matmul, torch.bmm}
 _SHAPE_METHODS = {"reshape", "view", "permute", "transpose", "contiguous", "flatten", "squeeze", "unsqueeze"}
-_SHAPE_AS_METHODS = {"reshape_as", "view_as"}  # args[0] is the data, args[1] only gives its shape (placement 3)
+# with `x.reshape_as(y)` / `x.view_as(y)`: args[0] is the data, args[1] only gives its shape (placement 3)
+_SHAPE_METHODS_AS = _SHAPE_METHODS | {"reshape_as", "view_as"}
 # data movement only (torch.roll: Swin's shifted windows, so shifted and plain blocks get the same placements)
 _SHAPE_FUNCS = {torch.reshape, torch.permute, torch.transpose, torch.flatten, torch.squeeze, torch.unsqueeze, torch.roll}
 
@@ -298,7 +299,7 @@ def _of_parameters(node: fx.Node, depth: int = 8) -> bool:
 def _from_layer(gm: fx.GraphModule, node: fx.Node, transparent: tuple[type, ...], shape_as: bool = False) -> bool:
     """True if `node` is (through transparent and shape-only ops, with `shape_as` `x.reshape_as(y)` too) the output
     of a conv/linear."""
-    shapes = _SHAPE_METHODS | _SHAPE_AS_METHODS if shape_as else _SHAPE_METHODS
+    shapes = _SHAPE_METHODS_AS if shape_as else _SHAPE_METHODS
     for _ in range(64):
         if node.op == "call_module":
             m = _get(gm, node.target)
