@@ -300,6 +300,25 @@ def test_unfolded_batchnorm_after_a_quantized_layer_warns():
     assert not [v for v in lint(plain) if v.rule == "unfolded-batchnorm"]
 
 
+def test_a_layer_scale_after_a_transpose_is_still_a_layer_output():
+    """ResMLP and EdgeNeXt scale a layer's output after moving it (`ls * linear(x).transpose(1, 2)`): `quantize`
+    sees a layer on both sides of the add and places no identity quantizer, and check called the scaled side an
+    identity with no Q/DQ (an error on the folder's own graph)."""
+    m = clean_model()
+    m.graph.initializer.append(_t("ls", np.full((1, 4, 1, 1), 0.1, np.float32)))
+    add = _node(m, "add")
+    i = list(m.graph.node).index(add)
+    m.graph.node.insert(i, helper.make_node("Conv", ["xd", "w", "b"], ["c2"], name="conv2", pads=[1, 1, 1, 1]))
+    m.graph.node.insert(i + 1, helper.make_node("Transpose", ["c2"], ["c2t"], name="move", perm=[0, 1, 3, 2]))
+    m.graph.node.insert(i + 2, helper.make_node("Mul", ["ls", "c2t"], ["scaled"], name="scale"))
+    add.input[:] = ["c", "scaled"]
+    assert not [v for v in lint(m) if v.rule == "residual-identity"], lint(m)
+    # a Mul of two computed tensors is no layer scale: the other side is an identity again, and it has no Q/DQ
+    scale = _node(m, "scale")
+    scale.input[:] = ["c2t", "x"]
+    assert ("residual-identity", "add") in _rules(m)
+
+
 def _planted_rules() -> set[str]:
     """Rule names this file asserts on: the first item of a `(rule, node)` tuple or `v.rule == "..."`."""
     import ast

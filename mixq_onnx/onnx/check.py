@@ -161,15 +161,18 @@ def _behind_moves(g: GraphIndex, tensor: str, find: Callable[[str], Any | None],
 
 
 def _layer_behind_moves(g: GraphIndex, tensor: str) -> Any | None:
-    """`_layer_of`, also through reshapes and transposes: `quantize` (`quant.graph._from_layer`) counts such a
-    tensor as the layer's output, and places no identity quantizer on an add of two layer outputs; this rule
-    must agree with the placement it lints."""
+    """`_layer_of`, also through reshapes, transposes and layer-scale Muls in any order: `quantize`
+    (`quant.graph._from_layer`) counts such a tensor as the layer's output, and places no identity quantizer on an
+    add of two layer outputs; this rule must agree with the placement it lints."""
     def find(t: str) -> Any | None:
         hit = _layer_of(g, t)
         p = g.producer.get(t)
         if hit is None and p is not None and p.op_type == "Concat" and p.input:  # a concatenation of layer outputs
             parts = [_layer_behind_moves(g, i) for i in p.input]
             hit = parts[0] if all(x is not None for x in parts) else None
+        if hit is None and p is not None and p.op_type == "Mul" and len(p.input) == 2:  # a layer scale after a move
+            acts = [i for i in p.input if i not in g.folded_constants()]  # (ResMLP: ls1 * linear(x).transpose)
+            hit = _layer_behind_moves(g, acts[0]) if len(acts) == 1 else None
         return hit
 
     return _behind_moves(g, tensor, find, _SHAPE_ONLY + _SLICES)
