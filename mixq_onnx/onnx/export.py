@@ -261,16 +261,15 @@ def export_qdq(qmodel: nn.Module, out: str | os.PathLike, layout: str = "integer
     if sunk:  # only then: graphs without shared quantizers keep their counts (and bytes) as before
         counts["dq_after_moves"] = sunk
     floats = getattr(qmodel, "mixq_float_layers", ())
+    unasked = [n for n in getattr(qmodel, "mixq_unquantized", ()) if n not in floats]
+    mods = dict(qmodel.named_modules()) if floats or unasked else {}
     if floats:  # only then: graphs without float layers keep their counts (and bytes) as before
-        mods = dict(qmodel.named_modules())
         found = mark_float_layers(model, {f: mods[f].weight.detach().cpu().float().numpy() for f in floats})
         lost = [f for f in floats if f not in found]
         if lost:  # never write a graph whose float layers `check` would take for missing Q/DQ
             raise MixqError(f"export: no Conv/Gemm/MatMul in the graph computes the float layer(s) {', '.join(lost)}")
         counts["float_layers"] = len(found)
-    unasked = [n for n in getattr(qmodel, "mixq_unquantized", ()) if n not in floats]
     if unasked:  # layers quantize could not quantize (it said so): tagged, so check reads them as the folder's float
-        mods = dict(qmodel.named_modules())
         weights = {n: mods[n].weight.detach().cpu().float().numpy() for n in unasked
                    if isinstance(getattr(mods.get(n), "weight", None), torch.Tensor)}
         found = mark_float_layers(model, weights, key=UNQUANTIZED_KEY)
