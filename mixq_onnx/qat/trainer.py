@@ -266,6 +266,8 @@ def _report(gm: nn.Module, cfg: QATConfig, costs: Costs, cont: dict[str, float],
            **({"data_provenance": data.provenance} if data.provenance else {})}
     if getattr(gm, "mixq_unquantized", ()):  # only then, as quantize's report: layers left float unasked
         rep["unquantized_layers"] = list(gm.mixq_unquantized)  # type: ignore[attr-defined]
+    if getattr(gm, "mixq_traced_leaves", ()):
+        rep["traced_leaves"] = list(gm.mixq_traced_leaves)  # type: ignore[attr-defined]
     if floats:  # only then: reports without float layers keep their keys
         # the shipped model's quantizers at their bits, and each float layer's weights and input at 16
         bits = {r["name"]: r["bits"] for r in rows}
@@ -405,5 +407,5 @@ def train(model: nn.Module, cfg: QATConfig, data: TrainData, *, teacher: nn.Modu
                   floats)
     gm.mixq_qat_report = rep  # type: ignore[attr-defined]
     gm.mixq_report = {k: rep[k] for k in ("method", "target", "achieved", "mode", "data", "seconds",  # type: ignore[attr-defined]
-                                          "unquantized_layers") if k in rep}
+                                          "unquantized_layers", "traced_leaves") if k in rep}
     return gm

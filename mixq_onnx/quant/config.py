@@ -48,7 +48,10 @@ COMMON_DEFAULTS = {"batch_size": 32, "num_samples": 1024}
 #: 3: a BatchNorm1d that normalises the features of a Linear's output (through row-major reshapes: LeViT's
 #:    LinearNorm) is folded into that Linear, and `x.reshape_as(y)`/`x.view_as(y)` count as reshapes of x when an add
 #:    asks whether its input comes from a layer (so the residual add after a folded LinearNorm quantizes its identity).
-PLACEMENTS = (1, 2, 3)
+#: 4: the modules timm keeps opaque to torch.fx (ConViT's GPSA, NFNet's NormFreeBlock, MobileViT's and TinyViT's
+#:    blocks, EfficientViT's LiteMLA, VGG's ConvMlp) are traced too (`quant.tracing.trace_leaves`), so their
+#:    Conv/Linear layers, MatMuls and residual adds get quantizers like any other code instead of staying float.
+PLACEMENTS = (1, 2, 3, 4)
 
 #: quant.json's "config" object, key by key in this order (the format predates the split into parts).
 DICT_KEYS = ("wbits", "abits", "method", "symmetric", "first_last_bits", "preset", "iters", "batch_size",
@@ -76,7 +79,7 @@ class QuantConfig:
     share_quantizers: bool = True  # one quantizer per tensor and grid (graph.share_quantizers); quant.json without it: False
     # revision of the placement rules (`PLACEMENTS`); quant.json without "placement": 1, so a folder keeps the layout
     # it was written with
-    placement: int = 3
+    placement: int = 4
     integer_pools: bool = True  # average pools read integer codes (graph.quantize_pools); quant.json without it: False
     # Conv2d/Linear left unquantized (module names or fnmatch patterns): no quantizer, float in the graph and the
     # engine; `graph.prepare` refuses a pattern that matches no layer
@@ -88,7 +91,7 @@ class QuantConfig:
                  num_samples: int | None = None, p_norm: float = 2.4, scale_grid: int = 80,
                  block_size: int | None = None, holdout: float = 0.1, seed: int = 0,
                  share_quantizers: bool = True, integer_pools: bool = True, float_layers: Sequence[str] = (),
-                 placement: int = 3, params: ReconParams | None = None, **learning: Any):
+                 placement: int = 4, params: ReconParams | None = None, **learning: Any):
         unknown = sorted(set(learning) - set(PARAM_NAMES))
         if unknown:
             raise TypeError(f"QuantConfig() got an unexpected keyword argument {unknown[0]!r}")

@@ -37,8 +37,7 @@ from ..registry import Registry, resolve
 from .config import QuantConfig
 from .modules import QUANT_LAYERS, QuantConv2d, QuantLinear, QuantPool, layer_weight
 from .quantizer import ActQuantizer, WeightQuantizer
-
-KEEP_ATTRS = ("mixq_preprocessing", "mixq_source", "num_classes", "pretrained_cfg", "default_cfg")
+from .tracing import trace, trace_leaves
 
 _ADD_FUNCS = {operator.add, operator.iadd, torch.add}
 _MATMUL_FUNCS = {operator.matmul, torch.matmul, torch.bmm}
@@ -92,40 +91,6 @@ def _transparent_modules() -> tuple[type, ...]:
     except ImportError:  # pragma: no cover
         pass
     return tuple(out)
-
-
-class _Tracer(fx.Tracer):
-    def __init__(self, leaves: Iterable[nn.Module] = ()):
-        try:
-            from timm.layers._fx import _autowrap_functions, _leaf_modules
-
-            autowrap, self._timm_leaves = tuple(_autowrap_functions), tuple(_leaf_modules)
-        except ImportError:  # pragma: no cover
-            autowrap, self._timm_leaves = (), ()
-        super().__init__(autowrap_functions=autowrap)
-        self._leaf_ids = {id(m) for m in leaves}
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if id(m) in self._leaf_ids:
-            return True
-        if isinstance(m, (nn.Conv2d, nn.Linear, _BatchNorm, ActQuantizer, *QUANT_LAYERS)):
-            return True
-        if self._timm_leaves and isinstance(m, self._timm_leaves):
-            return True
-        return super().is_leaf_module(m, qualname)
-
-
-def trace(module: nn.Module, leaves: Iterable[nn.Module] = ()) -> fx.GraphModule:
-    tracer = _Tracer(leaves)
-    try:
-        graph = tracer.trace(module)
-    except Exception as e:  # noqa: BLE001
-        raise MixqError(f"cannot trace {type(module).__name__} with torch.fx: {type(e).__name__}: {str(e)[:160]}") from None
-    gm = fx.GraphModule(tracer.root, graph, type(module).__name__)
-    for a in KEEP_ATTRS:
-        if hasattr(module, a):
-            setattr(gm, a, getattr(module, a))
-    return gm
 
 
 def _get(gm: nn.Module, target: str) -> nn.Module:
@@ -854,6 +819,9 @@ def prepare(model: nn.Module, cfg: QuantConfig) -> fx.GraphModule:
         raise MixqError(f"parameter {bad} of {type(model).__name__} holds NaN or inf: fix the checkpoint first")
     original, model = model, copy.deepcopy(model).eval()
     _disable_fused_attn(model)
+    traced_leaves: list[str] = []
+    if cfg.placement >= 4:  # see inside the modules timm keeps opaque to torch.fx (quant.tracing)
+        traced_leaves, _ = trace_leaves(model, example_input(model), _find_blocks(model).values())
     blocks = _find_blocks(model)
     rows = bn1d_on_rows(model) if cfg.placement >= 3 else set()
     gm = _transform(model, "", blocks.values(), cfg, rows)
@@ -892,6 +860,7 @@ def prepare(model: nn.Module, cfg: QuantConfig) -> fx.GraphModule:
             share_quantizers(gm, across_blocks=cfg.placement >= 2)  # a pool's input quantizer joins an equal one on the same tensor (a conv's)
     gm.mixq_units = _units(gm, blocks, order)  # type: ignore[attr-defined]
     gm.mixq_unquantized = _unquantized_layers(gm, cfg)  # type: ignore[attr-defined]
+    gm.mixq_traced_leaves = tuple(traced_leaves)  # type: ignore[attr-defined]
     _check_float_equivalence(original, gm, example_input(gm))
     return gm
 

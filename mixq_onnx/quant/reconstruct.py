@@ -514,6 +514,8 @@ def quantize(model: nn.Module, cfg: QuantConfig, calib: Any, *, progress: bool =
         gm.mixq_report["float_layers"] = list(gm.mixq_float_layers)  # type: ignore[attr-defined]
     if getattr(gm, "mixq_unquantized", ()):
         gm.mixq_report["unquantized_layers"] = list(gm.mixq_unquantized)  # type: ignore[attr-defined]
+    if getattr(gm, "mixq_traced_leaves", ()):  # modules timm keeps opaque that placement 4 traced into
+        gm.mixq_report["traced_leaves"] = list(gm.mixq_traced_leaves)  # type: ignore[attr-defined]
     return gm.eval()
 
 
@@ -522,6 +524,10 @@ def summarize(report: dict[str, Any]) -> str:
              f"({report['holdout']} held out), {report['seconds']:.1f} s"]
     if report.get("float_layers"):
         lines.append(f"left float (--float-layers): {', '.join(report['float_layers'])}")
+    if report.get("traced_leaves"):
+        n = len(report["traced_leaves"])
+        lines.append(f"traced into {n} module{'s' * (n != 1)} timm keeps opaque to torch.fx "
+                     f"({', '.join(report['traced_leaves'][:3])}{', ...' * (n > 3)}): their layers are quantized")
     if report["units"]:
         def num(v: Any, width: int, fmt: str) -> str:  # a number, or a dash where none was measured (NaN)
             return f"{v:{width}{fmt}}" if isinstance(v, (int, float)) and math.isfinite(v) else f"{'–':>{width}}"
