@@ -7,6 +7,7 @@ layers and hand-offs as `inspect` counts them.
     python tools/bench_handoffs.py --diagnose --seeds 0,1,2,3,4,5   # why one step costs W2A4 accuracy
     python tools/bench_handoffs.py --placements      # section "handoffs-placement": revisions 1-3 on timm layouts
     python tools/bench_handoffs.py --constant-moves  # section "handoffs-constants": LeViT with/without the fold
+    python tools/bench_handoffs.py --leaves          # section "handoffs-leaves": revisions 3 and 4 on timm fx leaves
 
 Quantization runs as a user runs it (`python -m mixq_onnx.cli quantize ... --threads 1`, preset fast, a real
 calibration cache of 1,024 images); a finished result folder under runs/bench_handoffs is reused (--fresh redoes
@@ -356,13 +357,12 @@ PLACEMENT_MODELS = (("resnet18", 64), ("mobilenetv2_100", 64), ("efficientnet_b0
                     ("deit_tiny_patch16_224", 224), ("hrnet_w18_small", 64), ("levit_128s", 224))
 
 
-def placements() -> str:
-    """Placement revisions 1 (the rules before 2026-12-01), 2 and 3 on timm layouts with random weights: W4A4 round
-    to nearest, export, `check`, `verify` on 4 random images, and the TensorRT-RTX engine at batch 1."""
+def _revision_rows(models: tuple[tuple[str, int], ...], revisions: tuple[int, ...], leaves: bool = False) -> list[str]:
+    """One table row per (model, placement revision): W4A4 round to nearest with random weights, export, `check`,
+    `verify` on 4 random images, and the TensorRT-RTX engine at batch 1 (`inspect`'s counts)."""
     import tempfile
 
     import onnx
-    import tensorrt_rtx
     import torch
 
     from mixq_onnx.models import load_model
@@ -374,6 +374,43 @@ def placements() -> str:
     from mixq_onnx.trt.inspect import inspect_plan
 
     torch.set_num_threads(1)
+    lines = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for spec, size in models:
+            model = load_model(spec, random_init=True, input_size=size)
+            calib = torch.randn(8, 3, size, size, generator=torch.Generator().manual_seed(0))
+            images = torch.randint(0, 256, (4, size, size, 3), dtype=torch.uint8,
+                                   generator=torch.Generator().manual_seed(1))
+            for rev in revisions:
+                qm = quantize(model, QuantConfig(wbits=4, abits=4, method="rtn", scale_grid=8, placement=rev), calib,
+                              progress=False)
+                acts = sum(q.kind == "act" for q in quantizers(qm).values())
+                path = export_qdq(qm, Path(tmp) / f"{spec}-{rev}.onnx")
+                rep = report(check_model(path))
+                v = verify_onnx(path, qm, images)
+                plan = Path(tmp) / f"{spec}-{rev}.plan"
+                build_engine(path, plan, BuildConfig(backend="tensorrt-rtx", batch=(1, 1, 1)))
+                eng = inspect_plan(plan)
+                tail = (f"{v.max_abs_diff:.3g} | {len(eng.layers)} | {eng.handoffs} | {len(eng.fallbacks)} | "
+                        f"{100 * eng.int8_mac_fraction:.2f} |")
+                if leaves:
+                    unq = len(qm.mixq_report.get("unquantized_layers", []))
+                    row = (f"| {spec} | {rev} | {len(qm.mixq_report.get('traced_leaves', []))} | {unq} | {acts} | "
+                           f"{rep['errors']} | {v.code_mismatch_fraction:.3g} | {tail}")
+                else:
+                    bns = sum(n.op_type == "BatchNormalization" for n in onnx.load(str(path)).graph.node)
+                    dups = sum(x["rule"] == "duplicate-qdq" for x in rep["violations"])
+                    row = f"| {spec} | {rev} | {acts} | {bns} | {dups} | {tail}"
+                print(row, flush=True)
+                lines.append(row)
+    return lines
+
+
+def placements() -> str:
+    """Placement revisions 1 (the rules before 2026-12-01), 2 and 3 on timm layouts with random weights: W4A4 round
+    to nearest, export, `check`, `verify` on 4 random images, and the TensorRT-RTX engine at batch 1."""
+    import tensorrt_rtx
+
     lines = [
         "## handoffs-placement: placement revisions 2 and 3 on timm layouts (issue 15)", "",
         f"`python tools/bench_handoffs.py --placements` · {stamp()} · backend tensorrt-rtx {tensorrt_rtx.__version__}",
@@ -381,44 +418,52 @@ def placements() -> str:
         "Random weights (timm, `pretrained=False`), `quantize --method rtn` W4A4 (8 clipping ratios), first and last "
         "layer 8-bit, with placement revision 1 (`QuantConfig(placement=1)`: the rules before 2026-12-01, which a "
         "folder written then keeps), 2 (2026-12-01: a block's quantizer of its own input joins the calling graph's "
-        "quantizers of that tensor; an add that continues a sum a layer started quantizes its other input) and 3 (the "
-        "default since 2026-12-02: a BatchNorm1d normalising a Linear's features through row-major reshapes, LeViT's "
+        "quantizers of that tensor; an add that continues a sum a layer started quantizes its other input) and 3 "
+        "(2026-12-02: a BatchNorm1d normalising a Linear's features through row-major reshapes, LeViT's "
         "LinearNorm, is folded into the Linear; BatchNormalization nodes counted in the exported graph). `check` "
         "on the exported graph (duplicate-Q/DQ warnings: one tensor quantized twice on one grid); `verify` on 4 random "
         "images (max |diff| against PyTorch); engine: `build --backend tensorrt-rtx --batch 1`, then `inspect` "
         "(hand-offs = reformat/requantize layers + float hand-offs; fallbacks = layers reading a float tensor whose "
-        "Q/DQ pair is bypassed).", "",
+        "Q/DQ pair is bypassed). Revision 4 changes none of these layouts (none holds a module timm keeps opaque to "
+        "torch.fx with a layer inside; section handoffs-leaves).", "",
         "| model | revision | act quantizers | BatchNormalization nodes | duplicate-Q/DQ warnings | verify max abs diff | "
         "engine layers | hand-offs | fallbacks | int8 MAC % |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    with tempfile.TemporaryDirectory() as tmp:
-        for spec, size in PLACEMENT_MODELS:
-            model = load_model(spec, random_init=True, input_size=size)
-            calib = torch.randn(8, 3, size, size, generator=torch.Generator().manual_seed(0))
-            images = torch.randint(0, 256, (4, size, size, 3), dtype=torch.uint8,
-                                   generator=torch.Generator().manual_seed(1))
-            for rev in (1, 2, 3):
-                qm = quantize(model, QuantConfig(wbits=4, abits=4, method="rtn", scale_grid=8, placement=rev), calib,
-                              progress=False)
-                acts = sum(q.kind == "act" for q in quantizers(qm).values())
-                path = export_qdq(qm, Path(tmp) / f"{spec}-{rev}.onnx")
-                bns = sum(n.op_type == "BatchNormalization" for n in onnx.load(str(path)).graph.node)
-                rep = report(check_model(path))
-                dups = sum(v["rule"] == "duplicate-qdq" for v in rep["violations"])
-                v = verify_onnx(path, qm, images)
-                plan = Path(tmp) / f"{spec}-{rev}.plan"
-                build_engine(path, plan, BuildConfig(backend="tensorrt-rtx", batch=(1, 1, 1)))
-                eng = inspect_plan(plan)
-                row = (f"| {spec} | {rev} | {acts} | {bns} | {dups} | {v.max_abs_diff:.3g} | {len(eng.layers)} | {eng.handoffs} | "
-                       f"{len(eng.fallbacks)} | {100 * eng.int8_mac_fraction:.2f} |")
-                print(row, flush=True)
-                lines.append(row)
+    lines += _revision_rows(PLACEMENT_MODELS, (1, 2, 3))
     lines += ["", "Where revisions give the same layout, the rows are equal. Revision 2 changes HRNet only: its branch "
               "blocks' inputs feed transition convs too, and its fuse layers add up to four terms (conv + x + y). "
               "Revision 3 changes LeViT only: every LinearNorm's BatchNorm1d folds into its Linear (two BatchNorm1d "
               "remain, the heads' NormLinear, which normalise a Linear's input, not its output), and the residual add "
               "after each folded LinearNorm quantizes its identity, as after a conv."]
+    return "\n".join(lines) + "\n"
+
+
+#: (timm model, input size) of `--leaves`: a module timm registers as a torch.fx leaf, with layers inside, in each
+LEAF_MODELS = (("nf_regnet_b0", 64), ("convit_tiny", 224), ("mobilevit_xxs", 224), ("tiny_vit_5m_224", 224),
+               ("efficientvit_b0", 224))
+
+
+def leaves() -> str:
+    """Placement revisions 3 and 4 (tracing into timm's fx leaves) on the timm layouts that hold such leaves."""
+    import tensorrt_rtx
+
+    lines = [
+        "## handoffs-leaves: placement revision 4 traces into the modules timm keeps opaque to torch.fx", "",
+        f"`python tools/bench_handoffs.py --leaves` · {stamp()} · backend tensorrt-rtx {tensorrt_rtx.__version__}", "",
+        "timm registers some modules as torch.fx leaves (NFNet's NormFreeBlock, ConViT's GPSA, MobileViT's and "
+        "TinyViT's blocks, EfficientViT's LiteMLA): up to revision 3 each was one opaque call and every layer, MatMul "
+        "and add inside it stayed float. Revision 4 (the default since 2026-12-02) replaces each with its fx graph "
+        "(`quant.tracing.trace_leaves`). Same procedure as section handoffs-placement: random weights, `quantize "
+        "--method rtn` W4A4 (8 clipping ratios), first and last layer 8-bit, `check` errors on the exported graph, "
+        "`verify` on 4 random images (code mismatch: the worst quantizer's fraction of integer codes that differ on "
+        "the same float input; max |diff|: the network outputs, where float softmax/LayerNorm/GELU round differently "
+        "in onnxruntime), and the TensorRT-RTX engine at batch 1 as `inspect` counts it.", "",
+        "| model | revision | leaves traced | layers left float | act quantizers | check errors | verify code mismatch | "
+        "verify max abs diff | engine layers | hand-offs | fallbacks | int8 MAC % |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    lines += _revision_rows(LEAF_MODELS, (3, 4), leaves=True)
     return "\n".join(lines) + "\n"
 
 
@@ -502,8 +547,11 @@ def main() -> None:
                     help="placement revisions 1, 2 and 3 on timm layouts (section handoffs-placement)")
     ap.add_argument("--constant-moves", action="store_true",
                     help="LeViT exported without and with constant data-movement folding (section handoffs-constants)")
+    ap.add_argument("--leaves", action="store_true",
+                    help="placement revisions 3 and 4 on timm layouts with fx leaves (section handoffs-leaves)")
     args = ap.parse_args()
-    for flag, make, section in ((args.constant_moves, constant_moves, "handoffs-constants"),
+    for flag, make, section in ((args.leaves, leaves, "handoffs-leaves"),
+                                (args.constant_moves, constant_moves, "handoffs-constants"),
                                 (args.placements, placements, "handoffs-placement")):
         if flag:  # a one-table section of its own
             text = make()
