@@ -507,3 +507,40 @@ def test_build_max_handoffs(r20, tmp_path, run_cli):
     assert len(rep["layers"]) < len(json.loads(run_cli("inspect", plan, "--json").last_line)["layers"])
     r = run_cli("build", shared, "--out", plan2, "--max-handoffs", "-1")
     assert r.code == 2 and "--max-handoffs" in r.err
+
+
+class _ShapeReadBlock(torch.nn.Module):
+    """EfficientViT's ResidualBlock around LiteMLA: `main(pre_norm(x)) + shortcut(x)`, both Identities, and the main
+    branch reads `B, C, H, W` off its input. The shape read kept the conv's input (`pre_norm(x)`) from counting as x,
+    so x carried two 8-bit quantizers, the conv's and the add's identity (check: duplicate-qdq)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.pre_norm, self.shortcut = torch.nn.Identity(), torch.nn.Identity()
+        self.conv = torch.nn.Conv2d(8, 8, 1)
+        self.head = torch.nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.stem(x))
+        y = self.pre_norm(x)
+        B, C, H, W = y.shape
+        x = self.conv(y).reshape(B, C, H * W).reshape(B, C, H, W) + self.shortcut(x)
+        return self.head(x.mean((2, 3)))
+
+
+def test_a_shape_read_does_not_keep_one_tensor_from_sharing_its_quantizer(tmp_path):
+    torch.manual_seed(0)
+    model = _ShapeReadBlock().eval()
+    setattr(model, ATTR, Preprocessing(input_size=(3, 8, 8)))
+    calib = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    counts = {}
+    for rev in (3, 4):  # revision 3 kept the two quantizers (a folder written then loads as it was)
+        q = quantize(model, QuantConfig(wbits=8, abits=8, method="rtn", placement=rev), calib, progress=False)
+        g = export_qdq(q, tmp_path / f"m{rev}.onnx")
+        vs = report(check_model(g))["violations"]
+        counts[rev] = (sum(v["rule"] == "duplicate-qdq" for v in vs), sorted(shared_quantizers(q)))
+        images = torch.randint(0, 256, (4, 8, 8, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+        v = verify_onnx(g, q, images)
+        assert v.max_abs_diff == 0.0 and v.top1_agreement == 100.0
+    assert counts[3] == (1, []) and counts[4] == (0, ["conv.input"]), counts

@@ -464,7 +464,28 @@ def leaves() -> str:
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     lines += _revision_rows(LEAF_MODELS, (3, 4), leaves=True)
+    lines += ["", "Layouts without such a leaf do not change: the activation quantizers `prepare` places (name and "
+              "shared placements) under revisions 3 and 4, W4A4, on the models of section handoffs-placement:", ""]
+    lines += _same_layouts(PLACEMENT_MODELS)
     return "\n".join(lines) + "\n"
+
+
+def _same_layouts(models: tuple[tuple[str, int], ...]) -> list[str]:
+    import torch
+
+    from mixq_onnx.models import load_model
+    from mixq_onnx.quant import QuantConfig, quantizers
+    from mixq_onnx.quant.graph import prepare
+
+    torch.set_num_threads(1)
+    out = ["| model | act quantizers, revision 3 | revision 4 | same names and sharing |", "|---|---:|---:|---|"]
+    for spec, size in models:
+        model = load_model(spec, random_init=True, input_size=size)
+        a, b = ({n: tuple(q.shared_with) for n, q in quantizers(prepare(model, QuantConfig(
+            wbits=4, abits=4, method="rtn", placement=rev))).items() if q.kind == "act"} for rev in (3, 4))
+        out.append(f"| {spec} | {len(a)} | {len(b)} | {'yes' if a == b else 'no'} |")
+        print(out[-1], flush=True)
+    return out
 
 
 def constant_moves() -> str:

@@ -50,7 +50,9 @@ COMMON_DEFAULTS = {"batch_size": 32, "num_samples": 1024}
 #:    asks whether its input comes from a layer (so the residual add after a folded LinearNorm quantizes its identity).
 #: 4: the modules timm keeps opaque to torch.fx (ConViT's GPSA, NFNet's NormFreeBlock, MobileViT's and TinyViT's
 #:    blocks, EfficientViT's LiteMLA, VGG's ConvMlp) are traced too (`quant.tracing.trace_leaves`), so their
-#:    Conv/Linear layers, MatMuls and residual adds get quantizers like any other code instead of staying float.
+#:    Conv/Linear layers, MatMuls and residual adds get quantizers like any other code instead of staying float; and
+#:    a reader of a tensor's shape alone no longer keeps an identity of the tensor from counting as the tensor when
+#:    quantizers are shared (EfficientViT: `B, _, H, W = x.shape` beside the qkv conv that reads x).
 PLACEMENTS = (1, 2, 3, 4)
 
 #: quant.json's "config" object, key by key in this order (the format predates the split into parts).

@@ -542,15 +542,19 @@ def _moves_data(gm: fx.GraphModule, node: fx.Node) -> bool:
     return False
 
 
-def _alias_root(gm: fx.GraphModule, node: fx.Node, moves: bool, single_user: bool = True
-                ) -> tuple[fx.Node, list[fx.Node]]:
+def _alias_root(gm: fx.GraphModule, node: fx.Node, moves: bool, single_user: bool = True,
+                shape_readers: bool = False) -> tuple[fx.Node, list[fx.Node]]:
     """(root, chain): the tensor `node` is, through exact identities (and, with `moves`, data movement), and
     the nodes between them, root's reader first. With `single_user`, only nodes read by the next one alone
-    join the chain (it is then rewired without changing what any other reader sees)."""
+    join the chain (it is then rewired without changing what any other reader sees); with `shape_readers`
+    (placement 4), readers of a node's shape alone do not count (EfficientViT's `B, _, H, W = x.shape` of the
+    Identity its qkv conv reads: the rewiring leaves every shape as it was)."""
     chain: list[fx.Node] = []
     cur = node
     for _ in range(64):
-        if not cur.args or not isinstance(cur.args[0], fx.Node) or (single_user and len(cur.users) != 1):
+        if not cur.args or not isinstance(cur.args[0], fx.Node):
+            break
+        if single_user and sum(1 for u in cur.users if not (shape_readers and _shape_only(u, cur))) != 1:
             break
         if not (_moves_data(gm, cur) if moves else _is_identity(gm, cur)):
             break
@@ -578,7 +582,7 @@ class _Use:
     block: fx.GraphModule | None = None
 
 
-def _uses(gm: fx.GraphModule, single_user: bool = True) -> list[_Use]:
+def _uses(gm: fx.GraphModule, single_user: bool = True, shape_readers: bool = False) -> list[_Use]:
     out = []
     for node in gm.graph.nodes:
         if node.op != "call_module" or not node.args or not isinstance(node.args[0], fx.Node):
@@ -587,11 +591,13 @@ def _uses(gm: fx.GraphModule, single_user: bool = True) -> list[_Use]:
         if isinstance(m, (*QUANT_LAYERS, QuantPool)) and isinstance(m.input_quantizer, ActQuantizer):
             # a layer (or an integer pool) quantizes its own input: only exact identities may stand between it
             # and the tensor
-            root, chain = _alias_root(gm, node.args[0], moves=False, single_user=single_user)
+            root, chain = _alias_root(gm, node.args[0], moves=False, single_user=single_user,
+                                      shape_readers=shape_readers)
             out.append(_Use(node, m.input_quantizer, True, root, chain, isinstance(m, QuantPool),
                             f"{node.target}.input_quantizer"))
         elif isinstance(m, ActQuantizer):
-            root, chain = _alias_root(gm, node.args[0], moves=True, single_user=single_user)
+            root, chain = _alias_root(gm, node.args[0], moves=True, single_user=single_user,
+                                      shape_readers=shape_readers)
             out.append(_Use(node, m, False, root, chain, path=str(node.target)))
     return out
 
@@ -617,7 +623,7 @@ def _block_calls(gm: fx.GraphModule) -> list[tuple[fx.Node, fx.GraphModule, dict
     return out
 
 
-def _block_uses(gm: fx.GraphModule, single_user: bool = True) -> list[_Use]:
+def _block_uses(gm: fx.GraphModule, single_user: bool = True, shape_readers: bool = False) -> list[_Use]:
     """The quantizers of the blocks `gm` calls that read a block input itself (a layer through exact identities,
     a quantizer node directly), as readings of the tensor of `gm` the block receives."""
     out = []
@@ -625,7 +631,8 @@ def _block_uses(gm: fx.GraphModule, single_user: bool = True) -> list[_Use]:
         for u in _uses(block, single_user=False):
             if u.root not in inputs or (u.chain and not u.layer):
                 continue  # not an input, or an input moved (sliced, padded) before its quantizer reads it
-            root, chain = _alias_root(gm, inputs[u.root], moves=False, single_user=single_user)
+            root, chain = _alias_root(gm, inputs[u.root], moves=False, single_user=single_user,
+                                      shape_readers=shape_readers)
             out.append(_Use(call, u.quantizer, u.layer, root, chain, u.pool, f"{call.target}.{u.path}", block))
     return out
 
@@ -644,11 +651,12 @@ def _grid_key(q: ActQuantizer) -> tuple[int, bool]:
     return q.bits, q.symmetric
 
 
-def _share_graph(gm: fx.GraphModule, across_blocks: bool = False) -> int:
+def _share_graph(gm: fx.GraphModule, across_blocks: bool = False, shape_readers: bool = False) -> int:
     """Merge the quantizers of each tensor (per grid) of one traced graph, and with `across_blocks` those of the
     blocks it calls that read the tensor as their input; returns how many were merged."""
     groups: dict[tuple[fx.Node, tuple[int, bool]], list[_Use]] = {}
-    for u in _uses(gm) + (_block_uses(gm) if across_blocks else []):
+    for u in _uses(gm, shape_readers=shape_readers) + (
+            _block_uses(gm, shape_readers=shape_readers) if across_blocks else []):
         groups.setdefault((u.root, _grid_key(u.quantizer)), []).append(u)
     merged = 0
     drop: set[str] = set()
@@ -700,7 +708,7 @@ def _share_graph(gm: fx.GraphModule, across_blocks: bool = False) -> int:
     return merged
 
 
-def share_quantizers(model: nn.Module, across_blocks: bool = True) -> int:
+def share_quantizers(model: nn.Module, across_blocks: bool = True, shape_readers: bool = True) -> int:
     """The placement rule "one quantizer per tensor and grid", applied to a prepared model in place: where
     one tensor (itself, through exact identities, or for a quantizer node of the graph through data movement
     alone: slicing, reshapes, zero padding) feeds several activation quantizers with the same bits and
@@ -708,10 +716,12 @@ def share_quantizers(model: nn.Module, across_blocks: bool = True) -> int:
     the others are recorded in its `shared_with`, and a graph quantizer moves onto the tensor itself, ahead
     of the data movement. Each traced block is merged first on its own; then, with `across_blocks`, a block's
     quantizer of its own input joins those of the graph that calls it (HRNet: one tensor feeds a branch's
-    block and a transition conv). Returns how many quantizers were merged away."""
+    block and a transition conv). With `shape_readers` (placement 4) a reader of a tensor's shape alone does not
+    keep an identity between the tensor and a quantizer from counting as the tensor. Returns how many quantizers
+    were merged away."""
     graphs = [m for m in model.modules() if isinstance(m, fx.GraphModule)]
-    return sum(_share_graph(m) for m in graphs) + (
-        sum(_share_graph(m, across_blocks=True) for m in graphs) if across_blocks else 0)
+    return sum(_share_graph(m, shape_readers=shape_readers) for m in graphs) + (
+        sum(_share_graph(m, across_blocks=True, shape_readers=shape_readers) for m in graphs) if across_blocks else 0)
 
 
 def tensor_quantizers(model: nn.Module) -> dict[str, list[ActQuantizer]]:
@@ -854,10 +864,10 @@ def prepare(model: nn.Module, cfg: QuantConfig) -> fx.GraphModule:
             if layer.input_quantizer is not None:
                 layer.input_quantizer.bits = cfg.first_last_bits
     if cfg.share_quantizers and not cfg.weight_only:  # after the bit policy: only equal grids merge
-        share_quantizers(gm, across_blocks=cfg.placement >= 2)
+        share_quantizers(gm, across_blocks=cfg.placement >= 2, shape_readers=cfg.placement >= 4)
     if cfg.integer_pools and not cfg.weight_only:  # after both: a pool takes its consumer's bits and quantizer
         if quantize_pools(gm) and cfg.share_quantizers:
-            share_quantizers(gm, across_blocks=cfg.placement >= 2)  # a pool's input quantizer joins an equal one on the same tensor (a conv's)
+            share_quantizers(gm, across_blocks=cfg.placement >= 2, shape_readers=cfg.placement >= 4)  # a pool's input quantizer joins an equal one on the same tensor (a conv's)
     gm.mixq_units = _units(gm, blocks, order)  # type: ignore[attr-defined]
     gm.mixq_unquantized = _unquantized_layers(gm, cfg)  # type: ignore[attr-defined]
     gm.mixq_traced_leaves = tuple(traced_leaves)  # type: ignore[attr-defined]
