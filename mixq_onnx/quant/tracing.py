@@ -219,7 +219,8 @@ def trace_concrete(module: nn.Module, args: tuple, kwargs: dict[str, Any],
     """Trace `module` on one example call: the branches its forward takes on that input are kept. Plain tensor
     attributes of `module` become non-persistent buffers (same values, same names)."""
     _proxy_buffers(module)
-    tracer = ConcreteTracer(args, kwargs, leaves)
+    clone = functools.partial(fx.node.map_aggregate, fn=lambda v: v.clone() if isinstance(v, torch.Tensor) else v)
+    tracer = ConcreteTracer(clone(args), clone(kwargs), leaves)  # an in-place op in the forward edits the copies
     with torch.no_grad():
         graph = tracer.trace(module)
     return _graph_module(tracer, graph, module)
