@@ -444,6 +444,9 @@ LEAF_MODELS = (("nf_regnet_b0", 64), ("convit_tiny", 224), ("mobilevit_xxs", 224
                ("efficientvit_b0", 224))
 
 
+LEAVES_NOTE = ("More of each network runs in INT8 (int8 MAC % above), and the engines gain hand-offs: each traced leaf's quantized layers sit between float ops the leaf keeps (softmax, GELU, LayerNorm, SE gates), so a float region that was one block of float kernels becomes INT8 islands with a conversion at each edge. On nf_regnet_b0 the fallbacks are the patterns known from EfficientNet and ResNet-D: the SE block's pooled input requantized for its fc1 (the gate's multiply reads the same tensor in float), the average pool of each downsampling shortcut (ceil mode: not an integer pool) before its conv, and the residual identity's 4-bit Clip on INT8.")
+
+
 def leaves() -> str:
     """Placement revisions 3 and 4 (tracing into timm's fx leaves) on the timm layouts that hold such leaves."""
     import tensorrt_rtx
@@ -464,6 +467,7 @@ def leaves() -> str:
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     lines += _revision_rows(LEAF_MODELS, (3, 4), leaves=True)
+    lines += ["", LEAVES_NOTE]
     lines += ["", "Layouts without such a leaf do not change: the activation quantizers `prepare` places (name and "
               "shared placements) under revisions 3 and 4, W4A4, on the models of section handoffs-placement:", ""]
     lines += _same_layouts(PLACEMENT_MODELS)
