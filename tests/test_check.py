@@ -356,3 +356,28 @@ def test_float_layer_tag():
     _node(tagged, "conv").metadata_props.add(key="mixq.float_layer", value="conv")
     bad = [v for v in lint(tagged) if v.rule == "float-layer"]
     assert [(v.node, v.severity) for v in bad] == [("conv", "error")] and "reads a DequantizeLinear" in bad[0].message
+
+
+def test_an_add_after_an_activation_matmul_is_no_residual_of_a_layer():
+    """EfficientViT-M's cascaded heads add the next head's input chunk to the previous head's `v @ attn` output:
+    `quantize` counts only Conv/Linear outputs as layer outputs and places no identity quantizer there, and check
+    called the chunk an unquantized residual identity (18 errors on the folder's own graph). A MatMul with a weight
+    (a Linear on a 3-D input) is still a layer: its add's identity must be quantized."""
+    inits = [_t("s", np.float32(0.05)), _t("z", np.int8(0)), _t("w_int", np.ones((8, 8), np.int8)),
+             _t("w_s", np.float32(0.01))]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"], name="x/Q"),
+        helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"], name="x/DQ"),
+        helper.make_node("QuantizeLinear", ["v", "s", "z"], ["vq"], name="v/Q"),
+        helper.make_node("DequantizeLinear", ["vq", "s", "z"], ["vd"], name="v/DQ"),
+        helper.make_node("MatMul", ["xd", "vd"], ["mm"], name="attn_v"),
+        helper.make_node("Add", ["mm", "v"], ["y"], name="add"),
+    ]
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", 8, 8]) for n in ("x", "v", "y")]
+    m = helper.make_model(helper.make_graph(nodes, "g", io[:2], io[2:], inits),
+                          opset_imports=[helper.make_opsetid("", 21)])
+    m.ir_version = 10
+    assert not [v for v in lint(m) if v.severity == "error"], lint(m)
+    m.graph.node.insert(4, helper.make_node("DequantizeLinear", ["w_int", "w_s"], ["w"], name="w/DQ"))
+    _node(m, "attn_v").input[1] = "w"  # now a Linear: xd @ W
+    assert ("residual-identity", "add") in _rules(m)

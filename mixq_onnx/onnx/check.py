@@ -160,12 +160,27 @@ def _behind_moves(g: GraphIndex, tensor: str, find: Callable[[str], Any | None],
     return None
 
 
+def _is_weight(g: GraphIndex, tensor: str) -> bool:
+    """A constant, or the DequantizeLinear of one (integer codes, or a Q/DQ pair on a float constant)."""
+    const = g.folded_constants()
+    if tensor in const:
+        return True
+    dq = _from_dq(g, tensor)
+    if dq is None:
+        return False
+    q = g.produced_by(dq.input[0], "QuantizeLinear")
+    return dq.input[0] in const or (q is not None and q.input[0] in const)
+
+
 def _layer_behind_moves(g: GraphIndex, tensor: str) -> Any | None:
     """`_layer_of`, also through reshapes, transposes and layer-scale Muls in any order: `quantize`
     (`quant.graph._from_layer`) counts such a tensor as the layer's output, and places no identity quantizer on an
-    add of two layer outputs; this rule must agree with the placement it lints."""
+    add of two layer outputs; this rule must agree with the placement it lints. A MatMul of two activations
+    (attention's attn @ v) is no layer there: `quantize` treats only Conv/Linear outputs so."""
     def find(t: str) -> Any | None:
         hit = _layer_of(g, t)
+        if hit is not None and hit.op_type == "MatMul" and not _is_weight(g, hit.input[1]):
+            hit = None
         p = g.producer.get(t)
         if hit is None and p is not None and p.op_type == "Concat" and p.input:  # a concatenation of layer outputs
             parts = [_layer_behind_moves(g, i) for i in p.input]
