@@ -37,7 +37,7 @@ from ..registry import Registry, resolve
 from .config import QuantConfig
 from .modules import QUANT_LAYERS, QuantConv2d, QuantLinear, QuantPool, layer_weight
 from .quantizer import ActQuantizer, WeightQuantizer
-from .tracing import trace, trace_leaves
+from .tracing import run_with_pre_hooks, trace, trace_leaves
 
 _ADD_FUNCS = {operator.add, operator.iadd, torch.add}
 _MATMUL_FUNCS = {operator.matmul, torch.matmul, torch.bmm}
@@ -807,14 +807,7 @@ def example_input(model: nn.Module, batch: int = 2) -> torch.Tensor:
 
 def execution_order(model: nn.Module, modules: dict[str, nn.Module], x: torch.Tensor) -> list[str]:
     order: list[str] = []
-    hooks = [m.register_forward_pre_hook(lambda _m, _i, n=n: order.append(n) if n not in order else None)
-             for n, m in modules.items()]
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in hooks:
-            h.remove()
+    run_with_pre_hooks(model, x, modules, lambda n, _a, _kw: order.append(n) if n not in order else None)
     return order
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 import math
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -263,6 +263,24 @@ def _set(root: nn.Module, path: str, new: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, name, new)
 
 
+def run_with_pre_hooks(model: nn.Module, x: torch.Tensor, modules: dict[str, nn.Module],
+                       seen: Callable[[str, tuple, dict], Any]) -> None:
+    """One no-grad forward of `model` on `x` that calls `seen(name, args, kwargs)` before each call of
+    `modules[name]` (what it returns is dropped: a pre-hook's return value would replace the arguments)."""
+    def hook(name: str) -> Callable[..., None]:
+        def pre(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+            seen(name, args, kwargs)
+        return pre
+
+    hooks = [m.register_forward_pre_hook(hook(n), with_kwargs=True) for n, m in modules.items()]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 def trace_leaves(model: nn.Module, x: torch.Tensor, leaves: Iterable[nn.Module] = (),
                  types: tuple[type, ...] | None = None) -> tuple[list[str], list[str]]:
     """Replace, in place, every module of `types` (default: timm's fx leaves) in `model` that holds a
@@ -277,14 +295,7 @@ def trace_leaves(model: nn.Module, x: torch.Tensor, leaves: Iterable[nn.Module] 
     if not found:
         return [], []
     calls: dict[str, list[tuple[tuple, dict]]] = {n: [] for n in found}
-    hooks = [m.register_forward_pre_hook(lambda _m, a, kw, n=n: calls[n].append((a, kw)), with_kwargs=True)
-             for n, m in found.items()]
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in hooks:
-            h.remove()
+    run_with_pre_hooks(model, x, found, lambda n, a, kw: calls[n].append((a, kw)))
     traced, kept = [], []
     for name in sorted(found, key=lambda n: -n.count(".")):
         leaf = found[name]
