@@ -34,7 +34,13 @@ MODELS = (("regnety_002", 64), ("mobilenetv3_small_050", 64), ("ghostnet_050", 6
           ("efficientformer_l1", 224), ("mobilevit_xxs", 224), ("efficientvit_b0", 224), ("fastvit_t8", 224),
           ("edgenext_xx_small", 224), ("tiny_vit_5m_224", 224), ("vit_tiny_patch16_224", 224),
           ("xcit_nano_12_p16_224", 224), ("gcvit_xxtiny", 224), ("inception_next_tiny", 224),
-          ("resmlp_12_224", 224), ("levit_128s", 224))
+          ("resmlp_12_224", 224), ("levit_128s", 224),
+          # added 2026-12-02 (after placement revision 4)
+          ("convnextv2_atto", 64), ("mobileone_s0", 64), ("repvit_m0_9", 64), ("ghostnetv2_100", 64),
+          ("mobilenetv4_hybrid_medium", 64), ("starnet_s1", 64), ("vovnet39a", 64), ("res2net50_14w_8s", 64),
+          ("resnest14d", 64), ("cs3darknet_s", 64), ("tinynet_a", 64), ("xception41", 64), ("inception_v3", 96),
+          ("efficientformerv2_s0", 224), ("efficientvit_m0", 224), ("shvit_s1", 224), ("pvt_v2_b0", 224),
+          ("twins_svt_small", 224), ("davit_tiny", 224), ("caformer_s18", 224))
 
 
 def one(spec: str, size: int) -> dict:
