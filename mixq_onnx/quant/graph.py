@@ -822,10 +822,10 @@ def prepare(model: nn.Module, cfg: QuantConfig) -> fx.GraphModule:
         raise MixqError(f"parameter {bad} of {type(model).__name__} holds NaN or inf: fix the checkpoint first")
     original, model = model, copy.deepcopy(model).eval()
     _disable_fused_attn(model)
+    blocks = _find_blocks(model)  # tracing a leaf keeps its submodules and their paths, blocks included
     traced_leaves: list[str] = []
     if cfg.placement >= 4:  # see inside the modules timm keeps opaque to torch.fx (quant.tracing)
-        traced_leaves, _ = trace_leaves(model, example_input(model), _find_blocks(model).values())
-    blocks = _find_blocks(model)
+        traced_leaves, _ = trace_leaves(model, example_input(model), blocks.values())
     rows = bn1d_on_rows(model) if cfg.placement >= 3 else set()
     gm = _transform(model, "", blocks.values(), cfg, rows)
     for path in blocks:
