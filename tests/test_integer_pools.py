@@ -308,3 +308,49 @@ def test_a_pool_shares_the_quantizer_of_a_conv_reading_the_same_tensor(tmp_path)
     back = load_quantized(ForkNet().eval(), tmp_path / "res")
     assert back.pool.input_quantizer is back.conv2.input_quantizer
     assert torch.equal(back(calib[:8]), q(calib[:8]))
+
+
+class ShortcutNet(nn.Module):
+    """A ResNet-D downsampling shortcut: 2x2 stride-2 average pool in ceil mode, then a 1x1 conv."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.pool = nn.AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False)
+        self.down = nn.Conv2d(16, 24, 1)
+        self.fc = nn.Linear(24, 10)
+        setattr(self, ATTR, Preprocessing(input_size=(3, size, size)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.down(self.pool(torch.relu(self.conv1(x))))
+        return self.fc(torch.relu(y).mean((2, 3)))
+
+
+@pytest.mark.parametrize("size,integer", [(8, True), (7, False)])
+def test_a_ceil_mode_pool_is_an_integer_pool_where_it_has_whole_windows(size, integer, tmp_path):
+    """Placement revision 5: on even sizes ceil mode adds no window, so the shortcut pool averages integer codes
+    (a QuantPool feeding the 1x1 conv) and the export is bit-exact; on an odd size its last window is partial and
+    the pool stays float. Revision 4 (a folder written before) keeps it float, and its folder reloads so."""
+    torch.manual_seed(0)
+    model = ShortcutNet(size).eval()
+    calib = get_preprocessing(model)(_images(64, size, seed=1))
+    q = quantize(model, QuantConfig(wbits=4, abits=4, method="rtn", scale_grid=10), calib, progress=False)
+    assert q.mixq_config.placement == 5
+    assert isinstance(q.pool, QuantPool) == integer
+    if integer:
+        assert q.pool.consumer == "down" and q.pool.output_quantizer is q.down.input_quantizer
+    path = export_qdq(q, tmp_path / "m.onnx")
+    assert report(check_model(path))["ok"]
+    pools = [n for n in onnx.load(str(path)).graph.node if n.op_type == "AveragePool"]
+    assert len(pools) == 1 and any(a.name == "ceil_mode" and a.i == 1 for a in pools[0].attribute)
+    requant = [n for n in onnx.load(str(path)).graph.node if any(p.key == REQUANT_KEY for p in n.metadata_props)
+               and {p.key: p.value for p in n.metadata_props}["mixq.quantizer"] == "down.input"]
+    assert len(requant) == int(integer)  # (the global mean before fc is an integer pool in either case)
+    rep = verify_onnx(path, q, _images(200, size, seed=2))
+    assert rep.max_abs_diff == 0.0 and rep.code_mismatch_fraction == 0.0, rep
+    old = quantize(model, QuantConfig(wbits=4, abits=4, method="rtn", scale_grid=10, placement=4), calib,
+                   progress=False)
+    assert not isinstance(old.pool, QuantPool)
+    save_quantized(old, tmp_path / "old")
+    back = load_quantized(ShortcutNet(size).eval(), tmp_path / "old")
+    assert not isinstance(back.pool, QuantPool) and torch.equal(back(calib[:8]), old(calib[:8]))

@@ -131,7 +131,7 @@ def test_layers_inside_timm_leaves_are_quantized_exported_and_checked(tmp_path, 
     old = prepare(model, QuantConfig(wbits=8, abits=8, method="rtn", placement=3))
     assert any(n == leaf or n.startswith(leaf + ".") for n in old.mixq_unquantized), old.mixq_unquantized
     q = quantize(model, QuantConfig(wbits=8, abits=8, method="rtn"), calib, progress=False)
-    assert q.mixq_config.placement == 4
+    assert q.mixq_config.placement >= 4
     assert "unquantized_layers" not in q.mixq_report, q.mixq_report.get("unquantized_layers")
     assert leaf in q.mixq_traced_leaves and leaf in q.mixq_report["traced_leaves"]
     assert "module" in summarize(q.mixq_report) and "timm keeps opaque" in summarize(q.mixq_report)

@@ -8,6 +8,7 @@ layers and hand-offs as `inspect` counts them.
     python tools/bench_handoffs.py --placements      # section "handoffs-placement": revisions 1-3 on timm layouts
     python tools/bench_handoffs.py --constant-moves  # section "handoffs-constants": LeViT with/without the fold
     python tools/bench_handoffs.py --leaves          # section "handoffs-leaves": revisions 3 and 4 on timm fx leaves
+    python tools/bench_handoffs.py --ceil-pools      # section "handoffs-ceil-pools": revisions 4 and 5, ResNet-D
 
 Quantization runs as a user runs it (`python -m mixq_onnx.cli quantize ... --threads 1`, preset fast, a real
 calibration cache of 1,024 images); a finished result folder under runs/bench_handoffs is reused (--fresh redoes
@@ -357,9 +358,10 @@ PLACEMENT_MODELS = (("resnet18", 64), ("mobilenetv2_100", 64), ("efficientnet_b0
                     ("deit_tiny_patch16_224", 224), ("hrnet_w18_small", 64), ("levit_128s", 224))
 
 
-def _revision_rows(models: tuple[tuple[str, int], ...], revisions: tuple[int, ...], leaves: bool = False) -> list[str]:
-    """One table row per (model, placement revision): W4A4 round to nearest with random weights, export, `check`,
-    `verify` on 4 random images, and the TensorRT-RTX engine at batch 1 (`inspect`'s counts)."""
+def _revision_rows(models: tuple[tuple[str, int], ...], revisions: tuple[int, ...], leaves: bool = False,
+                   bits: int = 4) -> list[str]:
+    """One table row per (model, placement revision): W4A4 (`bits`) round to nearest with random weights, export,
+    `check`, `verify` on 4 random images, and the TensorRT-RTX engine at batch 1 (`inspect`'s counts)."""
     import tempfile
 
     import onnx
@@ -382,8 +384,8 @@ def _revision_rows(models: tuple[tuple[str, int], ...], revisions: tuple[int, ..
             images = torch.randint(0, 256, (4, size, size, 3), dtype=torch.uint8,
                                    generator=torch.Generator().manual_seed(1))
             for rev in revisions:
-                qm = quantize(model, QuantConfig(wbits=4, abits=4, method="rtn", scale_grid=8, placement=rev), calib,
-                              progress=False)
+                qm = quantize(model, QuantConfig(wbits=bits, abits=bits, method="rtn", scale_grid=8, placement=rev),
+                              calib, progress=False)
                 acts = sum(q.kind == "act" for q in quantizers(qm).values())
                 path = export_qdq(qm, Path(tmp) / f"{spec}-{rev}.onnx")
                 rep = report(check_model(path))
@@ -400,7 +402,8 @@ def _revision_rows(models: tuple[tuple[str, int], ...], revisions: tuple[int, ..
                 else:
                     bns = sum(n.op_type == "BatchNormalization" for n in onnx.load(str(path)).graph.node)
                     dups = sum(x["rule"] == "duplicate-qdq" for x in rep["violations"])
-                    row = f"| {spec} | {rev} | {acts} | {bns} | {dups} | {tail}"
+                    label = spec if bits == 4 else f"{spec} W{bits}A{bits}"
+                    row = f"| {label} | {rev} | {acts} | {bns} | {dups} | {tail}"
                 print(row, flush=True)
                 lines.append(row)
     return lines
@@ -474,7 +477,40 @@ def leaves() -> str:
     return "\n".join(lines) + "\n"
 
 
-def _same_layouts(models: tuple[tuple[str, int], ...]) -> list[str]:
+#: (timm model, input size) of `--ceil-pools`: ResNet-D and NF-RegNet, whose downsampling shortcuts average in ceil mode
+CEIL_POOL_MODELS = (("resnet26d", 64), ("nf_regnet_b0", 64))
+
+
+def ceil_pools() -> str:
+    """Placement revisions 4 and 5 (ceil-mode average pools with whole windows as integer pools)."""
+    import tensorrt_rtx
+
+    lines = [
+        "## handoffs-ceil-pools: placement revision 5 averages ceil-mode shortcut pools on integer codes", "",
+        f"`python tools/bench_handoffs.py --ceil-pools` · {stamp()} · backend tensorrt-rtx {tensorrt_rtx.__version__}",
+        "",
+        "ResNet-D and NF-RegNet downsample their shortcuts with `nn.AvgPool2d(2, 2, ceil_mode=True)` before a 1x1 "
+        "conv. Up to revision 4 only pools without ceil mode were integer pools, so these averaged dequantized "
+        "values in float and requantized for the conv; revision 5 (the default since 2026-12-02) takes a ceil-mode "
+        "pool whose input, in one example forward, leaves no partial window. Same procedure as section "
+        "handoffs-placement: random weights, `quantize --method rtn` (8 clipping ratios), first and last layer "
+        "8-bit, `check` on the exported graph, `verify` on 4 random images, the TensorRT-RTX engine at batch 1 "
+        "(hand-offs = reformat/requantize layers + float hand-offs; fallbacks = standalone requantize or Clip "
+        "layers and layers reading a float tensor whose Q/DQ pair is bypassed).", "",
+        "| model | revision | act quantizers | BatchNormalization nodes | duplicate-Q/DQ warnings | verify max abs diff | "
+        "engine layers | hand-offs | fallbacks | int8 MAC % |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    lines += _revision_rows(CEIL_POOL_MODELS, (4, 5), bits=8)
+    lines += _revision_rows(CEIL_POOL_MODELS, (4, 5))
+    lines += ["", "Layouts without a ceil-mode pool do not change: the activation quantizers `prepare` places (name "
+              "and shared placements) under revisions 4 and 5, W4A4, on the models of sections handoffs-placement "
+              "and handoffs-leaves, and the pool quantizers revision 5 adds where it changes one:", ""]
+    lines += _same_layouts(PLACEMENT_MODELS + LEAF_MODELS + CEIL_POOL_MODELS, (4, 5))
+    return "\n".join(lines) + "\n"
+
+
+def _same_layouts(models: tuple[tuple[str, int], ...], revisions: tuple[int, int] = (3, 4)) -> list[str]:
     import torch
 
     from mixq_onnx.models import load_model
@@ -482,12 +518,18 @@ def _same_layouts(models: tuple[tuple[str, int], ...]) -> list[str]:
     from mixq_onnx.quant.graph import prepare
 
     torch.set_num_threads(1)
-    out = ["| model | act quantizers, revision 3 | revision 4 | same names and sharing |", "|---|---:|---:|---|"]
+    r0, r1 = revisions
+    out = [f"| model | act quantizers, revision {r0} | revision {r1} | same names and sharing |",
+           "|---|---:|---:|---|"]
     for spec, size in models:
         model = load_model(spec, random_init=True, input_size=size)
         a, b = ({n: tuple(q.shared_with) for n, q in quantizers(prepare(model, QuantConfig(
-            wbits=4, abits=4, method="rtn", placement=rev))).items() if q.kind == "act"} for rev in (3, 4))
-        out.append(f"| {spec} | {len(a)} | {len(b)} | {'yes' if a == b else 'no'} |")
+            wbits=4, abits=4, method="rtn", placement=rev))).items() if q.kind == "act"} for rev in revisions)
+        same = "yes" if a == b else "no"
+        if a != b and set(a) == set(b):  # the same quantizers, sharing more: say which placements joined
+            joined = sorted({x for n in b for x in b[n] if x not in a.get(n, ())})
+            same = f"no: {len(joined)} placements shared ({', '.join(joined[:4])}{', …' if len(joined) > 4 else ''})"
+        out.append(f"| {spec} | {len(a)} | {len(b)} | {same} |")
         print(out[-1], flush=True)
     return out
 
@@ -574,8 +616,11 @@ def main() -> None:
                     help="LeViT exported without and with constant data-movement folding (section handoffs-constants)")
     ap.add_argument("--leaves", action="store_true",
                     help="placement revisions 3 and 4 on timm layouts with fx leaves (section handoffs-leaves)")
+    ap.add_argument("--ceil-pools", action="store_true",
+                    help="placement revisions 4 and 5 on ResNet-D and NF-RegNet (section handoffs-ceil-pools)")
     args = ap.parse_args()
-    for flag, make, section in ((args.leaves, leaves, "handoffs-leaves"),
+    for flag, make, section in ((args.ceil_pools, ceil_pools, "handoffs-ceil-pools"),
+                                (args.leaves, leaves, "handoffs-leaves"),
                                 (args.constant_moves, constant_moves, "handoffs-constants"),
                                 (args.placements, placements, "handoffs-placement")):
         if flag:  # a one-table section of its own

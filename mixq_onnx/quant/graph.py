@@ -423,13 +423,40 @@ def _spatial_mean(node: fx.Node) -> SpatialMean | None:
     return SpatialMean(tuple(dims), keepdim)
 
 
-def _exact_pool(m: nn.Module) -> bool:
-    """An average pool whose every output is (sum of codes) / (window size): no padding, no ceil mode."""
+def _exact_pool(m: nn.Module, shape: tuple[int, ...] | None = None) -> bool:
+    """An average pool whose every output is (sum of codes) / (window size): no padding, and no ceil mode unless
+    `shape` (the pool's input, seen in an example forward) shows that ceil mode adds no partial window there."""
     if isinstance(m, nn.AdaptiveAvgPool2d):
         return m.output_size in (1, (1, 1), [1, 1])
     if isinstance(m, nn.AvgPool2d):
-        return (m.padding in (0, (0, 0)) and not m.ceil_mode and m.divisor_override is None)
+        if m.padding not in (0, (0, 0)) or m.divisor_override is not None:
+            return False
+        return not m.ceil_mode or (shape is not None and _whole_windows(m, shape))
     return False
+
+
+def _pair(v: int | tuple[int, ...]) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[-1]))
+
+
+def _whole_windows(m: nn.AvgPool2d, shape: tuple[int, ...]) -> bool:
+    """Ceil mode changes nothing on this input: each spatial size less the kernel is a multiple of the stride (so
+    floor and ceil give the same output size and no window runs past the edge). ResNet-D's and NF-RegNet's
+    downsampling shortcuts (2x2, stride 2, ceil mode) on even sizes."""
+    if len(shape) < 2:
+        return False
+    k, st = _pair(m.kernel_size), _pair(m.stride if m.stride is not None else m.kernel_size)
+    return all(size >= kk and (size - kk) % ss == 0 for size, kk, ss in zip(shape[-2:], k, st))
+
+
+def _ceil_pool_shapes(model: nn.Module) -> dict[int, tuple[int, ...]]:
+    """Input shape of each ceil-mode nn.AvgPool2d (by id), from one example forward (revision 5)."""
+    pools = {n: m for n, m in model.named_modules() if isinstance(m, nn.AvgPool2d) and m.ceil_mode}
+    shapes: dict[int, tuple[int, ...]] = {}
+    if pools:
+        run_with_pre_hooks(model, example_input(model), pools, lambda n, a, _kw: shapes.setdefault(
+            id(pools[n]), tuple(a[0].shape)) if a and isinstance(a[0], torch.Tensor) else None)
+    return shapes
 
 
 def _pool_consumer(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
@@ -454,15 +481,18 @@ def _pool_consumer(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
     return None
 
 
-def quantize_pools(model: nn.Module) -> int:
+def quantize_pools(model: nn.Module, ceil_mode: bool = False) -> int:
     """The placement rule "pools average integer codes", applied to a prepared model in place: an average pool
     (`nn.AdaptiveAvgPool2d(1)`, `nn.AvgPool2d` without padding, or a `mean` over the two spatial axes, which
     becomes a `SpatialMean` module) whose output a quantized layer alone reads
     becomes a `QuantPool` with an input quantizer (placement "pool") at that layer's bits and symmetry, which
     requantizes onto the layer's own input quantizer. Call it after the bit policy has set the layer's bits and
     after `share_quantizers` has settled the layer's quantizer, and `share_quantizers` again after it (a pool's
-    input quantizer then joins an equal one on the same tensor). Returns how many pools it quantized."""
+    input quantizer then joins an equal one on the same tensor). With `ceil_mode` (placement revision 5), a
+    ceil-mode `nn.AvgPool2d` qualifies where its input, in one example forward, leaves no partial window.
+    Returns how many pools it quantized."""
     n = 0
+    shapes = _ceil_pool_shapes(model) if ceil_mode else {}
     for path, gm in list(model.named_modules()):
         if not isinstance(gm, fx.GraphModule):
             continue
@@ -474,8 +504,9 @@ def quantize_pools(model: nn.Module) -> int:
         changed = False
         for node in list(gm.graph.nodes):
             mean = _spatial_mean(node)
-            if mean is None and (node.op != "call_module" or calls[node.target] != 1
-                                 or not _exact_pool(_get(gm, node.target))):
+            if mean is None and (node.op != "call_module" or calls[node.target] != 1):
+                continue
+            if mean is None and not _exact_pool(pool := _get(gm, node.target), shapes.get(id(pool))):
                 continue
             layer = _pool_consumer(gm, node)
             if layer is None:
@@ -859,7 +890,7 @@ def prepare(model: nn.Module, cfg: QuantConfig) -> fx.GraphModule:
     if cfg.share_quantizers and not cfg.weight_only:  # after the bit policy: only equal grids merge
         share_quantizers(gm, across_blocks=cfg.placement >= 2, shape_readers=cfg.placement >= 4)
     if cfg.integer_pools and not cfg.weight_only:  # after both: a pool takes its consumer's bits and quantizer
-        if quantize_pools(gm) and cfg.share_quantizers:
+        if quantize_pools(gm, ceil_mode=cfg.placement >= 5) and cfg.share_quantizers:
             share_quantizers(gm, across_blocks=cfg.placement >= 2, shape_readers=cfg.placement >= 4)  # a pool's input quantizer joins an equal one on the same tensor (a conv's)
     gm.mixq_units = _units(gm, blocks, order)  # type: ignore[attr-defined]
     gm.mixq_unquantized = _unquantized_layers(gm, cfg)  # type: ignore[attr-defined]
