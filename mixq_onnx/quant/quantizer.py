@@ -53,6 +53,12 @@ class _LSQ(torch.autograd.Function):
         return gx, gs, None, None, None, None
 
 
+#: Largest tensor `ActQuantizer.observe` samples through a whole permutation; a larger one is sampled with
+#: replacement. Every result measured before 2026-12-02 sampled by permutation, and the CIFAR networks' tensors
+#: (128 x 16 x 32 x 32 values at most) still do, so their scales and accuracies are what they were.
+PERMUTE_LIMIT = 1 << 22
+
+
 def weight_round(x: torch.Tensor) -> torch.Tensor:
     """Round half up via floor + (frac >= 0.5): the rounding AdaRound's hard decision starts from."""
     f = torch.floor(x)
@@ -223,9 +229,12 @@ class ActQuantizer(_Base):
         budget = self.max_samples - sum(t.numel() for t in self._obs)
         if budget <= 0:
             return
-        if flat.numel() > budget:  # a uniform sample, drawn with replacement: a permutation of the whole tensor
-            # (randperm) took seconds and ~1 GB on one 224-pixel batch's early feature map, per quantizer
-            idx = torch.randint(flat.numel(), (budget,), generator=torch.Generator().manual_seed(len(self._obs)))
+        if flat.numel() > budget:  # a uniform sample without replacement (the first values of a permutation)
+            g = torch.Generator().manual_seed(len(self._obs))
+            if flat.numel() <= PERMUTE_LIMIT:
+                idx = torch.randperm(flat.numel(), generator=g)[:budget]
+            else:  # drawn with replacement: a permutation of a 224-pixel batch's early feature map took seconds
+                idx = torch.randint(flat.numel(), (budget,), generator=g)  # and ~1 GB, per quantizer
             flat = flat[idx.to(flat.device)]
         self._obs.append(flat.cpu())
 
