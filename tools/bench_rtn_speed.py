@@ -5,13 +5,15 @@
 
 The speed-ups: the Lp clipping search of weight scales (`quant.quantizer.search_weight_scale`) walks a layer's
 channels a cache-sized chunk at a time in reused buffers instead of allocating full-size temporaries for each
-of its 80 candidates, and the activation observation draws its 65,536-value sample with `randint` instead of a
-permutation of the whole tensor (`ActQuantizer.observe`). "before" runs an older commit (`--before-ref`, checked
+of its 80 candidates, and the activation observation draws its 65,536-value sample from a tensor of more than
+4 M values (`quantizer.PERMUTE_LIMIT`) with `randint` instead of a permutation of the whole tensor
+(`ActQuantizer.observe`; smaller tensors are sampled as before). "before" runs an older commit (`--before-ref`, checked
 out into an ignored git worktree under runs/), "after" this checkout; cells run interleaved round by round at one
 thread, in a process each, so both see the same machine. Cases: timm `vgg11_bn` at 64 px on 4 images (its 7x7
 pre-logits conv holds 102 M weights; the timm survey's slowest row) and timm `resnet50` at 224 px on 128 images
 (early feature maps of 128x256x56x56 values), random weights. The weight scales must be the same bytes; the
-activation scales come from another sample of the same tensors, so the table gives their largest relative change.
+activation scales of tensors above the limit come from another sample of the same values, so the table gives
+their largest relative change.
 Writes docs/benchmarks.md, section rtn-speed.
 """
 from __future__ import annotations
@@ -69,6 +71,7 @@ def main() -> None:
     ap.add_argument("--before-ref", default="ab90953")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--no-doc", action="store_true", help="print the table, leave docs/benchmarks.md alone")
+    ap.add_argument("--note", default="", help="A sentence for the section (e.g. what else ran on the machine).")
     a = ap.parse_args()
     before = worktree(a.before_ref)
     runs: dict[tuple[str, str], list[dict]] = {}
@@ -83,8 +86,8 @@ def main() -> None:
         f"`python tools/bench_rtn_speed.py --before-ref {a.before_ref} --rounds {a.rounds}` · {stamp()}", "",
         "`quantize(..., QuantConfig(wbits=8, abits=8, method=\"rtn\"))` timed inside one process per cell, one thread, "
         "before (commit " + a.before_ref + ") and after, cells interleaved round by round. The chunked Lp search "
-        "of the weight scales, and the activation sample drawn with randint instead of a whole-tensor permutation "
-        "(see the script's docstring).", "",
+        "of the weight scales, and the activation sample of a tensor above 4 M values drawn with randint instead "
+        "of a whole-tensor permutation (see the script's docstring)." + (f" {a.note}" if a.note else ""), "",
         "| model | input | images | before s (median) | after s (median) | after / before | weight scales | "
         "act scales: largest relative change |",
         "|---|---:|---:|---:|---:|---:|---|---:|",
