@@ -280,6 +280,11 @@ def _report(gm: nn.Module, cfg: QATConfig, costs: Costs, cont: dict[str, float],
                 deployed.layers.append((n, kw, ka, m))
                 if counted is not None:
                     counted |= {k for k, t in ((kw, w), (ka, a)) if k and t in costs.counted}
+        # a shipped quantizer whose source was a float layer's input (the block input now quantized for the
+        # shortcut's pool or add alone) reads a tensor counted just above at 16 bits: it counts once, as in training
+        float_inputs = {a for n, _w, a, _m in costs.layers if n in floats and a}
+        for name in [k for k in deployed.kinds if (src or {}).get(k) in float_inputs]:
+            deployed.sizes[name] = 0
         if counted is not None:
             deployed.counted = frozenset(counted)
         rep["float_layers"] = float_rows
