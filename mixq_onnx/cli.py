@@ -702,6 +702,11 @@ def sweep(**o: Any) -> None:
                    "of an INT8 kernel: onnxruntime is bit-identical to PyTorch, TensorRT builds the same INT8 "
                    "kernels. dq-scales: scales on the DQ nodes (the ModelOpt layout, for tools that expect it); "
                    "fp32 summation order then flips rare codes at rounding ties between runtimes.")
+@click.option("--external-data/--single-file", default=None,
+              help="Where the weights go: --external-data writes them to OUT.<sha256 prefix>.data beside the graph, "
+                   "--single-file into the graph file. Default: a data file only when they pass 1.5 GiB (protobuf "
+                   "cannot write a file of 2 GiB, e.g. a float ViT-H). Readers check the digest in its name; move "
+                   "the two files together.")
 @trust_model_code_option()
 @click.option("--overwrite", is_flag=True,
               help="Replace an existing --out that is not a graph mixq-onnx exported (one it exported is always "
@@ -725,7 +730,7 @@ def export(**o: Any) -> None:
     path = export_onnx(o["out"], quantized=o["quantized"], model=_result_model(o), fp=o["fp"],
                        int4_weight_only=o["int4_weight_only"], block_size=int(o["block_size"]), layout=o["layout"],
                        trust_model_code=o["trust_model_code"], log=lambda m: click.echo(f"warning: {m}", err=True),
-                       overwrite=o["overwrite"])
+                       overwrite=o["overwrite"], external_data=o["external_data"])
     click.echo(str(path))
 
 

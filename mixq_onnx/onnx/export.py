@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import MixqError
-from ..utils import atomic_path, check_output_file, make_parent
+from ..utils import check_output_file, make_parent
 from .graph import UNQUANTIZED_KEY
 from .markers import DOMAIN, marker_mode, translation_table
 from .passes import (
@@ -210,32 +210,27 @@ def written_by_mixq(path: Path) -> bool:
 GRAPH_OURS = ("an ONNX graph", written_by_mixq)  # `check_output_file(ours=...)` of every graph writer
 
 
-def save_model(model, out: str | os.PathLike, overwrite: bool = False) -> Path:
-    import onnx
-    import onnx_ir as ir
+def save_model(model, out: str | os.PathLike, overwrite: bool = False, external_data: bool | None = None) -> Path:
+    """Check and write an exported graph (`storage.write_graph`): with its weights in a data file beside it when
+    `external_data`, or (None) when they pass `storage.EXTERNAL_DATA_ABOVE`, as protobuf's 2 GiB limit needs."""
+    from .storage import write_graph
 
     out = check_output_file(out, refuse_suffixes=OTHER_KINDS, ours=GRAPH_OURS, overwrite=overwrite)
-    proto = ir.to_proto(model)
-    try:
-        onnx.checker.check_model(proto, full_check=False)
-    except Exception as e:  # noqa: BLE001
-        raise MixqError(f"exported graph fails onnx.checker: {str(e).splitlines()[0][:200]}") from None
     make_parent(out)
-    with atomic_path(out) as tmp:
-        onnx.save(proto, str(tmp))
-    return out
+    return write_graph(model, out, external_data)
 
 
 LAYOUTS = ("integer", "dq-scales")
 
 
-def export_qdq(qmodel: nn.Module, out: str | os.PathLike, layout: str = "integer", *, overwrite: bool = False) -> Path:
+def export_qdq(qmodel: nn.Module, out: str | os.PathLike, layout: str = "integer", *, overwrite: bool = False,
+               external_data: bool | None = None) -> Path:
     """Write the QDQ ONNX graph of a quantized model (from `quantize` or `load_quantized`).
 
     layout "integer" (default): quantized Conv/Gemm/MatMul read their codes and integer weights through
     DQ scale 1 and rescale by s_x * s_w afterwards, bit-identical to PyTorch in onnxruntime and the same
     INT8 kernels in TensorRT. "dq-scales": the scales sit on the DQ nodes (the ModelOpt layout), and
-    float summation order makes near-ties differ between runtimes."""
+    float summation order makes near-ties differ between runtimes. `external_data`: see `save_model`."""
     from ..quant.graph import quantizers
     from ..quant.io import validate_quantized_model
     from ..quant.modules import QuantPool
@@ -289,11 +284,11 @@ def export_qdq(qmodel: nn.Module, out: str | os.PathLike, layout: str = "integer
         "mixq.deployable": str(bool(cfg.symmetric) if cfg is not None else True).lower(),
         "mixq.counts": counts,
     })
-    return save_model(model, out, overwrite)
+    return save_model(model, out, overwrite, external_data)
 
 
 def export_int4_weight_only(model: nn.Module, out: str | os.PathLike, block_size: int = 128,
-                            log: Any = None, *, overwrite: bool = False) -> Path:
+                            log: Any = None, *, overwrite: bool = False, external_data: bool | None = None) -> Path:
     """W4A16 graph for TensorRT's INT4 weight-only GEMMs: Linear weights rounded to nearest on Lp-searched
     block scales (no data needed), convolutions and activations float. Layers whose input features the
     block size does not divide stay float (reported through `log`)."""
@@ -310,25 +305,28 @@ def export_int4_weight_only(model: nn.Module, out: str | os.PathLike, block_size
         log(f"{len(skipped)} of {len(linears)} Linear layers stay float: block size {block_size} does not divide "
             f"their input features ({', '.join(skipped[:3])}{', …' if len(skipped) > 3 else ''})")
     qmodel = quantize(model, QuantConfig.int4_weight_only(block_size), example_input(model), progress=False)
-    return export_qdq(qmodel, out, overwrite=overwrite)
+    return export_qdq(qmodel, out, overwrite=overwrite, external_data=external_data)
 
 
-def export_fp(model: nn.Module, out: str | os.PathLike, *, overwrite: bool = False) -> Path:
+def export_fp(model: nn.Module, out: str | os.PathLike, *, overwrite: bool = False,
+              external_data: bool | None = None) -> Path:
     """The plain float model (baselines)."""
     m = torch_export(model, with_markers=False)
     global_average_pools(m)
     name_nodes(m)
     finalize_model(m, {"mixq.fp": "true", "mixq.preprocessing": _preprocessing(model)})
-    return save_model(m, out, overwrite)
+    return save_model(m, out, overwrite, external_data)
 
 
 def export_onnx(out: str | os.PathLike, *, quantized: str | os.PathLike | None = None, model: Any = None,
                 fp: bool = False, int4_weight_only: bool = False, block_size: int = 128, layout: str = "integer",
-                trust_model_code: bool = False, log: Any = None, overwrite: bool = False) -> Path:
+                trust_model_code: bool = False, log: Any = None, overwrite: bool = False,
+                external_data: bool | None = None) -> Path:
     """What `mixq-onnx export` writes. A result folder (`quantized`) gives its QDQ graph (its float graph with
     `fp`); a `model` alone (nn.Module or `ModelOptions`) gives the float graph (`fp`) or a round-to-nearest
     W4A16 graph (`int4_weight_only`). An existing `out` is replaced only if it is a graph mixq-onnx exported,
-    or with `overwrite`."""
+    or with `overwrite`. `external_data`: the weights in a data file beside `out` (True), in the graph file
+    (False), or (None) in a data file exactly when protobuf's 2 GiB limit needs it (`save_model`)."""
     from ..models import ModelOptions, load_model
     from ..quant.io import load_result, load_source_model, read_quant_json
 
@@ -347,11 +345,12 @@ def export_onnx(out: str | os.PathLike, *, quantized: str | os.PathLike | None =
     check_output_file(out, inputs=(quantized,), refuse_suffixes=OTHER_KINDS, ours=GRAPH_OURS, overwrite=overwrite)
     if fp:
         return export_fp(user_model() if model is not None else load_source_model(quantized, trust_model_code), out,
-                         overwrite=overwrite)
+                         overwrite=overwrite, external_data=external_data)
     if int4_weight_only and quantized is None:
-        return export_int4_weight_only(user_model(), out, block_size=block_size, log=log, overwrite=overwrite)
+        return export_int4_weight_only(user_model(), out, block_size=block_size, log=log, overwrite=overwrite,
+                                       external_data=external_data)
     if int4_weight_only and not read_quant_json(quantized)["config"].get("block_size"):
         raise MixqError(f"{quantized} is not block-quantized weight-only (quantize --wbits 4 --abits 16 "
                         "--block-size N), so it cannot be exported --int4-weight-only; or pass --model instead")
     _, qmodel = load_result(quantized, model, trust_model_code)
-    return export_qdq(qmodel, out, layout=layout, overwrite=overwrite)
+    return export_qdq(qmodel, out, layout=layout, overwrite=overwrite, external_data=external_data)

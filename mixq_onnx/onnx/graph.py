@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -38,8 +39,12 @@ UNQUANTIZED_KEY = "mixq.unquantized_layer"
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 
 
-def load_model(path: str | os.PathLike, external_data: bool = True) -> Any:
-    """onnx.load with one-line errors for a missing or unreadable file."""
+def load_model(path: str | os.PathLike, external_data: bool = True, *, infer_shapes: bool = False,
+               input_shapes: dict[str, list[int]] | None = None) -> Any:
+    """onnx.load with one-line errors for a missing or unreadable file. `input_shapes` pins graph inputs and
+    `infer_shapes` annotates every tensor's shape, both before the external data is read: onnx's shape inference
+    serializes the model, which protobuf cannot do at 2 GiB and more, and a graph that large keeps its weights in
+    a data file (whose values shape inference never needs: a shape tensor is small, so always inline)."""
     import onnx
 
     path = Path(path)
@@ -48,10 +53,9 @@ def load_model(path: str | os.PathLike, external_data: bool = True) -> Any:
     if not path.is_file():
         raise MixqError(f"ONNX model not found: {path}")
     try:
-        model = onnx.load(str(path), load_external_data=external_data)
+        model = onnx.load(str(path), load_external_data=False)
         if not model.ir_version or not model.HasField("graph"):  # protobuf parses empty bytes as an empty model
             raise ValueError("no ir_version or no graph")
-        return model
     except Exception as e:  # noqa: BLE001 - any parse failure means the file is not a readable ONNX model
         kind = ("an engine plan" if Path(str(path) + ".json").is_file() or path.suffix.lower() == ".plan"
                 else "a JSON file" if path.suffix.lower() == ".json" else None)
@@ -59,9 +63,44 @@ def load_model(path: str | os.PathLike, external_data: bool = True) -> Any:
             raise MixqError(f"{path} is {kind}, not an ONNX graph: give the .onnx from `mixq-onnx export`") from None
         raise MixqError(f"cannot read ONNX model {path} (not ONNX?): {type(e).__name__}: "
                         f"{' '.join(str(e).split())[:200]}") from None
+    if input_shapes:
+        from .passes import set_input_shapes
+
+        set_input_shapes(model, input_shapes)
+    if infer_shapes:
+        model = inferred_shapes(model)
+    if external_data and uses_external_data(model):
+        from onnx.external_data_helper import load_external_data_for_model
+
+        try:  # onnx's own loader: it refuses a location outside the folder, a link, a short file
+            load_external_data_for_model(model, str(path.parent))
+        except Exception as e:  # noqa: BLE001
+            raise MixqError(f"cannot read the external data of {path}: {type(e).__name__}: "
+                            f"{' '.join(str(e).split())[:200]}") from None
+        if model.producer_name == "mixq-onnx":
+            graph_sha256(path)  # its data files hash to the digests their names record, or a one-line error
+    return model
 
 
-def _tensors(graph: Any) -> Iterable[Any]:
+def inferred_shapes(model: Any) -> Any:
+    """`model` with onnx's shape inference (data propagation on) written into its value_info, or `model` as it
+    is where inference fails (tensors of unknown shape then read as -1 / [])."""
+    import onnx
+
+    try:
+        return onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:  # noqa: BLE001
+        return model
+
+
+def uses_external_data(model: Any) -> bool:
+    """Whether any tensor of `model` keeps its bytes in an external-data file."""
+    from onnx.external_data_helper import uses_external_data as external
+
+    return any(external(t) for t in tensors(model.graph))
+
+
+def tensors(graph: Any) -> Iterable[Any]:
     """Every TensorProto of `graph`: initializers, sparse ones, node attributes, and those of subgraphs."""
     yield from graph.initializer
     for sp in graph.sparse_initializer:
@@ -73,9 +112,9 @@ def _tensors(graph: Any) -> Iterable[Any]:
                 yield a.t
             yield from a.tensors
             if a.HasField("g"):
-                yield from _tensors(a.g)
+                yield from tensors(a.g)
             for sub in a.graphs:
-                yield from _tensors(sub)
+                yield from tensors(sub)
 
 
 def external_data_files(path: str | os.PathLike) -> list[str]:
@@ -86,7 +125,7 @@ def external_data_files(path: str | os.PathLike) -> list[str]:
     path = Path(path)
     model = load_model(path, external_data=False)
     found: set[str] = set()
-    for t in _tensors(model.graph):
+    for t in tensors(model.graph):
         if uses_external_data(t):
             loc = ExternalDataInfo(t).location
             p = Path(loc)
@@ -96,22 +135,41 @@ def external_data_files(path: str | os.PathLike) -> list[str]:
     return sorted(found)
 
 
+def data_file_name(graph_name: str, digest: str) -> str:
+    """The name `export` gives a graph's external-data file: the graph's file name, the first 16 hex digits of the
+    data's sha256, `.data` (`m.onnx.3f2a9c1d5e7b8a90.data`). A new export never overwrites the file an older graph
+    names, so a crash between the two renames leaves a whole old pair or a whole new one; readers check the digest."""
+    return f"{graph_name}.{digest[:16]}.data"
+
+
+def recorded_digest(location: str) -> str | None:
+    """The sha256 prefix a data file's name records when `export` named it (`data_file_name`; the graph file
+    may have been renamed since), else None."""
+    m = re.fullmatch(r".+\.([0-9a-f]{16})\.data", Path(location).name)
+    return m.group(1) if m else None
+
+
 def graph_sha256(path: str | os.PathLike) -> str:
     """The sha256 that identifies an ONNX graph *with* its weights: the file's own sha256 when it keeps its
     weights inside (the common case, so this equals `sha256_file`), else the sha256 of the file's sha256 and of
     each external-data file's name and sha256. A plan records it, so new weights beside an old graph file are
-    seen as another graph."""
+    seen as another graph. A data file `export` named (`data_file_name`) must hash to the digest in its name."""
     path = Path(path)
     own = sha256_file(path)
     files = external_data_files(path)
     if not files:
         return own
     h = hashlib.sha256(own.encode())
+    ours = load_model(path, external_data=False).producer_name == "mixq-onnx"
     for loc in files:
         try:
             digest = sha256_file(path.parent / loc)
         except OSError as e:
             raise MixqError(f"cannot read the external data {loc!r} of {path}: {e.strerror or e}") from None
+        want = recorded_digest(loc) if ours else None
+        if want is not None and not digest.startswith(want):
+            raise MixqError(f"the external data {loc} of {path} is not the file export wrote: its sha256 "
+                            f"{digest[:16]}… is not the {want} its name records (changed or truncated since)")
         h.update(f"\n{loc}\0{digest}".encode())
     return h.hexdigest()
 
@@ -142,15 +200,12 @@ class GraphIndex:
     `constant_nodes`, `value(tensor)` (numpy, cached, read-only), `shapes`, `meta(node)`,
     `quantizer_of(node)`, `bits_of(node)`."""
 
-    def __init__(self, model: Any, infer_shapes: bool = False):
+    def __init__(self, model: Any, infer_shapes: bool = False, path: str | os.PathLike | None = None):
         if infer_shapes:  # on a copy: onnx returns a new model
-            import onnx
-
-            try:
-                model = onnx.shape_inference.infer_shapes(model, data_prop=True)
-            except Exception:  # noqa: BLE001, S110 - tensors of unknown shape keep -1 / [] below
-                pass
+            model = inferred_shapes(model)
         self.model = model
+        self.path = Path(path) if path is not None else None  # the file it was read from (`load`), else None
+        self._structure: Any = None
         g = model.graph
         self.nodes: list[Any] = list(g.node)
         self.by_name: dict[str, Any] = {n.name: n for n in self.nodes}
@@ -168,8 +223,22 @@ class GraphIndex:
         self._folded: set[str] | None = None
 
     @classmethod
-    def load(cls, path: str | os.PathLike, external_data: bool = True, infer_shapes: bool = False) -> GraphIndex:
-        return cls(load_model(path, external_data), infer_shapes=infer_shapes)
+    def load(cls, path: str | os.PathLike, external_data: bool = True, infer_shapes: bool = False,
+             input_shapes: dict[str, list[int]] | None = None) -> GraphIndex:
+        """The index of the graph at `path`; shapes are inferred before its external data is read (`load_model`)."""
+        model = load_model(path, external_data, infer_shapes=infer_shapes, input_shapes=input_shapes)
+        return cls(model, path=path)
+
+    def structure(self) -> Any:
+        """The ModelProto without the bytes of its external data (onnx's checker and shape inference serialize
+        what they are given, which protobuf cannot do at 2 GiB): read again from `path` when the graph keeps its
+        weights in a data file, else the model itself."""
+        if self.path is None:
+            return self.model
+        if self._structure is None:
+            light = load_model(self.path, external_data=False)
+            self._structure = light if uses_external_data(light) else self.model
+        return self._structure
 
     # ---------------------------------------------------------------- structure
     def users(self, tensor: str) -> list[Any]:

@@ -35,7 +35,6 @@ from typing import Any
 
 import numpy as np
 
-from ..utils import atomic_path
 from .graph import DATA_MOVE_OPS, FLOAT_LAYER_KEY, POOL_OPS, REQUANT_KEY, UNQUANTIZED_KEY
 
 _LABELS3 = ("q", "k", "v")
@@ -638,10 +637,10 @@ def convert_to_fp16(src: str | Path, dst: str | Path) -> Path:
     g.node.extend(nodes)
     del g.value_info[:]
     m.producer_name = "mixq-onnx"  # this file is ours (a re-run of bench may replace it), whoever made `src`
-    dst = Path(dst)
-    with atomic_path(dst) as tmp:  # never through a link or half-written: bench writes it beside the plan
-        onnx.save(m, str(tmp))
-    return dst
+    from .storage import write_graph
+
+    return write_graph(m, Path(dst))  # atomic, never through a link: bench writes it beside the plan; a data file
+    # beside it where the FP16 weights still pass protobuf's limit
 
 
 def set_input_shapes(model: Any, input_shapes: dict[str, list[int]]) -> Any:

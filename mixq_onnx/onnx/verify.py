@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import MixqError
-from .graph import REQUANT_KEY, GraphIndex
+from .graph import REQUANT_KEY, GraphIndex, load_model, uses_external_data
 
 TIE_RELATIVE = 1e-4  # a near tie's image differs by at most this fraction of its largest logit (of 1 if smaller)
 
@@ -108,7 +108,6 @@ class VerifyReport:
 def ort_session(path: Path | str, optimized: bool, extra_outputs: list[str] | None = None):
     """An onnxruntime CPU session: `optimized=False` is ORT_DISABLE_ALL (exact QDQ semantics, what `verify`
     judges); `extra_outputs` also returns those intermediate tensors (the integer codes `verify` compares)."""
-    import onnx
     import onnxruntime as ort
 
     from .passes import expose_outputs
@@ -123,7 +122,12 @@ def ort_session(path: Path | str, optimized: bool, extra_outputs: list[str] | No
     so.inter_op_num_threads = 1
     try:
         if extra_outputs:
-            m = expose_outputs(onnx.load(str(path)), extra_outputs)
+            m = load_model(path, external_data=False)
+            if uses_external_data(m):  # its weights stay in their file (a graph of 2 GiB cannot be serialized):
+                # onnxruntime reads them from the graph's folder, as it would from the path
+                so.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                            str(Path(path).resolve().parent))
+            m = expose_outputs(m, extra_outputs)
             return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
         return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     except MixqError:

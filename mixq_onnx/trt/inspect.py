@@ -154,10 +154,9 @@ class _Graph:
     shapes, shapes inferred so MACs can be counted)."""
 
     def __init__(self, onnx_path: str | Path, input_shapes: dict[str, list[int]]):
-        from ..onnx.graph import GraphIndex, load_model  # the onnx package imports torch: only when analyzing
-        from ..onnx.passes import set_input_shapes
+        from ..onnx.graph import GraphIndex  # the onnx package imports torch: only when analyzing
 
-        self.index = ix = GraphIndex(set_input_shapes(load_model(onnx_path), input_shapes), infer_shapes=True)
+        self.index = ix = GraphIndex.load(onnx_path, infer_shapes=True, input_shapes=input_shapes)
         self.nodes = ix.by_name
         # Engine layers name the ONNX nodes they run: a node whose name is empty or shared cannot be matched to
         # its layer, so its precision is not attributed (counted as not INT8, never as INT8).

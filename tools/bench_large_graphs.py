@@ -1,0 +1,156 @@
+"""Graphs above protobuf's 2 GiB: `export`, `check`, onnxruntime, `verify`, `build` and `inspect` on timm
+`vit_huge_patch14_224` (631 M parameters, random weights: structure and sizes only), through the CLI.
+
+    python tools/bench_large_graphs.py                        # float and W8A8 rows, before-ref b8c1c2a
+    python tools/bench_large_graphs.py --skip-build           # without the TensorRT-RTX build (minutes, ~GBs)
+
+Rows:
+- *float, before*: `export --fp` at --before-ref (one file only: stops at "Failed to serialize proto").
+- *float*: `export --fp` here (2.5 GB of weights: a data file beside the graph, chosen automatically), `check`
+  (the float graph has no Q/DQ, so its errors are the unquantized-* rules; what matters is that onnx.checker
+  and shape inference pass), and onnxruntime (ORT_DISABLE_ALL) against PyTorch on 2 random images.
+- *W8A8*: `calib --generator noise` (4 images), `quantize --method rtn --wbits 8 --abits 8`, `export
+  --external-data` (its INT8 weights, 0.6 GB, would fit one file; the flag puts them in a data file), `check`,
+  `verify` on 4 random images, `build --backend tensorrt-rtx --batch 1:1:1`, `inspect`.
+Work files go to runs/large_graphs/ (ignored, several GB; removed with --clean). Writes docs/benchmarks.md,
+section large-graphs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_threads import worktree  # noqa: E402
+from benchmd import ROOT, stamp, update_section  # noqa: E402
+
+MODEL = "vit_huge_patch14_224"
+WORK = ROOT / "runs" / "large_graphs"
+
+ORT_VS_TORCH = """
+import json, sys, numpy as np, torch
+from mixq_onnx.models import load_model
+from mixq_onnx.onnx.verify import ort_session
+torch.manual_seed(0)
+m = load_model(sys.argv[1], random_init=True).eval()
+x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+with torch.no_grad():
+    ref = m(x).numpy()
+y = ort_session(sys.argv[2], optimized=False).run(None, {"input": x.numpy()})[0]
+print(json.dumps({"max_abs_diff": float(np.abs(y - ref).max()), "max_abs": float(np.abs(ref).max())}))
+"""
+
+
+def cli(src: Path, *args: str, check: bool = True) -> tuple[float, subprocess.CompletedProcess]:
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    env["PYTHONPATH"] = str(src)
+    t = time.perf_counter()
+    r = subprocess.run([sys.executable, "-m", "mixq_onnx.cli", *map(str, args)], cwd=src, env=env,
+                       capture_output=True, text=True)
+    dt = time.perf_counter() - t
+    print(f"{dt:7.1f} s  rc {r.returncode}  {' '.join(map(str, args[:3]))}", flush=True)
+    if check and r.returncode != 0:
+        raise SystemExit(f"{' '.join(map(str, args))} failed ({r.returncode}):\n{r.stderr[-2000:]}")
+    return dt, r
+
+
+def sizes(graph: Path) -> str:
+    from mixq_onnx.onnx.graph import external_data_files
+
+    data = external_data_files(graph)
+    gb = sum((graph.parent / d).stat().st_size for d in data) / 1e9
+    return (f"graph {graph.stat().st_size / 1e6:.2f} MB + {data[0].split('.')[-2][:8]}….data {gb:.2f} GB"
+            if data else f"one file, {graph.stat().st_size / 1e9:.2f} GB")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--before-ref", default="b8c1c2a")
+    ap.add_argument("--skip-build", action="store_true")
+    ap.add_argument("--clean", action="store_true", help="remove runs/large_graphs/ afterwards")
+    ap.add_argument("--no-doc", action="store_true")
+    a = ap.parse_args()
+    if WORK.exists():
+        shutil.rmtree(WORK)
+    WORK.mkdir(parents=True)
+    rows: list[str] = []
+
+    before = worktree(a.before_ref)
+    dt, r = cli(before, "export", "--model", MODEL, "--random-weights", "--fp", "--out", WORK / "before" / "fp.onnx",
+                check=False)
+    err = (r.stderr.strip().splitlines() or ["(none)"])[-1]
+    rows.append(f"| float, before ({a.before_ref}) | `export --fp` | {dt:.1f} | exit {r.returncode}: `{err[:120]}` |")
+
+    fp = WORK / "fp" / "vith.onnx"
+    dt, _ = cli(ROOT, "export", "--model", MODEL, "--random-weights", "--fp", "--out", fp)
+    rows.append(f"| float | `export --fp` | {dt:.1f} | {sizes(fp)} (automatic) |")
+    dt, r = cli(ROOT, "check", fp, "--json", check=False)
+    rep = json.loads(r.stdout.strip().splitlines()[-1])
+    rules = sorted({v["rule"] for v in rep["violations"] if v["severity"] == "error"})
+    rows.append(f"| float | `check` | {dt:.1f} | exit {r.returncode}; error rules: {', '.join(rules)} "
+                f"({'no onnx-checker or shape-inference error' if not {'onnx-checker', 'shape-inference'} & set(rules) else 'CHECKER FAILED'}) |")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    t = time.perf_counter()
+    r = subprocess.run([sys.executable, "-c", ORT_VS_TORCH, MODEL, str(fp)], capture_output=True, text=True, env=env)
+    if r.returncode:
+        raise SystemExit(r.stderr[-2000:])
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    rows.append(f"| float | onnxruntime vs PyTorch, 2 images | {time.perf_counter() - t:.1f} | max abs diff "
+                f"{res['max_abs_diff']:.2g} (largest logit {res['max_abs']:.3g}) |")
+    shutil.rmtree(fp.parent)
+
+    _, r = cli(ROOT, "calib", "--generator", "noise", "--num", "4", "--size", "224", "--cache-root", WORK / "caches",
+               "-q")
+    cache = r.stdout.strip().splitlines()[-1]
+    dt, _ = cli(ROOT, "quantize", "--model", MODEL, "--random-weights", "--calib", cache, "--method", "rtn",
+                "--wbits", "8", "--abits", "8", "--num-samples", "4", "--out", WORK / "w8a8", "-q")
+    rows.append(f"| W8A8 rtn | `quantize` (4 noise images) | {dt:.1f} | |")
+    q = WORK / "q" / "vith_w8a8.onnx"
+    dt, _ = cli(ROOT, "export", "--quantized", WORK / "w8a8", "--out", q, "--external-data")
+    rows.append(f"| W8A8 rtn | `export --external-data` | {dt:.1f} | {sizes(q)} |")
+    dt, r = cli(ROOT, "check", q, "--json", check=False)
+    rep = json.loads(r.stdout.strip().splitlines()[-1])
+    rows.append(f"| W8A8 rtn | `check` | {dt:.1f} | exit {r.returncode}, {rep['errors']} error(s), "
+                f"{len(rep['violations']) - rep['errors']} warning(s) |")
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    np.savez(WORK / "x4.npz", x=rng.integers(0, 256, (4, 224, 224, 3), dtype=np.uint8), y=np.arange(4))
+    dt, r = cli(ROOT, "verify", q, "--quantized", WORK / "w8a8", "--data", WORK / "x4.npz", "--json", check=False)
+    v = json.loads(r.stdout.strip().splitlines()[-1])
+    rows.append(f"| W8A8 rtn | `verify` (4 images) | {dt:.1f} | exit {r.returncode}: agreement {v['top1_agreement']} %, "
+                f"max abs diff {v['max_abs_diff']:.3g}, code mismatch {v['code_mismatch_fraction']:.3g} |")
+    if not a.skip_build:
+        plan = q.with_suffix(".plan")
+        dt, r = cli(ROOT, "build", q, "--out", plan, "--backend", "tensorrt-rtx", "--batch", "1:1:1", check=False)
+        if r.returncode:
+            rows.append(f"| W8A8 rtn | `build --backend tensorrt-rtx` | {dt:.1f} | exit {r.returncode}: "
+                        f"`{(r.stderr.strip().splitlines() or [''])[-1][:160]}` |")
+        else:
+            rows.append(f"| W8A8 rtn | `build --backend tensorrt-rtx --batch 1:1:1` | {dt:.1f} | plan "
+                        f"{plan.stat().st_size / 1e9:.2f} GB |")
+            dt, r = cli(ROOT, "inspect", plan, "--json")
+            ins = json.loads(r.stdout.strip().splitlines()[-1])
+            rows.append(f"| W8A8 rtn | `inspect` | {dt:.1f} | int8_mac_fraction {ins['int8_mac_fraction']:.3f}, "
+                        f"{ins['handoffs']} hand-offs, {len(ins['layers'])} engine layers |")
+    text = "\n".join([
+        "## large-graphs: graphs above protobuf's 2 GiB (external data)", "",
+        f"`python tools/bench_large_graphs.py{' --skip-build' if a.skip_build else ''}` · {stamp()}", "",
+        f"timm `{MODEL}` with random weights (631 M parameters; structure and sizes only), every step through the "
+        "CLI in its own process, on this machine's 2 cores. *s*: wall time of the command, start-up included.", "",
+        "| graph | step | s | result |", "|---|---|---:|---|", *rows, ""])
+    print(text)
+    if not a.no_doc:
+        update_section("large-graphs", text)
+    if a.clean:
+        shutil.rmtree(WORK, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
