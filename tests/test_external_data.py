@@ -92,17 +92,25 @@ def test_export_never_replaces_a_file_of_another_content_at_the_data_files_name(
 def test_the_weights_go_to_a_data_file_by_themselves_above_the_threshold(world, tmp_path, monkeypatch):
     """The default decides by the weights' bytes (1.5 GiB here; a 2.5 GB ViT-H export is in
     docs/benchmarks.md, section large-graphs): lowered, so that this small graph crosses it."""
-    from mixq_onnx.onnx import storage
+    from mixq_onnx.onnx import graph
+    from mixq_onnx.onnx.check import check_model, report
     from mixq_onnx.onnx.export import export_onnx
 
     plain = export_onnx(tmp_path / "a.onnx", quantized=world["q"])
     assert external_data_files(plain) == []
-    monkeypatch.setattr(storage, "EXTERNAL_DATA_ABOVE", 100_000)
+    whole = graph.GraphIndex.load(plain, infer_shapes=True, input_shapes={"input": [3, 3, 32, 32]})
+    monkeypatch.setattr(graph, "EXTERNAL_DATA_ABOVE", 100_000)
     auto = export_onnx(tmp_path / "b.onnx", quantized=world["q"])
     (loc,) = external_data_files(auto)
     assert (tmp_path / loc).stat().st_size > 100_000
     assert export_onnx(tmp_path / "c.onnx", quantized=world["q"], external_data=False)
     assert external_data_files(tmp_path / "c.onnx") == []
+    # above the size, onnx's checker reads the graph by its path and shape inference runs on the structure alone
+    # (what a 2.5 GB graph needs): the same verdict and the same shapes as the whole single-file graph
+    ix = graph.GraphIndex.load(auto, infer_shapes=True, input_shapes={"input": [3, 3, 32, 32]})
+    assert ix.structure() is not ix.model and not graph.uses_external_data(ix.model)
+    assert ix.shapes == whole.shapes and len([s for s in ix.shapes.values() if s and -1 not in s]) > 100
+    assert report(check_model(auto)) == report(check_model(plain)) and report(check_model(auto))["ok"]
 
 
 def test_an_external_data_graph_builds_and_inspects_like_the_single_file(world, tmp_path, run_cli):

@@ -212,7 +212,7 @@ GRAPH_OURS = ("an ONNX graph", written_by_mixq)  # `check_output_file(ours=...)`
 
 def save_model(model, out: str | os.PathLike, overwrite: bool = False, external_data: bool | None = None) -> Path:
     """Check and write an exported graph (`storage.write_graph`): with its weights in a data file beside it when
-    `external_data`, or (None) when they pass `storage.EXTERNAL_DATA_ABOVE`, as protobuf's 2 GiB limit needs."""
+    `external_data`, or (None) when they pass `graph.EXTERNAL_DATA_ABOVE`, as protobuf's 2 GiB limit needs."""
     from .storage import write_graph
 
     out = check_output_file(out, refuse_suffixes=OTHER_KINDS, ours=GRAPH_OURS, overwrite=overwrite)

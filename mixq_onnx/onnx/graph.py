@@ -67,9 +67,11 @@ def load_model(path: str | os.PathLike, external_data: bool = True, *, infer_sha
         from .passes import set_input_shapes
 
         set_input_shapes(model, input_shapes)
-    if infer_shapes:
+    external = uses_external_data(model)
+    late = external and external_data and not too_big_to_serialize(path, model)  # as before: on the whole model
+    if infer_shapes and not late:
         model = inferred_shapes(model)
-    if external_data and uses_external_data(model):
+    if external_data and external:
         from onnx.external_data_helper import load_external_data_for_model
 
         try:  # onnx's own loader: it refuses a location outside the folder, a link, a short file
@@ -79,7 +81,31 @@ def load_model(path: str | os.PathLike, external_data: bool = True, *, infer_sha
                             f"{' '.join(str(e).split())[:200]}") from None
         if model.producer_name == "mixq-onnx":
             graph_sha256(path)  # its data files hash to the digests their names record, or a one-line error
+    if infer_shapes and late:
+        model = inferred_shapes(model)
     return model
+
+
+#: Weight bytes above which a graph is written with its weights in a data file (`storage.write_graph`), and read
+#: with onnx's checker and shape inference on its structure alone: protobuf cannot serialize a message of
+#: 2 GiB or more, and the nodes and inline constants need their share.
+EXTERNAL_DATA_ABOVE = 3 << 29  # 1.5 GiB
+
+
+def too_big_to_serialize(path: Path, light: Any) -> bool:
+    """Whether the external data that `light` (a graph at `path`, loaded without it) names passes
+    `EXTERNAL_DATA_ABOVE`: then the whole model cannot go through onnx's serializing checks. Smaller graphs with
+    external data are checked whole, as before (a shape tensor a user's tool put outside still counts)."""
+    from onnx.external_data_helper import ExternalDataInfo
+    from onnx.external_data_helper import uses_external_data as external
+
+    size = 0
+    for loc in {ExternalDataInfo(t).location for t in tensors(light.graph) if external(t)}:
+        try:
+            size += (path.parent / loc).stat().st_size
+        except (OSError, ValueError):
+            pass  # the loader reports it
+    return size > EXTERNAL_DATA_ABOVE
 
 
 def inferred_shapes(model: Any) -> Any:
@@ -230,14 +256,14 @@ class GraphIndex:
         return cls(model, path=path)
 
     def structure(self) -> Any:
-        """The ModelProto without the bytes of its external data (onnx's checker and shape inference serialize
-        what they are given, which protobuf cannot do at 2 GiB): read again from `path` when the graph keeps its
-        weights in a data file, else the model itself."""
+        """The ModelProto for onnx's checker and shape inference, which serialize what they are given (protobuf
+        cannot at 2 GiB): read again from `path` without its external data when that passes
+        `EXTERNAL_DATA_ABOVE`, else the model itself."""
         if self.path is None:
             return self.model
         if self._structure is None:
             light = load_model(self.path, external_data=False)
-            self._structure = light if uses_external_data(light) else self.model
+            self._structure = light if too_big_to_serialize(self.path, light) else self.model
         return self._structure
 
     # ---------------------------------------------------------------- structure

@@ -1,6 +1,6 @@
 """Where a written ONNX graph's bytes live: one file, or the graph file plus one external-data file beside it.
 
-protobuf cannot serialize a message of 2 GiB or more, so a graph whose weights pass `EXTERNAL_DATA_ABOVE`
+protobuf cannot serialize a message of 2 GiB or more, so a graph whose weights pass `graph.EXTERNAL_DATA_ABOVE`
 (a float ViT-H/14 is 2.5 GB) keeps them in `<graph file name>.<16 hex digits of their sha256>.data`
 (`graph.data_file_name`); onnxruntime, onnx's checker and the TensorRT parsers read it from the graph's folder.
 Both files are written under a temporary folder beside the output and renamed into place, data first: the data
@@ -19,11 +19,9 @@ from typing import Any
 
 from ..errors import MixqError
 from ..utils import atomic_path, current_umask, sha256_file, sweep_stale_tmp, tmp_prefix
+from . import graph
 from .graph import data_file_name, external_data_files, load_model, recorded_digest, tensors
 
-#: Initializer bytes above which a graph is written with its weights in a data file (protobuf's limit is 2 GiB
-#: for the whole message; the nodes and inline constants need their share).
-EXTERNAL_DATA_ABOVE = 3 << 29  # 1.5 GiB
 INLINE_MAX = 1024  # tensors up to this many bytes stay in the graph file (shape tensors, scales, zero points)
 
 
@@ -50,13 +48,13 @@ def own_data_files(path: Path) -> list[str]:
 
 def write_graph(model: Any, out: str | os.PathLike, external: bool | None = None) -> Path:
     """Write `model` (an onnx-ir Model or a ModelProto) to `out` atomically; `external` None: with a data file
-    exactly when its weights pass `EXTERNAL_DATA_ABOVE`. Data files of the graph it replaces that mixq-onnx
+    exactly when its weights pass `graph.EXTERNAL_DATA_ABOVE`. Data files of the graph it replaces that mixq-onnx
     named are removed once the new graph is in place; nothing else is. Checked with onnx.checker (by path,
     which reads the data file as a runtime does) before anything is renamed."""
     import onnx
 
     out = Path(out)
-    external = weight_bytes(model) > EXTERNAL_DATA_ABOVE if external is None else external
+    external = weight_bytes(model) > graph.EXTERNAL_DATA_ABOVE if external is None else external
     stale = own_data_files(out)
     if not external:
         proto = model if isinstance(model, onnx.ModelProto) else _to_proto(model)
