@@ -92,7 +92,8 @@ def test_export_never_replaces_a_file_of_another_content_at_the_data_files_name(
 def test_the_weights_go_to_a_data_file_by_themselves_above_the_threshold(world, tmp_path, monkeypatch):
     """The default decides by the weights' bytes (1.5 GiB here; a 2.5 GB ViT-H export is in
     docs/benchmarks.md, section large-graphs): lowered, so that this small graph crosses it."""
-    from mixq_onnx.onnx import graph
+    from mixq_onnx.errors import MixqError
+    from mixq_onnx.onnx import graph, storage
     from mixq_onnx.onnx.check import check_model, report
     from mixq_onnx.onnx.export import export_onnx
 
@@ -105,6 +106,10 @@ def test_the_weights_go_to_a_data_file_by_themselves_above_the_threshold(world, 
     assert (tmp_path / loc).stat().st_size > 100_000
     assert export_onnx(tmp_path / "c.onnx", quantized=world["q"], external_data=False)
     assert external_data_files(tmp_path / "c.onnx") == []
+    monkeypatch.setattr(storage, "SINGLE_FILE_MAX", 100_000)  # protobuf's 2 GiB, lowered likewise
+    with pytest.raises(MixqError, match="one ONNX file holds less than 2 GiB.*drop --single-file"):
+        export_onnx(tmp_path / "d.onnx", quantized=world["q"], external_data=False)
+    assert not (tmp_path / "d.onnx").exists()
     # above the size, onnx's checker reads the graph by its path and shape inference runs on the structure alone
     # (what a 2.5 GB graph needs): the same verdict and the same shapes as the whole single-file graph
     ix = graph.GraphIndex.load(auto, infer_shapes=True, input_shapes={"input": [3, 3, 32, 32]})

@@ -22,6 +22,7 @@ from ..utils import atomic_path, current_umask, sha256_file, sweep_stale_tmp, tm
 from . import graph
 from .graph import data_file_name, external_data_files, load_model, recorded_digest, tensors
 
+SINGLE_FILE_MAX = 1 << 31  # protobuf's limit on one message: no graph file holds this many bytes of weights
 INLINE_MAX = 1024  # tensors up to this many bytes stay in the graph file (shape tensors, scales, zero points)
 
 
@@ -54,7 +55,11 @@ def write_graph(model: Any, out: str | os.PathLike, external: bool | None = None
     import onnx
 
     out = Path(out)
-    external = weight_bytes(model) > graph.EXTERNAL_DATA_ABOVE if external is None else external
+    size = weight_bytes(model)
+    external = size > graph.EXTERNAL_DATA_ABOVE if external is None else external
+    if not external and size >= SINGLE_FILE_MAX:
+        raise MixqError(f"the weights are {size / 1e9:.2f} GB and one ONNX file holds less than 2 GiB (protobuf): "
+                        "drop --single-file to write them to a data file beside the graph")
     stale = own_data_files(out)
     if not external:
         proto = model if isinstance(model, onnx.ModelProto) else _to_proto(model)
