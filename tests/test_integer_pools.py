@@ -342,7 +342,10 @@ def test_a_ceil_mode_pool_is_an_integer_pool_where_it_has_whole_windows(size, in
     path = export_qdq(q, tmp_path / "m.onnx")
     assert report(check_model(path))["ok"]
     pools = [n for n in onnx.load(str(path)).graph.node if n.op_type == "AveragePool"]
-    assert len(pools) == 1 and any(a.name == "ceil_mode" and a.i == 1 for a in pools[0].attribute)
+    if integer:  # whole windows: the mean of a window view of the codes (passes.tiled_average_pools, below)
+        assert pools == [] and len(_tiled_means(path)) == 1
+    else:
+        assert len(pools) == 1 and any(a.name == "ceil_mode" and a.i == 1 for a in pools[0].attribute)
     requant = [n for n in onnx.load(str(path)).graph.node if any(p.key == REQUANT_KEY for p in n.metadata_props)
                and {p.key: p.value for p in n.metadata_props}["mixq.quantizer"] == "down.input"]
     assert len(requant) == int(integer)  # (the global mean before fc is an integer pool in either case)
@@ -354,3 +357,69 @@ def test_a_ceil_mode_pool_is_an_integer_pool_where_it_has_whole_windows(size, in
     save_quantized(old, tmp_path / "old")
     back = load_quantized(ShortcutNet(size).eval(), tmp_path / "old")
     assert not isinstance(back.pool, QuantPool) and torch.equal(back(calib[:8]), old(calib[:8]))
+
+
+def _tiled_means(path) -> list:
+    """The ReduceMean nodes that average a window view of quantized codes: Q -> Reshape -> DQ -> ReduceMean."""
+    g = onnx.load(str(path)).graph
+    prod = {o: n for n in g.node for o in n.output}
+    out = []
+    for n in g.node:
+        dq = prod.get(n.input[0]) if n.op_type == "ReduceMean" else None
+        view = prod.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+        if view is not None and view.op_type == "Reshape" and prod[view.input[0]].op_type == "QuantizeLinear":
+            out.append(n)
+    return out
+
+
+class TwoReaders(ShortcutNet):
+    """The shortcut pool's input also feeds the block's strided conv (ResNet-D's block input): one quantizer, two
+    readers of its DQ."""
+
+    def __init__(self, size: int):
+        super().__init__(size)
+        self.conv2 = nn.Conv2d(16, 24, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv1(x))
+        y = self.down(self.pool(h)) + self.conv2(h)
+        return self.fc(torch.relu(y).mean((2, 3)))
+
+
+@pytest.mark.parametrize("net,bits", [(ShortcutNet, 8), (TwoReaders, 4)])
+def test_a_pool_of_whole_windows_averages_a_window_view_of_the_codes(net, bits, tmp_path):
+    """TensorRT-RTX ran every AveragePool on float input, between two float hand-offs. A 2x2 stride-2 pool over
+    whole windows is exported as a Reshape of the INT8 codes into windows, their DQ and a ReduceMean: the same
+    mean, exact in onnxruntime with or without its optimizations (a Reshape after the DQ made its QDQ propagation
+    build an invalid graph), and fused by TensorRT-RTX into the kernel before it."""
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    model = net(8).eval()
+    calib = get_preprocessing(model)(_images(64, 8, seed=1))
+    q = quantize(model, QuantConfig(wbits=bits, abits=bits, method="rtn", scale_grid=10), calib, progress=False)
+    path = export_qdq(q, tmp_path / "m.onnx")
+    nodes = onnx.load(str(path)).graph.node
+    assert not any(n.op_type == "AveragePool" for n in nodes)
+    (mean,) = _tiled_means(path)
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in mean.attribute}
+    counts = json.loads({m.key: m.value for m in onnx.load(str(path)).metadata_props}["mixq.counts"])
+    assert attrs == {"keepdims": 0} and counts["tiled_pools"] == 1
+    assert report(check_model(path))["ok"]
+    rep = verify_onnx(path, q, _images(200, 8, seed=2))
+    assert rep.max_abs_diff == 0.0 and rep.code_mismatch_fraction == 0.0 and rep.optimized_max_abs_diff == 0.0, rep
+    x = get_preprocessing(model)(_images(16, 8, seed=3)).numpy()
+    outs = []
+    for level in (ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
+        so = ort.SessionOptions()
+        so.graph_optimization_level = level
+        outs.append(ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]).run(None, {"input": x})[0])
+    assert np.array_equal(outs[0], outs[1])
+    pytest.importorskip("tensorrt_rtx")
+    from mixq_onnx.trt.builder import BuildConfig, build_engine
+    from mixq_onnx.trt.inspect import inspect_plan
+
+    build_engine(path, tmp_path / "m.plan", BuildConfig(backend="tensorrt-rtx", batch=(1, 1, 1)))
+    eng = inspect_plan(tmp_path / "m.plan")
+    assert not any("AveragePool" in li["name"] for li in eng.layers), [li["name"] for li in eng.layers]
+    assert eng.int8_mac_fraction == 1.0

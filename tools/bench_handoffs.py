@@ -9,6 +9,7 @@ layers and hand-offs as `inspect` counts them.
     python tools/bench_handoffs.py --constant-moves  # section "handoffs-constants": LeViT with/without the fold
     python tools/bench_handoffs.py --leaves          # section "handoffs-leaves": revisions 3 and 4 on timm fx leaves
     python tools/bench_handoffs.py --ceil-pools      # section "handoffs-ceil-pools": revisions 4 and 5, ResNet-D
+    python tools/bench_handoffs.py --tiled-pools     # section "handoffs-tiled-pools": AveragePool vs window means
 
 Quantization runs as a user runs it (`python -m mixq_onnx.cli quantize ... --threads 1`, preset fast, a real
 calibration cache of 1,024 images); a finished result folder under runs/bench_handoffs is reused (--fresh redoes
@@ -611,6 +612,88 @@ def constant_moves() -> str:
     return "\n".join(lines) + "\n"
 
 
+#: (timm model, input size) of `--tiled-pools`: pools over whole windows (ResNet-D's, NF-RegNet's and ResNeSt's
+#: downsampling shortcuts)
+TILED_POOL_MODELS = (("resnet26d", 64), ("resnet26d", 224), ("nf_regnet_b0", 64), ("resnest14d", 64))
+
+
+def tiled_pools(before_ref: str) -> str:
+    """The same result folders exported by `--before-ref` (AveragePool) and by this checkout (a window view of the
+    codes and a ReduceMean, `passes.tiled_average_pools`), each built with TensorRT-RTX."""
+    import collections
+    import tempfile
+
+    import onnx
+    import tensorrt_rtx
+    import torch
+    from bench_threads import worktree
+
+    from mixq_onnx.models import load_model
+    from mixq_onnx.onnx import export_qdq
+    from mixq_onnx.onnx.check import check_model, report
+    from mixq_onnx.onnx.verify import verify_onnx
+    from mixq_onnx.quant import QuantConfig, quantize, save_quantized
+    from mixq_onnx.trt.builder import BuildConfig, build_engine
+    from mixq_onnx.trt.inspect import inspect_plan
+
+    before = worktree(before_ref)
+    torch.set_num_threads(1)
+    lines = [
+        "## handoffs-tiled-pools: pools over whole windows as a mean of a window view of the codes", "",
+        f"`python tools/bench_handoffs.py --tiled-pools --before-ref {before_ref}` · {stamp()} · backend tensorrt-rtx "
+        f"{tensorrt_rtx.__version__}", "",
+        "TensorRT-RTX on this CPU runs an ONNX AveragePool on float input, so each downsampling shortcut pool of "
+        "ResNet-D, NF-RegNet and ResNeSt cost two float hand-offs even as an integer pool (section "
+        "handoffs-ceil-pools). The exporter now writes a pool whose kernel equals its stride and tiles the input "
+        "as Q -> Reshape into windows (INT8 codes) -> DQ -> ReduceMean over the window axes "
+        "(`passes.tiled_average_pools`): the same mean of the same codes. Each result folder (random weights, "
+        "`quantize --method rtn`, 8 clipping ratios, first and last layer 8-bit) is exported by the commit "
+        f"before the change ({before_ref}, *before*) and by this one (*after*); `check`, `verify` on 4 random "
+        "images (exact run and onnxruntime's optimized run), and the TensorRT-RTX engine at batch 1 (`inspect`: "
+        "hand-offs = reformat/requantize layers + float hand-offs, with the bytes they move per inference; "
+        "fallbacks = standalone requantize or Clip layers and layers reading a float tensor whose Q/DQ pair is "
+        "bypassed).", "",
+        "| model | input | W/A | export | AveragePool nodes | check | verify max abs diff (exact / optimized) | "
+        "engine layers | hand-offs | hand-off KiB | fallbacks | int8 MAC % |",
+        "|---|---:|---|---|---:|---|---|---:|---:|---:|---:|---:|",
+    ]
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    env["PYTHONPATH"] = str(before)
+    with tempfile.TemporaryDirectory() as tmp:
+        for spec, size in TILED_POOL_MODELS:
+            model = load_model(spec, random_init=True, input_size=size)
+            calib = torch.randn(8, 3, size, size, generator=torch.Generator().manual_seed(0))
+            images = torch.randint(0, 256, (4, size, size, 3), dtype=torch.uint8,
+                                   generator=torch.Generator().manual_seed(1))
+            for bits in (8, 4):
+                qm = quantize(model, QuantConfig(wbits=bits, abits=bits, method="rtn", scale_grid=8), calib,
+                              progress=False)
+                folder = save_quantized(qm, Path(tmp) / f"{spec}-{size}-{bits}")
+                graphs = {"before": folder.with_suffix(".before.onnx"), "after": folder.with_suffix(".after.onnx")}
+                r = subprocess.run([sys.executable, "-m", "mixq_onnx.cli", "export", "--quantized", str(folder),
+                                    "--out", str(graphs["before"])], cwd=before, env=env, capture_output=True,
+                                   text=True)
+                if r.returncode:
+                    raise SystemExit(f"export at {before_ref} failed:\n{r.stderr[-2000:]}")
+                export_qdq(qm, graphs["after"])
+                for tag, path in graphs.items():
+                    ops = collections.Counter(n.op_type for n in onnx.load(str(path)).graph.node)
+                    ok = "ok" if report(check_model(path))["ok"] else "FAILED"
+                    v = verify_onnx(path, qm, images)
+                    plan = path.with_suffix(".plan")
+                    build_engine(path, plan, BuildConfig(backend="tensorrt-rtx", batch=(1, 1, 1)))
+                    eng = inspect_plan(plan)
+                    row = (f"| {spec} | {size} | W{bits}A{bits} | {tag} | {ops['AveragePool']} | {ok} | "
+                           f"{v.max_abs_diff:.3g} / {v.optimized_max_abs_diff:.3g} | {len(eng.layers)} | "
+                           f"{eng.handoffs} | {eng.handoff_bytes / 1024:.0f} | {len(eng.fallbacks)} | "
+                           f"{100 * eng.int8_mac_fraction:.2f} |")
+                    print(row, flush=True)
+                    lines.append(row)
+    lines += ["", "The AveragePool nodes left *after* are pools that do not tile their input (ResNeSt's 3x3 stride-2 "
+              "pool with padding, and those of sizes the kernel does not divide): they stay AveragePool."]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", default="0,1,2", help="comma list; 0 is the full row [default: 0,1,2]")
@@ -629,7 +712,17 @@ def main() -> None:
                     help="placement revisions 3 and 4 on timm layouts with fx leaves (section handoffs-leaves)")
     ap.add_argument("--ceil-pools", action="store_true",
                     help="placement revisions 4 and 5 on ResNet-D and NF-RegNet (section handoffs-ceil-pools)")
+    ap.add_argument("--tiled-pools", action="store_true",
+                    help="pools over whole windows exported before (--before-ref) and after the window-view mean "
+                         "(section handoffs-tiled-pools)")
+    ap.add_argument("--before-ref", default="69a1b79", help="the 'before' commit of --tiled-pools")
     args = ap.parse_args()
+    if args.tiled_pools:
+        text = tiled_pools(args.before_ref)
+        print(text)
+        if not args.no_doc:
+            update_section("handoffs-tiled-pools", text)
+        return
     for flag, make, section in ((args.ceil_pools, ceil_pools, "handoffs-ceil-pools"),
                                 (args.leaves, leaves, "handoffs-leaves"),
                                 (args.constant_moves, constant_moves, "handoffs-constants"),

@@ -309,12 +309,15 @@ def _requantized(g: GraphIndex, pool: Any) -> bool:
 
 @rule("qdq-scale-pair")
 def _qdq_scale_pair(g: GraphIndex) -> Iterator[Finding]:
-    """Q -> DQ with different scales. Only the integer layout's DQ(codes, scale 1) is legitimate, and only
-    when every reader is a Conv/Gemm/MatMul whose output is rescaled by a constant Mul, or an average pool
-    whose output is requantized (passes.integer_pools: its [Clip ->] Q carries `mixq.requantize`)."""
+    """Q -> DQ with different scales (a Reshape between them too: a tiled pool's window view). Only the integer
+    layout's DQ(codes, scale 1) is legitimate, and only when every reader is a Conv/Gemm/MatMul whose output is
+    rescaled by a constant Mul, or an average pool whose output is requantized (passes.integer_pools: its
+    [Clip ->] Q carries `mixq.requantize`)."""
     const = g.folded_constants()
     for n in _nodes(g, "DequantizeLinear"):
         q = g.producer.get(n.input[0])
+        while q is not None and q.op_type == "Reshape":  # a tiled pool's window view of the codes
+            q = g.producer.get(q.input[0])
         if q is None:
             continue
         sq, sd = _scale(g, q), _scale(g, n)

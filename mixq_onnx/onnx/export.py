@@ -44,6 +44,7 @@ from .passes import (
     replace_uses,
     sink_dequantize,
     split_fused_qkv,
+    tiled_average_pools,
 )
 
 OPSET = 21
@@ -277,6 +278,9 @@ def export_qdq(qmodel: nn.Module, out: str | os.PathLike, layout: str = "integer
                                       for m in qmodel.modules() if isinstance(m, QuantPool)})
         if pools:  # only then: graphs without pool quantizers keep their counts (and bytes) as before
             counts["integer_pools"] = pools
+    tiled = tiled_average_pools(model)
+    if tiled:  # only then: graphs without such pools keep their counts (and bytes) as before
+        counts["tiled_pools"] = tiled
     finalize_model(model, {
         "mixq.layout": layout,
         "mixq.preprocessing": _preprocessing(qmodel),
