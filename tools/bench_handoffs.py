@@ -486,10 +486,11 @@ CEIL_POOLS_NOTE = ("What changes: each shortcut pool's requantize for its 1x1 co
                    "kernel or a bypassed Q/DQ pair (fallbacks above: resnet26d 3 -> 0 at W8A8), and the pool reads "
                    "the same shared quantizer as the block's first conv (the placements joined in the last table), "
                    "so `verify` is exact by construction, not by luck of the summation order. What does not: "
-                   "TensorRT-RTX on this CPU still runs the AveragePool layer itself on float input (the "
-                   "DequantizeLinear fused into the kernel before it), so engine layers and hand-offs stay as they "
-                   "were; whether the data-centre TensorRT builds an INT8 pooling layer here cannot be measured on "
-                   "this machine.")
+                   "exported as an AveragePool (until commit f8f0de3), the pool ran on float input in TensorRT-RTX "
+                   "on this CPU (the DequantizeLinear fused into the kernel before it), so engine layers and "
+                   "hand-offs stayed as they were; since f8f0de3 the exporter writes such a pool, under either "
+                   "revision, as a mean of a window view of the codes, which TensorRT-RTX fuses (section "
+                   "handoffs-tiled-pools).")
 
 
 def ceil_pools() -> str:
