@@ -6,7 +6,7 @@ protobuf cannot serialize a message of 2 GiB or more, so a graph whose weights p
 Both files are written under a temporary folder beside the output and renamed into place, data first: the data
 file's name changes with its content, so a crash between the two renames leaves the old graph with its old data
 or the new graph with its new data, never a graph beside weights it was not written with. Readers check the
-digest in the name (`graph.graph_sha256`, `check`'s external-data rule).
+digest in the name (`graph.graph_sha256`, which `graph.load_model` runs for every reader of a mixq-onnx graph).
 """
 from __future__ import annotations
 
@@ -102,40 +102,40 @@ def _write_external(model: Any, out: Path) -> str:
     except OSError as e:
         raise MixqError(f"cannot write {out}: {e.strerror or e}") from None
     try:
-        graph, raw = work / out.name, work / "weights.data"
+        gfile, raw = work / out.name, work / "weights.data"
         if isinstance(model, onnx.ModelProto):  # converts `model`'s tensors to references, in place
-            onnx.save_model(model, str(graph), save_as_external_data=True, all_tensors_to_one_file=True,
+            onnx.save_model(model, str(gfile), save_as_external_data=True, all_tensors_to_one_file=True,
                             location=raw.name, size_threshold=INLINE_MAX)
         else:
             import onnx_ir as ir
 
-            ir.save(model, graph, external_data=raw.name, size_threshold_bytes=INLINE_MAX)
+            ir.save(model, gfile, external_data=raw.name, size_threshold_bytes=INLINE_MAX)
         if not raw.is_file():  # no tensor above INLINE_MAX: the graph is whole without a data file
-            _check(graph)
-            os.chmod(graph, out.stat().st_mode & 0o777 if out.is_file() else 0o666 & ~current_umask())
-            os.replace(graph, out)
+            _check(gfile)
+            os.chmod(gfile, out.stat().st_mode & 0o777 if out.is_file() else 0o666 & ~current_umask())
+            os.replace(gfile, out)
             return ""
         digest = sha256_file(raw)
         loc = data_file_name(out.name, digest)
-        light = onnx.load(str(graph), load_external_data=False)
+        light = onnx.load(str(gfile), load_external_data=False)
         for t in tensors(light.graph):
             for e in t.external_data:
                 if e.key == "location":
                     e.value = loc
-        onnx.save(light, str(graph))
+        onnx.save(light, str(gfile))
         os.replace(raw, work / loc)
-        _check(graph)
+        _check(gfile)
         dest = out.parent / loc
         if (dest.exists() or dest.is_symlink()) and not (dest.is_file() and not dest.is_symlink()
                                                          and sha256_file(dest) == digest):
             raise MixqError(f"{dest} exists and is not this graph's data: move it away and export again")
         mode = out.stat().st_mode & 0o777 if out.is_file() else 0o666 & ~current_umask()
-        for f in (work / loc, graph):
+        for f in (work / loc, gfile):
             os.chmod(f, mode)
             with open(f, "rb+") as fh:
                 os.fsync(fh.fileno())
         os.replace(work / loc, dest)
-        os.replace(graph, out)
+        os.replace(gfile, out)
         return loc
     except OSError as e:
         raise MixqError(f"cannot write {out}: {e.strerror or e}") from None
