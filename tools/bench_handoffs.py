@@ -359,6 +359,18 @@ PLACEMENT_MODELS = (("resnet18", 64), ("mobilenetv2_100", 64), ("efficientnet_b0
                     ("deit_tiny_patch16_224", 224), ("hrnet_w18_small", 64), ("levit_128s", 224))
 
 
+def _random_case(spec: str, size: int):
+    """A timm model with random weights at `size`, 8 seeded calibration tensors and 4 seeded uint8 images."""
+    import torch
+
+    from mixq_onnx.models import load_model
+
+    model = load_model(spec, random_init=True, input_size=size)
+    calib = torch.randn(8, 3, size, size, generator=torch.Generator().manual_seed(0))
+    images = torch.randint(0, 256, (4, size, size, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    return model, calib, images
+
+
 def _revision_rows(models: tuple[tuple[str, int], ...], revisions: tuple[int, ...], leaves: bool = False,
                    bits: int = 4) -> list[str]:
     """One table row per (model, placement revision): W4A4 (`bits`) round to nearest with random weights, export,
@@ -368,7 +380,6 @@ def _revision_rows(models: tuple[tuple[str, int], ...], revisions: tuple[int, ..
     import onnx
     import torch
 
-    from mixq_onnx.models import load_model
     from mixq_onnx.onnx import export_qdq
     from mixq_onnx.onnx.check import check_model, report
     from mixq_onnx.onnx.verify import verify_onnx
@@ -380,10 +391,7 @@ def _revision_rows(models: tuple[tuple[str, int], ...], revisions: tuple[int, ..
     lines = []
     with tempfile.TemporaryDirectory() as tmp:
         for spec, size in models:
-            model = load_model(spec, random_init=True, input_size=size)
-            calib = torch.randn(8, 3, size, size, generator=torch.Generator().manual_seed(0))
-            images = torch.randint(0, 256, (4, size, size, 3), dtype=torch.uint8,
-                                   generator=torch.Generator().manual_seed(1))
+            model, calib, images = _random_case(spec, size)
             for rev in revisions:
                 qm = quantize(model, QuantConfig(wbits=bits, abits=bits, method="rtn", scale_grid=8, placement=rev),
                               calib, progress=False)
@@ -629,7 +637,6 @@ def tiled_pools(before_ref: str) -> str:
     import torch
     from bench_threads import worktree
 
-    from mixq_onnx.models import load_model
     from mixq_onnx.onnx import export_qdq
     from mixq_onnx.onnx.check import check_model, report
     from mixq_onnx.onnx.verify import verify_onnx
@@ -662,10 +669,7 @@ def tiled_pools(before_ref: str) -> str:
     env["PYTHONPATH"] = str(before)
     with tempfile.TemporaryDirectory() as tmp:
         for spec, size in TILED_POOL_MODELS:
-            model = load_model(spec, random_init=True, input_size=size)
-            calib = torch.randn(8, 3, size, size, generator=torch.Generator().manual_seed(0))
-            images = torch.randint(0, 256, (4, size, size, 3), dtype=torch.uint8,
-                                   generator=torch.Generator().manual_seed(1))
+            model, calib, images = _random_case(spec, size)
             for bits in (8, 4):
                 qm = quantize(model, QuantConfig(wbits=bits, abits=bits, method="rtn", scale_grid=8), calib,
                               progress=False)

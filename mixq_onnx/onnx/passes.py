@@ -748,10 +748,30 @@ def fold_weight_transposes(model) -> int:
     return n
 
 
+def _unpadded(node) -> bool:
+    """A pool without padding or dilation (auto_pad NOTSET or VALID): each window holds only input elements."""
+    pads, dil, auto = (node.attributes.get(k) for k in ("pads", "dilations", "auto_pad"))
+    return not ((pads is not None and any(pads.as_ints())) or (dil is not None and any(d != 1 for d in dil.as_ints()))
+                or (auto is not None and auto.as_string() not in ("NOTSET", "VALID")))
+
+
+def _pool_to_mean(graph, node, values, axes, keepdims: int) -> None:
+    """Replace the pool `node` by ReduceMean(values, axes) under its name, metadata and output name."""
+    import onnx_ir as ir
+
+    mean = ir.node("ReduceMean", [values, axes], attributes={"keepdims": keepdims}, name=node.name,
+                   metadata_props=dict(node.metadata_props))
+    old, out = node.outputs[0], mean.outputs[0]
+    out.shape, out.type = old.shape, old.type
+    graph.insert_before(node, mean)
+    replace_uses(old, out)
+    graph.remove(node, safe=True)
+    out.name = old.name
+
+
 def global_average_pools(model) -> int:
     """AveragePool(kernel = the input's spatial size, no padding, no dilation) ==> ReduceMean(spatial axes,
     keepdims=1). The same mean of the same elements; returns the number of pools rewritten."""
-    import onnx_ir as ir
 
     graph = model.graph
     n = 0
@@ -764,25 +784,12 @@ def global_average_pools(model) -> int:
         if shape is None or kernel is None or len(shape) < 3:
             continue
         spatial = [d if isinstance(d, int) else None for d in list(shape)[2:]]
-        ks = list(kernel.as_ints())
-        pads = node.attributes.get("pads")
-        dil = node.attributes.get("dilations")
-        auto = node.attributes.get("auto_pad")
-        if (None in spatial or spatial != ks or (pads is not None and any(pads.as_ints()))
-                or (dil is not None and any(d != 1 for d in dil.as_ints()))
-                or (auto is not None and auto.as_string() not in ("NOTSET", "VALID"))):
+        if None in spatial or spatial != list(kernel.as_ints()) or not _unpadded(node):
             continue
         taken = _value_names(graph)
         axes = add_initializer(graph, _unique(graph, f"{node.name or 'pool'}.axes", taken),
                                np.arange(2, len(shape), dtype=np.int64))
-        mean = ir.node("ReduceMean", [x, axes], attributes={"keepdims": 1}, name=node.name,
-                       metadata_props=dict(node.metadata_props))
-        old, out = node.outputs[0], mean.outputs[0]
-        out.shape, out.type = old.shape, old.type
-        graph.insert_before(node, mean)
-        replace_uses(old, out)
-        graph.remove(node, safe=True)
-        out.name = old.name
+        _pool_to_mean(graph, node, x, axes, keepdims=1)
         n += 1
     return n
 
@@ -825,11 +832,7 @@ def tiled_average_pools(model) -> int:
             continue
         hw = [d if isinstance(d, int) else None for d in list(shape)[2:]]
         ks, ss = list(kernel.as_ints()), list(strides.as_ints())
-        pads, dil, auto = (node.attributes.get(k) for k in ("pads", "dilations", "auto_pad"))
-        if (None in hw or ks != ss or ks == hw or any(k < 1 or d % k for d, k in zip(hw, ks))
-                or (pads is not None and any(pads.as_ints()))
-                or (dil is not None and any(d != 1 for d in dil.as_ints()))
-                or (auto is not None and auto.as_string() not in ("NOTSET", "VALID"))):
+        if None in hw or ks != ss or ks == hw or any(k < 1 or d % k for d, k in zip(hw, ks)) or not _unpadded(node):
             continue
         (h, w), (kh, kw) = hw, ks
         view = ir.Shape([shape[0], shape[1], h // kh, kh, w // kw, kw])
@@ -857,14 +860,7 @@ def tiled_average_pools(model) -> int:
             own.outputs[0].type, own.outputs[0].shape = x.type or ir.TensorType(ir.DataType.FLOAT), view
             graph.insert_before(node, own)
             values = own.outputs[0]
-        mean = ir.node("ReduceMean", [values, axes], attributes={"keepdims": 0}, name=node.name,
-                       metadata_props=dict(node.metadata_props))
-        old, out = node.outputs[0], mean.outputs[0]
-        out.shape, out.type = old.shape, old.type
-        graph.insert_before(node, mean)
-        replace_uses(old, out)
-        graph.remove(node, safe=True)
-        out.name = old.name
+        _pool_to_mean(graph, node, values, axes, keepdims=0)
         n += 1
     return n
 
