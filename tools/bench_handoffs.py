@@ -371,6 +371,26 @@ def _random_case(spec: str, size: int):
     return model, calib, images
 
 
+def _measure(path: Path, qm, images):
+    """A graph's op counts, `check` verdict, `verify` report on `images` against `qm`, and its TensorRT-RTX engine
+    at batch 1 as `inspect` reports it (the plan written beside the graph)."""
+    import collections
+
+    import onnx
+
+    from mixq_onnx.onnx.check import check_model, report
+    from mixq_onnx.onnx.verify import verify_onnx
+    from mixq_onnx.trt.builder import BuildConfig, build_engine
+    from mixq_onnx.trt.inspect import inspect_plan
+
+    ops = collections.Counter(n.op_type for n in onnx.load(str(path)).graph.node)
+    ok = report(check_model(path))["ok"]
+    v = verify_onnx(path, qm, images)
+    plan = path.with_suffix(".plan")
+    build_engine(path, plan, BuildConfig(backend="tensorrt-rtx", batch=(1, 1, 1)))
+    return ops, ok, v, inspect_plan(plan)
+
+
 def _revision_rows(models: tuple[tuple[str, int], ...], revisions: tuple[int, ...], leaves: bool = False,
                    bits: int = 4) -> list[str]:
     """One table row per (model, placement revision): W4A4 (`bits`) round to nearest with random weights, export,
@@ -559,21 +579,15 @@ def constant_moves() -> str:
     """LeViT-128S exported with and without `passes.fold_constant_moves` (random weights, its attention-bias tables
     drawn as a trained net has them, W4A4 round to nearest): graph nodes, `check`, `verify` and the TensorRT-RTX
     engine at batch 1, side by side."""
-    import collections
     import tempfile
     from unittest import mock
 
-    import onnx
     import tensorrt_rtx
     import torch
 
     import mixq_onnx.onnx.export as ex
     from mixq_onnx.models import load_model
-    from mixq_onnx.onnx.check import check_model, report
-    from mixq_onnx.onnx.verify import verify_onnx
     from mixq_onnx.quant import QuantConfig, quantize
-    from mixq_onnx.trt.builder import BuildConfig, build_engine
-    from mixq_onnx.trt.inspect import inspect_plan
 
     torch.set_num_threads(1)
     spec, size = "levit_128s", 224
@@ -607,12 +621,7 @@ def constant_moves() -> str:
             else:
                 with mock.patch.object(ex, "fold_constant_moves", lambda m: 0):
                     ex.export_qdq(qm, path)
-            ops = collections.Counter(n.op_type for n in onnx.load(str(path)).graph.node)
-            ok = report(check_model(path))["ok"]
-            v = verify_onnx(path, qm, images)
-            plan = path.with_suffix(".plan")
-            build_engine(path, plan, BuildConfig(backend="tensorrt-rtx", batch=(1, 1, 1)))
-            eng = inspect_plan(plan)
+            ops, ok, v, eng = _measure(path, qm, images)
             row = (f"| {tag} | {sum(ops.values())} | {ops['GatherND']} | {ops['Transpose']} | {ok} | "
                    f"{v.max_abs_diff:.3g} | {len(eng.layers)} | {eng.handoffs} | {len(eng.fallbacks)} | "
                    f"{100 * eng.int8_mac_fraction:.2f} |")
@@ -629,20 +638,14 @@ TILED_POOL_MODELS = (("resnet26d", 64), ("resnet26d", 224), ("nf_regnet_b0", 64)
 def tiled_pools(before_ref: str) -> str:
     """The same result folders exported by `--before-ref` (AveragePool) and by this checkout (a window view of the
     codes and a ReduceMean, `passes.tiled_average_pools`), each built with TensorRT-RTX."""
-    import collections
     import tempfile
 
-    import onnx
     import tensorrt_rtx
     import torch
     from bench_threads import worktree
 
     from mixq_onnx.onnx import export_qdq
-    from mixq_onnx.onnx.check import check_model, report
-    from mixq_onnx.onnx.verify import verify_onnx
     from mixq_onnx.quant import QuantConfig, quantize, save_quantized
-    from mixq_onnx.trt.builder import BuildConfig, build_engine
-    from mixq_onnx.trt.inspect import inspect_plan
 
     before = worktree(before_ref)
     torch.set_num_threads(1)
@@ -682,13 +685,9 @@ def tiled_pools(before_ref: str) -> str:
                     raise SystemExit(f"export at {before_ref} failed:\n{r.stderr[-2000:]}")
                 export_qdq(qm, graphs["after"])
                 for tag, path in graphs.items():
-                    ops = collections.Counter(n.op_type for n in onnx.load(str(path)).graph.node)
-                    ok = "ok" if report(check_model(path))["ok"] else "FAILED"
-                    v = verify_onnx(path, qm, images)
-                    plan = path.with_suffix(".plan")
-                    build_engine(path, plan, BuildConfig(backend="tensorrt-rtx", batch=(1, 1, 1)))
-                    eng = inspect_plan(plan)
-                    row = (f"| {spec} | {size} | W{bits}A{bits} | {tag} | {ops['AveragePool']} | {ok} | "
+                    ops, ok, v, eng = _measure(path, qm, images)
+                    row = (f"| {spec} | {size} | W{bits}A{bits} | {tag} | {ops['AveragePool']} | "
+                           f"{'ok' if ok else 'FAILED'} | "
                            f"{v.max_abs_diff:.3g} / {v.optimized_max_abs_diff:.3g} | {len(eng.layers)} | "
                            f"{eng.handoffs} | {eng.handoff_bytes / 1024:.0f} | {len(eng.fallbacks)} | "
                            f"{100 * eng.int8_mac_fraction:.2f} |")

@@ -772,7 +772,6 @@ def _pool_to_mean(graph, node, values, axes, keepdims: int) -> None:
 def global_average_pools(model) -> int:
     """AveragePool(kernel = the input's spatial size, no padding, no dilation) ==> ReduceMean(spatial axes,
     keepdims=1). The same mean of the same elements; returns the number of pools rewritten."""
-
     graph = model.graph
     n = 0
     for node in list(graph):
