@@ -748,6 +748,11 @@ def fold_weight_transposes(model) -> int:
     return n
 
 
+def _average_pools(graph) -> list:
+    """The graph's AveragePool nodes with an input (a list: the rewrites replace them while iterating)."""
+    return [n for n in graph if n.op_type == "AveragePool" and n.domain in ("", "ai.onnx") and n.inputs]
+
+
 def _unpadded(node) -> bool:
     """A pool without padding or dilation (auto_pad NOTSET or VALID): each window holds only input elements."""
     pads, dil, auto = (node.attributes.get(k) for k in ("pads", "dilations", "auto_pad"))
@@ -774,9 +779,7 @@ def global_average_pools(model) -> int:
     keepdims=1). The same mean of the same elements; returns the number of pools rewritten."""
     graph = model.graph
     n = 0
-    for node in list(graph):
-        if node.op_type != "AveragePool" or node.domain not in ("", "ai.onnx") or not node.inputs:
-            continue
+    for node in _average_pools(graph):
         x = node.inputs[0]
         shape = x.shape if x is not None else None
         kernel = node.attributes.get("kernel_shape")
@@ -817,9 +820,7 @@ def tiled_average_pools(model) -> int:
 
     graph = model.graph
     n = 0
-    for node in list(graph):
-        if node.op_type != "AveragePool" or node.domain not in ("", "ai.onnx") or not node.inputs:
-            continue
+    for node in _average_pools(graph):
         x = node.inputs[0]
         dq = x.producer() if x is not None else None
         q = dq.inputs[0].producer() if dq is not None and dq.op_type == "DequantizeLinear" and dq.inputs[0] else None
