@@ -29,7 +29,7 @@ import torch.nn as nn
 
 from ..errors import MixqError
 from ..utils import check_output_file, make_parent
-from .graph import UNQUANTIZED_KEY
+from .graph import PRODUCER, UNQUANTIZED_KEY, written_by_mixq
 from .markers import DOMAIN, marker_mode, translation_table
 from .passes import (
     add_initializer,
@@ -184,7 +184,7 @@ def finalize_model(model, meta: dict[str, Any]) -> None:
     RemoveUnusedOpsetsPass()(model)
     model.opset_imports[""] = OPSET
     model.ir_version = IR_VERSION
-    model.producer_name = "mixq-onnx"
+    model.producer_name = PRODUCER
     from .. import __version__
 
     model.producer_version = __version__
@@ -199,13 +199,6 @@ def finalize_model(model, meta: dict[str, Any]) -> None:
 
 
 OTHER_KINDS = (".plan", ".json", ".safetensors", ".npz", ".npy", ".th", ".pt", ".pth")  # never an ONNX graph's name
-
-
-def written_by_mixq(path: Path) -> bool:
-    """True for an ONNX graph this tool exported (its producer_name): `export` replaces those, nothing else."""
-    import onnx
-
-    return onnx.load_model(str(path), load_external_data=False).producer_name == "mixq-onnx"
 
 
 GRAPH_OURS = ("an ONNX graph", written_by_mixq)  # `check_output_file(ours=...)` of every graph writer

@@ -79,7 +79,7 @@ def load_model(path: str | os.PathLike, external_data: bool = True, *, infer_sha
         except Exception as e:  # noqa: BLE001
             raise MixqError(f"cannot read the external data of {path}: {type(e).__name__}: "
                             f"{' '.join(str(e).split())[:200]}") from None
-        if model.producer_name == "mixq-onnx":
+        if model.producer_name == PRODUCER:
             graph_sha256(path)  # its data files hash to the digests their names record, or a one-line error
     if infer_shapes and late:
         model = inferred_shapes(model)
@@ -106,6 +106,15 @@ def too_big_to_serialize(path: Path, light: Any) -> bool:
         except (OSError, ValueError):
             pass  # the loader reports it
     return size > EXTERNAL_DATA_ABOVE
+
+
+PRODUCER = "mixq-onnx"  # the producer_name of every graph this tool writes
+
+
+def written_by_mixq(path: str | os.PathLike) -> bool:
+    """True for an ONNX graph this tool wrote (its producer_name): `export` replaces those, nothing else, and
+    only their data files carry a digest readers must check."""
+    return load_model(path, external_data=False).producer_name == PRODUCER
 
 
 def inferred_shapes(model: Any) -> Any:
@@ -186,7 +195,7 @@ def graph_sha256(path: str | os.PathLike) -> str:
     if not files:
         return own
     h = hashlib.sha256(own.encode())
-    ours = load_model(path, external_data=False).producer_name == "mixq-onnx"
+    ours = written_by_mixq(path)
     for loc in files:
         try:
             digest = sha256_file(path.parent / loc)

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from .graph import DATA_MOVE_OPS, FLOAT_LAYER_KEY, POOL_OPS, REQUANT_KEY, UNQUANTIZED_KEY
+from .graph import DATA_MOVE_OPS, FLOAT_LAYER_KEY, POOL_OPS, PRODUCER, REQUANT_KEY, UNQUANTIZED_KEY
 
 _LABELS3 = ("q", "k", "v")
 
@@ -636,7 +636,7 @@ def convert_to_fp16(src: str | Path, dst: str | Path) -> Path:
     del g.node[:]
     g.node.extend(nodes)
     del g.value_info[:]
-    m.producer_name = "mixq-onnx"  # this file is ours (a re-run of bench may replace it), whoever made `src`
+    m.producer_name = PRODUCER  # this file is ours (a re-run of bench may replace it), whoever made `src`
     from .storage import write_graph
 
     return write_graph(m, Path(dst))  # atomic, never through a link: bench writes it beside the plan; a data file

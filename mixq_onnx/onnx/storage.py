@@ -20,7 +20,7 @@ from typing import Any
 from ..errors import MixqError
 from ..utils import atomic_path, current_umask, sha256_file, sweep_stale_tmp, tmp_prefix
 from . import graph
-from .graph import data_file_name, external_data_files, load_model, recorded_digest, tensors
+from .graph import data_file_name, external_data_files, recorded_digest, tensors, written_by_mixq
 
 SINGLE_FILE_MAX = 1 << 31  # protobuf's limit on one message: no graph file holds this many bytes of weights
 INLINE_MAX = 1024  # tensors up to this many bytes stay in the graph file (shape tensors, scales, zero points)
@@ -40,7 +40,7 @@ def own_data_files(path: Path) -> list[str]:
     if not path.is_file() or path.is_symlink():
         return []
     try:
-        if load_model(path, external_data=False).producer_name != "mixq-onnx":
+        if not written_by_mixq(path):
             return []
         return [loc for loc in external_data_files(path) if "/" not in loc and recorded_digest(loc)]
     except MixqError:
