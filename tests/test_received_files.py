@@ -159,6 +159,44 @@ def test_external_data_is_read_from_the_graphs_folder_only(world, tmp_path, run_
     assert "symbolic link" in msg
 
 
+def test_build_checks_external_data_without_reading_it(world, tmp_path, run_cli):
+    """build handed the graph to TensorRT's parser only after onnx's loader had read every weight into memory to
+    check its location (2.5 GB for a float ViT-H, read again by the hash and the parser): the checks now look at
+    the files, and a received graph's linked folder, pipe or short data file is still refused before the parser."""
+    from mixq_onnx.onnx.graph import checked_external_data
+
+    folder = tmp_path / "nested"
+    good = _external(world["onnx"], folder)
+    assert checked_external_data(good) == ["w.bin"] and checked_external_data(world["onnx"]) == []
+    # the data in a linked subfolder: the link is the path's second part, not its last
+    (tmp_path / "outside").mkdir()
+    shutil.move(folder / "w.bin", tmp_path / "outside" / "w.bin")
+    m = onnx.load(str(good), load_external_data=False)
+    for t in m.graph.initializer:
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = "sub/w.bin"
+    onnx.save(m, str(good))
+    (folder / "sub").symlink_to(tmp_path / "outside", target_is_directory=True)
+    watch = [folder, tmp_path / "outside"]
+    msg = clean_error(run_cli, watch, "build", good, "--out", tmp_path / "o.plan", "--backend", "tensorrt-rtx")
+    assert "sub is a symbolic link" in msg and not (tmp_path / "o.plan").exists()
+    # a pipe where the data should be: refused at once (a reader would wait on it for ever)
+    (folder / "sub").unlink()
+    (folder / "sub").mkdir()
+    os.mkfifo(folder / "sub" / "w.bin")
+    msg = clean_error(run_cli, watch, "build", good, "--out", tmp_path / "o.plan", "--backend", "tensorrt-rtx")
+    assert "sub/w.bin is not a regular file" in msg
+    # a data file cut short: the tensor past its end is named
+    (folder / "sub" / "w.bin").unlink()
+    data = (tmp_path / "outside" / "w.bin").read_bytes()
+    (folder / "sub" / "w.bin").write_bytes(data[: len(data) // 2])
+    msg = clean_error(run_cli, watch, "build", good, "--out", tmp_path / "o.plan", "--backend", "tensorrt-rtx")
+    assert "lies beyond the end of sub/w.bin" in msg and "truncated" in msg
+    (folder / "sub" / "w.bin").write_bytes(data)  # whole again: the checks pass (build itself needs tensorrt_rtx)
+    assert checked_external_data(good) == ["sub/w.bin"]
+
+
 @pytest.fixture(scope="module")
 def plan(world, tmp_path_factory) -> Path:
     pytest.importorskip("tensorrt_rtx")

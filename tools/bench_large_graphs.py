@@ -3,6 +3,12 @@
 
     python tools/bench_large_graphs.py                        # float and W8A8 rows, before-ref b8c1c2a
     python tools/bench_large_graphs.py --skip-build           # without the TensorRT-RTX build (minutes, ~GBs)
+    python tools/bench_large_graphs.py --build-reads --before-ref cc31926   # section large-graphs-build
+
+`--build-reads`: what `build` reads of an external-data graph before and after it stopped loading the weights
+into memory to check their location (the W8A8 graph below; builds alternate before, after, before, after).
+Each build runs in its own process: peak resident memory from the kernel's rusage, bytes read through read()
+calls (`rchar` of /proc/self/io, page-cache hits included) at the process's exit.
 
 Rows:
 - *float, before*: `export --fp` at --before-ref (one file only: stops at "Failed to serialize proto").
@@ -29,6 +35,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_threads import worktree  # noqa: E402
 from benchmd import ROOT, stamp, update_section  # noqa: E402
+
+from mixq_onnx.onnx.graph import external_data_files  # noqa: E402
 
 MODEL = "vit_huge_patch14_224"
 WORK = ROOT / "runs" / "large_graphs"
@@ -60,9 +68,87 @@ def cli(src: Path, *args: str, check: bool = True) -> tuple[float, subprocess.Co
     return dt, r
 
 
-def sizes(graph: Path) -> str:
-    from mixq_onnx.onnx.graph import external_data_files
+READS_SHIM = """
+import atexit, sys
+def _io():
+    io = dict(line.split(": ") for line in open("/proc/self/io").read().splitlines())
+    print("MIXQ_IO", io["rchar"], file=sys.stderr)
+atexit.register(_io)
+sys.argv = ["mixq-onnx", *sys.argv[1:]]
+from mixq_onnx.cli import main
+main()
+"""
 
+
+def measured_cli(src: Path, *args: str) -> dict:
+    """One CLI process: wall s, peak RSS (GB) from wait4's rusage, bytes read() (GB), exit code."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    env["PYTHONPATH"] = str(src)
+    t = time.perf_counter()
+    p = subprocess.Popen([sys.executable, "-c", READS_SHIM, *map(str, args)], cwd=src, env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    err = p.stderr.read()
+    _, status, ru = os.wait4(p.pid, 0)
+    p.returncode = os.waitstatus_to_exitcode(status)
+    dt = time.perf_counter() - t
+    io = [ln.split()[1] for ln in err.splitlines() if ln.startswith("MIXQ_IO ")]
+    out = {"s": dt, "rss_gb": ru.ru_maxrss * 1024 / 1e9, "read_gb": int(io[-1]) / 1e9 if io else float("nan"),
+           "rc": p.returncode, "err": err}
+    print(f"{dt:7.1f} s  rc {p.returncode}  rss {out['rss_gb']:.2f} GB  read {out['read_gb']:.2f} GB  "
+          f"{' '.join(map(str, args[:2]))}", flush=True)
+    return out
+
+
+def build_reads(a: argparse.Namespace) -> None:
+    """Section large-graphs-build: `build` of the W8A8 external-data graph at --before-ref and here."""
+    work = WORK / "build_reads"
+    work.mkdir(parents=True)
+    _, r = cli(ROOT, "calib", "--generator", "noise", "--num", "4", "--size", "224", "--cache-root", work / "caches",
+               "-q")
+    cli(ROOT, "quantize", "--model", MODEL, "--random-weights", "--calib", r.stdout.strip().splitlines()[-1],
+        "--method", "rtn", "--wbits", "8", "--abits", "8", "--num-samples", "4", "--out", work / "w8a8", "-q")
+    q = work / "q" / "vith_w8a8.onnx"
+    cli(ROOT, "export", "--quantized", work / "w8a8", "--out", q, "--external-data")
+    before = worktree(a.before_ref)
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                          check=True).stdout.strip()
+    runs: dict[str, list[dict]] = {"before": [], "after": []}
+    for i in range(2):
+        for side, src in (("before", before), ("after", ROOT)):
+            plan = work / f"{side}{i}.plan"
+            res = measured_cli(src, "build", q, "--out", plan, "--backend", "tensorrt-rtx", "--batch", "1:1:1")
+            if res["rc"]:
+                raise SystemExit(f"build ({side}) failed:\n{res['err'][-2000:]}")
+            res["plan_gb"] = plan.stat().st_size / 1e9
+            runs[side].append(res)
+            plan.unlink()
+            Path(str(plan) + ".json").unlink()
+    data_gb = sum((q.parent / d).stat().st_size for d in external_data_files(q)) / 1e9
+    rows = []
+    for side, ref in (("before", a.before_ref), ("after", head)):
+        for i, res in enumerate(runs[side]):
+            rows.append(f"| {side} ({ref}) | {i + 1} | {res['s']:.1f} | {res['rss_gb']:.2f} | {res['read_gb']:.2f} | "
+                        f"{res['read_gb'] / data_gb:.1f} | {res['plan_gb']:.2f} |")
+    ratio = sum(r["s"] for r in runs["after"]) / sum(r["s"] for r in runs["before"])
+    text = "\n".join([
+        "## large-graphs-build: what `build` reads of an external-data graph", "",
+        f"`python tools/bench_large_graphs.py --build-reads --before-ref {a.before_ref}` · {stamp()}", "",
+        f"timm `{MODEL}`, random weights, W8A8 rtn, `export --external-data`: {sizes(q)}. `build --backend "
+        "tensorrt-rtx --batch 1:1:1`, each in its own process, alternating before and after. *peak RSS*: the "
+        "kernel's maximum resident set of the process; *read*: bytes through read() calls (/proc/self/io rchar at "
+        "exit: page-cache hits included, the library's own files and the interpreter's too); *reads of the data*: "
+        "read / data file size. Before, `require_onnx` loaded every weight into Python memory (onnx's "
+        "`load_external_data_for_model`) only to check the data's location, then `graph_sha256` hashed the file and "
+        "the parser read it; after, the location, link, file-type and bounds checks look at the file's metadata "
+        "(`graph.checked_external_data`), and the hash and the parser read it.", "",
+        "| code | run | s | peak RSS GB | read GB | reads of the data | plan GB |", "|---|---:|---:|---:|---:|---:|---:|",
+        *rows, "", f"Wall time after / before (sums over the two runs each, measured interleaved): {ratio:.2f}.", ""])
+    print(text)
+    if not a.no_doc:
+        update_section("large-graphs-build", text)
+
+
+def sizes(graph: Path) -> str:
     data = external_data_files(graph)
     gb = sum((graph.parent / d).stat().st_size for d in data) / 1e9
     return (f"graph {graph.stat().st_size / 1e6:.2f} MB + {data[0].split('.')[-2][:8]}….data {gb:.2f} GB"
@@ -75,10 +161,16 @@ def main() -> None:
     ap.add_argument("--skip-build", action="store_true")
     ap.add_argument("--clean", action="store_true", help="remove runs/large_graphs/ afterwards")
     ap.add_argument("--no-doc", action="store_true")
+    ap.add_argument("--build-reads", action="store_true", help="only section large-graphs-build (see above)")
     a = ap.parse_args()
     if WORK.exists():
         shutil.rmtree(WORK)
     WORK.mkdir(parents=True)
+    if a.build_reads:
+        build_reads(a)
+        if a.clean:
+            shutil.rmtree(WORK, ignore_errors=True)
+        return
     rows: list[str] = []
 
     before = worktree(a.before_ref)

@@ -170,6 +170,46 @@ def external_data_files(path: str | os.PathLike) -> list[str]:
     return sorted(found)
 
 
+def checked_external_data(path: str | os.PathLike) -> list[str]:
+    """`external_data_files`, each checked as onnx's loader checks it before it reads, but without reading:
+    no symbolic link from the graph's folder down to it, a regular file (not a FIFO a reader would wait on), and
+    every tensor's offset and length inside it. For a reader that hands the graph to another parser (TensorRT's
+    reads the data itself and checks none of this): it no longer loads gigabytes into memory only to check them."""
+    import stat
+
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    path = Path(path)
+    locations = external_data_files(path)
+    if not locations:
+        return locations
+    folder = path.parent
+    sizes: dict[str, int] = {}
+    for loc in locations:
+        cur = folder
+        for part in Path(loc).parts:
+            cur = cur / part
+            try:
+                st = os.lstat(cur)
+            except OSError as e:
+                raise MixqError(f"the external data of {path} is refused: {loc}: {e.strerror or e}") from None
+            if stat.S_ISLNK(st.st_mode):
+                raise MixqError(f"the external data of {path} is refused: {cur.relative_to(folder)} is a symbolic "
+                                "link (a received graph would read a file outside its folder)")
+        if not stat.S_ISREG(st.st_mode):
+            raise MixqError(f"the external data of {path} is refused: {loc} is not a regular file")
+        sizes[loc] = st.st_size
+    for t in tensors(load_model(path, external_data=False).graph):
+        if not uses_external_data(t):
+            continue
+        info = ExternalDataInfo(t)
+        size, start = sizes[Path(info.location).as_posix()], int(info.offset or 0)
+        if start > size or (info.length is not None and start + int(info.length) > size):
+            raise MixqError(f"the external data of {path} is refused: tensor {t.name!r} lies beyond the end of "
+                            f"{info.location} ({size} bytes; truncated?)")
+    return locations
+
+
 def data_file_name(graph_name: str, digest: str) -> str:
     """The name `export` gives a graph's external-data file: the graph's file name, the first 16 hex digits of the
     data's sha256, `.data` (`m.onnx.3f2a9c1d5e7b8a90.data`). A new export never overwrites the file an older graph

@@ -206,22 +206,16 @@ def _targets(trt: Any, cfg: BuildConfig, gpu: Any) -> tuple[str, list[str]]:
 
 def require_onnx(onnx_path: Path) -> None:
     """Refuse a file that is not an ONNX model before TensorRT's parser turns it into a confusing message, and
-    a graph whose external data lies outside its folder (absolute, `..`, a symbolic link): onnx's loader checks
-    that, the TensorRT parsers do not and would read whatever the received graph names."""
-    import onnx
+    a graph whose external data lies outside its folder (absolute, `..`, a symbolic link) or is shorter than it
+    says: the TensorRT parsers do not check that and would read whatever the received graph names. The data is
+    checked, not read: the parser reads it once (and `graph_sha256` once, for the plan's record)."""
+    from ..onnx.graph import checked_external_data, load_model
 
     try:
-        proto = onnx.load(str(onnx_path), load_external_data=False)
-    except Exception as e:  # noqa: BLE001 - any parse failure means the file is not ONNX
-        raise MixqError(f"{onnx_path} is not an ONNX model ({type(e).__name__}); build takes the .onnx from "
-                        "`mixq-onnx export`") from None
-    try:
-        from onnx.external_data_helper import load_external_data_for_model
-
-        load_external_data_for_model(proto, str(onnx_path.parent))
-    except Exception as e:  # noqa: BLE001 - onnx refuses locations outside the folder, links, short files
-        msg = " ".join(str(e).split())[:200] or type(e).__name__
-        raise MixqError(f"the external data of {onnx_path} is refused: {msg}") from None
+        proto = load_model(onnx_path, external_data=False)
+    except MixqError:
+        raise MixqError(f"{onnx_path} is not an ONNX model; build takes the .onnx from `mixq-onnx export`") from None
+    checked_external_data(onnx_path)
     if not proto.graph.output or not proto.graph.node:
         raise MixqError(f"{onnx_path} is not an ONNX model with a graph (no nodes or outputs); build takes the .onnx "
                         "from `mixq-onnx export`")
