@@ -176,3 +176,48 @@ def test_a_re_export_killed_between_its_renames_leaves_the_old_pair_whole(world,
     (new,) = external_data_files(out)
     assert new != old and sorted(p.name for p in tmp_path.glob("m.onnx.*.data")) == [new]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".m.onnx.")]
+
+
+def test_an_index_without_its_external_data_reads_each_constant_it_is_asked_for(world, tmp_path, run_cli):
+    """inspect (and build, for its report) loaded every weight into memory to read the scales: an index loaded
+    without its external data now reads a constant from the data file when asked, through onnx's checked reader."""
+    from mixq_onnx.errors import MixqError
+    from mixq_onnx.onnx.graph import GraphIndex
+
+    out = tmp_path / "m.onnx"
+    assert run_cli("export", "--quantized", world["q"], "--out", out, "--external-data").code == 0
+    whole, light = GraphIndex.load(out), GraphIndex.load(out, external_data=False)
+    external = [n for n, t in light.initializers.items() if t.data_location == 1]
+    assert len(external) > 10  # the weights (the small constants stay inline)
+    for name in light.initializers:
+        a, b = whole.value(name), light.value(name)
+        assert a.dtype == b.dtype and np.array_equal(a, b), name
+    assert all(t.data_location == 1 for t in (light.initializers[n] for n in external))  # the index is unchanged
+    (loc,) = external_data_files(out)
+    (tmp_path / loc).rename(tmp_path / "elsewhere.data")
+    (tmp_path / loc).symlink_to(tmp_path / "elsewhere.data")
+    fresh = GraphIndex.load(out, external_data=False)
+    with pytest.raises(MixqError, match="cannot read the external data"):
+        fresh.value(external[0])
+
+
+def test_a_file_hashed_again_after_any_write_even_with_its_times_put_back(tmp_path):
+    """sha256_file remembers large files' digests by their identity and times (build hashed one graph's data three
+    times): a write of the same size whose modification time is put back still changes the ctime."""
+    import hashlib
+    import os
+
+    from mixq_onnx.utils import MEMO_FROM
+
+    f = tmp_path / "w.bin"
+    data = bytearray(np.random.default_rng(0).integers(0, 256, MEMO_FROM + 7, dtype=np.uint8).tobytes())
+    f.write_bytes(bytes(data))
+    st = f.stat()
+    assert sha256_file(f) == sha256_file(f) == hashlib.sha256(data).hexdigest()
+    data[12345] ^= 1
+    with open(f, "r+b") as h:
+        h.seek(12345)
+        h.write(bytes([data[12345]]))
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert f.stat().st_size == st.st_size and f.stat().st_mtime_ns == st.st_mtime_ns
+    assert sha256_file(f) == hashlib.sha256(data).hexdigest()

@@ -359,7 +359,10 @@ class GraphIndex:
 
         a = None
         if tensor in self.initializers:
-            a = numpy_helper.to_array(self.initializers[tensor])
+            t = self.initializers[tensor]
+            if t.data_location == 1 and self.path is not None:  # EXTERNAL: loaded without its data (`load`)
+                t = self._read_external(t)
+            a = numpy_helper.to_array(t)
         elif tensor in self.constant_nodes:
             a = _constant_array(self.constant_nodes[tensor])
         if a is not None:
@@ -367,6 +370,22 @@ class GraphIndex:
             a.flags.writeable = False
         self._values[tensor] = a
         return a
+
+    def _read_external(self, t: Any) -> Any:
+        """A copy of initializer `t` with its bytes read from the data file beside `path` (onnx's checked
+        reader: inside the folder, no link, within the file): an index loaded without its external data reads
+        only the constants it is asked for, the scales, not the gigabytes of weights."""
+        from onnx import TensorProto
+        from onnx.external_data_helper import load_external_data_for_tensor
+
+        copy = TensorProto()
+        copy.CopyFrom(t)
+        try:
+            load_external_data_for_tensor(copy, str(self.path.parent))
+        except Exception as e:  # noqa: BLE001 - onnx refuses locations outside the folder, links, short files
+            raise MixqError(f"cannot read the external data of {self.path} ({t.name}): {type(e).__name__}: "
+                            f"{' '.join(str(e).split())[:200]}") from None
+        return copy
 
     def _tensor_proto(self, tensor: str) -> Any | None:
         if tensor in self.initializers:

@@ -156,7 +156,10 @@ class _Graph:
     def __init__(self, onnx_path: str | Path, input_shapes: dict[str, list[int]]):
         from ..onnx.graph import GraphIndex  # the onnx package imports torch: only when analyzing
 
-        self.index = ix = GraphIndex.load(onnx_path, infer_shapes=True, input_shapes=input_shapes)
+        # without its external data: a constant is read from the data file when asked for (the scales), and
+        # `inspect_plan` has compared the graph with its weights against the plan's record before this
+        self.index = ix = GraphIndex.load(onnx_path, external_data=False, infer_shapes=True,
+                                          input_shapes=input_shapes)
         self.nodes = ix.by_name
         # Engine layers name the ONNX nodes they run: a node whose name is empty or shared cannot be matched to
         # its layer, so its precision is not attributed (counted as not INT8, never as INT8).
