@@ -355,12 +355,12 @@ class GraphIndex:
         """A constant tensor's value (read-only numpy array), None for computed tensors."""
         if tensor in self._values:
             return self._values[tensor]
-        from onnx import numpy_helper
+        from onnx import TensorProto, numpy_helper
 
         a = None
         if tensor in self.initializers:
             t = self.initializers[tensor]
-            if t.data_location == 1 and self.path is not None:  # EXTERNAL: loaded without its data (`load`)
+            if t.data_location == TensorProto.EXTERNAL and self.path is not None:  # loaded without its data
                 t = self._read_external(t)
             a = numpy_helper.to_array(t)
         elif tensor in self.constant_nodes:
