@@ -141,3 +141,74 @@ def test_a_batchnorm_on_batch_statistics_is_kept_not_folded(tmp_path):
     assert rep["ok"] and not [v for v in rep["violations"] if v["rule"] == "unfolded-batchnorm"], rep
     v = verify_onnx(g, q, torch.randint(0, 256, (8, 8, 8, 3), dtype=torch.uint8))
     assert v.top1_agreement == 100.0 and v.max_abs_diff == 0.0
+
+
+class InputNorms(nn.Module):
+    """BatchNorms before layers: two classifier heads that each normalise one tensor (RepViT's and LeViT's
+    BatchNorm1d -> Dropout -> Linear), a BatchNorm2d before an unpadded 1x1 conv (folds), one before a padded conv
+    and one before a ReLU (neither folds: padding zeros and the ReLU are not linear in what the BN makes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn_pw, self.pw = nn.BatchNorm2d(8), nn.Conv2d(8, 8, 1)
+        self.bn_pad, self.pad = nn.BatchNorm2d(8), nn.Conv2d(8, 8, 3, padding=1)
+        self.bn_act, self.conv = nn.BatchNorm2d(8), nn.Conv2d(8, 8, 1)
+        self.bn_h, self.drop_h, self.head = nn.BatchNorm1d(8), nn.Dropout(0.0), nn.Linear(8, 10)
+        self.bn_d, self.drop_d, self.dist = nn.BatchNorm1d(8), nn.Dropout(0.0), nn.Linear(8, 10)
+        g = torch.Generator().manual_seed(0)
+        for m in self.modules():  # trained statistics: a fold that ignored one would change the output
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g))
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.weight.data.copy_(torch.randn(m.num_features, generator=g))
+                m.bias.data.copy_(torch.randn(m.num_features, generator=g))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.stem(x))
+        x = torch.relu(self.pw(self.bn_pw(x)))
+        x = torch.relu(self.pad(self.bn_pad(x)))
+        x = self.conv(torch.relu(self.bn_act(x)))
+        f = x.mean((2, 3))
+        return self.head(self.drop_h(self.bn_h(f))) + self.dist(self.drop_d(self.bn_d(f)))
+
+
+def _input_norms() -> nn.Module:
+    torch.manual_seed(0)
+    m = InputNorms().eval()
+    setattr(m, ATTR, Preprocessing(input_size=(3, 8, 8)))
+    return m
+
+
+def test_a_batchnorm_a_linear_or_unpadded_conv_alone_reads_folds_into_it_from_revision_6(tmp_path):
+    """Placement revision 6: the heads' BatchNorm1d and the 1x1 conv's BatchNorm2d fold into the layer after them
+    (exactly: the float network is unchanged), the two heads then read one tensor through one quantizer, and the
+    export keeps only the padded conv's and the ReLU's BatchNormalization. A revision-5 folder keeps all five."""
+    model = _input_norms()
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    bns = {}
+    for rev in (5, 6):
+        gm = prepare(model, QuantConfig(wbits=8, abits=8, first_last_bits=None, placement=rev))
+        set_quant_state(gm, weights=False, acts=False)
+        with torch.no_grad():
+            assert torch.allclose(gm(x), model(x), rtol=1e-4, atol=1e-4)
+        bns[rev] = sorted(n for n, m in gm.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
+    assert bns[5] == ["bn_act", "bn_d", "bn_h", "bn_pad", "bn_pw"] and bns[6] == ["bn_act", "bn_pad"]
+    calib = torch.randn(32, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    images = torch.randint(0, 256, (8, 8, 8, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    for rev in (5, 6):
+        q = quantize(model, QuantConfig(wbits=8, abits=8, method="rtn", first_last_bits=None, placement=rev), calib,
+                     progress=False)
+        heads = q.head.input_quantizer is q.dist.input_quantizer
+        assert heads == (rev == 6)
+        path = export_qdq(q, tmp_path / f"m{rev}.onnx")
+        ops = Counter(n.op_type for n in onnx.load(str(path)).graph.node)
+        assert ops["BatchNormalization"] == (5 if rev == 5 else 2)
+        rep = report(check_model(path))
+        assert rep["ok"] and not [v for v in rep["violations"] if v["rule"] == "duplicate-qdq"]
+        v = verify_onnx(path, q, images)
+        assert v.top1_agreement == 100.0 and v.max_abs_diff == 0.0 and v.code_mismatch_fraction == 0.0
+        again = load_quantized(_input_norms(), save_quantized(q, tmp_path / f"q{rev}"))
+        with torch.no_grad():
+            assert torch.equal(again(x), q(x))
+        assert again.mixq_config.placement == rev

@@ -165,21 +165,22 @@ def test_quant_config_parts_and_flat_interface():
     # quant.json's config: flat, the same keys in the same order, "extra": {} kept
     d = QuantConfig(wbits=4, abits=4, method="qdrop", iters=100).resolved().to_dict()
     # a new config shares quantizers, quantizes pools and places by the current rules: "share_quantizers": true,
-    # "integer_pools": true, "placement": 5, just before "extra"
+    # "integer_pools": true, "placement": 6, just before "extra"
     shared = {**{k: v for k, v in QDROP_DICT.items() if k != "extra"}, "share_quantizers": True,
-              "integer_pools": True, "placement": 5, "extra": {}}
+              "integer_pools": True, "placement": 6, "extra": {}}
     assert d == shared and list(d) == list(shared)
     new = QuantConfig.from_dict(d)
-    assert new.share_quantizers and new.integer_pools and new.placement == 5
+    assert new.share_quantizers and new.integer_pools and new.placement == 6
     assert QuantConfig.from_dict({**d, "placement": 2}).placement == 2  # a revision-2 folder keeps its rules
     assert QuantConfig.from_dict({**d, "placement": 3}).placement == 3
     assert QuantConfig.from_dict({**d, "placement": 4}).placement == 4
+    assert QuantConfig.from_dict({**d, "placement": 5}).placement == 5
     # a file written before placement revision 2 reads back with revision 1's rules, and writes itself back as it was
     before = QuantConfig.from_dict({k: v for k, v in d.items() if k != "placement"})
     assert before.share_quantizers and before.placement == 1
     assert list(before.to_dict()) == [k for k in shared if k != "placement"]
-    for bad in (6, 0, True, "2"):
-        with pytest.raises(MixqError, match="placement must be one of 1, 2, 3, 4, 5"):
+    for bad in (7, 0, True, "2"):
+        with pytest.raises(MixqError, match="placement must be one of 1, 2, 3, 4, 5, 6"):
             QuantConfig(placement=bad).validate()
     old = QuantConfig.from_dict(QDROP_DICT)  # an old file reads back: one quantizer per consumer, as it recorded
     assert not old.share_quantizers and old.placement == 1 and not old.integer_pools

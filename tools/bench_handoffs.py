@@ -10,6 +10,7 @@ layers and hand-offs as `inspect` counts them.
     python tools/bench_handoffs.py --leaves          # section "handoffs-leaves": revisions 3 and 4 on timm fx leaves
     python tools/bench_handoffs.py --ceil-pools      # section "handoffs-ceil-pools": revisions 4 and 5, ResNet-D
     python tools/bench_handoffs.py --tiled-pools     # section "handoffs-tiled-pools": AveragePool vs window means
+    python tools/bench_handoffs.py --input-bns       # section "handoffs-input-bns": revisions 5 and 6, LeViT, RepViT
 
 Quantization runs as a user runs it (`python -m mixq_onnx.cli quantize ... --threads 1`, preset fast, a real
 calibration cache of 1,024 images); a finished result folder under runs/bench_handoffs is reused (--fresh redoes
@@ -359,13 +360,25 @@ PLACEMENT_MODELS = (("resnet18", 64), ("mobilenetv2_100", 64), ("efficientnet_b0
                     ("deit_tiny_patch16_224", 224), ("hrnet_w18_small", 64), ("levit_128s", 224))
 
 
-def _random_case(spec: str, size: int):
-    """A timm model with random weights at `size`, 8 seeded calibration tensors and 4 seeded uint8 images."""
+def _random_case(spec: str, size: int, bn_stats: bool = False):
+    """A timm model with random weights at `size`, 8 seeded calibration tensors and 4 seeded uint8 images. With
+    `bn_stats`, every BatchNorm's statistics and affine parameters drawn as a trained net has them (timm
+    initialises them to the identity, so two BatchNorms on one tensor are equal and the exporter merges them)."""
     import torch
 
     from mixq_onnx.models import load_model
 
     model = load_model(spec, random_init=True, input_size=size)
+    if bn_stats:
+        g = torch.Generator().manual_seed(7)
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+                    m.running_mean.copy_(0.1 * torch.randn(m.num_features, generator=g))
+                    m.running_var.copy_(0.5 + torch.rand(m.num_features, generator=g))
+                    if m.affine:
+                        m.weight.copy_(1 + 0.2 * torch.randn(m.num_features, generator=g))
+                        m.bias.copy_(0.1 * torch.randn(m.num_features, generator=g))
     calib = torch.randn(8, 3, size, size, generator=torch.Generator().manual_seed(0))
     images = torch.randint(0, 256, (4, size, size, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     return model, calib, images
@@ -392,7 +405,7 @@ def _measure(path: Path, qm, images):
 
 
 def _revision_rows(models: tuple[tuple[str, int], ...], revisions: tuple[int, ...], leaves: bool = False,
-                   bits: int = 4) -> list[str]:
+                   bits: int = 4, bn_stats: bool = False) -> list[str]:
     """One table row per (model, placement revision): W4A4 (`bits`) round to nearest with random weights, export,
     `check`, `verify` on 4 random images, and the TensorRT-RTX engine at batch 1 (`inspect`'s counts)."""
     import tempfile
@@ -411,7 +424,7 @@ def _revision_rows(models: tuple[tuple[str, int], ...], revisions: tuple[int, ..
     lines = []
     with tempfile.TemporaryDirectory() as tmp:
         for spec, size in models:
-            model, calib, images = _random_case(spec, size)
+            model, calib, images = _random_case(spec, size, bn_stats)
             for rev in revisions:
                 qm = quantize(model, QuantConfig(wbits=bits, abits=bits, method="rtn", scale_grid=8, placement=rev),
                               calib, progress=False)
@@ -548,6 +561,42 @@ def ceil_pools() -> str:
               "and handoffs-leaves, and the pool quantizers revision 5 adds where it changes one:", ""]
     lines += _same_layouts(tuple(dict.fromkeys(PLACEMENT_MODELS + LEAF_MODELS + CEIL_POOL_MODELS)), (4, 5))
     lines += ["", CEIL_POOLS_NOTE]
+    return "\n".join(lines) + "\n"
+
+
+#: (timm model, input size) of `--input-bns`: classifier heads of BatchNorm1d, dropout and Linear (two each)
+INPUT_BN_MODELS = (("levit_128s", 224), ("repvit_m0_9", 64))
+
+
+def input_bns() -> str:
+    """Placement revisions 5 and 6 (a BatchNorm a Linear or an unpadded conv alone reads, folded into it)."""
+    import tensorrt_rtx
+
+    lines = [
+        "## handoffs-input-bns: placement revision 6 folds a BatchNorm into the layer that alone reads it", "",
+        f"`python tools/bench_handoffs.py --input-bns` · {stamp()} · backend tensorrt-rtx {tensorrt_rtx.__version__}",
+        "",
+        "LeViT's and RepViT's classifier heads (a head and a distillation head) each normalise the pooled features "
+        "with a BatchNorm1d, then a Dropout (p = 0) and a Linear. Up to revision 5 a BatchNorm folded only into the "
+        "layer before it, so these stayed float BatchNormalization nodes between INT8 kernels, and the two heads "
+        "read one tensor through two quantizers; revision 6 (the default since 2026-12-02) folds a BatchNorm whose "
+        "output a Linear or an unpadded conv alone reads into that layer (W' = W·γ/σ over its input features, "
+        "b' = b + W·(β − μγ/σ): exact). Random weights with every BatchNorm's statistics and affine parameters drawn "
+        "(timm initialises them to the identity, and the exporter merges two identical BatchNorms on one tensor: "
+        "section timm-survey's duplicate-qdq warnings on levit_128s and repvit_m0_9); otherwise the procedure of "
+        "section handoffs-placement: `quantize --method rtn` (8 clipping ratios), first and last layer 8-bit, "
+        "`check`, `verify` on 4 random images, the TensorRT-RTX engine at batch 1.", "",
+        "| model | revision | act quantizers | BatchNormalization nodes | duplicate-Q/DQ warnings | verify max abs diff | "
+        "engine layers | hand-offs | fallbacks | int8 MAC % |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    lines += _revision_rows(INPUT_BN_MODELS, (5, 6), bits=8, bn_stats=True)
+    lines += _revision_rows(INPUT_BN_MODELS, (5, 6), bn_stats=True)
+    lines += ["", "Other layouts: the activation quantizers `prepare` places (name and shared placements) under "
+              "revisions 5 and 6, W4A4, on the models of sections handoffs-placement, handoffs-leaves and "
+              "handoffs-ceil-pools (a layout with no such BatchNorm is unchanged; the CIFAR ResNets export the same "
+              "nodes and initializers under both):", ""]
+    lines += _same_layouts(tuple(dict.fromkeys(PLACEMENT_MODELS + LEAF_MODELS + CEIL_POOL_MODELS)), (5, 6))
     return "\n".join(lines) + "\n"
 
 
@@ -719,6 +768,8 @@ def main() -> None:
     ap.add_argument("--tiled-pools", action="store_true",
                     help="pools over whole windows exported before (--before-ref) and after the window-view mean "
                          "(section handoffs-tiled-pools)")
+    ap.add_argument("--input-bns", action="store_true",
+                    help="placement revisions 5 and 6 on LeViT and RepViT heads (section handoffs-input-bns)")
     ap.add_argument("--before-ref", default="69a1b79", help="the 'before' commit of --tiled-pools")
     args = ap.parse_args()
     if args.tiled_pools:
@@ -727,7 +778,8 @@ def main() -> None:
         if not args.no_doc:
             update_section("handoffs-tiled-pools", text)
         return
-    for flag, make, section in ((args.ceil_pools, ceil_pools, "handoffs-ceil-pools"),
+    for flag, make, section in ((args.input_bns, input_bns, "handoffs-input-bns"),
+                                (args.ceil_pools, ceil_pools, "handoffs-ceil-pools"),
                                 (args.leaves, leaves, "handoffs-leaves"),
                                 (args.constant_moves, constant_moves, "handoffs-constants"),
                                 (args.placements, placements, "handoffs-placement")):

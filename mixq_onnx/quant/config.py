@@ -56,7 +56,11 @@ COMMON_DEFAULTS = {"batch_size": 32, "num_samples": 1024}
 #: 5: an nn.AvgPool2d in ceil mode is an integer pool (`graph.quantize_pools`) where its input, in one example forward,
 #:    leaves no partial window (ResNet-D's and NF-RegNet's 2x2 stride-2 downsampling shortcuts on even sizes); up to 4
 #:    it averaged float values, and the engine fell back to float around it.
-PLACEMENTS = (1, 2, 3, 4, 5)
+#: 6: a BatchNorm whose output a Linear or an unpadded conv alone reads (through exact identities) is folded into
+#:    that layer's weights (`graph.fold_input_bn`): LeViT's and RepViT's classifier heads (BatchNorm1d, dropout,
+#:    Linear) had a float BatchNormalization between two INT8 kernels, and their two heads read one tensor through two
+#:    quantizers.
+PLACEMENTS = (1, 2, 3, 4, 5, 6)
 
 #: quant.json's "config" object, key by key in this order (the format predates the split into parts).
 DICT_KEYS = ("wbits", "abits", "method", "symmetric", "first_last_bits", "preset", "iters", "batch_size",
@@ -84,7 +88,7 @@ class QuantConfig:
     share_quantizers: bool = True  # one quantizer per tensor and grid (graph.share_quantizers); quant.json without it: False
     # revision of the placement rules (`PLACEMENTS`); quant.json without "placement": 1, so a folder keeps the layout
     # it was written with
-    placement: int = 5
+    placement: int = 6
     integer_pools: bool = True  # average pools read integer codes (graph.quantize_pools); quant.json without it: False
     # Conv2d/Linear left unquantized (module names or fnmatch patterns): no quantizer, float in the graph and the
     # engine; `graph.prepare` refuses a pattern that matches no layer
@@ -96,7 +100,7 @@ class QuantConfig:
                  num_samples: int | None = None, p_norm: float = 2.4, scale_grid: int = 80,
                  block_size: int | None = None, holdout: float = 0.1, seed: int = 0,
                  share_quantizers: bool = True, integer_pools: bool = True, float_layers: Sequence[str] = (),
-                 placement: int = 5, params: ReconParams | None = None, **learning: Any):
+                 placement: int = 6, params: ReconParams | None = None, **learning: Any):
         unknown = sorted(set(learning) - set(PARAM_NAMES))
         if unknown:
             raise TypeError(f"QuantConfig() got an unexpected keyword argument {unknown[0]!r}")

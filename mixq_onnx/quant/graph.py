@@ -124,6 +124,22 @@ def fold_bn(conv: nn.Conv2d | nn.Linear, bn: _BatchNorm, channels: slice = slice
     conv.bias = nn.Parameter((b - mean) * k + beta)
 
 
+def fold_input_bn(layer: nn.Conv2d | nn.Linear, bn: _BatchNorm) -> None:
+    """Fold `bn`, applied to `layer`'s input, into `layer`: W' = W·k over input features (k = γ/σ) and
+    b' = b + W·(β − μ·k). Exact for a Linear and for a conv without padding (a padded conv would pad with zeros
+    where the BatchNorm made β − μ·k)."""
+    w = layer.weight.detach()
+    std = torch.sqrt(bn.running_var + bn.eps)
+    gamma = bn.weight.detach() if bn.affine else torch.ones_like(std)
+    beta = bn.bias.detach() if bn.affine else torch.zeros_like(std)
+    k = gamma / std
+    shift = beta - bn.running_mean * k
+    view = (1, -1, *([1] * (w.ndim - 2)))
+    b = layer.bias.detach() if layer.bias is not None else torch.zeros(w.shape[0], dtype=w.dtype)
+    layer.bias = nn.Parameter(b + (w * shift.view(view)).flatten(1).sum(1))
+    layer.weight = nn.Parameter(w * k.view(view))
+
+
 def _foldable(gm: fx.GraphModule, node: fx.Node) -> nn.Conv2d | None:
     """The plain Conv2d `node` runs, read by one user only, else None (a weight-standardised conv standardises
     a folded weight again: its BN stays)."""
@@ -240,6 +256,60 @@ def _fold_graph_bn(gm: fx.GraphModule, rows: set[int] = frozenset()) -> int:
     return n
 
 
+def _input_layer(gm: fx.GraphModule, bn_node: fx.Node, bn: _BatchNorm, rows: set[int]) -> fx.Node | None:
+    """The call of the layer `bn_node`'s output feeds, when the BatchNorm folds into it exactly (placement 6): the
+    output read by that one layer alone, through exact identities; a Linear (called once, its features what a
+    BatchNorm1d of `rows` normalises) or a conv without padding and groups; a BatchNorm with no activation or
+    dropout of its own."""
+    if any(m is not None and not isinstance(m, nn.Identity) for m in (getattr(bn, "drop", None),
+                                                                        getattr(bn, "act", None))):
+        return None
+    node = bn_node
+    while len(node.users) == 1:
+        (user,) = node.users
+        if not _is_identity(gm, user):
+            break
+        node = user
+    if len(node.users) != 1:
+        return None
+    (user,) = node.users
+    if user.op != "call_module" or user.args[:1] != (node,) or len(user.args) != 1 or user.kwargs:
+        return None
+    layer = _get(gm, user.target)
+    if sum(1 for n in gm.graph.nodes if n.op == "call_module" and n.target == user.target) != 1:
+        return None
+    if isinstance(layer, nn.Linear) and layer_weight(layer) is layer.weight:
+        ok = id(bn) in rows and layer.in_features == bn.num_features
+    elif isinstance(layer, nn.Conv2d) and layer_weight(layer) is layer.weight:
+        ok = (isinstance(bn, nn.BatchNorm2d) and layer.groups == 1 and layer.in_channels == bn.num_features
+              and not isinstance(layer.padding, str) and all(p == 0 for p in _pair(layer.padding)))
+    else:
+        ok = False
+    return user if ok else None
+
+
+def _fold_input_bns(gm: fx.GraphModule, rows: set[int] = frozenset()) -> int:
+    """Placement 6: each BatchNorm left after `_fold_graph_bn` whose output a Linear or an unpadded conv alone
+    reads is folded into that layer's weights (`fold_input_bn`): LeViT's and RepViT's classifier heads
+    (BatchNorm1d, dropout, Linear), whose float BatchNormalization sat between two INT8 kernels."""
+    n = 0
+    calls = Counter(node.target for node in gm.graph.nodes if node.op == "call_module")
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or not isinstance(_get(gm, node.target), _BatchNorm) or calls[node.target] != 1:
+            continue
+        bn = _get(gm, node.target)
+        if bn.running_mean is None or bn.running_var is None or not node.args:
+            continue
+        user = _input_layer(gm, node, bn, rows)
+        if user is None:
+            continue
+        fold_input_bn(_get(gm, user.target), bn)
+        node.replace_all_uses_with(node.args[0])
+        gm.graph.erase_node(node)
+        n += 1
+    return n
+
+
 # ----------------------------------------------------------------------------- graph analysis
 def _activation_nodes(graph: fx.Graph) -> set[fx.Node]:
     act: set[fx.Node] = set()
@@ -350,6 +420,8 @@ def _transform(module: nn.Module, prefix: str, leaves: Iterable[nn.Module], cfg:
                rows: set[int] = frozenset()) -> fx.GraphModule:
     gm = trace(module, leaves)
     _fold_graph_bn(gm, rows)
+    if cfg.placement >= 6:
+        _fold_input_bns(gm, rows)
     abits = None if cfg.weight_only else cfg.abits
     calls = Counter(node.target for node in gm.graph.nodes if node.op == "call_module")
     for node in gm.graph.nodes:
