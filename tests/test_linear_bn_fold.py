@@ -212,3 +212,23 @@ def test_a_batchnorm_a_linear_or_unpadded_conv_alone_reads_folds_into_it_from_re
         with torch.no_grad():
             assert torch.equal(again(x), q(x))
         assert again.mixq_config.placement == rev
+
+
+def test_both_heads_of_a_distilled_network_are_last_layers_from_revision_6():
+    """The first/last-layer policy took the last layer called: of two heads whose outputs are summed, one got 8 bits
+    and the other the network's 4, so the two could not share the one quantizer of their input. From revision 6
+    every layer whose output reaches the model's output through no other layer is a last layer."""
+    from mixq_onnx.quant.graph import output_layers
+
+    model = _input_norms()
+    cfg = {rev: QuantConfig(wbits=4, abits=4, placement=rev) for rev in (5, 6)}
+    gm = {rev: prepare(model, c) for rev, c in cfg.items()}
+    assert gm[5].mixq_first_last == ("stem", "dist") and gm[6].mixq_first_last == ("stem", "head", "dist")
+    assert gm[5].head.weight_quantizer.bits == 4 and gm[5].head.input_quantizer is not gm[5].dist.input_quantizer
+    assert gm[6].head.weight_quantizer.bits == gm[6].dist.weight_quantizer.bits == 8
+    assert gm[6].head.input_quantizer is gm[6].dist.input_quantizer and gm[6].head.input_quantizer.bits == 8
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    x = torch.randn(2, 3, 8, 8)
+    assert output_layers(model, layers, x) == ["head", "dist"]
+    # a layer not asked about is looked through: the conv then reaches the output through head's path
+    assert output_layers(model, {k: v for k, v in layers.items() if k != "head"}, x) == ["conv", "dist"]

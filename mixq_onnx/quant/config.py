@@ -59,7 +59,9 @@ COMMON_DEFAULTS = {"batch_size": 32, "num_samples": 1024}
 #: 6: a BatchNorm whose output a Linear or an unpadded conv alone reads (through exact identities) is folded into
 #:    that layer's weights (`graph.fold_input_bn`): LeViT's and RepViT's classifier heads (BatchNorm1d, dropout,
 #:    Linear) had a float BatchNormalization between two INT8 kernels, and their two heads read one tensor through two
-#:    quantizers.
+#:    quantizers. The first/last-layer policy's last layers are every layer whose output reaches the model's output
+#:    through no other layer (`graph.output_layers`: both heads of a distilled network), not the last one called
+#:    alone, which gave a distilled network's two heads two grids, so no shared quantizer.
 PLACEMENTS = (1, 2, 3, 4, 5, 6)
 
 #: quant.json's "config" object, key by key in this order (the format predates the split into parts).

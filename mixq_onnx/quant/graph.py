@@ -23,8 +23,9 @@ import copy
 import fnmatch
 import operator
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -914,6 +915,42 @@ def execution_order(model: nn.Module, modules: dict[str, nn.Module], x: torch.Te
     return order
 
 
+def output_layers(model: nn.Module, modules: dict[str, nn.Module], x: torch.Tensor) -> list[str]:
+    """The layers of `modules` whose output reaches the model's output through no other of them: the classifier,
+    and both heads of a distilled network (LeViT, RepViT, DeiT-distilled average a head and a distillation head),
+    found by walking the autograd graph of one forward back from the output and stopping at each layer's output.
+    In call order; empty when the output is not differentiable."""
+    outputs: dict[Any, str] = {}
+
+    def hook(name: str) -> Callable[..., None]:
+        def post(_m: nn.Module, _args: tuple, out: Any) -> None:
+            if isinstance(out, torch.Tensor) and out.grad_fn is not None:
+                outputs.setdefault(out.grad_fn, name)
+        return post
+
+    hooks = [m.register_forward_hook(hook(n)) for n, m in modules.items()]
+    try:
+        with torch.enable_grad():
+            y = model(x.clone().requires_grad_(True))
+    finally:
+        for h in hooks:
+            h.remove()
+    roots = [t.grad_fn for t in (y if isinstance(y, (tuple, list)) else (y,))
+             if isinstance(t, torch.Tensor) and t.grad_fn is not None]
+    found: set[str] = set()
+    seen: set[Any] = set()
+    while roots:
+        fn = roots.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        if fn in outputs:
+            found.add(outputs[fn])
+            continue
+        roots.extend(nxt for nxt, _ in fn.next_functions)
+    return [n for n in dict.fromkeys(outputs.values()) if n in found]
+
+
 def prepare(model: nn.Module, cfg: QuantConfig) -> fx.GraphModule:
     """Fold BN and insert (uninitialised) quantizers; the returned model computes in float until
     scales are set. Raises MixqError for a model with no quantizable layer."""
@@ -952,7 +989,8 @@ def prepare(model: nn.Module, cfg: QuantConfig) -> fx.GraphModule:
     order = [n for n in every if n in layers]
     gm.mixq_first_last = ()  # type: ignore[attr-defined]  # layers the first/last-layer policy set (QAT keeps them fixed)
     if cfg.first_last_bits is not None and every and not cfg.block_size:
-        ends = [n for n in dict.fromkeys((every[0], every[-1])) if n in layers]
+        last = (output_layers(gm, {**layers, **floats}, x) if cfg.placement >= 6 else []) or [every[-1]]
+        ends = [n for n in dict.fromkeys((every[0], *last)) if n in layers]
         gm.mixq_first_last = tuple(ends)  # type: ignore[attr-defined]
         for n in set(ends):
             layer = layers[n]
