@@ -152,13 +152,14 @@ def tensors(graph: Any) -> Iterable[Any]:
                 yield from tensors(sub)
 
 
-def external_data_files(path: str | os.PathLike) -> list[str]:
+def external_data_files(path: str | os.PathLike, model: Any = None) -> list[str]:
     """The external-data locations an ONNX graph names (relative to its folder, sorted, each once); a location
-    outside the folder (absolute, `..`) is refused, as onnx's own loader refuses it."""
+    outside the folder (absolute, `..`) is refused, as onnx's own loader refuses it. `model`: the graph at `path`,
+    loaded without its external data, when the caller has it (a single-file graph may be hundreds of MB)."""
     from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
     path = Path(path)
-    model = load_model(path, external_data=False)
+    model = load_model(path, external_data=False) if model is None else model
     found: set[str] = set()
     for t in tensors(model.graph):
         if uses_external_data(t):
@@ -170,17 +171,19 @@ def external_data_files(path: str | os.PathLike) -> list[str]:
     return sorted(found)
 
 
-def checked_external_data(path: str | os.PathLike) -> list[str]:
+def checked_external_data(path: str | os.PathLike, model: Any = None) -> list[str]:
     """`external_data_files`, each checked as onnx's loader checks it before it reads, but without reading:
     no symbolic link from the graph's folder down to it, a regular file (not a FIFO a reader would wait on), and
     every tensor's offset and length inside it. For a reader that hands the graph to another parser (TensorRT's
-    reads the data itself and checks none of this): it no longer loads gigabytes into memory only to check them."""
+    reads the data itself and checks none of this): it no longer loads gigabytes into memory only to check them.
+    `model` as for `external_data_files`."""
     import stat
 
     from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
     path = Path(path)
-    locations = external_data_files(path)
+    model = load_model(path, external_data=False) if model is None else model
+    locations = external_data_files(path, model)
     if not locations:
         return locations
     folder = path.parent
@@ -199,7 +202,7 @@ def checked_external_data(path: str | os.PathLike) -> list[str]:
         if not stat.S_ISREG(st.st_mode):
             raise MixqError(f"the external data of {path} is refused: {loc} is not a regular file")
         sizes[loc] = st.st_size
-    for t in tensors(load_model(path, external_data=False).graph):
+    for t in tensors(model.graph):
         if not uses_external_data(t):
             continue
         info = ExternalDataInfo(t)

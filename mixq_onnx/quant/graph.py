@@ -111,15 +111,19 @@ def _disable_fused_attn(model: nn.Module) -> None:
 
 
 # ----------------------------------------------------------------------------- BN folding
+def _bn_affine(bn: _BatchNorm, channels: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(μ, k, β) of `channels`: the BatchNorm in evaluation is (x − μ)·k + β per channel, k = γ/σ."""
+    std = torch.sqrt(bn.running_var[channels] + bn.eps)
+    gamma = bn.weight.detach()[channels] if bn.affine else torch.ones_like(std)
+    beta = bn.bias.detach()[channels] if bn.affine else torch.zeros_like(std)
+    return bn.running_mean[channels], gamma / std, beta
+
+
 def fold_bn(conv: nn.Conv2d | nn.Linear, bn: _BatchNorm, channels: slice = slice(None)) -> None:
     """Fold `bn` (its `channels`: a conv that makes part of a concatenation the BN normalises) into `conv` (or a
     Linear whose output features it normalises)."""
     w = conv.weight.detach()
-    mean = bn.running_mean[channels]
-    std = torch.sqrt(bn.running_var[channels] + bn.eps)
-    gamma = bn.weight.detach()[channels] if bn.affine else torch.ones_like(std)
-    beta = bn.bias.detach()[channels] if bn.affine else torch.zeros_like(std)
-    k = gamma / std
+    mean, k, beta = _bn_affine(bn, channels)
     conv.weight = nn.Parameter(w * k.view(-1, *([1] * (w.ndim - 1))))
     b = conv.bias.detach() if conv.bias is not None else torch.zeros_like(mean)
     conv.bias = nn.Parameter((b - mean) * k + beta)
@@ -130,11 +134,8 @@ def fold_input_bn(layer: nn.Conv2d | nn.Linear, bn: _BatchNorm) -> None:
     b' = b + W·(β − μ·k). Exact for a Linear and for a conv without padding (a padded conv would pad with zeros
     where the BatchNorm made β − μ·k)."""
     w = layer.weight.detach()
-    std = torch.sqrt(bn.running_var + bn.eps)
-    gamma = bn.weight.detach() if bn.affine else torch.ones_like(std)
-    beta = bn.bias.detach() if bn.affine else torch.zeros_like(std)
-    k = gamma / std
-    shift = beta - bn.running_mean * k
+    mean, k, beta = _bn_affine(bn)
+    shift = beta - mean * k
     view = (1, -1, *([1] * (w.ndim - 2)))
     b = layer.bias.detach() if layer.bias is not None else torch.zeros(w.shape[0], dtype=w.dtype)
     layer.bias = nn.Parameter(b + (w * shift.view(view)).flatten(1).sum(1))

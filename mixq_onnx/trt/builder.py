@@ -215,7 +215,7 @@ def require_onnx(onnx_path: Path) -> None:
         proto = load_model(onnx_path, external_data=False)
     except MixqError:
         raise MixqError(f"{onnx_path} is not an ONNX model; build takes the .onnx from `mixq-onnx export`") from None
-    checked_external_data(onnx_path)
+    checked_external_data(onnx_path, proto)
     if not proto.graph.output or not proto.graph.node:
         raise MixqError(f"{onnx_path} is not an ONNX model with a graph (no nodes or outputs); build takes the .onnx "
                         "from `mixq-onnx export`")
